@@ -1,0 +1,191 @@
+//! `text-embedding`: a text field -> tokenizer -> model -> mean pooling over the attention
+//! mask -> optional L2 normalisation. Records are sorted by token count before batching
+//! (padding to the longest text of a batch costs far less when lengths are alike) and the
+//! embeddings are returned in input order.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use infermesh_proto::ErrorKind;
+use ort::session::Session;
+use ort::value::Tensor;
+use tokenizers::{Encoding, Tokenizer, TruncationParams};
+
+use super::{Origin, Parsed, ShardError, batches, inference_error, json_kind};
+
+/// A loaded tokenizer with the task's settings.
+pub struct Embedder {
+    tokenizer: Tokenizer,
+    text_field: String,
+    normalize: bool,
+    output_name: Option<String>,
+    pad_id: i64,
+}
+
+impl Embedder {
+    /// Loads `tokenizer.json` bytes, truncating to `max_length` tokens and padding nothing
+    /// (batches are padded here, to the longest text of each batch).
+    pub fn new(
+        tokenizer_json: &[u8],
+        tokenizer_uri: &str,
+        text_field: &str,
+        max_length: usize,
+        normalize: bool,
+        output_name: Option<String>,
+    ) -> Result<Self, ShardError> {
+        let fail = |e: &dyn std::fmt::Display| {
+            ShardError::permanent(
+                ErrorKind::TokenizerLoad,
+                format!("tokenizer {tokenizer_uri} does not load: {e}"),
+            )
+        };
+        let mut tokenizer = Tokenizer::from_bytes(tokenizer_json).map_err(|e| fail(&e))?;
+        tokenizer
+            .with_truncation(Some(TruncationParams { max_length, ..Default::default() }))
+            .map_err(|e| fail(&e))?;
+        tokenizer.with_padding(None);
+        let pad_id = ["[PAD]", "<pad>"]
+            .iter()
+            .find_map(|t| tokenizer.token_to_id(t))
+            .unwrap_or(0) as i64;
+        Ok(Self {
+            tokenizer,
+            text_field: text_field.to_string(),
+            normalize,
+            output_name,
+            pad_id,
+        })
+    }
+
+    /// Tokenizes each record's text field; a record without a string there fails the shard.
+    pub fn encode(&self, origin: &Origin<'_>, records: &[Parsed]) -> Result<Vec<Encoding>, ShardError> {
+        records
+            .iter()
+            .map(|rec| {
+                let text = match rec.fields.get(&self.text_field) {
+                    Some(serde_json::Value::String(s)) => s.as_str(),
+                    Some(other) => {
+                        return Err(origin.invalid(
+                            rec,
+                            format!("field `{}` is {}, not a string", self.text_field, json_kind(other)),
+                        ));
+                    }
+                    None => {
+                        return Err(origin.invalid(rec, format!("record has no `{}` field", self.text_field)));
+                    }
+                };
+                self.tokenizer
+                    .encode(text, true)
+                    .map_err(|e| origin.invalid(rec, format!("cannot tokenize: {e}")))
+            })
+            .collect()
+    }
+
+    /// Embeds the encodings, `batch` at a time, in input order.
+    pub fn embed(
+        &self,
+        session: &mut Session,
+        encodings: &[Encoding],
+        batch: usize,
+        cancel: &AtomicBool,
+    ) -> Result<Vec<Vec<f32>>, ShardError> {
+        let inputs: Vec<String> = session.inputs().iter().map(|i| i.name().to_string()).collect();
+        if let Some(other) = inputs
+            .iter()
+            .find(|n| !matches!(n.as_str(), "input_ids" | "attention_mask" | "token_type_ids"))
+        {
+            return Err(ShardError::permanent(
+                ErrorKind::ModelLoad,
+                format!(
+                    "model input `{other}` is not one a text-embedding model takes \
+                     (input_ids, attention_mask, token_type_ids); use the tensor task"
+                ),
+            ));
+        }
+        let output_index = match &self.output_name {
+            None => 0,
+            Some(name) => session.outputs().iter().position(|o| o.name() == name).ok_or_else(|| {
+                ShardError::permanent(ErrorKind::ModelLoad, format!("model has no output `{name}`"))
+            })?,
+        };
+
+        let mut order: Vec<usize> = (0..encodings.len()).collect();
+        order.sort_by_key(|&i| encodings[i].len());
+        let mut out: Vec<Vec<f32>> = vec![Vec::new(); encodings.len()];
+        for idx in batches(&order, batch) {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(ShardError::permanent(ErrorKind::Cancelled, "cancelled by the operator"));
+            }
+            let len = idx.iter().map(|&i| encodings[i].len()).max().unwrap_or(0).max(1);
+            let n = idx.len();
+            let mut ids = vec![self.pad_id; n * len];
+            let mut mask = vec![0i64; n * len];
+            let mut types = vec![0i64; n * len];
+            for (row, &i) in idx.iter().enumerate() {
+                let e = &encodings[i];
+                for (col, ((&id, &m), &t)) in
+                    e.get_ids().iter().zip(e.get_attention_mask()).zip(e.get_type_ids()).enumerate()
+                {
+                    ids[row * len + col] = i64::from(id);
+                    mask[row * len + col] = i64::from(m);
+                    types[row * len + col] = i64::from(t);
+                }
+            }
+            let shape = [n, len];
+            let mut feed: Vec<(String, ort::value::DynValue)> = Vec::with_capacity(3);
+            for name in &inputs {
+                let data = match name.as_str() {
+                    "input_ids" => ids.clone(),
+                    "attention_mask" => mask.clone(),
+                    _ => types.clone(),
+                };
+                let t = Tensor::from_array((shape, data)).map_err(inference_error)?;
+                feed.push((name.clone(), t.into_dyn()));
+            }
+            let outputs = session.run(feed).map_err(inference_error)?;
+            let (out_shape, data) =
+                outputs[output_index].try_extract_tensor::<f32>().map_err(inference_error)?;
+            let dims: Vec<usize> = out_shape.iter().map(|&d| d.max(0) as usize).collect();
+            for (row, &i) in idx.iter().enumerate() {
+                let mut v = match dims.as_slice() {
+                    // [batch, tokens, dim]: mean over the tokens the mask keeps.
+                    &[b, t, d] if b == n && t == len => {
+                        let mut acc = vec![0f32; d];
+                        let mut count = 0f32;
+                        for tok in 0..t {
+                            if mask[row * len + tok] == 0 {
+                                continue;
+                            }
+                            count += 1.0;
+                            let base = (row * t + tok) * d;
+                            for (a, x) in acc.iter_mut().zip(&data[base..base + d]) {
+                                *a += x;
+                            }
+                        }
+                        let count = count.max(1.0);
+                        acc.iter_mut().for_each(|a| *a /= count);
+                        acc
+                    }
+                    // [batch, dim]: the model pools itself.
+                    &[b, d] if b == n => data[row * d..(row + 1) * d].to_vec(),
+                    other => {
+                        return Err(ShardError::permanent(
+                            ErrorKind::ModelLoad,
+                            format!(
+                                "model output has shape {other:?}; a text-embedding model must give \
+                                 [batch, tokens, dim] or [batch, dim]"
+                            ),
+                        ));
+                    }
+                };
+                if self.normalize {
+                    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+                    if norm > 0.0 {
+                        v.iter_mut().for_each(|x| *x /= norm);
+                    }
+                }
+                out[i] = v;
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,137 @@
+//! `infermesh-agent`: the DaemonSet process (also spawned by `infermesh local`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use infermesh_agent::client::{self, ClientConfig};
+use infermesh_agent::inference::runtime::{self, SessionConfig};
+use infermesh_agent::io::cache::ModelCache;
+use infermesh_agent::runner::Runner;
+
+/// Runs ONNX Runtime on the shards the infermesh operator assigns.
+#[derive(Parser, Debug)]
+#[command(name = "infermesh-agent", version)]
+struct Args {
+    /// gRPC URL of the operator.
+    #[arg(long, env = "INFERMESH_OPERATOR")]
+    operator: String,
+    /// Bearer token; prefer INFERMESH_TOKEN or --token-file so it stays out of `ps`.
+    #[arg(long, env = "INFERMESH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the bearer token (a projected ServiceAccount token in a cluster).
+    #[arg(long, env = "INFERMESH_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// The Mesh this agent serves.
+    #[arg(long, env = "INFERMESH_MESH")]
+    mesh: String,
+    /// Node name; defaults to the host name.
+    #[arg(long, env = "INFERMESH_NODE")]
+    node: Option<String>,
+    /// Agent id; defaults to `<mesh>-<node>`.
+    #[arg(long, env = "INFERMESH_AGENT_ID")]
+    agent_id: Option<String>,
+    /// Shards run at once.
+    #[arg(long, env = "INFERMESH_SLOTS", default_value_t = 1)]
+    slots: usize,
+    /// ONNX Runtime intra-op threads per slot; default: cores / slots.
+    #[arg(long, env = "INFERMESH_INTRA_OP_THREADS")]
+    intra_op_threads: Option<usize>,
+    /// Execution providers in order of preference.
+    #[arg(long, env = "INFERMESH_EXECUTION_PROVIDERS", value_delimiter = ',', default_value = "cuda,cpu")]
+    execution_providers: Vec<String>,
+    /// Refuse to run on CPU when no GPU provider registers.
+    #[arg(long, env = "INFERMESH_REQUIRE_GPU")]
+    require_gpu: bool,
+    /// Model cache directory; default: <infermesh home>/agent-cache.
+    #[arg(long, env = "INFERMESH_MODEL_CACHE")]
+    model_cache: Option<PathBuf>,
+    /// Path of libonnxruntime.so; default: ORT_DYLIB_PATH, then <infermesh home>/lib.
+    #[arg(long, env = "INFERMESH_ORT_LIBRARY")]
+    ort_library: Option<PathBuf>,
+    /// Log as JSON lines.
+    #[arg(long, env = "INFERMESH_LOG_JSON")]
+    log_json: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("INFERMESH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if args.log_json {
+        fmt.json().init();
+    } else {
+        fmt.init();
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("infermesh-agent: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("infermesh-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    runtime::init(args.ort_library.as_deref()).map_err(anyhow::Error::msg)?;
+    let token = match (&args.token, &args.token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading token file {}", f.display()))?
+            .trim()
+            .to_string(),
+        (None, None) => anyhow::bail!("no token: set INFERMESH_TOKEN or --token-file"),
+    };
+    let node = match args.node {
+        Some(n) => n,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into()),
+    };
+    let agent_id = args.agent_id.unwrap_or_else(|| format!("{}-{}", args.mesh, node));
+    let providers = runtime::usable_providers(&args.execution_providers);
+    let wants_gpu = args.execution_providers.iter().any(|p| p != "cpu");
+    let has_gpu = providers.iter().any(|p| p != "cpu");
+    if wants_gpu && !has_gpu {
+        if args.require_gpu {
+            anyhow::bail!(
+                "no GPU execution provider registered (wanted {:?}) and the Mesh requires a GPU",
+                args.execution_providers
+            );
+        }
+        tracing::warn!(wanted = ?args.execution_providers, "no GPU execution provider on this node: running on CPU");
+    }
+    if providers.is_empty() {
+        anyhow::bail!("none of the execution providers {:?} is usable here", args.execution_providers);
+    }
+    let slots = args.slots.max(1);
+    let threads = args
+        .intra_op_threads
+        .unwrap_or_else(|| (infermesh_agent::capabilities::cpus() as usize / slots).max(1));
+    let cache_dir = args.model_cache.unwrap_or_else(|| runtime::infermesh_home().join("agent-cache"));
+    let cache = ModelCache::new(&cache_dir).with_context(|| format!("model cache {}", cache_dir.display()))?;
+    let config = SessionConfig { intra_op_threads: threads, providers: providers.clone(), require_gpu: args.require_gpu };
+    tracing::info!(%agent_id, %node, mesh = %args.mesh, slots, threads, providers = ?providers, "agent starting");
+    let runner = Arc::new(Runner::new(cache, config, slots));
+    let client_config = ClientConfig {
+        operator: args.operator,
+        token,
+        agent_id,
+        node,
+        mesh: args.mesh,
+        execution_providers: providers,
+    };
+    tokio::select! {
+        r = client::run(client_config, runner) => r,
+        _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted"); Ok(()) }
+    }
+}

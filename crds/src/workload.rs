@@ -1,0 +1,295 @@
+//! `Workload`: a model and a dataset to run through it on a Mesh.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::mesh::ExecutionProvider;
+
+/// A batch inference job: the operator splits `input` into shards, runs them on the agents of
+/// `mesh` through `model`, and writes one output part per shard under `output.uri`.
+#[derive(CustomResource, Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[kube(
+    group = "infermesh.dev",
+    version = "v1alpha1",
+    kind = "Workload",
+    plural = "workloads",
+    shortname = "wl",
+    namespaced,
+    status = "WorkloadStatus",
+    printcolumn = r#"{"name":"MESH","type":"string","jsonPath":".spec.mesh"}"#,
+    printcolumn = r#"{"name":"STATUS","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"PROGRESS","type":"string","jsonPath":".status.progress"}"#,
+    printcolumn = r#"{"name":"ETA","type":"string","jsonPath":".status.eta"}"#,
+    printcolumn = r#"{"name":"CREDITS","type":"string","jsonPath":".status.creditsSpent"}"#,
+    printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadSpec {
+    /// The Mesh whose agents run this workload.
+    #[schemars(extend("minLength" = 1))]
+    pub mesh: String,
+    /// The ONNX model.
+    pub model: ModelRef,
+    /// What to do with each record.
+    pub task: TaskSpec,
+    /// The dataset.
+    pub input: InputSpec,
+    /// Where output parts and `_SUCCESS.json` go.
+    pub output: OutputSpec,
+    /// Target shard size in bytes of input (a quantity: `1Mi`, `256Ki`). Shards are aligned to
+    /// record boundaries, so a shard may be slightly larger or smaller.
+    #[serde(default = "default_shard_bytes")]
+    #[schemars(extend("pattern" = "^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|k|K|M|G|T)?$"))]
+    pub shard_bytes: String,
+    /// Records per ONNX Runtime call.
+    #[serde(default = "default_batch_size")]
+    #[schemars(extend("minimum" = 1, "maximum" = 4096))]
+    pub batch_size: u32,
+    /// Higher runs first when workloads compete for slots.
+    #[serde(default)]
+    pub priority: i32,
+    /// Attempts per shard before the shard, and the workload, fail.
+    #[serde(default = "default_max_attempts")]
+    #[schemars(extend("minimum" = 1, "maximum" = 20))]
+    pub max_attempts: u32,
+    /// What an agent must offer to run this workload.
+    #[serde(default)]
+    pub requirements: Requirements,
+    /// When true no new shards are dispatched; running ones finish.
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+fn default_shard_bytes() -> String {
+    "1Mi".to_string()
+}
+fn default_batch_size() -> u32 {
+    32
+}
+fn default_max_attempts() -> u32 {
+    3
+}
+
+/// Where the model is and what it must hash to.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelRef {
+    /// `file://`, `s3://` or `http(s)://` URI of the `.onnx` file.
+    #[schemars(extend("minLength" = 1))]
+    pub uri: String,
+    /// Hex sha256 of the file. Agents cache models by it and refuse a file that does not
+    /// match. When omitted the agent hashes what it fetches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("pattern" = "^[0-9a-f]{64}$"))]
+    pub sha256: Option<String>,
+}
+
+/// The task: exactly one of `textEmbedding` or `tensor`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.textEmbedding) != has(self.tensor)",
+     "message": "set exactly one of textEmbedding or tensor"}
+]))]
+pub struct TaskSpec {
+    /// Embed a text field: tokenizer -> model -> mean pooling -> optional L2 normalisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_embedding: Option<TextEmbeddingTask>,
+    /// Feed named numeric tensors from each record to the model; write named outputs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensor: Option<TensorTask>,
+}
+
+/// Text embedding with a Hugging Face `tokenizer.json`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TextEmbeddingTask {
+    /// URI of `tokenizer.json`.
+    #[schemars(extend("minLength" = 1))]
+    pub tokenizer: String,
+    /// The record field holding the text.
+    #[serde(default = "default_text_field")]
+    pub text_field: String,
+    /// Tokens kept per text; longer texts are truncated.
+    #[serde(default = "default_max_length")]
+    #[schemars(extend("minimum" = 1, "maximum" = 8192))]
+    pub max_length: u32,
+    /// L2-normalise each embedding.
+    #[serde(default = "default_true")]
+    pub normalize: bool,
+    /// The model output holding per-token states `[batch, tokens, dim]`; defaults to the
+    /// model's first output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_name: Option<String>,
+}
+
+fn default_text_field() -> String {
+    "text".to_string()
+}
+fn default_max_length() -> u32 {
+    256
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Named tensors in, named tensors out.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TensorTask {
+    /// Model inputs and the record fields that hold them (nested numeric arrays, one
+    /// record's worth without the batch dimension).
+    #[schemars(extend("minItems" = 1))]
+    pub inputs: Vec<TensorInput>,
+    /// Model outputs to write; all of them when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<String>,
+}
+
+/// One model input fed from a record field.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TensorInput {
+    /// The model input's name.
+    #[schemars(extend("minLength" = 1))]
+    pub name: String,
+    /// The record field; defaults to `name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// The dataset.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct InputSpec {
+    /// `file://`, `s3://` or `http(s)://` URI of the input object.
+    #[schemars(extend("minLength" = 1))]
+    pub uri: String,
+    /// Record format.
+    #[serde(default)]
+    pub format: InputFormat,
+}
+
+/// Input record formats.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum InputFormat {
+    /// One JSON object per line.
+    #[default]
+    Jsonl,
+}
+
+/// Where results go.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OutputSpec {
+    /// A directory URI; shard `n` writes `part-0000n.jsonl` there, and `_SUCCESS.json` is
+    /// written when every shard is done.
+    #[schemars(extend("minLength" = 1))]
+    pub uri: String,
+    /// A record field copied to its output line so results can be joined back; omitted from
+    /// the output when a record lacks it.
+    #[serde(default = "default_id_field")]
+    pub id_field: String,
+}
+
+fn default_id_field() -> String {
+    "id".to_string()
+}
+
+/// What an agent must offer.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Requirements {
+    /// Run only on agents with a GPU execution provider.
+    #[serde(default)]
+    pub gpu: bool,
+    /// Minimum memory per GPU (a quantity, `8Gi`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("pattern" = "^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|k|K|M|G|T)?$"))]
+    pub min_gpu_memory: Option<String>,
+    /// Run only where this execution provider registered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub execution_provider: Option<ExecutionProvider>,
+}
+
+/// Lifecycle phase of a workload.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq, Hash)]
+pub enum WorkloadPhase {
+    /// Not yet admitted (see conditions for why it waits).
+    #[default]
+    Pending,
+    /// Admitted and planned; shards are being dispatched.
+    Running,
+    /// Every shard succeeded and the manifest is written.
+    Succeeded,
+    /// A shard exhausted its attempts or hit a non-retryable error, or the spec is invalid.
+    Failed,
+}
+
+impl WorkloadPhase {
+    /// Succeeded or Failed.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed)
+    }
+}
+
+/// Shard counts by state.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardCounts {
+    /// All shards of the plan.
+    pub total: u32,
+    /// Waiting for a slot.
+    pub pending: u32,
+    /// Assigned to an agent.
+    pub running: u32,
+    /// Done and charged.
+    pub succeeded: u32,
+    /// Out of attempts or failed for good.
+    pub failed: u32,
+}
+
+/// Observed state of a workload.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadStatus {
+    /// Pending, Running, Succeeded or Failed.
+    #[serde(default)]
+    pub phase: WorkloadPhase,
+    /// Shard counts.
+    #[serde(default)]
+    pub shards: ShardCounts,
+    /// Records written by succeeded shards.
+    #[serde(default)]
+    pub records: u64,
+    /// Share of input bytes done, e.g. `42%`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
+    /// Records per second since the workload started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throughput: Option<f64>,
+    /// Estimated time left, e.g. `3m12s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta: Option<String>,
+    /// Credits charged so far, as a decimal string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credits_spent: Option<String>,
+    /// Shard attempts beyond the first (requeues and retries).
+    #[serde(default)]
+    pub attempts_retried: u32,
+    /// When the first shard was dispatched (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<String>,
+    /// When the workload reached Succeeded or Failed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<String>,
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Conditions (`Admitted`, `Progressing`, `Complete`, `Failed`) with specific reasons.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}

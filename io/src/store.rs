@@ -1,0 +1,149 @@
+//! Object access through `object_store`: one code path for `file://`, `s3://` and `http(s)://`.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use object_store::{ObjectStore, PutPayload, path::Path};
+use url::Url;
+
+/// Why an object could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    /// The URI does not parse or names a scheme this build cannot reach.
+    #[error("`{uri}` is not a usable object URI: {reason}")]
+    BadUri {
+        /// The URI as given.
+        uri: String,
+        /// Why.
+        reason: String,
+    },
+    /// No object at that URI.
+    #[error("{uri} does not exist")]
+    NotFound {
+        /// The URI.
+        uri: String,
+    },
+    /// Anything else the store reported (permissions, network).
+    #[error("{uri}: {source}")]
+    Store {
+        /// The URI.
+        uri: String,
+        /// The store's error.
+        source: object_store::Error,
+    },
+}
+
+impl ObjectError {
+    /// Whether trying again could succeed (network, throttling), unlike a missing object.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Store { .. })
+    }
+}
+
+/// An object (or directory prefix) named by a URI.
+#[derive(Clone, Debug)]
+pub struct Location {
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+    uri: String,
+}
+
+impl Location {
+    /// Resolves `uri`. Plain absolute paths are taken as `file://` URIs.
+    pub fn parse(uri: &str) -> Result<Self, ObjectError> {
+        let bad = |reason: String| ObjectError::BadUri { uri: uri.to_string(), reason };
+        let url = if uri.starts_with('/') {
+            Url::from_file_path(uri).map_err(|()| bad("not an absolute path".into()))?
+        } else {
+            Url::parse(uri).map_err(|e| bad(e.to_string()))?
+        };
+        let (store, path) = object_store::parse_url(&url).map_err(|e| bad(e.to_string()))?;
+        Ok(Self { store: Arc::from(store), path, uri: url.to_string() })
+    }
+
+    /// The URI, normalised.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// A child of this location taken as a directory (`.../out/` + `part-00001.jsonl`).
+    pub fn child(&self, name: &str) -> Self {
+        let base = self.uri.trim_end_matches('/');
+        Self {
+            store: self.store.clone(),
+            path: self.path.child(name),
+            uri: format!("{base}/{name}"),
+        }
+    }
+
+    fn map_err(&self, e: object_store::Error) -> ObjectError {
+        match e {
+            object_store::Error::NotFound { .. } => ObjectError::NotFound { uri: self.uri.clone() },
+            source => ObjectError::Store { uri: self.uri.clone(), source },
+        }
+    }
+
+    /// The object's size in bytes.
+    pub async fn size(&self) -> Result<u64, ObjectError> {
+        self.store.head(&self.path).await.map(|m| m.size).map_err(|e| self.map_err(e))
+    }
+
+    /// Bytes `[start, end)` of the object (`end` clamped by the store to the object's size).
+    pub async fn get_range(&self, start: u64, end: u64) -> Result<Bytes, ObjectError> {
+        if start >= end {
+            return Ok(Bytes::new());
+        }
+        self.store.get_range(&self.path, start..end).await.map_err(|e| self.map_err(e))
+    }
+
+    /// The whole object.
+    pub async fn get(&self) -> Result<Bytes, ObjectError> {
+        let got = self.store.get(&self.path).await.map_err(|e| self.map_err(e))?;
+        got.bytes().await.map_err(|e| self.map_err(e))
+    }
+
+    /// Writes the whole object in one put, which every store makes atomic (the local file
+    /// system stages a temporary file and renames it), so readers never see half a part and a
+    /// retried shard overwrites rather than duplicates.
+    pub async fn put(&self, bytes: Bytes) -> Result<(), ObjectError> {
+        self.store
+            .put(&self.path, PutPayload::from_bytes(bytes))
+            .await
+            .map(|_| ())
+            .map_err(|e| self.map_err(e))
+    }
+}
+
+/// Reads the records of shard `[start, end)` of an object of `size` bytes, aligned to record
+/// boundaries (see [`crate::shard`]). Returns the object offset of the first byte and the
+/// bytes. Reads the range plus as much as is needed to reach the next newline.
+pub async fn read_aligned(
+    loc: &Location,
+    start: u64,
+    end: u64,
+    size: u64,
+) -> Result<(u64, Bytes), ObjectError> {
+    use crate::shard::{aligned_begin, aligned_end};
+    // One read covers the range and a first look past its end; records are far shorter than
+    // this, so the loop below rarely runs more than once.
+    const STEP: u64 = 64 * 1024;
+    let end = end.clamp(start, size);
+    let mut buf = loc.get_range(start, (end + STEP).min(size)).await?.to_vec();
+    loop {
+        let have = start + buf.len() as u64;
+        if have >= size || buf[(end - start) as usize..].contains(&b'\n') {
+            break;
+        }
+        let more = loc.get_range(have, (have + STEP).min(size)).await?;
+        buf.extend_from_slice(&more);
+    }
+    let have = start + buf.len() as u64;
+    let Some(begin) = aligned_begin(start, &buf) else {
+        return Ok((size, Bytes::new()));
+    };
+    let finish = aligned_end(end, size, &buf[(end - start) as usize..]).unwrap_or(have);
+    if begin >= finish {
+        return Ok((begin, Bytes::new()));
+    }
+    Ok((begin, Bytes::from(buf).slice((begin - start) as usize..(finish - start) as usize)))
+}

@@ -1,0 +1,156 @@
+//! The gRPC side of the operator: `AgentService/Attach`. Authenticates the stream's bearer
+//! token, takes the agent's Hello, and feeds its messages to the core. A refused token is
+//! `Unauthenticated`, a malformed message `InvalidArgument`; either ends that stream alone.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use infermesh_proto::agent_message::Msg as Up;
+use infermesh_proto::agent_service_server::{AgentService, AgentServiceServer};
+use infermesh_proto::{AgentMessage, OperatorMessage};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::core::Core;
+use crate::store::Store;
+
+/// How long an agent has to send Hello after opening its stream.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Decides whether a bearer token may attach.
+pub trait Authenticator: Send + Sync + 'static {
+    /// `Ok` to let the stream in; `Unauthenticated` otherwise.
+    fn authenticate(&self, token: &str) -> impl Future<Output = Result<(), Status>> + Send;
+}
+
+/// One shared token (local mode: random, made at start).
+pub struct StaticToken(String);
+
+impl StaticToken {
+    /// Accepts exactly `token`.
+    pub fn new(token: impl Into<String>) -> Self {
+        Self(token.into())
+    }
+}
+
+impl Authenticator for StaticToken {
+    async fn authenticate(&self, token: &str) -> Result<(), Status> {
+        // Compare every byte whatever the first mismatch, so timing tells nothing.
+        let a = self.0.as_bytes();
+        let b = token.as_bytes();
+        let diff = a.iter().zip(b).fold(a.len() ^ b.len(), |acc, (x, y)| acc | usize::from(x ^ y));
+        if diff == 0 { Ok(()) } else { Err(Status::unauthenticated("invalid bearer token")) }
+    }
+}
+
+/// The bearer token of a call.
+pub fn bearer(metadata: &MetadataMap) -> Result<&str, Status> {
+    let value = metadata
+        .get("authorization")
+        .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <token>` metadata"))?;
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| Status::unauthenticated("the authorization metadata is not `Bearer <token>`"))
+}
+
+/// The AgentService implementation, generic over the store and the authenticator.
+pub struct AgentServer<S: Store, A: Authenticator> {
+    core: Arc<Core<S>>,
+    auth: Arc<A>,
+}
+
+impl<S: Store, A: Authenticator> AgentServer<S, A> {
+    /// A server feeding `core`.
+    pub fn new(core: Arc<Core<S>>, auth: Arc<A>) -> Self {
+        Self { core, auth }
+    }
+
+    /// As a tonic service.
+    pub fn into_service(self) -> AgentServiceServer<Self> {
+        AgentServiceServer::new(self)
+    }
+}
+
+#[tonic::async_trait]
+impl<S: Store, A: Authenticator> AgentService for AgentServer<S, A> {
+    type AttachStream = UnboundedReceiverStream<Result<OperatorMessage, Status>>;
+
+    #[tracing::instrument(skip_all, fields(agent))]
+    async fn attach(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<Self::AttachStream>, Status> {
+        let token = bearer(request.metadata())?;
+        self.auth.authenticate(token).await?;
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Hello within 10 seconds"))??;
+        let hello = match first {
+            Some(AgentMessage { msg: Some(Up::Hello(hello)) }) => hello,
+            Some(_) => return Err(Status::invalid_argument("the first message on a stream must be Hello")),
+            None => return Err(Status::invalid_argument("stream closed before Hello")),
+        };
+        tracing::Span::current().record("agent", hello.agent_id.as_str());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let handle = self.core.attach(hello, tx.clone()).await?;
+        let core = self.core.clone();
+        tokio::spawn(async move {
+            let reason = loop {
+                match inbound.message().await {
+                    Ok(Some(msg)) => {
+                        if let Err(status) = core.handle(&handle, msg).await {
+                            tracing::warn!(agent = %handle.id, code = ?status.code(), message = %status.message(), "refusing agent message");
+                            let reason = format!("stream ended: {}", status.message());
+                            let _ = tx.send(Err(status));
+                            break reason;
+                        }
+                    }
+                    Ok(None) => break "stream closed by the agent".to_string(),
+                    Err(status) => break format!("stream broke: {}", status.message()),
+                }
+            };
+            if let Err(e) = core.detach(&handle, &reason).await {
+                tracing::error!(agent = %handle.id, error = %e, "cannot record the agent's departure");
+            }
+        });
+        Ok(Response::new(UnboundedReceiverStream::new(rx)))
+    }
+}
+
+/// Serves AgentService on `listener` until `shutdown` resolves.
+pub async fn serve<S: Store, A: Authenticator>(
+    listener: TcpListener,
+    core: Arc<Core<S>>,
+    auth: Arc<A>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(AgentServer::new(core, auth).into_service())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
+/// Expires leases once a second until the core is dropped elsewhere and `stop` fires.
+pub async fn reap_leases<S: Store>(core: Arc<Core<S>>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if let Err(e) = core.reap(std::time::Instant::now()).await {
+                    tracing::error!(error = %e, "lease reaper failed");
+                }
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

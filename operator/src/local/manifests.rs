@@ -1,0 +1,128 @@
+//! Reading a local manifest file: parse strictly, make URIs absolute (relative paths are taken
+//! from the manifest's directory), validate, and check that inputs and models exist before
+//! any agent starts, so a typo costs a clear message and no run.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use infermesh_crds::{Manifest, MeshSpec, WorkloadSpec, parse_manifests};
+use infermesh_io::{Location, ObjectError};
+
+use crate::core::validate::validate;
+
+/// A workload read from the file, ready to submit.
+#[derive(Clone, Debug)]
+pub struct LocalWorkload {
+    /// Namespace (from metadata, else `--namespace`).
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Spec with absolute URIs.
+    pub spec: WorkloadSpec,
+    /// Input size in bytes.
+    pub input_size: u64,
+}
+
+/// What a manifest file asks for.
+#[derive(Clone, Debug, Default)]
+pub struct LocalPlan {
+    /// Meshes by name.
+    pub meshes: BTreeMap<String, MeshSpec>,
+    /// Workloads in file order.
+    pub workloads: Vec<LocalWorkload>,
+}
+
+/// Makes `uri` absolute: URIs with a scheme stay; paths become `file://` URIs, relative ones
+/// from `base`.
+pub fn absolutize(uri: &str, base: &Path) -> String {
+    if uri.contains("://") {
+        return uri.to_string();
+    }
+    let path = if Path::new(uri).is_absolute() { PathBuf::from(uri) } else { base.join(uri) };
+    let mut normal = PathBuf::new();
+    for c in path.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                normal.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => normal.push(other),
+        }
+    }
+    let mut s = format!("file://{}", normal.display());
+    if uri.ends_with('/') && !s.ends_with('/') {
+        s.push('/');
+    }
+    s
+}
+
+async fn must_exist(what: &str, reason: &str, uri: &str) -> Result<u64, String> {
+    let loc = Location::parse(uri).map_err(|e| format!("InvalidSpec: {what}: {e}"))?;
+    loc.size().await.map_err(|e| match e {
+        ObjectError::NotFound { .. } => format!("{reason}: {what} {uri} does not exist"),
+        other => format!("{reason}: {what}: {other}"),
+    })
+}
+
+/// Reads, checks and resolves the manifest file.
+pub async fn load_plan(file: &Path, default_namespace: &str) -> Result<LocalPlan, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let docs = parse_manifests(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+    let base = file
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."));
+    let mut plan = LocalPlan::default();
+    let mut workloads = Vec::new();
+    for doc in docs {
+        match doc {
+            Manifest::Mesh(m) => {
+                let name = m.metadata.name.clone().unwrap_or_else(|| "default".into());
+                plan.meshes.insert(name, m.spec.clone());
+            }
+            Manifest::Workload(w) => workloads.push(*w),
+        }
+    }
+    if workloads.is_empty() {
+        return Err(format!("{}: no Workload to run", file.display()));
+    }
+    for w in workloads {
+        let namespace = w.metadata.namespace.clone().unwrap_or_else(|| default_namespace.to_string());
+        let name = w.metadata.name.clone().unwrap_or_else(|| "workload".into());
+        let who = format!("Workload {namespace}/{name}");
+        let mut spec = w.spec;
+        spec.model.uri = absolutize(&spec.model.uri, &base);
+        spec.input.uri = absolutize(&spec.input.uri, &base);
+        spec.output.uri = absolutize(&spec.output.uri, &base);
+        if let Some(te) = &mut spec.task.text_embedding {
+            te.tokenizer = absolutize(&te.tokenizer, &base);
+        }
+        validate(&spec).map_err(|e| format!("{who}: {e}"))?;
+        if !plan.meshes.contains_key(&spec.mesh) {
+            return Err(format!("{who}: MeshNotFound: mesh `{}` is not defined in {}", spec.mesh, file.display()));
+        }
+        let input_size = must_exist("input", "InputNotFound", &spec.input.uri).await.map_err(|e| format!("{who}: {e}"))?;
+        must_exist("model", "ModelNotFound", &spec.model.uri).await.map_err(|e| format!("{who}: {e}"))?;
+        if let Some(te) = &spec.task.text_embedding {
+            must_exist("tokenizer", "TokenizerNotFound", &te.tokenizer).await.map_err(|e| format!("{who}: {e}"))?;
+        }
+        plan.workloads.push(LocalWorkload { namespace, name, spec, input_size });
+    }
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_resolve_from_the_manifest_directory() {
+        let base = Path::new("/srv/jobs");
+        assert_eq!(absolutize("data/in.jsonl", base), "file:///srv/jobs/data/in.jsonl");
+        assert_eq!(absolutize("../models/m.onnx", base), "file:///srv/models/m.onnx");
+        assert_eq!(absolutize("out/", base), "file:///srv/jobs/out/");
+        assert_eq!(absolutize("/abs/x", base), "file:///abs/x");
+        assert_eq!(absolutize("s3://bucket/x", base), "s3://bucket/x");
+    }
+}

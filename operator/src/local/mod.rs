@@ -1,0 +1,320 @@
+//! `infermesh local`: the whole mesh on one machine. Reads Mesh and Workload manifests, starts
+//! the core and the gRPC server on loopback, spawns agent processes, runs the workloads with a
+//! progress bar, and prints a summary. Exit code 0 only when every workload succeeded.
+
+mod manifests;
+mod summary;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use infermesh_crds::WorkloadPhase;
+use rand::Rng;
+use tokio::process::{Child, Command};
+
+use crate::core::progress::format_duration;
+use crate::core::{Core, Submission};
+use crate::grpc::{self, StaticToken};
+use crate::store::{Store, sqlite};
+
+pub use manifests::{LocalPlan, load_plan};
+
+/// Options of `infermesh local`.
+#[derive(Args, Debug, Clone)]
+pub struct LocalArgs {
+    /// Manifest file with Mesh and Workload documents.
+    #[arg(short = 'f', long = "file")]
+    pub file: PathBuf,
+    /// Agent processes per Mesh.
+    #[arg(long, default_value_t = 2)]
+    pub agents: usize,
+    /// Store URL (`sqlite://PATH`).
+    #[arg(long, env = "INFERMESH_DATABASE_URL", default_value_t = default_database_url())]
+    pub database_url: String,
+    /// The agent binary; default: `infermesh-agent` next to this executable, then on PATH.
+    #[arg(long, env = "INFERMESH_AGENT_BIN")]
+    pub agent_bin: Option<PathBuf>,
+    /// ONNX Runtime intra-op threads per agent slot; default: cores / (agents x slots).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Namespace for Workloads that name none.
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    /// Directory for agent logs and model caches; default: <infermesh home>/local.
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Give up after this many seconds.
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// No progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// `~/.cache/infermesh` or `$INFERMESH_HOME`.
+pub fn infermesh_home() -> PathBuf {
+    if let Some(home) = std::env::var_os("INFERMESH_HOME") {
+        return PathBuf::from(home);
+    }
+    if let Some(cache) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(cache).join("infermesh");
+    }
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp")).join(".cache/infermesh")
+}
+
+/// `sqlite://<infermesh home>/local.db`.
+pub fn default_database_url() -> String {
+    format!("sqlite://{}", infermesh_home().join("local.db").display())
+}
+
+fn agent_binary(explicit: Option<&PathBuf>) -> Result<PathBuf, String> {
+    if let Some(p) = explicit {
+        return if p.is_file() { Ok(p.clone()) } else { Err(format!("agent binary {} does not exist", p.display())) };
+    }
+    let sibling = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("infermesh-agent")));
+    if let Some(s) = sibling.filter(|s| s.is_file()) {
+        return Ok(s);
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("infermesh-agent")).find(|p| p.is_file()))
+        .ok_or_else(|| "infermesh-agent not found next to infermesh or on PATH (use --agent-bin)".to_string())
+}
+
+struct AgentProcess {
+    id: String,
+    mesh: String,
+    log: PathBuf,
+    child: Child,
+    exit: Option<std::process::ExitStatus>,
+}
+
+/// Runs `infermesh local`; prints errors and the summary; returns the exit code.
+pub async fn run(args: LocalArgs) -> ExitCode {
+    match run_inner(&args).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("infermesh local: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
+    let plan = load_plan(&args.file, &args.namespace).await?;
+    let agent_bin = agent_binary(args.agent_bin.as_ref())?;
+    if args.agents == 0 {
+        return Err("--agents must be at least 1".into());
+    }
+    let store = sqlite::open(&args.database_url).await.map_err(|e| format!("{}: {e}", args.database_url))?;
+    let core = Arc::new(Core::new(store));
+    for (name, spec) in &plan.meshes {
+        core.upsert_mesh(name, spec.clone()).await;
+    }
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| format!("cannot listen on loopback: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let token: String = {
+        let mut rng = rand::rng();
+        (0..32).map(|_| format!("{:02x}", rng.random::<u8>())).collect()
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = {
+        let core = core.clone();
+        let auth = Arc::new(StaticToken::new(token.clone()));
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.changed().await;
+            };
+            grpc::serve(listener, core, auth, shutdown).await
+        })
+    };
+    let reaper = tokio::spawn(grpc::reap_leases(core.clone(), stop_rx.clone()));
+
+    let run_id: String = format!("{:08x}", rand::rng().random::<u32>());
+    let work_dir = args.work_dir.clone().unwrap_or_else(|| infermesh_home().join("local"));
+    let log_dir = work_dir.join(format!("run-{run_id}"));
+    std::fs::create_dir_all(&log_dir).map_err(|e| format!("{}: {e}", log_dir.display()))?;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+
+    let mut agents: Vec<AgentProcess> = Vec::new();
+    for (mesh_name, mesh) in &plan.meshes {
+        let slots = mesh.agent.slots.max(1) as usize;
+        let threads = args
+            .threads
+            .or(mesh.agent.intra_op_threads.map(|t| t as usize))
+            .unwrap_or_else(|| (cores / (args.agents * slots)).max(1));
+        let providers: Vec<&str> = mesh.agent.execution_providers.iter().map(|p| p.as_str()).collect();
+        for i in 0..args.agents {
+            let id = format!("{mesh_name}-local-{i}");
+            let log = log_dir.join(format!("{id}.log"));
+            let log_file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+            let child = Command::new(&agent_bin)
+                .env("INFERMESH_TOKEN", &token)
+                .arg("--operator")
+                .arg(format!("http://{addr}"))
+                .args(["--mesh", mesh_name, "--node", &format!("local-{i}"), "--agent-id", &id])
+                .args(["--slots", &slots.to_string(), "--intra-op-threads", &threads.to_string()])
+                .arg("--execution-providers")
+                .arg(providers.join(","))
+                .arg("--model-cache")
+                .arg(work_dir.join("model-cache"))
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(log_file)
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| format!("cannot start {}: {e}", agent_bin.display()))?;
+            agents.push(AgentProcess { id, mesh: mesh_name.clone(), log, child, exit: None });
+        }
+    }
+
+    let started = Instant::now();
+    let outcome = drive(args, &core, &plan, &mut agents).await;
+    let wall = started.elapsed();
+
+    core.drain_all("infermesh local is done").await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for a in &mut agents {
+        while a.exit.is_none() && Instant::now() < deadline {
+            a.exit = a.child.try_wait().ok().flatten();
+            if a.exit.is_none() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        if a.exit.is_none() {
+            let _ = a.child.kill().await;
+        }
+    }
+    let _ = stop_tx.send(true);
+    let _ = reaper.await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+
+    let workloads = core.workloads().await;
+    let agent_summaries = core.agents().await;
+    let balances = core.store().balances().await.unwrap_or_default();
+    summary::print(&workloads, &agent_summaries, &agents_info(&agents), wall, &args.database_url, &balances, &log_dir);
+    if let Err(e) = outcome {
+        eprintln!("infermesh local: {e}");
+        return Ok(ExitCode::FAILURE);
+    }
+    let ok = !workloads.is_empty() && workloads.iter().all(|w| w.phase == WorkloadPhase::Succeeded);
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn agents_info(agents: &[AgentProcess]) -> Vec<(String, String, Option<i32>)> {
+    agents
+        .iter()
+        .map(|a| (a.id.clone(), a.log.display().to_string(), a.exit.and_then(|s| s.code())))
+        .collect()
+}
+
+/// Waits for the agents, submits the workloads and follows them to the end.
+async fn drive<S: Store>(
+    args: &LocalArgs,
+    core: &Arc<Core<S>>,
+    plan: &LocalPlan,
+    agents: &mut [AgentProcess],
+) -> Result<(), String> {
+    // Wait for the agents to attach, so a broken agent set-up reports itself at once.
+    let attach_deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let attached = core.agents().await.iter().filter(|a| a.connected).count();
+        if attached == agents.len() {
+            break;
+        }
+        for a in agents.iter_mut() {
+            if let Ok(Some(status)) = a.child.try_wait() {
+                a.exit = Some(status);
+                return Err(format!("agent {} exited ({status}) before attaching:\n{}", a.id, log_tail(&a.log)));
+            }
+        }
+        if Instant::now() > attach_deadline {
+            return Err(format!("only {attached} of {} agents attached within 60s; logs in {}", agents.len(), agents[0].log.display()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let bars = MultiProgress::with_draw_target(if args.no_progress {
+        ProgressDrawTarget::hidden()
+    } else {
+        ProgressDrawTarget::stderr()
+    });
+    let style = ProgressStyle::with_template(
+        "{prefix:<28} [{bar:32}] {percent:>3}% {msg}",
+    )
+    .map_err(|e| e.to_string())?
+    .progress_chars("=> ");
+    let mut tracked = Vec::new();
+    for w in &plan.workloads {
+        let uid = format!("{:08x}", rand::rng().random::<u32>());
+        let key = core
+            .submit(Submission {
+                namespace: w.namespace.clone(),
+                name: w.name.clone(),
+                uid,
+                spec: w.spec.clone(),
+                input_size: w.input_size,
+            })
+            .await
+            .map_err(|e| format!("Workload {}/{}: {e}", w.namespace, w.name))?;
+        let bar = bars.add(ProgressBar::new(w.input_size.max(1)));
+        bar.set_style(style.clone());
+        bar.set_prefix(format!("{}/{}", w.namespace, w.name));
+        tracked.push((key, bar));
+    }
+
+    let deadline = args.timeout.map(|t| Instant::now() + Duration::from_secs(t));
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tick.tick().await;
+        let summaries = core.workloads().await;
+        for (key, bar) in &tracked {
+            if let Some(s) = summaries.iter().find(|s| &s.key == key) {
+                bar.set_position(s.bytes_done);
+                let eta = s.eta().map(format_duration).unwrap_or_else(|| "-".into());
+                bar.set_message(format!(
+                    "{} records  {:.0}/s  shards {}/{}  ETA {eta}",
+                    s.records,
+                    s.throughput(),
+                    s.shards_succeeded,
+                    s.shards_total
+                ));
+                if s.phase.is_terminal() && !bar.is_finished() {
+                    bar.finish_with_message(format!("{:?}: {} records", s.phase, s.records));
+                }
+            }
+        }
+        if summaries.iter().all(|s| s.phase.is_terminal()) {
+            return Ok(());
+        }
+        for a in agents.iter_mut() {
+            if a.exit.is_none() {
+                if let Ok(Some(status)) = a.child.try_wait() {
+                    a.exit = Some(status);
+                    bars.suspend(|| eprintln!("agent {} exited ({status}); log: {}", a.id, a.log.display()));
+                }
+            }
+        }
+        let unfinished_meshes: Vec<&String> = summaries.iter().filter(|s| !s.phase.is_terminal()).map(|s| &s.mesh).collect();
+        for mesh in unfinished_meshes {
+            if agents.iter().filter(|a| &a.mesh == mesh).all(|a| a.exit.is_some()) {
+                let last = agents.iter().rev().find(|a| &a.mesh == mesh).map(|a| log_tail(&a.log)).unwrap_or_default();
+                return Err(format!("every agent of mesh {mesh} exited with work left; last log:\n{last}"));
+            }
+        }
+        if deadline.is_some_and(|d| Instant::now() > d) {
+            return Err(format!("timed out after {}s", args.timeout.unwrap_or(0)));
+        }
+    }
+}
+
+fn log_tail(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}

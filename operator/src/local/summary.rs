@@ -1,0 +1,80 @@
+//! The table `infermesh local` ends with.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::core::pricing::format_credits;
+use crate::core::progress::{AgentSummary, WorkloadSummary, format_duration};
+
+/// Prints the summary to stdout.
+pub fn print(
+    workloads: &[WorkloadSummary],
+    agents: &[AgentSummary],
+    processes: &[(String, String, Option<i32>)],
+    wall: Duration,
+    database_url: &str,
+    balances: &[(String, i64)],
+    log_dir: &Path,
+) {
+    let records: u64 = workloads.iter().map(|w| w.records).sum();
+    let secs = wall.as_secs_f64().max(1e-9);
+    println!();
+    println!(
+        "infermesh local: {} workload(s), {} agent(s), {records} records in {:.2}s ({:.1} records/s)",
+        workloads.len(),
+        agents.len(),
+        secs,
+        records as f64 / secs
+    );
+    println!();
+    println!(
+        "{:<32} {:<10} {:>9} {:>9} {:>9} {:>11} {:>8} {:>14}",
+        "WORKLOAD", "STATUS", "SHARDS", "RECORDS", "WALL", "RECORDS/S", "RETRIED", "CREDITS"
+    );
+    for w in workloads {
+        println!(
+            "{:<32} {:<10} {:>9} {:>9} {:>9} {:>11.1} {:>8} {:>14}",
+            format!("{}/{}", w.namespace, w.name),
+            format!("{:?}", w.phase),
+            format!("{}/{}", w.shards_succeeded, w.shards_total),
+            w.records,
+            format_duration(w.elapsed),
+            w.throughput(),
+            w.attempts_retried,
+            format_credits(w.credits)
+        );
+    }
+    println!();
+    println!("{:<24} {:<10} {:>7} {:>14} {:<10} {}", "AGENT", "NODE", "SHARDS", "CREDITS", "DEVICE", "EXIT");
+    for a in agents {
+        let exit = processes
+            .iter()
+            .find(|(id, _, _)| *id == a.id)
+            .map(|(_, _, code)| code.map(|c| c.to_string()).unwrap_or_else(|| "killed".into()))
+            .unwrap_or_default();
+        println!(
+            "{:<24} {:<10} {:>7} {:>14} {:<10} {}",
+            a.id,
+            a.node,
+            a.completed,
+            format_credits(a.credits),
+            a.providers.first().map(String::as_str).unwrap_or("-"),
+            exit
+        );
+    }
+    println!();
+    for w in workloads {
+        if w.phase == infermesh_crds::WorkloadPhase::Succeeded {
+            println!("{}/{}: outputs in {} ({} parts + _SUCCESS.json)", w.namespace, w.name, w.output_uri, w.shards_total);
+        } else {
+            println!("{}/{}: {:?} — {}: {}", w.namespace, w.name, w.phase, w.reason, w.message);
+        }
+    }
+    let spent: Vec<String> = balances
+        .iter()
+        .filter(|(a, _)| a.starts_with("namespace/"))
+        .map(|(a, b)| format!("{a} {}", format_credits(*b)))
+        .collect();
+    println!("ledger: {database_url} (balances: {})", if spent.is_empty() { "-".to_string() } else { spent.join(", ") });
+    println!("agent logs: {}", log_dir.display());
+}

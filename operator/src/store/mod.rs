@@ -1,0 +1,295 @@
+//! The store: shards, the ledger and the event log. One trait, a backend per database
+//! (SQLite here; Postgres slots in behind the same trait), and one contract test suite.
+
+pub mod sqlite;
+
+use std::future::Future;
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database reported an error.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Migrations failed.
+    #[error("migrating the database failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The URL names no supported database.
+    #[error("unsupported database URL `{0}` (use sqlite://PATH)")]
+    UnsupportedUrl(String),
+}
+
+/// A workload as stored.
+#[derive(Clone, Debug)]
+pub struct WorkloadRecord {
+    /// Unique id of this run of the workload.
+    pub uid: String,
+    /// Namespace (the account charged).
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Mesh.
+    pub mesh: String,
+    /// The spec as JSON.
+    pub spec_json: String,
+    /// Input size.
+    pub input_bytes: u64,
+}
+
+/// A planned shard.
+#[derive(Clone, Copy, Debug)]
+pub struct ShardRecord {
+    /// Index.
+    pub index: u32,
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+}
+
+/// A shard completion to record and charge.
+#[derive(Clone, Debug)]
+pub struct CompletionRecord {
+    /// Workload uid.
+    pub workload_uid: String,
+    /// Namespace charged.
+    pub namespace: String,
+    /// Shard index.
+    pub shard: u32,
+    /// The attempt that completed.
+    pub attempt: u32,
+    /// The agent credited.
+    pub agent: String,
+    /// Records written.
+    pub records: u64,
+    /// The output part.
+    pub output_uri: String,
+    /// sha256 of the part.
+    pub sha256: String,
+    /// Price in micro-credits.
+    pub price: i64,
+    /// Device and seconds, for the event message.
+    pub device: String,
+    /// Seconds of compute.
+    pub compute_seconds: f64,
+}
+
+/// What recording a completion did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChargeOutcome {
+    /// First completion of the shard: marked done and charged.
+    Charged,
+    /// The shard was already done: nothing written but the event.
+    Duplicate,
+}
+
+/// Kinds of events; one per state change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A workload was admitted and planned.
+    WorkloadAdmitted,
+    /// Every shard of a workload succeeded.
+    WorkloadSucceeded,
+    /// A workload failed.
+    WorkloadFailed,
+    /// A shard was assigned to an agent.
+    ShardAssigned,
+    /// A shard completed (first completion: charged).
+    ShardCompleted,
+    /// A later completion of a done shard, acknowledged and ignored.
+    ShardDuplicate,
+    /// A shard attempt failed.
+    ShardFailed,
+    /// A shard went back to the queue.
+    ShardRequeued,
+    /// An agent registered.
+    AgentJoined,
+    /// An agent's stream dropped or its lease expired.
+    AgentLost,
+}
+
+impl EventKind {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::WorkloadAdmitted => "workload.admitted",
+            Self::WorkloadSucceeded => "workload.succeeded",
+            Self::WorkloadFailed => "workload.failed",
+            Self::ShardAssigned => "shard.assigned",
+            Self::ShardCompleted => "shard.completed",
+            Self::ShardDuplicate => "shard.duplicate",
+            Self::ShardFailed => "shard.failed",
+            Self::ShardRequeued => "shard.requeued",
+            Self::AgentJoined => "agent.joined",
+            Self::AgentLost => "agent.lost",
+        }
+    }
+}
+
+/// An event to append.
+#[derive(Clone, Debug)]
+pub struct Event {
+    /// Kind.
+    pub kind: EventKind,
+    /// Workload uid, if any.
+    pub workload_uid: Option<String>,
+    /// Shard index, if any.
+    pub shard: Option<u32>,
+    /// Attempt, if any.
+    pub attempt: Option<u32>,
+    /// Agent, if any.
+    pub agent: Option<String>,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+impl Event {
+    /// An event of `kind` with a message and nothing else set.
+    pub fn new(kind: EventKind, message: impl Into<String>) -> Self {
+        Self { kind, workload_uid: None, shard: None, attempt: None, agent: None, message: message.into() }
+    }
+
+    /// Sets the workload.
+    pub fn workload(mut self, uid: &str) -> Self {
+        self.workload_uid = Some(uid.to_string());
+        self
+    }
+
+    /// Sets shard and attempt.
+    pub fn shard(mut self, shard: u32, attempt: u32) -> Self {
+        self.shard = Some(shard);
+        self.attempt = Some(attempt);
+        self
+    }
+
+    /// Sets the agent.
+    pub fn agent(mut self, agent: &str) -> Self {
+        self.agent = Some(agent.to_string());
+        self
+    }
+}
+
+/// A stored event.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EventRow {
+    /// Position in the log.
+    pub seq: i64,
+    /// When (RFC 3339).
+    pub at: String,
+    /// Kind name.
+    pub kind: String,
+    /// Workload uid.
+    pub workload_uid: Option<String>,
+    /// Shard.
+    pub shard: Option<i64>,
+    /// Attempt.
+    pub attempt: Option<i64>,
+    /// Agent.
+    pub agent: Option<String>,
+    /// Detail.
+    pub message: String,
+}
+
+/// Which events to read.
+#[derive(Clone, Debug, Default)]
+pub struct EventFilter {
+    /// Only this workload.
+    pub workload_uid: Option<String>,
+    /// Only this agent.
+    pub agent: Option<String>,
+    /// Only this kind (`shard.requeued`).
+    pub kind: Option<String>,
+    /// Only events after this sequence number.
+    pub after_seq: Option<i64>,
+    /// At most this many.
+    pub limit: Option<i64>,
+}
+
+/// One charge of a shard, as the ledger holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Charge {
+    /// Workload uid.
+    pub workload_uid: String,
+    /// Shard index.
+    pub shard: u32,
+    /// Account debited (the namespace).
+    pub from: String,
+    /// Account credited (the agent).
+    pub to: String,
+    /// Micro-credits.
+    pub amount: i64,
+}
+
+/// The account of a namespace.
+pub fn namespace_account(ns: &str) -> String {
+    format!("namespace/{ns}")
+}
+
+/// The account of an agent.
+pub fn agent_account(agent: &str) -> String {
+    format!("agent/{agent}")
+}
+
+/// Where the operator keeps its state. Every method that changes state appends its event in
+/// the same transaction, so the log and the state never disagree.
+pub trait Store: Send + Sync + 'static {
+    /// Records an admitted workload and its planned shards.
+    fn create_workload(
+        &self,
+        w: &WorkloadRecord,
+        shards: &[ShardRecord],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// A shard attempt was assigned.
+    fn assign(
+        &self,
+        uid: &str,
+        shard: u32,
+        attempt: u32,
+        agent: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Records a completion. The first for a shard marks it succeeded and writes its charge
+    /// (namespace -> agent) in one transaction; any later one changes nothing but the log.
+    fn complete(&self, c: &CompletionRecord) -> impl Future<Output = Result<ChargeOutcome, StoreError>> + Send;
+
+    /// A shard attempt was lost or failed and the shard goes back to the queue.
+    fn requeue(
+        &self,
+        uid: &str,
+        shard: u32,
+        attempt: u32,
+        agent: Option<&str>,
+        reason: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// A shard failed for good.
+    fn fail_shard(
+        &self,
+        uid: &str,
+        shard: u32,
+        attempt: u32,
+        agent: Option<&str>,
+        message: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// A workload reached a terminal phase (`Succeeded`, `Failed`).
+    fn finish_workload(
+        &self,
+        uid: &str,
+        phase: &str,
+        message: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Appends an event that comes with no other change (agent joined or lost).
+    fn append(&self, event: &Event) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Reads events in sequence order.
+    fn events(&self, filter: &EventFilter) -> impl Future<Output = Result<Vec<EventRow>, StoreError>> + Send;
+
+    /// Balance of every account, in micro-credits.
+    fn balances(&self) -> impl Future<Output = Result<Vec<(String, i64)>, StoreError>> + Send;
+
+    /// Every shard charge of a workload.
+    fn charges(&self, uid: &str) -> impl Future<Output = Result<Vec<Charge>, StoreError>> + Send;
+}

@@ -1,0 +1,8 @@
+//! Compiles the agent protocol with protox (pure Rust), so no machine needs `protoc`.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let fds = protox::compile(["infermesh/v1/agent.proto"], ["."])?;
+    tonic_prost_build::configure().compile_fds(fds)?;
+    println!("cargo:rerun-if-changed=infermesh/v1/agent.proto");
+    Ok(())
+}
