@@ -107,7 +107,14 @@ fn strict<T: DeserializeOwned>(
     value: serde_yaml::Value,
 ) -> Result<T, ManifestError> {
     let mut unknown = Vec::new();
-    let parsed: T = serde_ignored::deserialize(value, |path| unknown.push(path.to_string()))
+    // The derived types take `apiVersion` and `kind` from their type, not from fields, so
+    // those two are not unknown.
+    let parsed: T = serde_ignored::deserialize(value, |path| {
+        let path = path.to_string();
+        if path != "apiVersion" && path != "kind" {
+            unknown.push(path);
+        }
+    })
         .map_err(|e| ManifestError::Schema {
             doc,
             kind: kind.to_string(),
