@@ -25,8 +25,9 @@ pub fn aligned_begin(start: u64, from_start: &[u8]) -> Option<u64> {
     memchr_newline(from_start).map(|i| start + i as u64 + 1)
 }
 
-/// Finds where the shard ends, given the bytes of the object from `end` on: one past the first
-/// newline at or after `end`, or `size` if there is none.
+/// Finds where the shard ends, given bytes of the object from `end` on: one past the first
+/// newline at or after `end`; `size` when `end` is at the end of the object. `None` when the
+/// bytes given hold no newline (the caller reads on, or, at the end of the object, uses `size`).
 pub fn aligned_end(end: u64, size: u64, from_end: &[u8]) -> Option<u64> {
     if end >= size {
         return Some(size);
@@ -72,7 +73,8 @@ pub fn records(begin: u64, bytes: &[u8]) -> impl Iterator<Item = Record<'_>> {
 pub fn align_in_memory(data: &[u8], start: u64, end: u64) -> Option<Aligned> {
     let size = data.len() as u64;
     let begin = aligned_begin(start, &data[start.min(size) as usize..])?;
-    let end = aligned_end(end, size, &data[end.min(size) as usize..])?;
+    // The slice reaches the end of the object, so no newline means the record runs to it.
+    let end = aligned_end(end, size, &data[end.min(size) as usize..]).unwrap_or(size);
     (begin < end).then_some(Aligned { begin, end })
 }
 

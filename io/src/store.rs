@@ -147,3 +147,46 @@ pub async fn read_aligned(
     }
     Ok((begin, Bytes::from(buf).slice((begin - start) as usize..(finish - start) as usize)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shard::{align_in_memory, records};
+    use proptest::prelude::*;
+
+    fn lines(data: &[u8], start: u64, end: u64) -> Vec<Vec<u8>> {
+        align_in_memory(data, start, end)
+            .map(|a| records(a.begin, &data[a.begin as usize..a.end as usize]).map(|r| r.text.to_vec()).collect())
+            .unwrap_or_default()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// The agent's ranged reads through object_store align exactly like the in-memory rule,
+        /// including records longer than one read step.
+        #[test]
+        fn ranged_reads_align_like_the_rule(
+            lens in prop::collection::vec(0usize..150_000, 1..6),
+            cut in 0.0f64..1.0,
+            width in 1u64..200_000,
+        ) {
+            let mut data = Vec::new();
+            for (i, len) in lens.iter().enumerate() {
+                data.extend_from_slice(format!("{i}:").as_bytes());
+                data.extend(std::iter::repeat_n(b'x', *len));
+                data.push(b'\n');
+            }
+            let dir = tempfile::tempdir().expect("tmp");
+            let path = dir.path().join("in.jsonl");
+            std::fs::write(&path, &data).expect("write");
+            let size = data.len() as u64;
+            let start = (cut * size as f64) as u64;
+            let end = (start + width).min(size);
+            let loc = Location::parse(&format!("file://{}", path.display())).expect("uri");
+            let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
+            let (begin, bytes) = rt.block_on(read_aligned(&loc, start, end, size)).expect("read");
+            let got: Vec<Vec<u8>> = records(begin, &bytes).map(|r| r.text.to_vec()).collect();
+            prop_assert_eq!(got, lines(&data, start, end));
+        }
+    }
+}
