@@ -1,1 +1,194 @@
-//! Helpers for the end-to-end tests.
+//! Shared helpers of the end-to-end tests: where the binaries, the Python reference and the
+//! models are, generated test models, and running `infermesh local` as a separate process.
+//!
+//! These tests use real parts: the `infermesh` and `infermesh-agent` binaries as separate
+//! processes talking gRPC on loopback, ONNX Runtime from the pinned wheel, and models made
+//! by `scripts/gen_test_models.py` (or the quickstart's MiniLM). `scripts/setup.sh` installs
+//! what they need; a missing piece fails the test with the command that installs it.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// `$INFERMESH_HOME` or `~/.cache/infermesh`.
+pub fn home() -> PathBuf {
+    if let Some(h) = std::env::var_os("INFERMESH_HOME") {
+        return PathBuf::from(h);
+    }
+    if let Some(c) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(c).join("infermesh");
+    }
+    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/infermesh")
+}
+
+fn require(path: PathBuf, what: &str) -> PathBuf {
+    assert!(path.exists(), "{what} missing at {}: run `bash scripts/setup.sh` first", path.display());
+    path
+}
+
+/// A binary of the workspace, built by `cargo test` next to the test executables.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    require(dir.join(name), &format!("binary {name} (cargo builds it with the workspace tests)"))
+}
+
+/// The Python of the set-up venv (onnxruntime, tokenizers, onnx, numpy).
+pub fn python() -> PathBuf {
+    require(home().join("venv/bin/python"), "the Python venv")
+}
+
+/// The quickstart model and tokenizer (all-MiniLM-L6-v2 int8).
+pub fn minilm() -> (PathBuf, PathBuf) {
+    let dir = home().join("models/minilm");
+    (require(dir.join("model.onnx"), "the MiniLM model"), require(dir.join("tokenizer.json"), "the MiniLM tokenizer"))
+}
+
+/// Small models generated once per test process by `scripts/gen_test_models.py`:
+/// tensor.onnx, tiny_embed.onnx, tiny_tokenizer.json, corrupt.onnx, bad_tokenizer.json.
+pub fn test_models() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("infermesh-test-models-{}", std::process::id()));
+        let out = Command::new(python())
+            .arg(workspace().join("scripts/gen_test_models.py"))
+            .arg("--out")
+            .arg(&dir)
+            .output()
+            .expect("run gen_test_models.py");
+        assert!(out.status.success(), "gen_test_models.py failed: {}", String::from_utf8_lossy(&out.stderr));
+        dir
+    })
+}
+
+/// sha256 of a file, hex.
+pub fn sha256_file(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string()
+}
+
+/// What a run printed.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit code (`None`: killed by a signal).
+    pub code: Option<i32>,
+    /// Standard output (the summary).
+    pub stdout: String,
+    /// Standard error (errors, agent exits).
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Self {
+        Self {
+            code: o.status.code(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+impl Run {
+    /// stdout and stderr together, for messages.
+    pub fn text(&self) -> String {
+        format!("--- stdout\n{}\n--- stderr\n{}", self.stdout, self.stderr)
+    }
+}
+
+/// The `infermesh local` command for a manifest, with its state in `dir`.
+pub fn local_command(manifest: &Path, agents: usize, dir: &Path) -> Command {
+    let mut cmd = Command::new(bin("infermesh"));
+    cmd.arg("local")
+        .arg("-f")
+        .arg(manifest)
+        .arg("--agents")
+        .arg(agents.to_string())
+        .arg("--no-progress")
+        .arg("--timeout")
+        .arg("300")
+        .arg("--database-url")
+        .arg(format!("sqlite://{}", dir.join("state.db").display()))
+        .arg("--work-dir")
+        .arg(dir.join("work"))
+        .env("INFERMESH_AGENT_BIN", bin("infermesh-agent"));
+    cmd
+}
+
+/// Runs `infermesh local` to the end.
+pub fn run_local(manifest: &Path, agents: usize, dir: &Path) -> Run {
+    local_command(manifest, agents, dir).output().expect("run infermesh local").into()
+}
+
+/// A Mesh and a Workload as YAML. `task` and `extra` are indented spec lines.
+pub fn manifest(model: &Path, sha256: Option<&str>, task: &str, input: &Path, output: &Path, extra: &str) -> String {
+    let sha = sha256.map(|s| format!(", sha256: \"{s}\"")).unwrap_or_default();
+    format!(
+        "apiVersion: infermesh.dev/v1alpha1\nkind: Mesh\nmetadata: {{name: test}}\nspec:\n  nodeSelector: {{}}\n  \
+         agent: {{slots: 1, executionProviders: [cpu]}}\n  leaseSeconds: 10\n  heartbeatSeconds: 1\n  \
+         pricing: {{perCpuSecond: 0.05, perThousandRecords: 0.2}}\n---\n\
+         apiVersion: infermesh.dev/v1alpha1\nkind: Workload\nmetadata: {{name: job, namespace: team-a}}\nspec:\n  mesh: test\n  \
+         model: {{uri: \"{}\"{sha}}}\n  task:\n{task}\n  input: {{uri: \"{}\"}}\n  output: {{uri: \"{}/\"}}\n  batchSize: 16\n{extra}",
+        model.display(),
+        input.display(),
+        output.display()
+    )
+}
+
+/// Every output line of every part in `dir`, parsed.
+pub fn read_parts(dir: &Path) -> Vec<serde_json::Value> {
+    let mut parts: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("output dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("part-")))
+        .collect();
+    parts.sort();
+    parts
+        .iter()
+        .flat_map(|p| {
+            std::fs::read_to_string(p)
+                .expect("part")
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("output line is JSON"))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// How often each id appears in the outputs.
+pub fn id_counts(lines: &[serde_json::Value]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for l in lines {
+        *counts.entry(l["id"].to_string()).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// The `_SUCCESS.json` manifest of an output directory.
+pub fn success_manifest(dir: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(dir.join("_SUCCESS.json")).expect("_SUCCESS.json");
+    serde_json::from_str(&text).expect("manifest JSON")
+}
+
+/// Processes whose parent is `pid` and whose command name is `name`.
+pub fn children_named(pid: u32, name: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            // pid (comm) state ppid ...
+            let Some((comm_part, rest)) = stat.rsplit_once(") ") else { return false };
+            let comm = comm_part.split_once(" (").map(|(_, c)| c).unwrap_or_default();
+            let ppid = rest.split_whitespace().nth(1).and_then(|v| v.parse::<u32>().ok());
+            ppid == Some(pid) && name.starts_with(comm)
+        })
+        .collect()
+}
