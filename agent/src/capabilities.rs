@@ -4,7 +4,9 @@ use infermesh_proto::Gpu;
 
 /// Logical CPUs available to this process.
 pub fn cpus() -> u32 {
-    std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1)
 }
 
 /// Total host memory in bytes, from /proc/meminfo.
@@ -23,7 +25,10 @@ pub fn memory_bytes() -> u64 {
 /// GPUs as `nvidia-smi` reports them; none when it is absent or fails.
 pub fn gpus() -> Vec<Gpu> {
     let out = std::process::Command::new("nvidia-smi")
-        .args(["--query-gpu=name,memory.total", "--format=csv,noheader,nounits"])
+        .args([
+            "--query-gpu=name,memory.total",
+            "--format=csv,noheader,nounits",
+        ])
         .output();
     match out {
         Ok(o) if o.status.success() => parse_nvidia_smi(&String::from_utf8_lossy(&o.stdout)),
@@ -37,7 +42,10 @@ pub fn parse_nvidia_smi(text: &str) -> Vec<Gpu> {
         .filter_map(|l| {
             let (name, mem) = l.rsplit_once(',')?;
             let mib: u64 = mem.trim().parse().ok()?;
-            Some(Gpu { product: name.trim().to_string(), memory_bytes: mib * 1024 * 1024 })
+            Some(Gpu {
+                product: name.trim().to_string(),
+                memory_bytes: mib * 1024 * 1024,
+            })
         })
         .collect()
 }

@@ -41,7 +41,10 @@ enum Ended {
 }
 
 /// Result of one shard, carried across reconnects.
-type Outcome = (ShardRef, Result<infermesh_proto::Completed, crate::inference::ShardError>);
+type Outcome = (
+    ShardRef,
+    Result<infermesh_proto::Completed, crate::inference::ShardError>,
+);
 
 /// Runs the agent until drained. Reconnects with backoff when the stream drops; gives up at
 /// once when the operator refuses the token.
@@ -81,18 +84,23 @@ async fn attach(
     running: &mut HashMap<(String, u32), (u32, Arc<AtomicBool>)>,
 ) -> Result<Ended, AttachError> {
     let channel = Endpoint::from_shared(config.operator.clone())
-        .map_err(|e| AttachError::Fatal(anyhow::anyhow!("bad operator URL {}: {e}", config.operator)))?
+        .map_err(|e| {
+            AttachError::Fatal(anyhow::anyhow!("bad operator URL {}: {e}", config.operator))
+        })?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .connect()
         .await?;
-    let bearer: MetadataValue<_> = format!("Bearer {}", config.token)
-        .parse()
-        .map_err(|_| AttachError::Fatal(anyhow::anyhow!("the token has characters not allowed in a header")))?;
-    let mut client = AgentServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-        req.metadata_mut().insert("authorization", bearer.clone());
-        Ok(req)
-    });
+    let bearer: MetadataValue<_> = format!("Bearer {}", config.token).parse().map_err(|_| {
+        AttachError::Fatal(anyhow::anyhow!(
+            "the token has characters not allowed in a header"
+        ))
+    })?;
+    let mut client =
+        AgentServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("authorization", bearer.clone());
+            Ok(req)
+        });
     let (tx, rx) = mpsc::channel::<AgentMessage>(256);
     let hello = Hello {
         agent_id: config.agent_id.clone(),
@@ -108,19 +116,33 @@ async fn attach(
             slots: runner.slots() as u32,
         }),
     };
-    tx.send(AgentMessage { msg: Some(Up::Hello(hello)) }).await?;
+    tx.send(AgentMessage {
+        msg: Some(Up::Hello(hello)),
+    })
+    .await?;
     let mut inbound = match client.attach(ReceiverStream::new(rx)).await {
         Ok(r) => r.into_inner(),
         Err(s) if s.code() == tonic::Code::Unauthenticated => {
-            return Err(AttachError::Fatal(anyhow::anyhow!("operator refused this agent: {}", s.message())));
+            return Err(AttachError::Fatal(anyhow::anyhow!(
+                "operator refused this agent: {}",
+                s.message()
+            )));
         }
         Err(s) => return Err(AttachError::Retry(s.into())),
     };
     let welcome = match inbound.message().await {
         Ok(Some(m)) => m,
         Ok(None) => return Err(anyhow::anyhow!("operator closed the stream before Welcome").into()),
-        Err(s) if matches!(s.code(), tonic::Code::Unauthenticated | tonic::Code::InvalidArgument) => {
-            return Err(AttachError::Fatal(anyhow::anyhow!("operator refused this agent: {}", s.message())));
+        Err(s)
+            if matches!(
+                s.code(),
+                tonic::Code::Unauthenticated | tonic::Code::InvalidArgument
+            ) =>
+        {
+            return Err(AttachError::Fatal(anyhow::anyhow!(
+                "operator refused this agent: {}",
+                s.message()
+            )));
         }
         Err(s) => return Err(AttachError::Retry(s.into())),
     };
@@ -128,7 +150,8 @@ async fn attach(
         return Err(anyhow::anyhow!("operator's first message was not Welcome").into());
     };
     tracing::info!(agent = %welcome.agent_name, lease = welcome.lease_seconds, "attached to operator");
-    let mut heartbeat = tokio::time::interval(Duration::from_secs(welcome.heartbeat_seconds.max(1) as u64));
+    let mut heartbeat =
+        tokio::time::interval(Duration::from_secs(welcome.heartbeat_seconds.max(1) as u64));
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut draining = false;
     loop {
@@ -157,11 +180,11 @@ async fn attach(
                         });
                     }
                     Some(Down::Cancel(c)) => {
-                        if let Some(s) = c.shard {
-                            if let Some((_, flag)) = running.get(&(s.workload.clone(), s.index)) {
-                                tracing::info!(shard = %s.display(), reason = %c.reason, "cancelled");
-                                flag.store(true, Ordering::Relaxed);
-                            }
+                        if let Some(s) = c.shard
+                            && let Some((_, flag)) = running.get(&(s.workload.clone(), s.index))
+                        {
+                            tracing::info!(shard = %s.display(), reason = %c.reason, "cancelled");
+                            flag.store(true, Ordering::Relaxed);
                         }
                     }
                     Some(Down::Drain(d)) => {

@@ -39,7 +39,12 @@ struct Args {
     #[arg(long, env = "INFERMESH_INTRA_OP_THREADS")]
     intra_op_threads: Option<usize>,
     /// Execution providers in order of preference.
-    #[arg(long, env = "INFERMESH_EXECUTION_PROVIDERS", value_delimiter = ',', default_value = "cuda,cpu")]
+    #[arg(
+        long,
+        env = "INFERMESH_EXECUTION_PROVIDERS",
+        value_delimiter = ',',
+        default_value = "cuda,cpu"
+    )]
     execution_providers: Vec<String>,
     /// Refuse to run on CPU when no GPU provider registers.
     #[arg(long, env = "INFERMESH_REQUIRE_GPU")]
@@ -59,13 +64,19 @@ fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("INFERMESH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
-    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if args.log_json {
         fmt.json().init();
     } else {
         fmt.init();
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("infermesh-agent: cannot start the runtime: {e}");
@@ -97,7 +108,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "localhost".into()),
     };
-    let agent_id = args.agent_id.unwrap_or_else(|| format!("{}-{}", args.mesh, node));
+    let agent_id = args
+        .agent_id
+        .unwrap_or_else(|| format!("{}-{}", args.mesh, node));
     let providers = runtime::usable_providers(&args.execution_providers);
     let wants_gpu = args.execution_providers.iter().any(|p| p != "cpu");
     let has_gpu = providers.iter().any(|p| p != "cpu");
@@ -111,15 +124,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tracing::warn!(wanted = ?args.execution_providers, "no GPU execution provider on this node: running on CPU");
     }
     if providers.is_empty() {
-        anyhow::bail!("none of the execution providers {:?} is usable here", args.execution_providers);
+        anyhow::bail!(
+            "none of the execution providers {:?} is usable here",
+            args.execution_providers
+        );
     }
     let slots = args.slots.max(1);
     let threads = args
         .intra_op_threads
         .unwrap_or_else(|| (infermesh_agent::capabilities::cpus() as usize / slots).max(1));
-    let cache_dir = args.model_cache.unwrap_or_else(|| runtime::infermesh_home().join("agent-cache"));
-    let cache = ModelCache::new(&cache_dir).with_context(|| format!("model cache {}", cache_dir.display()))?;
-    let config = SessionConfig { intra_op_threads: threads, providers: providers.clone(), require_gpu: args.require_gpu };
+    let cache_dir = args
+        .model_cache
+        .unwrap_or_else(|| runtime::infermesh_home().join("agent-cache"));
+    let cache = ModelCache::new(&cache_dir)
+        .with_context(|| format!("model cache {}", cache_dir.display()))?;
+    let config = SessionConfig {
+        intra_op_threads: threads,
+        providers: providers.clone(),
+        require_gpu: args.require_gpu,
+    };
     tracing::info!(%agent_id, %node, mesh = %args.mesh, slots, threads, providers = ?providers, "agent starting");
     let runner = Arc::new(Runner::new(cache, config, slots));
     let client_config = ClientConfig {

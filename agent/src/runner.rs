@@ -44,7 +44,11 @@ pub struct Runner {
 
 fn object_error(kind: ErrorKind, e: ObjectError) -> ShardError {
     let retryable = e.is_transient();
-    ShardError { kind, message: e.to_string(), retryable }
+    ShardError {
+        kind,
+        message: e.to_string(),
+        retryable,
+    }
 }
 
 impl Runner {
@@ -53,7 +57,9 @@ impl Runner {
         Self {
             cache,
             config,
-            slots: (0..slots.max(1)).map(|_| Mutex::new(SlotState::default())).collect(),
+            slots: (0..slots.max(1))
+                .map(|_| Mutex::new(SlotState::default()))
+                .collect(),
             free: tokio::sync::Mutex::new((0..slots.max(1)).rev().collect()),
             slot_freed: tokio::sync::Notify::new(),
             loaded: Mutex::new(vec![Vec::new(); slots.max(1)]),
@@ -67,8 +73,11 @@ impl Runner {
 
     /// sha256 of models with a live session on some slot.
     pub fn loaded_models(&self) -> Vec<String> {
-        let all: BTreeSet<String> =
-            self.loaded.lock().map(|l| l.iter().flatten().cloned().collect()).unwrap_or_default();
+        let all: BTreeSet<String> = self
+            .loaded
+            .lock()
+            .map(|l| l.iter().flatten().cloned().collect())
+            .unwrap_or_default();
         all.into_iter().collect()
     }
 
@@ -98,28 +107,50 @@ impl Runner {
     }
 
     /// Runs one shard; returns its completion report or why it failed.
-    pub async fn run(&self, assign: &Assign, cancel: Arc<AtomicBool>) -> Result<Completed, ShardError> {
+    pub async fn run(
+        &self,
+        assign: &Assign,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<Completed, ShardError> {
         let slot = self.acquire().await;
         let result = self.run_on(slot, assign, cancel).await;
         self.release(slot).await;
         result
     }
 
-    async fn run_on(&self, slot: usize, assign: &Assign, cancel: Arc<AtomicBool>) -> Result<Completed, ShardError> {
-        let invalid = |m: &str| ShardError::permanent(ErrorKind::Unspecified, format!("malformed assignment: {m}"));
+    async fn run_on(
+        &self,
+        slot: usize,
+        assign: &Assign,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<Completed, ShardError> {
+        let invalid = |m: &str| {
+            ShardError::permanent(ErrorKind::Unspecified, format!("malformed assignment: {m}"))
+        };
         let shard = assign.shard.clone().ok_or_else(|| invalid("no shard"))?;
         let model = assign.model.clone().ok_or_else(|| invalid("no model"))?;
         let task = assign.task.clone().ok_or_else(|| invalid("no task"))?;
-        let input = assign.input.clone().ok_or_else(|| invalid("no input range"))?;
+        let input = assign
+            .input
+            .clone()
+            .ok_or_else(|| invalid("no input range"))?;
 
         let expected = (!model.sha256.is_empty()).then_some(model.sha256.as_str());
-        let (sha, model_path) = self.cache.model(&model.uri, expected).await.map_err(|e| match e {
-            CacheError::Fetch(e) => {
-                let retryable = e.is_transient();
-                ShardError { kind: ErrorKind::ModelLoad, message: format!("model {}: {e}", model.uri), retryable }
-            }
-            other => ShardError::permanent(ErrorKind::ModelLoad, other.to_string()),
-        })?;
+        let (sha, model_path) =
+            self.cache
+                .model(&model.uri, expected)
+                .await
+                .map_err(|e| match e {
+                    CacheError::Fetch(e) => {
+                        let retryable = e.is_transient();
+                        ShardError {
+                            kind: ErrorKind::ModelLoad,
+                            message: format!("model {}: {e}", model.uri),
+                            retryable,
+                        }
+                    }
+                    other => ShardError::permanent(ErrorKind::ModelLoad, other.to_string()),
+                })?;
 
         let input_loc = Location::parse(&input.uri).map_err(|e| object_error(ErrorKind::Io, e))?;
         let (begin, data) = read_aligned(&input_loc, input.start, input.end, input.size)
@@ -128,15 +159,26 @@ impl Runner {
 
         let embedder_src = match &task.kind {
             Some(task::Kind::TextEmbedding(te)) => {
-                let key = format!("{}|{}|{}|{}|{}", te.tokenizer_uri, te.text_field, te.max_length, te.normalize, te.output_name);
-                let have = self.slots[slot].lock().map(|s| s.embedders.contains_key(&key)).unwrap_or(false);
+                let key = format!(
+                    "{}|{}|{}|{}|{}",
+                    te.tokenizer_uri, te.text_field, te.max_length, te.normalize, te.output_name
+                );
+                let have = self.slots[slot]
+                    .lock()
+                    .map(|s| s.embedders.contains_key(&key))
+                    .unwrap_or(false);
                 let bytes = if have {
                     None
                 } else {
-                    let loc = Location::parse(&te.tokenizer_uri).map_err(|e| object_error(ErrorKind::TokenizerLoad, e))?;
+                    let loc = Location::parse(&te.tokenizer_uri)
+                        .map_err(|e| object_error(ErrorKind::TokenizerLoad, e))?;
                     Some(loc.get().await.map_err(|e| {
                         let retryable = e.is_transient();
-                        ShardError { kind: ErrorKind::TokenizerLoad, message: format!("tokenizer {e}"), retryable }
+                        ShardError {
+                            kind: ErrorKind::TokenizerLoad,
+                            message: format!("tokenizer {e}"),
+                            retryable,
+                        }
                     })?)
                 };
                 Some((key, bytes))
@@ -152,11 +194,18 @@ impl Runner {
         let batch = assign.batch_size.max(1) as usize;
         // The slot's state moves into the blocking thread and back, so no lock is held
         // across an await and inference never runs on the async workers.
-        let mut state = std::mem::take(&mut *self.slots[slot].lock().map_err(|_| invalid("slot poisoned"))?);
+        let mut state = std::mem::take(
+            &mut *self.slots[slot]
+                .lock()
+                .map_err(|_| invalid("slot poisoned"))?,
+        );
         let (state, outcome) = tokio::task::spawn_blocking(move || {
             let outcome = (|| -> Result<(Bytes, u64), ShardError> {
                 ensure_session(&mut state, &sha, &model_path, &model.uri, &config)?;
-                let origin = Origin { uri: &input_uri, shard: shard_index };
+                let origin = Origin {
+                    uri: &input_uri,
+                    shard: shard_index,
+                };
                 let parsed = parse_records(&origin, records(begin, &data))?;
                 let outputs: Vec<Map<String, Value>> = match &task.kind {
                     Some(task::Kind::TextEmbedding(te)) => {
@@ -164,15 +213,28 @@ impl Runner {
                         let embedder = match (state.embedders.get(&key), bytes) {
                             (Some(e), _) => e.clone(),
                             (None, Some(bytes)) => {
-                                let output_name = (!te.output_name.is_empty()).then(|| te.output_name.clone());
-                                let e = Arc::new(Embedder::new(&bytes, &te.tokenizer_uri, &te.text_field, te.max_length.max(1) as usize, te.normalize, output_name)?);
+                                let output_name =
+                                    (!te.output_name.is_empty()).then(|| te.output_name.clone());
+                                let e = Arc::new(Embedder::new(
+                                    &bytes,
+                                    &te.tokenizer_uri,
+                                    &te.text_field,
+                                    te.max_length.max(1) as usize,
+                                    te.normalize,
+                                    output_name,
+                                )?);
                                 state.embedders.insert(key, e.clone());
                                 e
                             }
                             (None, None) => return Err(invalid("tokenizer not fetched")),
                         };
                         let encodings = embedder.encode(&origin, &parsed)?;
-                        let vectors = embedder.embed(session_mut(&mut state, &sha), &encodings, batch, &cancel)?;
+                        let vectors = embedder.embed(
+                            session_mut(&mut state, &sha),
+                            &encodings,
+                            batch,
+                            &cancel,
+                        )?;
                         vectors
                             .into_iter()
                             .map(|v| Map::from_iter([("embedding".to_string(), Value::from(v))]))
@@ -184,10 +246,22 @@ impl Runner {
                             .iter()
                             .map(|i| InputBinding {
                                 name: i.name.clone(),
-                                field: if i.field.is_empty() { i.name.clone() } else { i.field.clone() },
+                                field: if i.field.is_empty() {
+                                    i.name.clone()
+                                } else {
+                                    i.field.clone()
+                                },
                             })
                             .collect();
-                        tensor::run(session_mut(&mut state, &sha), &origin, &bindings, &t.outputs, &parsed, batch, &cancel)?
+                        tensor::run(
+                            session_mut(&mut state, &sha),
+                            &origin,
+                            &bindings,
+                            &t.outputs,
+                            &parsed,
+                            batch,
+                            &cancel,
+                        )?
                     }
                     None => return Err(invalid("task has no kind")),
                 };
@@ -206,7 +280,12 @@ impl Runner {
             (state, outcome)
         })
         .await
-        .map_err(|e| ShardError::transient(ErrorKind::Inference, format!("inference thread failed: {e}")))?;
+        .map_err(|e| {
+            ShardError::transient(
+                ErrorKind::Inference,
+                format!("inference thread failed: {e}"),
+            )
+        })?;
         if let Ok(mut loaded) = self.loaded.lock() {
             loaded[slot] = state.sessions.iter().map(|(k, _)| k.clone()).collect();
         }
@@ -218,8 +297,11 @@ impl Runner {
 
         let digest = sha256_hex(&bytes);
         let output_bytes = bytes.len() as u64;
-        let out = Location::parse(&assign.output_uri).map_err(|e| object_error(ErrorKind::Io, e))?;
-        out.put(bytes).await.map_err(|e| object_error(ErrorKind::Io, e))?;
+        let out =
+            Location::parse(&assign.output_uri).map_err(|e| object_error(ErrorKind::Io, e))?;
+        out.put(bytes)
+            .await
+            .map_err(|e| object_error(ErrorKind::Io, e))?;
         Ok(Completed {
             shard: Some(shard),
             records,
@@ -246,7 +328,10 @@ fn ensure_session(
         state.sessions.push(entry);
     } else {
         let session = load_session(path, config).map_err(|e| {
-            ShardError::permanent(ErrorKind::ModelLoad, format!("model {uri} does not load: {e}"))
+            ShardError::permanent(
+                ErrorKind::ModelLoad,
+                format!("model {uri} does not load: {e}"),
+            )
         })?;
         if state.sessions.len() >= MODELS_PER_SLOT {
             state.sessions.remove(0);

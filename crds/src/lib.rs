@@ -16,16 +16,16 @@ pub use agent::{Agent, AgentPhase, AgentSpec, AgentStatus};
 pub use manifest::{Manifest, ManifestError, parse_manifests};
 pub use mesh::{AgentTemplate, Budget, ExecutionProvider, Mesh, MeshSpec, MeshStatus, Pricing};
 pub use workload::{
-    InputFormat, InputSpec, ModelRef, OutputSpec, Requirements, ShardCounts, TaskSpec,
-    TensorInput, TensorTask, TextEmbeddingTask, Workload, WorkloadPhase, WorkloadSpec,
-    WorkloadStatus,
+    InputFormat, InputSpec, ModelRef, OutputSpec, Requirements, ShardCounts, TaskSpec, TensorInput,
+    TensorTask, TextEmbeddingTask, Workload, WorkloadPhase, WorkloadSpec, WorkloadStatus,
 };
 
 /// The API group of every infermesh resource.
 pub const GROUP: &str = "infermesh.dev";
 
 /// All CRDs, in the order they should be applied.
-pub fn all_crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+pub fn all_crds()
+-> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
     use kube::CustomResourceExt;
     vec![Mesh::crd(), Agent::crd(), Workload::crd()]

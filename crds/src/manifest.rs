@@ -66,14 +66,20 @@ pub fn parse_manifests(text: &str) -> Result<Vec<Manifest>, ManifestError> {
     let mut out = Vec::new();
     for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let doc = i + 1;
-        let value = serde_yaml::Value::deserialize(de).map_err(|source| ManifestError::Yaml { doc, source })?;
+        let value = serde_yaml::Value::deserialize(de)
+            .map_err(|source| ManifestError::Yaml { doc, source })?;
         if value.is_null() {
             continue;
         }
         let field = |k: &str| value.get(k).and_then(|v| v.as_str()).map(str::to_string);
-        let kind = field("kind").ok_or_else(|| ManifestError::Header { doc, message: "missing `kind`".into() })?;
-        let api = field("apiVersion")
-            .ok_or_else(|| ManifestError::Header { doc, message: "missing `apiVersion`".into() })?;
+        let kind = field("kind").ok_or_else(|| ManifestError::Header {
+            doc,
+            message: "missing `kind`".into(),
+        })?;
+        let api = field("apiVersion").ok_or_else(|| ManifestError::Header {
+            doc,
+            message: "missing `apiVersion`".into(),
+        })?;
         if api != "infermesh.dev/v1alpha1" {
             return Err(ManifestError::Header {
                 doc,
@@ -88,7 +94,9 @@ pub fn parse_manifests(text: &str) -> Result<Vec<Manifest>, ManifestError> {
             .to_string();
         match kind.as_str() {
             "Mesh" => out.push(Manifest::Mesh(Box::new(strict(doc, &kind, &name, value)?))),
-            "Workload" => out.push(Manifest::Workload(Box::new(strict(doc, &kind, &name, value)?))),
+            "Workload" => out.push(Manifest::Workload(Box::new(strict(
+                doc, &kind, &name, value,
+            )?))),
             other => {
                 return Err(ManifestError::Header {
                     doc,
@@ -115,12 +123,12 @@ fn strict<T: DeserializeOwned>(
             unknown.push(path);
         }
     })
-        .map_err(|e| ManifestError::Schema {
-            doc,
-            kind: kind.to_string(),
-            name: name.to_string(),
-            message: e.to_string(),
-        })?;
+    .map_err(|e| ManifestError::Schema {
+        doc,
+        kind: kind.to_string(),
+        name: name.to_string(),
+        message: e.to_string(),
+    })?;
     if !unknown.is_empty() {
         return Err(ManifestError::UnknownFields {
             doc,
@@ -151,7 +159,9 @@ spec:
     #[test]
     fn a_valid_workload_parses_with_defaults() {
         let parsed = parse_manifests(WORKLOAD).expect("parses");
-        let [Manifest::Workload(w)] = parsed.as_slice() else { panic!("one workload") };
+        let [Manifest::Workload(w)] = parsed.as_slice() else {
+            panic!("one workload")
+        };
         assert_eq!(w.spec.batch_size, 32);
         assert_eq!(w.spec.max_attempts, 3);
         assert_eq!(w.spec.shard_bytes, "1Mi");
@@ -160,17 +170,24 @@ spec:
 
     #[test]
     fn an_unknown_field_is_named() {
-        let bad = WORKLOAD.replace("batch", "x").replace("  mesh: m", "  mesh: m\n  modle: oops");
+        let bad = WORKLOAD
+            .replace("batch", "x")
+            .replace("  mesh: m", "  mesh: m\n  modle: oops");
         let err = parse_manifests(&bad).expect_err("unknown field");
         let msg = err.to_string();
-        assert!(msg.contains("unknown field") && msg.contains("spec.modle"), "{msg}");
+        assert!(
+            msg.contains("unknown field") && msg.contains("spec.modle"),
+            "{msg}"
+        );
         assert!(msg.contains("Workload w"), "{msg}");
     }
 
     #[test]
     fn a_missing_model_is_named() {
         let bad = WORKLOAD.replace("  model: {uri: \"file:///m.onnx\"}\n", "");
-        let msg = parse_manifests(&bad).expect_err("missing model").to_string();
+        let msg = parse_manifests(&bad)
+            .expect_err("missing model")
+            .to_string();
         assert!(msg.contains("missing field `model`"), "{msg}");
     }
 

@@ -3,7 +3,9 @@
 /// Parses a byte quantity such as `1Mi`, `64Ki`, `2G` or `1048576` into bytes.
 pub fn parse_bytes(q: &str) -> Result<u64, String> {
     let q = q.trim();
-    let split = q.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(q.len());
+    let split = q
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(q.len());
     let (num, suffix) = q.split_at(split);
     let mult: u64 = match suffix {
         "" => 1,
@@ -15,9 +17,15 @@ pub fn parse_bytes(q: &str) -> Result<u64, String> {
         "Mi" => 1 << 20,
         "Gi" => 1 << 30,
         "Ti" => 1 << 40,
-        other => return Err(format!("unknown unit `{other}` in quantity `{q}` (use Ki, Mi, Gi, K, M, G)")),
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` in quantity `{q}` (use Ki, Mi, Gi, K, M, G)"
+            ));
+        }
     };
-    let value: f64 = num.parse().map_err(|_| format!("`{q}` is not a byte quantity such as 1Mi"))?;
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("`{q}` is not a byte quantity such as 1Mi"))?;
     if !value.is_finite() || value < 0.0 {
         return Err(format!("`{q}` must be a non-negative quantity"));
     }

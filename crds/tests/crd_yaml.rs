@@ -20,7 +20,12 @@ fn every_crd_stays_far_below_the_client_side_apply_annotation_limit() {
     // kubectl apply (client-side) stores the whole object in an annotation capped at 256 KiB.
     for crd in infermesh_crds::all_crds() {
         let json = serde_json::to_vec(&crd).expect("json");
-        assert!(json.len() < 128 * 1024, "{} is {} bytes", crd.metadata.name.unwrap_or_default(), json.len());
+        assert!(
+            json.len() < 128 * 1024,
+            "{} is {} bytes",
+            crd.metadata.name.unwrap_or_default(),
+            json.len()
+        );
     }
 }
 
@@ -36,7 +41,9 @@ fn printer_columns_are_the_ones_kubectl_get_shows() {
     use kube::CustomResourceExt;
     assert_eq!(
         cols(&infermesh_crds::Agent::crd()),
-        ["MESH", "NODE", "GPU", "STATUS", "RUNNING", "DONE", "CREDITS", "AGE"]
+        [
+            "MESH", "NODE", "GPU", "STATUS", "RUNNING", "DONE", "CREDITS", "AGE"
+        ]
     );
     assert_eq!(
         cols(&infermesh_crds::Workload::crd()),

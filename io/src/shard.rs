@@ -65,7 +65,11 @@ pub fn records(begin: u64, bytes: &[u8]) -> impl Iterator<Item = Record<'_>> {
             if text.iter().all(u8::is_ascii_whitespace) {
                 return None;
             }
-            Some(Record { line: i as u64 + 1, offset: at, text })
+            Some(Record {
+                line: i as u64 + 1,
+                offset: at,
+                text,
+            })
         })
 }
 
@@ -115,6 +119,9 @@ mod tests {
         let data = b"x\n\n{\"a\":1}\r\n";
         let recs: Vec<_> = records(100, data).collect();
         assert_eq!(recs.len(), 2);
-        assert_eq!((recs[1].line, recs[1].offset, recs[1].text), (3, 103, &b"{\"a\":1}"[..]));
+        assert_eq!(
+            (recs[1].line, recs[1].offset, recs[1].text),
+            (3, 103, &b"{\"a\":1}"[..])
+        );
     }
 }

@@ -51,14 +51,21 @@ pub struct Location {
 impl Location {
     /// Resolves `uri`. Plain absolute paths are taken as `file://` URIs.
     pub fn parse(uri: &str) -> Result<Self, ObjectError> {
-        let bad = |reason: String| ObjectError::BadUri { uri: uri.to_string(), reason };
+        let bad = |reason: String| ObjectError::BadUri {
+            uri: uri.to_string(),
+            reason,
+        };
         let url = if uri.starts_with('/') {
             Url::from_file_path(uri).map_err(|()| bad("not an absolute path".into()))?
         } else {
             Url::parse(uri).map_err(|e| bad(e.to_string()))?
         };
         let (store, path) = object_store::parse_url(&url).map_err(|e| bad(e.to_string()))?;
-        Ok(Self { store: Arc::from(store), path, uri: url.to_string() })
+        Ok(Self {
+            store: Arc::from(store),
+            path,
+            uri: url.to_string(),
+        })
     }
 
     /// The URI, normalised.
@@ -78,14 +85,23 @@ impl Location {
 
     fn map_err(&self, e: object_store::Error) -> ObjectError {
         match e {
-            object_store::Error::NotFound { .. } => ObjectError::NotFound { uri: self.uri.clone() },
-            source => ObjectError::Store { uri: self.uri.clone(), source },
+            object_store::Error::NotFound { .. } => ObjectError::NotFound {
+                uri: self.uri.clone(),
+            },
+            source => ObjectError::Store {
+                uri: self.uri.clone(),
+                source,
+            },
         }
     }
 
     /// The object's size in bytes.
     pub async fn size(&self) -> Result<u64, ObjectError> {
-        self.store.head(&self.path).await.map(|m| m.size).map_err(|e| self.map_err(e))
+        self.store
+            .head(&self.path)
+            .await
+            .map(|m| m.size)
+            .map_err(|e| self.map_err(e))
     }
 
     /// Bytes `[start, end)` of the object (`end` clamped by the store to the object's size).
@@ -93,12 +109,19 @@ impl Location {
         if start >= end {
             return Ok(Bytes::new());
         }
-        self.store.get_range(&self.path, start..end).await.map_err(|e| self.map_err(e))
+        self.store
+            .get_range(&self.path, start..end)
+            .await
+            .map_err(|e| self.map_err(e))
     }
 
     /// The whole object.
     pub async fn get(&self) -> Result<Bytes, ObjectError> {
-        let got = self.store.get(&self.path).await.map_err(|e| self.map_err(e))?;
+        let got = self
+            .store
+            .get(&self.path)
+            .await
+            .map_err(|e| self.map_err(e))?;
         got.bytes().await.map_err(|e| self.map_err(e))
     }
 
@@ -145,7 +168,10 @@ pub async fn read_aligned(
     if begin >= finish {
         return Ok((begin, Bytes::new()));
     }
-    Ok((begin, Bytes::from(buf).slice((begin - start) as usize..(finish - start) as usize)))
+    Ok((
+        begin,
+        Bytes::from(buf).slice((begin - start) as usize..(finish - start) as usize),
+    ))
 }
 
 #[cfg(test)]
@@ -156,7 +182,11 @@ mod tests {
 
     fn lines(data: &[u8], start: u64, end: u64) -> Vec<Vec<u8>> {
         align_in_memory(data, start, end)
-            .map(|a| records(a.begin, &data[a.begin as usize..a.end as usize]).map(|r| r.text.to_vec()).collect())
+            .map(|a| {
+                records(a.begin, &data[a.begin as usize..a.end as usize])
+                    .map(|r| r.text.to_vec())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 

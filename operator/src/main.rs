@@ -63,13 +63,18 @@ fn main() -> ExitCode {
     let default = if quiet { "warn" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("INFERMESH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if cli.log_json {
         fmt.json().init();
     } else {
         fmt.init();
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("infermesh: cannot start the runtime: {e}");
@@ -88,7 +93,10 @@ fn main() -> ExitCode {
             }
         },
         Command::Local(args) => rt.block_on(local::run(args)),
-        Command::Ledger { database_url, command } => match rt.block_on(ledger(&database_url, command)) {
+        Command::Ledger {
+            database_url,
+            command,
+        } => match rt.block_on(ledger(&database_url, command)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("infermesh ledger: {e:#}");
@@ -107,8 +115,19 @@ async fn ledger(url: &str, command: LedgerCommand) -> anyhow::Result<()> {
                 println!("{account:<40} {:>18}", format_credits(micro));
             }
         }
-        LedgerCommand::Events { workload, agent, kind, limit } => {
-            let filter = EventFilter { workload_uid: workload, agent, kind, after_seq: None, limit };
+        LedgerCommand::Events {
+            workload,
+            agent,
+            kind,
+            limit,
+        } => {
+            let filter = EventFilter {
+                workload_uid: workload,
+                agent,
+                kind,
+                after_seq: None,
+                limit,
+            };
             for e in store.events(&filter).await? {
                 println!(
                     "{:>6} {} {:<18} {} {} {} {}",
@@ -116,7 +135,9 @@ async fn ledger(url: &str, command: LedgerCommand) -> anyhow::Result<()> {
                     e.at,
                     e.kind,
                     e.workload_uid.as_deref().unwrap_or("-"),
-                    e.shard.map(|s| format!("#{s}@{}", e.attempt.unwrap_or(0))).unwrap_or_else(|| "-".into()),
+                    e.shard
+                        .map(|s| format!("#{s}@{}", e.attempt.unwrap_or(0)))
+                        .unwrap_or_else(|| "-".into()),
                     e.agent.as_deref().unwrap_or("-"),
                     e.message
                 );

@@ -14,7 +14,10 @@ use std::sync::OnceLock;
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 /// `$INFERMESH_HOME` or `~/.cache/infermesh`.
@@ -29,7 +32,11 @@ pub fn home() -> PathBuf {
 }
 
 fn require(path: PathBuf, what: &str) -> PathBuf {
-    assert!(path.exists(), "{what} missing at {}: run `bash scripts/setup.sh` first", path.display());
+    assert!(
+        path.exists(),
+        "{what} missing at {}: run `bash scripts/setup.sh` first",
+        path.display()
+    );
     path
 }
 
@@ -38,7 +45,10 @@ pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    require(dir.join(name), &format!("binary {name} (cargo builds it with the workspace tests)"))
+    require(
+        dir.join(name),
+        &format!("binary {name} (cargo builds it with the workspace tests)"),
+    )
 }
 
 /// The Python of the set-up venv (onnxruntime, tokenizers, onnx, numpy).
@@ -49,7 +59,10 @@ pub fn python() -> PathBuf {
 /// The quickstart model and tokenizer (all-MiniLM-L6-v2 int8).
 pub fn minilm() -> (PathBuf, PathBuf) {
     let dir = home().join("models/minilm");
-    (require(dir.join("model.onnx"), "the MiniLM model"), require(dir.join("tokenizer.json"), "the MiniLM tokenizer"))
+    (
+        require(dir.join("model.onnx"), "the MiniLM model"),
+        require(dir.join("tokenizer.json"), "the MiniLM tokenizer"),
+    )
 }
 
 /// Small models generated once per test process by `scripts/gen_test_models.py`:
@@ -57,22 +70,34 @@ pub fn minilm() -> (PathBuf, PathBuf) {
 pub fn test_models() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("infermesh-test-models-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("infermesh-test-models-{}", std::process::id()));
         let out = Command::new(python())
             .arg(workspace().join("scripts/gen_test_models.py"))
             .arg("--out")
             .arg(&dir)
             .output()
             .expect("run gen_test_models.py");
-        assert!(out.status.success(), "gen_test_models.py failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "gen_test_models.py failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         dir
     })
 }
 
 /// sha256 of a file, hex.
 pub fn sha256_file(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string()
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// What a run printed.
@@ -124,12 +149,24 @@ pub fn local_command(manifest: &Path, agents: usize, dir: &Path) -> Command {
 
 /// Runs `infermesh local` to the end.
 pub fn run_local(manifest: &Path, agents: usize, dir: &Path) -> Run {
-    local_command(manifest, agents, dir).output().expect("run infermesh local").into()
+    local_command(manifest, agents, dir)
+        .output()
+        .expect("run infermesh local")
+        .into()
 }
 
 /// A Mesh and a Workload as YAML. `task` and `extra` are indented spec lines.
-pub fn manifest(model: &Path, sha256: Option<&str>, task: &str, input: &Path, output: &Path, extra: &str) -> String {
-    let sha = sha256.map(|s| format!(", sha256: \"{s}\"")).unwrap_or_default();
+pub fn manifest(
+    model: &Path,
+    sha256: Option<&str>,
+    task: &str,
+    input: &Path,
+    output: &Path,
+    extra: &str,
+) -> String {
+    let sha = sha256
+        .map(|s| format!(", sha256: \"{s}\""))
+        .unwrap_or_default();
     format!(
         "apiVersion: infermesh.dev/v1alpha1\nkind: Mesh\nmetadata: {{name: test}}\nspec:\n  nodeSelector: {{}}\n  \
          agent: {{slots: 1, executionProviders: [cpu]}}\n  leaseSeconds: 10\n  heartbeatSeconds: 1\n  \
@@ -147,7 +184,10 @@ pub fn read_parts(dir: &Path) -> Vec<serde_json::Value> {
     let mut parts: Vec<PathBuf> = std::fs::read_dir(dir)
         .expect("output dir")
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("part-")))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("part-"))
+        })
         .collect();
     parts.sort();
     parts
@@ -179,15 +219,25 @@ pub fn success_manifest(dir: &Path) -> serde_json::Value {
 
 /// Processes whose parent is `pid` and whose command name is `name`.
 pub fn children_named(pid: u32, name: &str) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|p| {
             let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
             // pid (comm) state ppid ...
-            let Some((comm_part, rest)) = stat.rsplit_once(") ") else { return false };
-            let comm = comm_part.split_once(" (").map(|(_, c)| c).unwrap_or_default();
-            let ppid = rest.split_whitespace().nth(1).and_then(|v| v.parse::<u32>().ok());
+            let Some((comm_part, rest)) = stat.rsplit_once(") ") else {
+                return false;
+            };
+            let comm = comm_part
+                .split_once(" (")
+                .map(|(_, c)| c)
+                .unwrap_or_default();
+            let ppid = rest
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u32>().ok());
             ppid == Some(pid) && name.starts_with(comm)
         })
         .collect()

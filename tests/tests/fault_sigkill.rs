@@ -11,13 +11,28 @@ use infermesh_tests::*;
 async fn a_sigkilled_agent_loses_nothing_and_nothing_is_counted_twice() {
     let (model, tokenizer) = minilm();
     let dir = tempfile::tempdir().expect("tmp");
-    let corpus = std::fs::read_to_string(workspace().join("examples/quickstart/corpus.jsonl")).expect("corpus");
+    let corpus = std::fs::read_to_string(workspace().join("examples/quickstart/corpus.jsonl"))
+        .expect("corpus");
     let n = 1500;
     let input = dir.path().join("texts.jsonl");
-    std::fs::write(&input, corpus.lines().take(n).collect::<Vec<_>>().join("\n") + "\n").expect("input");
+    std::fs::write(
+        &input,
+        corpus.lines().take(n).collect::<Vec<_>>().join("\n") + "\n",
+    )
+    .expect("input");
     let out = dir.path().join("out");
-    let task = format!("    textEmbedding:\n      tokenizer: \"{}\"\n      maxLength: 128", tokenizer.display());
-    let yaml = manifest(&model, Some(&sha256_file(&model)), &task, &input, &out, "  shardBytes: 8Ki\n  maxAttempts: 3\n");
+    let task = format!(
+        "    textEmbedding:\n      tokenizer: \"{}\"\n      maxLength: 128",
+        tokenizer.display()
+    );
+    let yaml = manifest(
+        &model,
+        Some(&sha256_file(&model)),
+        &task,
+        &input,
+        &out,
+        "  shardBytes: 8Ki\n  maxAttempts: 3\n",
+    );
     let manifest_path = dir.path().join("mesh.yaml");
     std::fs::write(&manifest_path, yaml).expect("manifest");
 
@@ -39,13 +54,20 @@ async fn a_sigkilled_agent_loses_nothing_and_nothing_is_counted_twice() {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let killed = std::process::Command::new("kill").args(["-KILL", &victim.to_string()]).status().expect("kill");
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &victim.to_string()])
+        .status()
+        .expect("kill");
     assert!(killed.success());
 
     let output = child.wait_with_output().expect("wait");
     let run = Run::from(output);
     assert_eq!(run.code, Some(0), "{}", run.text());
-    assert!(run.stderr.contains("exited"), "the summary tells of the dead agent: {}", run.text());
+    assert!(
+        run.stderr.contains("exited"),
+        "the summary tells of the dead agent: {}",
+        run.text()
+    );
 
     let lines = read_parts(&out);
     let counts = id_counts(&lines);
@@ -56,25 +78,46 @@ async fn a_sigkilled_agent_loses_nothing_and_nothing_is_counted_twice() {
     let shards = manifest["shards"].as_u64().expect("shards") as usize;
     let uid = manifest["uid"].as_str().expect("uid").to_string();
 
-    let store = SqliteStore::open(&format!("sqlite://{}", dir.path().join("state.db").display())).await.expect("db");
+    let store = SqliteStore::open(&format!(
+        "sqlite://{}",
+        dir.path().join("state.db").display()
+    ))
+    .await
+    .expect("db");
     let charges = store.charges(&uid).await.expect("charges");
     assert_eq!(charges.len(), shards, "each shard charged exactly once");
     let events = |kind: &str| {
-        let f = EventFilter { workload_uid: None, kind: Some(kind.into()), ..Default::default() };
+        let f = EventFilter {
+            workload_uid: None,
+            kind: Some(kind.into()),
+            ..Default::default()
+        };
         let store = store.clone();
         async move { store.events(&f).await.expect("events") }
     };
     let lost = events("agent.lost").await;
-    assert!(lost.iter().any(|e| e.message.contains("stream")), "the loss is logged: {lost:?}");
+    assert!(
+        lost.iter().any(|e| e.message.contains("stream")),
+        "the loss is logged: {lost:?}"
+    );
     let requeued = events("shard.requeued").await;
-    assert!(!requeued.is_empty(), "the killed agent's shard was requeued");
+    assert!(
+        !requeued.is_empty(),
+        "the killed agent's shard was requeued"
+    );
     let first = &requeued[0];
     let again = store
-        .events(&EventFilter { workload_uid: Some(uid.clone()), kind: Some("shard.assigned".into()), ..Default::default() })
+        .events(&EventFilter {
+            workload_uid: Some(uid.clone()),
+            kind: Some("shard.assigned".into()),
+            ..Default::default()
+        })
         .await
         .expect("events");
     assert!(
-        again.iter().any(|e| e.shard == first.shard && e.attempt == Some(first.attempt.unwrap_or(0) + 1)),
+        again
+            .iter()
+            .any(|e| e.shard == first.shard && e.attempt == Some(first.attempt.unwrap_or(0) + 1)),
         "the requeued shard ran again with attempt + 1"
     );
 }

@@ -11,15 +11,27 @@ fn mesh_embeddings_match_python_onnxruntime() {
     let (model, tokenizer) = minilm();
     let dir = tempfile::tempdir().expect("tmp");
     // The first 400 quickstart texts: short and long ones, several shards.
-    let corpus = std::fs::read_to_string(workspace().join("examples/quickstart/corpus.jsonl")).expect("corpus");
+    let corpus = std::fs::read_to_string(workspace().join("examples/quickstart/corpus.jsonl"))
+        .expect("corpus");
     let input = dir.path().join("texts.jsonl");
-    std::fs::write(&input, corpus.lines().take(400).collect::<Vec<_>>().join("\n") + "\n").expect("input");
+    std::fs::write(
+        &input,
+        corpus.lines().take(400).collect::<Vec<_>>().join("\n") + "\n",
+    )
+    .expect("input");
     let out = dir.path().join("out");
     let task = format!(
         "    textEmbedding:\n      tokenizer: \"{}\"\n      textField: text\n      maxLength: 256\n      normalize: true",
         tokenizer.display()
     );
-    let yaml = manifest(&model, Some(&sha256_file(&model)), &task, &input, &out, "  shardBytes: 16Ki\n");
+    let yaml = manifest(
+        &model,
+        Some(&sha256_file(&model)),
+        &task,
+        &input,
+        &out,
+        "  shardBytes: 16Ki\n",
+    );
     let manifest_path = dir.path().join("mesh.yaml");
     std::fs::write(&manifest_path, yaml).expect("manifest");
 
@@ -29,18 +41,37 @@ fn mesh_embeddings_match_python_onnxruntime() {
     let reference = dir.path().join("reference.jsonl");
     let py = Command::new(python())
         .arg(workspace().join("scripts/reference_embeddings.py"))
-        .args(["--model".as_ref(), model.as_os_str(), "--tokenizer".as_ref(), tokenizer.as_os_str()])
-        .args(["--input".as_ref(), input.as_os_str(), "--output".as_ref(), reference.as_os_str()])
+        .args([
+            "--model".as_ref(),
+            model.as_os_str(),
+            "--tokenizer".as_ref(),
+            tokenizer.as_os_str(),
+        ])
+        .args([
+            "--input".as_ref(),
+            input.as_os_str(),
+            "--output".as_ref(),
+            reference.as_os_str(),
+        ])
         .args(["--max-length", "256"])
         .output()
         .expect("run reference_embeddings.py");
-    assert!(py.status.success(), "reference failed: {}", String::from_utf8_lossy(&py.stderr));
+    assert!(
+        py.status.success(),
+        "reference failed: {}",
+        String::from_utf8_lossy(&py.stderr)
+    );
     let want: HashMap<String, Vec<f64>> = std::fs::read_to_string(&reference)
         .expect("reference")
         .lines()
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).expect("json");
-            let e = v["embedding"].as_array().expect("embedding").iter().map(|x| x.as_f64().unwrap_or(f64::NAN)).collect();
+            let e = v["embedding"]
+                .as_array()
+                .expect("embedding")
+                .iter()
+                .map(|x| x.as_f64().unwrap_or(f64::NAN))
+                .collect();
             (v["id"].to_string(), e)
         })
         .collect();
@@ -51,8 +82,15 @@ fn mesh_embeddings_match_python_onnxruntime() {
     let mut worst = 1.0f64;
     for line in &got {
         let id = line["id"].to_string();
-        let e: Vec<f64> = line["embedding"].as_array().expect("embedding").iter().map(|x| x.as_f64().unwrap_or(f64::NAN)).collect();
-        let r = want.get(&id).unwrap_or_else(|| panic!("no reference for {id}"));
+        let e: Vec<f64> = line["embedding"]
+            .as_array()
+            .expect("embedding")
+            .iter()
+            .map(|x| x.as_f64().unwrap_or(f64::NAN))
+            .collect();
+        let r = want
+            .get(&id)
+            .unwrap_or_else(|| panic!("no reference for {id}"));
         assert_eq!(e.len(), 384);
         let dot: f64 = e.iter().zip(r).map(|(a, b)| a * b).sum();
         let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();

@@ -24,7 +24,14 @@ async fn every_record_appears_exactly_once_and_each_shard_is_charged_once() {
     let out = dir.path().join("out");
     let task = "    tensor:\n      inputs: [{name: x}]\n      outputs: [y, s]";
     let model = models.join("tensor.onnx");
-    let yaml = manifest(&model, Some(&sha256_file(&model)), task, &input, &out, "  shardBytes: 4Ki\n");
+    let yaml = manifest(
+        &model,
+        Some(&sha256_file(&model)),
+        task,
+        &input,
+        &out,
+        "  shardBytes: 4Ki\n",
+    );
     let manifest_path = dir.path().join("mesh.yaml");
     std::fs::write(&manifest_path, yaml).expect("manifest");
 
@@ -57,20 +64,38 @@ async fn every_record_appears_exactly_once_and_each_shard_is_charged_once() {
     assert!(shards > 10, "the input was cut into many shards ({shards})");
     let uid = manifest["uid"].as_str().expect("uid").to_string();
 
-    let store = SqliteStore::open(&format!("sqlite://{}", dir.path().join("state.db").display())).await.expect("db");
+    let store = SqliteStore::open(&format!(
+        "sqlite://{}",
+        dir.path().join("state.db").display()
+    ))
+    .await
+    .expect("db");
     let charges = store.charges(&uid).await.expect("charges");
     assert_eq!(charges.len(), shards, "shard charges = shards");
     let mut charged: Vec<u32> = charges.iter().map(|c| c.shard).collect();
     charged.dedup();
     assert_eq!(charged.len(), shards, "no shard charged twice");
-    assert!(charges.iter().all(|c| c.from == "namespace/team-a" && c.to.starts_with("agent/test-local-")));
+    assert!(
+        charges
+            .iter()
+            .all(|c| c.from == "namespace/team-a" && c.to.starts_with("agent/test-local-"))
+    );
     let balances = store.balances().await.expect("balances");
-    assert_eq!(balances.iter().map(|(_, b)| b).sum::<i64>(), 0, "double entry sums to zero: {balances:?}");
+    assert_eq!(
+        balances.iter().map(|(_, b)| b).sum::<i64>(),
+        0,
+        "double entry sums to zero: {balances:?}"
+    );
     let completed = store
-        .events(&EventFilter { workload_uid: Some(uid), kind: Some("shard.completed".into()), ..Default::default() })
+        .events(&EventFilter {
+            workload_uid: Some(uid),
+            kind: Some("shard.completed".into()),
+            ..Default::default()
+        })
         .await
         .expect("events");
     assert_eq!(completed.len(), shards);
-    let agents: std::collections::BTreeSet<_> = completed.iter().filter_map(|e| e.agent.clone()).collect();
+    let agents: std::collections::BTreeSet<_> =
+        completed.iter().filter_map(|e| e.agent.clone()).collect();
     assert_eq!(agents.len(), 2, "both agents ran shards: {agents:?}");
 }

@@ -117,36 +117,79 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let batch = args.batch_size.max(1);
     let threads = args
         .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
         .max(1);
 
     // Untimed set-up: ONNX Runtime, the session, the tokenizer, the input bytes.
     init(args.ort_library.as_deref()).map_err(anyhow::Error::msg)?;
-    let config = SessionConfig { intra_op_threads: threads, providers: vec!["cpu".to_string()], require_gpu: false };
+    let config = SessionConfig {
+        intra_op_threads: threads,
+        providers: vec!["cpu".to_string()],
+        require_gpu: false,
+    };
     let mut session = load_session(&args.model, &config)
         .map_err(|e| anyhow::anyhow!("model {} does not load: {e}", args.model.display()))?;
     let tokenizer_json = read(&args.tokenizer, "tokenizer")?;
     let tokenizer_uri = args.tokenizer.display().to_string();
-    let embedder = Embedder::new(&tokenizer_json, &tokenizer_uri, &args.text_field, args.max_length.max(1), true, None)?;
+    let embedder = Embedder::new(
+        &tokenizer_json,
+        &tokenizer_uri,
+        &args.text_field,
+        args.max_length.max(1),
+        true,
+        None,
+    )?;
     let data = read(&args.input, "input")?;
     let input_uri = args.input.display().to_string();
-    let origin = Origin { uri: &input_uri, shard: 0 };
+    let origin = Origin {
+        uri: &input_uri,
+        shard: 0,
+    };
     let cancel = AtomicBool::new(false);
 
     // Untimed warm-up: one batch of the first records.
-    let first: Vec<u8> = data.split_inclusive(|&b| b == b'\n').take(batch).flatten().copied().collect();
-    pass(&embedder, &mut session, &origin, &first, batch, &args.id_field, &cancel)?;
+    let first: Vec<u8> = data
+        .split_inclusive(|&b| b == b'\n')
+        .take(batch)
+        .flatten()
+        .copied()
+        .collect();
+    pass(
+        &embedder,
+        &mut session,
+        &origin,
+        &first,
+        batch,
+        &args.id_field,
+        &cancel,
+    )?;
 
     let mut rates = Vec::with_capacity(args.repeat);
     let mut n_records = 0;
     for i in 0..args.repeat {
         let t = Instant::now();
-        let (n, bytes) = pass(&embedder, &mut session, &origin, &data, batch, &args.id_field, &cancel)?;
+        let (n, bytes) = pass(
+            &embedder,
+            &mut session,
+            &origin,
+            &data,
+            batch,
+            &args.id_field,
+            &cancel,
+        )?;
         let secs = t.elapsed().as_secs_f64().max(1e-9);
         n_records = n;
         rates.push(n as f64 / secs);
         if !args.json {
-            println!("pass {}: {n} records in {secs:.2}s ({:.1} records/s, {bytes} output bytes)", i + 1, n as f64 / secs);
+            println!(
+                "pass {}: {n} records in {secs:.2}s ({:.1} records/s, {bytes} output bytes)",
+                i + 1,
+                n as f64 / secs
+            );
         }
     }
     rates.sort_by(f64::total_cmp);

@@ -40,7 +40,10 @@ impl Embedder {
         };
         let mut tokenizer = Tokenizer::from_bytes(tokenizer_json).map_err(|e| fail(&e))?;
         tokenizer
-            .with_truncation(Some(TruncationParams { max_length, ..Default::default() }))
+            .with_truncation(Some(TruncationParams {
+                max_length,
+                ..Default::default()
+            }))
             .map_err(|e| fail(&e))?;
         tokenizer.with_padding(None);
         let pad_id = ["[PAD]", "<pad>"]
@@ -57,7 +60,11 @@ impl Embedder {
     }
 
     /// Tokenizes each record's text field; a record without a string there fails the shard.
-    pub fn encode(&self, origin: &Origin<'_>, records: &[Parsed]) -> Result<Vec<Encoding>, ShardError> {
+    pub fn encode(
+        &self,
+        origin: &Origin<'_>,
+        records: &[Parsed],
+    ) -> Result<Vec<Encoding>, ShardError> {
         records
             .iter()
             .map(|rec| {
@@ -66,11 +73,16 @@ impl Embedder {
                     Some(other) => {
                         return Err(origin.invalid(
                             rec,
-                            format!("field `{}` is {}, not a string", self.text_field, json_kind(other)),
+                            format!(
+                                "field `{}` is {}, not a string",
+                                self.text_field,
+                                json_kind(other)
+                            ),
                         ));
                     }
                     None => {
-                        return Err(origin.invalid(rec, format!("record has no `{}` field", self.text_field)));
+                        return Err(origin
+                            .invalid(rec, format!("record has no `{}` field", self.text_field)));
                     }
                 };
                 self.tokenizer
@@ -88,11 +100,17 @@ impl Embedder {
         batch: usize,
         cancel: &AtomicBool,
     ) -> Result<Vec<Vec<f32>>, ShardError> {
-        let inputs: Vec<String> = session.inputs().iter().map(|i| i.name().to_string()).collect();
-        if let Some(other) = inputs
+        let inputs: Vec<String> = session
+            .inputs()
             .iter()
-            .find(|n| !matches!(n.as_str(), "input_ids" | "attention_mask" | "token_type_ids"))
-        {
+            .map(|i| i.name().to_string())
+            .collect();
+        if let Some(other) = inputs.iter().find(|n| {
+            !matches!(
+                n.as_str(),
+                "input_ids" | "attention_mask" | "token_type_ids"
+            )
+        }) {
             return Err(ShardError::permanent(
                 ErrorKind::ModelLoad,
                 format!(
@@ -103,9 +121,16 @@ impl Embedder {
         }
         let output_index = match &self.output_name {
             None => 0,
-            Some(name) => session.outputs().iter().position(|o| o.name() == name).ok_or_else(|| {
-                ShardError::permanent(ErrorKind::ModelLoad, format!("model has no output `{name}`"))
-            })?,
+            Some(name) => session
+                .outputs()
+                .iter()
+                .position(|o| o.name() == name)
+                .ok_or_else(|| {
+                    ShardError::permanent(
+                        ErrorKind::ModelLoad,
+                        format!("model has no output `{name}`"),
+                    )
+                })?,
         };
 
         let mut order: Vec<usize> = (0..encodings.len()).collect();
@@ -113,17 +138,29 @@ impl Embedder {
         let mut out: Vec<Vec<f32>> = vec![Vec::new(); encodings.len()];
         for idx in batches(&order, batch) {
             if cancel.load(Ordering::Relaxed) {
-                return Err(ShardError::permanent(ErrorKind::Cancelled, "cancelled by the operator"));
+                return Err(ShardError::permanent(
+                    ErrorKind::Cancelled,
+                    "cancelled by the operator",
+                ));
             }
-            let len = idx.iter().map(|&i| encodings[i].len()).max().unwrap_or(0).max(1);
+            let len = idx
+                .iter()
+                .map(|&i| encodings[i].len())
+                .max()
+                .unwrap_or(0)
+                .max(1);
             let n = idx.len();
             let mut ids = vec![self.pad_id; n * len];
             let mut mask = vec![0i64; n * len];
             let mut types = vec![0i64; n * len];
             for (row, &i) in idx.iter().enumerate() {
                 let e = &encodings[i];
-                for (col, ((&id, &m), &t)) in
-                    e.get_ids().iter().zip(e.get_attention_mask()).zip(e.get_type_ids()).enumerate()
+                for (col, ((&id, &m), &t)) in e
+                    .get_ids()
+                    .iter()
+                    .zip(e.get_attention_mask())
+                    .zip(e.get_type_ids())
+                    .enumerate()
                 {
                     ids[row * len + col] = i64::from(id);
                     mask[row * len + col] = i64::from(m);
@@ -142,8 +179,9 @@ impl Embedder {
                 feed.push((name.clone(), t.into_dyn()));
             }
             let outputs = session.run(feed).map_err(inference_error)?;
-            let (out_shape, data) =
-                outputs[output_index].try_extract_tensor::<f32>().map_err(inference_error)?;
+            let (out_shape, data) = outputs[output_index]
+                .try_extract_tensor::<f32>()
+                .map_err(inference_error)?;
             let dims: Vec<usize> = out_shape.iter().map(|&d| d.max(0) as usize).collect();
             for (row, &i) in idx.iter().enumerate() {
                 let mut v = match dims.as_slice() {

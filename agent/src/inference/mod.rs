@@ -24,12 +24,20 @@ pub struct ShardError {
 impl ShardError {
     /// A failure that another attempt would repeat.
     pub fn permanent(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into(), retryable: false }
+        Self {
+            kind,
+            message: message.into(),
+            retryable: false,
+        }
     }
 
     /// A failure another attempt may not see.
     pub fn transient(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into(), retryable: true }
+        Self {
+            kind,
+            message: message.into(),
+            retryable: true,
+        }
     }
 }
 
@@ -78,7 +86,11 @@ pub fn parse_records<'a>(
 ) -> Result<Vec<Parsed>, ShardError> {
     records
         .map(|r| match serde_json::from_slice::<Value>(r.text) {
-            Ok(Value::Object(fields)) => Ok(Parsed { line: r.line, offset: r.offset, fields }),
+            Ok(Value::Object(fields)) => Ok(Parsed {
+                line: r.line,
+                offset: r.offset,
+                fields,
+            }),
             Ok(other) => Err(origin.invalid_at(
                 r.line,
                 r.offset,
@@ -120,11 +132,18 @@ mod tests {
     #[test]
     fn a_line_that_is_not_json_fails_with_its_line_number() {
         let data = b"{\"text\":\"a\"}\nnot json\n";
-        let origin = Origin { uri: "file:///in.jsonl", shard: 4 };
+        let origin = Origin {
+            uri: "file:///in.jsonl",
+            shard: 4,
+        };
         let err = parse_records(&origin, records(1000, data)).expect_err("bad line");
         assert_eq!(err.kind, ErrorKind::InvalidInput);
         assert!(!err.retryable);
-        assert!(err.message.contains("shard 4 line 2 (byte offset 1013)"), "{}", err.message);
+        assert!(
+            err.message.contains("shard 4 line 2 (byte offset 1013)"),
+            "{}",
+            err.message
+        );
         assert!(err.message.contains("not valid JSON"), "{}", err.message);
     }
 
@@ -132,6 +151,11 @@ mod tests {
     fn a_line_that_is_not_an_object_is_refused() {
         let origin = Origin { uri: "u", shard: 0 };
         let err = parse_records(&origin, records(0, b"[1,2]\n")).expect_err("array");
-        assert!(err.message.contains("expected a JSON object, found an array"), "{}", err.message);
+        assert!(
+            err.message
+                .contains("expected a JSON object, found an array"),
+            "{}",
+            err.message
+        );
     }
 }

@@ -18,7 +18,9 @@ pub fn infermesh_home() -> PathBuf {
     if let Some(cache) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(cache).join("infermesh");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
     home.join(".cache").join("infermesh")
 }
 
@@ -35,7 +37,10 @@ pub fn find_ort_library(explicit: Option<&Path>) -> Result<PathBuf, String> {
     if let Some(explicit) = explicit {
         // An explicit path that does not exist is a mistake to report, not to paper over.
         if !explicit.is_file() {
-            return Err(format!("ONNX Runtime library {} does not exist", explicit.display()));
+            return Err(format!(
+                "ONNX Runtime library {} does not exist",
+                explicit.display()
+            ));
         }
     }
     candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
@@ -101,7 +106,11 @@ pub struct SessionConfig {
 impl SessionConfig {
     /// The device a session built with this config runs on.
     pub fn device(&self) -> &'static str {
-        if self.providers.first().is_some_and(|p| p == "cuda") { "cuda" } else { "cpu" }
+        if self.providers.first().is_some_and(|p| p == "cuda") {
+            "cuda"
+        } else {
+            "cpu"
+        }
     }
 }
 
@@ -110,7 +119,11 @@ pub fn load_session(path: &Path, config: &SessionConfig) -> Result<Session, ort:
     let env = match ENVIRONMENT.get() {
         Some(Ok(env)) => env,
         Some(Err(e)) => return Err(ort::Error::new(e.clone())),
-        None => return Err(ort::Error::new("ONNX Runtime is not loaded: call runtime::init first")),
+        None => {
+            return Err(ort::Error::new(
+                "ONNX Runtime is not loaded: call runtime::init first",
+            ));
+        }
     };
     let mut builder = Session::builder(env)?
         .with_optimization_level(GraphOptimizationLevel::Level3)
@@ -122,8 +135,14 @@ pub fn load_session(path: &Path, config: &SessionConfig) -> Result<Session, ort:
     #[cfg(feature = "cuda")]
     if config.providers.iter().any(|p| p == "cuda") {
         let cuda = ort::ep::CUDA::default().build();
-        let cuda = if config.require_gpu { cuda.error_on_failure() } else { cuda };
-        builder = builder.with_execution_providers([cuda]).map_err(ort::Error::<()>::from)?;
+        let cuda = if config.require_gpu {
+            cuda.error_on_failure()
+        } else {
+            cuda
+        };
+        builder = builder
+            .with_execution_providers([cuda])
+            .map_err(ort::Error::<()>::from)?;
     }
     #[cfg(not(feature = "cuda"))]
     let _ = config.require_gpu;

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use infermesh_proto::ErrorKind;
 use ort::session::Session;
-use ort::value::TensorElementType;
 use ort::value::Tensor;
+use ort::value::TensorElementType;
 use serde_json::{Map, Value};
 
 use super::{Origin, Parsed, ShardError, batches, inference_error, json_kind};
@@ -25,7 +25,10 @@ pub struct InputBinding {
 /// Flattens nested numeric arrays; returns the shape and the values.
 fn flatten(v: &Value) -> Result<(Vec<usize>, Vec<f64>), String> {
     match v {
-        Value::Number(n) => n.as_f64().map(|x| (Vec::new(), vec![x])).ok_or_else(|| "not a finite number".into()),
+        Value::Number(n) => n
+            .as_f64()
+            .map(|x| (Vec::new(), vec![x]))
+            .ok_or_else(|| "not a finite number".into()),
         Value::Array(items) => {
             let mut shape: Option<Vec<usize>> = None;
             let mut data = Vec::new();
@@ -33,7 +36,9 @@ fn flatten(v: &Value) -> Result<(Vec<usize>, Vec<f64>), String> {
                 let (s, d) = flatten(item)?;
                 match &shape {
                     None => shape = Some(s),
-                    Some(prev) if *prev != s => return Err(format!("ragged array: {prev:?} vs {s:?}")),
+                    Some(prev) if *prev != s => {
+                        return Err(format!("ragged array: {prev:?} vs {s:?}"));
+                    }
                     Some(_) => {}
                 }
                 data.extend(d);
@@ -53,7 +58,11 @@ fn nest<T: Copy + Into<Value>>(shape: &[usize], data: &[T]) -> Value {
         [_] => Value::Array(data.iter().map(|&x| x.into()).collect()),
         [n, rest @ ..] => {
             let step = rest.iter().product::<usize>();
-            Value::Array((0..*n).map(|i| nest(rest, &data[i * step..(i + 1) * step])).collect())
+            Value::Array(
+                (0..*n)
+                    .map(|i| nest(rest, &data[i * step..(i + 1) * step]))
+                    .collect(),
+            )
         }
     }
 }
@@ -79,18 +88,38 @@ pub fn run(
             .find(|i| i.name() == b.name)
             .ok_or_else(|| model_err(format!("model has no input `{}`", b.name)))?;
         let ty = input.dtype().tensor_type();
-        let dims: Vec<i64> = input.dtype().tensor_shape().map(|s| s.iter().copied().collect()).unwrap_or_default();
+        let dims: Vec<i64> = input
+            .dtype()
+            .tensor_shape()
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
         match ty {
             Some(TensorElementType::Float32 | TensorElementType::Int64) => {}
-            other => return Err(model_err(format!("model input `{}` has type {other:?}; float32 and int64 are supported", b.name))),
+            other => {
+                return Err(model_err(format!(
+                    "model input `{}` has type {other:?}; float32 and int64 are supported",
+                    b.name
+                )));
+            }
         }
         specs.push((b, ty, dims));
     }
-    if let Some(missing) = session.inputs().iter().find(|i| !bindings.iter().any(|b| b.name == i.name())) {
-        return Err(model_err(format!("model input `{}` is not bound to a record field", missing.name())));
+    if let Some(missing) = session
+        .inputs()
+        .iter()
+        .find(|i| !bindings.iter().any(|b| b.name == i.name()))
+    {
+        return Err(model_err(format!(
+            "model input `{}` is not bound to a record field",
+            missing.name()
+        )));
     }
     let out_names: Vec<String> = if outputs.is_empty() {
-        session.outputs().iter().map(|o| o.name().to_string()).collect()
+        session
+            .outputs()
+            .iter()
+            .map(|o| o.name().to_string())
+            .collect()
     } else {
         for o in outputs {
             if !session.outputs().iter().any(|x| x.name() == o) {
@@ -104,7 +133,10 @@ pub fn run(
     let mut result: Vec<Map<String, Value>> = vec![Map::new(); records.len()];
     for idx in batches(&order, batch) {
         if cancel.load(Ordering::Relaxed) {
-            return Err(ShardError::permanent(ErrorKind::Cancelled, "cancelled by the operator"));
+            return Err(ShardError::permanent(
+                ErrorKind::Cancelled,
+                "cancelled by the operator",
+            ));
         }
         let mut feed: Vec<(String, ort::value::DynValue)> = Vec::new();
         for (b, ty, dims) in &specs {
@@ -112,23 +144,36 @@ pub fn run(
             let mut data = Vec::new();
             for &i in idx {
                 let rec = &records[i];
-                let v = rec
-                    .fields
-                    .get(&b.field)
-                    .ok_or_else(|| origin.invalid(rec, format!("record has no `{}` field", b.field)))?;
-                let (s, d) = flatten(v).map_err(|e| origin.invalid(rec, format!("field `{}`: {e}", b.field)))?;
+                let v = rec.fields.get(&b.field).ok_or_else(|| {
+                    origin.invalid(rec, format!("record has no `{}` field", b.field))
+                })?;
+                let (s, d) = flatten(v)
+                    .map_err(|e| origin.invalid(rec, format!("field `{}`: {e}", b.field)))?;
                 let fits = s.len() + 1 == dims.len()
-                    && s.iter().zip(&dims[1..]).all(|(&a, &m)| m < 0 || a as i64 == m);
+                    && s.iter()
+                        .zip(&dims[1..])
+                        .all(|(&a, &m)| m < 0 || a as i64 == m);
                 if !fits {
                     return Err(origin.invalid(
                         rec,
-                        format!("field `{}` has shape {s:?}; model input `{}` takes {:?} per record", b.field, b.name, &dims[1.min(dims.len())..]),
+                        format!(
+                            "field `{}` has shape {s:?}; model input `{}` takes {:?} per record",
+                            b.field,
+                            b.name,
+                            &dims[1.min(dims.len())..]
+                        ),
                     ));
                 }
-                if let Some(prev) = &shape {
-                    if *prev != s {
-                        return Err(origin.invalid(rec, format!("field `{}` has shape {s:?}, other records {prev:?}", b.field)));
-                    }
+                if let Some(prev) = &shape
+                    && *prev != s
+                {
+                    return Err(origin.invalid(
+                        rec,
+                        format!(
+                            "field `{}` has shape {s:?}, other records {prev:?}",
+                            b.field
+                        ),
+                    ));
                 }
                 shape = Some(s);
                 data.extend(d);
@@ -153,7 +198,9 @@ pub fn run(
             let split = |shape: &[i64]| -> Result<Vec<usize>, ShardError> {
                 let dims: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
                 if dims.first() != Some(&n) {
-                    return Err(model_err(format!("output `{name}` has shape {dims:?}; its first dimension must be the batch")));
+                    return Err(model_err(format!(
+                        "output `{name}` has shape {dims:?}; its first dimension must be the batch"
+                    )));
                 }
                 Ok(dims[1..].to_vec())
             };
@@ -161,16 +208,24 @@ pub fn run(
                 let rest = split(shape)?;
                 let step = rest.iter().product::<usize>();
                 for (row, &i) in idx.iter().enumerate() {
-                    result[i].insert(name.clone(), nest(&rest, &data[row * step..(row + 1) * step]));
+                    result[i].insert(
+                        name.clone(),
+                        nest(&rest, &data[row * step..(row + 1) * step]),
+                    );
                 }
             } else if let Ok((shape, data)) = value.try_extract_tensor::<i64>() {
                 let rest = split(shape)?;
                 let step = rest.iter().product::<usize>();
                 for (row, &i) in idx.iter().enumerate() {
-                    result[i].insert(name.clone(), nest(&rest, &data[row * step..(row + 1) * step]));
+                    result[i].insert(
+                        name.clone(),
+                        nest(&rest, &data[row * step..(row + 1) * step]),
+                    );
                 }
             } else {
-                return Err(model_err(format!("output `{name}` is neither float32 nor int64")));
+                return Err(model_err(format!(
+                    "output `{name}` is neither float32 nor int64"
+                )));
             }
         }
     }
@@ -193,7 +248,11 @@ mod tests {
 
     #[test]
     fn ragged_and_non_numeric_arrays_are_refused() {
-        assert!(flatten(&json!([[1], [1, 2]])).unwrap_err().contains("ragged"));
+        assert!(
+            flatten(&json!([[1], [1, 2]]))
+                .unwrap_err()
+                .contains("ragged")
+        );
         assert!(flatten(&json!(["a"])).unwrap_err().contains("a string"));
     }
 }

@@ -59,13 +59,16 @@ impl ModelCache {
 
     /// sha256 of every cached model.
     pub fn cached(&self) -> Vec<String> {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else { return Vec::new() };
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
         let mut out: Vec<String> = entries
             .filter_map(|e| e.ok())
             .filter_map(|e| {
                 let name = e.file_name().into_string().ok()?;
                 let sha = name.strip_suffix(".onnx")?;
-                (sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit())).then(|| sha.to_string())
+                (sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()))
+                    .then(|| sha.to_string())
             })
             .collect();
         out.sort();
@@ -74,7 +77,11 @@ impl ModelCache {
 
     /// The local path of the model at `uri`, fetching and verifying it unless a model with
     /// the `expected` hash is already cached. Returns the model's sha256 and path.
-    pub async fn model(&self, uri: &str, expected: Option<&str>) -> Result<(String, PathBuf), CacheError> {
+    pub async fn model(
+        &self,
+        uri: &str,
+        expected: Option<&str>,
+    ) -> Result<(String, PathBuf), CacheError> {
         if let Some(sha) = expected {
             let path = self.dir.join(format!("{sha}.onnx"));
             if path.is_file() {
@@ -83,20 +90,25 @@ impl ModelCache {
         }
         let bytes = Location::parse(uri)?.get().await?;
         let actual = sha256_hex(&bytes);
-        if let Some(expected) = expected {
-            if expected != actual {
-                return Err(CacheError::HashMismatch {
-                    uri: uri.to_string(),
-                    expected: expected.to_string(),
-                    actual,
-                });
-            }
+        if let Some(expected) = expected
+            && expected != actual
+        {
+            return Err(CacheError::HashMismatch {
+                uri: uri.to_string(),
+                expected: expected.to_string(),
+                actual,
+            });
         }
         let path = self.dir.join(format!("{actual}.onnx"));
         if !path.is_file() {
             // Write then rename, so a concurrent reader never sees half a model.
-            let local = |source| CacheError::Local { dir: self.dir.clone(), source };
-            let tmp = self.dir.join(format!(".{actual}.{}.tmp", std::process::id()));
+            let local = |source| CacheError::Local {
+                dir: self.dir.clone(),
+                source,
+            };
+            let tmp = self
+                .dir
+                .join(format!(".{actual}.{}.tmp", std::process::id()));
             tokio::fs::write(&tmp, &bytes).await.map_err(local)?;
             tokio::fs::rename(&tmp, &path).await.map_err(local)?;
         }

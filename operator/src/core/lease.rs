@@ -30,7 +30,11 @@ pub enum Requeue {
 
 /// Decides a shard's fate after its `attempt`-th attempt was lost or failed retryably.
 pub fn requeue(attempt: u32, max_attempts: u32) -> Requeue {
-    if attempt >= max_attempts { Requeue::Exhausted } else { Requeue::Retry { next: attempt + 1 } }
+    if attempt >= max_attempts {
+        Requeue::Exhausted
+    } else {
+        Requeue::Retry { next: attempt + 1 }
+    }
 }
 
 #[cfg(test)]
@@ -42,7 +46,10 @@ mod tests {
         let t0 = Instant::now();
         let lease = Duration::from_secs(10);
         let agents = [("fresh", t0 + Duration::from_secs(5)), ("stale", t0)];
-        assert_eq!(expired(t0 + Duration::from_secs(11), lease, agents), ["stale"]);
+        assert_eq!(
+            expired(t0 + Duration::from_secs(11), lease, agents),
+            ["stale"]
+        );
         assert!(expired(t0 + Duration::from_secs(10), lease, agents).is_empty());
     }
 

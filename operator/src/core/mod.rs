@@ -24,7 +24,10 @@ use pb::operator_message::Msg as Down;
 use tokio::sync::{Mutex, mpsc};
 use tonic::Status;
 
-use crate::store::{ChargeOutcome, CompletionRecord, Event, EventKind, ShardRecord, Store, StoreError, WorkloadRecord};
+use crate::store::{
+    ChargeOutcome, CompletionRecord, Event, EventKind, ShardRecord, Store, StoreError,
+    WorkloadRecord,
+};
 use lease::Requeue;
 use pricing::Price;
 use progress::{AgentSummary, WorkloadSummary};
@@ -188,7 +191,10 @@ fn reason_for(kind: pb::ErrorKind) -> &'static str {
 impl<S: Store> Core<S> {
     /// A core over `store`.
     pub fn new(store: S) -> Self {
-        Self { store, state: Mutex::new(State::default()) }
+        Self {
+            store,
+            state: Mutex::new(State::default()),
+        }
     }
 
     /// The store.
@@ -199,7 +205,11 @@ impl<S: Store> Core<S> {
     /// Adds or updates a Mesh.
     pub async fn upsert_mesh(&self, name: &str, spec: MeshSpec) {
         let price = Price::from(&spec.pricing);
-        self.state.lock().await.meshes.insert(name.to_string(), MeshState { spec, price });
+        self.state
+            .lock()
+            .await
+            .meshes
+            .insert(name.to_string(), MeshState { spec, price });
     }
 
     /// Validates, plans and admits a workload, then dispatches what it can.
@@ -222,8 +232,14 @@ impl<S: Store> Core<S> {
             spec_json: serde_json::to_string(&sub.spec).unwrap_or_default(),
             input_bytes: sub.input_size,
         };
-        let shard_records: Vec<ShardRecord> =
-            ranges.iter().map(|r| ShardRecord { index: r.index, start: r.start, end: r.end }).collect();
+        let shard_records: Vec<ShardRecord> = ranges
+            .iter()
+            .map(|r| ShardRecord {
+                index: r.index,
+                start: r.start,
+                end: r.end,
+            })
+            .collect();
         self.store.create_workload(&record, &shard_records).await?;
         tracing::info!(workload = %key, shards = ranges.len(), bytes = sub.input_size, "workload admitted");
         let index = st.workloads.len();
@@ -270,11 +286,16 @@ impl<S: Store> Core<S> {
         }
         let caps = hello.capabilities.unwrap_or_default();
         if caps.slots == 0 {
-            return Err(Status::invalid_argument("Hello.capabilities.slots must be at least 1"));
+            return Err(Status::invalid_argument(
+                "Hello.capabilities.slots must be at least 1",
+            ));
         }
         let mut st = self.state.lock().await;
         let Some(mesh) = st.meshes.get(&hello.mesh) else {
-            return Err(Status::failed_precondition(format!("mesh `{}` does not exist", hello.mesh)));
+            return Err(Status::failed_precondition(format!(
+                "mesh `{}` does not exist",
+                hello.mesh
+            )));
         };
         let welcome = pb::Welcome {
             agent_name: hello.agent_id.clone(),
@@ -284,7 +305,9 @@ impl<S: Store> Core<S> {
         // A reconnect replaces the old stream; what it ran goes back to the queue (a late
         // completion from it is still accepted: first completion wins).
         if st.agents.get(&hello.agent_id).is_some_and(|a| a.connected) {
-            self.lose_agent(&mut st, &hello.agent_id, "agent reconnected").await.map_err(internal)?;
+            self.lose_agent(&mut st, &hello.agent_id, "agent reconnected")
+                .await
+                .map_err(internal)?;
         }
         st.next_session += 1;
         let session = st.next_session;
@@ -293,7 +316,9 @@ impl<S: Store> Core<S> {
             .get(&hello.agent_id)
             .map(|a| (a.completed, a.credits, a.unschedulable))
             .unwrap_or_default();
-        let _ = tx.send(Ok(pb::OperatorMessage { msg: Some(Down::Welcome(welcome)) }));
+        let _ = tx.send(Ok(pb::OperatorMessage {
+            msg: Some(Down::Welcome(welcome)),
+        }));
         st.agents.insert(
             hello.agent_id.clone(),
             AgentState {
@@ -325,21 +350,35 @@ impl<S: Store> Core<S> {
             hello.version
         );
         tracing::info!(agent = %hello.agent_id, %msg, "agent joined");
-        self.store.append(&Event::new(EventKind::AgentJoined, msg).agent(&hello.agent_id)).await.map_err(internal)?;
+        self.store
+            .append(&Event::new(EventKind::AgentJoined, msg).agent(&hello.agent_id))
+            .await
+            .map_err(internal)?;
         self.dispatch(&mut st).await.map_err(internal)?;
-        Ok(AgentHandle { id: hello.agent_id, session })
+        Ok(AgentHandle {
+            id: hello.agent_id,
+            session,
+        })
     }
 
     /// Handles one message from an attached agent. A malformed message is refused with
     /// `InvalidArgument` (the caller ends that stream; other agents are not disturbed).
     pub async fn handle(&self, who: &AgentHandle, msg: pb::AgentMessage) -> Result<(), Status> {
         let mut st = self.state.lock().await;
-        if st.agents.get(&who.id).is_none_or(|a| a.session != who.session || !a.connected) {
-            return Err(Status::failed_precondition("this stream was replaced or its lease expired; reconnect"));
+        if st
+            .agents
+            .get(&who.id)
+            .is_none_or(|a| a.session != who.session || !a.connected)
+        {
+            return Err(Status::failed_precondition(
+                "this stream was replaced or its lease expired; reconnect",
+            ));
         }
         match msg.msg {
             None => Err(Status::invalid_argument("AgentMessage carries no message")),
-            Some(Up::Hello(_)) => Err(Status::invalid_argument("Hello was already sent on this stream")),
+            Some(Up::Hello(_)) => Err(Status::invalid_argument(
+                "Hello was already sent on this stream",
+            )),
             Some(Up::Heartbeat(hb)) => {
                 if let Some(a) = st.agents.get_mut(&who.id) {
                     a.last_heartbeat = Instant::now();
@@ -350,12 +389,16 @@ impl<S: Store> Core<S> {
             }
             Some(Up::Completed(c)) => {
                 let (wl, shard) = resolve(&st, c.shard.as_ref())?;
-                self.complete(&mut st, who, wl, shard, c).await.map_err(internal)?;
+                self.complete(&mut st, who, wl, shard, c)
+                    .await
+                    .map_err(internal)?;
                 self.dispatch(&mut st).await.map_err(internal)
             }
             Some(Up::Failed(f)) => {
                 let (wl, shard) = resolve(&st, f.shard.as_ref())?;
-                self.failed(&mut st, who, wl, shard, f).await.map_err(internal)?;
+                self.failed(&mut st, who, wl, shard, f)
+                    .await
+                    .map_err(internal)?;
                 self.dispatch(&mut st).await.map_err(internal)
             }
         }
@@ -364,7 +407,11 @@ impl<S: Store> Core<S> {
     /// An agent's stream ended. Its shards go back to the queue.
     pub async fn detach(&self, who: &AgentHandle, reason: &str) -> Result<(), CoreError> {
         let mut st = self.state.lock().await;
-        if st.agents.get(&who.id).is_some_and(|a| a.session == who.session && a.connected) {
+        if st
+            .agents
+            .get(&who.id)
+            .is_some_and(|a| a.session == who.session && a.connected)
+        {
             self.lose_agent(&mut st, &who.id, reason).await?;
             self.dispatch(&mut st).await?;
         }
@@ -382,13 +429,20 @@ impl<S: Store> Core<S> {
                 .values()
                 .filter(|a| a.connected && &a.mesh == mesh_name)
                 .map(|a| (a.id.as_str(), a.last_heartbeat));
-            lost.extend(lease::expired(now, lease, candidates).into_iter().map(str::to_string));
+            lost.extend(
+                lease::expired(now, lease, candidates)
+                    .into_iter()
+                    .map(str::to_string),
+            );
         }
         for id in &lost {
             if let Some(a) = st.agents.get(id) {
-                let _ = a.tx.send(Err(Status::deadline_exceeded("lease expired: no heartbeat")));
+                let _ = a.tx.send(Err(Status::deadline_exceeded(
+                    "lease expired: no heartbeat",
+                )));
             }
-            self.lose_agent(&mut st, id, "lease expired: no heartbeat").await?;
+            self.lose_agent(&mut st, id, "lease expired: no heartbeat")
+                .await?;
         }
         if !lost.is_empty() {
             self.dispatch(&mut st).await?;
@@ -397,7 +451,11 @@ impl<S: Store> Core<S> {
     }
 
     /// Drains (or undrains) an agent: no new shards; running ones finish.
-    pub async fn set_unschedulable(&self, agent: &str, unschedulable: bool) -> Result<(), CoreError> {
+    pub async fn set_unschedulable(
+        &self,
+        agent: &str,
+        unschedulable: bool,
+    ) -> Result<(), CoreError> {
         let mut st = self.state.lock().await;
         if let Some(a) = st.agents.get_mut(agent) {
             a.unschedulable = unschedulable;
@@ -409,7 +467,11 @@ impl<S: Store> Core<S> {
     pub async fn drain_all(&self, reason: &str) {
         let st = self.state.lock().await;
         for a in st.agents.values().filter(|a| a.connected) {
-            let _ = a.tx.send(Ok(pb::OperatorMessage { msg: Some(Down::Drain(pb::Drain { reason: reason.into() })) }));
+            let _ = a.tx.send(Ok(pb::OperatorMessage {
+                msg: Some(Down::Drain(pb::Drain {
+                    reason: reason.into(),
+                })),
+            }));
         }
     }
 
@@ -441,8 +503,12 @@ impl<S: Store> Core<S> {
     }
 
     fn summarize(&self, w: &WorkloadState) -> WorkloadSummary {
-        let count = |f: fn(&ShardStatus) -> bool| w.shards.iter().filter(|s| f(&s.status)).count() as u32;
-        let elapsed = w.finished.unwrap_or_else(Instant::now).saturating_duration_since(w.submitted);
+        let count =
+            |f: fn(&ShardStatus) -> bool| w.shards.iter().filter(|s| f(&s.status)).count() as u32;
+        let elapsed = w
+            .finished
+            .unwrap_or_else(Instant::now)
+            .saturating_duration_since(w.submitted);
         WorkloadSummary {
             key: w.key.clone(),
             uid: w.uid.clone(),
@@ -468,15 +534,28 @@ impl<S: Store> Core<S> {
     }
 
     async fn lose_agent(&self, st: &mut State, id: &str, reason: &str) -> Result<(), StoreError> {
-        let Some(agent) = st.agents.get_mut(id) else { return Ok(()) };
+        let Some(agent) = st.agents.get_mut(id) else {
+            return Ok(());
+        };
         agent.connected = false;
         let running = std::mem::take(&mut agent.running);
-        tracing::warn!(agent = %id, shards = running.len(), %reason, "agent lost");
+        if running.is_empty() {
+            tracing::info!(agent = %id, %reason, "agent left");
+        } else {
+            tracing::warn!(agent = %id, shards = running.len(), %reason, "agent lost");
+        }
         self.store
-            .append(&Event::new(EventKind::AgentLost, format!("{reason}; {} shards requeued", running.len())).agent(id))
+            .append(
+                &Event::new(
+                    EventKind::AgentLost,
+                    format!("{reason}; {} shards requeued", running.len()),
+                )
+                .agent(id),
+            )
             .await?;
         for (wl, shard) in running {
-            self.requeue_or_fail(st, wl, shard, Some(id), reason, "AgentLost").await?;
+            self.requeue_or_fail(st, wl, shard, Some(id), reason, "AgentLost")
+                .await?;
         }
         Ok(())
     }
@@ -502,7 +581,9 @@ impl<S: Store> Core<S> {
                 s.status = ShardStatus::Pending;
                 w.retried += 1;
                 tracing::info!(workload = %w.key, shard, attempt, %reason, "shard requeued");
-                self.store.requeue(&w.uid, shard, attempt, agent, reason).await
+                self.store
+                    .requeue(&w.uid, shard, attempt, agent, reason)
+                    .await
             }
             Requeue::Retry { .. } => {
                 s.status = ShardStatus::Pending;
@@ -510,15 +591,28 @@ impl<S: Store> Core<S> {
             }
             Requeue::Exhausted => {
                 s.status = ShardStatus::Failed;
-                let message = format!("shard {shard} failed after {attempt} attempts; last error: {reason}");
-                self.store.fail_shard(&w.uid, shard, attempt, agent, &message).await?;
-                let reason = if attempt > 1 { "AttemptsExhausted" } else { fail_reason };
+                let message =
+                    format!("shard {shard} failed after {attempt} attempts; last error: {reason}");
+                self.store
+                    .fail_shard(&w.uid, shard, attempt, agent, &message)
+                    .await?;
+                let reason = if attempt > 1 {
+                    "AttemptsExhausted"
+                } else {
+                    fail_reason
+                };
                 self.fail_workload(st, wl, reason, &message).await
             }
         }
     }
 
-    async fn fail_workload(&self, st: &mut State, wl: usize, reason: &str, message: &str) -> Result<(), StoreError> {
+    async fn fail_workload(
+        &self,
+        st: &mut State,
+        wl: usize,
+        reason: &str,
+        message: &str,
+    ) -> Result<(), StoreError> {
         let w = &mut st.workloads[wl];
         if w.phase.is_terminal() {
             return Ok(());
@@ -532,12 +626,21 @@ impl<S: Store> Core<S> {
         let key = w.key.clone();
         // Cancel what still runs; their slots are free from now on.
         for a in st.agents.values_mut() {
-            let cancelled: Vec<(usize, u32)> = a.running.iter().filter(|(i, _)| *i == wl).copied().collect();
+            let cancelled: Vec<(usize, u32)> = a
+                .running
+                .iter()
+                .filter(|(i, _)| *i == wl)
+                .copied()
+                .collect();
             for (i, shard) in cancelled {
                 a.running.remove(&(i, shard));
                 let _ = a.tx.send(Ok(pb::OperatorMessage {
                     msg: Some(Down::Cancel(pb::Cancel {
-                        shard: Some(pb::ShardRef { workload: key.clone(), index: shard, attempt: 0 }),
+                        shard: Some(pb::ShardRef {
+                            workload: key.clone(),
+                            index: shard,
+                            attempt: 0,
+                        }),
                         reason: format!("workload failed: {reason}"),
                     })),
                 }));
@@ -548,7 +651,9 @@ impl<S: Store> Core<S> {
                 s.status = ShardStatus::Pending;
             }
         }
-        self.store.finish_workload(&uid, "Failed", &format!("{reason}: {message}")).await
+        self.store
+            .finish_workload(&uid, "Failed", &format!("{reason}: {message}"))
+            .await
     }
 
     async fn complete(
@@ -563,7 +668,11 @@ impl<S: Store> Core<S> {
         if let Some(a) = st.agents.get_mut(&who.id) {
             a.running.remove(&(wl, shard));
         }
-        let price = st.meshes.get(&st.workloads[wl].mesh).map(|m| m.price).unwrap_or_default();
+        let price = st
+            .meshes
+            .get(&st.workloads[wl].mesh)
+            .map(|m| m.price)
+            .unwrap_or_default();
         let w = &st.workloads[wl];
         let charge = price.charge(&c.device, c.compute_seconds, c.records);
         let record = CompletionRecord {
@@ -608,7 +717,11 @@ impl<S: Store> Core<S> {
             other.running.remove(&(wl, shard));
             let _ = other.tx.send(Ok(pb::OperatorMessage {
                 msg: Some(Down::Cancel(pb::Cancel {
-                    shard: Some(pb::ShardRef { workload: key, index: shard, attempt: 0 }),
+                    shard: Some(pb::ShardRef {
+                        workload: key,
+                        index: shard,
+                        attempt: 0,
+                    }),
                     reason: "completed by another agent".into(),
                 })),
             }));
@@ -616,13 +729,25 @@ impl<S: Store> Core<S> {
         self.maybe_finish(st, wl).await
     }
 
-    async fn failed(&self, st: &mut State, who: &AgentHandle, wl: usize, shard: u32, f: pb::Failed) -> Result<(), CoreError> {
+    async fn failed(
+        &self,
+        st: &mut State,
+        who: &AgentHandle,
+        wl: usize,
+        shard: u32,
+        f: pb::Failed,
+    ) -> Result<(), CoreError> {
         let attempt = f.shard.as_ref().map(|s| s.attempt).unwrap_or(0);
-        let held = st.agents.get_mut(&who.id).is_some_and(|a| a.running.remove(&(wl, shard)));
+        let held = st
+            .agents
+            .get_mut(&who.id)
+            .is_some_and(|a| a.running.remove(&(wl, shard)));
         let w = &st.workloads[wl];
         let s = &w.shards[shard as usize];
         // A stale report (the shard was requeued, or already done) changes nothing.
-        let current = held && s.attempt == attempt && matches!(&s.status, ShardStatus::Running { agent } if *agent == who.id);
+        let current = held
+            && s.attempt == attempt
+            && matches!(&s.status, ShardStatus::Running { agent } if *agent == who.id);
         if !current {
             tracing::info!(workload = %w.key, shard, attempt, "stale failure report ignored");
             return Ok(());
@@ -631,12 +756,16 @@ impl<S: Store> Core<S> {
         let message = f.message;
         tracing::warn!(workload = %w.key, shard, attempt, agent = %who.id, error = %message, retryable = f.retryable, "shard failed");
         if f.retryable {
-            self.requeue_or_fail(st, wl, shard, Some(&who.id), &message, reason_for(kind)).await?;
+            self.requeue_or_fail(st, wl, shard, Some(&who.id), &message, reason_for(kind))
+                .await?;
         } else {
             let uid = w.uid.clone();
             st.workloads[wl].shards[shard as usize].status = ShardStatus::Failed;
-            self.store.fail_shard(&uid, shard, attempt, Some(&who.id), &message).await?;
-            self.fail_workload(st, wl, reason_for(kind), &message).await?;
+            self.store
+                .fail_shard(&uid, shard, attempt, Some(&who.id), &message)
+                .await?;
+            self.fail_workload(st, wl, reason_for(kind), &message)
+                .await?;
         }
         Ok(())
     }
@@ -665,7 +794,11 @@ impl<S: Store> Core<S> {
         });
         let body = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
         let written = match Location::parse(&w.spec.output.uri) {
-            Ok(out) => out.child("_SUCCESS.json").put(body.into()).await.map_err(|e| e.to_string()),
+            Ok(out) => out
+                .child("_SUCCESS.json")
+                .put(body.into())
+                .await
+                .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         let uid = w.uid.clone();
@@ -677,10 +810,18 @@ impl<S: Store> Core<S> {
                 w.finished = Some(Instant::now());
                 tracing::info!(workload = %w.key, records = w.records, "workload succeeded");
                 let message = w.message.clone();
-                self.store.finish_workload(&uid, "Succeeded", &message).await?;
+                self.store
+                    .finish_workload(&uid, "Succeeded", &message)
+                    .await?;
             }
             Err(e) => {
-                self.fail_workload(st, wl, "StorageError", &format!("cannot write _SUCCESS.json: {e}")).await?;
+                self.fail_workload(
+                    st,
+                    wl,
+                    "StorageError",
+                    &format!("cannot write _SUCCESS.json: {e}"),
+                )
+                .await?;
             }
         }
         Ok(())
@@ -713,24 +854,35 @@ impl<S: Store> Core<S> {
             }
             let model = w.model_key();
             let needs: Needs = w.validated.needs.clone();
-            pending.extend(w.shards.iter().filter(|s| s.status == ShardStatus::Pending).map(|s| PendingShard {
-                workload: i,
-                shard: s.range.index,
-                mesh: w.mesh.clone(),
-                priority: w.spec.priority,
-                model: model.clone(),
-                needs: needs.clone(),
-            }));
+            pending.extend(
+                w.shards
+                    .iter()
+                    .filter(|s| s.status == ShardStatus::Pending)
+                    .map(|s| PendingShard {
+                        workload: i,
+                        shard: s.range.index,
+                        mesh: w.mesh.clone(),
+                        priority: w.spec.priority,
+                        model: model.clone(),
+                        needs: needs.clone(),
+                    }),
+            );
         }
         for p in scheduler::schedule(&views, &pending) {
             let agent_id = &views[p.agent].id;
             let w = &mut st.workloads[p.workload];
             let s = &mut w.shards[p.shard as usize];
             s.attempt += 1;
-            s.status = ShardStatus::Running { agent: agent_id.clone() };
+            s.status = ShardStatus::Running {
+                agent: agent_id.clone(),
+            };
             let attempt = s.attempt;
             let assign = pb::Assign {
-                shard: Some(pb::ShardRef { workload: w.key.clone(), index: p.shard, attempt }),
+                shard: Some(pb::ShardRef {
+                    workload: w.key.clone(),
+                    index: p.shard,
+                    attempt,
+                }),
                 model: Some(w.validated.model.clone()),
                 task: Some(w.validated.task.clone()),
                 input: Some(pb::InputRange {
@@ -740,14 +892,20 @@ impl<S: Store> Core<S> {
                     end: s.range.end,
                     size: w.input_size,
                 }),
-                output_uri: format!("{}/{}", w.spec.output.uri.trim_end_matches('/'), part_name(p.shard)),
+                output_uri: format!(
+                    "{}/{}",
+                    w.spec.output.uri.trim_end_matches('/'),
+                    part_name(p.shard)
+                ),
                 batch_size: w.spec.batch_size,
             };
             let uid = w.uid.clone();
             self.store.assign(&uid, p.shard, attempt, agent_id).await?;
             if let Some(a) = st.agents.get_mut(agent_id) {
                 a.running.insert((p.workload, p.shard));
-                let _ = a.tx.send(Ok(pb::OperatorMessage { msg: Some(Down::Assign(assign)) }));
+                let _ = a.tx.send(Ok(pb::OperatorMessage {
+                    msg: Some(Down::Assign(assign)),
+                }));
             }
         }
         Ok(())
@@ -761,10 +919,9 @@ fn internal(e: impl std::fmt::Display) -> Status {
 /// Finds the workload and shard a report names; `InvalidArgument` when it names none.
 fn resolve(st: &State, shard: Option<&pb::ShardRef>) -> Result<(usize, u32), Status> {
     let shard = shard.ok_or_else(|| Status::invalid_argument("report carries no shard"))?;
-    let wl = *st
-        .by_key
-        .get(&shard.workload)
-        .ok_or_else(|| Status::invalid_argument(format!("unknown workload `{}`", shard.workload)))?;
+    let wl = *st.by_key.get(&shard.workload).ok_or_else(|| {
+        Status::invalid_argument(format!("unknown workload `{}`", shard.workload))
+    })?;
     if shard.index as usize >= st.workloads[wl].shards.len() {
         return Err(Status::invalid_argument(format!(
             "workload `{}` has no shard {}",

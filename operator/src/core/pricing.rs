@@ -33,7 +33,11 @@ impl From<&Pricing> for Price {
 impl Price {
     /// What a shard costs: device seconds at the device's rate plus the per-record rate.
     pub fn charge(&self, device: &str, seconds: f64, records: u64) -> i64 {
-        let rate = if device == "cpu" { self.per_cpu_second } else { self.per_gpu_second };
+        let rate = if device == "cpu" {
+            self.per_cpu_second
+        } else {
+            self.per_gpu_second
+        };
         let time = (rate as f64 * seconds.max(0.0)).round() as i64;
         let per_record = (i128::from(self.per_thousand_records) * i128::from(records) + 500) / 1000;
         time + per_record as i64
@@ -53,7 +57,11 @@ mod tests {
 
     #[test]
     fn charges_combine_time_and_records_in_micro_credits() {
-        let price = Price::from(&Pricing { per_gpu_second: 1.0, per_cpu_second: 0.05, per_thousand_records: 0.2 });
+        let price = Price::from(&Pricing {
+            per_gpu_second: 1.0,
+            per_cpu_second: 0.05,
+            per_thousand_records: 0.2,
+        });
         assert_eq!(price.charge("cpu", 2.0, 0), 100_000);
         assert_eq!(price.charge("cuda", 0.5, 0), 500_000);
         assert_eq!(price.charge("cpu", 0.0, 1500), 300_000);

@@ -52,7 +52,11 @@ pub struct WorkloadSummary {
 impl WorkloadSummary {
     /// Share of input bytes done, 0.0 to 1.0 (1.0 for an empty input).
     pub fn fraction(&self) -> f64 {
-        if self.input_bytes == 0 { 1.0 } else { self.bytes_done as f64 / self.input_bytes as f64 }
+        if self.input_bytes == 0 {
+            1.0
+        } else {
+            self.bytes_done as f64 / self.input_bytes as f64
+        }
     }
 
     /// `42%`.
@@ -63,7 +67,11 @@ impl WorkloadSummary {
     /// Records per second since admission.
     pub fn throughput(&self) -> f64 {
         let secs = self.elapsed.as_secs_f64();
-        if secs > 0.0 { self.records as f64 / secs } else { 0.0 }
+        if secs > 0.0 {
+            self.records as f64 / secs
+        } else {
+            0.0
+        }
     }
 
     /// Time left at the byte rate so far; `None` before the first shard is done or after the end.
@@ -72,7 +80,9 @@ impl WorkloadSummary {
             return None;
         }
         let rate = self.bytes_done as f64 / self.elapsed.as_secs_f64().max(1e-3);
-        Some(Duration::from_secs_f64((self.input_bytes - self.bytes_done.min(self.input_bytes)) as f64 / rate))
+        Some(Duration::from_secs_f64(
+            (self.input_bytes - self.bytes_done.min(self.input_bytes)) as f64 / rate,
+        ))
     }
 }
 

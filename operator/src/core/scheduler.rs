@@ -46,10 +46,10 @@ impl Needs {
         if self.min_gpu_memory > 0 && agent.gpu_memory < self.min_gpu_memory {
             return Some(format!("{} bytes of GPU memory", self.min_gpu_memory));
         }
-        if let Some(p) = &self.provider {
-            if !agent.providers.contains(p) {
-                return Some(format!("the `{p}` execution provider"));
-            }
+        if let Some(p) = &self.provider
+            && !agent.providers.contains(p)
+        {
+            return Some(format!("the `{p}` execution provider"));
         }
         None
     }
@@ -88,7 +88,10 @@ pub struct Placement {
 /// the one with the most free slots. Never places more than an agent's free slots, nothing on
 /// an unschedulable agent, nothing across Meshes.
 pub fn schedule(agents: &[AgentView], pending: &[PendingShard]) -> Vec<Placement> {
-    let mut free: Vec<u32> = agents.iter().map(|a| if a.schedulable { a.free_slots } else { 0 }).collect();
+    let mut free: Vec<u32> = agents
+        .iter()
+        .map(|a| if a.schedulable { a.free_slots } else { 0 })
+        .collect();
     let mut total: u64 = free.iter().map(|&f| u64::from(f)).sum();
     let mut order: Vec<usize> = (0..pending.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(pending[i].priority));
@@ -101,7 +104,9 @@ pub fn schedule(agents: &[AgentView], pending: &[PendingShard]) -> Vec<Placement
         let best = agents
             .iter()
             .enumerate()
-            .filter(|(a, agent)| free[*a] > 0 && agent.mesh == p.mesh && p.needs.unmet(agent).is_none())
+            .filter(|(a, agent)| {
+                free[*a] > 0 && agent.mesh == p.mesh && p.needs.unmet(agent).is_none()
+            })
             .max_by_key(|(a, agent)| {
                 let locality = if agent.loaded.contains(&p.model) {
                     2
@@ -117,7 +122,11 @@ pub fn schedule(agents: &[AgentView], pending: &[PendingShard]) -> Vec<Placement
         if let Some(a) = best {
             free[a] -= 1;
             total -= 1;
-            out.push(Placement { workload: p.workload, shard: p.shard, agent: a });
+            out.push(Placement {
+                workload: p.workload,
+                shard: p.shard,
+                agent: a,
+            });
         }
     }
     out
@@ -169,7 +178,10 @@ mod tests {
         let cold = agent("cold", 3);
         let agents = [cold, cached, warm];
         let placed = schedule(&agents, &shards(2, "x"));
-        assert_eq!(placed[0].agent, 2, "the agent with the model loaded comes first");
+        assert_eq!(
+            placed[0].agent, 2,
+            "the agent with the model loaded comes first"
+        );
         assert_eq!(placed[1].agent, 1, "then the one with it cached");
     }
 
@@ -190,12 +202,32 @@ mod tests {
         let agents = [agent("cpu", 4), other_mesh, gpu];
         let mut pending = shards(3, "x");
         for p in &mut pending {
-            p.needs = Needs { gpu: true, min_gpu_memory: 8 << 30, provider: None };
+            p.needs = Needs {
+                gpu: true,
+                min_gpu_memory: 8 << 30,
+                provider: None,
+            };
         }
         let placed = schedule(&agents, &pending);
-        assert_eq!(placed, vec![Placement { workload: 0, shard: 0, agent: 2 }]);
-        let need_more = Needs { gpu: true, min_gpu_memory: 32 << 30, provider: None };
-        assert!(need_more.unmet(&agents[2]).expect("unmet").contains("GPU memory"));
+        assert_eq!(
+            placed,
+            vec![Placement {
+                workload: 0,
+                shard: 0,
+                agent: 2
+            }]
+        );
+        let need_more = Needs {
+            gpu: true,
+            min_gpu_memory: 32 << 30,
+            provider: None,
+        };
+        assert!(
+            need_more
+                .unmet(&agents[2])
+                .expect("unmet")
+                .contains("GPU memory")
+        );
     }
 
     #[test]

@@ -48,7 +48,10 @@ impl Fixture {
         let store = SqliteStore::open("sqlite::memory:").await.expect("store");
         let core = Core::new(store);
         core.upsert_mesh("m", mesh(lease)).await;
-        Self { core, out: tempfile::tempdir().expect("tmp") }
+        Self {
+            core,
+            out: tempfile::tempdir().expect("tmp"),
+        }
     }
 
     /// Submits a workload of `shards` shards (100 input bytes each).
@@ -73,17 +76,28 @@ impl Fixture {
             node: format!("node-{id}"),
             mesh: "m".into(),
             version: "test".into(),
-            capabilities: Some(pb::Capabilities { execution_providers: vec!["cpu".into()], slots, ..Default::default() }),
+            capabilities: Some(pb::Capabilities {
+                execution_providers: vec!["cpu".into()],
+                slots,
+                ..Default::default()
+            }),
         };
         let handle = self.core.attach(hello, tx).await.expect("attach");
         match rx.recv().await {
-            Some(Ok(pb::OperatorMessage { msg: Some(Down::Welcome(w)) })) => assert_eq!(w.agent_name, id),
+            Some(Ok(pb::OperatorMessage {
+                msg: Some(Down::Welcome(w)),
+            })) => assert_eq!(w.agent_name, id),
             other => panic!("expected Welcome, got {other:?}"),
         }
         (handle, rx)
     }
 
-    async fn complete(&self, who: &AgentHandle, shard: &pb::ShardRef, records: u64) -> Result<(), Status> {
+    async fn complete(
+        &self,
+        who: &AgentHandle,
+        shard: &pb::ShardRef,
+        records: u64,
+    ) -> Result<(), Status> {
         let msg = pb::Completed {
             shard: Some(shard.clone()),
             records,
@@ -93,11 +107,21 @@ impl Fixture {
             device: "cpu".into(),
             output_bytes: 10,
         };
-        self.core.handle(who, pb::AgentMessage { msg: Some(Up::Completed(msg)) }).await
+        self.core
+            .handle(
+                who,
+                pb::AgentMessage {
+                    msg: Some(Up::Completed(msg)),
+                },
+            )
+            .await
     }
 
     async fn events(&self, kind: &str) -> usize {
-        let f = EventFilter { kind: Some(kind.into()), ..Default::default() };
+        let f = EventFilter {
+            kind: Some(kind.into()),
+            ..Default::default()
+        };
         self.core.store().events(&f).await.expect("events").len()
     }
 
@@ -110,7 +134,10 @@ impl Fixture {
 fn assigned(rx: &mut Rx) -> Vec<pb::ShardRef> {
     let mut out = Vec::new();
     while let Ok(msg) = rx.try_recv() {
-        if let Ok(pb::OperatorMessage { msg: Some(Down::Assign(a)) }) = msg {
+        if let Ok(pb::OperatorMessage {
+            msg: Some(Down::Assign(a)),
+        }) = msg
+        {
             out.push(a.shard.expect("shard"));
         }
     }
@@ -125,7 +152,11 @@ async fn slots_bound_the_outstanding_assignments() {
     let first = assigned(&mut rx);
     assert_eq!(first.len(), 2, "two slots, two assignments");
     f.complete(&a, &first[0], 10).await.expect("complete");
-    assert_eq!(assigned(&mut rx).len(), 1, "one slot freed, one more assignment");
+    assert_eq!(
+        assigned(&mut rx).len(),
+        1,
+        "one slot freed, one more assignment"
+    );
 }
 
 #[tokio::test]
@@ -139,9 +170,13 @@ async fn first_completion_wins_and_charges_once() {
     assert_ne!(shard_a.index, shard_b.index);
 
     f.complete(&a, &shard_a, 10).await.expect("first");
-    f.complete(&a, &shard_a, 10).await.expect("duplicate is acknowledged");
+    f.complete(&a, &shard_a, 10)
+        .await
+        .expect("duplicate is acknowledged");
     // b reports a's shard too (as after a requeue): acknowledged, ignored.
-    f.complete(&b, &shard_a, 10).await.expect("late completion is acknowledged");
+    f.complete(&b, &shard_a, 10)
+        .await
+        .expect("late completion is acknowledged");
     f.complete(&b, &shard_b, 20).await.expect("b's own");
 
     let charges = f.core.store().charges("u1").await.expect("charges");
@@ -166,7 +201,10 @@ async fn a_lost_agent_requeues_its_shards_with_the_next_attempt() {
     let (a, mut rx_a) = f.agent("a", 1).await;
     let first = assigned(&mut rx_a).pop().expect("assigned");
     assert_eq!(first.attempt, 1);
-    f.core.detach(&a, "stream closed by the agent").await.expect("detach");
+    f.core
+        .detach(&a, "stream closed by the agent")
+        .await
+        .expect("detach");
     assert_eq!(f.events("shard.requeued").await, 1);
     let (_b, mut rx_b) = f.agent("b", 1).await;
     let again = assigned(&mut rx_b).pop().expect("reassigned");
@@ -180,11 +218,21 @@ async fn an_agent_that_misses_its_lease_loses_its_shards() {
     f.submit(1, 3).await;
     let (_a, mut rx_a) = f.agent("a", 1).await;
     assert_eq!(assigned(&mut rx_a).len(), 1);
-    assert!(f.core.reap(Instant::now()).await.expect("reap").is_empty(), "fresh lease holds");
-    let lost = f.core.reap(Instant::now() + Duration::from_secs(3)).await.expect("reap");
+    assert!(
+        f.core.reap(Instant::now()).await.expect("reap").is_empty(),
+        "fresh lease holds"
+    );
+    let lost = f
+        .core
+        .reap(Instant::now() + Duration::from_secs(3))
+        .await
+        .expect("reap");
     assert_eq!(lost, ["a"]);
     let closed = rx_a.try_recv().expect("the stream is ended");
-    assert_eq!(closed.expect_err("an error ends it").code(), tonic::Code::DeadlineExceeded);
+    assert_eq!(
+        closed.expect_err("an error ends it").code(),
+        tonic::Code::DeadlineExceeded
+    );
     assert_eq!(f.events("agent.lost").await, 1);
     let (_b, mut rx_b) = f.agent("b", 1).await;
     assert_eq!(assigned(&mut rx_b).pop().map(|s| s.attempt), Some(2));
@@ -219,14 +267,24 @@ async fn a_permanent_failure_fails_the_workload_and_cancels_the_rest() {
         message: "file:///in.jsonl: shard 0 line 3 (byte offset 40): not valid JSON".into(),
         retryable: false,
     };
-    f.core.handle(&a, pb::AgentMessage { msg: Some(Up::Failed(failed)) }).await.expect("handled");
+    f.core
+        .handle(
+            &a,
+            pb::AgentMessage {
+                msg: Some(Up::Failed(failed)),
+            },
+        )
+        .await
+        .expect("handled");
     let s = &f.core.workloads().await[0];
     assert_eq!(s.phase, WorkloadPhase::Failed);
     assert_eq!(s.reason, "InvalidInput");
     assert!(s.message.contains("line 3"), "{}", s.message);
     let cancelled: Vec<_> = std::iter::from_fn(|| rx_a.try_recv().ok())
         .filter_map(|m| match m {
-            Ok(pb::OperatorMessage { msg: Some(Down::Cancel(c)) }) => c.shard,
+            Ok(pb::OperatorMessage {
+                msg: Some(Down::Cancel(c)),
+            }) => c.shard,
             _ => None,
         })
         .collect();
@@ -251,13 +309,31 @@ async fn malformed_messages_are_invalid_argument() {
     let f = Fixture::new(30).await;
     f.submit(1, 3).await;
     let (a, _rx) = f.agent("a", 1).await;
-    let empty = f.core.handle(&a, pb::AgentMessage { msg: None }).await.expect_err("empty");
+    let empty = f
+        .core
+        .handle(&a, pb::AgentMessage { msg: None })
+        .await
+        .expect_err("empty");
     assert_eq!(empty.code(), tonic::Code::InvalidArgument);
-    let unknown = pb::ShardRef { workload: "nope/x/y".into(), index: 0, attempt: 1 };
-    let err = f.complete(&a, &unknown, 1).await.expect_err("unknown workload");
+    let unknown = pb::ShardRef {
+        workload: "nope/x/y".into(),
+        index: 0,
+        attempt: 1,
+    };
+    let err = f
+        .complete(&a, &unknown, 1)
+        .await
+        .expect_err("unknown workload");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    let out_of_range = pb::ShardRef { workload: "team-a/w/u1".into(), index: 99, attempt: 1 };
-    let err = f.complete(&a, &out_of_range, 1).await.expect_err("no such shard");
+    let out_of_range = pb::ShardRef {
+        workload: "team-a/w/u1".into(),
+        index: 99,
+        attempt: 1,
+    };
+    let err = f
+        .complete(&a, &out_of_range, 1)
+        .await
+        .expect_err("no such shard");
     assert!(err.message().contains("no shard 99"), "{}", err.message());
 }
 

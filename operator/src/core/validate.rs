@@ -19,7 +19,10 @@ pub struct Invalid {
 }
 
 fn invalid(message: impl Into<String>) -> Invalid {
-    Invalid { reason: "InvalidSpec", message: message.into() }
+    Invalid {
+        reason: "InvalidSpec",
+        message: message.into(),
+    }
 }
 
 /// A valid workload, in the protocol's terms.
@@ -35,13 +38,30 @@ pub struct Validated {
     pub needs: Needs,
 }
 
+/// URI schemes the data plane reads and writes (through `object_store`).
+pub const SCHEMES: [&str; 4] = ["file", "s3", "http", "https"];
+
+/// Checks that `uri` is a URI of a supported scheme. Only the syntax: whether the object
+/// exists is for admission (local mode) or the agent to find out.
 fn check_uri(field: &str, uri: &str) -> Result<(), Invalid> {
-    Location::parse(uri).map(|_| ()).map_err(|e| invalid(format!("{field}: {e}")))
+    if uri.starts_with('/') {
+        return Location::parse(uri)
+            .map(|_| ())
+            .map_err(|e| invalid(format!("{field}: {e}")));
+    }
+    let scheme = uri.split_once("://").map(|(s, _)| s).unwrap_or_default();
+    if !SCHEMES.contains(&scheme) {
+        return Err(invalid(format!(
+            "{field}: `{uri}` is not a file://, s3:// or http(s):// URI"
+        )));
+    }
+    Ok(())
 }
 
 /// Checks `spec` and builds what the agents are sent.
 pub fn validate(spec: &WorkloadSpec) -> Result<Validated, Invalid> {
-    let shard_bytes = parse_bytes(&spec.shard_bytes).map_err(|e| invalid(format!("spec.shardBytes: {e}")))?;
+    let shard_bytes =
+        parse_bytes(&spec.shard_bytes).map_err(|e| invalid(format!("spec.shardBytes: {e}")))?;
     if shard_bytes == 0 {
         return Err(invalid("spec.shardBytes must be at least 1"));
     }
@@ -54,22 +74,30 @@ pub fn validate(spec: &WorkloadSpec) -> Result<Validated, Invalid> {
     check_uri("spec.model.uri", &spec.model.uri)?;
     check_uri("spec.input.uri", &spec.input.uri)?;
     check_uri("spec.output.uri", &spec.output.uri)?;
-    if let Some(sha) = &spec.model.sha256 {
-        if sha.len() != 64 || !sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-            return Err(invalid("spec.model.sha256 must be 64 lower-case hex digits"));
-        }
+    if let Some(sha) = &spec.model.sha256
+        && (sha.len() != 64 || !sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+    {
+        return Err(invalid(
+            "spec.model.sha256 must be 64 lower-case hex digits",
+        ));
     }
     let kind = match (&spec.task.text_embedding, &spec.task.tensor) {
         (Some(_), Some(_)) | (None, None) => {
-            return Err(invalid("spec.task: set exactly one of textEmbedding or tensor"));
+            return Err(invalid(
+                "spec.task: set exactly one of textEmbedding or tensor",
+            ));
         }
         (Some(te), None) => {
             check_uri("spec.task.textEmbedding.tokenizer", &te.tokenizer)?;
             if te.text_field.is_empty() {
-                return Err(invalid("spec.task.textEmbedding.textField must not be empty"));
+                return Err(invalid(
+                    "spec.task.textEmbedding.textField must not be empty",
+                ));
             }
             if te.max_length == 0 {
-                return Err(invalid("spec.task.textEmbedding.maxLength must be at least 1"));
+                return Err(invalid(
+                    "spec.task.textEmbedding.maxLength must be at least 1",
+                ));
             }
             pb::task::Kind::TextEmbedding(pb::TextEmbedding {
                 tokenizer_uri: te.tokenizer.clone(),
@@ -81,30 +109,46 @@ pub fn validate(spec: &WorkloadSpec) -> Result<Validated, Invalid> {
         }
         (None, Some(t)) => {
             if t.inputs.is_empty() {
-                return Err(invalid("spec.task.tensor.inputs must name at least one model input"));
+                return Err(invalid(
+                    "spec.task.tensor.inputs must name at least one model input",
+                ));
             }
             pb::task::Kind::Tensor(pb::Tensor {
                 inputs: t
                     .inputs
                     .iter()
-                    .map(|i| pb::TensorInput { name: i.name.clone(), field: i.field.clone().unwrap_or_default() })
+                    .map(|i| pb::TensorInput {
+                        name: i.name.clone(),
+                        field: i.field.clone().unwrap_or_default(),
+                    })
                     .collect(),
                 outputs: t.outputs.clone(),
             })
         }
     };
     let min_gpu_memory = match &spec.requirements.min_gpu_memory {
-        Some(q) => parse_bytes(q).map_err(|e| invalid(format!("spec.requirements.minGpuMemory: {e}")))?,
+        Some(q) => {
+            parse_bytes(q).map_err(|e| invalid(format!("spec.requirements.minGpuMemory: {e}")))?
+        }
         None => 0,
     };
     Ok(Validated {
         shard_bytes,
-        model: pb::Model { uri: spec.model.uri.clone(), sha256: spec.model.sha256.clone().unwrap_or_default() },
-        task: pb::Task { kind: Some(kind), id_field: spec.output.id_field.clone() },
+        model: pb::Model {
+            uri: spec.model.uri.clone(),
+            sha256: spec.model.sha256.clone().unwrap_or_default(),
+        },
+        task: pb::Task {
+            kind: Some(kind),
+            id_field: spec.output.id_field.clone(),
+        },
         needs: Needs {
             gpu: spec.requirements.gpu || min_gpu_memory > 0,
             min_gpu_memory,
-            provider: spec.requirements.execution_provider.map(|p| p.as_str().to_string()),
+            provider: spec
+                .requirements
+                .execution_provider
+                .map(|p| p.as_str().to_string()),
         },
     })
 }
@@ -130,14 +174,18 @@ mod tests {
         let v = validate(&spec("  task: {tensor: {inputs: [{name: x, field: feats}], outputs: [y]}}\n  shardBytes: 2Ki\n"))
             .expect("valid");
         assert_eq!(v.shard_bytes, 2048);
-        let Some(pb::task::Kind::Tensor(t)) = v.task.kind else { panic!("tensor") };
+        let Some(pb::task::Kind::Tensor(t)) = v.task.kind else {
+            panic!("tensor")
+        };
         assert_eq!(t.inputs[0].field, "feats");
         assert_eq!(v.task.id_field, "id");
     }
 
     #[test]
     fn both_tasks_or_none_is_invalid_spec() {
-        let both = spec("  task: {tensor: {inputs: [{name: x}]}, textEmbedding: {tokenizer: \"file:///t.json\"}}\n");
+        let both = spec(
+            "  task: {tensor: {inputs: [{name: x}]}, textEmbedding: {tokenizer: \"file:///t.json\"}}\n",
+        );
         let err = validate(&both).expect_err("both");
         assert_eq!(err.reason, "InvalidSpec");
         assert!(err.message.contains("exactly one"), "{err}");
@@ -146,10 +194,15 @@ mod tests {
 
     #[test]
     fn bad_quantities_and_hashes_name_their_field() {
-        let err = validate(&spec("  task: {tensor: {inputs: [{name: x}]}}\n  shardBytes: 1Zi\n")).expect_err("unit");
+        let err = validate(&spec(
+            "  task: {tensor: {inputs: [{name: x}]}}\n  shardBytes: 1Zi\n",
+        ))
+        .expect_err("unit");
         assert!(err.message.starts_with("spec.shardBytes"), "{err}");
-        let err = validate(&spec("  task: {tensor: {inputs: [{name: x}]}}\n  requirements: {minGpuMemory: lots}\n"))
-            .expect_err("qty");
+        let err = validate(&spec(
+            "  task: {tensor: {inputs: [{name: x}]}}\n  requirements: {minGpuMemory: lots}\n",
+        ))
+        .expect_err("qty");
         assert!(err.message.contains("minGpuMemory"), "{err}");
         let mut s = spec("  task: {tensor: {inputs: [{name: x}]}}\n");
         s.model.sha256 = Some("ABC".into());
@@ -157,9 +210,21 @@ mod tests {
     }
 
     #[test]
+    fn unknown_uri_schemes_are_invalid_spec() {
+        let mut s = spec("  task: {tensor: {inputs: [{name: x}]}}\n");
+        s.input.uri = "ftp://host/in.jsonl".into();
+        let err = validate(&s).expect_err("scheme");
+        assert!(err.message.starts_with("spec.input.uri"), "{err}");
+        s.input.uri = "s3://bucket/in.jsonl".into();
+        assert!(validate(&s).is_ok());
+    }
+
+    #[test]
     fn gpu_memory_implies_a_gpu() {
-        let v = validate(&spec("  task: {tensor: {inputs: [{name: x}]}}\n  requirements: {minGpuMemory: 8Gi}\n"))
-            .expect("valid");
+        let v = validate(&spec(
+            "  task: {tensor: {inputs: [{name: x}]}}\n  requirements: {minGpuMemory: 8Gi}\n",
+        ))
+        .expect("valid");
         assert!(v.needs.gpu);
         assert_eq!(v.needs.min_gpu_memory, 8 << 30);
     }

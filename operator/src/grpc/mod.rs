@@ -42,23 +42,32 @@ impl Authenticator for StaticToken {
         // Compare every byte whatever the first mismatch, so timing tells nothing.
         let a = self.0.as_bytes();
         let b = token.as_bytes();
-        let diff = a.iter().zip(b).fold(a.len() ^ b.len(), |acc, (x, y)| acc | usize::from(x ^ y));
-        if diff == 0 { Ok(()) } else { Err(Status::unauthenticated("invalid bearer token")) }
+        let diff = a
+            .iter()
+            .zip(b)
+            .fold(a.len() ^ b.len(), |acc, (x, y)| acc | usize::from(x ^ y));
+        if diff == 0 {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated("invalid bearer token"))
+        }
     }
 }
 
 /// The bearer token of a call.
 pub fn bearer(metadata: &MetadataMap) -> Result<&str, Status> {
-    let value = metadata
-        .get("authorization")
-        .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <token>` metadata"))?;
+    let value = metadata.get("authorization").ok_or_else(|| {
+        Status::unauthenticated("missing `authorization: Bearer <token>` metadata")
+    })?;
     value
         .to_str()
         .ok()
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| Status::unauthenticated("the authorization metadata is not `Bearer <token>`"))
+        .ok_or_else(|| {
+            Status::unauthenticated("the authorization metadata is not `Bearer <token>`")
+        })
 }
 
 /// The AgentService implementation, generic over the store and the authenticator.
@@ -84,7 +93,10 @@ impl<S: Store, A: Authenticator> AgentService for AgentServer<S, A> {
     type AttachStream = UnboundedReceiverStream<Result<OperatorMessage, Status>>;
 
     #[tracing::instrument(skip_all, fields(agent))]
-    async fn attach(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<Self::AttachStream>, Status> {
+    async fn attach(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
         let token = bearer(request.metadata())?;
         self.auth.authenticate(token).await?;
         let mut inbound = request.into_inner();
@@ -92,8 +104,14 @@ impl<S: Store, A: Authenticator> AgentService for AgentServer<S, A> {
             .await
             .map_err(|_| Status::deadline_exceeded("no Hello within 10 seconds"))??;
         let hello = match first {
-            Some(AgentMessage { msg: Some(Up::Hello(hello)) }) => hello,
-            Some(_) => return Err(Status::invalid_argument("the first message on a stream must be Hello")),
+            Some(AgentMessage {
+                msg: Some(Up::Hello(hello)),
+            }) => hello,
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "the first message on a stream must be Hello",
+                ));
+            }
             None => return Err(Status::invalid_argument("stream closed before Hello")),
         };
         tracing::Span::current().record("agent", hello.agent_id.as_str());
@@ -138,7 +156,10 @@ pub async fn serve<S: Store, A: Authenticator>(
 }
 
 /// Expires leases once a second until the core is dropped elsewhere and `stop` fires.
-pub async fn reap_leases<S: Store>(core: Arc<Core<S>>, mut stop: tokio::sync::watch::Receiver<bool>) {
+pub async fn reap_leases<S: Store>(
+    core: Arc<Core<S>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {

@@ -31,8 +31,11 @@ impl Harness {
     async fn start() -> Self {
         let store = SqliteStore::open("sqlite::memory:").await.expect("store");
         let core = Arc::new(Core::new(store));
-        let mesh = "apiVersion: infermesh.dev/v1alpha1\nkind: Mesh\nmetadata: {name: m}\nspec: {}\n";
-        let Some(Manifest::Mesh(m)) = parse_manifests(mesh).expect("mesh").pop() else { panic!("mesh") };
+        let mesh =
+            "apiVersion: infermesh.dev/v1alpha1\nkind: Mesh\nmetadata: {name: m}\nspec: {}\n";
+        let Some(Manifest::Mesh(m)) = parse_manifests(mesh).expect("mesh").pop() else {
+            panic!("mesh")
+        };
         core.upsert_mesh("m", m.spec).await;
         let (conns, incoming) = mpsc::unbounded_channel();
         let server = AgentServer::new(core.clone(), Arc::new(StaticToken::new(TOKEN)));
@@ -41,7 +44,11 @@ impl Harness {
                 .add_service(server.into_service())
                 .serve_with_incoming(UnboundedReceiverStream::new(incoming)),
         );
-        Self { core, conns, _out: tempfile::tempdir().expect("tmp") }
+        Self {
+            core,
+            conns,
+            _out: tempfile::tempdir().expect("tmp"),
+        }
     }
 
     async fn channel(&self) -> Channel {
@@ -51,7 +58,9 @@ impl Harness {
         Endpoint::try_from("http://in-memory")
             .expect("endpoint")
             .connect_with_connector(tower::service_fn(move |_| {
-                let io = client.take().ok_or_else(|| std::io::Error::other("one connection per channel"));
+                let io = client
+                    .take()
+                    .ok_or_else(|| std::io::Error::other("one connection per channel"));
                 async move { io.map(TokioIo::new) }
             }))
             .await
@@ -63,13 +72,19 @@ impl Harness {
         &self,
         token: Option<&str>,
         first: pb::AgentMessage,
-    ) -> (mpsc::Sender<pb::AgentMessage>, Result<Streaming<pb::OperatorMessage>, tonic::Status>) {
+    ) -> (
+        mpsc::Sender<pb::AgentMessage>,
+        Result<Streaming<pb::OperatorMessage>, tonic::Status>,
+    ) {
         let mut client = AgentServiceClient::new(self.channel().await);
         let (tx, rx) = mpsc::channel(16);
         tx.send(first).await.expect("queue first message");
         let mut req = tonic::Request::new(ReceiverStream::new(rx));
         if let Some(t) = token {
-            req.metadata_mut().insert("authorization", format!("Bearer {t}").parse().expect("header"));
+            req.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {t}").parse().expect("header"),
+            );
         }
         (tx, client.attach(req).await.map(|r| r.into_inner()))
     }
@@ -81,9 +96,17 @@ impl Harness {
              model: {{uri: \"file:///m.onnx\"}}\n  task: {{tensor: {{inputs: [{{name: x}}]}}}}\n  \
              input: {{uri: \"file:///in.jsonl\"}}\n  output: {{uri: \"{out}\"}}\n  shardBytes: \"10\"\n"
         );
-        let Some(Manifest::Workload(w)) = parse_manifests(&yaml).expect("wl").pop() else { panic!("workload") };
+        let Some(Manifest::Workload(w)) = parse_manifests(&yaml).expect("wl").pop() else {
+            panic!("workload")
+        };
         self.core
-            .submit(Submission { namespace: "ns".into(), name: "w".into(), uid: "u".into(), spec: w.spec, input_size: shards * 10 })
+            .submit(Submission {
+                namespace: "ns".into(),
+                name: "w".into(),
+                uid: "u".into(),
+                spec: w.spec,
+                input_size: shards * 10,
+            })
             .await
             .expect("submit");
     }
@@ -96,7 +119,11 @@ fn hello(id: &str, slots: u32) -> pb::AgentMessage {
             node: "n".into(),
             mesh: "m".into(),
             version: "test".into(),
-            capabilities: Some(pb::Capabilities { execution_providers: vec!["cpu".into()], slots, ..Default::default() }),
+            capabilities: Some(pb::Capabilities {
+                execution_providers: vec!["cpu".into()],
+                slots,
+                ..Default::default()
+            }),
         })),
     }
 }
@@ -105,7 +132,9 @@ async fn next(stream: &mut Streaming<pb::OperatorMessage>) -> Result<Down, tonic
     let msg = tokio::time::timeout(std::time::Duration::from_secs(5), stream.message())
         .await
         .expect("a message within 5s")?;
-    Ok(msg.and_then(|m| m.msg).expect("a message, not the end of the stream"))
+    Ok(msg
+        .and_then(|m| m.msg)
+        .expect("a message, not the end of the stream"))
 }
 
 #[tokio::test]
@@ -131,14 +160,20 @@ async fn a_bad_or_missing_token_is_unauthenticated() {
     let (_tx, resp) = h.attach(None, hello("a", 1)).await;
     let status = resp.expect_err("refused");
     assert_eq!(status.code(), Code::Unauthenticated);
-    assert!(status.message().contains("authorization"), "{}", status.message());
+    assert!(
+        status.message().contains("authorization"),
+        "{}",
+        status.message()
+    );
     assert!(h.core.agents().await.is_empty(), "no agent registered");
 }
 
 #[tokio::test]
 async fn a_first_message_that_is_not_hello_is_invalid_argument() {
     let h = Harness::start().await;
-    let beat = pb::AgentMessage { msg: Some(Up::Heartbeat(pb::Heartbeat::default())) };
+    let beat = pb::AgentMessage {
+        msg: Some(Up::Heartbeat(pb::Heartbeat::default())),
+    };
     let (_tx, resp) = h.attach(Some(TOKEN), beat).await;
     assert_eq!(resp.expect_err("refused").code(), Code::InvalidArgument);
     let (_tx, resp) = h.attach(Some(TOKEN), hello("", 1)).await;
@@ -155,13 +190,18 @@ async fn a_malformed_message_ends_that_stream_and_does_not_disturb_another_agent
     let mut good = resp.expect("attached");
     assert!(matches!(next(&mut good).await, Ok(Down::Welcome(_))));
 
-    tx_bad.send(pb::AgentMessage { msg: None }).await.expect("send");
+    tx_bad
+        .send(pb::AgentMessage { msg: None })
+        .await
+        .expect("send");
     let status = next(&mut bad).await.expect_err("the bad stream ends");
     assert_eq!(status.code(), Code::InvalidArgument);
 
     // The good agent still gets work and completes it.
     h.submit(1).await;
-    let Down::Assign(assign) = next(&mut good).await.expect("assign") else { panic!("expected Assign") };
+    let Down::Assign(assign) = next(&mut good).await.expect("assign") else {
+        panic!("expected Assign")
+    };
     let shard = assign.shard.expect("shard");
     let done = pb::Completed {
         shard: Some(shard),
@@ -172,7 +212,12 @@ async fn a_malformed_message_ends_that_stream_and_does_not_disturb_another_agent
         device: "cpu".into(),
         output_bytes: 1,
     };
-    tx_good.send(pb::AgentMessage { msg: Some(Up::Completed(done)) }).await.expect("send");
+    tx_good
+        .send(pb::AgentMessage {
+            msg: Some(Up::Completed(done)),
+        })
+        .await
+        .expect("send");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         let w = &h.core.workloads().await[0];
@@ -180,7 +225,11 @@ async fn a_malformed_message_ends_that_stream_and_does_not_disturb_another_agent
             assert_eq!(w.records, 3);
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "workload did not finish: {:?}", w.phase);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "workload did not finish: {:?}",
+            w.phase
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let agents = h.core.agents().await;

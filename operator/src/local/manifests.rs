@@ -38,7 +38,11 @@ pub fn absolutize(uri: &str, base: &Path) -> String {
     if uri.contains("://") {
         return uri.to_string();
     }
-    let path = if Path::new(uri).is_absolute() { PathBuf::from(uri) } else { base.join(uri) };
+    let path = if Path::new(uri).is_absolute() {
+        PathBuf::from(uri)
+    } else {
+        base.join(uri)
+    };
     let mut normal = PathBuf::new();
     for c in path.components() {
         match c {
@@ -66,7 +70,8 @@ async fn must_exist(what: &str, reason: &str, uri: &str) -> Result<u64, String> 
 
 /// Reads, checks and resolves the manifest file.
 pub async fn load_plan(file: &Path, default_namespace: &str) -> Result<LocalPlan, String> {
-    let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
     let docs = parse_manifests(&text).map_err(|e| format!("{}: {e}", file.display()))?;
     let base = file
         .canonicalize()
@@ -88,7 +93,11 @@ pub async fn load_plan(file: &Path, default_namespace: &str) -> Result<LocalPlan
         return Err(format!("{}: no Workload to run", file.display()));
     }
     for w in workloads {
-        let namespace = w.metadata.namespace.clone().unwrap_or_else(|| default_namespace.to_string());
+        let namespace = w
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| default_namespace.to_string());
         let name = w.metadata.name.clone().unwrap_or_else(|| "workload".into());
         let who = format!("Workload {namespace}/{name}");
         let mut spec = w.spec;
@@ -100,14 +109,29 @@ pub async fn load_plan(file: &Path, default_namespace: &str) -> Result<LocalPlan
         }
         validate(&spec).map_err(|e| format!("{who}: {e}"))?;
         if !plan.meshes.contains_key(&spec.mesh) {
-            return Err(format!("{who}: MeshNotFound: mesh `{}` is not defined in {}", spec.mesh, file.display()));
+            return Err(format!(
+                "{who}: MeshNotFound: mesh `{}` is not defined in {}",
+                spec.mesh,
+                file.display()
+            ));
         }
-        let input_size = must_exist("input", "InputNotFound", &spec.input.uri).await.map_err(|e| format!("{who}: {e}"))?;
-        must_exist("model", "ModelNotFound", &spec.model.uri).await.map_err(|e| format!("{who}: {e}"))?;
+        let input_size = must_exist("input", "InputNotFound", &spec.input.uri)
+            .await
+            .map_err(|e| format!("{who}: {e}"))?;
+        must_exist("model", "ModelNotFound", &spec.model.uri)
+            .await
+            .map_err(|e| format!("{who}: {e}"))?;
         if let Some(te) = &spec.task.text_embedding {
-            must_exist("tokenizer", "TokenizerNotFound", &te.tokenizer).await.map_err(|e| format!("{who}: {e}"))?;
+            must_exist("tokenizer", "TokenizerNotFound", &te.tokenizer)
+                .await
+                .map_err(|e| format!("{who}: {e}"))?;
         }
-        plan.workloads.push(LocalWorkload { namespace, name, spec, input_size });
+        plan.workloads.push(LocalWorkload {
+            namespace,
+            name,
+            spec,
+            input_size,
+        });
     }
     Ok(plan)
 }
@@ -119,8 +143,14 @@ mod tests {
     #[test]
     fn relative_paths_resolve_from_the_manifest_directory() {
         let base = Path::new("/srv/jobs");
-        assert_eq!(absolutize("data/in.jsonl", base), "file:///srv/jobs/data/in.jsonl");
-        assert_eq!(absolutize("../models/m.onnx", base), "file:///srv/models/m.onnx");
+        assert_eq!(
+            absolutize("data/in.jsonl", base),
+            "file:///srv/jobs/data/in.jsonl"
+        );
+        assert_eq!(
+            absolutize("../models/m.onnx", base),
+            "file:///srv/models/m.onnx"
+        );
         assert_eq!(absolutize("out/", base), "file:///srv/jobs/out/");
         assert_eq!(absolutize("/abs/x", base), "file:///abs/x");
         assert_eq!(absolutize("s3://bucket/x", base), "s3://bucket/x");

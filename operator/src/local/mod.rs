@@ -21,7 +21,7 @@ use crate::core::{Core, Submission};
 use crate::grpc::{self, StaticToken};
 use crate::store::{Store, sqlite};
 
-pub use manifests::{LocalPlan, load_plan};
+pub use manifests::{LocalPlan, absolutize, load_plan};
 
 /// Options of `infermesh local`.
 #[derive(Args, Debug, Clone)]
@@ -63,7 +63,10 @@ pub fn infermesh_home() -> PathBuf {
     if let Some(cache) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(cache).join("infermesh");
     }
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp")).join(".cache/infermesh")
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+        .join(".cache/infermesh")
 }
 
 /// `sqlite://<infermesh home>/local.db`.
@@ -73,15 +76,27 @@ pub fn default_database_url() -> String {
 
 fn agent_binary(explicit: Option<&PathBuf>) -> Result<PathBuf, String> {
     if let Some(p) = explicit {
-        return if p.is_file() { Ok(p.clone()) } else { Err(format!("agent binary {} does not exist", p.display())) };
+        return if p.is_file() {
+            Ok(p.clone())
+        } else {
+            Err(format!("agent binary {} does not exist", p.display()))
+        };
     }
-    let sibling = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("infermesh-agent")));
+    let sibling = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("infermesh-agent")));
     if let Some(s) = sibling.filter(|s| s.is_file()) {
         return Ok(s);
     }
     std::env::var_os("PATH")
-        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("infermesh-agent")).find(|p| p.is_file()))
-        .ok_or_else(|| "infermesh-agent not found next to infermesh or on PATH (use --agent-bin)".to_string())
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("infermesh-agent"))
+                .find(|p| p.is_file())
+        })
+        .ok_or_else(|| {
+            "infermesh-agent not found next to infermesh or on PATH (use --agent-bin)".to_string()
+        })
 }
 
 struct AgentProcess {
@@ -109,17 +124,23 @@ async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
     if args.agents == 0 {
         return Err("--agents must be at least 1".into());
     }
-    let store = sqlite::open(&args.database_url).await.map_err(|e| format!("{}: {e}", args.database_url))?;
+    let store = sqlite::open(&args.database_url)
+        .await
+        .map_err(|e| format!("{}: {e}", args.database_url))?;
     let core = Arc::new(Core::new(store));
     for (name, spec) in &plan.meshes {
         core.upsert_mesh(name, spec.clone()).await;
     }
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| format!("cannot listen on loopback: {e}"))?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| format!("cannot listen on loopback: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let token: String = {
         let mut rng = rand::rng();
-        (0..32).map(|_| format!("{:02x}", rng.random::<u8>())).collect()
+        (0..32)
+            .map(|_| format!("{:02x}", rng.random::<u8>()))
+            .collect()
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = {
@@ -136,10 +157,15 @@ async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
     let reaper = tokio::spawn(grpc::reap_leases(core.clone(), stop_rx.clone()));
 
     let run_id: String = format!("{:08x}", rand::rng().random::<u32>());
-    let work_dir = args.work_dir.clone().unwrap_or_else(|| infermesh_home().join("local"));
+    let work_dir = args
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| infermesh_home().join("local"));
     let log_dir = work_dir.join(format!("run-{run_id}"));
     std::fs::create_dir_all(&log_dir).map_err(|e| format!("{}: {e}", log_dir.display()))?;
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
 
     let mut agents: Vec<AgentProcess> = Vec::new();
     for (mesh_name, mesh) in &plan.meshes {
@@ -148,17 +174,35 @@ async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
             .threads
             .or(mesh.agent.intra_op_threads.map(|t| t as usize))
             .unwrap_or_else(|| (cores / (args.agents * slots)).max(1));
-        let providers: Vec<&str> = mesh.agent.execution_providers.iter().map(|p| p.as_str()).collect();
+        let providers: Vec<&str> = mesh
+            .agent
+            .execution_providers
+            .iter()
+            .map(|p| p.as_str())
+            .collect();
         for i in 0..args.agents {
             let id = format!("{mesh_name}-local-{i}");
             let log = log_dir.join(format!("{id}.log"));
-            let log_file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+            let log_file =
+                std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
             let child = Command::new(&agent_bin)
                 .env("INFERMESH_TOKEN", &token)
                 .arg("--operator")
                 .arg(format!("http://{addr}"))
-                .args(["--mesh", mesh_name, "--node", &format!("local-{i}"), "--agent-id", &id])
-                .args(["--slots", &slots.to_string(), "--intra-op-threads", &threads.to_string()])
+                .args([
+                    "--mesh",
+                    mesh_name,
+                    "--node",
+                    &format!("local-{i}"),
+                    "--agent-id",
+                    &id,
+                ])
+                .args([
+                    "--slots",
+                    &slots.to_string(),
+                    "--intra-op-threads",
+                    &threads.to_string(),
+                ])
                 .arg("--execution-providers")
                 .arg(providers.join(","))
                 .arg("--model-cache")
@@ -169,7 +213,13 @@ async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
                 .kill_on_drop(true)
                 .spawn()
                 .map_err(|e| format!("cannot start {}: {e}", agent_bin.display()))?;
-            agents.push(AgentProcess { id, mesh: mesh_name.clone(), log, child, exit: None });
+            agents.push(AgentProcess {
+                id,
+                mesh: mesh_name.clone(),
+                log,
+                child,
+                exit: None,
+            });
         }
     }
 
@@ -197,19 +247,40 @@ async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
     let workloads = core.workloads().await;
     let agent_summaries = core.agents().await;
     let balances = core.store().balances().await.unwrap_or_default();
-    summary::print(&workloads, &agent_summaries, &agents_info(&agents), wall, &args.database_url, &balances, &log_dir);
+    summary::print(
+        &workloads,
+        &agent_summaries,
+        &agents_info(&agents),
+        wall,
+        &args.database_url,
+        &balances,
+        &log_dir,
+    );
     if let Err(e) = outcome {
         eprintln!("infermesh local: {e}");
         return Ok(ExitCode::FAILURE);
     }
-    let ok = !workloads.is_empty() && workloads.iter().all(|w| w.phase == WorkloadPhase::Succeeded);
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    let ok = !workloads.is_empty()
+        && workloads
+            .iter()
+            .all(|w| w.phase == WorkloadPhase::Succeeded);
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn agents_info(agents: &[AgentProcess]) -> Vec<(String, String, Option<i32>)> {
     agents
         .iter()
-        .map(|a| (a.id.clone(), a.log.display().to_string(), a.exit.and_then(|s| s.code())))
+        .map(|a| {
+            (
+                a.id.clone(),
+                a.log.display().to_string(),
+                a.exit.and_then(|s| s.code()),
+            )
+        })
         .collect()
 }
 
@@ -230,11 +301,19 @@ async fn drive<S: Store>(
         for a in agents.iter_mut() {
             if let Ok(Some(status)) = a.child.try_wait() {
                 a.exit = Some(status);
-                return Err(format!("agent {} exited ({status}) before attaching:\n{}", a.id, log_tail(&a.log)));
+                return Err(format!(
+                    "agent {} exited ({status}) before attaching:\n{}",
+                    a.id,
+                    log_tail(&a.log)
+                ));
             }
         }
         if Instant::now() > attach_deadline {
-            return Err(format!("only {attached} of {} agents attached within 60s; logs in {}", agents.len(), agents[0].log.display()));
+            return Err(format!(
+                "only {attached} of {} agents attached within 60s; logs in {}",
+                agents.len(),
+                agents[0].log.display()
+            ));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -244,11 +323,9 @@ async fn drive<S: Store>(
     } else {
         ProgressDrawTarget::stderr()
     });
-    let style = ProgressStyle::with_template(
-        "{prefix:<28} [{bar:32}] {percent:>3}% {msg}",
-    )
-    .map_err(|e| e.to_string())?
-    .progress_chars("=> ");
+    let style = ProgressStyle::with_template("{prefix:<28} [{bar:32}] {percent:>3}% {msg}")
+        .map_err(|e| e.to_string())?
+        .progress_chars("=> ");
     let mut tracked = Vec::new();
     for w in &plan.workloads {
         let uid = format!("{:08x}", rand::rng().random::<u32>());
@@ -268,7 +345,9 @@ async fn drive<S: Store>(
         tracked.push((key, bar));
     }
 
-    let deadline = args.timeout.map(|t| Instant::now() + Duration::from_secs(t));
+    let deadline = args
+        .timeout
+        .map(|t| Instant::now() + Duration::from_secs(t));
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tick.tick().await;
@@ -293,18 +372,35 @@ async fn drive<S: Store>(
             return Ok(());
         }
         for a in agents.iter_mut() {
-            if a.exit.is_none() {
-                if let Ok(Some(status)) = a.child.try_wait() {
-                    a.exit = Some(status);
-                    bars.suspend(|| eprintln!("agent {} exited ({status}); log: {}", a.id, a.log.display()));
-                }
+            if a.exit.is_none()
+                && let Ok(Some(status)) = a.child.try_wait()
+            {
+                a.exit = Some(status);
+                bars.suspend(|| {
+                    eprintln!("agent {} exited ({status}); log: {}", a.id, a.log.display())
+                });
             }
         }
-        let unfinished_meshes: Vec<&String> = summaries.iter().filter(|s| !s.phase.is_terminal()).map(|s| &s.mesh).collect();
+        let unfinished_meshes: Vec<&String> = summaries
+            .iter()
+            .filter(|s| !s.phase.is_terminal())
+            .map(|s| &s.mesh)
+            .collect();
         for mesh in unfinished_meshes {
-            if agents.iter().filter(|a| &a.mesh == mesh).all(|a| a.exit.is_some()) {
-                let last = agents.iter().rev().find(|a| &a.mesh == mesh).map(|a| log_tail(&a.log)).unwrap_or_default();
-                return Err(format!("every agent of mesh {mesh} exited with work left; last log:\n{last}"));
+            if agents
+                .iter()
+                .filter(|a| &a.mesh == mesh)
+                .all(|a| a.exit.is_some())
+            {
+                let last = agents
+                    .iter()
+                    .rev()
+                    .find(|a| &a.mesh == mesh)
+                    .map(|a| log_tail(&a.log))
+                    .unwrap_or_default();
+                return Err(format!(
+                    "every agent of mesh {mesh} exited with work left; last log:\n{last}"
+                ));
             }
         }
         if deadline.is_some_and(|d| Instant::now() > d) {

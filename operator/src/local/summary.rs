@@ -45,12 +45,18 @@ pub fn print(
         );
     }
     println!();
-    println!("{:<24} {:<10} {:>7} {:>14} {:<10} {}", "AGENT", "NODE", "SHARDS", "CREDITS", "DEVICE", "EXIT");
+    println!(
+        "{:<24} {:<10} {:>7} {:>14} {:<10} EXIT",
+        "AGENT", "NODE", "SHARDS", "CREDITS", "DEVICE"
+    );
     for a in agents {
         let exit = processes
             .iter()
             .find(|(id, _, _)| *id == a.id)
-            .map(|(_, _, code)| code.map(|c| c.to_string()).unwrap_or_else(|| "killed".into()))
+            .map(|(_, _, code)| {
+                code.map(|c| c.to_string())
+                    .unwrap_or_else(|| "killed".into())
+            })
             .unwrap_or_default();
         println!(
             "{:<24} {:<10} {:>7} {:>14} {:<10} {}",
@@ -65,9 +71,15 @@ pub fn print(
     println!();
     for w in workloads {
         if w.phase == infermesh_crds::WorkloadPhase::Succeeded {
-            println!("{}/{}: outputs in {} ({} parts + _SUCCESS.json)", w.namespace, w.name, w.output_uri, w.shards_total);
+            println!(
+                "{}/{}: outputs in {} ({} parts + _SUCCESS.json)",
+                w.namespace, w.name, w.output_uri, w.shards_total
+            );
         } else {
-            println!("{}/{}: {:?} — {}: {}", w.namespace, w.name, w.phase, w.reason, w.message);
+            println!(
+                "{}/{}: {:?} — {}: {}",
+                w.namespace, w.name, w.phase, w.reason, w.message
+            );
         }
     }
     let spent: Vec<String> = balances
@@ -75,6 +87,13 @@ pub fn print(
         .filter(|(a, _)| a.starts_with("namespace/"))
         .map(|(a, b)| format!("{a} {}", format_credits(*b)))
         .collect();
-    println!("ledger: {database_url} (balances: {})", if spent.is_empty() { "-".to_string() } else { spent.join(", ") });
+    println!(
+        "ledger: {database_url} (balances: {})",
+        if spent.is_empty() {
+            "-".to_string()
+        } else {
+            spent.join(", ")
+        }
+    );
     println!("agent logs: {}", log_dir.display());
 }

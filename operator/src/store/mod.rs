@@ -146,7 +146,14 @@ pub struct Event {
 impl Event {
     /// An event of `kind` with a message and nothing else set.
     pub fn new(kind: EventKind, message: impl Into<String>) -> Self {
-        Self { kind, workload_uid: None, shard: None, attempt: None, agent: None, message: message.into() }
+        Self {
+            kind,
+            workload_uid: None,
+            shard: None,
+            attempt: None,
+            agent: None,
+            message: message.into(),
+        }
     }
 
     /// Sets the workload.
@@ -251,7 +258,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records a completion. The first for a shard marks it succeeded and writes its charge
     /// (namespace -> agent) in one transaction; any later one changes nothing but the log.
-    fn complete(&self, c: &CompletionRecord) -> impl Future<Output = Result<ChargeOutcome, StoreError>> + Send;
+    fn complete(
+        &self,
+        c: &CompletionRecord,
+    ) -> impl Future<Output = Result<ChargeOutcome, StoreError>> + Send;
 
     /// A shard attempt was lost or failed and the shard goes back to the queue.
     fn requeue(
@@ -285,7 +295,10 @@ pub trait Store: Send + Sync + 'static {
     fn append(&self, event: &Event) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Reads events in sequence order.
-    fn events(&self, filter: &EventFilter) -> impl Future<Output = Result<Vec<EventRow>, StoreError>> + Send;
+    fn events(
+        &self,
+        filter: &EventFilter,
+    ) -> impl Future<Output = Result<Vec<EventRow>, StoreError>> + Send;
 
     /// Balance of every account, in micro-credits.
     fn balances(&self) -> impl Future<Output = Result<Vec<(String, i64)>, StoreError>> + Send;

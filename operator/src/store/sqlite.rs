@@ -3,12 +3,14 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::{
-    Charge, ChargeOutcome, CompletionRecord, Event, EventFilter, EventKind, EventRow, ShardRecord, Store,
-    StoreError, WorkloadRecord, agent_account, namespace_account,
+    Charge, ChargeOutcome, CompletionRecord, Event, EventFilter, EventKind, EventRow, ShardRecord,
+    Store, StoreError, WorkloadRecord, agent_account, namespace_account,
 };
 
 fn now() -> String {
@@ -32,7 +34,10 @@ impl SqliteStore {
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
         // One connection: SQLite has one writer anyway, and it keeps `:memory:` one database.
-        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
         Ok(Self { pool })
     }
@@ -61,7 +66,11 @@ async fn insert_event(tx: &mut Transaction<'_, Sqlite>, e: &Event) -> Result<(),
 }
 
 impl Store for SqliteStore {
-    async fn create_workload(&self, w: &WorkloadRecord, shards: &[ShardRecord]) -> Result<(), StoreError> {
+    async fn create_workload(
+        &self,
+        w: &WorkloadRecord,
+        shards: &[ShardRecord],
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         let at = now();
         sqlx::query(
@@ -99,12 +108,22 @@ impl Store for SqliteStore {
             w.input_bytes,
             shards.len()
         );
-        insert_event(&mut tx, &Event::new(EventKind::WorkloadAdmitted, msg).workload(&w.uid)).await?;
+        insert_event(
+            &mut tx,
+            &Event::new(EventKind::WorkloadAdmitted, msg).workload(&w.uid),
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
 
-    async fn assign(&self, uid: &str, shard: u32, attempt: u32, agent: &str) -> Result<(), StoreError> {
+    async fn assign(
+        &self,
+        uid: &str,
+        shard: u32,
+        attempt: u32,
+        agent: &str,
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "UPDATE shards SET state = 'running', attempt = ?, agent = ?, updated_at = ? \
@@ -117,10 +136,13 @@ impl Store for SqliteStore {
         .bind(i64::from(shard))
         .execute(&mut *tx)
         .await?;
-        let e = Event::new(EventKind::ShardAssigned, format!("attempt {attempt} on {agent}"))
-            .workload(uid)
-            .shard(shard, attempt)
-            .agent(agent);
+        let e = Event::new(
+            EventKind::ShardAssigned,
+            format!("attempt {attempt} on {agent}"),
+        )
+        .workload(uid)
+        .shard(shard, attempt)
+        .agent(agent);
         insert_event(&mut tx, &e).await?;
         tx.commit().await?;
         Ok(())
@@ -145,10 +167,16 @@ impl Store for SqliteStore {
         .await?
         .rows_affected();
         if updated == 0 {
-            let e = Event::new(EventKind::ShardDuplicate, format!("attempt {} on {} ignored: shard already done", c.attempt, c.agent))
-                .workload(&c.workload_uid)
-                .shard(c.shard, c.attempt)
-                .agent(&c.agent);
+            let e = Event::new(
+                EventKind::ShardDuplicate,
+                format!(
+                    "attempt {} on {} ignored: shard already done",
+                    c.attempt, c.agent
+                ),
+            )
+            .workload(&c.workload_uid)
+            .shard(c.shard, c.attempt)
+            .agent(&c.agent);
             insert_event(&mut tx, &e).await?;
             tx.commit().await?;
             return Ok(ChargeOutcome::Duplicate);
@@ -167,7 +195,10 @@ impl Store for SqliteStore {
         .fetch_one(&mut *tx)
         .await?
         .try_get(0)?;
-        for (account, amount) in [(namespace_account(&c.namespace), -c.price), (agent_account(&c.agent), c.price)] {
+        for (account, amount) in [
+            (namespace_account(&c.namespace), -c.price),
+            (agent_account(&c.agent), c.price),
+        ] {
             sqlx::query("INSERT INTO ledger_entries (tx_id, account, amount) VALUES (?, ?, ?)")
                 .bind(tx_id)
                 .bind(account)
@@ -177,7 +208,10 @@ impl Store for SqliteStore {
         }
         let e = Event::new(
             EventKind::ShardCompleted,
-            format!("{} records by {} in {:.3}s ({}), charged {} micro-credits", c.records, c.agent, c.compute_seconds, c.device, c.price),
+            format!(
+                "{} records by {} in {:.3}s ({}), charged {} micro-credits",
+                c.records, c.agent, c.compute_seconds, c.device, c.price
+            ),
         )
         .workload(&c.workload_uid)
         .shard(c.shard, c.attempt)
@@ -187,7 +221,14 @@ impl Store for SqliteStore {
         Ok(ChargeOutcome::Charged)
     }
 
-    async fn requeue(&self, uid: &str, shard: u32, attempt: u32, agent: Option<&str>, reason: &str) -> Result<(), StoreError> {
+    async fn requeue(
+        &self,
+        uid: &str,
+        shard: u32,
+        attempt: u32,
+        agent: Option<&str>,
+        reason: &str,
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "UPDATE shards SET state = 'pending', agent = NULL, error = ?, updated_at = ? \
@@ -199,14 +240,23 @@ impl Store for SqliteStore {
         .bind(i64::from(shard))
         .execute(&mut *tx)
         .await?;
-        let mut e = Event::new(EventKind::ShardRequeued, reason).workload(uid).shard(shard, attempt);
+        let mut e = Event::new(EventKind::ShardRequeued, reason)
+            .workload(uid)
+            .shard(shard, attempt);
         e.agent = agent.map(str::to_string);
         insert_event(&mut tx, &e).await?;
         tx.commit().await?;
         Ok(())
     }
 
-    async fn fail_shard(&self, uid: &str, shard: u32, attempt: u32, agent: Option<&str>, message: &str) -> Result<(), StoreError> {
+    async fn fail_shard(
+        &self,
+        uid: &str,
+        shard: u32,
+        attempt: u32,
+        agent: Option<&str>,
+        message: &str,
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "UPDATE shards SET state = 'failed', error = ?, updated_at = ? \
@@ -218,14 +268,21 @@ impl Store for SqliteStore {
         .bind(i64::from(shard))
         .execute(&mut *tx)
         .await?;
-        let mut e = Event::new(EventKind::ShardFailed, message).workload(uid).shard(shard, attempt);
+        let mut e = Event::new(EventKind::ShardFailed, message)
+            .workload(uid)
+            .shard(shard, attempt);
         e.agent = agent.map(str::to_string);
         insert_event(&mut tx, &e).await?;
         tx.commit().await?;
         Ok(())
     }
 
-    async fn finish_workload(&self, uid: &str, phase: &str, message: &str) -> Result<(), StoreError> {
+    async fn finish_workload(
+        &self,
+        uid: &str,
+        phase: &str,
+        message: &str,
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("UPDATE workloads SET phase = ?, message = ?, finished_at = ? WHERE uid = ?")
             .bind(phase)
@@ -234,7 +291,11 @@ impl Store for SqliteStore {
             .bind(uid)
             .execute(&mut *tx)
             .await?;
-        let kind = if phase == "Succeeded" { EventKind::WorkloadSucceeded } else { EventKind::WorkloadFailed };
+        let kind = if phase == "Succeeded" {
+            EventKind::WorkloadSucceeded
+        } else {
+            EventKind::WorkloadFailed
+        };
         insert_event(&mut tx, &Event::new(kind, message).workload(uid)).await?;
         tx.commit().await?;
         Ok(())
@@ -307,7 +368,9 @@ impl Store for SqliteStore {
                     workload_uid: r.try_get("workload_uid")?,
                     shard: r.try_get::<i64, _>("shard_idx")? as u32,
                     from: r.try_get::<Option<String>, _>("debit")?.unwrap_or_default(),
-                    to: r.try_get::<Option<String>, _>("credit")?.unwrap_or_default(),
+                    to: r
+                        .try_get::<Option<String>, _>("credit")?
+                        .unwrap_or_default(),
                     amount: r.try_get::<Option<i64>, _>("amount")?.unwrap_or(0),
                 })
             })

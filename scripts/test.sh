@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): installs what is missing, then checks formatting and
+# lints, and runs every test of the workspace — unit, in-process gRPC, and end-to-end tests
+# that start `infermesh local` with real agent processes and real ONNX Runtime.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+
+echo "[test] cargo fmt --check"
+cargo fmt --all -- --check
+echo "[test] cargo clippy (warnings denied)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "[test] cargo test"
+cargo test --workspace --locked
