@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use infermesh_operator::core::pricing::format_credits;
 use infermesh_operator::local::{self, LocalArgs};
-use infermesh_operator::store::{EventFilter, Store, sqlite};
+use infermesh_operator::store::{self, EventFilter, Store};
 
 /// Batch ONNX inference across the GPU nodes of a cluster, or on one machine.
 #[derive(Parser, Debug)]
@@ -107,7 +107,7 @@ fn main() -> ExitCode {
 }
 
 async fn ledger(url: &str, command: LedgerCommand) -> anyhow::Result<()> {
-    let store = sqlite::open(url).await?;
+    let store = store::open(url).await?;
     match command {
         LedgerCommand::Balance => {
             println!("{:<40} {:>18}", "ACCOUNT", "CREDITS");

@@ -71,8 +71,24 @@ fn main() -> ExitCode {
     }
 }
 
-/// One pass: what an agent does to a shard's bytes, over the whole corpus. Returns the records
-/// done and the serialized output size (kept so the work cannot be optimised away).
+/// Seconds one pass spent in each step.
+#[derive(Clone, Copy, Debug, Default)]
+struct Phases {
+    parse: f64,
+    tokenize: f64,
+    embed: f64,
+    serialize: f64,
+}
+
+/// What one pass did: records, serialized output bytes (kept so the work cannot be optimised
+/// away), and where the time went.
+struct PassResult {
+    records: usize,
+    bytes: usize,
+    phases: Phases,
+}
+
+/// One pass: what an agent does to a shard's bytes, over the whole corpus.
 fn pass(
     embedder: &Embedder,
     session: &mut Session,
@@ -81,10 +97,20 @@ fn pass(
     batch: usize,
     id_field: &str,
     cancel: &AtomicBool,
-) -> anyhow::Result<(usize, usize)> {
+) -> anyhow::Result<PassResult> {
+    let mut t = Instant::now();
+    let mut lap = || {
+        let now = Instant::now();
+        let secs = now.duration_since(t).as_secs_f64();
+        t = now;
+        secs
+    };
     let parsed = parse_records(origin, records(0, data))?;
+    let parse = lap();
     let encodings = embedder.encode(origin, &parsed)?;
+    let tokenize = lap();
     let vectors = embedder.embed(session, &encodings, batch, cancel)?;
+    let embed = lap();
     let mut out = Vec::with_capacity(parsed.len() * 64);
     for (rec, v) in parsed.iter().zip(vectors) {
         let mut line = Map::new();
@@ -95,7 +121,17 @@ fn pass(
         serde_json::to_writer(&mut out, &line)?;
         out.push(b'\n');
     }
-    Ok((parsed.len(), out.len()))
+    let serialize = lap();
+    Ok(PassResult {
+        records: parsed.len(),
+        bytes: out.len(),
+        phases: Phases {
+            parse,
+            tokenize,
+            embed,
+            serialize,
+        },
+    })
 }
 
 fn median(sorted: &[f64]) -> f64 {
@@ -170,9 +206,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
 
     let mut rates = Vec::with_capacity(args.repeat);
     let mut n_records = 0;
+    let mut passes = Vec::with_capacity(args.repeat);
     for i in 0..args.repeat {
         let t = Instant::now();
-        let (n, bytes) = pass(
+        let r = pass(
             &embedder,
             &mut session,
             &origin,
@@ -182,15 +219,30 @@ fn run(args: &Args) -> anyhow::Result<()> {
             &cancel,
         )?;
         let secs = t.elapsed().as_secs_f64().max(1e-9);
+        let n = r.records;
         n_records = n;
         rates.push(n as f64 / secs);
+        let p = r.phases;
         if !args.json {
             println!(
-                "pass {}: {n} records in {secs:.2}s ({:.1} records/s, {bytes} output bytes)",
+                "pass {}: {n} records in {secs:.2}s ({:.1} records/s, {} output bytes; \
+                 parse {:.2}s, tokenize {:.2}s, inference+pooling {:.2}s, serialize {:.2}s)",
                 i + 1,
-                n as f64 / secs
+                n as f64 / secs,
+                r.bytes,
+                p.parse,
+                p.tokenize,
+                p.embed,
+                p.serialize
             );
         }
+        passes.push(serde_json::json!({
+            "seconds": secs,
+            "parse_s": p.parse,
+            "tokenize_s": p.tokenize,
+            "embed_s": p.embed,
+            "serialize_s": p.serialize,
+        }));
     }
     rates.sort_by(f64::total_cmp);
     let best = rates.last().copied().unwrap_or(0.0);
@@ -203,6 +255,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             "threads": threads,
             "batch": batch,
             "repeat": args.repeat,
+            "passes": passes,
         });
         println!("{obj}");
     } else {

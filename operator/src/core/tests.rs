@@ -9,13 +9,13 @@ use pb::operator_message::Msg as Down;
 use tokio::sync::mpsc;
 
 use super::*;
-use crate::store::sqlite::SqliteStore;
-use crate::store::{EventFilter, Store};
+use crate::store::testing::{Backend, both};
+use crate::store::{AnyStore, EventFilter, Store};
 
 type Rx = mpsc::UnboundedReceiver<Result<pb::OperatorMessage, Status>>;
 
 struct Fixture {
-    core: Core<SqliteStore>,
+    core: Core<AnyStore>,
     out: tempfile::TempDir,
 }
 
@@ -44,9 +44,8 @@ fn workload(out: &str, max_attempts: u32) -> WorkloadSpec {
 }
 
 impl Fixture {
-    async fn new(lease: u32) -> Self {
-        let store = SqliteStore::open("sqlite::memory:").await.expect("store");
-        let core = Core::new(store);
+    async fn new(backend: Backend, lease: u32) -> Self {
+        let core = Core::new(backend.open().await);
         core.upsert_mesh("m", mesh(lease)).await;
         Self {
             core,
@@ -144,9 +143,8 @@ fn assigned(rx: &mut Rx) -> Vec<pb::ShardRef> {
     out
 }
 
-#[tokio::test]
-async fn slots_bound_the_outstanding_assignments() {
-    let f = Fixture::new(30).await;
+async fn slots_bound_the_outstanding_assignments(backend: Backend) {
+    let f = Fixture::new(backend, 30).await;
     f.submit(5, 3).await;
     let (a, mut rx) = f.agent("a", 2).await;
     let first = assigned(&mut rx);
@@ -159,9 +157,8 @@ async fn slots_bound_the_outstanding_assignments() {
     );
 }
 
-#[tokio::test]
-async fn first_completion_wins_and_charges_once() {
-    let f = Fixture::new(30).await;
+async fn first_completion_wins_and_charges_once(backend: Backend) {
+    let f = Fixture::new(backend, 30).await;
     let key = f.submit(2, 3).await;
     let (a, mut rx_a) = f.agent("a", 1).await;
     let (b, mut rx_b) = f.agent("b", 1).await;
@@ -194,9 +191,8 @@ async fn first_completion_wins_and_charges_once() {
     assert_eq!(manifest["parts"].as_array().map(Vec::len), Some(2));
 }
 
-#[tokio::test]
-async fn a_lost_agent_requeues_its_shards_with_the_next_attempt() {
-    let f = Fixture::new(30).await;
+async fn a_lost_agent_requeues_its_shards_with_the_next_attempt(backend: Backend) {
+    let f = Fixture::new(backend, 30).await;
     f.submit(1, 3).await;
     let (a, mut rx_a) = f.agent("a", 1).await;
     let first = assigned(&mut rx_a).pop().expect("assigned");
@@ -212,9 +208,8 @@ async fn a_lost_agent_requeues_its_shards_with_the_next_attempt() {
     assert_eq!(f.core.workloads().await[0].attempts_retried, 1);
 }
 
-#[tokio::test]
-async fn an_agent_that_misses_its_lease_loses_its_shards() {
-    let f = Fixture::new(2).await;
+async fn an_agent_that_misses_its_lease_loses_its_shards(backend: Backend) {
+    let f = Fixture::new(backend, 2).await;
     f.submit(1, 3).await;
     let (_a, mut rx_a) = f.agent("a", 1).await;
     assert_eq!(assigned(&mut rx_a).len(), 1);
@@ -238,9 +233,8 @@ async fn an_agent_that_misses_its_lease_loses_its_shards() {
     assert_eq!(assigned(&mut rx_b).pop().map(|s| s.attempt), Some(2));
 }
 
-#[tokio::test]
-async fn a_shard_out_of_attempts_fails_the_workload() {
-    let f = Fixture::new(30).await;
+async fn a_shard_out_of_attempts_fails_the_workload(backend: Backend) {
+    let f = Fixture::new(backend, 30).await;
     f.submit(1, 2).await;
     for agent in ["a", "b"] {
         let (h, mut rx) = f.agent(agent, 1).await;
@@ -254,9 +248,8 @@ async fn a_shard_out_of_attempts_fails_the_workload() {
     assert_eq!(f.events("workload.failed").await, 1);
 }
 
-#[tokio::test]
-async fn a_permanent_failure_fails_the_workload_and_cancels_the_rest() {
-    let f = Fixture::new(30).await;
+async fn a_permanent_failure_fails_the_workload_and_cancels_the_rest(backend: Backend) {
+    let f = Fixture::new(backend, 30).await;
     f.submit(3, 3).await;
     let (a, mut rx_a) = f.agent("a", 2).await;
     let shards = assigned(&mut rx_a);
@@ -292,9 +285,8 @@ async fn a_permanent_failure_fails_the_workload_and_cancels_the_rest() {
     assert_eq!(cancelled[0].index, shards[1].index);
 }
 
-#[tokio::test]
-async fn a_drained_agent_gets_no_new_shards() {
-    let f = Fixture::new(30).await;
+async fn a_drained_agent_gets_no_new_shards(backend: Backend) {
+    let f = Fixture::new(backend, 30).await;
     let (a, mut rx_a) = f.agent("a", 1).await;
     f.core.set_unschedulable("a", true).await.expect("drain");
     f.submit(2, 3).await;
@@ -304,9 +296,8 @@ async fn a_drained_agent_gets_no_new_shards() {
     let _ = a;
 }
 
-#[tokio::test]
-async fn malformed_messages_are_invalid_argument() {
-    let f = Fixture::new(30).await;
+async fn malformed_messages_are_invalid_argument(backend: Backend) {
+    let f = Fixture::new(backend, 30).await;
     f.submit(1, 3).await;
     let (a, _rx) = f.agent("a", 1).await;
     let empty = f
@@ -337,9 +328,18 @@ async fn malformed_messages_are_invalid_argument() {
     assert!(err.message().contains("no shard 99"), "{}", err.message());
 }
 
-#[tokio::test]
-async fn an_empty_input_succeeds_at_once() {
-    let f = Fixture::new(30).await;
+async fn an_empty_input_succeeds_at_once(backend: Backend) {
+    let f = Fixture::new(backend, 30).await;
     f.submit(0, 3).await;
     assert_eq!(f.phase().await, WorkloadPhase::Succeeded);
 }
+
+both!(slots_bound_the_outstanding_assignments);
+both!(first_completion_wins_and_charges_once);
+both!(a_lost_agent_requeues_its_shards_with_the_next_attempt);
+both!(an_agent_that_misses_its_lease_loses_its_shards);
+both!(a_shard_out_of_attempts_fails_the_workload);
+both!(a_permanent_failure_fails_the_workload_and_cancels_the_rest);
+both!(a_drained_agent_gets_no_new_shards);
+both!(malformed_messages_are_invalid_argument);
+both!(an_empty_input_succeeds_at_once);

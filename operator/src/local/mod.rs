@@ -19,7 +19,7 @@ use tokio::process::{Child, Command};
 use crate::core::progress::format_duration;
 use crate::core::{Core, Submission};
 use crate::grpc::{self, StaticToken};
-use crate::store::{Store, sqlite};
+use crate::store::{self, Store};
 
 pub use manifests::{LocalPlan, absolutize, load_plan};
 
@@ -32,7 +32,7 @@ pub struct LocalArgs {
     /// Agent processes per Mesh.
     #[arg(long, default_value_t = 2)]
     pub agents: usize,
-    /// Store URL (`sqlite://PATH`).
+    /// Store URL: `sqlite://PATH` (the default) or `postgres://…`.
     #[arg(long, env = "INFERMESH_DATABASE_URL", default_value_t = default_database_url())]
     pub database_url: String,
     /// The agent binary; default: `infermesh-agent` next to this executable, then on PATH.
@@ -124,7 +124,7 @@ async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
     if args.agents == 0 {
         return Err("--agents must be at least 1".into());
     }
-    let store = sqlite::open(&args.database_url)
+    let store = store::open(&args.database_url)
         .await
         .map_err(|e| format!("{}: {e}", args.database_url))?;
     let core = Arc::new(Core::new(store));

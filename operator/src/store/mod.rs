@@ -1,7 +1,9 @@
 //! The store: shards, the ledger and the event log. One trait, a backend per database
 //! (SQLite here; Postgres slots in behind the same trait), and one contract test suite.
 
+pub mod postgres;
 pub mod sqlite;
+pub mod testing;
 
 use std::future::Future;
 
@@ -15,7 +17,7 @@ pub enum StoreError {
     #[error("migrating the database failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// The URL names no supported database.
-    #[error("unsupported database URL `{0}` (use sqlite://PATH)")]
+    #[error("unsupported database URL `{0}` (use sqlite://PATH or postgres://…)")]
     UnsupportedUrl(String),
 }
 
@@ -305,4 +307,96 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every shard charge of a workload.
     fn charges(&self, uid: &str) -> impl Future<Output = Result<Vec<Charge>, StoreError>> + Send;
+}
+
+/// The store a URL names: `sqlite://PATH` (or `sqlite::memory:`) or `postgres://…`.
+#[derive(Clone, Debug)]
+pub enum AnyStore {
+    /// SQLite.
+    Sqlite(sqlite::SqliteStore),
+    /// Postgres.
+    Postgres(postgres::PgStore),
+}
+
+/// Opens (and migrates) the store `url` names.
+pub async fn open(url: &str) -> Result<AnyStore, StoreError> {
+    if url.starts_with("sqlite:") {
+        Ok(AnyStore::Sqlite(sqlite::SqliteStore::open(url).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(AnyStore::Postgres(postgres::PgStore::open(url).await?))
+    } else {
+        Err(StoreError::UnsupportedUrl(url.to_string()))
+    }
+}
+
+/// Calls the same method on whichever backend.
+macro_rules! each {
+    ($self:ident, $s:ident => $call:expr) => {
+        match $self {
+            AnyStore::Sqlite($s) => $call.await,
+            AnyStore::Postgres($s) => $call.await,
+        }
+    };
+}
+
+impl Store for AnyStore {
+    async fn create_workload(
+        &self,
+        w: &WorkloadRecord,
+        shards: &[ShardRecord],
+    ) -> Result<(), StoreError> {
+        each!(self, s => s.create_workload(w, shards))
+    }
+    async fn assign(
+        &self,
+        uid: &str,
+        shard: u32,
+        attempt: u32,
+        agent: &str,
+    ) -> Result<(), StoreError> {
+        each!(self, s => s.assign(uid, shard, attempt, agent))
+    }
+    async fn complete(&self, c: &CompletionRecord) -> Result<ChargeOutcome, StoreError> {
+        each!(self, s => s.complete(c))
+    }
+    async fn requeue(
+        &self,
+        uid: &str,
+        shard: u32,
+        attempt: u32,
+        agent: Option<&str>,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        each!(self, s => s.requeue(uid, shard, attempt, agent, reason))
+    }
+    async fn fail_shard(
+        &self,
+        uid: &str,
+        shard: u32,
+        attempt: u32,
+        agent: Option<&str>,
+        message: &str,
+    ) -> Result<(), StoreError> {
+        each!(self, s => s.fail_shard(uid, shard, attempt, agent, message))
+    }
+    async fn finish_workload(
+        &self,
+        uid: &str,
+        phase: &str,
+        message: &str,
+    ) -> Result<(), StoreError> {
+        each!(self, s => s.finish_workload(uid, phase, message))
+    }
+    async fn append(&self, event: &Event) -> Result<(), StoreError> {
+        each!(self, s => s.append(event))
+    }
+    async fn events(&self, filter: &EventFilter) -> Result<Vec<EventRow>, StoreError> {
+        each!(self, s => s.events(filter))
+    }
+    async fn balances(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        each!(self, s => s.balances())
+    }
+    async fn charges(&self, uid: &str) -> Result<Vec<Charge>, StoreError> {
+        each!(self, s => s.charges(uid))
+    }
 }

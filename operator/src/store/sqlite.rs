@@ -352,9 +352,9 @@ impl Store for SqliteStore {
     async fn charges(&self, uid: &str) -> Result<Vec<Charge>, StoreError> {
         let rows = sqlx::query(
             "SELECT t.workload_uid, t.shard_idx, \
-                    MAX(CASE WHEN e.amount < 0 THEN e.account END) AS debit, \
-                    MAX(CASE WHEN e.amount > 0 THEN e.account END) AS credit, \
-                    MAX(e.amount) AS amount \
+                    MAX(CASE WHEN e.account LIKE 'namespace/%' THEN e.account END) AS debit, \
+                    MAX(CASE WHEN e.account LIKE 'agent/%' THEN e.account END) AS credit, \
+                    MAX(CASE WHEN e.account LIKE 'agent/%' THEN e.amount END) AS amount \
              FROM ledger_transactions t JOIN ledger_entries e ON e.tx_id = t.id \
              WHERE t.kind = 'charge' AND t.workload_uid = ? \
              GROUP BY t.id ORDER BY t.shard_idx",
@@ -376,14 +376,5 @@ impl Store for SqliteStore {
             })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(StoreError::from)
-    }
-}
-
-/// Opens the store a URL names.
-pub async fn open(url: &str) -> Result<SqliteStore, StoreError> {
-    if url.starts_with("sqlite:") {
-        SqliteStore::open(url).await
-    } else {
-        Err(StoreError::UnsupportedUrl(url.to_string()))
     }
 }

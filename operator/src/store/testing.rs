@@ -1,0 +1,223 @@
+//! A throwaway Postgres for tests: when `DATABASE_URL` is not set, the first caller starts a
+//! private cluster (initdb + pg_ctl, as the `postgres` user when running as root, on a free
+//! loopback port, in a temporary directory) that stops and is removed when the test process
+//! exits. Each caller gets a fresh empty database in it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use sqlx::Connection;
+
+struct Cluster {
+    /// URL of the maintenance database; fresh databases are made next to it.
+    admin_url: String,
+}
+
+static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn bindir() -> Result<PathBuf, String> {
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
+        && out.status.success()
+    {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if dir.join("initdb").is_file() {
+            return Ok(dir);
+        }
+    }
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+                .collect()
+        })
+        .unwrap_or_default();
+    dirs.sort();
+    dirs.into_iter()
+        .rev()
+        .find(|d| d.join("initdb").is_file())
+        .ok_or_else(|| {
+            "no PostgreSQL server binaries (initdb): run scripts/setup.sh or set DATABASE_URL"
+                .into()
+        })
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
+}
+
+/// Runs a server binary, as `postgres` when we are root (Postgres refuses to run as root).
+fn pg(bin: &Path, args: &[&str]) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bin).args(args);
+        c
+    } else {
+        let mut c = Command::new(bin);
+        c.args(args);
+        c
+    }
+}
+
+fn run(mut cmd: Command, what: &str) -> Result<(), String> {
+    let out = cmd.output().map_err(|e| format!("{what}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+fn start() -> Result<Cluster, String> {
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        return Ok(Cluster { admin_url: url });
+    }
+    let bin = bindir()?;
+    let dir = std::env::temp_dir().join(format!("infermesh-pg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if is_root() {
+        let mut chown = Command::new("chown");
+        chown.args(["-R", "postgres:"]).arg(&dir);
+        run(chown, "chown")?;
+    }
+    let data = dir.join("data");
+    let data_s = data.display().to_string();
+    let dir_s = dir.display().to_string();
+    run(
+        pg(
+            &bin.join("initdb"),
+            &[
+                "-D",
+                &data_s,
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        ),
+        "initdb",
+    )?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free port: {e}"))?;
+    let opts = format!("-p {port} -k {dir_s} -c listen_addresses=127.0.0.1 -c max_connections=300");
+    let log = dir.join("postgres.log").display().to_string();
+    run(
+        pg(
+            &bin.join("pg_ctl"),
+            &[
+                "-D", &data_s, "-l", &log, "-o", &opts, "-w", "-t", "60", "start",
+            ],
+        ),
+        "pg_ctl start",
+    )?;
+    // A watchdog in its own process group stops the cluster and removes it once this test
+    // process is gone, however it ends. It polls /proc: `kill -0` would fail as `postgres`
+    // on a root process and stop the cluster at once.
+    let script = format!(
+        "while [ -d /proc/{pid} ]; do sleep 1; done; {ctl} -D {data_s} stop -m immediate >/dev/null 2>&1; rm -rf {dir_s}",
+        pid = std::process::id(),
+        ctl = bin.join("pg_ctl").display(),
+    );
+    let mut watchdog = if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", "sh", "-c", &script]);
+        c
+    } else {
+        let mut c = Command::new("sh");
+        c.args(["-c", &script]);
+        c
+    };
+    {
+        use std::os::unix::process::CommandExt;
+        watchdog.process_group(0);
+    }
+    watchdog
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("watchdog: {e}"))?;
+    Ok(Cluster {
+        admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+    })
+}
+
+/// The URL of a new, empty database on the test cluster (started on first use).
+pub async fn fresh_database() -> Result<String, String> {
+    let cluster = CLUSTER.get_or_init(start).as_ref().map_err(Clone::clone)?;
+    let name = format!(
+        "t_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let mut admin = sqlx::PgConnection::connect(&cluster.admin_url)
+        .await
+        .map_err(|e| format!("{}: {e}", cluster.admin_url))?;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .map_err(|e| e.to_string())?;
+    let base = cluster
+        .admin_url
+        .rsplit_once('/')
+        .map(|(b, _)| b)
+        .unwrap_or(&cluster.admin_url);
+    Ok(format!("{base}/{name}"))
+}
+
+/// A backend to run a contract test against.
+#[derive(Clone, Copy, Debug)]
+pub enum Backend {
+    /// SQLite in memory.
+    Sqlite,
+    /// A fresh database on the test Postgres.
+    Postgres,
+}
+
+impl Backend {
+    /// A new, empty, migrated store of this backend.
+    pub async fn open(self) -> super::AnyStore {
+        let url = match self {
+            Self::Sqlite => "sqlite::memory:".to_string(),
+            Self::Postgres => fresh_database()
+                .await
+                .unwrap_or_else(|e| panic!("test Postgres: {e}")),
+        };
+        super::open(&url)
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"))
+    }
+}
+
+/// Runs the async test function `$name(backend: Backend)` once per backend, as
+/// `$name::sqlite` and `$name::postgres`.
+#[macro_export]
+macro_rules! both {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name($crate::store::testing::Backend::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name($crate::store::testing::Backend::Postgres).await
+            }
+        }
+    };
+}
+pub use both;
