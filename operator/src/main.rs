@@ -39,7 +39,19 @@ enum Command {
 #[derive(Subcommand, Debug)]
 enum LedgerCommand {
     /// Balance of every account, in credits.
-    Balance,
+    Balance {
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Prove the ledger's invariants: every transaction balances, every account's balance is
+    /// the sum of its entries, every succeeded shard is charged exactly once, and no charge
+    /// lacks a succeeded shard. Exits 1 naming the offending rows when one fails.
+    Verify {
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
     /// Events in order; filter by workload uid, agent or kind.
     Events {
         /// Only this workload uid.
@@ -54,7 +66,19 @@ enum LedgerCommand {
         /// At most this many.
         #[arg(long)]
         limit: Option<i64>,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+        output: Format,
     },
+}
+
+/// How `infermesh ledger` prints.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    /// Aligned columns for people.
+    Table,
+    /// JSON for scripts.
+    Json,
 }
 
 fn main() -> ExitCode {
@@ -97,29 +121,87 @@ fn main() -> ExitCode {
             database_url,
             command,
         } => match rt.block_on(ledger(&database_url, command)) {
-            Ok(()) => ExitCode::SUCCESS,
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
             Err(e) => {
                 eprintln!("infermesh ledger: {e:#}");
-                ExitCode::FAILURE
+                ExitCode::from(2)
             }
         },
     }
 }
 
-async fn ledger(url: &str, command: LedgerCommand) -> anyhow::Result<()> {
+/// Runs a ledger command; `Ok(false)` when `verify` found a broken invariant.
+async fn ledger(url: &str, command: LedgerCommand) -> anyhow::Result<bool> {
     let store = store::open(url).await?;
     match command {
-        LedgerCommand::Balance => {
-            println!("{:<40} {:>18}", "ACCOUNT", "CREDITS");
-            for (account, micro) in store.balances().await? {
-                println!("{account:<40} {:>18}", format_credits(micro));
+        LedgerCommand::Balance { output } => {
+            let balances = store.balances().await?;
+            if output == Format::Json {
+                let rows: Vec<_> = balances
+                    .iter()
+                    .map(|(a, m)| serde_json::json!({"account": a, "microCredits": m, "credits": format_credits(*m)}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("{:<40} {:>18}", "ACCOUNT", "CREDITS");
+                for (account, micro) in balances {
+                    println!("{account:<40} {:>18}", format_credits(micro));
+                }
             }
+        }
+        LedgerCommand::Verify { output } => {
+            let report = store.verify().await?;
+            if output == Format::Json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"ok": report.ok(), "report": report})
+                    )?
+                );
+            } else {
+                let mark = |ok: bool| if ok { "ok  " } else { "FAIL" };
+                println!(
+                    "{} every transaction balances ({} transactions)",
+                    mark(report.unbalanced_transactions.is_empty()),
+                    report.transactions
+                );
+                for id in &report.unbalanced_transactions {
+                    println!("       transaction {id} does not balance");
+                }
+                println!(
+                    "{} every account's balance is the sum of its entries ({} accounts)",
+                    mark(report.account_mismatches.is_empty()),
+                    report.accounts
+                );
+                for (account, stored, sum) in &report.account_mismatches {
+                    println!(
+                        "       account {account}: balance {stored}, entries sum to {sum} (micro-credits)"
+                    );
+                }
+                println!(
+                    "{} every succeeded shard is charged exactly once",
+                    mark(report.shards_not_charged_once.is_empty())
+                );
+                for (uid, shard, n) in &report.shards_not_charged_once {
+                    println!("       workload {uid} shard {shard}: {n} charges");
+                }
+                println!(
+                    "{} no charge without a succeeded shard",
+                    mark(report.charges_without_success.is_empty())
+                );
+                for id in &report.charges_without_success {
+                    println!("       transaction {id} charges a shard that did not succeed");
+                }
+            }
+            return Ok(report.ok());
         }
         LedgerCommand::Events {
             workload,
             agent,
             kind,
             limit,
+            output,
         } => {
             let filter = EventFilter {
                 workload_uid: workload,
@@ -128,7 +210,12 @@ async fn ledger(url: &str, command: LedgerCommand) -> anyhow::Result<()> {
                 after_seq: None,
                 limit,
             };
-            for e in store.events(&filter).await? {
+            let events = store.events(&filter).await?;
+            if output == Format::Json {
+                println!("{}", serde_json::to_string_pretty(&events)?);
+                return Ok(true);
+            }
+            for e in events {
                 println!(
                     "{:>6} {} {:<18} {} {} {} {}",
                     e.seq,
@@ -144,5 +231,5 @@ async fn ledger(url: &str, command: LedgerCommand) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(true)
 }

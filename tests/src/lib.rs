@@ -128,7 +128,8 @@ impl Run {
     }
 }
 
-/// The `infermesh local` command for a manifest, with its state in `dir`.
+/// The `infermesh local` command for a manifest, with agent logs and caches in `dir`
+/// (the caller adds `--database-url`).
 pub fn local_command(manifest: &Path, agents: usize, dir: &Path) -> Command {
     let mut cmd = Command::new(bin("infermesh"));
     cmd.arg("local")
@@ -139,8 +140,6 @@ pub fn local_command(manifest: &Path, agents: usize, dir: &Path) -> Command {
         .arg("--no-progress")
         .arg("--timeout")
         .arg("300")
-        .arg("--database-url")
-        .arg(format!("sqlite://{}", dir.join("state.db").display()))
         .arg("--work-dir")
         .arg(dir.join("work"))
         .env("INFERMESH_AGENT_BIN", bin("infermesh-agent"));

@@ -37,6 +37,11 @@ async fn a_sigkilled_agent_loses_nothing_and_nothing_is_counted_twice() {
     std::fs::write(&manifest_path, yaml).expect("manifest");
 
     let child = local_command(&manifest_path, 2, dir.path())
+        .arg("--database-url")
+        .arg(format!(
+            "sqlite://{}",
+            dir.path().join("state.db").display()
+        ))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -1,12 +1,12 @@
 //! End to end with separate processes: `infermesh local` (core + gRPC server) and two
 //! `infermesh-agent` processes running the generated tensor model.
 
-use infermesh_operator::store::sqlite::SqliteStore;
-use infermesh_operator::store::{EventFilter, Store};
+use infermesh_operator::store::{self, EventFilter, Store};
 use infermesh_tests::*;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn every_record_appears_exactly_once_and_each_shard_is_charged_once() {
+/// Runs the tensor workload on `database_url` (SQLite file when `None`) and checks outputs,
+/// charges and events; returns the state directory and the database URL.
+async fn run_tensor_mesh(database_url: Option<String>) -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().expect("tmp");
     let models = test_models();
     let input = dir.path().join("in.jsonl");
@@ -35,7 +35,14 @@ async fn every_record_appears_exactly_once_and_each_shard_is_charged_once() {
     let manifest_path = dir.path().join("mesh.yaml");
     std::fs::write(&manifest_path, yaml).expect("manifest");
 
-    let run = run_local(&manifest_path, 2, dir.path());
+    let url = database_url
+        .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("state.db").display()));
+    let run: Run = local_command(&manifest_path, 2, dir.path())
+        .arg("--database-url")
+        .arg(&url)
+        .output()
+        .expect("run infermesh local")
+        .into();
     assert_eq!(run.code, Some(0), "{}", run.text());
     assert!(run.stdout.contains("Succeeded"), "{}", run.text());
 
@@ -64,12 +71,7 @@ async fn every_record_appears_exactly_once_and_each_shard_is_charged_once() {
     assert!(shards > 10, "the input was cut into many shards ({shards})");
     let uid = manifest["uid"].as_str().expect("uid").to_string();
 
-    let store = SqliteStore::open(&format!(
-        "sqlite://{}",
-        dir.path().join("state.db").display()
-    ))
-    .await
-    .expect("db");
+    let store = store::open(&url).await.expect("db");
     let charges = store.charges(&uid).await.expect("charges");
     assert_eq!(charges.len(), shards, "shard charges = shards");
     let mut charged: Vec<u32> = charges.iter().map(|c| c.shard).collect();
@@ -98,4 +100,69 @@ async fn every_record_appears_exactly_once_and_each_shard_is_charged_once() {
     let agents: std::collections::BTreeSet<_> =
         completed.iter().filter_map(|e| e.agent.clone()).collect();
     assert_eq!(agents.len(), 2, "both agents ran shards: {agents:?}");
+    (dir, url)
+}
+
+fn ledger(url: &str, args: &[&str]) -> Run {
+    std::process::Command::new(bin("infermesh"))
+        .args(["ledger", "--database-url", url])
+        .args(args)
+        .output()
+        .expect("run infermesh ledger")
+        .into()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_record_appears_exactly_once_and_each_shard_is_charged_once() {
+    let (dir, url) = run_tensor_mesh(None).await;
+    let verify = ledger(&url, &["verify"]);
+    assert_eq!(verify.code, Some(0), "{}", verify.text());
+    // A row inserted behind the ledger's back is found and named.
+    let db = dir.path().join("state.db");
+    let out = std::process::Command::new(python())
+        .arg("-c")
+        .arg("import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute(\"INSERT INTO ledger_entries (tx_id, account, amount) VALUES (3, 'agent/test-local-0', 7)\"); c.commit()")
+        .arg(&db)
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let verify = ledger(&url, &["verify"]);
+    assert_eq!(verify.code, Some(1), "{}", verify.text());
+    assert!(
+        verify.stdout.contains("transaction 3 does not balance"),
+        "{}",
+        verify.text()
+    );
+    assert!(
+        verify.stdout.contains("account agent/test-local-0"),
+        "{}",
+        verify.text()
+    );
+    let json = ledger(&url, &["verify", "-o", "json"]);
+    let report: serde_json::Value = serde_json::from_str(&json.stdout).expect("json");
+    assert_eq!(report["ok"], false);
+    assert_eq!(report["report"]["unbalanced_transactions"][0], 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_mesh_runs_on_postgres() {
+    let url = store::testing::fresh_database()
+        .await
+        .expect("test Postgres");
+    let (_dir, url) = run_tensor_mesh(Some(url)).await;
+    let verify = ledger(&url, &["verify"]);
+    assert_eq!(verify.code, Some(0), "{}", verify.text());
+    let balance = ledger(&url, &["balance", "-o", "json"]);
+    let rows: serde_json::Value = serde_json::from_str(&balance.stdout).expect("json");
+    let total: i64 = rows
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| r["microCredits"].as_i64().unwrap_or(0))
+        .sum();
+    assert_eq!(total, 0, "double entry: {}", balance.stdout);
 }

@@ -50,6 +50,12 @@ CREATE TABLE ledger_entries (
     account TEXT NOT NULL,
     amount  BIGINT NOT NULL
 );
+-- Each account's balance, kept in the same transaction as its entries; `ledger verify`
+-- checks it against the sum of the entries.
+CREATE TABLE accounts (
+    name    TEXT PRIMARY KEY,
+    balance BIGINT NOT NULL DEFAULT 0
+);
 CREATE INDEX ledger_entries_account ON ledger_entries (account);
 CREATE INDEX ledger_entries_tx ON ledger_entries (tx_id);
 

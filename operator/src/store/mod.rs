@@ -5,6 +5,9 @@ pub mod postgres;
 pub mod sqlite;
 pub mod testing;
 
+#[cfg(test)]
+mod contract;
+
 use std::future::Future;
 
 /// Why the store failed.
@@ -229,6 +232,88 @@ pub struct Charge {
     pub amount: i64,
 }
 
+/// What `ledger verify` found. Empty lists mean the invariant holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct VerifyReport {
+    /// Transactions checked.
+    pub transactions: i64,
+    /// Accounts checked.
+    pub accounts: i64,
+    /// Transactions whose entries do not sum to zero (or that have none).
+    pub unbalanced_transactions: Vec<i64>,
+    /// Accounts whose stored balance differs from the sum of their entries:
+    /// (account, stored, sum of entries).
+    pub account_mismatches: Vec<(String, i64, i64)>,
+    /// Succeeded shards not charged exactly once: (workload uid, shard, charges).
+    pub shards_not_charged_once: Vec<(String, i64, i64)>,
+    /// Charge transactions whose shard did not succeed.
+    pub charges_without_success: Vec<i64>,
+}
+
+impl VerifyReport {
+    /// Whether every invariant holds.
+    pub fn ok(&self) -> bool {
+        self.unbalanced_transactions.is_empty()
+            && self.account_mismatches.is_empty()
+            && self.shards_not_charged_once.is_empty()
+            && self.charges_without_success.is_empty()
+    }
+}
+
+/// The queries of `ledger verify`, plain SQL that both backends run.
+pub(crate) mod verify_sql {
+    pub const COUNTS: &str = "SELECT (SELECT COUNT(*) FROM ledger_transactions) AS t, (SELECT COUNT(*) FROM accounts) AS a";
+    pub const UNBALANCED: &str = "SELECT t.id FROM ledger_transactions t LEFT JOIN ledger_entries e ON e.tx_id = t.id \
+         GROUP BY t.id HAVING COALESCE(SUM(e.amount), 0) <> 0 OR COUNT(e.id) = 0 ORDER BY t.id";
+    pub const MISMATCHED: &str = "WITH sums AS (SELECT account, CAST(SUM(amount) AS BIGINT) AS total FROM ledger_entries GROUP BY account) \
+         SELECT a.name, a.balance, CAST(COALESCE(s.total, 0) AS BIGINT) AS total FROM accounts a LEFT JOIN sums s ON s.account = a.name \
+         WHERE a.balance <> COALESCE(s.total, 0) \
+         UNION ALL SELECT s.account, CAST(0 AS BIGINT), s.total FROM sums s \
+         WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.name = s.account) ORDER BY 1";
+    pub const NOT_CHARGED_ONCE: &str = "SELECT s.workload_uid, CAST(s.idx AS BIGINT) AS idx, COUNT(t.id) AS n FROM shards s \
+         LEFT JOIN ledger_transactions t ON t.kind = 'charge' AND t.workload_uid = s.workload_uid AND t.shard_idx = s.idx \
+         WHERE s.state = 'succeeded' GROUP BY s.workload_uid, s.idx HAVING COUNT(t.id) <> 1 ORDER BY 1, 2";
+    pub const CHARGED_NOT_SUCCEEDED: &str = "SELECT t.id FROM ledger_transactions t \
+         LEFT JOIN shards s ON s.workload_uid = t.workload_uid AND s.idx = t.shard_idx \
+         WHERE t.kind = 'charge' AND (s.state IS NULL OR s.state <> 'succeeded') ORDER BY t.id";
+}
+
+/// Runs the verify queries on a pool of either backend.
+macro_rules! run_verify {
+    ($pool:expr) => {{
+        use sqlx::Row;
+        use $crate::store::verify_sql as q;
+        let pool = $pool;
+        let counts = sqlx::query(q::COUNTS).fetch_one(pool).await?;
+        let mut report = $crate::store::VerifyReport {
+            transactions: counts.try_get("t")?,
+            accounts: counts.try_get("a")?,
+            ..Default::default()
+        };
+        for r in sqlx::query(q::UNBALANCED).fetch_all(pool).await? {
+            report.unbalanced_transactions.push(r.try_get(0)?);
+        }
+        for r in sqlx::query(q::MISMATCHED).fetch_all(pool).await? {
+            report
+                .account_mismatches
+                .push((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?));
+        }
+        for r in sqlx::query(q::NOT_CHARGED_ONCE).fetch_all(pool).await? {
+            report
+                .shards_not_charged_once
+                .push((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?));
+        }
+        for r in sqlx::query(q::CHARGED_NOT_SUCCEEDED)
+            .fetch_all(pool)
+            .await?
+        {
+            report.charges_without_success.push(r.try_get(0)?);
+        }
+        Ok(report)
+    }};
+}
+pub(crate) use run_verify;
+
 /// The account of a namespace.
 pub fn namespace_account(ns: &str) -> String {
     format!("namespace/{ns}")
@@ -307,6 +392,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every shard charge of a workload.
     fn charges(&self, uid: &str) -> impl Future<Output = Result<Vec<Charge>, StoreError>> + Send;
+
+    /// Checks the ledger's invariants (see [`VerifyReport`]).
+    fn verify(&self) -> impl Future<Output = Result<VerifyReport, StoreError>> + Send;
 }
 
 /// The store a URL names: `sqlite://PATH` (or `sqlite::memory:`) or `postgres://…`.
@@ -398,5 +486,8 @@ impl Store for AnyStore {
     }
     async fn charges(&self, uid: &str) -> Result<Vec<Charge>, StoreError> {
         each!(self, s => s.charges(uid))
+    }
+    async fn verify(&self) -> Result<VerifyReport, StoreError> {
+        each!(self, s => s.verify())
     }
 }

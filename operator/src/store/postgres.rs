@@ -7,7 +7,7 @@ use sqlx::{Postgres, Row, Transaction};
 
 use super::{
     Charge, ChargeOutcome, CompletionRecord, Event, EventFilter, EventKind, EventRow, ShardRecord,
-    Store, StoreError, WorkloadRecord, agent_account, namespace_account,
+    Store, StoreError, VerifyReport, WorkloadRecord, agent_account, namespace_account,
 };
 
 /// A Postgres database.
@@ -191,6 +191,16 @@ impl Store for PgStore {
         .bind(c.price)
         .execute(&mut *tx)
         .await?;
+        sqlx::query(
+            "INSERT INTO accounts (name, balance) VALUES ($1, $2), ($3, $4) \
+             ON CONFLICT (name) DO UPDATE SET balance = accounts.balance + excluded.balance",
+        )
+        .bind(namespace_account(&c.namespace))
+        .bind(-c.price)
+        .bind(agent_account(&c.agent))
+        .bind(c.price)
+        .execute(&mut *tx)
+        .await?;
         let e = Event::new(
             EventKind::ShardCompleted,
             format!(
@@ -364,5 +374,9 @@ impl Store for PgStore {
             })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(StoreError::from)
+    }
+
+    async fn verify(&self) -> Result<VerifyReport, StoreError> {
+        super::run_verify!(&self.pool)
     }
 }

@@ -10,7 +10,7 @@ use sqlx::{Row, Sqlite, Transaction};
 
 use super::{
     Charge, ChargeOutcome, CompletionRecord, Event, EventFilter, EventKind, EventRow, ShardRecord,
-    Store, StoreError, WorkloadRecord, agent_account, namespace_account,
+    Store, StoreError, VerifyReport, WorkloadRecord, agent_account, namespace_account,
 };
 
 fn now() -> String {
@@ -201,10 +201,18 @@ impl Store for SqliteStore {
         ] {
             sqlx::query("INSERT INTO ledger_entries (tx_id, account, amount) VALUES (?, ?, ?)")
                 .bind(tx_id)
-                .bind(account)
+                .bind(&account)
                 .bind(amount)
                 .execute(&mut *tx)
                 .await?;
+            sqlx::query(
+                "INSERT INTO accounts (name, balance) VALUES (?, ?) \
+                 ON CONFLICT (name) DO UPDATE SET balance = accounts.balance + excluded.balance",
+            )
+            .bind(&account)
+            .bind(amount)
+            .execute(&mut *tx)
+            .await?;
         }
         let e = Event::new(
             EventKind::ShardCompleted,
@@ -376,5 +384,9 @@ impl Store for SqliteStore {
             })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(StoreError::from)
+    }
+
+    async fn verify(&self) -> Result<VerifyReport, StoreError> {
+        super::run_verify!(&self.pool)
     }
 }

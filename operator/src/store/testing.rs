@@ -189,13 +189,28 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// The URL of a new, empty database of this backend (SQLite: a file under the temporary
+    /// directory, so that several stores can share it).
+    pub async fn fresh_url(self) -> String {
+        match self {
+            Self::Sqlite => {
+                let n = NEXT.fetch_add(1, Ordering::Relaxed);
+                let path = std::env::temp_dir()
+                    .join(format!("infermesh-test-{}-{n}.db", std::process::id()));
+                let _ = std::fs::remove_file(&path);
+                format!("sqlite://{}", path.display())
+            }
+            Self::Postgres => fresh_database()
+                .await
+                .unwrap_or_else(|e| panic!("test Postgres: {e}")),
+        }
+    }
+
     /// A new, empty, migrated store of this backend.
     pub async fn open(self) -> super::AnyStore {
         let url = match self {
             Self::Sqlite => "sqlite::memory:".to_string(),
-            Self::Postgres => fresh_database()
-                .await
-                .unwrap_or_else(|e| panic!("test Postgres: {e}")),
+            Self::Postgres => self.fresh_url().await,
         };
         super::open(&url)
             .await

@@ -1,0 +1,333 @@
+//! The store contract, run against both backends: what every Store must do whatever the
+//! database under it.
+
+use std::sync::Arc;
+
+use super::testing::{Backend, both};
+use super::*;
+
+async fn workload(store: &impl Store, uid: &str, shards: u32) {
+    let w = WorkloadRecord {
+        uid: uid.into(),
+        namespace: "team-a".into(),
+        name: format!("w-{uid}"),
+        mesh: "m".into(),
+        spec_json: "{}".into(),
+        input_bytes: u64::from(shards) * 100,
+    };
+    let s: Vec<ShardRecord> = (0..shards)
+        .map(|i| ShardRecord {
+            index: i,
+            start: u64::from(i) * 100,
+            end: u64::from(i + 1) * 100,
+        })
+        .collect();
+    store
+        .create_workload(&w, &s)
+        .await
+        .expect("create workload");
+}
+
+fn completion(uid: &str, shard: u32, attempt: u32, agent: &str) -> CompletionRecord {
+    CompletionRecord {
+        workload_uid: uid.into(),
+        namespace: "team-a".into(),
+        shard,
+        attempt,
+        agent: agent.into(),
+        records: 10,
+        output_uri: format!("file:///out/part-{shard:05}.jsonl"),
+        sha256: "h".into(),
+        price: 1_000 + i64::from(shard),
+        device: "cpu".into(),
+        compute_seconds: 0.5,
+    }
+}
+
+async fn kinds(store: &impl Store, uid: &str) -> Vec<String> {
+    let f = EventFilter {
+        workload_uid: Some(uid.into()),
+        ..Default::default()
+    };
+    store
+        .events(&f)
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| e.kind)
+        .collect()
+}
+
+async fn a_completion_is_charged_once_and_duplicates_are_logged(backend: Backend) {
+    let store = backend.open().await;
+    workload(&store, "u", 2).await;
+    store.assign("u", 0, 1, "a").await.expect("assign");
+    assert_eq!(
+        store
+            .complete(&completion("u", 0, 1, "a"))
+            .await
+            .expect("first"),
+        ChargeOutcome::Charged
+    );
+    assert_eq!(
+        store
+            .complete(&completion("u", 0, 2, "b"))
+            .await
+            .expect("again"),
+        ChargeOutcome::Duplicate
+    );
+    let charges = store.charges("u").await.expect("charges");
+    assert_eq!(charges.len(), 1);
+    assert_eq!(
+        (
+            charges[0].from.as_str(),
+            charges[0].to.as_str(),
+            charges[0].amount
+        ),
+        ("namespace/team-a", "agent/a", 1000)
+    );
+    assert_eq!(
+        kinds(&store, "u").await,
+        [
+            "workload.admitted",
+            "shard.assigned",
+            "shard.completed",
+            "shard.duplicate"
+        ]
+    );
+    let balances = store.balances().await.expect("balances");
+    assert_eq!(
+        balances,
+        vec![
+            ("agent/a".to_string(), 1000),
+            ("namespace/team-a".to_string(), -1000)
+        ]
+    );
+    let report = store.verify().await.expect("verify");
+    assert!(report.ok(), "{report:?}");
+    assert_eq!((report.transactions, report.accounts), (1, 2));
+}
+
+async fn queue_transitions_are_logged_in_order(backend: Backend) {
+    let store = backend.open().await;
+    workload(&store, "u", 1).await;
+    store.assign("u", 0, 1, "a").await.expect("assign");
+    store
+        .requeue("u", 0, 1, Some("a"), "lease expired")
+        .await
+        .expect("requeue");
+    store.assign("u", 0, 2, "b").await.expect("assign");
+    store
+        .fail_shard("u", 0, 2, Some("b"), "bad line")
+        .await
+        .expect("fail");
+    store
+        .finish_workload("u", "Failed", "InvalidInput: bad line")
+        .await
+        .expect("finish");
+    assert_eq!(
+        kinds(&store, "u").await,
+        [
+            "workload.admitted",
+            "shard.assigned",
+            "shard.requeued",
+            "shard.assigned",
+            "shard.failed",
+            "workload.failed"
+        ]
+    );
+    let all = store.events(&EventFilter::default()).await.expect("events");
+    assert!(
+        all.windows(2).all(|w| w[0].seq < w[1].seq),
+        "strictly increasing seq"
+    );
+    let tail = store
+        .events(&EventFilter {
+            after_seq: Some(all[2].seq),
+            ..Default::default()
+        })
+        .await
+        .expect("tail");
+    assert_eq!(tail.len(), all.len() - 3);
+    let by_agent = store
+        .events(&EventFilter {
+            agent: Some("b".into()),
+            ..Default::default()
+        })
+        .await
+        .expect("agent");
+    assert_eq!(by_agent.len(), 2);
+    assert!(store.verify().await.expect("verify").ok());
+}
+
+async fn racing_completions_from_several_operators_charge_each_shard_once(backend: Backend) {
+    let url = backend.fresh_url().await;
+    // Three "operators", each with its own pool on the same database.
+    let mut stores = Vec::new();
+    for _ in 0..3 {
+        stores.push(Arc::new(open(&url).await.expect("open")));
+    }
+    let shards = 20u32;
+    workload(&*stores[0], "race", shards).await;
+    let mut tasks = Vec::new();
+    for t in 0..60u32 {
+        let store = stores[(t % 3) as usize].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut charged = 0;
+            for shard in (0..shards).map(|s| (s + t) % shards) {
+                let c = completion("race", shard, 1 + t % 4, &format!("agent-{}", t % 5));
+                if store.complete(&c).await.expect("complete") == ChargeOutcome::Charged {
+                    charged += 1;
+                }
+            }
+            charged
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.expect("task");
+    }
+    assert_eq!(
+        total, shards,
+        "exactly one completion per shard was charged"
+    );
+    assert_eq!(
+        stores[0].charges("race").await.expect("charges").len(),
+        shards as usize
+    );
+    let report = stores[1].verify().await.expect("verify");
+    assert!(report.ok(), "{report:?}");
+    let sum: i64 = stores[2]
+        .balances()
+        .await
+        .expect("balances")
+        .iter()
+        .map(|(_, b)| b)
+        .sum();
+    assert_eq!(sum, 0);
+}
+
+async fn the_event_log_refuses_update_and_delete(backend: Backend) {
+    let store = backend.open().await;
+    workload(&store, "u", 1).await;
+    let (update, delete) = match &store {
+        AnyStore::Sqlite(s) => (
+            sqlx::query("UPDATE events SET message = 'x'")
+                .execute(s.pool())
+                .await
+                .map(|_| ()),
+            sqlx::query("DELETE FROM events")
+                .execute(s.pool())
+                .await
+                .map(|_| ()),
+        ),
+        AnyStore::Postgres(s) => (
+            sqlx::query("UPDATE events SET message = 'x'")
+                .execute(s.pool())
+                .await
+                .map(|_| ()),
+            sqlx::query("DELETE FROM events")
+                .execute(s.pool())
+                .await
+                .map(|_| ()),
+        ),
+    };
+    for (what, result) in [("UPDATE", update), ("DELETE", delete)] {
+        let err = result.expect_err("refused").to_string();
+        assert!(
+            err.contains("append-only") && err.contains(what),
+            "{what}: {err}"
+        );
+    }
+    assert_eq!(
+        kinds(&store, "u").await,
+        ["workload.admitted"],
+        "the row is unchanged"
+    );
+}
+
+async fn verify_names_rows_written_behind_the_ledgers_back(backend: Backend) {
+    let store = backend.open().await;
+    workload(&store, "u", 3).await;
+    store
+        .complete(&completion("u", 0, 1, "a"))
+        .await
+        .expect("complete");
+    assert!(store.verify().await.expect("verify").ok());
+    // An entry inserted directly (its transaction no longer balances, the account's balance
+    // no longer matches), and a charge for a shard that never succeeded.
+    let sql = [
+        "INSERT INTO ledger_entries (tx_id, account, amount) VALUES (1, 'agent/a', 500)",
+        "INSERT INTO ledger_transactions (kind, charge_key, workload_uid, shard_idx, memo, created_at) \
+         VALUES ('charge', 'u#2', 'u', 2, 'forged', '2026-01-01T00:00:00Z')",
+    ];
+    match &store {
+        AnyStore::Sqlite(s) => {
+            for q in sql {
+                sqlx::query(q).execute(s.pool()).await.expect("corrupt");
+            }
+        }
+        AnyStore::Postgres(s) => {
+            // The database itself refuses an unbalanced transaction; disabling its check is
+            // what "behind its back" takes here.
+            let mut tx = s.pool().begin().await.expect("tx");
+            sqlx::query("ALTER TABLE ledger_entries DISABLE TRIGGER ledger_entries_balanced")
+                .execute(&mut *tx)
+                .await
+                .expect("disable");
+            for q in sql {
+                sqlx::query(q).execute(&mut *tx).await.expect("corrupt");
+            }
+            sqlx::query("ALTER TABLE ledger_entries ENABLE TRIGGER ledger_entries_balanced")
+                .execute(&mut *tx)
+                .await
+                .expect("enable");
+            tx.commit().await.expect("commit");
+        }
+    }
+    let report = store.verify().await.expect("verify");
+    assert!(!report.ok());
+    assert!(report.unbalanced_transactions.contains(&1), "{report:?}");
+    assert!(
+        report.unbalanced_transactions.contains(&2),
+        "a transaction without entries: {report:?}"
+    );
+    assert_eq!(
+        report.account_mismatches,
+        vec![("agent/a".to_string(), 1000, 1500)]
+    );
+    assert_eq!(report.charges_without_success, vec![2]);
+    assert!(report.shards_not_charged_once.is_empty());
+}
+
+/// Postgres checks balance at commit; SQLite has no deferred triggers, so there `verify` is
+/// the check (see the test above).
+#[tokio::test]
+async fn postgres_refuses_an_unbalanced_transaction() {
+    let AnyStore::Postgres(store) = Backend::Postgres.open().await else {
+        panic!("Backend::Postgres opens Postgres")
+    };
+    let mut tx = store.pool().begin().await.expect("tx");
+    sqlx::query("INSERT INTO ledger_transactions (id, kind, memo) VALUES (99, 'grant', 'half')")
+        .execute(&mut *tx)
+        .await
+        .expect("tx row");
+    sqlx::query(
+        "INSERT INTO ledger_entries (tx_id, account, amount) VALUES (99, 'namespace/x', 5)",
+    )
+    .execute(&mut *tx)
+    .await
+    .expect("entry");
+    let err = tx
+        .commit()
+        .await
+        .expect_err("refused at commit")
+        .to_string();
+    assert!(err.contains("does not balance"), "{err}");
+}
+
+both!(a_completion_is_charged_once_and_duplicates_are_logged);
+both!(queue_transitions_are_logged_in_order);
+both!(racing_completions_from_several_operators_charge_each_shard_once);
+both!(the_event_log_refuses_update_and_delete);
+both!(verify_names_rows_written_behind_the_ledgers_back);
