@@ -40,9 +40,52 @@ enum Command {
 enum LedgerCommand {
     /// Balance of every account, in credits.
     Balance {
+        /// Only this namespace's account.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Only this agent's account.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only this Mesh's account.
+        #[arg(long)]
+        mesh: Option<String>,
         /// Output format.
         #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
         output: Format,
+    },
+    /// Entries of one account over a time range, with the running balance.
+    Statement {
+        /// The account: `namespace/NAME`, `agent/ID` or `mesh/NAME`.
+        account: String,
+        /// From (RFC 3339), inclusive.
+        #[arg(long, default_value = "1970-01-01T00:00:00Z")]
+        from: String,
+        /// To (RFC 3339), inclusive.
+        #[arg(long, default_value = "9999-12-31T23:59:59Z")]
+        to: String,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Grant a namespace credits from a Mesh (a budget top-up; negative takes back).
+    Grant {
+        /// The namespace.
+        #[arg(long)]
+        namespace: String,
+        /// The Mesh granting.
+        #[arg(long)]
+        mesh: String,
+        /// Credits.
+        #[arg(long, allow_hyphen_values = true)]
+        credits: f64,
+    },
+    /// Refund a shard's charge (agent back to namespace); a charge is refunded at most once.
+    Refund {
+        /// The charge's transaction id (see `statement`).
+        transaction: i64,
+        /// Why.
+        #[arg(long, default_value = "refund")]
+        memo: String,
     },
     /// Prove the ledger's invariants: every transaction balances, every account's balance is
     /// the sum of its entries, every succeeded shard is charged exactly once, and no charge
@@ -135,8 +178,26 @@ fn main() -> ExitCode {
 async fn ledger(url: &str, command: LedgerCommand) -> anyhow::Result<bool> {
     let store = store::open(url).await?;
     match command {
-        LedgerCommand::Balance { output } => {
-            let balances = store.balances().await?;
+        LedgerCommand::Balance {
+            namespace,
+            agent,
+            mesh,
+            output,
+        } => {
+            let wanted: Vec<String> = [
+                namespace.map(|n| store::namespace_account(&n)),
+                agent.map(|a| store::agent_account(&a)),
+                mesh.map(|m| store::mesh_account(&m)),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            let balances: Vec<(String, i64)> = store
+                .balances()
+                .await?
+                .into_iter()
+                .filter(|(a, _)| wanted.is_empty() || wanted.contains(a))
+                .collect();
             if output == Format::Json {
                 let rows: Vec<_> = balances
                     .iter()
@@ -149,6 +210,61 @@ async fn ledger(url: &str, command: LedgerCommand) -> anyhow::Result<bool> {
                     println!("{account:<40} {:>18}", format_credits(micro));
                 }
             }
+        }
+        LedgerCommand::Statement {
+            account,
+            from,
+            to,
+            output,
+        } => {
+            let lines = store.statement(&account, &from, &to).await?;
+            if output == Format::Json {
+                println!("{}", serde_json::to_string_pretty(&lines)?);
+                return Ok(true);
+            }
+            println!(
+                "{:>8}  {:<27} {:<7} {:>16} {:>16}  FOR",
+                "TX", "AT", "KIND", "AMOUNT", "BALANCE"
+            );
+            let mut running = 0i64;
+            for l in &lines {
+                running += l.amount;
+                let what = match (&l.workload_uid, l.shard) {
+                    (Some(w), Some(s)) => format!("{w}#{s} {}", l.memo),
+                    _ => l.memo.clone(),
+                };
+                println!(
+                    "{:>8}  {:<27} {:<7} {:>16} {:>16}  {what}",
+                    l.tx_id,
+                    l.at,
+                    l.kind,
+                    format_credits(l.amount),
+                    format_credits(running)
+                );
+            }
+        }
+        LedgerCommand::Grant {
+            namespace,
+            mesh,
+            credits,
+        } => {
+            let micro = infermesh_operator::core::pricing::credits_to_micro(credits);
+            let id = store
+                .grant(
+                    &namespace,
+                    &mesh,
+                    micro,
+                    "granted with infermesh ledger grant",
+                )
+                .await?;
+            println!(
+                "transaction {id}: granted {} credits to namespace/{namespace} from mesh/{mesh}",
+                format_credits(micro)
+            );
+        }
+        LedgerCommand::Refund { transaction, memo } => {
+            let id = store.refund(transaction, &memo).await?;
+            println!("transaction {id}: refunded charge {transaction}");
         }
         LedgerCommand::Verify { output } => {
             let report = store.verify().await?;

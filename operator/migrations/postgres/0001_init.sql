@@ -39,9 +39,11 @@ CREATE TABLE ledger_transactions (
     charge_key   TEXT UNIQUE,
     workload_uid TEXT,
     shard_idx    INTEGER,
+    refund_of    BIGINT UNIQUE REFERENCES ledger_transactions(id),  -- a charge is refunded once
     memo         TEXT NOT NULL DEFAULT '',
     created_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
-    CHECK ((kind = 'charge') = (charge_key IS NOT NULL))
+    CHECK ((kind = 'charge') = (charge_key IS NOT NULL)),
+    CHECK ((kind = 'refund') = (refund_of IS NOT NULL))
 );
 
 CREATE TABLE ledger_entries (

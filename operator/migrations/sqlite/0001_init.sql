@@ -38,6 +38,7 @@ CREATE TABLE ledger_transactions (
     charge_key   TEXT UNIQUE,
     workload_uid TEXT,
     shard_idx    INTEGER,
+    refund_of    INTEGER UNIQUE REFERENCES ledger_transactions(id),  -- a charge is refunded once
     memo         TEXT NOT NULL DEFAULT '',
     created_at   TEXT NOT NULL
 );

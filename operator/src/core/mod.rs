@@ -29,7 +29,7 @@ use crate::store::{
     WorkloadRecord,
 };
 use lease::Requeue;
-use pricing::Price;
+use pricing::{Price, format_credits};
 use progress::{AgentSummary, WorkloadSummary};
 use scheduler::{AgentView, Needs, PendingShard};
 use validate::Validated;
@@ -98,6 +98,8 @@ struct WorkloadState {
     validated: Validated,
     input_size: u64,
     shards: Vec<ShardState>,
+    /// Written to the store and dispatching (false while held for budget).
+    admitted: bool,
     phase: WorkloadPhase,
     reason: String,
     message: String,
@@ -202,17 +204,30 @@ impl<S: Store> Core<S> {
         &self.store
     }
 
-    /// Adds or updates a Mesh.
-    pub async fn upsert_mesh(&self, name: &str, spec: MeshSpec) {
+    /// Adds or updates a Mesh, and brings each namespace's grant from it to the Mesh's
+    /// budget (level-triggered: applying the same Mesh twice grants nothing more; a lower
+    /// budget takes the difference back). Held workloads are then reconsidered.
+    pub async fn upsert_mesh(&self, name: &str, spec: MeshSpec) -> Result<(), CoreError> {
         let price = Price::from(&spec.pricing);
-        self.state
-            .lock()
-            .await
-            .meshes
+        for budget in &spec.budgets {
+            let target = pricing::credits_to_micro(budget.credits);
+            let granted = self.store.granted(&budget.namespace, name).await?;
+            if target != granted {
+                let memo = format!("budget of namespace {} on mesh {name}", budget.namespace);
+                self.store
+                    .grant(&budget.namespace, name, target - granted, &memo)
+                    .await?;
+                tracing::info!(namespace = %budget.namespace, mesh = %name, credits = budget.credits, "budget granted");
+            }
+        }
+        let mut st = self.state.lock().await;
+        st.meshes
             .insert(name.to_string(), MeshState { spec, price });
+        self.admit_held_locked(&mut st).await
     }
 
-    /// Validates, plans and admits a workload, then dispatches what it can.
+    /// Validates and plans a workload; admits it when its namespace has budget (else holds it
+    /// with `QuotaExceeded`), then dispatches what it can.
     pub async fn submit(&self, sub: Submission) -> Result<String, CoreError> {
         let validated = validate::validate(&sub.spec)?;
         let mut st = self.state.lock().await;
@@ -224,24 +239,6 @@ impl<S: Store> Core<S> {
             return Err(CoreError::Duplicate(key));
         }
         let ranges = planner::plan(sub.input_size, validated.shard_bytes);
-        let record = WorkloadRecord {
-            uid: sub.uid.clone(),
-            namespace: sub.namespace.clone(),
-            name: sub.name.clone(),
-            mesh: sub.spec.mesh.clone(),
-            spec_json: serde_json::to_string(&sub.spec).unwrap_or_default(),
-            input_bytes: sub.input_size,
-        };
-        let shard_records: Vec<ShardRecord> = ranges
-            .iter()
-            .map(|r| ShardRecord {
-                index: r.index,
-                start: r.start,
-                end: r.end,
-            })
-            .collect();
-        self.store.create_workload(&record, &shard_records).await?;
-        tracing::info!(workload = %key, shards = ranges.len(), bytes = sub.input_size, "workload admitted");
         let index = st.workloads.len();
         st.workloads.push(WorkloadState {
             key: key.clone(),
@@ -263,8 +260,9 @@ impl<S: Store> Core<S> {
                     sha256: String::new(),
                 })
                 .collect(),
-            phase: WorkloadPhase::Running,
-            reason: "Admitted".into(),
+            admitted: false,
+            phase: WorkloadPhase::Pending,
+            reason: "Pending".into(),
             message: String::new(),
             submitted: Instant::now(),
             finished: None,
@@ -274,9 +272,95 @@ impl<S: Store> Core<S> {
             retried: 0,
         });
         st.by_key.insert(key.clone(), index);
-        self.maybe_finish(&mut st, index).await?;
+        self.try_admit(&mut st, index).await?;
         self.dispatch(&mut st).await?;
         Ok(key)
+    }
+
+    /// Admits the held workloads whose namespaces have budget again (after a grant).
+    pub async fn admit_held(&self) -> Result<(), CoreError> {
+        let mut st = self.state.lock().await;
+        self.admit_held_locked(&mut st).await
+    }
+
+    async fn admit_held_locked(&self, st: &mut State) -> Result<(), CoreError> {
+        let held: Vec<usize> = (0..st.workloads.len())
+            .filter(|&i| {
+                !st.workloads[i].admitted && st.workloads[i].phase == WorkloadPhase::Pending
+            })
+            .collect();
+        for i in &held {
+            self.try_admit(st, *i).await?;
+        }
+        if !held.is_empty() {
+            self.dispatch(st).await?;
+        }
+        Ok(())
+    }
+
+    /// Admits workload `wl` if its namespace's budget on its Mesh allows; holds it otherwise.
+    async fn try_admit(&self, st: &mut State, wl: usize) -> Result<(), CoreError> {
+        let w = &st.workloads[wl];
+        let budget = st
+            .meshes
+            .get(&w.mesh)
+            .and_then(|m| m.spec.budgets.iter().find(|b| b.namespace == w.namespace))
+            .map(|b| pricing::credits_to_micro(b.credits));
+        if let Some(budget) = budget {
+            let left = self
+                .store
+                .balance(&crate::store::namespace_account(&w.namespace))
+                .await?;
+            if left <= 0 {
+                let message = format!(
+                    "namespace {} has {} credits left (budget {} on mesh {}); admitting needs more than 0 — \
+                     raise the Mesh budget or run `infermesh ledger grant --namespace {} --mesh {} --credits N`",
+                    w.namespace,
+                    format_credits(left),
+                    format_credits(budget),
+                    w.mesh,
+                    w.namespace,
+                    w.mesh
+                );
+                if w.reason != "QuotaExceeded" {
+                    tracing::warn!(workload = %w.key, %message, "workload held");
+                    let e =
+                        Event::new(EventKind::WorkloadHeld, format!("QuotaExceeded: {message}"))
+                            .workload(&w.uid);
+                    self.store.append(&e).await?;
+                }
+                let w = &mut st.workloads[wl];
+                w.reason = "QuotaExceeded".into();
+                w.message = message;
+                return Ok(());
+            }
+        }
+        let record = WorkloadRecord {
+            uid: w.uid.clone(),
+            namespace: w.namespace.clone(),
+            name: w.name.clone(),
+            mesh: w.mesh.clone(),
+            spec_json: serde_json::to_string(&w.spec).unwrap_or_default(),
+            input_bytes: w.input_size,
+        };
+        let shard_records: Vec<ShardRecord> = w
+            .shards
+            .iter()
+            .map(|s| ShardRecord {
+                index: s.range.index,
+                start: s.range.start,
+                end: s.range.end,
+            })
+            .collect();
+        self.store.create_workload(&record, &shard_records).await?;
+        tracing::info!(workload = %w.key, shards = shard_records.len(), bytes = w.input_size, "workload admitted");
+        let w = &mut st.workloads[wl];
+        w.admitted = true;
+        w.phase = WorkloadPhase::Running;
+        w.reason = "Admitted".into();
+        w.message = String::new();
+        w.submitted = Instant::now();
+        self.maybe_finish(st, wl).await
     }
 
     /// Registers an agent's stream after its Hello; sends Welcome.

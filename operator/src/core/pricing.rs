@@ -16,8 +16,13 @@ pub struct Price {
     pub per_thousand_records: i64,
 }
 
-fn micro(credits: f64) -> i64 {
+/// Credits (as a Mesh writes them) in micro-credits.
+pub fn credits_to_micro(credits: f64) -> i64 {
     (credits * MICRO as f64).round() as i64
+}
+
+fn micro(credits: f64) -> i64 {
+    credits_to_micro(credits)
 }
 
 impl From<&Pricing> for Price {

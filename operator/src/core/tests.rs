@@ -46,7 +46,7 @@ fn workload(out: &str, max_attempts: u32) -> WorkloadSpec {
 impl Fixture {
     async fn new(backend: Backend, lease: u32) -> Self {
         let core = Core::new(backend.open().await);
-        core.upsert_mesh("m", mesh(lease)).await;
+        core.upsert_mesh("m", mesh(lease)).await.expect("mesh");
         Self {
             core,
             out: tempfile::tempdir().expect("tmp"),
@@ -343,3 +343,98 @@ both!(a_permanent_failure_fails_the_workload_and_cancels_the_rest);
 both!(a_drained_agent_gets_no_new_shards);
 both!(malformed_messages_are_invalid_argument);
 both!(an_empty_input_succeeds_at_once);
+
+fn mesh_with_budget(credits: f64) -> MeshSpec {
+    let mut m = mesh(30);
+    m.budgets = vec![infermesh_crds::Budget {
+        namespace: "team-a".into(),
+        credits,
+    }];
+    m
+}
+
+async fn a_workload_over_budget_is_held_and_runs_after_a_grant(backend: Backend) {
+    let f = Fixture::new(backend, 30).await;
+    f.core
+        .upsert_mesh("m", mesh_with_budget(0.0))
+        .await
+        .expect("mesh");
+    f.submit(2, 3).await;
+    let (_a, mut rx) = f.agent("a", 1).await;
+    let s = &f.core.workloads().await[0];
+    assert_eq!(
+        (s.phase, s.reason.as_str()),
+        (WorkloadPhase::Pending, "QuotaExceeded")
+    );
+    assert!(s.message.contains("0.000000 credits left"), "{}", s.message);
+    assert!(s.message.contains("needs more than 0"), "{}", s.message);
+    assert!(
+        assigned(&mut rx).is_empty(),
+        "a held workload dispatches nothing"
+    );
+    assert_eq!(f.events("workload.held").await, 1);
+    assert_eq!(f.events("workload.admitted").await, 0);
+
+    f.core
+        .store()
+        .grant("team-a", "m", 5_000_000, "top-up")
+        .await
+        .expect("grant");
+    f.core.admit_held().await.expect("admit");
+    let s = &f.core.workloads().await[0];
+    assert_eq!(
+        s.phase,
+        WorkloadPhase::Running,
+        "{}: {}",
+        s.reason,
+        s.message
+    );
+    assert_eq!(assigned(&mut rx).len(), 1);
+    assert_eq!(f.events("workload.admitted").await, 1);
+}
+
+async fn mesh_budgets_are_granted_once_however_often_the_mesh_is_applied(backend: Backend) {
+    let f = Fixture::new(backend, 30).await;
+    for _ in 0..3 {
+        f.core
+            .upsert_mesh("m", mesh_with_budget(10.0))
+            .await
+            .expect("mesh");
+    }
+    let store = f.core.store();
+    assert_eq!(
+        store.granted("team-a", "m").await.expect("granted"),
+        10_000_000
+    );
+    assert_eq!(
+        store.balance("namespace/team-a").await.expect("balance"),
+        10_000_000
+    );
+    f.core
+        .upsert_mesh("m", mesh_with_budget(4.0))
+        .await
+        .expect("lower budget");
+    assert_eq!(
+        store.granted("team-a", "m").await.expect("granted"),
+        4_000_000
+    );
+    assert_eq!(
+        store.balance("mesh/m").await.expect("mesh account"),
+        -4_000_000
+    );
+    assert!(store.verify().await.expect("verify").ok());
+}
+
+async fn a_budget_with_credits_left_admits_at_once(backend: Backend) {
+    let f = Fixture::new(backend, 30).await;
+    f.core
+        .upsert_mesh("m", mesh_with_budget(1.0))
+        .await
+        .expect("mesh");
+    f.submit(1, 3).await;
+    assert_eq!(f.phase().await, WorkloadPhase::Running);
+}
+
+both!(a_workload_over_budget_is_held_and_runs_after_a_grant);
+both!(mesh_budgets_are_granted_once_however_often_the_mesh_is_applied);
+both!(a_budget_with_credits_left_admits_at_once);

@@ -36,7 +36,7 @@ impl Harness {
         let Some(Manifest::Mesh(m)) = parse_manifests(mesh).expect("mesh").pop() else {
             panic!("mesh")
         };
-        core.upsert_mesh("m", m.spec).await;
+        core.upsert_mesh("m", m.spec).await.expect("mesh");
         let (conns, incoming) = mpsc::unbounded_channel();
         let server = AgentServer::new(core.clone(), Arc::new(StaticToken::new(TOKEN)));
         tokio::spawn(

@@ -129,7 +129,9 @@ async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
         .map_err(|e| format!("{}: {e}", args.database_url))?;
     let core = Arc::new(Core::new(store));
     for (name, spec) in &plan.meshes {
-        core.upsert_mesh(name, spec.clone()).await;
+        core.upsert_mesh(name, spec.clone())
+            .await
+            .map_err(|e| format!("Mesh {name}: {e}"))?;
     }
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -349,8 +351,15 @@ async fn drive<S: Store>(
         .timeout
         .map(|t| Instant::now() + Duration::from_secs(t));
     let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut last_admit = Instant::now();
     loop {
         tick.tick().await;
+        // Held workloads (QuotaExceeded) start once credits are granted, also by
+        // `infermesh ledger grant` from another shell.
+        if last_admit.elapsed() > Duration::from_secs(2) {
+            last_admit = Instant::now();
+            core.admit_held().await.map_err(|e| e.to_string())?;
+        }
         let summaries = core.workloads().await;
         for (key, bar) in &tracked {
             if let Some(s) = summaries.iter().find(|s| &s.key == key) {

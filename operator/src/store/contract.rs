@@ -331,3 +331,61 @@ both!(queue_transitions_are_logged_in_order);
 both!(racing_completions_from_several_operators_charge_each_shard_once);
 both!(the_event_log_refuses_update_and_delete);
 both!(verify_names_rows_written_behind_the_ledgers_back);
+
+async fn refunds_reverse_a_charge_once_and_statements_list_entries(backend: Backend) {
+    let store = backend.open().await;
+    workload(&store, "u", 2).await;
+    store
+        .grant("team-a", "m", 50_000, "budget")
+        .await
+        .expect("grant");
+    store
+        .complete(&completion("u", 0, 1, "a"))
+        .await
+        .expect("charge");
+    let charge = store
+        .statement("agent/a", "2000-01-01T00:00:00Z", "2999-01-01T00:00:00Z")
+        .await
+        .expect("statement")[0]
+        .tx_id;
+    let refund = store.refund(charge, "bad output").await.expect("refund");
+    assert!(
+        matches!(store.refund(charge, "again").await, Err(RefundError::AlreadyRefunded(id)) if id == charge)
+    );
+    assert!(matches!(
+        store.refund(refund, "a refund is no charge").await,
+        Err(RefundError::NotACharge(_))
+    ));
+    assert_eq!(store.balance("agent/a").await.expect("balance"), 0);
+    assert_eq!(
+        store.balance("namespace/team-a").await.expect("balance"),
+        50_000
+    );
+    let lines = store
+        .statement(
+            "namespace/team-a",
+            "2000-01-01T00:00:00Z",
+            "2999-01-01T00:00:00Z",
+        )
+        .await
+        .expect("statement");
+    let kinds: Vec<(&str, i64)> = lines.iter().map(|l| (l.kind.as_str(), l.amount)).collect();
+    assert_eq!(
+        kinds,
+        [("grant", 50_000), ("charge", -1000), ("refund", 1000)]
+    );
+    assert_eq!(lines[1].shard, Some(0));
+    let none = store
+        .statement(
+            "namespace/team-a",
+            "2000-01-01T00:00:00Z",
+            "2000-01-02T00:00:00Z",
+        )
+        .await
+        .expect("empty range");
+    assert!(none.is_empty());
+    let report = store.verify().await.expect("verify");
+    assert!(report.ok(), "{report:?}");
+}
+
+both!(refunds_reverse_a_charge_once_and_statements_list_entries);

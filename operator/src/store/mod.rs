@@ -93,6 +93,8 @@ pub enum ChargeOutcome {
 pub enum EventKind {
     /// A workload was admitted and planned.
     WorkloadAdmitted,
+    /// A workload was held (`QuotaExceeded`).
+    WorkloadHeld,
     /// Every shard of a workload succeeded.
     WorkloadSucceeded,
     /// A workload failed.
@@ -118,6 +120,7 @@ impl EventKind {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::WorkloadAdmitted => "workload.admitted",
+            Self::WorkloadHeld => "workload.held",
             Self::WorkloadSucceeded => "workload.succeeded",
             Self::WorkloadFailed => "workload.failed",
             Self::ShardAssigned => "shard.assigned",
@@ -314,6 +317,44 @@ macro_rules! run_verify {
 }
 pub(crate) use run_verify;
 
+/// One entry of an account's statement.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct StatementLine {
+    /// Transaction id.
+    pub tx_id: i64,
+    /// `charge`, `grant` or `refund`.
+    pub kind: String,
+    /// When (RFC 3339).
+    pub at: String,
+    /// Micro-credits into (positive) or out of (negative) the account.
+    pub amount: i64,
+    /// Workload of a charge or refund.
+    pub workload_uid: Option<String>,
+    /// Shard of a charge or refund.
+    pub shard: Option<i64>,
+    /// What it was for.
+    pub memo: String,
+}
+
+/// Why a refund was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RefundError {
+    /// No charge with that id.
+    #[error("transaction {0} is not a charge")]
+    NotACharge(i64),
+    /// It was refunded before.
+    #[error("charge {0} is already refunded")]
+    AlreadyRefunded(i64),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The account of a Mesh: where its budget grants come from.
+pub fn mesh_account(mesh: &str) -> String {
+    format!("mesh/{mesh}")
+}
+
 /// The account of a namespace.
 pub fn namespace_account(ns: &str) -> String {
     format!("namespace/{ns}")
@@ -395,6 +436,40 @@ pub trait Store: Send + Sync + 'static {
 
     /// Checks the ledger's invariants (see [`VerifyReport`]).
     fn verify(&self) -> impl Future<Output = Result<VerifyReport, StoreError>> + Send;
+
+    /// Grants `amount` micro-credits (negative: takes back) from a Mesh to a namespace.
+    fn grant(
+        &self,
+        namespace: &str,
+        mesh: &str,
+        amount: i64,
+        memo: &str,
+    ) -> impl Future<Output = Result<i64, StoreError>> + Send;
+
+    /// Micro-credits a Mesh has granted a namespace, net.
+    fn granted(
+        &self,
+        namespace: &str,
+        mesh: &str,
+    ) -> impl Future<Output = Result<i64, StoreError>> + Send;
+
+    /// Reverses a charge (agent back to namespace), once.
+    fn refund(
+        &self,
+        charge: i64,
+        memo: &str,
+    ) -> impl Future<Output = Result<i64, RefundError>> + Send;
+
+    /// An account's balance.
+    fn balance(&self, account: &str) -> impl Future<Output = Result<i64, StoreError>> + Send;
+
+    /// An account's entries between two RFC 3339 times (inclusive), oldest first.
+    fn statement(
+        &self,
+        account: &str,
+        from: &str,
+        to: &str,
+    ) -> impl Future<Output = Result<Vec<StatementLine>, StoreError>> + Send;
 }
 
 /// The store a URL names: `sqlite://PATH` (or `sqlite::memory:`) or `postgres://…`.
@@ -489,5 +564,31 @@ impl Store for AnyStore {
     }
     async fn verify(&self) -> Result<VerifyReport, StoreError> {
         each!(self, s => s.verify())
+    }
+    async fn grant(
+        &self,
+        namespace: &str,
+        mesh: &str,
+        amount: i64,
+        memo: &str,
+    ) -> Result<i64, StoreError> {
+        each!(self, s => s.grant(namespace, mesh, amount, memo))
+    }
+    async fn granted(&self, namespace: &str, mesh: &str) -> Result<i64, StoreError> {
+        each!(self, s => s.granted(namespace, mesh))
+    }
+    async fn refund(&self, charge: i64, memo: &str) -> Result<i64, RefundError> {
+        each!(self, s => s.refund(charge, memo))
+    }
+    async fn balance(&self, account: &str) -> Result<i64, StoreError> {
+        each!(self, s => s.balance(account))
+    }
+    async fn statement(
+        &self,
+        account: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<Vec<StatementLine>, StoreError> {
+        each!(self, s => s.statement(account, from, to))
     }
 }

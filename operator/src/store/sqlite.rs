@@ -9,8 +9,9 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::{
-    Charge, ChargeOutcome, CompletionRecord, Event, EventFilter, EventKind, EventRow, ShardRecord,
-    Store, StoreError, VerifyReport, WorkloadRecord, agent_account, namespace_account,
+    Charge, ChargeOutcome, CompletionRecord, Event, EventFilter, EventKind, EventRow, RefundError,
+    ShardRecord, StatementLine, Store, StoreError, VerifyReport, WorkloadRecord, agent_account,
+    mesh_account, namespace_account,
 };
 
 fn now() -> String {
@@ -62,6 +63,31 @@ async fn insert_event(tx: &mut Transaction<'_, Sqlite>, e: &Event) -> Result<(),
     .bind(&e.message)
     .execute(&mut **tx)
     .await?;
+    Ok(())
+}
+
+/// Writes a transaction's entries and moves the accounts' balances with them.
+async fn post(
+    tx: &mut Transaction<'_, Sqlite>,
+    tx_id: i64,
+    entries: &[(String, i64)],
+) -> Result<(), sqlx::Error> {
+    for (account, amount) in entries {
+        sqlx::query("INSERT INTO ledger_entries (tx_id, account, amount) VALUES (?, ?, ?)")
+            .bind(tx_id)
+            .bind(account)
+            .bind(amount)
+            .execute(&mut **tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO accounts (name, balance) VALUES (?, ?) \
+             ON CONFLICT (name) DO UPDATE SET balance = accounts.balance + excluded.balance",
+        )
+        .bind(account)
+        .bind(amount)
+        .execute(&mut **tx)
+        .await?;
+    }
     Ok(())
 }
 
@@ -195,25 +221,15 @@ impl Store for SqliteStore {
         .fetch_one(&mut *tx)
         .await?
         .try_get(0)?;
-        for (account, amount) in [
-            (namespace_account(&c.namespace), -c.price),
-            (agent_account(&c.agent), c.price),
-        ] {
-            sqlx::query("INSERT INTO ledger_entries (tx_id, account, amount) VALUES (?, ?, ?)")
-                .bind(tx_id)
-                .bind(&account)
-                .bind(amount)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query(
-                "INSERT INTO accounts (name, balance) VALUES (?, ?) \
-                 ON CONFLICT (name) DO UPDATE SET balance = accounts.balance + excluded.balance",
-            )
-            .bind(&account)
-            .bind(amount)
-            .execute(&mut *tx)
-            .await?;
-        }
+        post(
+            &mut tx,
+            tx_id,
+            &[
+                (namespace_account(&c.namespace), -c.price),
+                (agent_account(&c.agent), c.price),
+            ],
+        )
+        .await?;
         let e = Event::new(
             EventKind::ShardCompleted,
             format!(
@@ -388,5 +404,138 @@ impl Store for SqliteStore {
 
     async fn verify(&self) -> Result<VerifyReport, StoreError> {
         super::run_verify!(&self.pool)
+    }
+
+    async fn grant(
+        &self,
+        namespace: &str,
+        mesh: &str,
+        amount: i64,
+        memo: &str,
+    ) -> Result<i64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let tx_id: i64 = sqlx::query(
+            "INSERT INTO ledger_transactions (kind, memo, created_at) VALUES ('grant', ?, ?) RETURNING id",
+        )
+        .bind(memo)
+        .bind(now())
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get(0)?;
+        post(
+            &mut tx,
+            tx_id,
+            &[
+                (mesh_account(mesh), -amount),
+                (namespace_account(namespace), amount),
+            ],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(tx_id)
+    }
+
+    async fn granted(&self, namespace: &str, mesh: &str) -> Result<i64, StoreError> {
+        let total: Option<i64> = sqlx::query(
+            "SELECT SUM(e.amount) FROM ledger_entries e JOIN ledger_transactions t ON t.id = e.tx_id \
+             WHERE t.kind = 'grant' AND e.account = ? AND EXISTS \
+               (SELECT 1 FROM ledger_entries o WHERE o.tx_id = t.id AND o.account = ?)",
+        )
+        .bind(namespace_account(namespace))
+        .bind(mesh_account(mesh))
+        .fetch_one(&self.pool)
+        .await?
+        .try_get(0)?;
+        Ok(total.unwrap_or(0))
+    }
+
+    async fn refund(&self, charge: i64, memo: &str) -> Result<i64, RefundError> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let row = sqlx::query(
+            "SELECT kind, workload_uid, shard_idx FROM ledger_transactions WHERE id = ?",
+        )
+        .bind(charge)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(StoreError::from)?;
+        let Some(row) = row.filter(|r| r.try_get::<String, _>("kind").is_ok_and(|k| k == "charge"))
+        else {
+            return Err(RefundError::NotACharge(charge));
+        };
+        let entries: Vec<(String, i64)> =
+            sqlx::query("SELECT account, amount FROM ledger_entries WHERE tx_id = ?")
+                .bind(charge)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(StoreError::from)?
+                .iter()
+                .map(|r| Ok((r.try_get("account")?, -r.try_get::<i64, _>("amount")?)))
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(StoreError::from)?;
+        let inserted = sqlx::query(
+            "INSERT INTO ledger_transactions (kind, refund_of, workload_uid, shard_idx, memo, created_at) \
+             VALUES ('refund', ?, ?, ?, ?, ?) RETURNING id",
+        )
+        .bind(charge)
+        .bind(row.try_get::<Option<String>, _>("workload_uid").map_err(StoreError::from)?)
+        .bind(row.try_get::<Option<i64>, _>("shard_idx").map_err(StoreError::from)?)
+        .bind(memo)
+        .bind(now())
+        .fetch_one(&mut *tx)
+        .await;
+        let tx_id: i64 = match inserted {
+            Ok(r) => r.try_get(0).map_err(StoreError::from)?,
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                return Err(RefundError::AlreadyRefunded(charge));
+            }
+            Err(e) => return Err(StoreError::from(e).into()),
+        };
+        post(&mut tx, tx_id, &entries)
+            .await
+            .map_err(StoreError::from)?;
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(tx_id)
+    }
+
+    async fn balance(&self, account: &str) -> Result<i64, StoreError> {
+        let b: Option<i64> = sqlx::query("SELECT balance FROM accounts WHERE name = ?")
+            .bind(account)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| r.try_get(0))
+            .transpose()?;
+        Ok(b.unwrap_or(0))
+    }
+
+    async fn statement(
+        &self,
+        account: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<Vec<StatementLine>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT t.id, t.kind, t.created_at, e.amount, t.workload_uid, t.shard_idx, t.memo \
+             FROM ledger_entries e JOIN ledger_transactions t ON t.id = e.tx_id \
+             WHERE e.account = ? AND t.created_at >= ? AND t.created_at <= ? ORDER BY t.id, e.id",
+        )
+        .bind(account)
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(StatementLine {
+                    tx_id: r.try_get(0)?,
+                    kind: r.try_get(1)?,
+                    at: r.try_get(2)?,
+                    amount: r.try_get(3)?,
+                    workload_uid: r.try_get(4)?,
+                    shard: r.try_get(5)?,
+                    memo: r.try_get(6)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
     }
 }
