@@ -14,6 +14,7 @@ pub mod scheduler;
 pub mod validate;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use infermesh_crds::{MeshSpec, WorkloadPhase, WorkloadSpec};
@@ -24,6 +25,7 @@ use pb::operator_message::Msg as Down;
 use tokio::sync::{Mutex, mpsc};
 use tonic::Status;
 
+use crate::store::group::GroupCommitter;
 use crate::store::{
     ChargeOutcome, CompletionRecord, Event, EventKind, ShardRecord, Store, StoreError,
     WorkloadRecord,
@@ -166,7 +168,8 @@ pub struct AgentHandle {
 
 /// The core. `S` is the store backend.
 pub struct Core<S: Store> {
-    store: S,
+    store: Arc<S>,
+    committer: GroupCommitter,
     state: Mutex<State>,
 }
 
@@ -193,8 +196,11 @@ fn reason_for(kind: pb::ErrorKind) -> &'static str {
 impl<S: Store> Core<S> {
     /// A core over `store`.
     pub fn new(store: S) -> Self {
+        let store = Arc::new(store);
+        let committer = GroupCommitter::spawn(store.clone());
         Self {
             store,
+            committer,
             state: Mutex::new(State::default()),
         }
     }
@@ -472,11 +478,8 @@ impl<S: Store> Core<S> {
                 Ok(())
             }
             Some(Up::Completed(c)) => {
-                let (wl, shard) = resolve(&st, c.shard.as_ref())?;
-                self.complete(&mut st, who, wl, shard, c)
-                    .await
-                    .map_err(internal)?;
-                self.dispatch(&mut st).await.map_err(internal)
+                drop(st);
+                self.completed(who, c).await
             }
             Some(Up::Failed(f)) => {
                 let (wl, shard) = resolve(&st, f.shard.as_ref())?;
@@ -740,50 +743,83 @@ impl<S: Store> Core<S> {
             .await
     }
 
-    async fn complete(
+    /// A completion: prepared under the lock, committed by the group committer without it
+    /// (so completions arriving together share a transaction), applied under it again.
+    async fn completed(&self, who: &AgentHandle, c: pb::Completed) -> Result<(), Status> {
+        let (wl, shard, record) = {
+            let mut st = self.state.lock().await;
+            let (wl, shard) = resolve(&st, c.shard.as_ref())?;
+            // The agent's slot is free from now on.
+            if let Some(a) = st.agents.get_mut(&who.id) {
+                a.running.remove(&(wl, shard));
+            }
+            let price = st
+                .meshes
+                .get(&st.workloads[wl].mesh)
+                .map(|m| m.price)
+                .unwrap_or_default();
+            let w = &st.workloads[wl];
+            let record = CompletionRecord {
+                workload_uid: w.uid.clone(),
+                namespace: w.namespace.clone(),
+                shard,
+                attempt: c.shard.as_ref().map(|s| s.attempt).unwrap_or(0),
+                agent: who.id.clone(),
+                records: c.records,
+                output_uri: c.output_uri.clone(),
+                sha256: c.sha256.clone(),
+                price: price.charge(&c.device, c.compute_seconds, c.records),
+                device: c.device.clone(),
+                compute_seconds: c.compute_seconds,
+            };
+            (wl, shard, record)
+        };
+        let committed = self.committer.complete(record.clone()).await;
+        let mut st = self.state.lock().await;
+        match committed {
+            Ok(outcome) => self
+                .apply_completion(&mut st, wl, record, outcome)
+                .await
+                .map_err(internal)?,
+            Err(e) => {
+                // Not recorded: the shard must not stay marked as running on this agent.
+                self.requeue_or_fail(
+                    &mut st,
+                    wl,
+                    shard,
+                    Some(&who.id),
+                    &e.to_string(),
+                    "StorageError",
+                )
+                .await
+                .map_err(internal)?;
+                return Err(internal(e));
+            }
+        }
+        self.dispatch(&mut st).await.map_err(internal)
+    }
+
+    /// Applies a committed completion to the in-memory state.
+    async fn apply_completion(
         &self,
         st: &mut State,
-        who: &AgentHandle,
         wl: usize,
-        shard: u32,
-        c: pb::Completed,
+        c: CompletionRecord,
+        outcome: ChargeOutcome,
     ) -> Result<(), CoreError> {
-        let attempt = c.shard.as_ref().map(|s| s.attempt).unwrap_or(0);
-        if let Some(a) = st.agents.get_mut(&who.id) {
-            a.running.remove(&(wl, shard));
-        }
-        let price = st
-            .meshes
-            .get(&st.workloads[wl].mesh)
-            .map(|m| m.price)
-            .unwrap_or_default();
-        let w = &st.workloads[wl];
-        let charge = price.charge(&c.device, c.compute_seconds, c.records);
-        let record = CompletionRecord {
-            workload_uid: w.uid.clone(),
-            namespace: w.namespace.clone(),
-            shard,
-            attempt,
-            agent: who.id.clone(),
-            records: c.records,
-            output_uri: c.output_uri.clone(),
-            sha256: c.sha256.clone(),
-            price: charge,
-            device: c.device.clone(),
-            compute_seconds: c.compute_seconds,
-        };
-        let already = w.shards[shard as usize].status == ShardStatus::Succeeded;
-        let outcome = self.store.complete(&record).await?;
-        if already || outcome == ChargeOutcome::Duplicate {
-            tracing::info!(workload = %w.key, shard, attempt, agent = %who.id, "duplicate completion ignored");
+        let key = st.workloads[wl].key.clone();
+        let shard = c.shard;
+        if outcome == ChargeOutcome::Duplicate
+            || st.workloads[wl].shards[shard as usize].status == ShardStatus::Succeeded
+        {
+            tracing::info!(workload = %key, shard, attempt = c.attempt, agent = %c.agent, "duplicate completion ignored");
             return Ok(());
         }
-        let key = w.key.clone();
         let w = &mut st.workloads[wl];
         let s = &mut w.shards[shard as usize];
         // Another agent may hold a later attempt of this shard: it is no longer needed.
         let other = match &s.status {
-            ShardStatus::Running { agent } if *agent != who.id => Some(agent.clone()),
+            ShardStatus::Running { agent } if *agent != c.agent => Some(agent.clone()),
             _ => None,
         };
         s.status = ShardStatus::Succeeded;
@@ -792,10 +828,10 @@ impl<S: Store> Core<S> {
         s.sha256 = c.sha256;
         w.records += c.records;
         w.bytes_done += s.range.end - s.range.start;
-        w.credits += charge;
-        if let Some(a) = st.agents.get_mut(&who.id) {
+        w.credits += c.price;
+        if let Some(a) = st.agents.get_mut(&c.agent) {
             a.completed += 1;
-            a.credits += charge;
+            a.credits += c.price;
         }
         if let Some(other) = other.and_then(|o| st.agents.get_mut(&o)) {
             other.running.remove(&(wl, shard));

@@ -389,3 +389,48 @@ async fn refunds_reverse_a_charge_once_and_statements_list_entries(backend: Back
 }
 
 both!(refunds_reverse_a_charge_once_and_statements_list_entries);
+
+async fn a_batch_charges_the_first_completion_of_each_shard_once(backend: Backend) {
+    let store = backend.open().await;
+    workload(&store, "u", 4).await;
+    store
+        .complete(&completion("u", 0, 1, "a"))
+        .await
+        .expect("earlier");
+    let batch = [
+        completion("u", 0, 2, "b"), // done before the batch
+        completion("u", 1, 1, "a"),
+        completion("u", 1, 2, "b"), // second in the batch
+        completion("u", 2, 1, "b"),
+    ];
+    let outcomes = store.complete_batch(&batch).await.expect("batch");
+    use ChargeOutcome::{Charged, Duplicate};
+    assert_eq!(outcomes, [Duplicate, Charged, Duplicate, Charged]);
+    let charges = store.charges("u").await.expect("charges");
+    let shards: Vec<(u32, &str)> = charges.iter().map(|c| (c.shard, c.to.as_str())).collect();
+    assert_eq!(shards, [(0, "agent/a"), (1, "agent/a"), (2, "agent/b")]);
+    let events = store.events(&EventFilter::default()).await.expect("events");
+    let tail: Vec<&str> = events
+        .iter()
+        .rev()
+        .take(4)
+        .rev()
+        .map(|e| e.kind.as_str())
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            "shard.duplicate",
+            "shard.completed",
+            "shard.duplicate",
+            "shard.completed"
+        ]
+    );
+    assert!(
+        events.windows(2).all(|w| w[1].seq == w[0].seq + 1),
+        "no gaps in the sequence"
+    );
+    assert!(store.verify().await.expect("verify").ok());
+}
+
+both!(a_batch_charges_the_first_completion_of_each_shard_once);

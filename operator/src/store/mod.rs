@@ -1,6 +1,7 @@
 //! The store: shards, the ledger and the event log. One trait, a backend per database
 //! (SQLite here; Postgres slots in behind the same trait), and one contract test suite.
 
+pub mod group;
 pub mod postgres;
 pub mod sqlite;
 pub mod testing;
@@ -19,6 +20,9 @@ pub enum StoreError {
     /// Migrations failed.
     #[error("migrating the database failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A group commit failed (the message of the batch's error).
+    #[error("committing completions failed: {0}")]
+    Commit(String),
     /// The URL names no supported database.
     #[error("unsupported database URL `{0}` (use sqlite://PATH or postgres://…)")]
     UnsupportedUrl(String),
@@ -77,6 +81,52 @@ pub struct CompletionRecord {
     pub device: String,
     /// Seconds of compute.
     pub compute_seconds: f64,
+}
+
+impl CompletionRecord {
+    /// The ledger's unique key of this shard's charge.
+    pub fn charge_key(&self) -> String {
+        format!("{}#{}", self.workload_uid, self.shard)
+    }
+
+    /// The memo of the charge transaction.
+    pub fn memo(&self) -> String {
+        format!(
+            "{} records, {:.3}s on {}",
+            self.records, self.compute_seconds, self.device
+        )
+    }
+
+    /// The entries of the charge: namespace to agent.
+    pub fn entries(&self) -> [(String, i64); 2] {
+        [
+            (namespace_account(&self.namespace), -self.price),
+            (agent_account(&self.agent), self.price),
+        ]
+    }
+
+    /// The event this completion logs.
+    pub fn event(&self, outcome: ChargeOutcome) -> Event {
+        let e = match outcome {
+            ChargeOutcome::Charged => Event::new(
+                EventKind::ShardCompleted,
+                format!(
+                    "{} records by {} in {:.3}s ({}), charged {} micro-credits",
+                    self.records, self.agent, self.compute_seconds, self.device, self.price
+                ),
+            ),
+            ChargeOutcome::Duplicate => Event::new(
+                EventKind::ShardDuplicate,
+                format!(
+                    "attempt {} on {} ignored: shard already done",
+                    self.attempt, self.agent
+                ),
+            ),
+        };
+        e.workload(&self.workload_uid)
+            .shard(self.shard, self.attempt)
+            .agent(&self.agent)
+    }
 }
 
 /// What recording a completion did.
@@ -389,7 +439,22 @@ pub trait Store: Send + Sync + 'static {
     fn complete(
         &self,
         c: &CompletionRecord,
-    ) -> impl Future<Output = Result<ChargeOutcome, StoreError>> + Send;
+    ) -> impl Future<Output = Result<ChargeOutcome, StoreError>> + Send {
+        async move {
+            let outcomes = self.complete_batch(std::slice::from_ref(c)).await?;
+            Ok(outcomes
+                .first()
+                .copied()
+                .unwrap_or(ChargeOutcome::Duplicate))
+        }
+    }
+
+    /// Records many completions in one transaction (group commit): one outcome per record, in
+    /// order. Within a batch, as across batches, the first completion of a shard wins.
+    fn complete_batch(
+        &self,
+        cs: &[CompletionRecord],
+    ) -> impl Future<Output = Result<Vec<ChargeOutcome>, StoreError>> + Send;
 
     /// A shard attempt was lost or failed and the shard goes back to the queue.
     fn requeue(
@@ -519,8 +584,11 @@ impl Store for AnyStore {
     ) -> Result<(), StoreError> {
         each!(self, s => s.assign(uid, shard, attempt, agent))
     }
-    async fn complete(&self, c: &CompletionRecord) -> Result<ChargeOutcome, StoreError> {
-        each!(self, s => s.complete(c))
+    async fn complete_batch(
+        &self,
+        cs: &[CompletionRecord],
+    ) -> Result<Vec<ChargeOutcome>, StoreError> {
+        each!(self, s => s.complete_batch(cs))
     }
     async fn requeue(
         &self,

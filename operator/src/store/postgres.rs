@@ -7,8 +7,8 @@ use sqlx::{Postgres, Row, Transaction};
 
 use super::{
     Charge, ChargeOutcome, CompletionRecord, Event, EventFilter, EventKind, EventRow, RefundError,
-    ShardRecord, StatementLine, Store, StoreError, VerifyReport, WorkloadRecord, agent_account,
-    mesh_account, namespace_account,
+    ShardRecord, StatementLine, Store, StoreError, VerifyReport, WorkloadRecord, mesh_account,
+    namespace_account,
 };
 
 /// A Postgres database.
@@ -84,6 +84,155 @@ async fn post(
     )
     .bind(&names)
     .bind(&deltas)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Records a batch of completions in one transaction with a fixed number of set-based
+/// statements, however large the batch: this is what makes group commit pay.
+async fn complete_set(
+    pool: &PgPool,
+    cs: &[CompletionRecord],
+) -> Result<Vec<ChargeOutcome>, sqlx::Error> {
+    use std::collections::{BTreeMap, HashMap, HashSet};
+    if cs.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Within the batch the first completion of a shard is its candidate; later ones are
+    // duplicates whatever the database says.
+    let mut first: HashMap<(&str, u32), usize> = HashMap::new();
+    for (i, c) in cs.iter().enumerate() {
+        first.entry((c.workload_uid.as_str(), c.shard)).or_insert(i);
+    }
+    let candidates: Vec<&CompletionRecord> = cs
+        .iter()
+        .enumerate()
+        .filter(|(i, c)| first.get(&(c.workload_uid.as_str(), c.shard)) == Some(i))
+        .map(|(_, c)| c)
+        .collect();
+    let mut tx = pool.begin().await?;
+    let col =
+        |f: fn(&CompletionRecord) -> String| candidates.iter().map(|c| f(c)).collect::<Vec<_>>();
+    let updated = sqlx::query(
+        "UPDATE shards s SET state = 'succeeded', attempt = c.attempt, agent = c.agent, records = c.records, \
+                output_uri = c.uri, sha256 = c.sha, error = NULL, updated_at = now() \
+         FROM UNNEST($1::text[], $2::int[], $3::int[], $4::text[], $5::bigint[], $6::text[], $7::text[]) \
+              AS c(uid, idx, attempt, agent, records, uri, sha) \
+         WHERE s.workload_uid = c.uid AND s.idx = c.idx AND s.state <> 'succeeded' \
+         RETURNING s.workload_uid, s.idx",
+    )
+    .bind(col(|c| c.workload_uid.clone()))
+    .bind(candidates.iter().map(|c| c.shard as i32).collect::<Vec<_>>())
+    .bind(candidates.iter().map(|c| c.attempt as i32).collect::<Vec<_>>())
+    .bind(col(|c| c.agent.clone()))
+    .bind(candidates.iter().map(|c| c.records as i64).collect::<Vec<_>>())
+    .bind(col(|c| c.output_uri.clone()))
+    .bind(col(|c| c.sha256.clone()))
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut charged: HashSet<(String, u32)> = HashSet::new();
+    for r in &updated {
+        charged.insert((r.try_get(0)?, r.try_get::<i32, _>(1)? as u32));
+    }
+    let outcomes: Vec<ChargeOutcome> = cs
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let is_first = first.get(&(c.workload_uid.as_str(), c.shard)) == Some(&i);
+            if is_first && charged.contains(&(c.workload_uid.clone(), c.shard)) {
+                ChargeOutcome::Charged
+            } else {
+                ChargeOutcome::Duplicate
+            }
+        })
+        .collect();
+    let charges: Vec<&CompletionRecord> = cs
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, o)| **o == ChargeOutcome::Charged)
+        .map(|(c, _)| c)
+        .collect();
+    if !charges.is_empty() {
+        let keys: Vec<String> = charges.iter().map(|c| c.charge_key()).collect();
+        let ids = sqlx::query(
+            "INSERT INTO ledger_transactions (kind, charge_key, workload_uid, shard_idx, memo) \
+             SELECT 'charge', k, u, i, m FROM UNNEST($1::text[], $2::text[], $3::int[], $4::text[]) AS t(k, u, i, m) \
+             RETURNING id, charge_key",
+        )
+        .bind(&keys)
+        .bind(charges.iter().map(|c| c.workload_uid.clone()).collect::<Vec<_>>())
+        .bind(charges.iter().map(|c| c.shard as i32).collect::<Vec<_>>())
+        .bind(charges.iter().map(|c| c.memo()).collect::<Vec<_>>())
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut id_of: HashMap<String, i64> = HashMap::new();
+        for r in &ids {
+            id_of.insert(r.try_get(1)?, r.try_get(0)?);
+        }
+        let (mut tx_ids, mut accounts, mut amounts) = (Vec::new(), Vec::new(), Vec::new());
+        let mut deltas: BTreeMap<String, i64> = BTreeMap::new();
+        for (c, key) in charges.iter().zip(&keys) {
+            let id = id_of
+                .get(key)
+                .copied()
+                .ok_or_else(|| sqlx::Error::RowNotFound)?;
+            for (account, amount) in c.entries() {
+                *deltas.entry(account.clone()).or_default() += amount;
+                tx_ids.push(id);
+                accounts.push(account);
+                amounts.push(amount);
+            }
+        }
+        sqlx::query(
+            "INSERT INTO ledger_entries (tx_id, account, amount) \
+             SELECT t, a, m FROM UNNEST($1::bigint[], $2::text[], $3::bigint[]) AS u(t, a, m)",
+        )
+        .bind(&tx_ids)
+        .bind(&accounts)
+        .bind(&amounts)
+        .execute(&mut *tx)
+        .await?;
+        // Sorted by name (BTreeMap), so concurrent batches lock account rows in one order.
+        sqlx::query(
+            "INSERT INTO accounts (name, balance) SELECT a, m FROM UNNEST($1::text[], $2::bigint[]) AS u(a, m) \
+             ON CONFLICT (name) DO UPDATE SET balance = accounts.balance + excluded.balance",
+        )
+        .bind(deltas.keys().cloned().collect::<Vec<_>>())
+        .bind(deltas.values().copied().collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+    }
+    let events: Vec<Event> = cs.iter().zip(&outcomes).map(|(c, o)| c.event(*o)).collect();
+    insert_events(&mut tx, &events).await?;
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
+/// Appends events in `tx` with consecutive sequence numbers taken from the counter row in
+/// one step (see [`insert_event`]).
+async fn insert_events(
+    tx: &mut Transaction<'_, Postgres>,
+    events: &[Event],
+) -> Result<(), sqlx::Error> {
+    let n = events.len() as i64;
+    let last: i64 = sqlx::query("UPDATE event_counter SET last = last + $1 RETURNING last")
+        .bind(n)
+        .fetch_one(&mut **tx)
+        .await?
+        .try_get(0)?;
+    let seqs: Vec<i64> = (last - n + 1..=last).collect();
+    sqlx::query(
+        "INSERT INTO events (seq, kind, workload_uid, shard_idx, attempt, agent, message) \
+         SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::int[], $5::int[], $6::text[], $7::text[])",
+    )
+    .bind(&seqs)
+    .bind(events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.workload_uid.clone()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.shard.map(|s| s as i32)).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.attempt.map(|a| a as i32)).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.agent.clone()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.message.clone()).collect::<Vec<_>>())
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -170,75 +319,23 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn complete(&self, c: &CompletionRecord) -> Result<ChargeOutcome, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let updated = sqlx::query(
-            "UPDATE shards SET state = 'succeeded', attempt = $1, agent = $2, records = $3, \
-             output_uri = $4, sha256 = $5, error = NULL, updated_at = now() \
-             WHERE workload_uid = $6 AND idx = $7 AND state <> 'succeeded'",
-        )
-        .bind(c.attempt as i32)
-        .bind(&c.agent)
-        .bind(c.records as i64)
-        .bind(&c.output_uri)
-        .bind(&c.sha256)
-        .bind(&c.workload_uid)
-        .bind(c.shard as i32)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if updated == 0 {
-            let e = Event::new(
-                EventKind::ShardDuplicate,
-                format!(
-                    "attempt {} on {} ignored: shard already done",
-                    c.attempt, c.agent
-                ),
-            )
-            .workload(&c.workload_uid)
-            .shard(c.shard, c.attempt)
-            .agent(&c.agent);
-            insert_event(&mut tx, &e).await?;
-            tx.commit().await?;
-            return Ok(ChargeOutcome::Duplicate);
+    async fn complete_batch(
+        &self,
+        cs: &[CompletionRecord],
+    ) -> Result<Vec<ChargeOutcome>, StoreError> {
+        match complete_set(&self.pool, cs).await {
+            Ok(outcomes) => Ok(outcomes),
+            // The unique charge key refused a charge the state column let through (a ledger
+            // changed behind our back): record the batch one by one, so only that charge fails.
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() && cs.len() > 1 => {
+                let mut outcomes = Vec::with_capacity(cs.len());
+                for c in cs {
+                    outcomes.push(complete_set(&self.pool, std::slice::from_ref(c)).await?[0]);
+                }
+                Ok(outcomes)
+            }
+            Err(e) => Err(e.into()),
         }
-        // The unique charge_key refuses a second charge of this shard, whatever the state.
-        let tx_id: i64 = sqlx::query(
-            "INSERT INTO ledger_transactions (kind, charge_key, workload_uid, shard_idx, memo) \
-             VALUES ('charge', $1, $2, $3, $4) RETURNING id",
-        )
-        .bind(format!("{}#{}", c.workload_uid, c.shard))
-        .bind(&c.workload_uid)
-        .bind(c.shard as i32)
-        .bind(format!(
-            "{} records, {:.3}s on {}",
-            c.records, c.compute_seconds, c.device
-        ))
-        .fetch_one(&mut *tx)
-        .await?
-        .try_get(0)?;
-        post(
-            &mut tx,
-            tx_id,
-            &[
-                (namespace_account(&c.namespace), -c.price),
-                (agent_account(&c.agent), c.price),
-            ],
-        )
-        .await?;
-        let e = Event::new(
-            EventKind::ShardCompleted,
-            format!(
-                "{} records by {} in {:.3}s ({}), charged {} micro-credits",
-                c.records, c.agent, c.compute_seconds, c.device, c.price
-            ),
-        )
-        .workload(&c.workload_uid)
-        .shard(c.shard, c.attempt)
-        .agent(&c.agent);
-        insert_event(&mut tx, &e).await?;
-        tx.commit().await?;
-        Ok(ChargeOutcome::Charged)
     }
 
     async fn requeue(

@@ -10,8 +10,8 @@ use sqlx::{Row, Sqlite, Transaction};
 
 use super::{
     Charge, ChargeOutcome, CompletionRecord, Event, EventFilter, EventKind, EventRow, RefundError,
-    ShardRecord, StatementLine, Store, StoreError, VerifyReport, WorkloadRecord, agent_account,
-    mesh_account, namespace_account,
+    ShardRecord, StatementLine, Store, StoreError, VerifyReport, WorkloadRecord, mesh_account,
+    namespace_account,
 };
 
 fn now() -> String {
@@ -89,6 +89,53 @@ async fn post(
         .await?;
     }
     Ok(())
+}
+
+/// Records one completion inside `tx`: the first for a shard marks it succeeded and charges it.
+async fn complete_in(
+    tx: &mut Transaction<'_, Sqlite>,
+    c: &CompletionRecord,
+) -> Result<ChargeOutcome, sqlx::Error> {
+    let updated = sqlx::query(
+        "UPDATE shards SET state = 'succeeded', attempt = ?, agent = ?, records = ?, output_uri = ?, \
+         sha256 = ?, error = NULL, updated_at = ? \
+         WHERE workload_uid = ? AND idx = ? AND state <> 'succeeded'",
+    )
+    .bind(i64::from(c.attempt))
+    .bind(&c.agent)
+    .bind(c.records as i64)
+    .bind(&c.output_uri)
+    .bind(&c.sha256)
+    .bind(now())
+    .bind(&c.workload_uid)
+    .bind(i64::from(c.shard))
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    let outcome = if updated == 0 {
+        ChargeOutcome::Duplicate
+    } else {
+        ChargeOutcome::Charged
+    };
+    if outcome == ChargeOutcome::Charged {
+        // The unique charge_key makes a second charge of this shard fail here, whatever the
+        // state column says.
+        let tx_id: i64 = sqlx::query(
+            "INSERT INTO ledger_transactions (kind, charge_key, workload_uid, shard_idx, memo, created_at) \
+             VALUES ('charge', ?, ?, ?, ?, ?) RETURNING id",
+        )
+        .bind(c.charge_key())
+        .bind(&c.workload_uid)
+        .bind(i64::from(c.shard))
+        .bind(c.memo())
+        .bind(now())
+        .fetch_one(&mut **tx)
+        .await?
+        .try_get(0)?;
+        post(tx, tx_id, &c.entries()).await?;
+    }
+    insert_event(tx, &c.event(outcome)).await?;
+    Ok(outcome)
 }
 
 impl Store for SqliteStore {
@@ -174,75 +221,17 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn complete(&self, c: &CompletionRecord) -> Result<ChargeOutcome, StoreError> {
+    async fn complete_batch(
+        &self,
+        cs: &[CompletionRecord],
+    ) -> Result<Vec<ChargeOutcome>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let updated = sqlx::query(
-            "UPDATE shards SET state = 'succeeded', attempt = ?, agent = ?, records = ?, output_uri = ?, \
-             sha256 = ?, error = NULL, updated_at = ? \
-             WHERE workload_uid = ? AND idx = ? AND state <> 'succeeded'",
-        )
-        .bind(i64::from(c.attempt))
-        .bind(&c.agent)
-        .bind(c.records as i64)
-        .bind(&c.output_uri)
-        .bind(&c.sha256)
-        .bind(now())
-        .bind(&c.workload_uid)
-        .bind(i64::from(c.shard))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if updated == 0 {
-            let e = Event::new(
-                EventKind::ShardDuplicate,
-                format!(
-                    "attempt {} on {} ignored: shard already done",
-                    c.attempt, c.agent
-                ),
-            )
-            .workload(&c.workload_uid)
-            .shard(c.shard, c.attempt)
-            .agent(&c.agent);
-            insert_event(&mut tx, &e).await?;
-            tx.commit().await?;
-            return Ok(ChargeOutcome::Duplicate);
+        let mut outcomes = Vec::with_capacity(cs.len());
+        for c in cs {
+            outcomes.push(complete_in(&mut tx, c).await?);
         }
-        // The unique charge_key makes a second charge of this shard fail here, whatever the
-        // state column says.
-        let tx_id: i64 = sqlx::query(
-            "INSERT INTO ledger_transactions (kind, charge_key, workload_uid, shard_idx, memo, created_at) \
-             VALUES ('charge', ?, ?, ?, ?, ?) RETURNING id",
-        )
-        .bind(format!("{}#{}", c.workload_uid, c.shard))
-        .bind(&c.workload_uid)
-        .bind(i64::from(c.shard))
-        .bind(format!("{} records, {:.3}s on {}", c.records, c.compute_seconds, c.device))
-        .bind(now())
-        .fetch_one(&mut *tx)
-        .await?
-        .try_get(0)?;
-        post(
-            &mut tx,
-            tx_id,
-            &[
-                (namespace_account(&c.namespace), -c.price),
-                (agent_account(&c.agent), c.price),
-            ],
-        )
-        .await?;
-        let e = Event::new(
-            EventKind::ShardCompleted,
-            format!(
-                "{} records by {} in {:.3}s ({}), charged {} micro-credits",
-                c.records, c.agent, c.compute_seconds, c.device, c.price
-            ),
-        )
-        .workload(&c.workload_uid)
-        .shard(c.shard, c.attempt)
-        .agent(&c.agent);
-        insert_event(&mut tx, &e).await?;
         tx.commit().await?;
-        Ok(ChargeOutcome::Charged)
+        Ok(outcomes)
     }
 
     async fn requeue(
