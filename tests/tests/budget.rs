@@ -20,7 +20,9 @@ fn a_workload_over_budget_is_held_and_runs_after_a_grant() {
     let dir = tempfile::tempdir().expect("tmp");
     let models = test_models();
     let input = dir.path().join("in.jsonl");
-    let text: String = (0..200).map(|i| format!("{{\"id\": {i}, \"x\": [1, 2, 3, {i}]}}\n")).collect();
+    let text: String = (0..200)
+        .map(|i| format!("{{\"id\": {i}, \"x\": [1, 2, 3, {i}]}}\n"))
+        .collect();
     std::fs::write(&input, text).expect("input");
     let out = dir.path().join("out");
     let yaml = manifest(
@@ -31,7 +33,10 @@ fn a_workload_over_budget_is_held_and_runs_after_a_grant() {
         &out,
         "  shardBytes: 1Ki\n",
     )
-    .replace("  pricing:", "  budgets: [{namespace: team-a, credits: 0}]\n  pricing:");
+    .replace(
+        "  pricing:",
+        "  budgets: [{namespace: team-a, credits: 0}]\n  pricing:",
+    );
     let manifest_path = dir.path().join("mesh.yaml");
     std::fs::write(&manifest_path, yaml).expect("manifest");
     let url = format!("sqlite://{}", dir.path().join("state.db").display());
@@ -54,8 +59,22 @@ fn a_workload_over_budget_is_held_and_runs_after_a_grant() {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(!out.join("_SUCCESS.json").exists(), "nothing ran while held");
-    let grant = ledger(&url, &["grant", "--namespace", "team-a", "--mesh", "test", "--credits", "5"]);
+    assert!(
+        !out.join("_SUCCESS.json").exists(),
+        "nothing ran while held"
+    );
+    let grant = ledger(
+        &url,
+        &[
+            "grant",
+            "--namespace",
+            "team-a",
+            "--mesh",
+            "test",
+            "--credits",
+            "5",
+        ],
+    );
     assert_eq!(grant.code, Some(0), "{}", grant.text());
 
     let run = Run::from(child.wait_with_output().expect("wait"));
@@ -64,7 +83,10 @@ fn a_workload_over_budget_is_held_and_runs_after_a_grant() {
     let balance = ledger(&url, &["balance", "--namespace", "team-a", "-o", "json"]);
     let rows: serde_json::Value = serde_json::from_str(&balance.stdout).expect("json");
     let left = rows[0]["microCredits"].as_i64().expect("balance");
-    assert!(left < 5_000_000 && left > 0, "charged against the grant: {left}");
+    assert!(
+        left < 5_000_000 && left > 0,
+        "charged against the grant: {left}"
+    );
     let verify = ledger(&url, &["verify"]);
     assert_eq!(verify.code, Some(0), "{}", verify.text());
 }
