@@ -9,7 +9,9 @@ use std::time::Instant;
 
 use clap::Parser;
 use infermesh_operator::store::group::GroupCommitter;
-use infermesh_operator::store::{self, AnyStore, CompletionRecord, ShardRecord, Store, WorkloadRecord};
+use infermesh_operator::store::{
+    self, AnyStore, CompletionRecord, ShardRecord, Store, WorkloadRecord,
+};
 use sqlx::Connection;
 
 #[derive(Parser, Debug)]
@@ -30,8 +32,12 @@ struct Args {
 
 async fn fresh(admin: &str, name: &str) -> anyhow::Result<(String, AnyStore)> {
     let mut c = sqlx::PgConnection::connect(admin).await?;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name}")).execute(&mut c).await?;
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut c).await?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
+        .execute(&mut c)
+        .await?;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut c)
+        .await?;
     let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(admin);
     let url = format!("{base}/{name}");
     let store = store::open(&url).await?;
@@ -63,8 +69,13 @@ async fn prepare(store: &AnyStore, n: u32) -> anyhow::Result<()> {
         spec_json: "{}".into(),
         input_bytes: u64::from(n),
     };
-    let shards: Vec<ShardRecord> =
-        (0..n).map(|i| ShardRecord { index: i, start: u64::from(i), end: u64::from(i) + 1 }).collect();
+    let shards: Vec<ShardRecord> = (0..n)
+        .map(|i| ShardRecord {
+            index: i,
+            start: u64::from(i),
+            end: u64::from(i) + 1,
+        })
+        .collect();
     store.create_workload(&w, &shards).await?;
     Ok(())
 }
@@ -95,19 +106,38 @@ async fn run(store: Arc<AnyStore>, group: bool, n: u32, c: u32) -> anyhow::Resul
     }
     let secs = started.elapsed().as_secs_f64();
     let report = store.verify().await?;
-    anyhow::ensure!(report.ok() && report.transactions == i64::from(n), "ledger does not verify: {report:?}");
+    anyhow::ensure!(
+        report.ok() && report.transactions == i64::from(n),
+        "ledger does not verify: {report:?}"
+    );
     Ok(f64::from(n) / secs)
 }
 
 fn pgbench(admin: &str, args: &[&str]) -> anyhow::Result<String> {
     let url = url::Url::parse(admin)?;
     let out = Command::new("pgbench")
-        .args(["-h", url.host_str().unwrap_or("127.0.0.1"), "-p", &url.port().unwrap_or(5432).to_string()])
-        .args(["-U", if url.username().is_empty() { "postgres" } else { url.username() }])
+        .args([
+            "-h",
+            url.host_str().unwrap_or("127.0.0.1"),
+            "-p",
+            &url.port().unwrap_or(5432).to_string(),
+        ])
+        .args([
+            "-U",
+            if url.username().is_empty() {
+                "postgres"
+            } else {
+                url.username()
+            },
+        ])
         .args(args)
         .arg("pgbench")
         .output()?;
-    anyhow::ensure!(out.status.success(), "pgbench {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "pgbench {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
@@ -127,9 +157,15 @@ async fn main() -> anyhow::Result<()> {
         None => store::testing::cluster_url().map_err(anyhow::Error::msg)?,
     };
     let mut conn = sqlx::PgConnection::connect(&admin).await?;
-    let sync: String = sqlx::query_scalar("SHOW synchronous_commit").fetch_one(&mut conn).await?;
-    let fsync: String = sqlx::query_scalar("SHOW fsync").fetch_one(&mut conn).await?;
-    let version: String = sqlx::query_scalar("SHOW server_version").fetch_one(&mut conn).await?;
+    let sync: String = sqlx::query_scalar("SHOW synchronous_commit")
+        .fetch_one(&mut conn)
+        .await?;
+    let fsync: String = sqlx::query_scalar("SHOW fsync")
+        .fetch_one(&mut conn)
+        .await?;
+    let version: String = sqlx::query_scalar("SHOW server_version")
+        .fetch_one(&mut conn)
+        .await?;
     let (n, c) = (args.completions, args.concurrency);
 
     let (_, single) = fresh(&admin, "bench_single").await?;
@@ -139,12 +175,22 @@ async fn main() -> anyhow::Result<()> {
     prepare(&grouped, n).await?;
     let group = run(Arc::new(grouped), true, n, c).await?;
 
-    sqlx::query("DROP DATABASE IF EXISTS pgbench").execute(&mut conn).await?;
-    sqlx::query("CREATE DATABASE pgbench").execute(&mut conn).await?;
+    sqlx::query("DROP DATABASE IF EXISTS pgbench")
+        .execute(&mut conn)
+        .await?;
+    sqlx::query("CREATE DATABASE pgbench")
+        .execute(&mut conn)
+        .await?;
     pgbench(&admin, &["-i", "-q", "-s", "10"])?;
     let secs = args.pgbench_seconds.to_string();
-    let select = tps(&pgbench(&admin, &["-S", "-c", "8", "-j", "2", "-T", &secs])?);
-    let update = tps(&pgbench(&admin, &["-N", "-c", "8", "-j", "2", "-T", &secs])?);
+    let select = tps(&pgbench(
+        &admin,
+        &["-S", "-c", "8", "-j", "2", "-T", &secs],
+    )?);
+    let update = tps(&pgbench(
+        &admin,
+        &["-N", "-c", "8", "-j", "2", "-T", &secs],
+    )?);
 
     let result = serde_json::json!({
         "postgres": version,

@@ -232,6 +232,103 @@ impl<S: Store> Core<S> {
         self.admit_held_locked(&mut st).await
     }
 
+    /// Takes up the workloads the store says are still running (after a restart, or when a
+    /// standby takes over): completed shards stay done and are not run again; shards that were
+    /// running go back to the queue with their attempt counted. Returns how many workloads
+    /// were resumed. Their Meshes must be known (`upsert_mesh`) first.
+    pub async fn resume(&self) -> Result<usize, CoreError> {
+        let stored = self.store.active_workloads().await?;
+        let mut st = self.state.lock().await;
+        let mut resumed = 0;
+        for sw in stored {
+            let r = &sw.record;
+            let key = workload_key(&r.namespace, &r.name, &r.uid);
+            if st.by_key.contains_key(&key) {
+                continue;
+            }
+            let spec: WorkloadSpec = match serde_json::from_str(&r.spec_json) {
+                Ok(spec) => spec,
+                Err(e) => {
+                    tracing::error!(workload = %key, error = %e, "stored spec does not parse; not resumed");
+                    continue;
+                }
+            };
+            let validated = validate::validate(&spec)?;
+            let credits: i64 = self
+                .store
+                .charges(&r.uid)
+                .await?
+                .iter()
+                .map(|c| c.amount)
+                .sum();
+            let mut shards = Vec::with_capacity(sw.shards.len());
+            let (mut records, mut bytes_done) = (0, 0);
+            for s in &sw.shards {
+                let status = match s.state.as_str() {
+                    "succeeded" => {
+                        records += s.records;
+                        bytes_done += s.end - s.start;
+                        ShardStatus::Succeeded
+                    }
+                    "failed" => ShardStatus::Failed,
+                    "running" => {
+                        self.store
+                            .requeue(
+                                &r.uid,
+                                s.index,
+                                s.attempt,
+                                s.agent.as_deref(),
+                                "operator restarted: attempt lost",
+                            )
+                            .await?;
+                        ShardStatus::Pending
+                    }
+                    _ => ShardStatus::Pending,
+                };
+                shards.push(ShardState {
+                    range: planner::ShardRange {
+                        index: s.index,
+                        start: s.start,
+                        end: s.end,
+                    },
+                    status,
+                    attempt: s.attempt,
+                    records: s.records,
+                    output_uri: s.output_uri.clone().unwrap_or_default(),
+                    sha256: s.sha256.clone().unwrap_or_default(),
+                });
+            }
+            tracing::info!(workload = %key, shards = shards.len(), records, "workload resumed");
+            let index = st.workloads.len();
+            st.workloads.push(WorkloadState {
+                key: key.clone(),
+                uid: r.uid.clone(),
+                namespace: r.namespace.clone(),
+                name: r.name.clone(),
+                mesh: r.mesh.clone(),
+                spec,
+                validated,
+                input_size: r.input_bytes,
+                shards,
+                admitted: true,
+                phase: WorkloadPhase::Running,
+                reason: "Resumed".into(),
+                message: String::new(),
+                submitted: Instant::now(),
+                finished: None,
+                records,
+                bytes_done,
+                credits,
+                retried: 0,
+            });
+            st.by_key.insert(key, index);
+            self.maybe_finish(&mut st, index).await?;
+            resumed += 1;
+        }
+        self.dispatch(&mut st).await?;
+        Ok(resumed)
+    }
+
     /// Validates and plans a workload; admits it when its namespace has budget (else holds it
     /// with `QuotaExceeded`), then dispatches what it can.
     pub async fn submit(&self, sub: Submission) -> Result<String, CoreError> {
@@ -1020,7 +1117,14 @@ impl<S: Store> Core<S> {
                 batch_size: w.spec.batch_size,
             };
             let uid = w.uid.clone();
-            self.store.assign(&uid, p.shard, attempt, agent_id).await?;
+            if !self.store.assign(&uid, p.shard, attempt, agent_id).await? {
+                // Another operator claimed this attempt first: it runs there, not here.
+                tracing::warn!(workload = %w.key, shard = p.shard, attempt, "shard claimed by another operator");
+                w.shards[p.shard as usize].status = ShardStatus::Running {
+                    agent: String::new(),
+                };
+                continue;
+            }
             if let Some(a) = st.agents.get_mut(agent_id) {
                 a.running.insert((p.workload, p.shard));
                 let _ = a.tx.send(Ok(pb::OperatorMessage {

@@ -438,3 +438,103 @@ async fn a_budget_with_credits_left_admits_at_once(backend: Backend) {
 both!(a_workload_over_budget_is_held_and_runs_after_a_grant);
 both!(mesh_budgets_are_granted_once_however_often_the_mesh_is_applied);
 both!(a_budget_with_credits_left_admits_at_once);
+
+async fn a_new_operator_resumes_without_rerunning_completed_shards(backend: Backend) {
+    let url = backend.fresh_url().await;
+    let out = tempfile::tempdir().expect("tmp");
+    let spec = workload(&format!("file://{}/", out.path().display()), 3);
+    let got_done;
+    {
+        let first = Core::new(crate::store::open(&url).await.expect("open"));
+        first.upsert_mesh("m", mesh(30)).await.expect("mesh");
+        first
+            .submit(Submission {
+                namespace: "team-a".into(),
+                name: "w".into(),
+                uid: "u1".into(),
+                spec,
+                input_size: 400,
+            })
+            .await
+            .expect("submit");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let hello = pb::Hello {
+            agent_id: "a".into(),
+            node: "n".into(),
+            mesh: "m".into(),
+            version: "t".into(),
+            capabilities: Some(pb::Capabilities {
+                execution_providers: vec!["cpu".into()],
+                slots: 2,
+                ..Default::default()
+            }),
+        };
+        let a = first.attach(hello, tx).await.expect("attach");
+        let got = assigned(&mut rx);
+        assert_eq!(got.len(), 2);
+        got_done = got[0].index;
+        let done = pb::Completed {
+            shard: Some(got[0].clone()),
+            records: 7,
+            device: "cpu".into(),
+            ..Default::default()
+        };
+        first
+            .handle(
+                &a,
+                pb::AgentMessage {
+                    msg: Some(Up::Completed(done)),
+                },
+            )
+            .await
+            .expect("complete");
+        // The operator goes away with shard got[1] still running on `a`.
+    }
+    let second = Fixture {
+        core: Core::new(crate::store::open(&url).await.expect("reopen")),
+        out,
+    };
+    second.core.upsert_mesh("m", mesh(30)).await.expect("mesh");
+    assert_eq!(second.core.resume().await.expect("resume"), 1);
+    let s = &second.core.workloads().await[0];
+    assert_eq!(
+        (s.phase, s.records, s.shards_succeeded),
+        (WorkloadPhase::Running, 7, 1)
+    );
+    let (b, mut rx) = second.agent("b", 4).await;
+    let mut again = assigned(&mut rx);
+    again.sort_by_key(|s| s.index);
+    let shards: Vec<(u32, u32)> = again.iter().map(|s| (s.index, s.attempt)).collect();
+    assert_eq!(
+        shards.len(),
+        3,
+        "the completed shard is not run again: {shards:?}"
+    );
+    // `a` held two shards when the operator went: the one it was given first and the one it
+    // got when its first completion freed a slot. Both run again as attempt 2.
+    assert_eq!(
+        shards.iter().filter(|(_, attempt)| *attempt == 2).count(),
+        2,
+        "{shards:?}"
+    );
+    assert!(!shards.iter().any(|(i, _)| *i == got_done), "{shards:?}");
+    for shard in &again {
+        second.complete(&b, shard, 7).await.expect("complete");
+    }
+    let s = &second.core.workloads().await[0];
+    assert_eq!((s.phase, s.records), (WorkloadPhase::Succeeded, 28));
+    assert_eq!(
+        second
+            .core
+            .store()
+            .charges("u1")
+            .await
+            .expect("charges")
+            .len(),
+        4
+    );
+    assert!(second.core.store().verify().await.expect("verify").ok());
+    assert_eq!(second.events("shard.requeued").await, 2);
+}
+
+both!(a_new_operator_resumes_without_rerunning_completed_shards);

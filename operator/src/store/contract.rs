@@ -434,3 +434,104 @@ async fn a_batch_charges_the_first_completion_of_each_shard_once(backend: Backen
 }
 
 both!(a_batch_charges_the_first_completion_of_each_shard_once);
+
+async fn claims_are_exclusive_across_operators(backend: Backend) {
+    let url = backend.fresh_url().await;
+    let mut stores = Vec::new();
+    for _ in 0..3 {
+        stores.push(Arc::new(open(&url).await.expect("open")));
+    }
+    let shards = 30u32;
+    workload(&*stores[0], "claim", shards).await;
+    let mut tasks = Vec::new();
+    for op in 0..6u32 {
+        let store = stores[(op % 3) as usize].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut won = Vec::new();
+            for shard in 0..shards {
+                if store
+                    .assign("claim", shard, 1, &format!("agent-of-op-{op}"))
+                    .await
+                    .expect("assign")
+                {
+                    won.push(shard);
+                }
+            }
+            won
+        }));
+    }
+    let mut winners = vec![0u32; shards as usize];
+    for t in tasks {
+        for shard in t.await.expect("task") {
+            winners[shard as usize] += 1;
+        }
+    }
+    assert!(
+        winners.iter().all(|&w| w == 1),
+        "each shard claimed exactly once: {winners:?}"
+    );
+    // A stale attempt cannot claim again; after a requeue the next attempt can, once.
+    assert!(
+        !stores[0]
+            .assign("claim", 0, 1, "late")
+            .await
+            .expect("stale")
+    );
+    stores[1]
+        .requeue("claim", 0, 1, None, "lease expired")
+        .await
+        .expect("requeue");
+    assert!(
+        !stores[2]
+            .assign("claim", 0, 1, "stale attempt")
+            .await
+            .expect("old attempt")
+    );
+    assert!(
+        stores[2]
+            .assign("claim", 0, 2, "b")
+            .await
+            .expect("next attempt")
+    );
+    assert!(!stores[0].assign("claim", 0, 2, "c").await.expect("taken"));
+    let assigned = stores[0]
+        .events(&EventFilter {
+            kind: Some("shard.assigned".into()),
+            ..Default::default()
+        })
+        .await
+        .expect("events");
+    assert_eq!(
+        assigned.len(),
+        shards as usize + 1,
+        "one event per claim won"
+    );
+}
+
+async fn running_workloads_are_listed_for_resuming(backend: Backend) {
+    let store = backend.open().await;
+    workload(&store, "live", 3).await;
+    workload(&store, "done", 1).await;
+    store
+        .finish_workload("done", "Succeeded", "ok")
+        .await
+        .expect("finish");
+    assert!(store.assign("live", 1, 1, "a").await.expect("assign"));
+    store
+        .complete(&completion("live", 0, 1, "a"))
+        .await
+        .expect("complete");
+    let active = store.active_workloads().await.expect("active");
+    assert_eq!(active.len(), 1);
+    let states: Vec<(&str, u32)> = active[0]
+        .shards
+        .iter()
+        .map(|s| (s.state.as_str(), s.attempt))
+        .collect();
+    assert_eq!(states, [("succeeded", 1), ("running", 1), ("pending", 0)]);
+    assert_eq!(active[0].shards[0].records, 10);
+    assert_eq!(active[0].record.input_bytes, 300);
+}
+
+both!(claims_are_exclusive_across_operators);
+both!(running_workloads_are_listed_for_resuming);

@@ -45,6 +45,38 @@ pub struct WorkloadRecord {
     pub input_bytes: u64,
 }
 
+/// A workload as the store holds it, for resuming.
+#[derive(Clone, Debug)]
+pub struct StoredWorkload {
+    /// The workload.
+    pub record: WorkloadRecord,
+    /// Its shards, by index.
+    pub shards: Vec<StoredShard>,
+}
+
+/// A shard as the store holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredShard {
+    /// Index.
+    pub index: u32,
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+    /// `pending`, `running`, `succeeded` or `failed`.
+    pub state: String,
+    /// Attempts started.
+    pub attempt: u32,
+    /// The agent of the last attempt.
+    pub agent: Option<String>,
+    /// Records written (succeeded shards).
+    pub records: u64,
+    /// The output part (succeeded shards).
+    pub output_uri: Option<String>,
+    /// sha256 of the part (succeeded shards).
+    pub sha256: Option<String>,
+}
+
 /// A planned shard.
 #[derive(Clone, Copy, Debug)]
 pub struct ShardRecord {
@@ -425,14 +457,22 @@ pub trait Store: Send + Sync + 'static {
         shards: &[ShardRecord],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// A shard attempt was assigned.
+    /// Claims a pending shard for its attempt `attempt` on `agent`: a compare-and-set on the
+    /// shard's state and attempt, so of several operators racing for the same shard exactly
+    /// one wins. Returns whether this call won.
     fn assign(
         &self,
         uid: &str,
         shard: u32,
         attempt: u32,
         agent: &str,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Workloads still running, with their shards: what an operator resumes from after a
+    /// restart or a take-over.
+    fn active_workloads(
+        &self,
+    ) -> impl Future<Output = Result<Vec<StoredWorkload>, StoreError>> + Send;
 
     /// Records a completion. The first for a shard marks it succeeded and writes its charge
     /// (namespace -> agent) in one transaction; any later one changes nothing but the log.
@@ -581,8 +621,11 @@ impl Store for AnyStore {
         shard: u32,
         attempt: u32,
         agent: &str,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         each!(self, s => s.assign(uid, shard, attempt, agent))
+    }
+    async fn active_workloads(&self) -> Result<Vec<StoredWorkload>, StoreError> {
+        each!(self, s => s.active_workloads())
     }
     async fn complete_batch(
         &self,

@@ -10,8 +10,8 @@ use sqlx::{Row, Sqlite, Transaction};
 
 use super::{
     Charge, ChargeOutcome, CompletionRecord, Event, EventFilter, EventKind, EventRow, RefundError,
-    ShardRecord, StatementLine, Store, StoreError, VerifyReport, WorkloadRecord, mesh_account,
-    namespace_account,
+    ShardRecord, StatementLine, Store, StoreError, StoredShard, StoredWorkload, VerifyReport,
+    WorkloadRecord, mesh_account, namespace_account,
 };
 
 fn now() -> String {
@@ -196,29 +196,74 @@ impl Store for SqliteStore {
         shard: u32,
         attempt: u32,
         agent: &str,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
+        let claimed = sqlx::query(
             "UPDATE shards SET state = 'running', attempt = ?, agent = ?, updated_at = ? \
-             WHERE workload_uid = ? AND idx = ? AND state IN ('pending', 'running')",
+             WHERE workload_uid = ? AND idx = ? AND state = 'pending' AND attempt = ?",
         )
         .bind(i64::from(attempt))
         .bind(agent)
         .bind(now())
         .bind(uid)
         .bind(i64::from(shard))
+        .bind(i64::from(attempt) - 1)
         .execute(&mut *tx)
-        .await?;
-        let e = Event::new(
-            EventKind::ShardAssigned,
-            format!("attempt {attempt} on {agent}"),
-        )
-        .workload(uid)
-        .shard(shard, attempt)
-        .agent(agent);
-        insert_event(&mut tx, &e).await?;
+        .await?
+        .rows_affected()
+            == 1;
+        if claimed {
+            let e = Event::new(
+                EventKind::ShardAssigned,
+                format!("attempt {attempt} on {agent}"),
+            )
+            .workload(uid)
+            .shard(shard, attempt)
+            .agent(agent);
+            insert_event(&mut tx, &e).await?;
+        }
         tx.commit().await?;
-        Ok(())
+        Ok(claimed)
+    }
+
+    async fn active_workloads(&self) -> Result<Vec<StoredWorkload>, StoreError> {
+        let rows = sqlx::query("SELECT uid, namespace, name, mesh, spec, input_bytes FROM workloads WHERE phase = 'Running' ORDER BY created_at, uid").fetch_all(&self.pool).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let record = WorkloadRecord {
+                uid: r.try_get("uid")?,
+                namespace: r.try_get("namespace")?,
+                name: r.try_get("name")?,
+                mesh: r.try_get("mesh")?,
+                spec_json: r.try_get::<String, _>("spec")?,
+                input_bytes: r.try_get::<i64, _>("input_bytes")? as u64,
+            };
+            let shard_rows = sqlx::query(
+                "SELECT idx, start_byte, end_byte, state, attempt, agent, records, output_uri, sha256 FROM shards \
+                 WHERE workload_uid = ? ORDER BY idx",
+            )
+            .bind(&record.uid)
+            .fetch_all(&self.pool)
+            .await?;
+            let shards = shard_rows
+                .iter()
+                .map(|s| {
+                    Ok(StoredShard {
+                        index: s.try_get::<i64, _>("idx")? as u32,
+                        start: s.try_get::<i64, _>("start_byte")? as u64,
+                        end: s.try_get::<i64, _>("end_byte")? as u64,
+                        state: s.try_get("state")?,
+                        attempt: s.try_get::<i64, _>("attempt")? as u32,
+                        agent: s.try_get("agent")?,
+                        records: s.try_get::<Option<i64>, _>("records")?.unwrap_or(0) as u64,
+                        output_uri: s.try_get("output_uri")?,
+                        sha256: s.try_get("sha256")?,
+                    })
+                })
+                .collect::<Result<Vec<_>, sqlx::Error>>()?;
+            out.push(StoredWorkload { record, shards });
+        }
+        Ok(out)
     }
 
     async fn complete_batch(

@@ -158,7 +158,11 @@ fn start() -> Result<Cluster, String> {
 
 /// The URL of the test cluster's maintenance database (starting the cluster on first use).
 pub fn cluster_url() -> Result<String, String> {
-    CLUSTER.get_or_init(start).as_ref().map(|c| c.admin_url.clone()).map_err(Clone::clone)
+    CLUSTER
+        .get_or_init(start)
+        .as_ref()
+        .map(|c| c.admin_url.clone())
+        .map_err(Clone::clone)
 }
 
 /// The URL of a new, empty database on the test cluster (started on first use).
