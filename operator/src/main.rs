@@ -87,6 +87,16 @@ enum LedgerCommand {
         #[arg(long, default_value = "refund")]
         memo: String,
     },
+    /// Retention: drop (or `--archive`: detach and keep) the event log's monthly partitions
+    /// that end on or before a date. Whole partitions only; rows are never deleted (Postgres).
+    PruneEvents {
+        /// Cut-off date, YYYY-MM-DD.
+        #[arg(long)]
+        before: String,
+        /// Detach the partitions and keep them as plain tables instead of dropping them.
+        #[arg(long)]
+        archive: bool,
+    },
     /// Prove the ledger's invariants: every transaction balances, every account's balance is
     /// the sum of its entries, every succeeded shard is charged exactly once, and no charge
     /// lacks a succeeded shard. Exits 1 naming the offending rows when one fails.
@@ -109,6 +119,12 @@ enum LedgerCommand {
         /// At most this many.
         #[arg(long)]
         limit: Option<i64>,
+        /// Only events at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Keep printing new events as they are committed (tail by sequence number).
+        #[arg(long, short = 'f')]
+        follow: bool,
         /// Output format.
         #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
         output: Format,
@@ -312,38 +328,62 @@ async fn ledger(url: &str, command: LedgerCommand) -> anyhow::Result<bool> {
             }
             return Ok(report.ok());
         }
+        LedgerCommand::PruneEvents { before, archive } => {
+            for p in store.prune_events(&before, archive).await? {
+                println!("{} {p}", if archive { "archived" } else { "dropped" });
+            }
+        }
         LedgerCommand::Events {
             workload,
             agent,
             kind,
             limit,
+            since,
+            follow,
             output,
         } => {
-            let filter = EventFilter {
+            let mut filter = EventFilter {
                 workload_uid: workload,
                 agent,
                 kind,
                 after_seq: None,
                 limit,
+                since,
             };
-            let events = store.events(&filter).await?;
-            if output == Format::Json {
-                println!("{}", serde_json::to_string_pretty(&events)?);
-                return Ok(true);
-            }
-            for e in events {
-                println!(
-                    "{:>6} {} {:<18} {} {} {} {}",
-                    e.seq,
-                    e.at,
-                    e.kind,
-                    e.workload_uid.as_deref().unwrap_or("-"),
-                    e.shard
-                        .map(|s| format!("#{s}@{}", e.attempt.unwrap_or(0)))
-                        .unwrap_or_else(|| "-".into()),
-                    e.agent.as_deref().unwrap_or("-"),
-                    e.message
-                );
+            loop {
+                let events = store.events(&filter).await?;
+                if let Some(last) = events.last() {
+                    filter.after_seq = Some(last.seq);
+                }
+                if output == Format::Json {
+                    if follow {
+                        // One object a line, so a follower can stream them.
+                        for e in &events {
+                            println!("{}", serde_json::to_string(e)?);
+                        }
+                    } else {
+                        println!("{}", serde_json::to_string_pretty(&events)?);
+                    }
+                } else {
+                    for e in &events {
+                        println!(
+                            "{:>6} {} {:<18} {} {} {} {}",
+                            e.seq,
+                            e.at,
+                            e.kind,
+                            e.workload_uid.as_deref().unwrap_or("-"),
+                            e.shard
+                                .map(|s| format!("#{s}@{}", e.attempt.unwrap_or(0)))
+                                .unwrap_or_else(|| "-".into()),
+                            e.agent.as_deref().unwrap_or("-"),
+                            e.message
+                        );
+                    }
+                }
+                if !follow {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
         }
     }

@@ -84,6 +84,9 @@ CREATE TABLE event_counter (
 );
 INSERT INTO event_counter (last) VALUES (0);
 
+-- Partitioned by time, so retention archives or drops whole partitions (monthly:
+-- events_YYYYMM, made ahead by the operator) and never rewrites a row. The default partition
+-- catches anything outside the made ones, so no event is ever refused.
 CREATE TABLE events (
     seq          BIGINT NOT NULL,
     at           TIMESTAMPTZ NOT NULL DEFAULT now(),
@@ -93,8 +96,10 @@ CREATE TABLE events (
     attempt      INTEGER,
     agent        TEXT,
     message      TEXT NOT NULL DEFAULT '',
-    PRIMARY KEY (seq)
-);
+    PRIMARY KEY (seq, at)
+) PARTITION BY RANGE (at);
+CREATE TABLE events_default PARTITION OF events DEFAULT;
+CREATE INDEX events_seq ON events (seq);
 CREATE INDEX events_workload ON events (workload_uid, seq);
 CREATE INDEX events_agent ON events (agent, seq);
 CREATE INDEX events_kind ON events (kind, seq);

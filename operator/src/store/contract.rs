@@ -157,6 +157,19 @@ async fn queue_transitions_are_logged_in_order(backend: Backend) {
         .await
         .expect("agent");
     assert_eq!(by_agent.len(), 2);
+    let since = EventFilter {
+        since: Some(all[3].at.clone()),
+        ..Default::default()
+    };
+    assert_eq!(
+        store.events(&since).await.expect("since").len(),
+        all.len() - 3
+    );
+    let future = EventFilter {
+        since: Some("2999-01-01T00:00:00Z".into()),
+        ..Default::default()
+    };
+    assert!(store.events(&future).await.expect("future").is_empty());
     assert!(store.verify().await.expect("verify").ok());
 }
 
@@ -535,3 +548,79 @@ async fn running_workloads_are_listed_for_resuming(backend: Backend) {
 
 both!(claims_are_exclusive_across_operators);
 both!(running_workloads_are_listed_for_resuming);
+
+/// Retention drops or archives whole monthly partitions and never touches a row.
+#[tokio::test]
+async fn event_retention_removes_whole_partitions_only() {
+    let AnyStore::Postgres(store) = Backend::Postgres.open().await else {
+        panic!("postgres")
+    };
+    let jan = chrono::NaiveDate::from_ymd_opt(2026, 1, 1).expect("date");
+    store
+        .ensure_event_partitions(jan, 3)
+        .await
+        .expect("partitions");
+    for (seq, at) in [
+        (1001, "2026-01-15T00:00:00Z"),
+        (1002, "2026-02-10T00:00:00Z"),
+        (1003, "2026-03-05T00:00:00Z"),
+    ] {
+        sqlx::query("INSERT INTO events (seq, at, kind, message) VALUES ($1, $2::timestamptz, 'test.old', '')")
+            .bind(seq as i64)
+            .bind(at)
+            .execute(store.pool())
+            .await
+            .expect("old event");
+    }
+    let seqs = || async {
+        sqlx::query_scalar::<_, i64>("SELECT seq FROM events WHERE kind = 'test.old' ORDER BY seq")
+            .fetch_all(store.pool())
+            .await
+            .expect("seqs")
+    };
+    assert_eq!(
+        store
+            .prune_events("2026-02-01", false)
+            .await
+            .expect("prune"),
+        ["events_2026_01"]
+    );
+    assert_eq!(seqs().await, [1002, 1003]);
+    // Archiving detaches the partition and keeps it as a table of its own.
+    assert_eq!(
+        store
+            .prune_events("2026-03-01", true)
+            .await
+            .expect("archive"),
+        ["events_2026_02"]
+    );
+    assert_eq!(seqs().await, [1003]);
+    let archived: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM events_2026_02")
+        .fetch_one(store.pool())
+        .await
+        .expect("archive");
+    assert_eq!(archived, 1);
+    // A cut-off inside a month removes nothing of it.
+    assert!(
+        store
+            .prune_events("2026-03-20", false)
+            .await
+            .expect("prune")
+            .is_empty()
+    );
+    let err = sqlx::query("DELETE FROM events WHERE seq = 1003")
+        .execute(store.pool())
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("append-only"), "{err}");
+}
+
+#[tokio::test]
+async fn sqlite_says_retention_needs_postgres() {
+    let store = Backend::Sqlite.open().await;
+    let err = store
+        .prune_events("2026-01-01", false)
+        .await
+        .expect_err("unsupported");
+    assert!(err.to_string().contains("Postgres"), "{err}");
+}

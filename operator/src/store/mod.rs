@@ -20,6 +20,9 @@ pub enum StoreError {
     /// Migrations failed.
     #[error("migrating the database failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The backend cannot do this.
+    #[error("{0}")]
+    Unsupported(&'static str),
     /// A group commit failed (the message of the batch's error).
     #[error("committing completions failed: {0}")]
     Commit(String),
@@ -300,6 +303,8 @@ pub struct EventFilter {
     pub after_seq: Option<i64>,
     /// At most this many.
     pub limit: Option<i64>,
+    /// Only events at or after this time (RFC 3339).
+    pub since: Option<String>,
 }
 
 /// One charge of a shard, as the ledger holds it.
@@ -565,6 +570,15 @@ pub trait Store: Send + Sync + 'static {
         memo: &str,
     ) -> impl Future<Output = Result<i64, RefundError>> + Send;
 
+    /// Drops (or, with `archive`, detaches and keeps as plain tables) every monthly partition
+    /// of the event log that ends on or before `before` (`YYYY-MM-DD`): retention by whole
+    /// partitions, never by deleting rows. Returns the partitions removed.
+    fn prune_events(
+        &self,
+        before: &str,
+        archive: bool,
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+
     /// An account's balance.
     fn balance(&self, account: &str) -> impl Future<Output = Result<i64, StoreError>> + Send;
 
@@ -693,6 +707,9 @@ impl Store for AnyStore {
     }
     async fn balance(&self, account: &str) -> Result<i64, StoreError> {
         each!(self, s => s.balance(account))
+    }
+    async fn prune_events(&self, before: &str, archive: bool) -> Result<Vec<String>, StoreError> {
+        each!(self, s => s.prune_events(before, archive))
     }
     async fn statement(
         &self,

@@ -26,7 +26,42 @@ impl PgStore {
             .connect(url)
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        Ok(Self { pool })
+        let store = Self { pool };
+        store
+            .ensure_event_partitions(chrono::Utc::now().date_naive(), 3)
+            .await?;
+        Ok(store)
+    }
+
+    /// Makes the monthly event partitions from the month of `from` for `months` months, if
+    /// missing (an operator calls this at start and then daily).
+    pub async fn ensure_event_partitions(
+        &self,
+        from: chrono::NaiveDate,
+        months: u32,
+    ) -> Result<(), StoreError> {
+        use chrono::Datelike;
+        let mut start =
+            chrono::NaiveDate::from_ymd_opt(from.year(), from.month(), 1).unwrap_or(from);
+        // Several operators may start at once: one makes the partitions at a time.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('infermesh.event_partitions'))")
+            .execute(&mut *tx)
+            .await?;
+        for _ in 0..months {
+            let end = start
+                .checked_add_months(chrono::Months::new(1))
+                .unwrap_or(start);
+            let name = format!("events_{}", start.format("%Y_%m"));
+            sqlx::query(&format!(
+                "CREATE TABLE IF NOT EXISTS {name} PARTITION OF events FOR VALUES FROM ('{start}') TO ('{end}')"
+            ))
+            .execute(&mut *tx)
+            .await?;
+            start = end;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     /// The pool, for tests that reach behind the store's back.
@@ -87,6 +122,14 @@ async fn post(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// The first day after a monthly partition `events_YYYY_MM`.
+fn partition_end(name: &str) -> Option<chrono::NaiveDate> {
+    let ym = name.strip_prefix("events_")?;
+    let (y, m) = ym.split_once('_')?;
+    let start = chrono::NaiveDate::from_ymd_opt(y.parse().ok()?, m.parse().ok()?, 1)?;
+    start.checked_add_months(chrono::Months::new(1))
 }
 
 /// Records a batch of completions in one transaction with a fixed number of set-based
@@ -475,6 +518,7 @@ impl Store for PgStore {
              FROM events \
              WHERE ($1::text IS NULL OR workload_uid = $1) AND ($2::text IS NULL OR agent = $2) \
                AND ($3::text IS NULL OR kind = $3) AND seq > COALESCE($4, 0) \
+               AND ($6::timestamptz IS NULL OR at >= $6::timestamptz) \
              ORDER BY seq LIMIT $5",
         )
         .bind(&f.workload_uid)
@@ -482,6 +526,7 @@ impl Store for PgStore {
         .bind(&f.kind)
         .bind(f.after_seq)
         .bind(f.limit)
+        .bind(&f.since)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -639,6 +684,39 @@ impl Store for PgStore {
             .map_err(StoreError::from)?;
         tx.commit().await.map_err(StoreError::from)?;
         Ok(tx_id)
+    }
+
+    async fn prune_events(&self, before: &str, archive: bool) -> Result<Vec<String>, StoreError> {
+        let cutoff = chrono::NaiveDate::parse_from_str(before, "%Y-%m-%d")
+            .map_err(|_| StoreError::Unsupported("--before takes a date, YYYY-MM-DD"))?;
+        let partitions = sqlx::query(
+            "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i \
+             JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'events'::regclass ORDER BY c.relname",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut removed = Vec::new();
+        for p in &partitions {
+            let name: String = p.try_get(0)?;
+            let Some(end) = partition_end(&name) else {
+                continue;
+            };
+            if end > cutoff {
+                continue;
+            }
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(&format!("ALTER TABLE events DETACH PARTITION {name}"))
+                .execute(&mut *tx)
+                .await?;
+            if !archive {
+                sqlx::query(&format!("DROP TABLE {name}"))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            removed.push(name);
+        }
+        Ok(removed)
     }
 
     async fn balance(&self, account: &str) -> Result<i64, StoreError> {

@@ -370,7 +370,7 @@ impl Store for SqliteStore {
         let rows = sqlx::query(
             "SELECT seq, at, kind, workload_uid, shard_idx, attempt, agent, message FROM events \
              WHERE (?1 IS NULL OR workload_uid = ?1) AND (?2 IS NULL OR agent = ?2) \
-               AND (?3 IS NULL OR kind = ?3) AND seq > COALESCE(?4, 0) \
+               AND (?3 IS NULL OR kind = ?3) AND seq > COALESCE(?4, 0) AND (?6 IS NULL OR at >= ?6) \
              ORDER BY seq LIMIT COALESCE(?5, -1)",
         )
         .bind(&f.workload_uid)
@@ -378,6 +378,7 @@ impl Store for SqliteStore {
         .bind(&f.kind)
         .bind(f.after_seq)
         .bind(f.limit)
+        .bind(&f.since)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -529,6 +530,12 @@ impl Store for SqliteStore {
             .map_err(StoreError::from)?;
         tx.commit().await.map_err(StoreError::from)?;
         Ok(tx_id)
+    }
+
+    async fn prune_events(&self, _before: &str, _archive: bool) -> Result<Vec<String>, StoreError> {
+        Err(StoreError::Unsupported(
+            "event retention works on Postgres, by whole monthly partitions; SQLite keeps every event",
+        ))
     }
 
     async fn balance(&self, account: &str) -> Result<i64, StoreError> {
