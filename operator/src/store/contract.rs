@@ -161,10 +161,10 @@ async fn queue_transitions_are_logged_in_order(backend: Backend) {
         since: Some(all[3].at.clone()),
         ..Default::default()
     };
-    assert_eq!(
-        store.events(&since).await.expect("since").len(),
-        all.len() - 3
-    );
+    // Events of one instant are all at or after it, so count the way the filter should.
+    let expected = all.iter().filter(|e| e.at >= all[3].at).count();
+    assert!(expected >= all.len() - 3);
+    assert_eq!(store.events(&since).await.expect("since").len(), expected);
     let future = EventFilter {
         since: Some("2999-01-01T00:00:00Z".into()),
         ..Default::default()
