@@ -12,5 +12,7 @@ echo "[test] cargo fmt --check"
 cargo fmt --all -- --check
 echo "[test] cargo clippy (warnings denied)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "[test] compile-time checked queries: operator/.sqlx matches the Postgres schema"
+bash scripts/sqlx-prepare.sh --check
 echo "[test] cargo test"
 cargo test --workspace --locked

@@ -1,9 +1,15 @@
 //! The Postgres backend: the store of cluster mode.
+//!
+//! Queries are checked against the schema at compile time (`sqlx::query!`); the offline data
+//! in `operator/.sqlx/` lets builds run with no database (`SQLX_OFFLINE=true`, set in
+//! `.cargo/config.toml`; `scripts/sqlx-prepare.sh` regenerates it after a query changes). The
+//! only queries built at run time are the partition DDL, whose table names are data.
 
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::{Postgres, Transaction};
 
 use super::{
     Charge, ChargeOutcome, CompletionRecord, Event, EventFilter, EventKind, EventRow, RefundError,
@@ -18,7 +24,8 @@ pub struct PgStore {
 }
 
 impl PgStore {
-    /// Connects to `url` (`postgres://…`) and runs the migrations.
+    /// Connects to `url` (`postgres://…`), runs the migrations and makes the event log's
+    /// partitions for this month and the next two.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
         let pool = PgPoolOptions::new()
             .max_connections(16)
@@ -45,14 +52,15 @@ impl PgStore {
             chrono::NaiveDate::from_ymd_opt(from.year(), from.month(), 1).unwrap_or(from);
         // Several operators may start at once: one makes the partitions at a time.
         let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('infermesh.event_partitions'))")
-            .execute(&mut *tx)
+        sqlx::query!("SELECT pg_advisory_xact_lock(hashtext('infermesh.event_partitions'))")
+            .fetch_one(&mut *tx)
             .await?;
         for _ in 0..months {
             let end = start
                 .checked_add_months(chrono::Months::new(1))
                 .unwrap_or(start);
             let name = format!("events_{}", start.format("%Y_%m"));
+            // DDL with a table name: built at run time from a date, never from input.
             sqlx::query(&format!(
                 "CREATE TABLE IF NOT EXISTS {name} PARTITION OF events FOR VALUES FROM ('{start}') TO ('{end}')"
             ))
@@ -70,20 +78,53 @@ impl PgStore {
     }
 }
 
-/// Appends an event in `tx`. The counter row is locked until `tx` commits, so `seq` order is
-/// commit order.
-async fn insert_event(tx: &mut Transaction<'_, Postgres>, e: &Event) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "WITH next AS (UPDATE event_counter SET last = last + 1 RETURNING last) \
-         INSERT INTO events (seq, kind, workload_uid, shard_idx, attempt, agent, message) \
-         SELECT last, $1, $2, $3, $4, $5, $6 FROM next",
+/// Appends events in `tx` with consecutive sequence numbers taken from the counter row. The
+/// row stays locked until `tx` commits, so sequence order is commit order and a reader tailing
+/// by `seq` never misses a row that commits later with a lower number.
+async fn insert_events(
+    tx: &mut Transaction<'_, Postgres>,
+    events: &[Event],
+) -> Result<(), sqlx::Error> {
+    let n = events.len() as i64;
+    let last = sqlx::query_scalar!(
+        "UPDATE event_counter SET last = last + $1 RETURNING last",
+        n
     )
-    .bind(e.kind.as_str())
-    .bind(&e.workload_uid)
-    .bind(e.shard.map(|s| s as i32))
-    .bind(e.attempt.map(|a| a as i32))
-    .bind(&e.agent)
-    .bind(&e.message)
+    .fetch_one(&mut **tx)
+    .await?;
+    let seqs: Vec<i64> = (last - n + 1..=last).collect();
+    // Arrays carry no NULLs here: absent values travel as "" and -1 and come back as NULL.
+    let kinds: Vec<String> = events.iter().map(|e| e.kind.as_str().to_string()).collect();
+    let workloads: Vec<String> = events
+        .iter()
+        .map(|e| e.workload_uid.clone().unwrap_or_default())
+        .collect();
+    let shards: Vec<i32> = events
+        .iter()
+        .map(|e| e.shard.map_or(-1, |s| s as i32))
+        .collect();
+    let attempts: Vec<i32> = events
+        .iter()
+        .map(|e| e.attempt.map_or(-1, |a| a as i32))
+        .collect();
+    let agents: Vec<String> = events
+        .iter()
+        .map(|e| e.agent.clone().unwrap_or_default())
+        .collect();
+    let messages: Vec<String> = events.iter().map(|e| e.message.clone()).collect();
+    sqlx::query!(
+        "INSERT INTO events (seq, kind, workload_uid, shard_idx, attempt, agent, message) \
+         SELECT q, k, NULLIF(w, ''), NULLIF(s, -1), NULLIF(a, -1), NULLIF(g, ''), m \
+         FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::int[], $5::int[], $6::text[], $7::text[]) \
+              AS u(q, k, w, s, a, g, m)",
+        &seqs,
+        &kinds,
+        &workloads,
+        &shards,
+        &attempts,
+        &agents,
+        &messages,
+    )
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -93,32 +134,34 @@ async fn insert_event(tx: &mut Transaction<'_, Postgres>, e: &Event) -> Result<(
 /// each whatever the number of entries.
 async fn post(
     tx: &mut Transaction<'_, Postgres>,
-    tx_id: i64,
+    tx_ids: &[i64],
     entries: &[(String, i64)],
 ) -> Result<(), sqlx::Error> {
-    let accounts: Vec<&str> = entries.iter().map(|(a, _)| a.as_str()).collect();
+    let accounts: Vec<String> = entries.iter().map(|(a, _)| a.clone()).collect();
     let amounts: Vec<i64> = entries.iter().map(|(_, m)| *m).collect();
-    sqlx::query(
-        "INSERT INTO ledger_entries (tx_id, account, amount) SELECT $1, a, m FROM UNNEST($2::text[], $3::bigint[]) AS u(a, m)",
+    sqlx::query!(
+        "INSERT INTO ledger_entries (tx_id, account, amount) \
+         SELECT t, a, m FROM UNNEST($1::bigint[], $2::text[], $3::bigint[]) AS u(t, a, m)",
+        tx_ids,
+        &accounts,
+        &amounts,
     )
-    .bind(tx_id)
-    .bind(&accounts)
-    .bind(&amounts)
     .execute(&mut **tx)
     .await?;
-    // Sorted, so concurrent transactions lock account rows in one order and never deadlock.
-    let mut sums: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
+    // Summed and sorted by name, so concurrent transactions lock account rows in one order
+    // and never deadlock.
+    let mut sums: BTreeMap<&str, i64> = BTreeMap::new();
     for (a, m) in entries {
         *sums.entry(a.as_str()).or_default() += m;
     }
-    let names: Vec<&str> = sums.keys().copied().collect();
+    let names: Vec<String> = sums.keys().map(|k| k.to_string()).collect();
     let deltas: Vec<i64> = sums.values().copied().collect();
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO accounts (name, balance) SELECT a, m FROM UNNEST($1::text[], $2::bigint[]) AS u(a, m) \
          ON CONFLICT (name) DO UPDATE SET balance = accounts.balance + excluded.balance",
+        &names,
+        &deltas,
     )
-    .bind(&names)
-    .bind(&deltas)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -138,7 +181,6 @@ async fn complete_set(
     pool: &PgPool,
     cs: &[CompletionRecord],
 ) -> Result<Vec<ChargeOutcome>, sqlx::Error> {
-    use std::collections::{BTreeMap, HashMap, HashSet};
     if cs.is_empty() {
         return Ok(Vec::new());
     }
@@ -148,42 +190,48 @@ async fn complete_set(
     for (i, c) in cs.iter().enumerate() {
         first.entry((c.workload_uid.as_str(), c.shard)).or_insert(i);
     }
+    let is_first =
+        |i: usize, c: &CompletionRecord| first.get(&(c.workload_uid.as_str(), c.shard)) == Some(&i);
     let candidates: Vec<&CompletionRecord> = cs
         .iter()
         .enumerate()
-        .filter(|(i, c)| first.get(&(c.workload_uid.as_str(), c.shard)) == Some(i))
+        .filter(|(i, c)| is_first(*i, c))
         .map(|(_, c)| c)
         .collect();
     let mut tx = pool.begin().await?;
-    let col =
-        |f: fn(&CompletionRecord) -> String| candidates.iter().map(|c| f(c)).collect::<Vec<_>>();
-    let updated = sqlx::query(
+    let uids: Vec<String> = candidates.iter().map(|c| c.workload_uid.clone()).collect();
+    let idxs: Vec<i32> = candidates.iter().map(|c| c.shard as i32).collect();
+    let attempts: Vec<i32> = candidates.iter().map(|c| c.attempt as i32).collect();
+    let agents: Vec<String> = candidates.iter().map(|c| c.agent.clone()).collect();
+    let records: Vec<i64> = candidates.iter().map(|c| c.records as i64).collect();
+    let uris: Vec<String> = candidates.iter().map(|c| c.output_uri.clone()).collect();
+    let shas: Vec<String> = candidates.iter().map(|c| c.sha256.clone()).collect();
+    let updated = sqlx::query!(
         "UPDATE shards s SET state = 'succeeded', attempt = c.attempt, agent = c.agent, records = c.records, \
                 output_uri = c.uri, sha256 = c.sha, error = NULL, updated_at = now() \
          FROM UNNEST($1::text[], $2::int[], $3::int[], $4::text[], $5::bigint[], $6::text[], $7::text[]) \
               AS c(uid, idx, attempt, agent, records, uri, sha) \
          WHERE s.workload_uid = c.uid AND s.idx = c.idx AND s.state <> 'succeeded' \
          RETURNING s.workload_uid, s.idx",
+        &uids,
+        &idxs,
+        &attempts,
+        &agents,
+        &records,
+        &uris,
+        &shas,
     )
-    .bind(col(|c| c.workload_uid.clone()))
-    .bind(candidates.iter().map(|c| c.shard as i32).collect::<Vec<_>>())
-    .bind(candidates.iter().map(|c| c.attempt as i32).collect::<Vec<_>>())
-    .bind(col(|c| c.agent.clone()))
-    .bind(candidates.iter().map(|c| c.records as i64).collect::<Vec<_>>())
-    .bind(col(|c| c.output_uri.clone()))
-    .bind(col(|c| c.sha256.clone()))
     .fetch_all(&mut *tx)
     .await?;
-    let mut charged: HashSet<(String, u32)> = HashSet::new();
-    for r in &updated {
-        charged.insert((r.try_get(0)?, r.try_get::<i32, _>(1)? as u32));
-    }
+    let charged: HashSet<(String, u32)> = updated
+        .into_iter()
+        .map(|r| (r.workload_uid, r.idx as u32))
+        .collect();
     let outcomes: Vec<ChargeOutcome> = cs
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            let is_first = first.get(&(c.workload_uid.as_str(), c.shard)) == Some(&i);
-            if is_first && charged.contains(&(c.workload_uid.clone(), c.shard)) {
+            if is_first(i, c) && charged.contains(&(c.workload_uid.clone(), c.shard)) {
                 ChargeOutcome::Charged
             } else {
                 ChargeOutcome::Duplicate
@@ -198,87 +246,36 @@ async fn complete_set(
         .collect();
     if !charges.is_empty() {
         let keys: Vec<String> = charges.iter().map(|c| c.charge_key()).collect();
-        let ids = sqlx::query(
+        let uids: Vec<String> = charges.iter().map(|c| c.workload_uid.clone()).collect();
+        let idxs: Vec<i32> = charges.iter().map(|c| c.shard as i32).collect();
+        let memos: Vec<String> = charges.iter().map(|c| c.memo()).collect();
+        // The unique charge_key refuses a second charge of a shard, whatever the state column said.
+        let ids = sqlx::query!(
             "INSERT INTO ledger_transactions (kind, charge_key, workload_uid, shard_idx, memo) \
              SELECT 'charge', k, u, i, m FROM UNNEST($1::text[], $2::text[], $3::int[], $4::text[]) AS t(k, u, i, m) \
-             RETURNING id, charge_key",
+             RETURNING id, charge_key AS \"charge_key!\"",
+            &keys,
+            &uids,
+            &idxs,
+            &memos,
         )
-        .bind(&keys)
-        .bind(charges.iter().map(|c| c.workload_uid.clone()).collect::<Vec<_>>())
-        .bind(charges.iter().map(|c| c.shard as i32).collect::<Vec<_>>())
-        .bind(charges.iter().map(|c| c.memo()).collect::<Vec<_>>())
         .fetch_all(&mut *tx)
         .await?;
-        let mut id_of: HashMap<String, i64> = HashMap::new();
-        for r in &ids {
-            id_of.insert(r.try_get(1)?, r.try_get(0)?);
-        }
-        let (mut tx_ids, mut accounts, mut amounts) = (Vec::new(), Vec::new(), Vec::new());
-        let mut deltas: BTreeMap<String, i64> = BTreeMap::new();
+        let id_of: HashMap<String, i64> = ids.into_iter().map(|r| (r.charge_key, r.id)).collect();
+        let (mut tx_ids, mut entries) = (Vec::new(), Vec::new());
         for (c, key) in charges.iter().zip(&keys) {
-            let id = id_of
-                .get(key)
-                .copied()
-                .ok_or_else(|| sqlx::Error::RowNotFound)?;
-            for (account, amount) in c.entries() {
-                *deltas.entry(account.clone()).or_default() += amount;
+            let id = id_of.get(key).copied().ok_or(sqlx::Error::RowNotFound)?;
+            for entry in c.entries() {
                 tx_ids.push(id);
-                accounts.push(account);
-                amounts.push(amount);
+                entries.push(entry);
             }
         }
-        sqlx::query(
-            "INSERT INTO ledger_entries (tx_id, account, amount) \
-             SELECT t, a, m FROM UNNEST($1::bigint[], $2::text[], $3::bigint[]) AS u(t, a, m)",
-        )
-        .bind(&tx_ids)
-        .bind(&accounts)
-        .bind(&amounts)
-        .execute(&mut *tx)
-        .await?;
-        // Sorted by name (BTreeMap), so concurrent batches lock account rows in one order.
-        sqlx::query(
-            "INSERT INTO accounts (name, balance) SELECT a, m FROM UNNEST($1::text[], $2::bigint[]) AS u(a, m) \
-             ON CONFLICT (name) DO UPDATE SET balance = accounts.balance + excluded.balance",
-        )
-        .bind(deltas.keys().cloned().collect::<Vec<_>>())
-        .bind(deltas.values().copied().collect::<Vec<_>>())
-        .execute(&mut *tx)
-        .await?;
+        post(&mut tx, &tx_ids, &entries).await?;
     }
     let events: Vec<Event> = cs.iter().zip(&outcomes).map(|(c, o)| c.event(*o)).collect();
     insert_events(&mut tx, &events).await?;
     tx.commit().await?;
     Ok(outcomes)
-}
-
-/// Appends events in `tx` with consecutive sequence numbers taken from the counter row in
-/// one step (see [`insert_event`]).
-async fn insert_events(
-    tx: &mut Transaction<'_, Postgres>,
-    events: &[Event],
-) -> Result<(), sqlx::Error> {
-    let n = events.len() as i64;
-    let last: i64 = sqlx::query("UPDATE event_counter SET last = last + $1 RETURNING last")
-        .bind(n)
-        .fetch_one(&mut **tx)
-        .await?
-        .try_get(0)?;
-    let seqs: Vec<i64> = (last - n + 1..=last).collect();
-    sqlx::query(
-        "INSERT INTO events (seq, kind, workload_uid, shard_idx, attempt, agent, message) \
-         SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::int[], $5::int[], $6::text[], $7::text[])",
-    )
-    .bind(&seqs)
-    .bind(events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.workload_uid.clone()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.shard.map(|s| s as i32)).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.attempt.map(|a| a as i32)).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.agent.clone()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.message.clone()).collect::<Vec<_>>())
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
 }
 
 impl Store for PgStore {
@@ -288,31 +285,33 @@ impl Store for PgStore {
         shards: &[ShardRecord],
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
+        let spec: serde_json::Value =
+            serde_json::from_str(&w.spec_json).unwrap_or(serde_json::Value::Null);
+        sqlx::query!(
             "INSERT INTO workloads (uid, namespace, name, mesh, spec, input_bytes, shards, phase) \
-             VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, 'Running')",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'Running')",
+            w.uid,
+            w.namespace,
+            w.name,
+            w.mesh,
+            spec,
+            w.input_bytes as i64,
+            shards.len() as i32,
         )
-        .bind(&w.uid)
-        .bind(&w.namespace)
-        .bind(&w.name)
-        .bind(&w.mesh)
-        .bind(&w.spec_json)
-        .bind(w.input_bytes as i64)
-        .bind(shards.len() as i32)
         .execute(&mut *tx)
         .await?;
         // One statement for all shards, however many.
         let idx: Vec<i32> = shards.iter().map(|s| s.index as i32).collect();
         let starts: Vec<i64> = shards.iter().map(|s| s.start as i64).collect();
         let ends: Vec<i64> = shards.iter().map(|s| s.end as i64).collect();
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO shards (workload_uid, idx, start_byte, end_byte, state) \
              SELECT $1, i, s, e, 'pending' FROM UNNEST($2::int[], $3::bigint[], $4::bigint[]) AS t(i, s, e)",
+            w.uid,
+            &idx,
+            &starts,
+            &ends,
         )
-        .bind(&w.uid)
-        .bind(&idx)
-        .bind(&starts)
-        .bind(&ends)
         .execute(&mut *tx)
         .await?;
         let msg = format!(
@@ -323,9 +322,9 @@ impl Store for PgStore {
             w.input_bytes,
             shards.len()
         );
-        insert_event(
+        insert_events(
             &mut tx,
-            &Event::new(EventKind::WorkloadAdmitted, msg).workload(&w.uid),
+            &[Event::new(EventKind::WorkloadAdmitted, msg).workload(&w.uid)],
         )
         .await?;
         tx.commit().await?;
@@ -340,14 +339,14 @@ impl Store for PgStore {
         agent: &str,
     ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let claimed = sqlx::query(
+        let claimed = sqlx::query!(
             "UPDATE shards SET state = 'running', attempt = $1, agent = $2, updated_at = now() \
              WHERE workload_uid = $3 AND idx = $4 AND state = 'pending' AND attempt = $1 - 1",
+            attempt as i32,
+            agent,
+            uid,
+            shard as i32,
         )
-        .bind(attempt as i32)
-        .bind(agent)
-        .bind(uid)
-        .bind(shard as i32)
         .execute(&mut *tx)
         .await?
         .rows_affected()
@@ -360,47 +359,49 @@ impl Store for PgStore {
             .workload(uid)
             .shard(shard, attempt)
             .agent(agent);
-            insert_event(&mut tx, &e).await?;
+            insert_events(&mut tx, &[e]).await?;
         }
         tx.commit().await?;
         Ok(claimed)
     }
 
     async fn active_workloads(&self) -> Result<Vec<StoredWorkload>, StoreError> {
-        let rows = sqlx::query("SELECT uid, namespace, name, mesh, spec::text AS spec, input_bytes FROM workloads WHERE phase = 'Running' ORDER BY created_at, uid").fetch_all(&self.pool).await?;
+        let rows = sqlx::query!(
+            "SELECT uid, namespace, name, mesh, spec::text AS \"spec!\", input_bytes FROM workloads \
+             WHERE phase = 'Running' ORDER BY created_at, uid"
+        )
+        .fetch_all(&self.pool)
+        .await?;
         let mut out = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let record = WorkloadRecord {
-                uid: r.try_get("uid")?,
-                namespace: r.try_get("namespace")?,
-                name: r.try_get("name")?,
-                mesh: r.try_get("mesh")?,
-                spec_json: r.try_get::<String, _>("spec")?,
-                input_bytes: r.try_get::<i64, _>("input_bytes")? as u64,
-            };
-            let shard_rows = sqlx::query(
-                "SELECT idx::bigint AS idx, start_byte, end_byte, state, attempt::bigint AS attempt, agent, records, output_uri, sha256 \
+        for r in rows {
+            let shards = sqlx::query!(
+                "SELECT idx, start_byte, end_byte, state, attempt, agent, records, output_uri, sha256 \
                  FROM shards WHERE workload_uid = $1 ORDER BY idx",
+                r.uid
             )
-            .bind(&record.uid)
             .fetch_all(&self.pool)
-            .await?;
-            let shards = shard_rows
-                .iter()
-                .map(|s| {
-                    Ok(StoredShard {
-                        index: s.try_get::<i64, _>("idx")? as u32,
-                        start: s.try_get::<i64, _>("start_byte")? as u64,
-                        end: s.try_get::<i64, _>("end_byte")? as u64,
-                        state: s.try_get("state")?,
-                        attempt: s.try_get::<i64, _>("attempt")? as u32,
-                        agent: s.try_get("agent")?,
-                        records: s.try_get::<Option<i64>, _>("records")?.unwrap_or(0) as u64,
-                        output_uri: s.try_get("output_uri")?,
-                        sha256: s.try_get("sha256")?,
-                    })
-                })
-                .collect::<Result<Vec<_>, sqlx::Error>>()?;
+            .await?
+            .into_iter()
+            .map(|s| StoredShard {
+                index: s.idx as u32,
+                start: s.start_byte as u64,
+                end: s.end_byte as u64,
+                state: s.state,
+                attempt: s.attempt as u32,
+                agent: s.agent,
+                records: s.records.unwrap_or(0) as u64,
+                output_uri: s.output_uri,
+                sha256: s.sha256,
+            })
+            .collect();
+            let record = WorkloadRecord {
+                uid: r.uid,
+                namespace: r.namespace,
+                name: r.name,
+                mesh: r.mesh,
+                spec_json: r.spec,
+                input_bytes: r.input_bytes as u64,
+            };
             out.push(StoredWorkload { record, shards });
         }
         Ok(out)
@@ -434,20 +435,20 @@ impl Store for PgStore {
         reason: &str,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
+        sqlx::query!(
             "UPDATE shards SET state = 'pending', agent = NULL, error = $1, updated_at = now() \
              WHERE workload_uid = $2 AND idx = $3 AND state = 'running'",
+            reason,
+            uid,
+            shard as i32,
         )
-        .bind(reason)
-        .bind(uid)
-        .bind(shard as i32)
         .execute(&mut *tx)
         .await?;
         let mut e = Event::new(EventKind::ShardRequeued, reason)
             .workload(uid)
             .shard(shard, attempt);
         e.agent = agent.map(str::to_string);
-        insert_event(&mut tx, &e).await?;
+        insert_events(&mut tx, &[e]).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -461,20 +462,20 @@ impl Store for PgStore {
         message: &str,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
+        sqlx::query!(
             "UPDATE shards SET state = 'failed', error = $1, updated_at = now() \
              WHERE workload_uid = $2 AND idx = $3 AND state <> 'succeeded'",
+            message,
+            uid,
+            shard as i32,
         )
-        .bind(message)
-        .bind(uid)
-        .bind(shard as i32)
         .execute(&mut *tx)
         .await?;
         let mut e = Event::new(EventKind::ShardFailed, message)
             .workload(uid)
             .shard(shard, attempt);
         e.agent = agent.map(str::to_string);
-        insert_event(&mut tx, &e).await?;
+        insert_events(&mut tx, &[e]).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -486,12 +487,12 @@ impl Store for PgStore {
         message: &str,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
+        sqlx::query!(
             "UPDATE workloads SET phase = $1, message = $2, finished_at = now() WHERE uid = $3",
+            phase,
+            message,
+            uid,
         )
-        .bind(phase)
-        .bind(message)
-        .bind(uid)
         .execute(&mut *tx)
         .await?;
         let kind = if phase == "Succeeded" {
@@ -499,67 +500,70 @@ impl Store for PgStore {
         } else {
             EventKind::WorkloadFailed
         };
-        insert_event(&mut tx, &Event::new(kind, message).workload(uid)).await?;
+        insert_events(&mut tx, &[Event::new(kind, message).workload(uid)]).await?;
         tx.commit().await?;
         Ok(())
     }
 
     async fn append(&self, event: &Event) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        insert_event(&mut tx, event).await?;
+        insert_events(&mut tx, std::slice::from_ref(event)).await?;
         tx.commit().await?;
         Ok(())
     }
 
     async fn events(&self, f: &EventFilter) -> Result<Vec<EventRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT seq, to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS at, kind, \
-                    workload_uid, shard_idx::bigint AS shard_idx, attempt::bigint AS attempt, agent, message \
+        let since: Option<chrono::DateTime<chrono::Utc>> = match &f.since {
+            Some(s) => Some(
+                chrono::DateTime::parse_from_rfc3339(s)
+                    .map_err(|_| StoreError::Unsupported("--since takes an RFC 3339 time"))?
+                    .with_timezone(&chrono::Utc),
+            ),
+            None => None,
+        };
+        let rows = sqlx::query!(
+            "SELECT seq, to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS \"at!\", kind, \
+                    workload_uid, shard_idx, attempt, agent, message \
              FROM events \
              WHERE ($1::text IS NULL OR workload_uid = $1) AND ($2::text IS NULL OR agent = $2) \
-               AND ($3::text IS NULL OR kind = $3) AND seq > COALESCE($4, 0) \
-               AND ($6::timestamptz IS NULL OR at >= $6::timestamptz) \
+               AND ($3::text IS NULL OR kind = $3) AND seq > COALESCE($4::bigint, 0) \
+               AND ($6::timestamptz IS NULL OR at >= $6) \
              ORDER BY seq LIMIT $5",
+            f.workload_uid,
+            f.agent,
+            f.kind,
+            f.after_seq,
+            f.limit,
+            since,
         )
-        .bind(&f.workload_uid)
-        .bind(&f.agent)
-        .bind(&f.kind)
-        .bind(f.after_seq)
-        .bind(f.limit)
-        .bind(&f.since)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(EventRow {
-                    seq: r.try_get("seq")?,
-                    at: r.try_get("at")?,
-                    kind: r.try_get("kind")?,
-                    workload_uid: r.try_get("workload_uid")?,
-                    shard: r.try_get("shard_idx")?,
-                    attempt: r.try_get("attempt")?,
-                    agent: r.try_get("agent")?,
-                    message: r.try_get("message")?,
-                })
+        Ok(rows
+            .into_iter()
+            .map(|r| EventRow {
+                seq: r.seq,
+                at: r.at,
+                kind: r.kind,
+                workload_uid: r.workload_uid,
+                shard: r.shard_idx.map(i64::from),
+                attempt: r.attempt.map(i64::from),
+                agent: r.agent,
+                message: r.message,
             })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(StoreError::from)
+            .collect())
     }
 
     async fn balances(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT account, SUM(amount)::bigint AS balance FROM ledger_entries GROUP BY account ORDER BY account",
+        let rows = sqlx::query!(
+            "SELECT account, SUM(amount)::bigint AS \"balance!\" FROM ledger_entries GROUP BY account ORDER BY account"
         )
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| Ok((r.try_get("account")?, r.try_get("balance")?)))
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(StoreError::from)
+        Ok(rows.into_iter().map(|r| (r.account, r.balance)).collect())
     }
 
     async fn charges(&self, uid: &str) -> Result<Vec<Charge>, StoreError> {
-        let rows = sqlx::query(
+        let rows = sqlx::query!(
             "SELECT t.workload_uid, t.shard_idx, \
                     MAX(e.account) FILTER (WHERE e.account LIKE 'namespace/%') AS debit, \
                     MAX(e.account) FILTER (WHERE e.account LIKE 'agent/%') AS credit, \
@@ -567,28 +571,71 @@ impl Store for PgStore {
              FROM ledger_transactions t JOIN ledger_entries e ON e.tx_id = t.id \
              WHERE t.kind = 'charge' AND t.workload_uid = $1 \
              GROUP BY t.id ORDER BY t.shard_idx",
+            uid
         )
-        .bind(uid)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Charge {
-                    workload_uid: r.try_get("workload_uid")?,
-                    shard: r.try_get::<i32, _>("shard_idx")? as u32,
-                    from: r.try_get::<Option<String>, _>("debit")?.unwrap_or_default(),
-                    to: r
-                        .try_get::<Option<String>, _>("credit")?
-                        .unwrap_or_default(),
-                    amount: r.try_get::<Option<i64>, _>("amount")?.unwrap_or(0),
-                })
+        Ok(rows
+            .into_iter()
+            .map(|r| Charge {
+                workload_uid: r.workload_uid.unwrap_or_default(),
+                shard: r.shard_idx.unwrap_or(0) as u32,
+                from: r.debit.unwrap_or_default(),
+                to: r.credit.unwrap_or_default(),
+                amount: r.amount.unwrap_or(0),
             })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(StoreError::from)
+            .collect())
     }
 
     async fn verify(&self) -> Result<VerifyReport, StoreError> {
-        super::run_verify!(&self.pool)
+        let counts = sqlx::query!(
+            "SELECT (SELECT COUNT(*) FROM ledger_transactions) AS \"t!\", (SELECT COUNT(*) FROM accounts) AS \"a!\""
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let unbalanced = sqlx::query_scalar!(
+            "SELECT t.id FROM ledger_transactions t LEFT JOIN ledger_entries e ON e.tx_id = t.id \
+             GROUP BY t.id HAVING COALESCE(SUM(e.amount), 0) <> 0 OR COUNT(e.id) = 0 ORDER BY t.id"
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mismatched = sqlx::query!(
+            "WITH sums AS (SELECT account, SUM(amount)::bigint AS total FROM ledger_entries GROUP BY account) \
+             SELECT a.name AS \"name!\", a.balance AS \"stored!\", COALESCE(s.total, 0)::bigint AS \"total!\" \
+             FROM accounts a LEFT JOIN sums s ON s.account = a.name WHERE a.balance <> COALESCE(s.total, 0) \
+             UNION ALL SELECT s.account, 0::bigint, s.total FROM sums s \
+             WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.name = s.account) ORDER BY 1"
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let not_once = sqlx::query!(
+            "SELECT s.workload_uid, s.idx::bigint AS \"idx!\", COUNT(t.id) AS \"n!\" FROM shards s \
+             LEFT JOIN ledger_transactions t ON t.kind = 'charge' AND t.workload_uid = s.workload_uid AND t.shard_idx = s.idx \
+             WHERE s.state = 'succeeded' GROUP BY s.workload_uid, s.idx HAVING COUNT(t.id) <> 1 ORDER BY 1, 2"
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let orphans = sqlx::query_scalar!(
+            "SELECT t.id FROM ledger_transactions t \
+             LEFT JOIN shards s ON s.workload_uid = t.workload_uid AND s.idx = t.shard_idx \
+             WHERE t.kind = 'charge' AND (s.state IS NULL OR s.state <> 'succeeded') ORDER BY t.id"
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(VerifyReport {
+            transactions: counts.t,
+            accounts: counts.a,
+            unbalanced_transactions: unbalanced,
+            account_mismatches: mismatched
+                .into_iter()
+                .map(|r| (r.name, r.stored, r.total))
+                .collect(),
+            shards_not_charged_once: not_once
+                .into_iter()
+                .map(|r| (r.workload_uid, r.idx, r.n))
+                .collect(),
+            charges_without_success: orphans,
+        })
     }
 
     async fn grant(
@@ -599,16 +646,15 @@ impl Store for PgStore {
         memo: &str,
     ) -> Result<i64, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let tx_id: i64 = sqlx::query(
+        let tx_id = sqlx::query_scalar!(
             "INSERT INTO ledger_transactions (kind, memo) VALUES ('grant', $1) RETURNING id",
+            memo
         )
-        .bind(memo)
         .fetch_one(&mut *tx)
-        .await?
-        .try_get(0)?;
+        .await?;
         post(
             &mut tx,
-            tx_id,
+            &[tx_id, tx_id],
             &[
                 (mesh_account(mesh), -amount),
                 (namespace_account(namespace), amount),
@@ -620,66 +666,59 @@ impl Store for PgStore {
     }
 
     async fn granted(&self, namespace: &str, mesh: &str) -> Result<i64, StoreError> {
-        let total: Option<i64> = sqlx::query(
+        let total = sqlx::query_scalar!(
             "SELECT SUM(e.amount)::bigint FROM ledger_entries e JOIN ledger_transactions t ON t.id = e.tx_id \
              WHERE t.kind = 'grant' AND e.account = $1 AND EXISTS \
                (SELECT 1 FROM ledger_entries o WHERE o.tx_id = t.id AND o.account = $2)",
+            namespace_account(namespace),
+            mesh_account(mesh),
         )
-        .bind(namespace_account(namespace))
-        .bind(mesh_account(mesh))
         .fetch_one(&self.pool)
-        .await?
-        .try_get(0)?;
+        .await?;
         Ok(total.unwrap_or(0))
     }
 
     async fn refund(&self, charge: i64, memo: &str) -> Result<i64, RefundError> {
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
-        let row = sqlx::query(
+        let row = sqlx::query!(
             "SELECT kind, workload_uid, shard_idx FROM ledger_transactions WHERE id = $1",
+            charge
         )
-        .bind(charge)
         .fetch_optional(&mut *tx)
         .await
         .map_err(StoreError::from)?;
-        let Some(row) = row.filter(|r| r.try_get::<String, _>("kind").is_ok_and(|k| k == "charge"))
-        else {
+        let Some(row) = row.filter(|r| r.kind == "charge") else {
             return Err(RefundError::NotACharge(charge));
         };
-        let entries: Vec<(String, i64)> =
-            sqlx::query("SELECT account, amount FROM ledger_entries WHERE tx_id = $1")
-                .bind(charge)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(StoreError::from)?
-                .iter()
-                .map(|r| Ok((r.try_get("account")?, -r.try_get::<i64, _>("amount")?)))
-                .collect::<Result<_, sqlx::Error>>()
-                .map_err(StoreError::from)?;
-        let inserted = sqlx::query(
+        let entries: Vec<(String, i64)> = sqlx::query!(
+            "SELECT account, amount FROM ledger_entries WHERE tx_id = $1 ORDER BY id",
+            charge
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(StoreError::from)?
+        .into_iter()
+        .map(|r| (r.account, -r.amount))
+        .collect();
+        let inserted = sqlx::query_scalar!(
             "INSERT INTO ledger_transactions (kind, refund_of, workload_uid, shard_idx, memo) \
              VALUES ('refund', $1, $2, $3, $4) RETURNING id",
+            charge,
+            row.workload_uid,
+            row.shard_idx,
+            memo,
         )
-        .bind(charge)
-        .bind(
-            row.try_get::<Option<String>, _>("workload_uid")
-                .map_err(StoreError::from)?,
-        )
-        .bind(
-            row.try_get::<Option<i32>, _>("shard_idx")
-                .map_err(StoreError::from)?,
-        )
-        .bind(memo)
         .fetch_one(&mut *tx)
         .await;
-        let tx_id: i64 = match inserted {
-            Ok(r) => r.try_get(0).map_err(StoreError::from)?,
+        let tx_id = match inserted {
+            Ok(id) => id,
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
                 return Err(RefundError::AlreadyRefunded(charge));
             }
             Err(e) => return Err(StoreError::from(e).into()),
         };
-        post(&mut tx, tx_id, &entries)
+        let ids = vec![tx_id; entries.len()];
+        post(&mut tx, &ids, &entries)
             .await
             .map_err(StoreError::from)?;
         tx.commit().await.map_err(StoreError::from)?;
@@ -689,19 +728,16 @@ impl Store for PgStore {
     async fn prune_events(&self, before: &str, archive: bool) -> Result<Vec<String>, StoreError> {
         let cutoff = chrono::NaiveDate::parse_from_str(before, "%Y-%m-%d")
             .map_err(|_| StoreError::Unsupported("--before takes a date, YYYY-MM-DD"))?;
-        let partitions = sqlx::query(
-            "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i \
-             JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'events'::regclass ORDER BY c.relname",
+        let partitions = sqlx::query_scalar!(
+            "SELECT c.relname::text AS \"name!\" FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+             WHERE i.inhparent = 'events'::regclass ORDER BY 1"
         )
         .fetch_all(&self.pool)
         .await?;
         let mut removed = Vec::new();
-        for p in &partitions {
-            let name: String = p.try_get(0)?;
-            let Some(end) = partition_end(&name) else {
-                continue;
-            };
-            if end > cutoff {
+        for name in partitions {
+            // Only whole months that end by the cut-off; never the default partition.
+            if partition_end(&name).is_none_or(|end| end > cutoff) {
                 continue;
             }
             let mut tx = self.pool.begin().await?;
@@ -720,12 +756,9 @@ impl Store for PgStore {
     }
 
     async fn balance(&self, account: &str) -> Result<i64, StoreError> {
-        let b: Option<i64> = sqlx::query("SELECT balance FROM accounts WHERE name = $1")
-            .bind(account)
+        let b = sqlx::query_scalar!("SELECT balance FROM accounts WHERE name = $1", account)
             .fetch_optional(&self.pool)
-            .await?
-            .map(|r| r.try_get(0))
-            .transpose()?;
+            .await?;
         Ok(b.unwrap_or(0))
     }
 
@@ -735,30 +768,33 @@ impl Store for PgStore {
         from: &str,
         to: &str,
     ) -> Result<Vec<StatementLine>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT t.id, t.kind, to_char(t.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
-                    e.amount, t.workload_uid, t.shard_idx::bigint, t.memo \
+        let time = |s: &str| {
+            chrono::DateTime::parse_from_rfc3339(s)
+                .map(|t| t.with_timezone(&chrono::Utc))
+                .map_err(|_| StoreError::Unsupported("--from and --to take RFC 3339 times"))
+        };
+        let rows = sqlx::query!(
+            "SELECT t.id, t.kind, to_char(t.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS \"at!\", \
+                    e.amount, t.workload_uid, t.shard_idx, t.memo \
              FROM ledger_entries e JOIN ledger_transactions t ON t.id = e.tx_id \
-             WHERE e.account = $1 AND t.created_at >= $2::timestamptz AND t.created_at <= $3::timestamptz ORDER BY t.id, e.id",
+             WHERE e.account = $1 AND t.created_at >= $2 AND t.created_at <= $3 ORDER BY t.id, e.id",
+            account,
+            time(from)?,
+            time(to)?,
         )
-        .bind(account)
-        .bind(from)
-        .bind(to)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(StatementLine {
-                    tx_id: r.try_get(0)?,
-                    kind: r.try_get(1)?,
-                    at: r.try_get(2)?,
-                    amount: r.try_get(3)?,
-                    workload_uid: r.try_get(4)?,
-                    shard: r.try_get(5)?,
-                    memo: r.try_get(6)?,
-                })
+        Ok(rows
+            .into_iter()
+            .map(|r| StatementLine {
+                tx_id: r.id,
+                kind: r.kind,
+                at: r.at,
+                amount: r.amount,
+                workload_uid: r.workload_uid,
+                shard: r.shard_idx.map(i64::from),
+                memo: r.memo,
             })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(StoreError::from)
+            .collect())
     }
 }
