@@ -154,6 +154,51 @@ pub fn run_local(manifest: &Path, agents: usize, dir: &Path) -> Run {
         .into()
 }
 
+/// Runs `infermesh ledger --database-url URL ARGS…`.
+pub fn ledger(url: &str, args: &[&str]) -> Run {
+    Command::new(bin("infermesh"))
+        .args(["ledger", "--database-url", url])
+        .args(args)
+        .output()
+        .expect("run infermesh ledger")
+        .into()
+}
+
+/// A MiniLM embedding job over the first `n` quickstart texts, written to `dir/mesh.yaml`
+/// (outputs in `dir/out`). Returns the manifest path, the input and the output directory.
+pub fn minilm_job(
+    dir: &Path,
+    n: usize,
+    max_length: u32,
+    extra: &str,
+) -> (PathBuf, PathBuf, PathBuf) {
+    let (model, tokenizer) = minilm();
+    let corpus = std::fs::read_to_string(workspace().join("examples/quickstart/corpus.jsonl"))
+        .expect("corpus");
+    let input = dir.join("texts.jsonl");
+    std::fs::write(
+        &input,
+        corpus.lines().take(n).collect::<Vec<_>>().join("\n") + "\n",
+    )
+    .expect("input");
+    let out = dir.join("out");
+    let task = format!(
+        "    textEmbedding:\n      tokenizer: \"{}\"\n      textField: text\n      maxLength: {max_length}\n      normalize: true",
+        tokenizer.display()
+    );
+    let yaml = manifest(
+        &model,
+        Some(&sha256_file(&model)),
+        &task,
+        &input,
+        &out,
+        extra,
+    );
+    let path = dir.join("mesh.yaml");
+    std::fs::write(&path, yaml).expect("manifest");
+    (path, input, out)
+}
+
 /// A Mesh and a Workload as YAML. `task` and `extra` are indented spec lines.
 pub fn manifest(
     model: &Path,

@@ -1,19 +1,10 @@
 //! Budgets across processes: a workload whose namespace is out of credits is held with
 //! `QuotaExceeded` (not failed) and runs once `infermesh ledger grant` tops the namespace up.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use infermesh_tests::*;
-
-fn ledger(url: &str, args: &[&str]) -> Run {
-    Command::new(bin("infermesh"))
-        .args(["ledger", "--database-url", url])
-        .args(args)
-        .output()
-        .expect("infermesh ledger")
-        .into()
-}
 
 #[test]
 fn a_workload_over_budget_is_held_and_runs_after_a_grant() {
@@ -41,7 +32,7 @@ fn a_workload_over_budget_is_held_and_runs_after_a_grant() {
     std::fs::write(&manifest_path, yaml).expect("manifest");
     let url = format!("sqlite://{}", dir.path().join("state.db").display());
 
-    let child = local_command(&manifest_path, 1, dir.path())
+    let mut child = local_command(&manifest_path, 1, dir.path())
         .arg("--database-url")
         .arg(&url)
         .stdout(Stdio::piped())
@@ -52,6 +43,13 @@ fn a_workload_over_budget_is_held_and_runs_after_a_grant() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         assert!(Instant::now() < deadline, "the workload was never held");
+        if let Ok(Some(status)) = child.try_wait() {
+            let run = Run::from(child.wait_with_output().expect("output"));
+            panic!(
+                "infermesh local ended ({status}) before the grant:\n{}",
+                run.text()
+            );
+        }
         let held = ledger(&url, &["events", "--kind", "workload.held", "-o", "json"]);
         if held.code == Some(0) && held.stdout.contains("QuotaExceeded") {
             assert!(held.stdout.contains("credits left"), "{}", held.text());

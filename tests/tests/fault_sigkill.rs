@@ -9,32 +9,10 @@ use infermesh_tests::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sigkilled_agent_loses_nothing_and_nothing_is_counted_twice() {
-    let (model, tokenizer) = minilm();
     let dir = tempfile::tempdir().expect("tmp");
-    let corpus = std::fs::read_to_string(workspace().join("examples/quickstart/corpus.jsonl"))
-        .expect("corpus");
     let n = 1500;
-    let input = dir.path().join("texts.jsonl");
-    std::fs::write(
-        &input,
-        corpus.lines().take(n).collect::<Vec<_>>().join("\n") + "\n",
-    )
-    .expect("input");
-    let out = dir.path().join("out");
-    let task = format!(
-        "    textEmbedding:\n      tokenizer: \"{}\"\n      maxLength: 128",
-        tokenizer.display()
-    );
-    let yaml = manifest(
-        &model,
-        Some(&sha256_file(&model)),
-        &task,
-        &input,
-        &out,
-        "  shardBytes: 8Ki\n  maxAttempts: 3\n",
-    );
-    let manifest_path = dir.path().join("mesh.yaml");
-    std::fs::write(&manifest_path, yaml).expect("manifest");
+    let (manifest_path, _input, out) =
+        minilm_job(dir.path(), n, 128, "  shardBytes: 8Ki\n  maxAttempts: 3\n");
 
     let child = local_command(&manifest_path, 2, dir.path())
         .arg("--database-url")

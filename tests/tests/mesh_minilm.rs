@@ -11,29 +11,7 @@ fn mesh_embeddings_match_python_onnxruntime() {
     let (model, tokenizer) = minilm();
     let dir = tempfile::tempdir().expect("tmp");
     // The first 400 quickstart texts: short and long ones, several shards.
-    let corpus = std::fs::read_to_string(workspace().join("examples/quickstart/corpus.jsonl"))
-        .expect("corpus");
-    let input = dir.path().join("texts.jsonl");
-    std::fs::write(
-        &input,
-        corpus.lines().take(400).collect::<Vec<_>>().join("\n") + "\n",
-    )
-    .expect("input");
-    let out = dir.path().join("out");
-    let task = format!(
-        "    textEmbedding:\n      tokenizer: \"{}\"\n      textField: text\n      maxLength: 256\n      normalize: true",
-        tokenizer.display()
-    );
-    let yaml = manifest(
-        &model,
-        Some(&sha256_file(&model)),
-        &task,
-        &input,
-        &out,
-        "  shardBytes: 16Ki\n",
-    );
-    let manifest_path = dir.path().join("mesh.yaml");
-    std::fs::write(&manifest_path, yaml).expect("manifest");
+    let (manifest_path, input, out) = minilm_job(dir.path(), 400, 256, "  shardBytes: 16Ki\n");
 
     let run = run_local(&manifest_path, 2, dir.path());
     assert_eq!(run.code, Some(0), "{}", run.text());

@@ -103,15 +103,6 @@ async fn run_tensor_mesh(database_url: Option<String>) -> (tempfile::TempDir, St
     (dir, url)
 }
 
-fn ledger(url: &str, args: &[&str]) -> Run {
-    std::process::Command::new(bin("infermesh"))
-        .args(["ledger", "--database-url", url])
-        .args(args)
-        .output()
-        .expect("run infermesh ledger")
-        .into()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn every_record_appears_exactly_once_and_each_shard_is_charged_once() {
     let (dir, url) = run_tensor_mesh(None).await;

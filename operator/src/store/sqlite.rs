@@ -34,6 +34,25 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
+        // Two processes opening one new file at once (`infermesh local` and `infermesh ledger`)
+        // can meet in the migration's write, where SQLite answers "locked" at once rather than
+        // waiting: try again for a while.
+        let mut tries = 0;
+        loop {
+            match Self::connect(options.clone()).await {
+                Err(
+                    StoreError::Database(e)
+                    | StoreError::Migrate(sqlx::migrate::MigrateError::Execute(e)),
+                ) if tries < 50 && e.to_string().contains("database is locked") => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn connect(options: SqliteConnectOptions) -> Result<Self, StoreError> {
         // One connection: SQLite has one writer anyway, and it keeps `:memory:` one database.
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
