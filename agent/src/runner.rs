@@ -207,7 +207,7 @@ impl Runner {
                     shard: shard_index,
                 };
                 let parsed = parse_records(&origin, records(begin, &data))?;
-                let outputs: Vec<Map<String, Value>> = match &task.kind {
+                let outputs: Vec<RecordOutput> = match &task.kind {
                     Some(task::Kind::TextEmbedding(te)) => {
                         let (key, bytes) = embedder_src.unwrap_or_default();
                         let embedder = match (state.embedders.get(&key), bytes) {
@@ -235,10 +235,7 @@ impl Runner {
                             batch,
                             &cancel,
                         )?;
-                        vectors
-                            .into_iter()
-                            .map(|v| Map::from_iter([("embedding".to_string(), Value::from(v))]))
-                            .collect()
+                        vectors.into_iter().map(RecordOutput::Embedding).collect()
                     }
                     Some(task::Kind::Tensor(t)) => {
                         let bindings: Vec<InputBinding> = t
@@ -262,18 +259,16 @@ impl Runner {
                             batch,
                             &cancel,
                         )?
+                        .into_iter()
+                        .map(RecordOutput::Fields)
+                        .collect()
                     }
                     None => return Err(invalid("task has no kind")),
                 };
                 let mut out = Vec::with_capacity(outputs.len() * 64);
-                for (rec, fields) in parsed.iter().zip(outputs) {
-                    let mut line = Map::new();
-                    if let Some(id) = rec.fields.get(&id_field) {
-                        line.insert(id_field.clone(), id.clone());
-                    }
-                    line.extend(fields);
-                    serde_json::to_writer(&mut out, &line).map_err(|e| invalid(&e.to_string()))?;
-                    out.push(b'\n');
+                for (rec, output) in parsed.iter().zip(&outputs) {
+                    write_line(&mut out, &id_field, rec.fields.get(&id_field), output)
+                        .map_err(|e| invalid(&e.to_string()))?;
                 }
                 Ok((Bytes::from(out), parsed.len() as u64))
             })();
@@ -314,6 +309,54 @@ impl Runner {
     }
 }
 
+/// What one record produced.
+enum RecordOutput {
+    /// A text embedding.
+    Embedding(Vec<f32>),
+    /// Named output tensors.
+    Fields(Map<String, Value>),
+}
+
+/// Writes one output line: the record's id (when it has one), then its outputs. Embeddings
+/// are written as f32 (the shortest text that reads back to the same f32), not widened to
+/// f64, which halves the bytes of an embedding part.
+fn write_line(
+    out: &mut Vec<u8>,
+    id_field: &str,
+    id: Option<&Value>,
+    output: &RecordOutput,
+) -> serde_json::Result<()> {
+    let mut first = true;
+    let mut key = |out: &mut Vec<u8>, k: &str| -> serde_json::Result<()> {
+        out.push(if first { b'{' } else { b',' });
+        first = false;
+        serde_json::to_writer(&mut *out, k)?;
+        out.push(b':');
+        Ok(())
+    };
+    if let Some(id) = id {
+        key(out, id_field)?;
+        serde_json::to_writer(&mut *out, id)?;
+    }
+    match output {
+        RecordOutput::Embedding(v) => {
+            key(out, "embedding")?;
+            serde_json::to_writer(&mut *out, v)?;
+        }
+        RecordOutput::Fields(fields) => {
+            for (k, v) in fields {
+                key(out, k)?;
+                serde_json::to_writer(&mut *out, v)?;
+            }
+        }
+    }
+    if first {
+        out.push(b'{');
+    }
+    out.extend_from_slice(b"}\n");
+    Ok(())
+}
+
 /// Makes sure the slot has a session for `sha` (last in its list), loading it and evicting the
 /// least recently used one if not.
 fn ensure_session(
@@ -346,4 +389,42 @@ fn session_mut<'a>(state: &'a mut SlotState, sha: &str) -> &'a mut Session {
     let last = state.sessions.len() - 1;
     debug_assert_eq!(state.sessions[last].0, sha);
     &mut state.sessions[last].1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn line(id: Option<Value>, output: RecordOutput) -> Value {
+        let mut out = Vec::new();
+        write_line(&mut out, "id", id.as_ref(), &output).expect("write");
+        assert!(out.ends_with(b"}\n"));
+        serde_json::from_slice(&out).expect("a JSON line")
+    }
+
+    #[test]
+    fn output_lines_carry_the_id_then_the_outputs() {
+        let v = line(
+            Some(json!("doc-1")),
+            RecordOutput::Embedding(vec![0.1, -2.5]),
+        );
+        assert_eq!(v, json!({"id": "doc-1", "embedding": [0.1, -2.5]}));
+        let fields = Map::from_iter([
+            ("y".to_string(), json!([1, 2])),
+            ("s".to_string(), json!(3)),
+        ]);
+        assert_eq!(
+            line(None, RecordOutput::Fields(fields)),
+            json!({"y": [1, 2], "s": 3})
+        );
+        assert_eq!(line(None, RecordOutput::Fields(Map::new())), json!({}));
+    }
+
+    #[test]
+    fn embeddings_are_written_as_short_f32() {
+        let mut out = Vec::new();
+        write_line(&mut out, "id", None, &RecordOutput::Embedding(vec![0.1])).expect("write");
+        assert_eq!(out, b"{\"embedding\":[0.1]}\n");
+    }
 }
