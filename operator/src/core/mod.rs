@@ -341,7 +341,14 @@ impl<S: Store> Core<S> {
         if st.by_key.contains_key(&key) {
             return Err(CoreError::Duplicate(key));
         }
-        let ranges = planner::plan(sub.input_size, validated.shard_bytes);
+        // Slots of the Mesh's agents now; fewer are fine (only the last round is affected).
+        let slots: u32 = st
+            .agents
+            .values()
+            .filter(|a| a.connected && !a.unschedulable && a.mesh == sub.spec.mesh)
+            .map(|a| a.slots)
+            .sum();
+        let ranges = planner::plan(sub.input_size, validated.shard_bytes, slots);
         let index = st.workloads.len();
         st.workloads.push(WorkloadState {
             key: key.clone(),

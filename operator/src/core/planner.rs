@@ -17,13 +17,21 @@ pub struct ShardRange {
 pub const MAX_SHARDS: u64 = 100_000;
 
 /// Splits `size` bytes into ranges of about `shard_bytes` each, covering `[0, size)` exactly.
-/// An empty object gets no shard.
-pub fn plan(size: u64, shard_bytes: u64) -> Vec<ShardRange> {
+/// An empty object gets no shard. With `slots` (the slots of the Mesh's agents) above one, the
+/// count is rounded up to a multiple of it, so the last round of shards keeps every slot busy
+/// instead of leaving one agent to finish a lone shard while the others idle.
+pub fn plan(size: u64, shard_bytes: u64, slots: u32) -> Vec<ShardRange> {
     if size == 0 {
         return Vec::new();
     }
     let target = shard_bytes.max(1).max(size.div_ceil(MAX_SHARDS));
-    let count = size.div_ceil(target);
+    let mut count = size.div_ceil(target);
+    let slots = u64::from(slots.max(1));
+    if slots > 1 && count > 1 {
+        count = count.div_ceil(slots) * slots;
+    }
+    // Never more shards than bytes, nor than the cap.
+    let count = count.min(size).min(MAX_SHARDS);
     // Even ranges: the last shard is not a sliver.
     (0..count)
         .map(|i| ShardRange {
@@ -42,17 +50,27 @@ mod tests {
 
     #[test]
     fn ranges_cover_the_object_exactly() {
-        let shards = plan(10_000, 3_000);
+        let shards = plan(10_000, 3_000, 1);
         assert_eq!(shards.len(), 4);
         assert_eq!(shards[0].start, 0);
         assert_eq!(shards.last().map(|s| s.end), Some(10_000));
         assert!(shards.windows(2).all(|w| w[0].end == w[1].start));
-        assert!(plan(0, 100).is_empty());
+        assert!(plan(0, 100, 1).is_empty());
     }
 
     #[test]
     fn the_shard_count_is_capped() {
-        assert_eq!(plan(10 * MAX_SHARDS, 1).len() as u64, MAX_SHARDS);
+        assert_eq!(plan(10 * MAX_SHARDS, 1, 1).len() as u64, MAX_SHARDS);
+        assert_eq!(plan(10 * MAX_SHARDS, 1, 3).len() as u64, MAX_SHARDS);
+    }
+
+    #[test]
+    fn the_shard_count_is_a_multiple_of_the_slots() {
+        assert_eq!(plan(9_000, 1_000, 2).len(), 10);
+        assert_eq!(plan(9_000, 1_000, 4).len(), 12);
+        assert_eq!(plan(9_000, 1_000, 3).len(), 9);
+        assert_eq!(plan(500, 1_000, 4).len(), 1, "one shard stays one shard");
+        assert_eq!(plan(3, 1, 4).len(), 3, "never more shards than bytes");
     }
 
     /// A JSONL object from records of the given lengths, with blank lines and a missing final
@@ -82,10 +100,11 @@ mod tests {
             shard_bytes in 1u64..4000,
             blank_every in 0usize..7,
             final_newline in any::<bool>(),
+            slots in 1u32..6,
         ) {
             let (data, expected) = object(&lens, blank_every, final_newline);
             let mut seen = Vec::new();
-            for s in plan(data.len() as u64, shard_bytes) {
+            for s in plan(data.len() as u64, shard_bytes, slots) {
                 if let Some(a) = align_in_memory(&data, s.start, s.end) {
                     for r in records(a.begin, &data[a.begin as usize..a.end as usize]) {
                         seen.push(String::from_utf8(r.text.to_vec()).expect("utf8"));

@@ -35,20 +35,20 @@ impl SqliteStore {
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
         // Two processes opening one new file at once (`infermesh local` and `infermesh ledger`)
-        // can meet in the migration's write, where SQLite answers "locked" at once rather than
-        // waiting: try again for a while.
+        // can race in the migrations: SQLite answers "locked" at once rather than waiting, or
+        // the loser finds the tables the winner just made. Once the winner is done the
+        // migrations are applied, so try again for a while.
         let mut tries = 0;
         loop {
             match Self::connect(options.clone()).await {
-                Err(
-                    StoreError::Database(e)
-                    | StoreError::Migrate(sqlx::migrate::MigrateError::Execute(e)),
-                ) if tries < 50 && e.to_string().contains("database is locked") => {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                Err(StoreError::Database(e))
+                    if tries < 50 && e.to_string().contains("database is locked") => {}
+                Err(StoreError::Migrate(sqlx::migrate::MigrateError::Execute(_))) if tries < 20 => {
                 }
                 other => return other,
             }
+            tries += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
