@@ -156,6 +156,7 @@ print("%.1f %.2f" % (rate, tail))
 # retried (BENCH_RETRIES times) and only the last attempt is kept.
 SHARE_MIN=${BENCH_SHARE_MIN:-93}
 SHARDS="?"
+SHARD_BYTES=$(awk '/shardBytes:/ { print $2; exit }' examples/quickstart/quickstart.yaml)
 # Figures of the kept runs, per configuration: clean ones, and contended ones (used only for
 # a configuration that has no clean run).
 SERIES="direct_rps tok_pct ser_pct mesh1_e2e mesh1_steady mesh1_inshard mesh2_e2e mesh2_steady mesh2_inshard mesh2_tail"
@@ -330,7 +331,7 @@ SECTION="$TMP/section.md"
   echo "attaching and loading ONNX Runtime and the model once per agent, inside the measured"
   echo "time (end to end minus steady, by the medians: $(overhead "$E1_M" "$S1_M") s per run with 1 agent, $(overhead "$E2_M" "$S2_M") s"
   echo "with 2; the model load itself falls in the first shard and so in *steady* too); a gRPC"
-  echo "assignment and completion report per shard ($SHARDS shards of at most 64 KiB here) with the core's"
+  echo "assignment and completion report per shard ($SHARDS shards of about $SHARD_BYTES here, the shard count rounded up to a multiple of the agents' slots) with the core's"
   echo "bookkeeping and SQLite ledger writes; length-sorting within a shard (~$(( CORPUS_RECORDS / ${SHARDS/\?/1} )) records) rather"
   echo "than over the whole corpus, so batches carry more padding; writing each shard's JSON lines"
   echo "as an output part (one put, plus its sha256) and \`_SUCCESS.json\`, where the direct loop"
