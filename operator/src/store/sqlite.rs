@@ -43,8 +43,10 @@ impl SqliteStore {
             match Self::connect(options.clone()).await {
                 Err(StoreError::Database(e))
                     if tries < 50 && e.to_string().contains("database is locked") => {}
-                Err(StoreError::Migrate(sqlx::migrate::MigrateError::Execute(_))) if tries < 20 => {
-                }
+                Err(StoreError::Migrate(
+                    sqlx::migrate::MigrateError::Execute(_)
+                    | sqlx::migrate::MigrateError::ExecuteMigration(..),
+                )) if tries < 20 => {}
                 other => return other,
             }
             tries += 1;
@@ -597,5 +599,26 @@ impl Store for SqliteStore {
             })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(StoreError::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn several_processes_can_open_a_new_database_at_once() {
+        let url = crate::store::testing::Backend::Sqlite.fresh_url().await;
+        let opens: Vec<_> = (0..6)
+            .map(|_| {
+                tokio::spawn({
+                    let url = url.clone();
+                    async move { SqliteStore::open(&url).await.map(|_| ()) }
+                })
+            })
+            .collect();
+        for o in opens {
+            o.await.expect("task").expect("every open succeeds");
+        }
     }
 }
