@@ -7,3 +7,20 @@ pub mod shard;
 pub mod store;
 
 pub use store::{Location, ObjectError, read_aligned};
+
+/// Where infermesh keeps what it downloads and makes on a machine: `$INFERMESH_HOME`, else
+/// `$XDG_CACHE_HOME/infermesh`, else `~/.cache/infermesh` (where `scripts/setup.sh` puts the
+/// ONNX Runtime library and the quickstart model).
+pub fn infermesh_home() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    if let Some(home) = std::env::var_os("INFERMESH_HOME") {
+        return PathBuf::from(home);
+    }
+    if let Some(cache) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(cache).join("infermesh");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    home.join(".cache").join("infermesh")
+}

@@ -9,20 +9,7 @@ use ort::session::builder::GraphOptimizationLevel;
 
 static ENVIRONMENT: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
 
-/// The default home of infermesh's downloaded files: `$INFERMESH_HOME`, else
-/// `$XDG_CACHE_HOME/infermesh`, else `~/.cache/infermesh` (where `scripts/setup.sh` puts them).
-pub fn infermesh_home() -> PathBuf {
-    if let Some(home) = std::env::var_os("INFERMESH_HOME") {
-        return PathBuf::from(home);
-    }
-    if let Some(cache) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(cache).join("infermesh");
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
-    home.join(".cache").join("infermesh")
-}
+pub use infermesh_io::infermesh_home;
 
 /// Where `libonnxruntime.so` is looked for, in order: the explicit path, `ORT_DYLIB_PATH`,
 /// `<infermesh home>/lib/libonnxruntime.so`, `/usr/local/lib/libonnxruntime.so`,

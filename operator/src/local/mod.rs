@@ -55,19 +55,7 @@ pub struct LocalArgs {
     pub no_progress: bool,
 }
 
-/// `~/.cache/infermesh` or `$INFERMESH_HOME`.
-pub fn infermesh_home() -> PathBuf {
-    if let Some(home) = std::env::var_os("INFERMESH_HOME") {
-        return PathBuf::from(home);
-    }
-    if let Some(cache) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(cache).join("infermesh");
-    }
-    std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp"))
-        .join(".cache/infermesh")
-}
+pub use infermesh_io::infermesh_home;
 
 /// `sqlite://<infermesh home>/local.db`.
 pub fn default_database_url() -> String {

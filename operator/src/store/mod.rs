@@ -350,60 +350,6 @@ impl VerifyReport {
     }
 }
 
-/// The queries of `ledger verify`, plain SQL that both backends run.
-pub(crate) mod verify_sql {
-    pub const COUNTS: &str = "SELECT (SELECT COUNT(*) FROM ledger_transactions) AS t, (SELECT COUNT(*) FROM accounts) AS a";
-    pub const UNBALANCED: &str = "SELECT t.id FROM ledger_transactions t LEFT JOIN ledger_entries e ON e.tx_id = t.id \
-         GROUP BY t.id HAVING COALESCE(SUM(e.amount), 0) <> 0 OR COUNT(e.id) = 0 ORDER BY t.id";
-    pub const MISMATCHED: &str = "WITH sums AS (SELECT account, CAST(SUM(amount) AS BIGINT) AS total FROM ledger_entries GROUP BY account) \
-         SELECT a.name, a.balance, CAST(COALESCE(s.total, 0) AS BIGINT) AS total FROM accounts a LEFT JOIN sums s ON s.account = a.name \
-         WHERE a.balance <> COALESCE(s.total, 0) \
-         UNION ALL SELECT s.account, CAST(0 AS BIGINT), s.total FROM sums s \
-         WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.name = s.account) ORDER BY 1";
-    pub const NOT_CHARGED_ONCE: &str = "SELECT s.workload_uid, CAST(s.idx AS BIGINT) AS idx, COUNT(t.id) AS n FROM shards s \
-         LEFT JOIN ledger_transactions t ON t.kind = 'charge' AND t.workload_uid = s.workload_uid AND t.shard_idx = s.idx \
-         WHERE s.state = 'succeeded' GROUP BY s.workload_uid, s.idx HAVING COUNT(t.id) <> 1 ORDER BY 1, 2";
-    pub const CHARGED_NOT_SUCCEEDED: &str = "SELECT t.id FROM ledger_transactions t \
-         LEFT JOIN shards s ON s.workload_uid = t.workload_uid AND s.idx = t.shard_idx \
-         WHERE t.kind = 'charge' AND (s.state IS NULL OR s.state <> 'succeeded') ORDER BY t.id";
-}
-
-/// Runs the verify queries on a pool of either backend.
-macro_rules! run_verify {
-    ($pool:expr) => {{
-        use sqlx::Row;
-        use $crate::store::verify_sql as q;
-        let pool = $pool;
-        let counts = sqlx::query(q::COUNTS).fetch_one(pool).await?;
-        let mut report = $crate::store::VerifyReport {
-            transactions: counts.try_get("t")?,
-            accounts: counts.try_get("a")?,
-            ..Default::default()
-        };
-        for r in sqlx::query(q::UNBALANCED).fetch_all(pool).await? {
-            report.unbalanced_transactions.push(r.try_get(0)?);
-        }
-        for r in sqlx::query(q::MISMATCHED).fetch_all(pool).await? {
-            report
-                .account_mismatches
-                .push((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?));
-        }
-        for r in sqlx::query(q::NOT_CHARGED_ONCE).fetch_all(pool).await? {
-            report
-                .shards_not_charged_once
-                .push((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?));
-        }
-        for r in sqlx::query(q::CHARGED_NOT_SUCCEEDED)
-            .fetch_all(pool)
-            .await?
-        {
-            report.charges_without_success.push(r.try_get(0)?);
-        }
-        Ok(report)
-    }};
-}
-pub(crate) use run_verify;
-
 /// One entry of an account's statement.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct StatementLine {

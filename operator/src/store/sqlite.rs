@@ -459,7 +459,47 @@ impl Store for SqliteStore {
     }
 
     async fn verify(&self) -> Result<VerifyReport, StoreError> {
-        super::run_verify!(&self.pool)
+        let pool = &self.pool;
+        let counts = sqlx::query(
+            "SELECT (SELECT COUNT(*) FROM ledger_transactions) AS t, (SELECT COUNT(*) FROM accounts) AS a",
+        )
+        .fetch_one(pool)
+        .await?;
+        let mut report = VerifyReport {
+            transactions: counts.try_get("t")?,
+            accounts: counts.try_get("a")?,
+            ..Default::default()
+        };
+        let unbalanced = "SELECT t.id FROM ledger_transactions t LEFT JOIN ledger_entries e ON e.tx_id = t.id \
+             GROUP BY t.id HAVING COALESCE(SUM(e.amount), 0) <> 0 OR COUNT(e.id) = 0 ORDER BY t.id";
+        for r in sqlx::query(unbalanced).fetch_all(pool).await? {
+            report.unbalanced_transactions.push(r.try_get(0)?);
+        }
+        let mismatched = "WITH sums AS (SELECT account, SUM(amount) AS total FROM ledger_entries GROUP BY account) \
+             SELECT a.name, a.balance, COALESCE(s.total, 0) FROM accounts a LEFT JOIN sums s ON s.account = a.name \
+             WHERE a.balance <> COALESCE(s.total, 0) \
+             UNION ALL SELECT s.account, 0, s.total FROM sums s \
+             WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.name = s.account) ORDER BY 1";
+        for r in sqlx::query(mismatched).fetch_all(pool).await? {
+            report
+                .account_mismatches
+                .push((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?));
+        }
+        let not_once = "SELECT s.workload_uid, s.idx, COUNT(t.id) FROM shards s \
+             LEFT JOIN ledger_transactions t ON t.kind = 'charge' AND t.workload_uid = s.workload_uid AND t.shard_idx = s.idx \
+             WHERE s.state = 'succeeded' GROUP BY s.workload_uid, s.idx HAVING COUNT(t.id) <> 1 ORDER BY 1, 2";
+        for r in sqlx::query(not_once).fetch_all(pool).await? {
+            report
+                .shards_not_charged_once
+                .push((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?));
+        }
+        let orphans = "SELECT t.id FROM ledger_transactions t \
+             LEFT JOIN shards s ON s.workload_uid = t.workload_uid AND s.idx = t.shard_idx \
+             WHERE t.kind = 'charge' AND (s.state IS NULL OR s.state <> 'succeeded') ORDER BY t.id";
+        for r in sqlx::query(orphans).fetch_all(pool).await? {
+            report.charges_without_success.push(r.try_get(0)?);
+        }
+        Ok(report)
     }
 
     async fn grant(
