@@ -58,6 +58,10 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long, env = "INFERMESH_LOG_JSON")]
     log_json: bool,
+    /// Exit when this process is gone (`infermesh local` passes its own pid, so agents do
+    /// not outlive a killed run).
+    #[arg(long, hide = true)]
+    parent_pid: Option<u32>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -153,8 +157,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         mesh: args.mesh,
         execution_providers: providers,
     };
+    let parent_gone = async move {
+        let Some(pid) = args.parent_pid else {
+            return std::future::pending().await;
+        };
+        let proc = std::path::PathBuf::from(format!("/proc/{pid}"));
+        while proc.exists() {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    };
     tokio::select! {
         r = client::run(client_config, runner) => r,
         _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted"); Ok(()) }
+        _ = parent_gone => { tracing::warn!("the process that started this agent is gone: exiting"); Ok(()) }
     }
 }

@@ -53,6 +53,10 @@ pub struct LocalArgs {
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Take up the workloads a previous run left unfinished in the store (after it was
+    /// killed) instead of starting them again: completed shards are not run again.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 pub use infermesh_io::infermesh_home;
@@ -197,6 +201,8 @@ async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
                 .arg(providers.join(","))
                 .arg("--model-cache")
                 .arg(work_dir.join("model-cache"))
+                .arg("--parent-pid")
+                .arg(std::process::id().to_string())
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
                 .stderr(log_file)
@@ -317,7 +323,28 @@ async fn drive<S: Store>(
         .map_err(|e| e.to_string())?
         .progress_chars("=> ");
     let mut tracked = Vec::new();
+    if args.resume {
+        let n = core
+            .resume()
+            .await
+            .map_err(|e| format!("resuming from the store: {e}"))?;
+        bars.suspend(|| {
+            eprintln!("infermesh local: resumed {n} unfinished workload(s) from the store")
+        });
+    }
+    let resumed = core.workloads().await;
     for w in &plan.workloads {
+        // A resumed run of the same workload stands in for a new one.
+        if let Some(r) = resumed
+            .iter()
+            .find(|r| r.namespace == w.namespace && r.name == w.name)
+        {
+            let bar = bars.add(ProgressBar::new(r.input_bytes.max(1)));
+            bar.set_style(style.clone());
+            bar.set_prefix(format!("{}/{}", w.namespace, w.name));
+            tracked.push((r.key.clone(), bar));
+            continue;
+        }
         let uid = format!("{:08x}", rand::rng().random::<u32>());
         let key = core
             .submit(Submission {
