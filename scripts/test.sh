@@ -15,4 +15,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "[test] compile-time checked queries: operator/.sqlx matches the Postgres schema"
 bash scripts/sqlx-prepare.sh --check
 echo "[test] cargo test"
+# The end-to-end tests start the infermesh and infermesh-agent binaries; build them first
+# (cargo test builds a package's binaries only for that package's own integration tests).
+cargo build --workspace --bins --locked
 cargo test --workspace --locked

@@ -40,14 +40,46 @@ fn require(path: PathBuf, what: &str) -> PathBuf {
     path
 }
 
-/// A binary of the workspace, built by `cargo test` next to the test executables.
+/// A binary of the workspace, next to the test executables. `cargo test` builds a package's
+/// binaries only for that package's own integration tests, so the first test that needs them
+/// builds `infermesh` and `infermesh-agent` (once per test process; scripts/test.sh builds
+/// them beforehand anyway).
 pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     let exe = std::env::current_exe().expect("current exe");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    if !path.exists() {
+        let built = BUILT.get_or_init(|| {
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let profile = dir.file_name().and_then(|p| p.to_str()).unwrap_or("debug");
+            let mut cmd = Command::new(cargo);
+            cmd.current_dir(workspace()).args([
+                "build",
+                "-p",
+                "infermesh-operator",
+                "-p",
+                "infermesh-agent",
+                "--bins",
+            ]);
+            if profile == "release" {
+                cmd.arg("--release");
+            }
+            let out = cmd.output().map_err(|e| e.to_string())?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(String::from_utf8_lossy(&out.stderr).into_owned())
+            }
+        });
+        if let Err(e) = built {
+            panic!("building the binaries for the end-to-end tests failed:\n{e}");
+        }
+    }
     require(
-        dir.join(name),
-        &format!("binary {name} (cargo builds it with the workspace tests)"),
+        path,
+        &format!("binary {name} (cargo build --workspace --bins)"),
     )
 }
 
