@@ -28,6 +28,16 @@ async fn workload(store: &impl Store, uid: &str, shards: u32) {
         .expect("create workload");
 }
 
+/// `n` "operators" on one new database, each with its own pool.
+async fn operators(backend: Backend, n: usize) -> Vec<Arc<AnyStore>> {
+    let url = backend.fresh_url().await;
+    let mut stores = Vec::with_capacity(n);
+    for _ in 0..n {
+        stores.push(Arc::new(open(&url).await.expect("open")));
+    }
+    stores
+}
+
 fn completion(uid: &str, shard: u32, attempt: u32, agent: &str) -> CompletionRecord {
     CompletionRecord {
         workload_uid: uid.into(),
@@ -174,12 +184,7 @@ async fn queue_transitions_are_logged_in_order(backend: Backend) {
 }
 
 async fn racing_completions_from_several_operators_charge_each_shard_once(backend: Backend) {
-    let url = backend.fresh_url().await;
-    // Three "operators", each with its own pool on the same database.
-    let mut stores = Vec::new();
-    for _ in 0..3 {
-        stores.push(Arc::new(open(&url).await.expect("open")));
-    }
+    let stores = operators(backend, 3).await;
     let shards = 20u32;
     workload(&*stores[0], "race", shards).await;
     let mut tasks = Vec::new();
@@ -449,11 +454,7 @@ async fn a_batch_charges_the_first_completion_of_each_shard_once(backend: Backen
 both!(a_batch_charges_the_first_completion_of_each_shard_once);
 
 async fn claims_are_exclusive_across_operators(backend: Backend) {
-    let url = backend.fresh_url().await;
-    let mut stores = Vec::new();
-    for _ in 0..3 {
-        stores.push(Arc::new(open(&url).await.expect("open")));
-    }
+    let stores = operators(backend, 3).await;
     let shards = 30u32;
     workload(&*stores[0], "claim", shards).await;
     let mut tasks = Vec::new();
