@@ -169,11 +169,13 @@ impl Embedder {
             }
             let shape = [n, len];
             let mut feed: Vec<(String, ort::value::DynValue)> = Vec::with_capacity(3);
+            // Each buffer is moved into its tensor; only the mask is kept, for pooling.
+            let (mut ids, mut types) = (Some(ids), Some(types));
             for name in &inputs {
                 let data = match name.as_str() {
-                    "input_ids" => ids.clone(),
+                    "input_ids" => ids.take().unwrap_or_default(),
                     "attention_mask" => mask.clone(),
-                    _ => types.clone(),
+                    _ => types.take().unwrap_or_default(),
                 };
                 let t = Tensor::from_array((shape, data)).map_err(inference_error)?;
                 feed.push((name.clone(), t.into_dyn()));

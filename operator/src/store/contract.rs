@@ -38,6 +38,14 @@ async fn operators(backend: Backend, n: usize) -> Vec<Arc<AnyStore>> {
     stores
 }
 
+/// Runs SQL on either backend behind the store's back.
+async fn raw(store: &AnyStore, sql: &str) -> Result<(), sqlx::Error> {
+    match store {
+        AnyStore::Sqlite(s) => sqlx::query(sql).execute(s.pool()).await.map(|_| ()),
+        AnyStore::Postgres(s) => sqlx::query(sql).execute(s.pool()).await.map(|_| ()),
+    }
+}
+
 fn completion(uid: &str, shard: u32, attempt: u32, agent: &str) -> CompletionRecord {
     CompletionRecord {
         workload_uid: uid.into(),
@@ -228,28 +236,8 @@ async fn racing_completions_from_several_operators_charge_each_shard_once(backen
 async fn the_event_log_refuses_update_and_delete(backend: Backend) {
     let store = backend.open().await;
     workload(&store, "u", 1).await;
-    let (update, delete) = match &store {
-        AnyStore::Sqlite(s) => (
-            sqlx::query("UPDATE events SET message = 'x'")
-                .execute(s.pool())
-                .await
-                .map(|_| ()),
-            sqlx::query("DELETE FROM events")
-                .execute(s.pool())
-                .await
-                .map(|_| ()),
-        ),
-        AnyStore::Postgres(s) => (
-            sqlx::query("UPDATE events SET message = 'x'")
-                .execute(s.pool())
-                .await
-                .map(|_| ()),
-            sqlx::query("DELETE FROM events")
-                .execute(s.pool())
-                .await
-                .map(|_| ()),
-        ),
-    };
+    let update = raw(&store, "UPDATE events SET message = 'x'").await;
+    let delete = raw(&store, "DELETE FROM events").await;
     for (what, result) in [("UPDATE", update), ("DELETE", delete)] {
         let err = result.expect_err("refused").to_string();
         assert!(
@@ -280,9 +268,9 @@ async fn verify_names_rows_written_behind_the_ledgers_back(backend: Backend) {
          VALUES ('charge', 'u#2', 'u', 2, 'forged', '2026-01-01T00:00:00Z')",
     ];
     match &store {
-        AnyStore::Sqlite(s) => {
+        AnyStore::Sqlite(_) => {
             for q in sql {
-                sqlx::query(q).execute(s.pool()).await.expect("corrupt");
+                raw(&store, q).await.expect("corrupt");
             }
         }
         AnyStore::Postgres(s) => {
