@@ -1,9 +1,10 @@
-//! `infermesh`: run the mesh on one machine (`local`), print the CRDs (`crd`), read the
+//! `infermesh`: run in a cluster (`operator`), run the mesh on one machine (`local`), print the CRDs (`crd`), read the
 //! ledger and the event log (`ledger`).
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use infermesh_operator::controller::run::OperatorArgs;
 use infermesh_operator::core::pricing::format_credits;
 use infermesh_operator::local::{self, LocalArgs};
 use infermesh_operator::store::{self, EventFilter, Store};
@@ -21,6 +22,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run in a Kubernetes cluster: controllers for Mesh, Agent and Workload, leader
+    /// election, the agents' gRPC port (TLS, TokenReview), /metrics, /healthz, /readyz.
+    Operator(Box<OperatorArgs>),
     /// Run Meshes and Workloads from a manifest file on this machine: the core, a gRPC server
     /// on loopback, N agent processes and an embedded SQLite store.
     Local(LocalArgs),
@@ -176,6 +180,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Local(args) => rt.block_on(local::run(args)),
+        Command::Operator(args) => rt.block_on(infermesh_operator::controller::run::run(*args)),
         Command::Ledger {
             database_url,
             command,

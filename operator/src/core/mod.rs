@@ -22,6 +22,7 @@ use infermesh_io::Location;
 use infermesh_proto as pb;
 use pb::agent_message::Msg as Up;
 use pb::operator_message::Msg as Down;
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{Mutex, mpsc};
 use tonic::Status;
 
@@ -166,11 +167,25 @@ pub struct AgentHandle {
     pub session: u64,
 }
 
+/// Shard counters of the core, exported as Prometheus metrics by the operator.
+#[derive(Clone, Debug, Default)]
+pub struct ShardCounters {
+    /// Assignments sent to agents.
+    pub dispatched: Counter,
+    /// First completions (charged).
+    pub completed: Counter,
+    /// Shards failed for good (out of attempts, or a permanent error).
+    pub failed: Counter,
+    /// Shards put back in the queue.
+    pub requeued: Counter,
+}
+
 /// The core. `S` is the store backend.
 pub struct Core<S: Store> {
     store: Arc<S>,
     committer: GroupCommitter,
     state: Mutex<State>,
+    counters: ShardCounters,
 }
 
 /// The key of a workload on the wire and in logs: `namespace/name/uid`.
@@ -202,6 +217,80 @@ impl<S: Store> Core<S> {
             store,
             committer,
             state: Mutex::new(State::default()),
+            counters: ShardCounters::default(),
+        }
+    }
+
+    /// The shard counters.
+    pub fn counters(&self) -> &ShardCounters {
+        &self.counters
+    }
+
+    /// Pauses (or resumes) dispatch of a workload's shards; running shards finish.
+    /// Returns false when the core does not know the workload.
+    pub async fn set_suspend(&self, key: &str, suspend: bool) -> Result<bool, CoreError> {
+        let mut st = self.state.lock().await;
+        let Some(&wl) = st.by_key.get(key) else {
+            return Ok(false);
+        };
+        if st.workloads[wl].spec.suspend != suspend {
+            st.workloads[wl].spec.suspend = suspend;
+            tracing::info!(workload = %key, suspend, "workload suspend changed");
+            if !suspend {
+                self.dispatch(&mut st).await?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Cancels a workload (its object was deleted): running shards are cancelled on their
+    /// agents, nothing more is dispatched, and the store records it as failed with `reason`.
+    /// Completed shards stay charged. Returns false when the core does not know it.
+    pub async fn cancel(&self, key: &str, reason: &str, message: &str) -> Result<bool, CoreError> {
+        let mut st = self.state.lock().await;
+        let Some(&wl) = st.by_key.get(key) else {
+            return Ok(false);
+        };
+        if !st.workloads[wl].admitted {
+            // Held, never written to the store: just stop considering it.
+            let w = &mut st.workloads[wl];
+            w.phase = WorkloadPhase::Failed;
+            w.reason = reason.to_string();
+            w.message = message.to_string();
+            w.finished = Some(Instant::now());
+            return Ok(true);
+        }
+        self.fail_workload(&mut st, wl, reason, message).await?;
+        self.dispatch(&mut st).await?;
+        Ok(true)
+    }
+
+    /// Whether the core holds a workload with this key.
+    pub async fn knows(&self, key: &str) -> bool {
+        self.state.lock().await.by_key.contains_key(key)
+    }
+
+    /// A summary of one workload.
+    pub async fn workload(&self, key: &str) -> Option<WorkloadSummary> {
+        let st = self.state.lock().await;
+        st.by_key.get(key).map(|&i| self.summarize(&st.workloads[i]))
+    }
+
+    /// The Meshes the core knows.
+    pub async fn has_mesh(&self, name: &str) -> bool {
+        self.state.lock().await.meshes.contains_key(name)
+    }
+
+    /// Forgets a Mesh (deleted): its agents are told to drain.
+    pub async fn remove_mesh(&self, name: &str) {
+        let mut st = self.state.lock().await;
+        st.meshes.remove(name);
+        for a in st.agents.values().filter(|a| a.connected && a.mesh == name) {
+            let _ = a.tx.send(Ok(pb::OperatorMessage {
+                msg: Some(Down::Drain(pb::Drain {
+                    reason: format!("mesh {name} was deleted"),
+                })),
+            }));
         }
     }
 
@@ -689,6 +778,11 @@ impl<S: Store> Core<S> {
                 credits: a.credits,
                 providers: a.providers.clone(),
                 gpus: a.gpus.len() as u32,
+                gpu_product: a.gpus.first().map(|g| g.product.clone()).unwrap_or_default(),
+                gpu_memory: a.gpus.iter().map(|g| g.memory_bytes).min().unwrap_or(0),
+                models_loaded: a.loaded.iter().cloned().collect(),
+                models_cached: a.cached.iter().cloned().collect(),
+                since_heartbeat: a.last_heartbeat.elapsed(),
             })
             .collect()
     }
@@ -720,6 +814,7 @@ impl<S: Store> Core<S> {
             elapsed,
             credits: w.credits,
             attempts_retried: w.retried,
+            suspended: w.spec.suspend,
             output_uri: w.spec.output.uri.clone(),
         }
     }
@@ -771,6 +866,7 @@ impl<S: Store> Core<S> {
             Requeue::Retry { .. } if !w.phase.is_terminal() => {
                 s.status = ShardStatus::Pending;
                 w.retried += 1;
+                self.counters.requeued.inc();
                 tracing::info!(workload = %w.key, shard, attempt, %reason, "shard requeued");
                 self.store
                     .requeue(&w.uid, shard, attempt, agent, reason)
@@ -782,6 +878,7 @@ impl<S: Store> Core<S> {
             }
             Requeue::Exhausted => {
                 s.status = ShardStatus::Failed;
+                self.counters.failed.inc();
                 let message =
                     format!("shard {shard} failed after {attempt} attempts; last error: {reason}");
                 self.store
@@ -927,6 +1024,7 @@ impl<S: Store> Core<S> {
             _ => None,
         };
         s.status = ShardStatus::Succeeded;
+        self.counters.completed.inc();
         s.records = c.records;
         s.output_uri = c.output_uri;
         s.sha256 = c.sha256;
@@ -985,6 +1083,7 @@ impl<S: Store> Core<S> {
         } else {
             let uid = w.uid.clone();
             st.workloads[wl].shards[shard as usize].status = ShardStatus::Failed;
+            self.counters.failed.inc();
             self.store
                 .fail_shard(&uid, shard, attempt, Some(&who.id), &message)
                 .await?;
@@ -1132,6 +1231,7 @@ impl<S: Store> Core<S> {
                 };
                 continue;
             }
+            self.counters.dispatched.inc();
             if let Some(a) = st.agents.get_mut(agent_id) {
                 a.running.insert((p.workload, p.shard));
                 let _ = a.tx.send(Ok(pb::OperatorMessage {

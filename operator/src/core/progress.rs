@@ -45,6 +45,8 @@ pub struct WorkloadSummary {
     pub credits: i64,
     /// Attempts beyond the first.
     pub attempts_retried: u32,
+    /// `spec.suspend`: dispatch paused.
+    pub suspended: bool,
     /// Output directory.
     pub output_uri: String,
 }
@@ -111,6 +113,16 @@ pub struct AgentSummary {
     pub providers: Vec<String>,
     /// GPUs.
     pub gpus: u32,
+    /// Product name of its first GPU (empty without one).
+    pub gpu_product: String,
+    /// Memory of its smallest GPU, in bytes.
+    pub gpu_memory: u64,
+    /// Models loaded in sessions (content hashes).
+    pub models_loaded: Vec<String>,
+    /// Models in the node's cache (content hashes).
+    pub models_cached: Vec<String>,
+    /// Time since its last heartbeat.
+    pub since_heartbeat: Duration,
 }
 
 /// `1h02m`, `3m12s`, `45s`.
@@ -148,6 +160,7 @@ mod tests {
             elapsed: Duration::from_secs(secs),
             credits: 0,
             attempts_retried: 0,
+            suspended: false,
             output_uri: String::new(),
         }
     }

@@ -21,10 +21,21 @@ use crate::store::Store;
 /// How long an agent has to send Hello after opening its stream.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Decides whether a bearer token may attach.
+/// Who a bearer token belongs to (a ServiceAccount's user name in a cluster,
+/// `system:serviceaccount:<namespace>:<name>`; `local` in local mode).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal(pub String);
+
+/// Decides whether a bearer token may attach, and for which Mesh.
 pub trait Authenticator: Send + Sync + 'static {
-    /// `Ok` to let the stream in; `Unauthenticated` otherwise.
-    fn authenticate(&self, token: &str) -> impl Future<Output = Result<(), Status>> + Send;
+    /// Who holds `token`; `Unauthenticated` when nobody (or it cannot be checked).
+    fn authenticate(&self, token: &str) -> impl Future<Output = Result<Principal, Status>> + Send;
+
+    /// Whether `who` may serve as an agent of `mesh`; `Unauthenticated` otherwise.
+    fn authorize(&self, who: &Principal, mesh: &str) -> Result<(), Status> {
+        let _ = (who, mesh);
+        Ok(())
+    }
 }
 
 /// One shared token (local mode: random, made at start).
@@ -38,7 +49,7 @@ impl StaticToken {
 }
 
 impl Authenticator for StaticToken {
-    async fn authenticate(&self, token: &str) -> Result<(), Status> {
+    async fn authenticate(&self, token: &str) -> Result<Principal, Status> {
         // Compare every byte whatever the first mismatch, so timing tells nothing.
         let a = self.0.as_bytes();
         let b = token.as_bytes();
@@ -47,7 +58,7 @@ impl Authenticator for StaticToken {
             .zip(b)
             .fold(a.len() ^ b.len(), |acc, (x, y)| acc | usize::from(x ^ y));
         if diff == 0 {
-            Ok(())
+            Ok(Principal("local".into()))
         } else {
             Err(Status::unauthenticated("invalid bearer token"))
         }
@@ -98,7 +109,7 @@ impl<S: Store, A: Authenticator> AgentService for AgentServer<S, A> {
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
         let token = bearer(request.metadata())?;
-        self.auth.authenticate(token).await?;
+        let principal = self.auth.authenticate(token).await?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -115,6 +126,7 @@ impl<S: Store, A: Authenticator> AgentService for AgentServer<S, A> {
             None => return Err(Status::invalid_argument("stream closed before Hello")),
         };
         tracing::Span::current().record("agent", hello.agent_id.as_str());
+        self.auth.authorize(&principal, &hello.mesh)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = self.core.attach(hello, tx.clone()).await?;
         let core = self.core.clone();
@@ -146,10 +158,14 @@ pub async fn serve<S: Store, A: Authenticator>(
     listener: TcpListener,
     core: Arc<Core<S>>,
     auth: Arc<A>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .add_service(AgentServer::new(core, auth).into_service())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await

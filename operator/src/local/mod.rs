@@ -145,7 +145,7 @@ async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
             let shutdown = async move {
                 let _ = stop.changed().await;
             };
-            grpc::serve(listener, core, auth, shutdown).await
+            grpc::serve(listener, core, auth, None, shutdown).await
         })
     };
     let reaper = tokio::spawn(grpc::reap_leases(core.clone(), stop_rx.clone()));

@@ -1,0 +1,498 @@
+//! The Mesh controller: a Mesh becomes the core's pool (pricing, budgets, lease), one agent
+//! DaemonSet and one agent ServiceAccount in the operator's namespace; its status counts the
+//! agents and their capacity.
+//!
+//! `build_*` and [`mesh_status`] are pure; [`reconcile`] applies them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use infermesh_crds::{ExecutionProvider, Mesh, MeshStatus};
+use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    HostPathVolumeSource, KeyToPath, ObjectFieldSelector, PersistentVolumeClaimVolumeSource,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource,
+    SeccompProfile, SecretVolumeSource, SecurityContext, ServiceAccount,
+    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use super::conditions::condition;
+use super::{Config, Context, Error, FIELD_MANAGER, MESH_FINALIZER, MeshObserved, Result};
+use crate::core::progress::AgentSummary;
+
+/// Where the agent finds its projected ServiceAccount token.
+pub const TOKEN_PATH: &str = "/var/run/secrets/infermesh/token";
+/// Where the agent finds the CA of the operator's gRPC certificate.
+pub const CA_PATH: &str = "/var/run/infermesh/tls/ca.crt";
+/// The model cache inside the agent container (a hostPath on the node).
+pub const CACHE_PATH: &str = "/var/cache/infermesh";
+/// The agents' metrics and health port.
+pub const AGENT_METRICS_PORT: i32 = 9091;
+/// The agent's user: non-root.
+pub const AGENT_UID: i64 = 65532;
+
+/// Name of a Mesh's DaemonSet and ServiceAccount.
+pub fn agent_name(mesh: &str) -> String {
+    format!("infermesh-agent-{mesh}")
+}
+
+/// The user name the agents of `mesh` authenticate as.
+pub fn agent_user(namespace: &str, mesh: &str) -> String {
+    format!("system:serviceaccount:{namespace}:{}", agent_name(mesh))
+}
+
+/// Labels of everything made for a Mesh.
+pub fn labels(mesh: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".into(), "infermesh-agent".into()),
+        ("app.kubernetes.io/instance".into(), mesh.into()),
+        (
+            "app.kubernetes.io/managed-by".into(),
+            "infermesh-operator".into(),
+        ),
+        ("infermesh.dev/mesh".into(), mesh.into()),
+    ])
+}
+
+fn owned_meta(mesh: &Mesh, config: &Config) -> ObjectMeta {
+    let name = mesh.name_any();
+    ObjectMeta {
+        name: Some(agent_name(&name)),
+        namespace: Some(config.namespace.clone()),
+        labels: Some(labels(&name)),
+        owner_references: mesh.controller_owner_ref(&()).map(|o| vec![o]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The agents' ServiceAccount: no RBAC, no mounted API token (agents call no Kubernetes
+/// API; they get a projected token of audience `infermesh` for the operator only).
+pub fn build_service_account(mesh: &Mesh, config: &Config) -> ServiceAccount {
+    ServiceAccount {
+        metadata: owned_meta(mesh, config),
+        automount_service_account_token: Some(false),
+        ..ServiceAccount::default()
+    }
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        value_from: None,
+    }
+}
+
+fn provider_name(p: &ExecutionProvider) -> String {
+    serde_json::to_value(p)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// The agent DaemonSet of a Mesh.
+pub fn build_daemonset(mesh: &Mesh, config: &Config) -> DaemonSet {
+    let name = mesh.name_any();
+    let spec = &mesh.spec;
+    let providers: Vec<String> = spec
+        .agent
+        .execution_providers
+        .iter()
+        .map(provider_name)
+        .collect();
+    let mut env_vars = vec![
+        env("INFERMESH_OPERATOR", config.grpc_endpoint.clone()),
+        env("INFERMESH_MESH", name.clone()),
+        EnvVar {
+            name: "INFERMESH_NODE".into(),
+            value: None,
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "spec.nodeName".into(),
+                    api_version: None,
+                }),
+                ..EnvVarSource::default()
+            }),
+        },
+        env("INFERMESH_TOKEN_FILE", TOKEN_PATH),
+        env("INFERMESH_CA_CERT", CA_PATH),
+        env("INFERMESH_SLOTS", spec.agent.slots.to_string()),
+        env("INFERMESH_EXECUTION_PROVIDERS", providers.join(",")),
+        env("INFERMESH_MODEL_CACHE", CACHE_PATH),
+        env(
+            "INFERMESH_METRICS_ADDR",
+            format!("0.0.0.0:{AGENT_METRICS_PORT}"),
+        ),
+        env("INFERMESH_LOG_JSON", "true"),
+    ];
+    if !providers.is_empty() && !providers.iter().any(|p| p == "cpu") {
+        env_vars.push(env("INFERMESH_REQUIRE_GPU", "true"));
+    }
+    if let Some(threads) = spec.agent.intra_op_threads {
+        env_vars.push(env("INFERMESH_INTRA_OP_THREADS", threads.to_string()));
+    }
+    let mut mounts = vec![
+        VolumeMount {
+            name: "token".into(),
+            mount_path: "/var/run/secrets/infermesh".into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: "tls".into(),
+            mount_path: "/var/run/infermesh/tls".into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: "model-cache".into(),
+            mount_path: CACHE_PATH.into(),
+            ..VolumeMount::default()
+        },
+    ];
+    let mut volumes = vec![
+        Volume {
+            name: "token".into(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some(super::TOKEN_AUDIENCE.into()),
+                        expiration_seconds: Some(3600),
+                        path: "token".into(),
+                    }),
+                    ..VolumeProjection::default()
+                }]),
+                default_mode: None,
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "tls".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(config.tls_secret.clone()),
+                items: Some(vec![KeyToPath {
+                    key: "ca.crt".into(),
+                    path: "ca.crt".into(),
+                    mode: None,
+                }]),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "model-cache".into(),
+            host_path: Some(HostPathVolumeSource {
+                path: format!("{CACHE_PATH}/{name}"),
+                type_: Some("DirectoryOrCreate".into()),
+            }),
+            ..Volume::default()
+        },
+    ];
+    if let Some(claim) = &config.data_claim {
+        mounts.push(VolumeMount {
+            name: "data".into(),
+            mount_path: "/data".into(),
+            ..VolumeMount::default()
+        });
+        volumes.push(Volume {
+            name: "data".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim.clone(),
+                read_only: None,
+            }),
+            ..Volume::default()
+        });
+    }
+    let probe = |path: &str, period: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("metrics".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        ..Probe::default()
+    };
+    let restricted = SecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(AGENT_UID),
+        run_as_group: Some(AGENT_UID),
+        read_only_root_filesystem: Some(true),
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
+        ..SecurityContext::default()
+    };
+    let image = spec
+        .agent
+        .image
+        .clone()
+        .unwrap_or_else(|| config.agent_image.clone());
+    // A hostPath directory is made by the kubelet as root; one small init step hands it to
+    // the agent's user (CHOWN only, nothing else), so the agent itself runs non-root.
+    let prepare_cache = Container {
+        name: "prepare-cache".into(),
+        image: Some(image.clone()),
+        command: Some(vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            format!("chown {AGENT_UID}:{AGENT_UID} {CACHE_PATH}"),
+        ]),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "model-cache".into(),
+            mount_path: CACHE_PATH.into(),
+            ..VolumeMount::default()
+        }]),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: Some(vec!["CHOWN".into()]),
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                localhost_profile: None,
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+    let agent = Container {
+        name: "agent".into(),
+        image: Some(image),
+        env: Some(env_vars),
+        ports: Some(vec![ContainerPort {
+            name: Some("metrics".into()),
+            container_port: AGENT_METRICS_PORT,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        liveness_probe: Some(probe("/healthz", 20)),
+        readiness_probe: Some(probe("/readyz", 10)),
+        resources: spec.agent.resources.clone(),
+        volume_mounts: Some(mounts),
+        security_context: Some(restricted),
+        ..Container::default()
+    };
+    let labels = labels(&name);
+    let selector = BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "infermesh-agent".to_string()),
+        ("infermesh.dev/mesh".to_string(), name.clone()),
+    ]);
+    DaemonSet {
+        metadata: owned_meta(mesh, config),
+        spec: Some(DaemonSetSpec {
+            selector: LabelSelector {
+                match_labels: Some(selector),
+                match_expressions: None,
+            },
+            update_strategy: Some(DaemonSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: None,
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(agent_name(&name)),
+                    automount_service_account_token: Some(false),
+                    node_selector: Some(spec.node_selector.clone()),
+                    tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
+                    init_containers: Some(vec![prepare_cache]),
+                    containers: vec![agent],
+                    volumes: Some(volumes),
+                    security_context: Some(PodSecurityContext {
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            localhost_profile: None,
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    // Shards in flight are requeued anyway; give running ones a moment.
+                    termination_grace_period_seconds: Some(30),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DaemonSetSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// The status of a Mesh from its agents (as the core knows them) and its DaemonSet.
+pub fn mesh_status(
+    name: &str,
+    previous: Option<&MeshStatus>,
+    observed: &MeshObserved,
+    agents: &[AgentSummary],
+) -> MeshStatus {
+    let mine: Vec<&AgentSummary> = agents.iter().filter(|a| a.mesh == name).collect();
+    let ready: Vec<&&AgentSummary> = mine
+        .iter()
+        .filter(|a| a.connected && !a.unschedulable)
+        .collect();
+    let total = (mine.len() as u32).max(observed.desired.unwrap_or(0).max(0) as u32);
+    let prev = previous.map(|p| p.conditions.as_slice()).unwrap_or(&[]);
+    let ready_count = ready.len() as u32;
+    let cond = if ready_count > 0 {
+        condition(
+            prev,
+            "Ready",
+            true,
+            "AgentsReady",
+            format!("{ready_count} of {total} agents ready"),
+            observed.generation,
+        )
+    } else if total == 0 {
+        condition(
+            prev,
+            "Ready",
+            false,
+            "NoMatchingNodes",
+            "no node matches the Mesh's nodeSelector (label GPU nodes, e.g. \
+             `kubectl label node <node> nvidia.com/gpu.present=true`, or change spec.nodeSelector)",
+            observed.generation,
+        )
+    } else {
+        condition(
+            prev,
+            "Ready",
+            false,
+            "NoAgentsReady",
+            format!("0 of {total} agents ready: see `kubectl get pods -l infermesh.dev/mesh={name}`"),
+            observed.generation,
+        )
+    };
+    MeshStatus {
+        agents_ready: ready_count,
+        agents_total: total,
+        slots: ready.iter().map(|a| a.slots).sum(),
+        gpus: ready.iter().map(|a| a.gpus).sum(),
+        observed_generation: observed.generation,
+        conditions: vec![cond],
+    }
+}
+
+/// Writes a Mesh's status (server-side apply on `/status`).
+pub async fn patch_status(ctx: &Context, name: &str, status: &MeshStatus) -> Result<()> {
+    let api: Api<Mesh> = Api::all(ctx.client.clone());
+    let body = json!({"apiVersion": "infermesh.dev/v1alpha1", "kind": "Mesh", "status": status});
+    ctx.metrics.write("meshes/status", "patch");
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(body),
+    )
+    .await
+    .map_err(|source| Error::PatchStatus {
+        what: format!("Mesh {name}"),
+        source,
+    })?;
+    Ok(())
+}
+
+/// Reconciles a Mesh (behind its finalizer).
+pub async fn reconcile(mesh: Arc<Mesh>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = super::ReconcileTimer::start(&ctx, "mesh");
+    let api: Api<Mesh> = Api::all(ctx.client.clone());
+    finalizer(&api, MESH_FINALIZER, mesh, |event| async {
+        match event {
+            Finalizer::Apply(mesh) => apply(&mesh, &ctx).await,
+            Finalizer::Cleanup(mesh) => cleanup(&mesh, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+async fn apply(mesh: &Mesh, ctx: &Context) -> Result<Action> {
+    let name = mesh.name_any();
+    ctx.core.upsert_mesh(&name, mesh.spec.clone()).await?;
+    let ssa = PatchParams::apply(FIELD_MANAGER).force();
+    let sa = build_service_account(mesh, &ctx.config);
+    let sa_name = agent_name(&name);
+    let sas: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
+    ctx.metrics.write("serviceaccounts", "patch");
+    sas.patch(&sa_name, &ssa, &Patch::Apply(&sa))
+        .await
+        .map_err(|source| Error::ApplyServiceAccount {
+            name: sa_name.clone(),
+            source,
+        })?;
+    let ds = build_daemonset(mesh, &ctx.config);
+    let dss: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
+    ctx.metrics.write("daemonsets", "patch");
+    let applied = dss
+        .patch(&sa_name, &ssa, &Patch::Apply(&ds))
+        .await
+        .map_err(|source| Error::ApplyDaemonSet {
+            name: sa_name.clone(),
+            source,
+        })?;
+    let observed = MeshObserved {
+        generation: mesh.metadata.generation,
+        desired: applied.status.map(|s| s.desired_number_scheduled),
+    };
+    ctx.meshes
+        .lock()
+        .await
+        .insert(name.clone(), observed.clone());
+    let status = mesh_status(
+        &name,
+        mesh.status.as_ref(),
+        &observed,
+        &ctx.core.agents().await,
+    );
+    if mesh.status.as_ref() != Some(&status) {
+        patch_status(ctx, &name, &status).await?;
+    }
+    Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+async fn cleanup(mesh: &Mesh, ctx: &Context) -> Result<Action> {
+    let name = mesh.name_any();
+    ctx.core.remove_mesh(&name).await;
+    ctx.meshes.lock().await.remove(&name);
+    let owned = agent_name(&name);
+    let dss: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
+    ctx.metrics.write("daemonsets", "delete");
+    if let Err(source) = dss.delete(&owned, &DeleteParams::default()).await
+        && !super::is_not_found(&source)
+    {
+        return Err(Error::DeleteOwned {
+            what: format!("DaemonSet {owned}"),
+            source,
+        });
+    }
+    let sas: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
+    ctx.metrics.write("serviceaccounts", "delete");
+    if let Err(source) = sas.delete(&owned, &DeleteParams::default()).await
+        && !super::is_not_found(&source)
+    {
+        return Err(Error::DeleteOwned {
+            what: format!("ServiceAccount {owned}"),
+            source,
+        });
+    }
+    tracing::info!(mesh = %name, "mesh removed: agent DaemonSet and ServiceAccount deleted");
+    Ok(Action::await_change())
+}

@@ -1,0 +1,277 @@
+//! Cluster mode: the controllers that translate Mesh, Agent and Workload objects to and from
+//! the core, leader election, agent authentication by TokenReview, and the TLS certificate of
+//! the gRPC port.
+//!
+//! Each controller's reconcile is a pipeline of small steps (validate and build are pure
+//! functions, tested without a client), then apply, then status by server-side apply on
+//! `/status` with one field manager. Status that follows the core (shard counts, progress,
+//! agent load) is written by [`status::StatusWriter`] at a throttled rate: the subtasks live in
+//! the store, never in etcd.
+
+pub mod agent;
+pub mod conditions;
+pub mod events;
+pub mod leader;
+pub mod mesh;
+pub mod rbac;
+pub mod run;
+pub mod status;
+pub mod tls;
+pub mod token_review;
+pub mod workload;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::runtime::events::Recorder;
+use tokio::sync::Mutex;
+
+use crate::core::{Core, CoreError};
+use crate::metrics::Metrics;
+use crate::store::AnyStore;
+
+/// The one field manager of every server-side apply the operator sends.
+pub const FIELD_MANAGER: &str = "infermesh-operator";
+/// The finalizer on Meshes (the operator owns their DaemonSet and ServiceAccount).
+pub const MESH_FINALIZER: &str = "infermesh.dev/mesh-cleanup";
+/// The finalizer on Workloads (the operator owns their shards and ledger rows).
+pub const WORKLOAD_FINALIZER: &str = "infermesh.dev/workload-cleanup";
+/// The audience of the agents' projected ServiceAccount tokens.
+pub const TOKEN_AUDIENCE: &str = "infermesh";
+/// Label the leader puts on its own pod; the gRPC Service selects it.
+pub const LEADER_LABEL: &str = "infermesh.dev/leader";
+
+/// Settings of cluster mode (from `infermesh operator`'s flags).
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The operator's namespace: agent DaemonSets, their ServiceAccounts, the TLS Secret and
+    /// the leader Lease live here.
+    pub namespace: String,
+    /// The URL agents dial (`https://infermesh-grpc.infermesh.svc:7443`).
+    pub grpc_endpoint: String,
+    /// Agent image when a Mesh does not name one.
+    pub agent_image: String,
+    /// The Secret with `tls.crt`, `tls.key` and `ca.crt` for the gRPC port.
+    pub tls_secret: String,
+    /// An existing PVC mounted at `/data` in every agent (file:// inputs and outputs).
+    pub data_claim: Option<String>,
+    /// At most one status write per Workload per this period.
+    pub workload_status_period: Duration,
+    /// At most one status write per Agent per this period (phase changes go out sooner).
+    pub agent_status_period: Duration,
+    /// At most this many status writes per second in total.
+    pub status_writes_per_second: u32,
+}
+
+impl Config {
+    /// Settings for tests and the write-budget benchmark.
+    pub fn for_namespace(namespace: &str) -> Self {
+        Self {
+            namespace: namespace.into(),
+            grpc_endpoint: format!("https://infermesh-grpc.{namespace}.svc:7443"),
+            agent_image: "ghcr.io/infermesh/infermesh-agent:0.1.0".into(),
+            tls_secret: "infermesh-tls".into(),
+            data_claim: None,
+            workload_status_period: Duration::from_secs(2),
+            agent_status_period: Duration::from_secs(10),
+            status_writes_per_second: 10,
+        }
+    }
+}
+
+/// What the Mesh controller last saw of a Mesh that its status needs.
+#[derive(Clone, Debug, Default)]
+pub struct MeshObserved {
+    /// `metadata.generation`.
+    pub generation: Option<i64>,
+    /// Nodes the DaemonSet should run on.
+    pub desired: Option<i32>,
+}
+
+/// Shared by every controller.
+pub struct Context {
+    /// The Kubernetes client.
+    pub client: kube::Client,
+    /// The core.
+    pub core: Arc<Core<AnyStore>>,
+    /// Settings.
+    pub config: Config,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Publishes Kubernetes Events.
+    pub recorder: Recorder,
+    /// Per Mesh, what its status needs beyond the core.
+    pub meshes: Mutex<BTreeMap<String, MeshObserved>>,
+}
+
+impl Context {
+    /// A context.
+    pub fn new(
+        client: kube::Client,
+        core: Arc<Core<AnyStore>>,
+        config: Config,
+        metrics: Metrics,
+        instance: &str,
+    ) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            kube::runtime::events::Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance: Some(instance.into()),
+            },
+        );
+        Self {
+            client,
+            core,
+            config,
+            metrics,
+            recorder,
+            meshes: Mutex::new(BTreeMap::new()),
+        }
+    }
+}
+
+/// Why a reconcile failed. The variant names the action that failed; it doubles as the
+/// metric label and the Event reason.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Server-side apply of an agent DaemonSet failed.
+    #[error("failed to apply the agent DaemonSet {name}: {source}")]
+    ApplyDaemonSet {
+        /// DaemonSet name.
+        name: String,
+        /// The API error.
+        source: kube::Error,
+    },
+    /// Server-side apply of an agent ServiceAccount failed.
+    #[error("failed to apply the agent ServiceAccount {name}: {source}")]
+    ApplyServiceAccount {
+        /// ServiceAccount name.
+        name: String,
+        /// The API error.
+        source: kube::Error,
+    },
+    /// Deleting what a Mesh owns failed.
+    #[error("failed to delete {what}: {source}")]
+    DeleteOwned {
+        /// What.
+        what: String,
+        /// The API error.
+        source: kube::Error,
+    },
+    /// A status patch failed.
+    #[error("failed to patch the status of {what}: {source}")]
+    PatchStatus {
+        /// Which object.
+        what: String,
+        /// The API error.
+        source: kube::Error,
+    },
+    /// Reading a Node or Pods failed.
+    #[error("failed to look up {what}: {source}")]
+    Lookup {
+        /// What.
+        what: String,
+        /// The API error.
+        source: kube::Error,
+    },
+    /// Deleting an Agent failed.
+    #[error("failed to delete Agent {name}: {source}")]
+    DeleteAgent {
+        /// Agent name.
+        name: String,
+        /// The API error.
+        source: kube::Error,
+    },
+    /// The core refused or its store failed.
+    #[error("core: {0}")]
+    Core(#[from] CoreError),
+    /// Adding or removing a finalizer failed.
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// An object lacks a field the API server always sets.
+    #[error("{0} has no {1}")]
+    MissingField(String, &'static str),
+}
+
+impl Error {
+    /// The variant's name: the metric label and Event reason.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::ApplyDaemonSet { .. } => "ApplyDaemonSet",
+            Self::ApplyServiceAccount { .. } => "ApplyServiceAccount",
+            Self::DeleteOwned { .. } => "DeleteOwned",
+            Self::PatchStatus { .. } => "PatchStatus",
+            Self::Lookup { .. } => "Lookup",
+            Self::DeleteAgent { .. } => "DeleteAgent",
+            Self::Core(_) => "Core",
+            Self::Finalizer(_) => "Finalizer",
+            Self::MissingField(..) => "MissingField",
+        }
+    }
+}
+
+/// Result of a reconcile step.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Whether an API error is a 404.
+pub fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+/// Whether an API error is a 409.
+pub fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+/// Logs a failed reconcile, counts it by reason, and requeues soon.
+pub fn error_policy<K>(
+    controller: &'static str,
+) -> impl Fn(Arc<K>, &Error, Arc<Context>) -> kube::runtime::controller::Action {
+    move |_obj, error, ctx| {
+        tracing::warn!(controller, reason = error.metric_label(), error = %error, "reconcile failed");
+        ctx.metrics
+            .failures
+            .get_or_create(&crate::metrics::FailureLabels {
+                controller: controller.into(),
+                reason: error.metric_label().into(),
+            })
+            .inc();
+        kube::runtime::controller::Action::requeue(Duration::from_secs(5))
+    }
+}
+
+/// Counts a reconcile and times it.
+pub struct ReconcileTimer {
+    labels: crate::metrics::ControllerLabels,
+    start: std::time::Instant,
+    metrics: Metrics,
+}
+
+impl ReconcileTimer {
+    /// Starts timing a reconcile of `controller`.
+    pub fn start(ctx: &Context, controller: &str) -> Self {
+        let labels = crate::metrics::ControllerLabels {
+            controller: controller.into(),
+        };
+        ctx.metrics.reconciles.get_or_create(&labels).inc();
+        Self {
+            labels,
+            start: std::time::Instant::now(),
+            metrics: ctx.metrics.clone(),
+        }
+    }
+}
+
+impl Drop for ReconcileTimer {
+    fn drop(&mut self) {
+        self.metrics
+            .duration
+            .get_or_create(&self.labels)
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+}

@@ -1,0 +1,400 @@
+//! The Workload controller: validate, admit (Mesh, matching agents, objects, budget), plan
+//! (the core), and status. A Workload carries a finalizer while the operator holds its shards:
+//! deleting it cancels the shards still running on agents.
+//!
+//! [`admission`], [`running_status`] and [`waiting_status`] are pure.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use infermesh_crds::{ShardCounts, Workload, WorkloadPhase, WorkloadStatus};
+use infermesh_io::{Location, ObjectError};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use super::conditions::condition;
+use super::{Context, Error, FIELD_MANAGER, Result, WORKLOAD_FINALIZER};
+use crate::core::progress::{AgentSummary, WorkloadSummary, format_duration};
+use crate::core::scheduler::{AgentView, Needs};
+use crate::core::validate::{self, Invalid};
+use crate::core::{CoreError, Submission, pricing, workload_key};
+
+/// Why a workload is not admitted yet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Waiting {
+    /// CamelCase reason (`NoMatchingAgents`).
+    pub reason: &'static str,
+    /// What is missing, for a person.
+    pub message: String,
+    /// When to look again.
+    pub retry: Duration,
+}
+
+/// Whether some Ready agent of `mesh` can run a workload with `needs`; the unmet requirement
+/// otherwise, naming it and what the agents lack.
+pub fn admission(mesh: &str, needs: &Needs, agents: &[AgentSummary]) -> Result<(), Waiting> {
+    let ready: Vec<&AgentSummary> = agents
+        .iter()
+        .filter(|a| a.mesh == mesh && a.connected && !a.unschedulable)
+        .collect();
+    if ready.is_empty() {
+        return Err(Waiting {
+            reason: "NoMatchingAgents",
+            message: format!(
+                "no Ready agent in mesh {mesh}: check `kubectl get agents` and the Mesh's DaemonSet"
+            ),
+            retry: Duration::from_secs(15),
+        });
+    }
+    let mut unmet = Vec::new();
+    for a in &ready {
+        let view = AgentView {
+            id: a.id.clone(),
+            mesh: a.mesh.clone(),
+            free_slots: a.slots,
+            schedulable: true,
+            loaded: Default::default(),
+            cached: Default::default(),
+            providers: a.providers.clone(),
+            gpu_memory: a.gpu_memory,
+        };
+        match needs.unmet(&view) {
+            None => return Ok(()),
+            Some(need) => unmet.push(need),
+        }
+    }
+    unmet.sort();
+    unmet.dedup();
+    Err(Waiting {
+        reason: "NoMatchingAgents",
+        message: format!(
+            "none of the {} Ready agents of mesh {mesh} offers {}",
+            ready.len(),
+            unmet.join(", or ")
+        ),
+        retry: Duration::from_secs(15),
+    })
+}
+
+/// Status of a workload the core holds.
+pub fn running_status(
+    summary: &WorkloadSummary,
+    previous: Option<&WorkloadStatus>,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> WorkloadStatus {
+    let prev_conditions = previous.map(|p| p.conditions.as_slice()).unwrap_or(&[]);
+    let admitted = summary.phase != WorkloadPhase::Pending;
+    let admitted_cond = if admitted {
+        condition(prev_conditions, "Admitted", true, "Admitted", format!("{} shards planned", summary.shards_total), generation)
+    } else {
+        condition(prev_conditions, "Admitted", false, reason_or(&summary.reason, "Pending"), summary.message.clone(), generation)
+    };
+    let complete_cond = match summary.phase {
+        WorkloadPhase::Succeeded => condition(
+            prev_conditions,
+            "Complete",
+            true,
+            "Succeeded",
+            format!("{} records in {} shards; output {}", summary.records, summary.shards_total, summary.output_uri),
+            generation,
+        ),
+        WorkloadPhase::Failed => condition(
+            prev_conditions,
+            "Complete",
+            false,
+            reason_or(&summary.reason, "Failed"),
+            summary.message.clone(),
+            generation,
+        ),
+        WorkloadPhase::Running if summary.suspended => condition(
+            prev_conditions,
+            "Complete",
+            false,
+            "Suspended",
+            "spec.suspend is true: no new shards are dispatched; running ones finish",
+            generation,
+        ),
+        WorkloadPhase::Running => condition(
+            prev_conditions,
+            "Complete",
+            false,
+            "Running",
+            format!("{} of {} shards done", summary.shards_succeeded, summary.shards_total),
+            generation,
+        ),
+        WorkloadPhase::Pending => condition(prev_conditions, "Complete", false, "Pending", "not admitted yet", generation),
+    };
+    let start_time = previous
+        .and_then(|p| p.start_time.clone())
+        .or_else(|| {
+            admitted.then(|| {
+                let elapsed = SignedDuration::try_from(summary.elapsed).unwrap_or_default();
+                now.checked_sub(elapsed).unwrap_or(now).to_string()
+            })
+        });
+    let completion_time = if summary.phase.is_terminal() {
+        previous
+            .and_then(|p| p.completion_time.clone())
+            .or_else(|| Some(now.to_string()))
+    } else {
+        None
+    };
+    WorkloadStatus {
+        phase: summary.phase,
+        shards: ShardCounts {
+            total: summary.shards_total,
+            pending: summary.shards_pending,
+            running: summary.shards_running,
+            succeeded: summary.shards_succeeded,
+            failed: summary.shards_failed,
+        },
+        records: summary.records,
+        progress: Some(summary.progress()),
+        throughput: admitted.then(|| (summary.throughput() * 10.0).round() / 10.0),
+        eta: summary.eta().map(format_duration),
+        credits_spent: Some(pricing::format_credits(summary.credits)),
+        attempts_retried: summary.attempts_retried,
+        start_time,
+        completion_time,
+        observed_generation: generation,
+        conditions: vec![admitted_cond, complete_cond],
+    }
+}
+
+fn reason_or<'a>(reason: &'a str, default: &'a str) -> &'a str {
+    if reason.is_empty() { default } else { reason }
+}
+
+/// Status of a workload that waits before admission (or is invalid: `failed`).
+pub fn waiting_status(
+    previous: Option<&WorkloadStatus>,
+    generation: Option<i64>,
+    reason: &str,
+    message: &str,
+    failed: bool,
+) -> WorkloadStatus {
+    let prev = previous.map(|p| p.conditions.as_slice()).unwrap_or(&[]);
+    let mut conditions = vec![condition(prev, "Admitted", false, reason, message, generation)];
+    if failed {
+        conditions.push(condition(prev, "Complete", false, reason, message, generation));
+    }
+    WorkloadStatus {
+        phase: if failed { WorkloadPhase::Failed } else { WorkloadPhase::Pending },
+        observed_generation: generation,
+        conditions,
+        ..WorkloadStatus::default()
+    }
+}
+
+/// The core's key of a Workload object.
+pub fn key_of(w: &Workload) -> Result<String> {
+    let ns = w
+        .namespace()
+        .ok_or_else(|| Error::MissingField(w.name_any(), "metadata.namespace"))?;
+    let uid = w
+        .uid()
+        .ok_or_else(|| Error::MissingField(w.name_any(), "metadata.uid"))?;
+    Ok(workload_key(&ns, &w.name_any(), &uid))
+}
+
+/// Writes a Workload's status (server-side apply on `/status`).
+pub async fn patch_status(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    status: &WorkloadStatus,
+) -> Result<()> {
+    let api: Api<Workload> = Api::namespaced(ctx.client.clone(), namespace);
+    let body = json!({"apiVersion": "infermesh.dev/v1alpha1", "kind": "Workload", "status": status});
+    ctx.metrics.write("workloads/status", "patch");
+    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
+        .await
+        .map_err(|source| Error::PatchStatus {
+            what: format!("Workload {namespace}/{name}"),
+            source,
+        })?;
+    Ok(())
+}
+
+async fn publish(ctx: &Context, w: &Workload, type_: EventType, reason: &str, note: String) {
+    ctx.metrics.write("events", "create");
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Admission".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &w.object_ref(&())).await {
+        tracing::warn!(error = %e, "cannot publish an event");
+    }
+}
+
+/// Reconciles a Workload (behind its finalizer).
+pub async fn reconcile(w: Arc<Workload>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = super::ReconcileTimer::start(&ctx, "workload");
+    let ns = w
+        .namespace()
+        .ok_or_else(|| Error::MissingField(w.name_any(), "metadata.namespace"))?;
+    let api: Api<Workload> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, WORKLOAD_FINALIZER, w, |event| async {
+        match event {
+            Finalizer::Apply(w) => apply(&w, &ctx).await,
+            Finalizer::Cleanup(w) => cleanup(&w, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+async fn wait(ctx: &Context, w: &Workload, waiting: Waiting) -> Result<Action> {
+    let ns = w.namespace().unwrap_or_default();
+    let status = waiting_status(
+        w.status.as_ref(),
+        w.metadata.generation,
+        waiting.reason,
+        &waiting.message,
+        false,
+    );
+    let changed = w
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.first())
+        .is_none_or(|c| c.reason != waiting.reason || c.message != waiting.message);
+    if changed {
+        tracing::info!(workload = %w.name_any(), reason = waiting.reason, message = %waiting.message, "workload waits");
+        patch_status(ctx, &ns, &w.name_any(), &status).await?;
+        publish(ctx, w, EventType::Warning, waiting.reason, waiting.message).await;
+    }
+    Ok(Action::requeue(waiting.retry))
+}
+
+fn object_waiting(field: &str, reason: &'static str, e: &ObjectError) -> Waiting {
+    Waiting {
+        reason,
+        message: format!("{field}: {e}"),
+        retry: Duration::from_secs(30),
+    }
+}
+
+async fn apply(w: &Workload, ctx: &Context) -> Result<Action> {
+    let key = key_of(w)?;
+    let ns = w.namespace().unwrap_or_default();
+    let name = w.name_any();
+    if ctx.core.knows(&key).await {
+        ctx.core.set_suspend(&key, w.spec.suspend).await?;
+        return Ok(Action::requeue(Duration::from_secs(300)));
+    }
+    // Finished before this operator started (or before a fail-over): never run it again.
+    if let Some(s) = &w.status
+        && s.phase.is_terminal()
+        && s.observed_generation == w.metadata.generation
+    {
+        return Ok(Action::await_change());
+    }
+    let validated = match validate::validate(&w.spec) {
+        Ok(v) => v,
+        Err(Invalid { reason, message }) => return invalid(ctx, w, reason, &message).await,
+    };
+    let mesh = &w.spec.mesh;
+    if !ctx.core.has_mesh(mesh).await {
+        return wait(
+            ctx,
+            w,
+            Waiting {
+                reason: "MeshNotFound",
+                message: format!("mesh {mesh} does not exist: `kubectl get meshes`"),
+                retry: Duration::from_secs(30),
+            },
+        )
+        .await;
+    }
+    if let Err(waiting) = admission(mesh, &validated.needs, &ctx.core.agents().await) {
+        return wait(ctx, w, waiting).await;
+    }
+    // The operator reads only sizes; agents read the data.
+    let model_size = async { Location::parse(&w.spec.model.uri)?.size().await };
+    if let Err(e) = model_size.await {
+        let reason = if matches!(e, ObjectError::NotFound { .. }) { "ModelNotFound" } else { "StorageError" };
+        return wait(ctx, w, object_waiting("spec.model.uri", reason, &e)).await;
+    }
+    let input_size = match async { Location::parse(&w.spec.input.uri)?.size().await }.await {
+        Ok(size) => size,
+        Err(e) => {
+            let reason = if matches!(e, ObjectError::NotFound { .. }) { "InputNotFound" } else { "StorageError" };
+            return wait(ctx, w, object_waiting("spec.input.uri", reason, &e)).await;
+        }
+    };
+    let uid = w.uid().unwrap_or_default();
+    match ctx
+        .core
+        .submit(Submission {
+            namespace: ns.clone(),
+            name: name.clone(),
+            uid,
+            spec: w.spec.clone(),
+            input_size,
+        })
+        .await
+    {
+        Ok(_) | Err(CoreError::Duplicate(_)) => {}
+        Err(CoreError::Invalid(Invalid { reason, message })) => {
+            return invalid(ctx, w, reason, &message).await;
+        }
+        Err(CoreError::MeshNotFound(m)) => {
+            return wait(
+                ctx,
+                w,
+                Waiting {
+                    reason: "MeshNotFound",
+                    message: format!("mesh {m} does not exist"),
+                    retry: Duration::from_secs(30),
+                },
+            )
+            .await;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    if let Some(summary) = ctx.core.workload(&key).await {
+        let status = running_status(&summary, w.status.as_ref(), w.metadata.generation, Timestamp::now());
+        patch_status(ctx, &ns, &name, &status).await?;
+        let (type_, reason, note) = if summary.phase == WorkloadPhase::Pending {
+            (EventType::Warning, reason_or(&summary.reason, "Pending").to_string(), summary.message.clone())
+        } else {
+            (
+                EventType::Normal,
+                "Admitted".to_string(),
+                format!("{} shards planned over {} input bytes", summary.shards_total, summary.input_bytes),
+            )
+        };
+        publish(ctx, w, type_, &reason, note).await;
+    }
+    Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+async fn invalid(ctx: &Context, w: &Workload, reason: &str, message: &str) -> Result<Action> {
+    let status = waiting_status(w.status.as_ref(), w.metadata.generation, reason, message, true);
+    tracing::warn!(workload = %w.name_any(), reason, message, "invalid workload");
+    patch_status(ctx, &w.namespace().unwrap_or_default(), &w.name_any(), &status).await?;
+    publish(ctx, w, EventType::Warning, reason, message.to_string()).await;
+    // Not retried until the object changes.
+    Ok(Action::await_change())
+}
+
+async fn cleanup(w: &Workload, ctx: &Context) -> Result<Action> {
+    let key = key_of(w)?;
+    if ctx
+        .core
+        .cancel(&key, "Deleted", "the Workload was deleted; running shards were cancelled")
+        .await?
+    {
+        tracing::info!(workload = %key, "workload deleted: shards cancelled");
+    }
+    Ok(Action::await_change())
+}
