@@ -1,5 +1,7 @@
 //! The agent's side of the protocol: one `Attach` stream to the operator, reconnecting when
 //! it drops; heartbeats; assignments run within the agent's slots; results reported back.
+//! Each (re)connect builds the endpoint and reads the token afresh, so a renewed CA or a
+//! rotated projected ServiceAccount token is used from the next connection on.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,17 +15,21 @@ use infermesh_proto::{AgentMessage, Capabilities, Failed, Heartbeat, Hello, Shar
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Endpoint;
 
+use crate::endpoint::{TlsOptions, operator_endpoint};
+use crate::metrics::AgentMetrics;
 use crate::runner::Runner;
+use crate::token::TokenSource;
 
 /// How the agent reaches the operator and who it is.
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
-    /// gRPC URL of the operator, e.g. `http://127.0.0.1:50051`.
+    /// gRPC URL of the operator: `http://127.0.0.1:50051` locally, `https://...` in a cluster.
     pub operator: String,
-    /// Bearer token (never logged).
-    pub token: String,
+    /// How the operator's certificate is verified on `https://`.
+    pub tls: TlsOptions,
+    /// Where the bearer token comes from (its value is never logged).
+    pub token: TokenSource,
     /// Stable agent id.
     pub agent_id: String,
     /// Node name.
@@ -47,13 +53,30 @@ type Outcome = (
 );
 
 /// Runs the agent until drained. Reconnects with backoff when the stream drops; gives up at
-/// once when the operator refuses the token.
-pub async fn run(config: ClientConfig, runner: Arc<Runner>) -> anyhow::Result<()> {
+/// once when the operator refuses the token. A bad URL, TLS setting or token fails at once;
+/// after that, a CA or token file that cannot be read is retried like a lost connection.
+/// `metrics` shows whether the stream is attached.
+pub async fn run(
+    config: ClientConfig,
+    runner: Arc<Runner>,
+    metrics: Arc<AgentMetrics>,
+) -> anyhow::Result<()> {
+    operator_endpoint(&config.operator, &config.tls)?;
+    config.token.read()?;
     let (done_tx, mut done_rx) = mpsc::channel::<Outcome>(64);
     let mut running: HashMap<(String, u32), (u32, Arc<AtomicBool>)> = HashMap::new();
     let mut backoff = Duration::from_millis(200);
     loop {
-        match attach(&config, &runner, &done_tx, &mut done_rx, &mut running).await {
+        let ended = attach(
+            &config,
+            &runner,
+            &metrics,
+            &done_tx,
+            &mut done_rx,
+            &mut running,
+        )
+        .await;
+        match ended {
             Ok(Ended::Drained) => return Ok(()),
             Err(AttachError::Fatal(e)) => return Err(e),
             Err(AttachError::Retry(e)) => {
@@ -76,22 +99,35 @@ impl<E: Into<anyhow::Error>> From<E> for AttachError {
     }
 }
 
+/// Sets the `connected` metric while alive, and clears it however the attach ends.
+struct Attached<'a>(&'a AgentMetrics);
+
+impl<'a> Attached<'a> {
+    fn new(metrics: &'a AgentMetrics) -> Self {
+        metrics.set_connected(true);
+        Self(metrics)
+    }
+}
+
+impl Drop for Attached<'_> {
+    fn drop(&mut self) {
+        self.0.set_connected(false);
+    }
+}
+
 async fn attach(
     config: &ClientConfig,
     runner: &Arc<Runner>,
+    metrics: &AgentMetrics,
     done_tx: &mpsc::Sender<Outcome>,
     done_rx: &mut mpsc::Receiver<Outcome>,
     running: &mut HashMap<(String, u32), (u32, Arc<AtomicBool>)>,
 ) -> Result<Ended, AttachError> {
-    let channel = Endpoint::from_shared(config.operator.clone())
-        .map_err(|e| {
-            AttachError::Fatal(anyhow::anyhow!("bad operator URL {}: {e}", config.operator))
-        })?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .connect()
-        .await?;
-    let bearer: MetadataValue<_> = format!("Bearer {}", config.token).parse().map_err(|_| {
+    // Both were checked when the client started; read again so renewals are picked up.
+    let endpoint = operator_endpoint(&config.operator, &config.tls)?;
+    let token = config.token.read()?;
+    let channel = endpoint.connect().await?;
+    let bearer: MetadataValue<_> = format!("Bearer {token}").parse().map_err(|_| {
         AttachError::Fatal(anyhow::anyhow!(
             "the token has characters not allowed in a header"
         ))
@@ -150,6 +186,7 @@ async fn attach(
         return Err(anyhow::anyhow!("operator's first message was not Welcome").into());
     };
     tracing::info!(agent = %welcome.agent_name, lease = welcome.lease_seconds, "attached to operator");
+    let _attached = Attached::new(metrics);
     let mut heartbeat =
         tokio::time::interval(Duration::from_secs(welcome.heartbeat_seconds.max(1) as u64));
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

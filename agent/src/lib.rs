@@ -4,6 +4,10 @@
 
 pub mod capabilities;
 pub mod client;
+pub mod endpoint;
 pub mod inference;
 pub mod io;
+pub mod metrics;
+pub mod metrics_server;
 pub mod runner;
+pub mod token;

@@ -1,28 +1,44 @@
 //! `infermesh-agent`: the DaemonSet process (also spawned by `infermesh local`).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
 use infermesh_agent::client::{self, ClientConfig};
+use infermesh_agent::endpoint::TlsOptions;
 use infermesh_agent::inference::runtime::{self, SessionConfig};
 use infermesh_agent::io::cache::ModelCache;
+use infermesh_agent::metrics::AgentMetrics;
+use infermesh_agent::metrics_server;
 use infermesh_agent::runner::Runner;
+use infermesh_agent::token::TokenSource;
 
 /// Runs ONNX Runtime on the shards the infermesh operator assigns.
 #[derive(Parser, Debug)]
 #[command(name = "infermesh-agent", version)]
 struct Args {
-    /// gRPC URL of the operator.
+    /// gRPC URL of the operator: http:// (local, loopback) or https:// (cluster, with --ca-cert).
     #[arg(long, env = "INFERMESH_OPERATOR")]
     operator: String,
+    /// PEM file of the CA that signed the operator's certificate (the `ca.crt` of its TLS
+    /// Secret); required for an https:// operator URL.
+    #[arg(long, env = "INFERMESH_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// Name the operator's certificate must carry; default: the host of the operator URL.
+    #[arg(long, env = "INFERMESH_TLS_SERVER_NAME")]
+    tls_server_name: Option<String>,
     /// Bearer token; prefer INFERMESH_TOKEN or --token-file so it stays out of `ps`.
     #[arg(long, env = "INFERMESH_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// File holding the bearer token (a projected ServiceAccount token in a cluster).
+    /// File holding the bearer token (a projected ServiceAccount token in a cluster); read
+    /// again on every reconnect, since the kubelet rotates it.
     #[arg(long, env = "INFERMESH_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// Address to serve /metrics, /healthz and /readyz on (e.g. 0.0.0.0:9091); off if unset.
+    #[arg(long, env = "INFERMESH_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
     /// The Mesh this agent serves.
     #[arg(long, env = "INFERMESH_MESH")]
     mesh: String,
@@ -97,13 +113,25 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let metrics = Arc::new(AgentMetrics::new());
+    // Bound before anything slow, so /healthz answers while ONNX Runtime loads and a busy
+    // port fails at once.
+    if let Some(addr) = args.metrics_addr {
+        let listener = metrics_server::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on --metrics-addr {addr}"))?;
+        tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = metrics_server::serve(listener, metrics).await {
+                tracing::error!(error = %e, "metrics endpoint stopped");
+            }
+        });
+    }
     runtime::init(args.ort_library.as_deref()).map_err(anyhow::Error::msg)?;
-    let token = match (&args.token, &args.token_file) {
-        (Some(t), _) => t.clone(),
-        (None, Some(f)) => std::fs::read_to_string(f)
-            .with_context(|| format!("reading token file {}", f.display()))?
-            .trim()
-            .to_string(),
+    let token = match (args.token, args.token_file) {
+        (Some(t), _) => TokenSource::Fixed(t),
+        (None, Some(f)) => TokenSource::File(f),
         (None, None) => anyhow::bail!("no token: set INFERMESH_TOKEN or --token-file"),
     };
     let node = match args.node {
@@ -148,9 +176,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         require_gpu: args.require_gpu,
     };
     tracing::info!(%agent_id, %node, mesh = %args.mesh, slots, threads, providers = ?providers, "agent starting");
-    let runner = Arc::new(Runner::new(cache, config, slots));
+    let runner = Arc::new(Runner::new(cache, config, slots, metrics.clone()));
     let client_config = ClientConfig {
         operator: args.operator,
+        tls: TlsOptions {
+            ca_cert: args.ca_cert,
+            server_name: args.tls_server_name,
+        },
         token,
         agent_id,
         node,
@@ -167,7 +199,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     tokio::select! {
-        r = client::run(client_config, runner) => r,
+        r = client::run(client_config, runner, metrics) => r,
         _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted"); Ok(()) }
         _ = parent_gone => { tracing::warn!("the process that started this agent is gone: exiting"); Ok(()) }
     }

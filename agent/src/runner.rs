@@ -14,10 +14,11 @@ use serde_json::{Map, Value};
 use crate::inference::embedding::Embedder;
 use crate::inference::runtime::{SessionConfig, load_session};
 use crate::inference::tensor::{self, InputBinding};
-use crate::inference::{Origin, ShardError, parse_records};
+use crate::inference::{BatchControl, Origin, ShardError, parse_records};
 use crate::io::cache::{CacheError, ModelCache, sha256_hex};
 use crate::io::shard::records;
 use crate::io::store::{Location, ObjectError, read_aligned};
+use crate::metrics::{AgentMetrics, ShardResult};
 
 /// Sessions kept per slot; one workload at a time is the common case, two covers a switch.
 const MODELS_PER_SLOT: usize = 2;
@@ -40,6 +41,7 @@ pub struct Runner {
     /// Per slot, the models it has sessions for (kept apart from the slot state, which is
     /// moved out while a shard runs).
     loaded: Mutex<Vec<Vec<String>>>,
+    metrics: Arc<AgentMetrics>,
 }
 
 fn object_error(kind: ErrorKind, e: ObjectError) -> ShardError {
@@ -52,8 +54,13 @@ fn object_error(kind: ErrorKind, e: ObjectError) -> ShardError {
 }
 
 impl Runner {
-    /// A runner with `slots` slots.
-    pub fn new(cache: ModelCache, config: SessionConfig, slots: usize) -> Self {
+    /// A runner with `slots` slots, counting batches and shards in `metrics`.
+    pub fn new(
+        cache: ModelCache,
+        config: SessionConfig,
+        slots: usize,
+        metrics: Arc<AgentMetrics>,
+    ) -> Self {
         Self {
             cache,
             config,
@@ -63,6 +70,7 @@ impl Runner {
             free: tokio::sync::Mutex::new((0..slots.max(1)).rev().collect()),
             slot_freed: tokio::sync::Notify::new(),
             loaded: Mutex::new(vec![Vec::new(); slots.max(1)]),
+            metrics,
         }
     }
 
@@ -115,6 +123,12 @@ impl Runner {
         let slot = self.acquire().await;
         let result = self.run_on(slot, assign, cancel).await;
         self.release(slot).await;
+        match &result {
+            Ok(_) => self.metrics.shard_finished(ShardResult::Completed),
+            // A cancelled shard did not fail: the operator no longer wants it.
+            Err(e) if e.kind == ErrorKind::Cancelled => {}
+            Err(_) => self.metrics.shard_finished(ShardResult::Failed),
+        }
         result
     }
 
@@ -192,6 +206,7 @@ impl Runner {
         let shard_index = shard.index;
         let input_uri = input_loc.uri().to_string();
         let batch = assign.batch_size.max(1) as usize;
+        let metrics = self.metrics.clone();
         // The slot's state moves into the blocking thread and back, so no lock is held
         // across an await and inference never runs on the async workers.
         let mut state = std::mem::take(
@@ -207,6 +222,11 @@ impl Runner {
                     shard: shard_index,
                 };
                 let parsed = parse_records(&origin, records(begin, &data))?;
+                let control = BatchControl {
+                    size: batch,
+                    cancel: &cancel,
+                    metrics: &metrics,
+                };
                 let outputs: Vec<RecordOutput> = match &task.kind {
                     Some(task::Kind::TextEmbedding(te)) => {
                         let (key, bytes) = embedder_src.unwrap_or_default();
@@ -229,12 +249,8 @@ impl Runner {
                             (None, None) => return Err(invalid("tokenizer not fetched")),
                         };
                         let encodings = embedder.encode(&origin, &parsed)?;
-                        let vectors = embedder.embed(
-                            session_mut(&mut state, &sha),
-                            &encodings,
-                            batch,
-                            &cancel,
-                        )?;
+                        let vectors =
+                            embedder.embed(session_mut(&mut state, &sha), &encodings, &control)?;
                         vectors.into_iter().map(RecordOutput::Embedding).collect()
                     }
                     Some(task::Kind::Tensor(t)) => {
@@ -256,8 +272,7 @@ impl Runner {
                             &bindings,
                             &t.outputs,
                             &parsed,
-                            batch,
-                            &cancel,
+                            &control,
                         )?
                         .into_iter()
                         .map(RecordOutput::Fields)

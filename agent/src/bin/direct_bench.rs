@@ -16,8 +16,9 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use infermesh_agent::inference::embedding::Embedder;
 use infermesh_agent::inference::runtime::{SessionConfig, init, load_session};
-use infermesh_agent::inference::{Origin, parse_records};
+use infermesh_agent::inference::{BatchControl, Origin, parse_records};
 use infermesh_agent::io::shard::records;
+use infermesh_agent::metrics::AgentMetrics;
 use ort::session::Session;
 use serde_json::{Map, Value};
 
@@ -109,7 +110,14 @@ fn pass(
     let parse = lap();
     let encodings = embedder.encode(origin, &parsed)?;
     let tokenize = lap();
-    let vectors = embedder.embed(session, &encodings, batch, cancel)?;
+    // Batches are counted as the agent counts them, so the comparison includes that cost.
+    let metrics = AgentMetrics::new();
+    let control = BatchControl {
+        size: batch,
+        cancel,
+        metrics: &metrics,
+    };
+    let vectors = embedder.embed(session, &encodings, &control)?;
     let embed = lap();
     let mut out = Vec::with_capacity(parsed.len() * 64);
     for (rec, v) in parsed.iter().zip(vectors) {

@@ -3,14 +3,14 @@
 //! (padding to the longest text of a batch costs far less when lengths are alike) and the
 //! embeddings are returned in input order.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use infermesh_proto::ErrorKind;
 use ort::session::Session;
 use ort::value::Tensor;
 use tokenizers::{Encoding, Tokenizer, TruncationParams};
 
-use super::{Origin, Parsed, ShardError, batches, inference_error, json_kind};
+use super::{BatchControl, Origin, Parsed, ShardError, batches, inference_error, json_kind};
 
 /// A loaded tokenizer with the task's settings.
 pub struct Embedder {
@@ -92,13 +92,12 @@ impl Embedder {
             .collect()
     }
 
-    /// Embeds the encodings, `batch` at a time, in input order.
+    /// Embeds the encodings, `control.size` at a time, in input order.
     pub fn embed(
         &self,
         session: &mut Session,
         encodings: &[Encoding],
-        batch: usize,
-        cancel: &AtomicBool,
+        control: &BatchControl<'_>,
     ) -> Result<Vec<Vec<f32>>, ShardError> {
         let inputs: Vec<String> = session
             .inputs()
@@ -136,13 +135,8 @@ impl Embedder {
         let mut order: Vec<usize> = (0..encodings.len()).collect();
         order.sort_by_key(|&i| encodings[i].len());
         let mut out: Vec<Vec<f32>> = vec![Vec::new(); encodings.len()];
-        for idx in batches(&order, batch) {
-            if cancel.load(Ordering::Relaxed) {
-                return Err(ShardError::permanent(
-                    ErrorKind::Cancelled,
-                    "cancelled by the operator",
-                ));
-            }
+        for idx in batches(&order, control.size) {
+            control.check_cancelled()?;
             let len = idx
                 .iter()
                 .map(|&i| encodings[i].len())
@@ -180,7 +174,9 @@ impl Embedder {
                 let t = Tensor::from_array((shape, data)).map_err(inference_error)?;
                 feed.push((name.clone(), t.into_dyn()));
             }
+            let run = Instant::now();
             let outputs = session.run(feed).map_err(inference_error)?;
+            control.metrics.observe_batch(n, run.elapsed());
             let (out_shape, data) = outputs[output_index]
                 .try_extract_tensor::<f32>()
                 .map_err(inference_error)?;

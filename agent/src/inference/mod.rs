@@ -4,10 +4,13 @@ pub mod embedding;
 pub mod runtime;
 pub mod tensor;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use infermesh_proto::ErrorKind;
 use serde_json::{Map, Value};
 
 use crate::io::shard::Record;
+use crate::metrics::AgentMetrics;
 
 /// Why a shard failed, as reported to the operator.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
@@ -122,6 +125,31 @@ pub fn inference_error(e: impl std::fmt::Display) -> ShardError {
 /// Batches of at most `batch` indices of `order`.
 pub fn batches(order: &[usize], batch: usize) -> impl Iterator<Item = &[usize]> {
     order.chunks(batch.max(1))
+}
+
+/// How a task runs a shard's records: the batch size, the operator's cancel flag (checked
+/// between batches) and the metrics each batch run is counted in.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchControl<'a> {
+    /// Records per batch (at least 1).
+    pub size: usize,
+    /// Set when the operator cancels the shard.
+    pub cancel: &'a AtomicBool,
+    /// Where each batch's latency and size go.
+    pub metrics: &'a AgentMetrics,
+}
+
+impl BatchControl<'_> {
+    /// A `Cancelled` error once the operator has cancelled the shard.
+    pub fn check_cancelled(&self) -> Result<(), ShardError> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(ShardError::permanent(
+                ErrorKind::Cancelled,
+                "cancelled by the operator",
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

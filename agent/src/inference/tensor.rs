@@ -3,7 +3,7 @@
 //! A record holds, for each model input, one example's worth (nested arrays without the batch
 //! dimension); records are stacked into batches and each output is split back per record.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use infermesh_proto::ErrorKind;
 use ort::session::Session;
@@ -11,7 +11,7 @@ use ort::value::Tensor;
 use ort::value::TensorElementType;
 use serde_json::{Map, Value};
 
-use super::{Origin, Parsed, ShardError, batches, inference_error, json_kind};
+use super::{BatchControl, Origin, Parsed, ShardError, batches, inference_error, json_kind};
 
 /// One model input and the record field that feeds it.
 #[derive(Clone, Debug)]
@@ -67,16 +67,15 @@ fn nest<T: Copy + Into<Value>>(shape: &[usize], data: &[T]) -> Value {
     }
 }
 
-/// Runs the records through the model `batch` at a time; returns, per record in input order,
-/// an object of the requested outputs (`outputs` empty: all of them).
+/// Runs the records through the model `control.size` at a time; returns, per record in input
+/// order, an object of the requested outputs (`outputs` empty: all of them).
 pub fn run(
     session: &mut Session,
     origin: &Origin<'_>,
     bindings: &[InputBinding],
     outputs: &[String],
     records: &[Parsed],
-    batch: usize,
-    cancel: &AtomicBool,
+    control: &BatchControl<'_>,
 ) -> Result<Vec<Map<String, Value>>, ShardError> {
     let model_err = |m: String| ShardError::permanent(ErrorKind::ModelLoad, m);
     // Resolve each binding against the model once.
@@ -131,13 +130,8 @@ pub fn run(
 
     let order: Vec<usize> = (0..records.len()).collect();
     let mut result: Vec<Map<String, Value>> = vec![Map::new(); records.len()];
-    for idx in batches(&order, batch) {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(ShardError::permanent(
-                ErrorKind::Cancelled,
-                "cancelled by the operator",
-            ));
-        }
+    for idx in batches(&order, control.size) {
+        control.check_cancelled()?;
         let mut feed: Vec<(String, ort::value::DynValue)> = Vec::new();
         for (b, ty, dims) in &specs {
             let mut shape: Option<Vec<usize>> = None;
@@ -191,7 +185,9 @@ pub fn run(
             };
             feed.push((b.name.clone(), value));
         }
+        let run = Instant::now();
         let out = session.run(feed).map_err(inference_error)?;
+        control.metrics.observe_batch(idx.len(), run.elapsed());
         for name in &out_names {
             let value = &out[name.as_str()];
             let n = idx.len();
