@@ -80,7 +80,9 @@ pub async fn run(
             Ok(Ended::Drained) => return Ok(()),
             Err(AttachError::Fatal(e)) => return Err(e),
             Err(AttachError::Retry(e)) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "connection to operator lost");
+                // The whole chain: a TLS failure's cause (UnknownIssuer, NotValidForName) is
+                // several sources down from tonic's "transport error".
+                tracing::warn!(error = %format_args!("{e:#}"), retry_in = ?backoff, "connection to operator lost");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
