@@ -1,0 +1,115 @@
+//! The Argo CD Application syncs the chart from this repository with client-side apply, makes
+//! the namespace, and orders the sync so the CRDs exist before the Mesh that needs them.
+
+mod common;
+
+use common::rendered;
+use infermesh_deploy::object::parse_documents;
+use infermesh_deploy::strict::{Application, Typed, check};
+use infermesh_deploy::{NAMESPACE, RELEASE, chart_dir, workspace};
+
+fn application() -> Application {
+    let path = workspace().join("k8s/argocd/application.yaml");
+    let text = std::fs::read_to_string(&path).expect("application.yaml");
+    let mut docs = parse_documents("application.yaml", &text).expect("yaml");
+    assert_eq!(docs.len(), 1);
+    match check(&docs.remove(0)).unwrap_or_else(|e| panic!("{e:#}")) {
+        Typed::Application(a) => *a,
+        _ => panic!("not an Application"),
+    }
+}
+
+#[test]
+fn the_application_points_at_the_chart_in_this_repository() {
+    let app = application();
+    let src = &app.spec.source;
+    assert_eq!(src.repo_url, "https://github.com/infermesh/infermesh");
+    assert_eq!(src.path.as_deref(), Some("charts/infermesh"));
+    assert!(
+        workspace().join("charts/infermesh/Chart.yaml") == chart_dir().join("Chart.yaml")
+            && chart_dir().join("Chart.yaml").exists()
+    );
+    let helm = src.helm.as_ref().expect("helm source");
+    // The release name fixes every object name (and k8s/base's), so it is pinned.
+    assert_eq!(helm.release_name.as_deref(), Some(RELEASE));
+    assert_ne!(
+        helm.skip_crds,
+        Some(true),
+        "the chart's CRDs must be synced"
+    );
+    assert_eq!(app.spec.destination.namespace.as_deref(), Some(NAMESPACE));
+}
+
+#[test]
+fn the_application_creates_the_namespace_and_uses_client_side_apply() {
+    let app = application();
+    let options = app.spec.sync_policy.expect("syncPolicy").sync_options;
+    assert!(
+        options.iter().any(|o| o == "CreateNamespace=true"),
+        "{options:?}"
+    );
+    assert!(
+        !options.iter().any(|o| o.starts_with("ServerSideApply")),
+        "{options:?}"
+    );
+}
+
+#[test]
+fn the_mesh_syncs_in_a_later_wave_than_the_crds_and_skips_its_dry_run() {
+    let r = rendered(&[]);
+    let wave = |o: &infermesh_deploy::object::Object| -> i64 {
+        o.annotation("argocd.argoproj.io/sync-wave")
+            .map(|w| w.parse().expect("integer wave"))
+            .unwrap_or(0)
+    };
+    let crd_wave = r
+        .of_kind("CustomResourceDefinition")
+        .map(wave)
+        .max()
+        .expect("CRDs");
+    for o in &r.objects {
+        if o.api_version().starts_with("infermesh.dev/") {
+            assert!(
+                wave(o) > crd_wave,
+                "{} syncs with or before the CRDs",
+                o.id()
+            );
+            let options = o
+                .annotation("argocd.argoproj.io/sync-options")
+                .unwrap_or("");
+            assert!(
+                options.contains("SkipDryRunOnMissingResource=true"),
+                "{}: {options:?}",
+                o.id()
+            );
+        }
+    }
+    // Nothing else waits behind the Mesh, so wave 1 holds only custom resources.
+    for o in &r.objects {
+        if wave(o) > crd_wave {
+            assert!(o.api_version().starts_with("infermesh.dev/"), "{}", o.id());
+        }
+    }
+}
+
+#[test]
+fn argo_keeps_the_first_generated_database_password() {
+    // Argo CD renders with `helm template`, where `lookup` finds nothing: each render makes a
+    // new password, which must not replace the one Postgres was initialised with.
+    let app = application();
+    let r = rendered(&[]);
+    let secret = r
+        .get("Secret", "infermesh-database")
+        .expect("generated Secret");
+    let ignored = app.spec.ignore_differences.iter().any(|d| {
+        d.kind == "Secret"
+            && d.name.as_deref() == Some(secret.name())
+            && d.json_pointers.iter().any(|p| p == "/data")
+    });
+    assert!(ignored, "{:?}", app.spec.ignore_differences);
+    let options = app.spec.sync_policy.expect("syncPolicy").sync_options;
+    assert!(
+        options.iter().any(|o| o == "RespectIgnoreDifferences=true"),
+        "{options:?}"
+    );
+}
