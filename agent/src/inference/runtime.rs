@@ -68,10 +68,55 @@ pub fn usable_providers(wanted: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// Whether CUDA can run here. ONNX Runtime lists its CUDA provider whenever the library was
+/// built with it (onnxruntime-gpu's is, GPU or not), and a session whose CUDA provider fails to
+/// register quietly runs on CPU; either way the agent would report `cuda` for CPU work (and
+/// the ledger would price it per GPU-second). So this also wants an NVIDIA device node and a
+/// provider that registers (its CUDA libraries load).
 #[cfg(feature = "cuda")]
 fn cuda_available() -> bool {
     use ort::ep::ExecutionProvider;
-    ort::ep::CUDA::is_available().unwrap_or(false)
+    if !ort::ep::CUDA::is_available().unwrap_or(false) {
+        return false;
+    }
+    if !nvidia_device_in(Path::new("/dev")) {
+        tracing::info!("no NVIDIA device in /dev: the CUDA execution provider is not used");
+        return false;
+    }
+    match cuda_registers() {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "the CUDA execution provider does not register");
+            false
+        }
+    }
+}
+
+/// Registers the CUDA provider on a throwaway session builder, failing instead of falling back.
+#[cfg(feature = "cuda")]
+fn cuda_registers() -> Result<(), String> {
+    let Some(Ok(env)) = ENVIRONMENT.get() else {
+        return Err("ONNX Runtime is not loaded".into());
+    };
+    Session::builder(env)
+        .map_err(|e| e.to_string())?
+        .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Whether `dev` holds an NVIDIA GPU device node (`nvidia0`, `nvidia1`, ...; not `nvidiactl`).
+pub fn nvidia_device_in(dev: &Path) -> bool {
+    std::fs::read_dir(dev)
+        .map(|entries| {
+            entries.flatten().any(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("nvidia"))
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            })
+        })
+        .unwrap_or(false)
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -134,4 +179,22 @@ pub fn load_session(path: &Path, config: &SessionConfig) -> Result<Session, ort:
     #[cfg(not(feature = "cuda"))]
     let _ = config.require_gpu;
     builder.commit_from_file(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_numbered_nvidia_device_node_counts_as_a_gpu() {
+        let dev = tempfile::tempdir().expect("tempdir");
+        assert!(!nvidia_device_in(dev.path()));
+        for name in ["nvidiactl", "nvidia-uvm", "nvidia-modeset", "null"] {
+            std::fs::write(dev.path().join(name), "").expect("node");
+        }
+        assert!(!nvidia_device_in(dev.path()), "control nodes are not a GPU");
+        std::fs::write(dev.path().join("nvidia0"), "").expect("node");
+        assert!(nvidia_device_in(dev.path()));
+        assert!(!nvidia_device_in(&dev.path().join("missing")));
+    }
 }
