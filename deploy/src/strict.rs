@@ -63,7 +63,6 @@ fn join(parent: String, segment: &str) -> String {
 
 /// An object in its type.
 #[derive(Clone, Debug)]
-#[allow(clippy::large_enum_variant)] // built once per object in tests; boxing buys nothing
 pub enum Typed {
     /// apiextensions.k8s.io/v1 CustomResourceDefinition.
     CustomResourceDefinition(Box<CustomResourceDefinition>),

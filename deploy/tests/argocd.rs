@@ -24,11 +24,11 @@ fn the_application_points_at_the_chart_in_this_repository() {
     let app = application();
     let src = &app.spec.source;
     assert_eq!(src.repo_url, "https://github.com/infermesh/infermesh");
-    assert_eq!(src.path.as_deref(), Some("charts/infermesh"));
-    assert!(
-        workspace().join("charts/infermesh/Chart.yaml") == chart_dir().join("Chart.yaml")
-            && chart_dir().join("Chart.yaml").exists()
-    );
+    let path = src.path.as_deref().expect("path");
+    assert_eq!(workspace().join(path), chart_dir());
+    let chart = std::fs::read_to_string(workspace().join(path).join("Chart.yaml"))
+        .expect("a chart at the Application's path");
+    assert!(chart.contains("\nname: infermesh\n"), "{chart}");
     let helm = src.helm.as_ref().expect("helm source");
     // The release name fixes every object name (and k8s/base's), so it is pinned.
     assert_eq!(helm.release_name.as_deref(), Some(RELEASE));
