@@ -1,0 +1,648 @@
+//! The controllers against a mocked API server (tower-test), in the style of kube-rs's
+//! controller-rs: an [`ApiServerVerifier`] plays one scenario per behaviour, asserting the
+//! method, path and body of each request in order, and each scenario has a timeout so a
+//! missing call fails. Every request is also checked against the committed RBAC rules.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use infermesh_crds::{Agent, AgentSpec, Manifest, Mesh, Workload, WorkloadSpec, parse_manifests};
+use infermesh_proto as pb;
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::Client;
+use pb::operator_message::Msg as Down;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::rbac::{Rules, access};
+use super::*;
+use crate::core::{AgentHandle, Core};
+use crate::store::testing::Backend;
+
+const NS: &str = "infermesh";
+
+type ApiServerHandle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+/// Plays the API server's side of one scenario.
+struct ApiServerVerifier {
+    handle: ApiServerHandle,
+    rules: Rules,
+    /// (verb, resource) of every request seen.
+    seen: Vec<(String, String)>,
+}
+
+impl ApiServerVerifier {
+    /// Takes the next request; asserts its method and path (without the query) and that
+    /// RBAC allows it; answers `status` with `reply`. Returns the request's JSON body.
+    async fn expect(&mut self, method: &str, path: &str, status: u16, reply: Value) -> Value {
+        let (request, send) = tokio::time::timeout(Duration::from_secs(5), self.handle.next_request())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {method} {path}"))
+            .unwrap_or_else(|| panic!("client gone before {method} {path}"));
+        let uri = request.uri().clone();
+        assert_eq!(
+            (request.method().as_str(), uri.path()),
+            (method, path),
+            "unexpected request {} {uri}",
+            request.method()
+        );
+        let a = access(method, uri.path(), uri.query().unwrap_or("")).expect("a resource path");
+        assert!(self.rules.allows(&a, NS), "rbac.yaml does not allow {a:?}");
+        self.seen.push((a.verb.clone(), a.resource.clone()));
+        let bytes = request.into_body().collect_bytes().await.expect("body");
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).expect("JSON body")
+        };
+        // `Null` echoes the request (an Event POST is answered with the Event).
+        let reply = if reply.is_null() { body.clone() } else { reply };
+        let response = Response::builder()
+            .status(status)
+            .body(Body::from(serde_json::to_vec(&reply).expect("json")))
+            .expect("response");
+        send.send_response(response);
+        body
+    }
+
+    /// Answers a kube-runtime Event POST (in the object's namespace) and returns it.
+    async fn expect_event(&mut self, namespace: &str) -> Value {
+        let path = format!("/apis/events.k8s.io/v1/namespaces/{namespace}/events");
+        self.expect("POST", &path, 201, Value::Null).await
+    }
+
+    /// Asserts no further request arrives within a moment.
+    async fn expect_nothing_more(&mut self) {
+        let next = tokio::time::timeout(Duration::from_millis(300), self.handle.next_request()).await;
+        if let Ok(Some((r, _))) = next {
+            panic!("unexpected request {} {}", r.method(), r.uri());
+        }
+    }
+}
+
+struct Fixture {
+    ctx: Arc<Context>,
+    verifier: ApiServerVerifier,
+    data: tempfile::TempDir,
+}
+
+fn not_found() -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
+}
+
+impl Fixture {
+    fn mesh_json(&self) -> Value {
+        serde_json::to_value(self.mesh(true)).expect("json")
+    }
+
+    fn workload_json(&self) -> Value {
+        serde_json::to_value(self.workload(self.workload_spec(""), true)).expect("json")
+    }
+
+    async fn new() -> Self {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let core = Arc::new(Core::new(Backend::Sqlite.open().await));
+        let metrics = crate::metrics::Metrics::new(core.counters());
+        let mut config = Config::for_namespace(NS);
+        config.workload_status_period = Duration::from_secs(2);
+        let ctx = Arc::new(Context::new(client, core, config, metrics, "operator-0"));
+        let data = tempfile::tempdir().expect("tmp");
+        std::fs::write(data.path().join("model.onnx"), b"onnx").expect("model");
+        let input: String = (0..40).map(|i| format!("{{\"x\": [{i}]}}\n")).collect();
+        std::fs::write(data.path().join("in.jsonl"), input).expect("input");
+        Self {
+            ctx,
+            verifier: ApiServerVerifier {
+                handle,
+                rules: Rules::committed().expect("rbac.yaml"),
+                seen: Vec::new(),
+            },
+            data,
+        }
+    }
+
+    fn mesh(&self, finalized: bool) -> Mesh {
+        let yaml = "apiVersion: infermesh.dev/v1alpha1\nkind: Mesh\nmetadata: {name: gpus}\nspec:\n  \
+                    agent: {slots: 2, executionProviders: [cuda, cpu]}\n  leaseSeconds: 5\n";
+        let Some(Manifest::Mesh(mut m)) = parse_manifests(yaml).expect("mesh").pop() else {
+            panic!("mesh")
+        };
+        m.metadata.uid = Some("mesh-uid".into());
+        m.metadata.generation = Some(3);
+        if finalized {
+            m.metadata.finalizers = Some(vec![MESH_FINALIZER.into()]);
+        }
+        *m
+    }
+
+    fn workload_spec(&self, extra: &str) -> WorkloadSpec {
+        let d = self.data.path().display();
+        let yaml = format!(
+            "apiVersion: infermesh.dev/v1alpha1\nkind: Workload\nmetadata: {{name: w, namespace: team-a}}\nspec:\n  mesh: gpus\n  \
+             model: {{uri: \"file://{d}/model.onnx\"}}\n  task: {{tensor: {{inputs: [{{name: x}}]}}}}\n  \
+             input: {{uri: \"file://{d}/in.jsonl\"}}\n  output: {{uri: \"file://{d}/out/\"}}\n  shardBytes: \"100\"\n{extra}"
+        );
+        match parse_manifests(&yaml).expect("workload").pop() {
+            Some(Manifest::Workload(w)) => w.spec,
+            _ => panic!("workload"),
+        }
+    }
+
+    fn workload(&self, spec: WorkloadSpec, finalized: bool) -> Workload {
+        let mut w = Workload::new("w", spec);
+        w.metadata.namespace = Some("team-a".into());
+        w.metadata.uid = Some("w-uid".into());
+        w.metadata.generation = Some(1);
+        if finalized {
+            w.metadata.finalizers = Some(vec![WORKLOAD_FINALIZER.into()]);
+        }
+        w
+    }
+
+    /// Loads Mesh `gpus` into the core (as the Mesh controller would).
+    async fn with_mesh(&self) {
+        let m = self.mesh(true);
+        self.ctx.core.upsert_mesh("gpus", m.spec).await.expect("mesh");
+    }
+
+    /// Registers an agent as its Hello would.
+    async fn agent(&self, id: &str, providers: &[&str]) -> (AgentHandle, mpsc::UnboundedReceiver<Result<pb::OperatorMessage, tonic::Status>>) {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let hello = pb::Hello {
+            agent_id: id.into(),
+            node: format!("node-{id}"),
+            mesh: "gpus".into(),
+            version: "test".into(),
+            capabilities: Some(pb::Capabilities {
+                execution_providers: providers.iter().map(|p| p.to_string()).collect(),
+                slots: 2,
+                ..Default::default()
+            }),
+        };
+        let handle = self.ctx.core.attach(hello, tx).await.expect("attach");
+        assert!(matches!(rx.recv().await, Some(Ok(pb::OperatorMessage { msg: Some(Down::Welcome(_)) }))));
+        (handle, rx)
+    }
+}
+
+fn agent_json(name: &str) -> Value {
+    json!({"apiVersion": "infermesh.dev/v1alpha1", "kind": "Agent", "metadata": {"name": name},
+           "spec": {"mesh": "gpus", "node": format!("node-{name}")}})
+}
+
+fn reason_of(status: &Value, type_: &str) -> String {
+    status["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == type_)
+        .map(|c| c["reason"].as_str().unwrap_or_default().to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn mesh_creates_its_daemonset_and_reports_status() {
+    let mut f = Fixture::new().await;
+    let mesh = Arc::new(f.mesh(true));
+    let ctx = f.ctx.clone();
+    let run = tokio::spawn(mesh::reconcile(mesh.clone(), ctx));
+    let sa = f
+        .verifier
+        .expect("PATCH", "/api/v1/namespaces/infermesh/serviceaccounts/infermesh-agent-gpus", 200, json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "infermesh-agent-gpus"}}))
+        .await;
+    assert_eq!(sa["automountServiceAccountToken"], false);
+    assert_eq!(sa["metadata"]["ownerReferences"][0]["kind"], "Mesh");
+    let ds = f
+        .verifier
+        .expect(
+            "PATCH",
+            "/apis/apps/v1/namespaces/infermesh/daemonsets/infermesh-agent-gpus",
+            200,
+            json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "infermesh-agent-gpus"},
+                   "status": {"desiredNumberScheduled": 2, "currentNumberScheduled": 0, "numberMisscheduled": 0, "numberReady": 0}}),
+        )
+        .await;
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["nodeSelector"]["nvidia.com/gpu.present"], "true");
+    assert_eq!(pod["serviceAccountName"], "infermesh-agent-gpus");
+    let env = pod["containers"][0]["env"].as_array().expect("env");
+    let var = |n: &str| env.iter().find(|e| e["name"] == n).map(|e| e["value"].clone());
+    assert_eq!(var("INFERMESH_OPERATOR"), Some(json!("https://infermesh-grpc.infermesh.svc:7443")));
+    assert_eq!(var("INFERMESH_SLOTS"), Some(json!("2")));
+    assert_eq!(var("INFERMESH_EXECUTION_PROVIDERS"), Some(json!("cuda,cpu")));
+    let status = f
+        .verifier
+        .expect("PATCH", "/apis/infermesh.dev/v1alpha1/meshes/gpus/status", 200, f.mesh_json())
+        .await;
+    assert_eq!(status["status"]["agentsTotal"], 2);
+    assert_eq!(status["status"]["agentsReady"], 0);
+    assert_eq!(status["status"]["observedGeneration"], 3);
+    assert_eq!(reason_of(&status["status"], "Ready"), "NoAgentsReady");
+    let action = run.await.expect("join").expect("reconcile");
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    assert!(f.ctx.core.has_mesh("gpus").await, "the core knows the mesh");
+}
+
+#[tokio::test]
+async fn a_new_mesh_gets_the_finalizer_first() {
+    let mut f = Fixture::new().await;
+    let run = tokio::spawn(mesh::reconcile(Arc::new(f.mesh(false)), f.ctx.clone()));
+    let patch = f
+        .verifier
+        .expect("PATCH", "/apis/infermesh.dev/v1alpha1/meshes/gpus", 200, serde_json::to_value(f.mesh(true)).expect("json"))
+        .await;
+    assert!(patch.to_string().contains(MESH_FINALIZER), "{patch}");
+    assert_eq!(run.await.expect("join").expect("reconcile"), Action::await_change());
+    f.verifier.expect_nothing_more().await;
+}
+
+#[tokio::test]
+async fn deleting_a_mesh_removes_its_daemonset_and_service_account() {
+    let mut f = Fixture::new().await;
+    f.with_mesh().await;
+    let mut mesh = f.mesh(true);
+    mesh.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
+    let run = tokio::spawn(mesh::reconcile(Arc::new(mesh.clone()), f.ctx.clone()));
+    f.verifier.expect("DELETE", "/apis/apps/v1/namespaces/infermesh/daemonsets/infermesh-agent-gpus", 200, json!({})).await;
+    f.verifier.expect("DELETE", "/api/v1/namespaces/infermesh/serviceaccounts/infermesh-agent-gpus", 404, not_found()).await;
+    let patch = f
+        .verifier
+        .expect("PATCH", "/apis/infermesh.dev/v1alpha1/meshes/gpus", 200, serde_json::to_value(&mesh).expect("json"))
+        .await;
+    assert!(patch.to_string().contains("remove"), "the finalizer is removed: {patch}");
+    run.await.expect("join").expect("reconcile");
+    assert!(!f.ctx.core.has_mesh("gpus").await);
+}
+
+#[tokio::test]
+async fn workload_gets_a_finalizer_is_admitted_and_gets_its_status() {
+    let mut f = Fixture::new().await;
+    f.with_mesh().await;
+    let (_a, mut rx) = f.agent("gpus-a", &["cpu"]).await;
+    let spec = f.workload_spec("");
+    // First pass: the finalizer.
+    let run = tokio::spawn(workload::reconcile(Arc::new(f.workload(spec.clone(), false)), f.ctx.clone()));
+    let patch = f
+        .verifier
+        .expect("PATCH", "/apis/infermesh.dev/v1alpha1/namespaces/team-a/workloads/w", 200, serde_json::to_value(f.workload(spec.clone(), true)).expect("json"))
+        .await;
+    assert!(patch.to_string().contains(WORKLOAD_FINALIZER), "{patch}");
+    assert_eq!(run.await.expect("join").expect("reconcile"), Action::await_change());
+    // Second pass: admitted, planned, status and an Event.
+    let run = tokio::spawn(workload::reconcile(Arc::new(f.workload(spec, true)), f.ctx.clone()));
+    let status = f
+        .verifier
+        .expect("PATCH", "/apis/infermesh.dev/v1alpha1/namespaces/team-a/workloads/w/status", 200, f.workload_json())
+        .await;
+    assert_eq!(status["status"]["phase"], "Running");
+    assert!(status["status"]["shards"]["total"].as_u64().expect("total") >= 2, "{status}");
+    assert_eq!(reason_of(&status["status"], "Admitted"), "Admitted");
+    let event = f.verifier.expect_event("team-a").await;
+    assert_eq!(event["reason"], "Admitted");
+    assert_eq!(event["regarding"]["name"], "w");
+    run.await.expect("join").expect("reconcile");
+    // The agent got work.
+    let msg = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await.expect("assign").expect("open");
+    assert!(matches!(msg, Ok(pb::OperatorMessage { msg: Some(Down::Assign(_)) })), "{msg:?}");
+}
+
+#[tokio::test]
+async fn invalid_workload_gets_condition_and_is_not_requeued() {
+    let mut f = Fixture::new().await;
+    f.with_mesh().await;
+    let mut spec = f.workload_spec("");
+    spec.shard_bytes = "a lot".into();
+    let run = tokio::spawn(workload::reconcile(Arc::new(f.workload(spec, true)), f.ctx.clone()));
+    let status = f
+        .verifier
+        .expect("PATCH", "/apis/infermesh.dev/v1alpha1/namespaces/team-a/workloads/w/status", 200, f.workload_json())
+        .await;
+    assert_eq!(status["status"]["phase"], "Failed");
+    assert_eq!(reason_of(&status["status"], "Admitted"), "InvalidSpec");
+    let message = status["status"]["conditions"][0]["message"].as_str().expect("message");
+    assert!(message.contains("spec.shardBytes"), "{message}");
+    let event = f.verifier.expect_event("team-a").await;
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["reason"], "InvalidSpec");
+    assert_eq!(run.await.expect("join").expect("reconcile"), Action::await_change());
+    assert!(f.ctx.core.workloads().await.is_empty(), "nothing was planned");
+}
+
+#[tokio::test]
+async fn a_workload_no_ready_agent_can_run_waits_with_no_matching_agents() {
+    let mut f = Fixture::new().await;
+    f.with_mesh().await;
+    let _cpu_only = f.agent("gpus-a", &["cpu"]).await;
+    let spec = f.workload_spec("  requirements: {gpu: true}\n");
+    let run = tokio::spawn(workload::reconcile(Arc::new(f.workload(spec, true)), f.ctx.clone()));
+    let status = f
+        .verifier
+        .expect("PATCH", "/apis/infermesh.dev/v1alpha1/namespaces/team-a/workloads/w/status", 200, f.workload_json())
+        .await;
+    assert_eq!(status["status"]["phase"], "Pending");
+    assert_eq!(reason_of(&status["status"], "Admitted"), "NoMatchingAgents");
+    let message = status["status"]["conditions"][0]["message"].as_str().expect("message");
+    assert!(message.contains("a GPU execution provider"), "the unmet requirement is named: {message}");
+    f.verifier.expect_event("team-a").await;
+    assert_eq!(run.await.expect("join").expect("reconcile"), Action::requeue(Duration::from_secs(15)));
+}
+
+#[tokio::test]
+async fn deletion_cancels_running_shards_and_removes_the_finalizer() {
+    let mut f = Fixture::new().await;
+    f.with_mesh().await;
+    let (_a, mut rx) = f.agent("gpus-a", &["cpu"]).await;
+    let spec = f.workload_spec("");
+    let w = f.workload(spec, true);
+    let key = workload::key_of(&w).expect("key");
+    f.ctx
+        .core
+        .submit(crate::core::Submission {
+            namespace: "team-a".into(),
+            name: "w".into(),
+            uid: "w-uid".into(),
+            spec: w.spec.clone(),
+            input_size: 400,
+        })
+        .await
+        .expect("submit");
+    let assigned = rx.recv().await.expect("open").expect("ok");
+    assert!(matches!(assigned.msg, Some(Down::Assign(_))));
+    let mut deleting = w.clone();
+    deleting.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
+    let run = tokio::spawn(workload::reconcile(Arc::new(deleting), f.ctx.clone()));
+    let patch = f
+        .verifier
+        .expect("PATCH", "/apis/infermesh.dev/v1alpha1/namespaces/team-a/workloads/w", 200, serde_json::to_value(&w).expect("json"))
+        .await;
+    assert!(patch.to_string().contains("remove"), "{patch}");
+    assert_eq!(run.await.expect("join").expect("reconcile"), Action::await_change());
+    let mut cancelled = false;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+        cancelled |= matches!(m.msg, Some(Down::Cancel(_)));
+    }
+    assert!(cancelled, "the agent was told to cancel");
+    let s = f.ctx.core.workload(&key).await.expect("known");
+    assert_eq!(s.reason, "Deleted");
+    assert_eq!(s.shards_running, 0);
+}
+
+#[tokio::test]
+async fn suspend_pauses_dispatch() {
+    let mut f = Fixture::new().await;
+    f.with_mesh().await;
+    let spec = f.workload_spec("");
+    let w = f.workload(spec, true);
+    let key = workload::key_of(&w).expect("key");
+    f.ctx
+        .core
+        .submit(crate::core::Submission {
+            namespace: "team-a".into(),
+            name: "w".into(),
+            uid: "w-uid".into(),
+            spec: w.spec.clone(),
+            input_size: 400,
+        })
+        .await
+        .expect("submit");
+    let mut suspended = w.clone();
+    suspended.spec.suspend = true;
+    workload::reconcile(Arc::new(suspended), f.ctx.clone()).await.expect("reconcile");
+    let (_a, mut rx) = f.agent("gpus-a", &["cpu"]).await;
+    let got = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await;
+    assert!(got.is_err(), "nothing dispatched while suspended: {got:?}");
+    workload::reconcile(Arc::new(w), f.ctx.clone()).await.expect("reconcile");
+    let got = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await.expect("assign");
+    assert!(matches!(got, Some(Ok(pb::OperatorMessage { msg: Some(Down::Assign(_)) }))));
+    assert!(!f.ctx.core.workload(&key).await.expect("known").suspended);
+    f.verifier.expect_nothing_more().await;
+}
+
+#[tokio::test]
+async fn agent_registration_creates_an_agent() {
+    let mut f = Fixture::new().await;
+    f.with_mesh().await;
+    let _a = f.agent("gpus-a", &["cpu"]).await;
+    let mut writer = status::StatusWriter::new(f.ctx.clone());
+    let tick = tokio::spawn(async move {
+        let n = writer.tick(Instant::now()).await;
+        (writer, n)
+    });
+    let created = f.verifier.expect("POST", "/apis/infermesh.dev/v1alpha1/agents", 201, json!({
+        "apiVersion": "infermesh.dev/v1alpha1", "kind": "Agent", "metadata": {"name": "gpus-a"}, "spec": {"mesh": "gpus", "node": "node-gpus-a"}}))
+        .await;
+    assert_eq!(created["metadata"]["name"], "gpus-a");
+    assert_eq!(created["spec"]["mesh"], "gpus");
+    assert_eq!(created["spec"]["node"], "node-gpus-a");
+    let status = f
+        .verifier
+        .expect("PATCH", "/apis/infermesh.dev/v1alpha1/agents/gpus-a/status", 200, agent_json("gpus-a"))
+        .await;
+    assert_eq!(status["status"]["phase"], "Ready");
+    assert_eq!(status["status"]["slots"], 2);
+    assert_eq!(status["status"]["gpuSummary"], "none (cpu)");
+    let (mut writer, n) = tick.await.expect("join");
+    assert_eq!(n, 1);
+    // Nothing changed: the next tick writes nothing.
+    let again = tokio::time::timeout(Duration::from_secs(5), writer.tick(Instant::now())).await;
+    assert_eq!(again.expect("no request waits for an answer"), 0);
+}
+
+#[tokio::test]
+async fn a_missed_lease_marks_the_agent_not_ready_and_requeues_its_shards() {
+    let mut f = Fixture::new().await;
+    f.with_mesh().await;
+    let (_a, mut rx) = f.agent("gpus-a", &["cpu"]).await;
+    let spec = f.workload_spec("");
+    let key = f
+        .ctx
+        .core
+        .submit(crate::core::Submission {
+            namespace: "team-a".into(),
+            name: "w".into(),
+            uid: "w-uid".into(),
+            spec,
+            input_size: 400,
+        })
+        .await
+        .expect("submit");
+    assert!(matches!(rx.recv().await, Some(Ok(pb::OperatorMessage { msg: Some(Down::Assign(_)) }))));
+    let mut writer = status::StatusWriter::new(f.ctx.clone());
+    let tick = tokio::spawn(async move {
+        writer.tick(Instant::now()).await;
+        writer
+    });
+    f.verifier.expect("POST", "/apis/infermesh.dev/v1alpha1/agents", 201, agent_json("gpus-a")).await;
+    let s = f.verifier.expect("PATCH", "/apis/infermesh.dev/v1alpha1/agents/gpus-a/status", 200, agent_json("gpus-a")).await;
+    assert_eq!(s["status"]["phase"], "Ready");
+    assert_eq!(s["status"]["running"], 2);
+    f.verifier.expect("PATCH", "/apis/infermesh.dev/v1alpha1/namespaces/team-a/workloads/w/status", 200, f.workload_json()).await;
+    let mut writer = tick.await.expect("join");
+
+    // The lease (5 s) passes without a heartbeat.
+    let lost = f.ctx.core.reap(Instant::now() + Duration::from_secs(6)).await.expect("reap");
+    assert_eq!(lost, vec!["gpus-a".to_string()]);
+    let summary = f.ctx.core.workload(&key).await.expect("known");
+    assert_eq!(summary.shards_running, 0, "its shards went back to the queue");
+    assert_eq!(summary.attempts_retried, 2);
+    let tick = tokio::spawn(async move { writer.tick(Instant::now() + Duration::from_secs(3)).await });
+    let s = f.verifier.expect("PATCH", "/apis/infermesh.dev/v1alpha1/agents/gpus-a/status", 200, agent_json("gpus-a")).await;
+    assert_eq!(s["status"]["phase"], "NotReady");
+    assert_eq!(reason_of(&s["status"], "Ready"), "LeaseExpired");
+    let w = f.verifier.expect("PATCH", "/apis/infermesh.dev/v1alpha1/namespaces/team-a/workloads/w/status", 200, f.workload_json()).await;
+    assert_eq!(w["status"]["shards"]["running"], 0);
+    assert_eq!(w["status"]["attemptsRetried"], 2);
+    assert_eq!(tick.await.expect("join"), 2);
+}
+
+#[tokio::test]
+async fn an_unschedulable_agent_is_drained() {
+    let mut f = Fixture::new().await;
+    f.with_mesh().await;
+    let _a = f.agent("gpus-a", &["cpu"]).await;
+    let mut agent = Agent::new("gpus-a", AgentSpec { mesh: "gpus".into(), node: "node-gpus-a".into(), unschedulable: true });
+    agent.metadata.uid = Some("a-uid".into());
+    let action = agent::reconcile(Arc::new(agent), f.ctx.clone()).await.expect("reconcile");
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    let a = f.ctx.core.agents().await.pop().expect("agent");
+    assert!(a.unschedulable);
+    assert_eq!(agent::phase(&a), infermesh_crds::AgentPhase::Draining);
+    f.verifier.expect_nothing_more().await;
+}
+
+#[tokio::test]
+async fn the_agent_of_a_deleted_node_is_removed() {
+    let mut f = Fixture::new().await;
+    let agent = Agent::new("gpus-b", AgentSpec { mesh: "gpus".into(), node: "node-b".into(), unschedulable: false });
+    let run = tokio::spawn(agent::reconcile(Arc::new(agent), f.ctx.clone()));
+    f.verifier.expect("GET", "/api/v1/nodes/node-b", 404, not_found()).await;
+    f.verifier.expect("DELETE", "/apis/infermesh.dev/v1alpha1/agents/gpus-b", 200, agent_json("gpus-b")).await;
+    assert_eq!(run.await.expect("join").expect("reconcile"), Action::await_change());
+}
+
+#[tokio::test]
+async fn the_agent_whose_pod_is_gone_is_removed_but_not_while_its_pod_runs() {
+    let mut f = Fixture::new().await;
+    let agent = Agent::new("gpus-c", AgentSpec { mesh: "gpus".into(), node: "node-c".into(), unschedulable: false });
+    let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-c"}});
+    let pods = |n: usize| json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": (0..n).map(|i| json!({"metadata": {"name": format!("p{i}")}})).collect::<Vec<_>>()});
+    let run = tokio::spawn(agent::reconcile(Arc::new(agent.clone()), f.ctx.clone()));
+    f.verifier.expect("GET", "/api/v1/nodes/node-c", 200, node.clone()).await;
+    f.verifier.expect("GET", "/api/v1/namespaces/infermesh/pods", 200, pods(1)).await;
+    assert_eq!(run.await.expect("join").expect("reconcile"), Action::requeue(Duration::from_secs(60)));
+    let run = tokio::spawn(agent::reconcile(Arc::new(agent), f.ctx.clone()));
+    f.verifier.expect("GET", "/api/v1/nodes/node-c", 200, node).await;
+    f.verifier.expect("GET", "/api/v1/namespaces/infermesh/pods", 200, pods(0)).await;
+    f.verifier.expect("DELETE", "/apis/infermesh.dev/v1alpha1/agents/gpus-c", 200, agent_json("gpus-c")).await;
+    assert_eq!(run.await.expect("join").expect("reconcile"), Action::await_change());
+}
+
+#[tokio::test]
+async fn leader_election_acquires_and_renews_the_lease() {
+    let mut f = Fixture::new().await;
+    let api = kube::Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(f.ctx.client.clone(), NS);
+    let elector = Arc::new(leader::LeaderElector::new(api, "leader", "operator-0", Duration::from_secs(15)));
+    let path = "/apis/coordination.k8s.io/v1/namespaces/infermesh/leases/leader";
+    // Nobody holds it: created.
+    let e = elector.clone();
+    let run = tokio::spawn(async move { e.try_lead().await });
+    f.verifier.expect("GET", path, 404, not_found()).await;
+    let created = f
+        .verifier
+        .expect("POST", "/apis/coordination.k8s.io/v1/namespaces/infermesh/leases", 201, json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "leader"}}))
+        .await;
+    assert_eq!(created["spec"]["holderIdentity"], "operator-0");
+    assert_eq!(created["spec"]["leaseDurationSeconds"], 15);
+    assert!(run.await.expect("join").expect("lead"));
+    // Ours: renewed by a replace carrying the resourceVersion read.
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let ours = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "leader", "resourceVersion": "7"},
+                      "spec": {"holderIdentity": "operator-0", "leaseDurationSeconds": 15, "acquireTime": now, "renewTime": now, "leaseTransitions": 0}});
+    let e = elector.clone();
+    let run = tokio::spawn(async move { e.try_lead().await });
+    f.verifier.expect("GET", path, 200, ours.clone()).await;
+    let renewed = f.verifier.expect("PUT", path, 200, ours).await;
+    assert_eq!(renewed["metadata"]["resourceVersion"], "7");
+    assert_eq!(renewed["spec"]["holderIdentity"], "operator-0");
+    assert!(run.await.expect("join").expect("lead"));
+    // Another replica's live lease: followed, nothing written.
+    let theirs = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "leader", "resourceVersion": "8"},
+                        "spec": {"holderIdentity": "operator-1", "leaseDurationSeconds": 15, "renewTime": k8s_openapi::jiff::Timestamp::now().to_string()}});
+    let e = elector.clone();
+    let run = tokio::spawn(async move { e.try_lead().await });
+    f.verifier.expect("GET", path, 200, theirs).await;
+    assert!(!run.await.expect("join").expect("follow"));
+    // A lost race on the replace (409) is not leading.
+    let stale = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "leader", "resourceVersion": "9"},
+                       "spec": {"holderIdentity": "operator-1", "leaseDurationSeconds": 15, "renewTime": "2020-01-01T00:00:00Z"}});
+    let e = elector.clone();
+    let run = tokio::spawn(async move { e.try_lead().await });
+    f.verifier.expect("GET", path, 200, stale).await;
+    let taken = f
+        .verifier
+        .expect("PUT", path, 409, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "conflict"}))
+        .await;
+    assert_eq!(taken["spec"]["leaseTransitions"], 1, "a take-over counts a transition");
+    assert!(!run.await.expect("join").expect("lost race"));
+}
+
+#[tokio::test]
+async fn a_token_review_that_is_not_authenticated_or_names_another_service_account_is_refused() {
+    use crate::grpc::Authenticator;
+    let mut f = Fixture::new().await;
+    let reviewer = Arc::new(token_review::TokenReviewer::new(f.ctx.client.clone(), NS, None));
+    let path = "/apis/authentication.k8s.io/v1/tokenreviews";
+    let review = |authenticated: bool, user: &str| {
+        json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {},
+               "status": {"authenticated": authenticated, "user": {"username": user}, "audiences": ["infermesh"]}})
+    };
+    // Not authenticated.
+    let r = reviewer.clone();
+    let run = tokio::spawn(async move { r.authenticate("bad-token").await });
+    let sent = f.verifier.expect("POST", path, 201, review(false, "")).await;
+    assert_eq!(sent["spec"]["token"], "bad-token");
+    assert_eq!(sent["spec"]["audiences"][0], "infermesh");
+    let err = run.await.expect("join").expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    // Authenticated, but as another ServiceAccount than the Mesh's.
+    let r = reviewer.clone();
+    let run = tokio::spawn(async move { r.authenticate("other-token").await });
+    f.verifier.expect("POST", path, 201, review(true, "system:serviceaccount:infermesh:default")).await;
+    let who = run.await.expect("join").expect("authenticated");
+    let err = reviewer.authorize(&who, "gpus").expect_err("not the mesh's account");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert!(err.message().contains("infermesh-agent-gpus"), "{}", err.message());
+    // The Mesh's own ServiceAccount is accepted, for that Mesh only; the answer is cached.
+    let r = reviewer.clone();
+    let run = tokio::spawn(async move { r.authenticate("good-token").await });
+    f.verifier.expect("POST", path, 201, review(true, "system:serviceaccount:infermesh:infermesh-agent-gpus")).await;
+    let who = run.await.expect("join").expect("authenticated");
+    reviewer.authorize(&who, "gpus").expect("the mesh's agents");
+    assert!(reviewer.authorize(&who, "other-mesh").is_err());
+    let again = reviewer.authenticate("good-token").await.expect("cached");
+    assert_eq!(again, who);
+    f.verifier.expect_nothing_more().await;
+}
+
+#[test]
+fn every_call_in_these_scenarios_is_in_rbac_yaml_and_every_rule_is_used() {
+    // The scenarios above assert each request against the rules; this checks the other
+    // direction for the rules the scenarios cannot reach (watches run in kube-runtime).
+    let rules = Rules::committed().expect("rbac.yaml");
+    let all: Vec<(String, String)> = rules
+        .cluster
+        .iter()
+        .chain(&rules.namespace)
+        .flat_map(|r| r.resources.iter().flat_map(move |res| r.verbs.iter().map(move |v| (v.clone(), res.clone()))))
+        .collect();
+    for needed in [
+        ("watch", "meshes"), ("watch", "workloads"), ("watch", "agents"), ("watch", "daemonsets"),
+        ("list", "meshes"), ("get", "customresourcedefinitions"), ("get", "secrets"), ("create", "secrets"),
+        ("patch", "pods"), ("create", "events"), ("patch", "events"),
+    ] {
+        assert!(all.contains(&(needed.0.to_string(), needed.1.to_string())), "rbac.yaml lacks {needed:?}");
+    }
+}
