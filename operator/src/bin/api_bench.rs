@@ -117,12 +117,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 "meshes/status" => json!({"apiVersion": "infermesh.dev/v1alpha1", "kind": "Mesh", "metadata": {"name": name}, "spec": {}}),
                 _ => body,
             };
-            Ok::<_, std::convert::Infallible>(
-                Response::builder()
-                    .status(200)
-                    .body(Body::from(serde_json::to_vec(&reply).unwrap_or_default()))
-                    .unwrap_or_default(),
-            )
+            Ok::<_, std::convert::Infallible>(Response::new(Body::from(
+                serde_json::to_vec(&reply).unwrap_or_default(),
+            )))
         }
     });
     let client = kube::Client::new(service, "default");

@@ -87,6 +87,8 @@ pub fn summarize(rows: &[EventRow]) -> Vec<Publish> {
     out
 }
 
+const PAGE: i64 = 5000;
+
 /// Publishes Events from the log every two seconds, from the time it starts.
 pub async fn run(ctx: Arc<Context>) {
     let mut after: Option<i64> = None;
@@ -94,19 +96,29 @@ pub async fn run(ctx: Arc<Context>) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tick.tick().await;
-        let filter = EventFilter {
-            after_seq: after,
-            since: if after.is_none() { since.clone() } else { None },
-            limit: Some(1000),
-            ..EventFilter::default()
-        };
-        let rows = match ctx.core.store().events(&filter).await {
-            Ok(rows) => rows,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the event log");
-                continue;
+        // Everything new since the last round, in pages.
+        let mut rows = Vec::new();
+        loop {
+            let filter = EventFilter {
+                after_seq: rows.last().map(|r: &EventRow| r.seq).or(after),
+                since: if after.is_none() && rows.is_empty() { since.clone() } else { None },
+                limit: Some(PAGE),
+                ..EventFilter::default()
+            };
+            match ctx.core.store().events(&filter).await {
+                Ok(page) => {
+                    let full = page.len() as i64 == PAGE;
+                    rows.extend(page);
+                    if !full {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the event log");
+                    break;
+                }
             }
-        };
+        }
         let Some(last) = rows.last() else { continue };
         after = Some(last.seq);
         let workloads = ctx.core.workloads().await;

@@ -106,6 +106,9 @@ pub struct Context {
     pub recorder: Recorder,
     /// Per Mesh, what its status needs beyond the core.
     pub meshes: Mutex<BTreeMap<String, MeshObserved>>,
+    /// When each Workload's status (`namespace/name`) was last written, by anyone: the
+    /// status writer's throttle counts the reconciler's writes too.
+    pub workload_writes: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 impl Context {
@@ -131,6 +134,27 @@ impl Context {
             metrics,
             recorder,
             meshes: Mutex::new(BTreeMap::new()),
+            workload_writes: Default::default(),
+        }
+    }
+}
+
+impl Context {
+    /// Claims the right to write a Workload's status now: true (and recorded) when nobody
+    /// wrote it within `period`. The reconciler and the status writer both claim, so the
+    /// throttle holds across them.
+    pub fn claim_workload_write(&self, namespace: &str, name: &str, period: Duration) -> bool {
+        let Ok(mut writes) = self.workload_writes.lock() else {
+            return true;
+        };
+        let now = std::time::Instant::now();
+        let key = format!("{namespace}/{name}");
+        match writes.get(&key) {
+            Some(at) if now.saturating_duration_since(*at) < period => false,
+            _ => {
+                writes.insert(key, now);
+                true
+            }
         }
     }
 }

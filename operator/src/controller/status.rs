@@ -73,10 +73,12 @@ impl StatusWriter {
         let mut writes = 0;
         let wall = Timestamp::now();
 
-        // Agents first: a new agent gets its object at once.
+        // Agents first: a new agent gets its object at once (within the budget).
         let agents = ctx.core.agents().await;
         for a in &agents {
-            if !self.created.contains(&a.id) {
+            if !self.created.contains(&a.id) && budget > 0 {
+                budget -= 1;
+                writes += 1;
                 match agent::create(&ctx, a).await {
                     Ok(()) => {
                         self.created.insert(a.id.clone());
@@ -134,6 +136,10 @@ impl StatusWriter {
                 }
             } else if let Some(key) = id.strip_prefix("workload/") {
                 let Some(s) = by_key.get(key) else { continue };
+                // A write by the reconciler (at admission) counts for the throttle too.
+                if !ctx.claim_workload_write(&s.namespace, &s.name, config.workload_status_period) {
+                    continue;
+                }
                 let prev = self.workloads.get(key).map(|w| &w.status);
                 let status = workload::running_status(s, prev, None, wall);
                 match workload::patch_status(&ctx, &s.namespace, &s.name, &status).await {

@@ -362,6 +362,10 @@ async fn apply(w: &Workload, ctx: &Context) -> Result<Action> {
         Err(e) => return Err(e.into()),
     }
     if let Some(summary) = ctx.core.workload(&key).await {
+        // The status writer may have written it a moment ago; it keeps it in step anyway.
+        if !ctx.claim_workload_write(&ns, &name, ctx.config.workload_status_period) {
+            return Ok(Action::requeue(Duration::from_secs(300)));
+        }
         let status = running_status(&summary, w.status.as_ref(), w.metadata.generation, Timestamp::now());
         patch_status(ctx, &ns, &name, &status).await?;
         let (type_, reason, note) = if summary.phase == WorkloadPhase::Pending {
