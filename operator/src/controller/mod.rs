@@ -143,11 +143,16 @@ impl Context {
     /// Claims the right to write a Workload's status now: true (and recorded) when nobody
     /// wrote it within `period`. The reconciler and the status writer both claim, so the
     /// throttle holds across them.
-    pub fn claim_workload_write(&self, namespace: &str, name: &str, period: Duration) -> bool {
+    pub fn claim_workload_write(
+        &self,
+        namespace: &str,
+        name: &str,
+        period: Duration,
+        now: std::time::Instant,
+    ) -> bool {
         let Ok(mut writes) = self.workload_writes.lock() else {
             return true;
         };
-        let now = std::time::Instant::now();
         let key = format!("{namespace}/{name}");
         match writes.get(&key) {
             Some(at) if now.saturating_duration_since(*at) < period => false,

@@ -137,7 +137,7 @@ impl StatusWriter {
             } else if let Some(key) = id.strip_prefix("workload/") {
                 let Some(s) = by_key.get(key) else { continue };
                 // A write by the reconciler (at admission) counts for the throttle too.
-                if !ctx.claim_workload_write(&s.namespace, &s.name, config.workload_status_period) {
+                if !ctx.claim_workload_write(&s.namespace, &s.name, config.workload_status_period, now) {
                     continue;
                 }
                 let prev = self.workloads.get(key).map(|w| &w.status);

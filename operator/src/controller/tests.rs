@@ -445,7 +445,7 @@ async fn agent_registration_creates_an_agent() {
     assert_eq!(status["status"]["slots"], 2);
     assert_eq!(status["status"]["gpuSummary"], "none (cpu)");
     let (mut writer, n) = tick.await.expect("join");
-    assert_eq!(n, 1);
+    assert_eq!(n, 2, "one create, one status");
     // Nothing changed: the next tick writes nothing.
     let again = tokio::time::timeout(Duration::from_secs(5), writer.tick(Instant::now())).await;
     assert_eq!(again.expect("no request waits for an answer"), 0);

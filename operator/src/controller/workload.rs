@@ -363,7 +363,7 @@ async fn apply(w: &Workload, ctx: &Context) -> Result<Action> {
     }
     if let Some(summary) = ctx.core.workload(&key).await {
         // The status writer may have written it a moment ago; it keeps it in step anyway.
-        if !ctx.claim_workload_write(&ns, &name, ctx.config.workload_status_period) {
+        if !ctx.claim_workload_write(&ns, &name, ctx.config.workload_status_period, std::time::Instant::now()) {
             return Ok(Action::requeue(Duration::from_secs(300)));
         }
         let status = running_status(&summary, w.status.as_ref(), w.metadata.generation, Timestamp::now());
