@@ -15,6 +15,7 @@ use kube::Client;
 use pb::operator_message::Msg as Down;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
 
 use super::rbac::{Rules, access};
 use super::*;
@@ -645,4 +646,62 @@ fn every_call_in_these_scenarios_is_in_rbac_yaml_and_every_rule_is_used() {
     ] {
         assert!(all.contains(&(needed.0.to_string(), needed.1.to_string())), "rbac.yaml lacks {needed:?}");
     }
+}
+
+#[tokio::test]
+async fn the_grpc_port_serves_tls_with_the_provisioned_certificate_and_agents_trusting_its_ca_attach() {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    let core = Arc::new(Core::new(Backend::Sqlite.open().await));
+    let m = Fixture::new().await.mesh(true);
+    core.upsert_mesh("gpus", m.spec).await.expect("mesh");
+    let host = "infermesh-grpc.infermesh.svc";
+    let material = tls::generate(&tls::subject_names(host)).expect("certificate");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(crate::grpc::serve(
+        listener,
+        core.clone(),
+        Arc::new(crate::grpc::StaticToken::new("t")),
+        Some(tls::server_config(&material)),
+        std::future::pending(),
+    ));
+    let attach = |ca: String| async move {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .domain_name(host);
+        let channel = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+            .expect("endpoint")
+            .tls_config(tls)
+            .expect("tls")
+            .connect()
+            .await?;
+        let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
+        let hello = pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+                agent_id: "gpus-a".into(),
+                node: "a".into(),
+                mesh: "gpus".into(),
+                version: "t".into(),
+                capabilities: Some(pb::Capabilities { execution_providers: vec!["cpu".into()], slots: 1, ..Default::default() }),
+            })),
+        };
+        let mut request = tonic::Request::new(tokio_stream::iter(vec![hello]).chain(tokio_stream::pending()));
+        request.metadata_mut().insert("authorization", "Bearer t".parse().expect("header"));
+        let mut stream = client.attach(request).await.map_err(|s| anyhow_status(&s))?.into_inner();
+        let first = stream.message().await.map_err(|s| anyhow_status(&s))?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(first)
+    };
+    let first = tokio::time::timeout(Duration::from_secs(10), attach(material.ca.clone()))
+        .await
+        .expect("in time")
+        .expect("attached over TLS");
+    assert!(matches!(first, Some(pb::OperatorMessage { msg: Some(Down::Welcome(_)) })), "{first:?}");
+    // A client that trusts another CA is refused at the handshake.
+    let other = tls::generate(&tls::subject_names(host)).expect("other CA");
+    let refused = tokio::time::timeout(Duration::from_secs(10), attach(other.ca)).await.expect("in time");
+    assert!(refused.is_err(), "a foreign CA must not verify the operator's certificate");
+}
+
+fn anyhow_status(s: &tonic::Status) -> Box<dyn std::error::Error + Send + Sync> {
+    format!("{:?}: {}", s.code(), s.message()).into()
 }
