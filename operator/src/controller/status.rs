@@ -174,6 +174,10 @@ impl StatusWriter {
                 writes += 1;
             }
         }
+        // One stream per connected agent.
+        ctx.metrics
+            .grpc_streams
+            .set(agents.iter().filter(|a| a.connected).count() as i64);
         ctx.metrics
             .queue_depth
             .set(summaries.iter().map(|s| i64::from(s.shards_pending)).sum());

@@ -705,3 +705,17 @@ async fn the_grpc_port_serves_tls_with_the_provisioned_certificate_and_agents_tr
 fn anyhow_status(s: &tonic::Status) -> Box<dyn std::error::Error + Send + Sync> {
     format!("{:?}: {}", s.code(), s.message()).into()
 }
+
+#[tokio::test]
+async fn startup_names_the_command_to_install_missing_crds() {
+    let mut f = Fixture::new().await;
+    let client = f.ctx.client.clone();
+    let run = tokio::spawn(async move { run::check_crds(&client).await });
+    let crd = json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition", "metadata": {"name": "meshes.infermesh.dev"},
+                     "spec": {"group": "infermesh.dev", "names": {"kind": "Mesh", "plural": "meshes"}, "scope": "Cluster", "versions": []}});
+    f.verifier.expect("GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/meshes.infermesh.dev", 200, crd).await;
+    f.verifier.expect("GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/agents.infermesh.dev", 404, not_found()).await;
+    let err = run.await.expect("join").expect_err("agents CRD missing");
+    assert!(err.contains("agents.infermesh.dev is not installed"), "{err}");
+    assert!(err.contains("infermesh crd | kubectl apply -f -"), "{err}");
+}
