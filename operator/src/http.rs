@@ -92,9 +92,14 @@ mod tests {
         ));
         let (code, body) = get_text(addr, "/metrics").await;
         assert_eq!(code, 200);
-        assert!(body.contains("infermesh_shards_completed_total 7"), "{body}");
         assert!(
-            body.contains(r#"infermesh_api_writes_total{resource="workloads/status",verb="patch"} 1"#),
+            body.contains("infermesh_shards_completed_total 7"),
+            "{body}"
+        );
+        assert!(
+            body.contains(
+                r#"infermesh_api_writes_total{resource="workloads/status",verb="patch"} 1"#
+            ),
             "{body}"
         );
         assert_eq!(get_text(addr, "/healthz").await.0, 200);

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use http::{Request, Response};
 use infermesh_crds::{Manifest, Workload, parse_manifests};
-use infermesh_operator::controller::{Config, Context, WORKLOAD_FINALIZER, events, status, workload};
+use infermesh_operator::controller::{
+    Config, Context, WORKLOAD_FINALIZER, events, status, workload,
+};
 use infermesh_operator::core::Core;
 use infermesh_operator::metrics::Metrics;
 use infermesh_operator::store;
@@ -77,7 +79,10 @@ fn main() -> anyhow::Result<()> {
 async fn run(args: Args) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     std::fs::write(dir.path().join("model.onnx"), b"model")?;
-    std::fs::write(dir.path().join("in.jsonl"), vec![b'\n'; (args.shards * 100) as usize])?;
+    std::fs::write(
+        dir.path().join("in.jsonl"),
+        vec![b'\n'; (args.shards * 100) as usize],
+    )?;
     let d = dir.path().display();
     let yaml = format!(
         "apiVersion: infermesh.dev/v1alpha1\nkind: Workload\nmetadata: {{name: bench, namespace: team-a}}\nspec:\n  mesh: gpus\n  \
@@ -107,14 +112,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let body = req.into_body().collect_bytes().await.unwrap_or_default();
             let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
             if let Ok(mut c) = c.lock() {
-                c.requests.push((start.elapsed().as_secs_f64(), method.clone(), shape.clone()));
+                c.requests
+                    .push((start.elapsed().as_secs_f64(), method.clone(), shape.clone()));
             }
-            let name = path.rsplit('/').nth(usize::from(path.ends_with("/status"))).unwrap_or("x").to_string();
+            let name = path
+                .rsplit('/')
+                .nth(usize::from(path.ends_with("/status")))
+                .unwrap_or("x")
+                .to_string();
             let reply = match shape.as_str() {
                 "workloads" | "workloads/status" => reply_workload,
-                "agents" | "agents/status" => json!({"apiVersion": "infermesh.dev/v1alpha1", "kind": "Agent",
-                    "metadata": {"name": body["metadata"]["name"].as_str().unwrap_or(&name)}, "spec": {"mesh": "gpus", "node": "n"}}),
-                "meshes/status" => json!({"apiVersion": "infermesh.dev/v1alpha1", "kind": "Mesh", "metadata": {"name": name}, "spec": {}}),
+                "agents" | "agents/status" => {
+                    json!({"apiVersion": "infermesh.dev/v1alpha1", "kind": "Agent",
+                    "metadata": {"name": body["metadata"]["name"].as_str().unwrap_or(&name)}, "spec": {"mesh": "gpus", "node": "n"}})
+                }
+                "meshes/status" => {
+                    json!({"apiVersion": "infermesh.dev/v1alpha1", "kind": "Mesh", "metadata": {"name": name}, "spec": {}})
+                }
                 _ => body,
             };
             Ok::<_, std::convert::Infallible>(Response::new(Body::from(
@@ -127,7 +141,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let store = store::open(&format!("sqlite://{}", db.display())).await?;
     let core = Arc::new(Core::new(store));
     let metrics = Metrics::new(core.counters());
-    let ctx = Arc::new(Context::new(client, core.clone(), Config::for_namespace("infermesh"), metrics, "bench"));
+    let ctx = Arc::new(Context::new(
+        client,
+        core.clone(),
+        Config::for_namespace("infermesh"),
+        metrics,
+        "bench",
+    ));
     let mesh_yaml = "apiVersion: infermesh.dev/v1alpha1\nkind: Mesh\nmetadata: {name: gpus}\nspec:\n  leaseSeconds: 30\n";
     let Some(Manifest::Mesh(mesh)) = parse_manifests(mesh_yaml)?.pop() else {
         anyhow::bail!("mesh manifest")
@@ -148,12 +168,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 ..Default::default()
             }),
         };
-        let handle = core.attach(hello, tx).await.map_err(|s| anyhow::anyhow!("{s}"))?;
+        let handle = core
+            .attach(hello, tx)
+            .await
+            .map_err(|s| anyhow::anyhow!("{s}"))?;
         let core = core.clone();
         let compute = Duration::from_millis(args.compute_ms);
         tokio::spawn(async move {
             while let Some(Ok(msg)) = rx.recv().await {
-                let Some(Down::Assign(a)) = msg.msg else { continue };
+                let Some(Down::Assign(a)) = msg.msg else {
+                    continue;
+                };
                 let core = core.clone();
                 let handle = handle.clone();
                 tokio::spawn(async move {
@@ -167,7 +192,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         device: "cpu".into(),
                         output_bytes: 10,
                     };
-                    let _ = core.handle(&handle, pb::AgentMessage { msg: Some(Up::Completed(done)) }).await;
+                    let _ = core
+                        .handle(
+                            &handle,
+                            pb::AgentMessage {
+                                msg: Some(Up::Completed(done)),
+                            },
+                        )
+                        .await;
                 });
             }
         });
@@ -182,7 +214,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let key = workload::key_of(&serde_json::from_value::<Workload>(workload_json)?)?;
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let s = core.workload(&key).await.ok_or_else(|| anyhow::anyhow!("workload gone"))?;
+        let s = core
+            .workload(&key)
+            .await
+            .ok_or_else(|| anyhow::anyhow!("workload gone"))?;
         if s.phase.is_terminal() {
             anyhow::ensure!(s.shards_succeeded as u64 == args.shards, "{s:?}");
             break;
@@ -196,7 +231,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let total_secs = t0.elapsed().as_secs_f64();
 
     let c = counts.lock().map_err(|_| anyhow::anyhow!("lock"))?;
-    let mutating: Vec<&(f64, String, String)> = c.requests.iter().filter(|(_, m, _)| m != "GET").collect();
+    let mutating: Vec<&(f64, String, String)> =
+        c.requests.iter().filter(|(_, m, _)| m != "GET").collect();
     let mut by_kind: BTreeMap<String, usize> = BTreeMap::new();
     for (_, m, s) in &mutating {
         *by_kind.entry(format!("{m} {s}")).or_default() += 1;
@@ -214,7 +250,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let busiest_wl_2s = wl_per_second.values().copied().max().unwrap_or(0);
-    println!("## API write budget: {} shards, {} agents x {} slots, {} ms per shard", args.shards, args.agents, args.slots, args.compute_ms);
+    println!(
+        "## API write budget: {} shards, {} agents x {} slots, {} ms per shard",
+        args.shards, args.agents, args.slots, args.compute_ms
+    );
     println!();
     println!("run {run_secs:.1} s (until Succeeded), counted over {total_secs:.1} s");
     println!();
@@ -227,9 +266,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     println!();
     println!("| figure | value | target |");
     println!("|---|---:|---:|");
-    println!("| mutating calls per second (mean) | {:.2} | <= 20 |", mutating.len() as f64 / total_secs);
+    println!(
+        "| mutating calls per second (mean) | {:.2} | <= 20 |",
+        mutating.len() as f64 / total_secs
+    );
     println!("| mutating calls in the busiest second | {busiest} | <= 20 |");
-    println!("| mutating calls per 1,000 shards | {:.2} | - |", mutating.len() as f64 * 1000.0 / args.shards as f64);
+    println!(
+        "| mutating calls per 1,000 shards | {:.2} | - |",
+        mutating.len() as f64 * 1000.0 / args.shards as f64
+    );
     println!("| Workload status writes per 2 s (busiest window) | {busiest_wl_2s} | <= 1 |");
     println!("| Workload status writes in all | {workload_status} | - |");
     Ok(())

@@ -11,9 +11,9 @@ use infermesh_crds::agent::GpuInfo;
 use infermesh_crds::{Agent, AgentPhase, AgentSpec, AgentStatus};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::ResourceExt;
 use serde_json::json;
 
 use super::conditions::condition;
@@ -64,7 +64,11 @@ fn human_bytes(bytes: u64) -> String {
 }
 
 /// The status of an agent from the core's view of it.
-pub fn agent_status(a: &AgentSummary, previous: Option<&AgentStatus>, now: Timestamp) -> AgentStatus {
+pub fn agent_status(
+    a: &AgentSummary,
+    previous: Option<&AgentStatus>,
+    now: Timestamp,
+) -> AgentStatus {
     let phase = phase(a);
     let gpu = (a.gpus > 0).then(|| GpuInfo {
         product: a.gpu_product.clone(),
@@ -83,7 +87,14 @@ pub fn agent_status(a: &AgentSummary, previous: Option<&AgentStatus>, now: Times
         .to_string();
     let prev = previous.map(|p| p.conditions.as_slice()).unwrap_or(&[]);
     let cond = match phase {
-        AgentPhase::Ready => condition(prev, "Ready", true, "Heartbeating", "stream up, lease held", None),
+        AgentPhase::Ready => condition(
+            prev,
+            "Ready",
+            true,
+            "Heartbeating",
+            "stream up, lease held",
+            None,
+        ),
         AgentPhase::Draining => condition(
             prev,
             "Ready",
@@ -140,12 +151,16 @@ pub async fn patch_status(ctx: &Context, name: &str, status: &AgentStatus) -> Re
     let api: Api<Agent> = Api::all(ctx.client.clone());
     let body = json!({"apiVersion": "infermesh.dev/v1alpha1", "kind": "Agent", "status": status});
     ctx.metrics.write("agents/status", "patch");
-    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
-        .await
-        .map_err(|source| Error::PatchStatus {
-            what: format!("Agent {name}"),
-            source,
-        })?;
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(body),
+    )
+    .await
+    .map_err(|source| Error::PatchStatus {
+        what: format!("Agent {name}"),
+        source,
+    })?;
     Ok(())
 }
 
@@ -203,8 +218,10 @@ async fn node_and_pod_gone(ctx: &Context, agent: &Agent) -> Result<Option<String
         what: format!("agent pods on node {node}"),
         source,
     })?;
-    Ok(list
-        .items
-        .is_empty()
-        .then(|| format!("no agent pod of mesh {} runs on node {node}", agent.spec.mesh)))
+    Ok(list.items.is_empty().then(|| {
+        format!(
+            "no agent pod of mesh {} runs on node {node}",
+            agent.spec.mesh
+        )
+    }))
 }

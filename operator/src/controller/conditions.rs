@@ -48,7 +48,14 @@ mod tests {
         assert_eq!(same.message, "still none");
         assert_eq!(same.observed_generation, Some(2));
         std::thread::sleep(std::time::Duration::from_millis(2));
-        let flipped = condition(&[first.clone()], "Ready", true, "AgentsReady", "1", Some(2));
+        let flipped = condition(
+            std::slice::from_ref(&first),
+            "Ready",
+            true,
+            "AgentsReady",
+            "1",
+            Some(2),
+        );
         assert_eq!(flipped.status, "True");
         assert_ne!(flipped.last_transition_time, first.last_transition_time);
     }

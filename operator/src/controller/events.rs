@@ -80,7 +80,11 @@ pub fn summarize(rows: &[EventRow]) -> Vec<Publish> {
                 "{} shard attempt(s) (shard#attempt: {}{}); last: {last}",
                 rows.len(),
                 list.join(", "),
-                if more > 0 { format!(", +{more} more") } else { String::new() }
+                if more > 0 {
+                    format!(", +{more} more")
+                } else {
+                    String::new()
+                }
             ),
         });
     }
@@ -101,7 +105,11 @@ pub async fn run(ctx: Arc<Context>) {
         loop {
             let filter = EventFilter {
                 after_seq: rows.last().map(|r: &EventRow| r.seq).or(after),
-                since: if after.is_none() && rows.is_empty() { since.clone() } else { None },
+                since: if after.is_none() && rows.is_empty() {
+                    since.clone()
+                } else {
+                    None
+                },
                 limit: Some(PAGE),
                 ..EventFilter::default()
             };
@@ -145,7 +153,11 @@ pub async fn run(ctx: Arc<Context>) {
                 },
             };
             let event = Event {
-                type_: if p.warning { EventType::Warning } else { EventType::Normal },
+                type_: if p.warning {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
                 reason: p.reason.into(),
                 note: Some(p.note.chars().take(1000).collect()),
                 action: "Reconcile".into(),
@@ -184,11 +196,24 @@ mod tests {
         rows.push(row(32, "agent.lost", "", 0));
         let out = summarize(&rows);
         assert_eq!(out.len(), 3, "{out:?}");
-        let requeued = out.iter().find(|p| p.reason == "ShardRequeued").expect("requeue event");
+        let requeued = out
+            .iter()
+            .find(|p| p.reason == "ShardRequeued")
+            .expect("requeue event");
         assert_eq!(requeued.subject, "u1");
-        assert!(requeued.note.starts_with("25 shard attempt(s)"), "{}", requeued.note);
+        assert!(
+            requeued.note.starts_with("25 shard attempt(s)"),
+            "{}",
+            requeued.note
+        );
         assert!(requeued.note.contains("+15 more"), "{}", requeued.note);
-        assert!(out.iter().any(|p| p.reason == "Succeeded" && p.subject == "u2" && !p.warning));
-        assert!(out.iter().any(|p| p.kind == "Agent" && p.reason == "Lost" && p.warning));
+        assert!(
+            out.iter()
+                .any(|p| p.reason == "Succeeded" && p.subject == "u2" && !p.warning)
+        );
+        assert!(
+            out.iter()
+                .any(|p| p.kind == "Agent" && p.reason == "Lost" && p.warning)
+        );
     }
 }

@@ -44,7 +44,9 @@ pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> Decision {
         .or(spec.acquire_time.as_ref())
         .map(|t| t.0);
     match renewed {
-        Some(at) if at.checked_add(duration).is_ok_and(|end| end > now) => Decision::Follow { holder },
+        Some(at) if at.checked_add(duration).is_ok_and(|end| end > now) => {
+            Decision::Follow { holder }
+        }
         _ => Decision::Acquire,
     }
 }
@@ -79,7 +81,8 @@ impl LeaderElector {
     }
 
     fn spec(&self, previous: Option<&LeaseSpec>, now: Timestamp) -> LeaseSpec {
-        let ours = previous.and_then(|p| p.holder_identity.as_deref()) == Some(self.identity.as_str());
+        let ours =
+            previous.and_then(|p| p.holder_identity.as_deref()) == Some(self.identity.as_str());
         let transitions = previous.and_then(|p| p.lease_transitions).unwrap_or(0);
         LeaseSpec {
             holder_identity: Some(self.identity.clone()),
@@ -90,7 +93,11 @@ impl LeaderElector {
                 Some(MicroTime(now))
             },
             renew_time: Some(MicroTime(now)),
-            lease_transitions: Some(if ours || previous.is_none() { transitions } else { transitions + 1 }),
+            lease_transitions: Some(if ours || previous.is_none() {
+                transitions
+            } else {
+                transitions + 1
+            }),
             ..LeaseSpec::default()
         }
     }
@@ -120,7 +127,11 @@ impl LeaderElector {
                 let mut lease = current.clone();
                 lease.spec = Some(self.spec(current.spec.as_ref(), now));
                 // The resourceVersion we read makes this a compare-and-swap.
-                match self.api.replace(&self.name, &PostParams::default(), &lease).await {
+                match self
+                    .api
+                    .replace(&self.name, &PostParams::default(), &lease)
+                    .await
+                {
                     Ok(_) => Ok(true),
                     Err(e) if super::is_conflict(&e) => Ok(false),
                     Err(e) => Err(e),
@@ -135,7 +146,9 @@ impl LeaderElector {
             match self.try_lead().await {
                 Ok(true) => return,
                 Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, lease = %self.name, "cannot read or write the leader Lease"),
+                Err(e) => {
+                    tracing::warn!(error = %e, lease = %self.name, "cannot read or write the leader Lease")
+                }
             }
             tokio::time::sleep(self.renew_every()).await;
         }
@@ -170,7 +183,9 @@ mod tests {
     use super::*;
 
     fn held(holder: &str, renewed_secs_ago: i64) -> LeaseSpec {
-        let t = Timestamp::now().checked_sub(SignedDuration::from_secs(renewed_secs_ago)).expect("time");
+        let t = Timestamp::now()
+            .checked_sub(SignedDuration::from_secs(renewed_secs_ago))
+            .expect("time");
         LeaseSpec {
             holder_identity: Some(holder.into()),
             lease_duration_seconds: Some(15),
@@ -185,7 +200,10 @@ mod tests {
         let now = Timestamp::now();
         assert_eq!(decide(None, "a", now), Decision::Acquire);
         assert_eq!(decide(Some(&held("b", 16)), "a", now), Decision::Acquire);
-        assert_eq!(decide(Some(&LeaseSpec::default()), "a", now), Decision::Acquire);
+        assert_eq!(
+            decide(Some(&LeaseSpec::default()), "a", now),
+            Decision::Acquire
+        );
     }
 
     #[test]

@@ -13,9 +13,9 @@ use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec, DaemonSetUpdateStrate
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
     HostPathVolumeSource, KeyToPath, ObjectFieldSelector, PersistentVolumeClaimVolumeSource,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource,
-    SeccompProfile, SecretVolumeSource, SecurityContext, ServiceAccount,
-    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile,
+    SecretVolumeSource, SecurityContext, ServiceAccount, ServiceAccountTokenProjection, Volume,
+    VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -293,7 +293,10 @@ pub fn build_daemonset(mesh: &Mesh, config: &Config) -> DaemonSet {
     };
     let labels = labels(&name);
     let selector = BTreeMap::from([
-        ("app.kubernetes.io/name".to_string(), "infermesh-agent".to_string()),
+        (
+            "app.kubernetes.io/name".to_string(),
+            "infermesh-agent".to_string(),
+        ),
         ("infermesh.dev/mesh".to_string(), name.clone()),
     ]);
     DaemonSet {
@@ -378,7 +381,9 @@ pub fn mesh_status(
             "Ready",
             false,
             "NoAgentsReady",
-            format!("0 of {total} agents ready: see `kubectl get pods -l infermesh.dev/mesh={name}`"),
+            format!(
+                "0 of {total} agents ready: see `kubectl get pods -l infermesh.dev/mesh={name}`"
+            ),
             observed.generation,
         )
     };

@@ -61,7 +61,9 @@ pub fn access(method: &str, path: &str, query: &str) -> Option<Access> {
         [resource, _name, sub] => (format!("{resource}/{sub}"), true),
         _ => return None,
     };
-    let watch = query.split('&').any(|kv| kv == "watch=true" || kv == "watch=1");
+    let watch = query
+        .split('&')
+        .any(|kv| kv == "watch=true" || kv == "watch=1");
     let verb = match (method, named) {
         ("GET", _) if watch => "watch",
         ("GET", true) => "get",
@@ -90,9 +92,9 @@ impl Rules {
     /// Whether the rules allow `access` for an operator running in `own_namespace`.
     pub fn allows(&self, a: &Access, own_namespace: &str) -> bool {
         let matches = |r: &Rule| {
-            r.api_groups.iter().any(|g| *g == a.group)
-                && r.resources.iter().any(|res| *res == a.resource)
-                && r.verbs.iter().any(|v| *v == a.verb)
+            r.api_groups.contains(&a.group)
+                && r.resources.contains(&a.resource)
+                && r.verbs.contains(&a.verb)
         };
         self.cluster.iter().any(matches)
             || (a.namespace.as_deref() == Some(own_namespace) && self.namespace.iter().any(matches))
@@ -105,14 +107,35 @@ mod tests {
 
     #[test]
     fn requests_map_to_rbac_verbs_like_the_api_server_does() {
-        let a = access("PATCH", "/apis/infermesh.dev/v1alpha1/namespaces/t/workloads/w/status", "").expect("access");
-        assert_eq!((a.group.as_str(), a.resource.as_str(), a.verb.as_str()), ("infermesh.dev", "workloads/status", "patch"));
+        let a = access(
+            "PATCH",
+            "/apis/infermesh.dev/v1alpha1/namespaces/t/workloads/w/status",
+            "",
+        )
+        .expect("access");
+        assert_eq!(
+            (a.group.as_str(), a.resource.as_str(), a.verb.as_str()),
+            ("infermesh.dev", "workloads/status", "patch")
+        );
         assert_eq!(a.namespace.as_deref(), Some("t"));
         let a = access("GET", "/api/v1/nodes/n1", "").expect("access");
-        assert_eq!((a.group.as_str(), a.resource.as_str(), a.verb.as_str()), ("", "nodes", "get"));
-        let a = access("GET", "/apis/infermesh.dev/v1alpha1/agents", "watch=true&resourceVersion=1").expect("access");
+        assert_eq!(
+            (a.group.as_str(), a.resource.as_str(), a.verb.as_str()),
+            ("", "nodes", "get")
+        );
+        let a = access(
+            "GET",
+            "/apis/infermesh.dev/v1alpha1/agents",
+            "watch=true&resourceVersion=1",
+        )
+        .expect("access");
         assert_eq!(a.verb, "watch");
-        let a = access("PUT", "/apis/coordination.k8s.io/v1/namespaces/im/leases/l", "").expect("access");
+        let a = access(
+            "PUT",
+            "/apis/coordination.k8s.io/v1/namespaces/im/leases/l",
+            "",
+        )
+        .expect("access");
         assert_eq!(a.verb, "update");
     }
 
@@ -120,11 +143,23 @@ mod tests {
     fn the_committed_rules_allow_the_operators_calls_and_nothing_else() {
         let rules = Rules::committed().expect("rbac.yaml parses");
         let ok = |m, p| rules.allows(&access(m, p, "").expect("access"), "im");
-        assert!(ok("PATCH", "/apis/infermesh.dev/v1alpha1/meshes/gpus/status"));
-        assert!(ok("PUT", "/apis/coordination.k8s.io/v1/namespaces/im/leases/leader"));
+        assert!(ok(
+            "PATCH",
+            "/apis/infermesh.dev/v1alpha1/meshes/gpus/status"
+        ));
+        assert!(ok(
+            "PUT",
+            "/apis/coordination.k8s.io/v1/namespaces/im/leases/leader"
+        ));
         // Namespaced rules hold in the operator's namespace only.
-        assert!(!ok("PUT", "/apis/coordination.k8s.io/v1/namespaces/other/leases/leader"));
+        assert!(!ok(
+            "PUT",
+            "/apis/coordination.k8s.io/v1/namespaces/other/leases/leader"
+        ));
         assert!(!ok("DELETE", "/api/v1/nodes/n1"));
-        assert!(!ok("GET", "/api/v1/namespaces/im/secrets"), "secrets are never listed");
+        assert!(
+            !ok("GET", "/api/v1/namespaces/im/secrets"),
+            "secrets are never listed"
+        );
     }
 }

@@ -56,10 +56,18 @@ pub struct OperatorArgs {
     #[arg(long, env = "INFERMESH_TLS_PROVISION", default_value_t = true, action = clap::ArgAction::Set)]
     pub tls_provision: bool,
     /// Agent image for Meshes that do not name one.
-    #[arg(long, env = "INFERMESH_AGENT_IMAGE", default_value = "ghcr.io/infermesh/infermesh-agent:0.1.0")]
+    #[arg(
+        long,
+        env = "INFERMESH_AGENT_IMAGE",
+        default_value = "ghcr.io/infermesh/infermesh-agent:0.1.0"
+    )]
     pub agent_image: String,
     /// Name of the leader Lease.
-    #[arg(long, env = "INFERMESH_LEADER_LEASE", default_value = "infermesh-operator-leader")]
+    #[arg(
+        long,
+        env = "INFERMESH_LEADER_LEASE",
+        default_value = "infermesh-operator-leader"
+    )]
     pub leader_lease: String,
     /// Lease duration in seconds: a standby takes over this long after the leader stops.
     #[arg(long, env = "INFERMESH_LEADER_LEASE_SECONDS", default_value_t = 15)]
@@ -90,9 +98,18 @@ pub async fn check_crds(client: &Client) -> Result<(), String> {
 }
 
 /// Labels (or unlabels) this replica's pod as the leader, so the gRPC Service reaches it.
-async fn label_pod(client: &Client, namespace: &str, pod: &str, leader: bool) -> Result<(), kube::Error> {
+async fn label_pod(
+    client: &Client,
+    namespace: &str,
+    pod: &str,
+    leader: bool,
+) -> Result<(), kube::Error> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let value = if leader { json!("true") } else { serde_json::Value::Null };
+    let value = if leader {
+        json!("true")
+    } else {
+        serde_json::Value::Null
+    };
     pods.patch(
         pod,
         &PatchParams::default(),
@@ -161,7 +178,13 @@ async fn run_inner(args: OperatorArgs) -> Result<(), String> {
         data_claim: args.data_claim.clone(),
         ..Config::for_namespace(&args.namespace)
     };
-    let ctx = Arc::new(Context::new(client.clone(), core.clone(), config, metrics.clone(), &args.pod_name));
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        core.clone(),
+        config,
+        metrics.clone(),
+        &args.pod_name,
+    ));
 
     // Meshes first, then what the store says is still running: a fail-over resumes.
     let meshes: Api<Mesh> = Api::all(client.clone());
@@ -174,7 +197,10 @@ async fn run_inner(args: OperatorArgs) -> Result<(), String> {
             tracing::warn!(mesh = %m.name_any(), error = %e, "cannot load mesh");
         }
     }
-    let resumed = core.resume().await.map_err(|e| format!("cannot resume from the store: {e}"))?;
+    let resumed = core
+        .resume()
+        .await
+        .map_err(|e| format!("cannot resume from the store: {e}"))?;
     tracing::info!(resumed, "resumed workloads from the store");
 
     // The gRPC port, with TLS.
@@ -193,7 +219,11 @@ async fn run_inner(args: OperatorArgs) -> Result<(), String> {
     let grpc_listener = tokio::net::TcpListener::bind(args.grpc_addr)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.grpc_addr))?;
-    let auth = Arc::new(TokenReviewer::new(client.clone(), &args.namespace, Some(metrics.clone())));
+    let auth = Arc::new(TokenReviewer::new(
+        client.clone(),
+        &args.namespace,
+        Some(metrics.clone()),
+    ));
     let grpc = tokio::spawn(crate::grpc::serve(
         grpc_listener,
         core.clone(),
@@ -217,14 +247,24 @@ async fn run_inner(args: OperatorArgs) -> Result<(), String> {
         .shutdown_on_signal()
         .run(mesh::reconcile, super::error_policy("mesh"), ctx.clone())
         .for_each(|_| async {});
-    let workload_ctl = Controller::new(Api::<Workload>::all(client.clone()), watcher::Config::default())
-        .shutdown_on_signal()
-        .run(workload::reconcile, super::error_policy("workload"), ctx.clone())
-        .for_each(|_| async {});
-    let agent_ctl = Controller::new(Api::<Agent>::all(client.clone()), watcher::Config::default())
-        .shutdown_on_signal()
-        .run(agent::reconcile, super::error_policy("agent"), ctx.clone())
-        .for_each(|_| async {});
+    let workload_ctl = Controller::new(
+        Api::<Workload>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .shutdown_on_signal()
+    .run(
+        workload::reconcile,
+        super::error_policy("workload"),
+        ctx.clone(),
+    )
+    .for_each(|_| async {});
+    let agent_ctl = Controller::new(
+        Api::<Agent>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .shutdown_on_signal()
+    .run(agent::reconcile, super::error_policy("agent"), ctx.clone())
+    .for_each(|_| async {});
 
     tokio::select! {
         _ = async { tokio::join!(mesh_ctl, workload_ctl, agent_ctl) } => {

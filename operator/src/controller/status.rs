@@ -96,7 +96,12 @@ impl StatusWriter {
             let status = agent::agent_status(a, prev.map(|w| &w.status), wall);
             let changed = prev.is_none_or(|w| !same_agent(&w.status, &status));
             let urgent = prev.is_none_or(|w| w.status.phase != status.phase);
-            if due(prev.map(|w| (w.at, changed)), now, config.agent_status_period, urgent) {
+            if due(
+                prev.map(|w| (w.at, changed)),
+                now,
+                config.agent_status_period,
+                urgent,
+            ) {
                 due_items.push((urgent, format!("agent/{}", a.id)));
             }
         }
@@ -106,7 +111,12 @@ impl StatusWriter {
             let prev = self.workloads.get(&s.key);
             let status = workload::running_status(s, prev.map(|w| &w.status), None, wall);
             let changed = prev.is_none_or(|w| !same_workload(&w.status, &status));
-            if due(prev.map(|w| (w.at, changed)), now, config.workload_status_period, false) {
+            if due(
+                prev.map(|w| (w.at, changed)),
+                now,
+                config.workload_status_period,
+                false,
+            ) {
                 due_items.push((false, format!("workload/{}", s.key)));
             }
             by_key.insert(s.key.clone(), s);
@@ -125,28 +135,41 @@ impl StatusWriter {
                 continue;
             }
             if let Some(agent_id) = id.strip_prefix("agent/") {
-                let Some(a) = agents.iter().find(|a| a.id == agent_id) else { continue };
+                let Some(a) = agents.iter().find(|a| a.id == agent_id) else {
+                    continue;
+                };
                 let prev = self.agents.get(agent_id).map(|w| &w.status);
                 let status = agent::agent_status(a, prev, wall);
                 match agent::patch_status(&ctx, agent_id, &status).await {
                     Ok(()) => {
-                        self.agents.insert(agent_id.to_string(), Written { at: now, status });
+                        self.agents
+                            .insert(agent_id.to_string(), Written { at: now, status });
                     }
-                    Err(e) => tracing::warn!(agent = %agent_id, error = %e, "agent status not written"),
+                    Err(e) => {
+                        tracing::warn!(agent = %agent_id, error = %e, "agent status not written")
+                    }
                 }
             } else if let Some(key) = id.strip_prefix("workload/") {
                 let Some(s) = by_key.get(key) else { continue };
                 // A write by the reconciler (at admission) counts for the throttle too.
-                if !ctx.claim_workload_write(&s.namespace, &s.name, config.workload_status_period, now) {
+                if !ctx.claim_workload_write(
+                    &s.namespace,
+                    &s.name,
+                    config.workload_status_period,
+                    now,
+                ) {
                     continue;
                 }
                 let prev = self.workloads.get(key).map(|w| &w.status);
                 let status = workload::running_status(s, prev, None, wall);
                 match workload::patch_status(&ctx, &s.namespace, &s.name, &status).await {
                     Ok(()) => {
-                        self.workloads.insert(key.to_string(), Written { at: now, status });
+                        self.workloads
+                            .insert(key.to_string(), Written { at: now, status });
                     }
-                    Err(e) => tracing::warn!(workload = %key, error = %e, "workload status not written"),
+                    Err(e) => {
+                        tracing::warn!(workload = %key, error = %e, "workload status not written")
+                    }
                 }
             }
             budget -= 1;
@@ -163,10 +186,18 @@ impl StatusWriter {
                 .get_or_create(&MeshLabels { mesh: name.clone() })
                 .set(i64::from(status.agents_ready));
             let changed = prev.is_none_or(|w| !same_mesh(&w.status, &status));
-            if budget > 0 && due(prev.map(|w| (w.at, changed)), now, Duration::from_secs(5), false) {
+            if budget > 0
+                && due(
+                    prev.map(|w| (w.at, changed)),
+                    now,
+                    Duration::from_secs(5),
+                    false,
+                )
+            {
                 match mesh::patch_status(&ctx, name, &status).await {
                     Ok(()) => {
-                        self.meshes.insert(name.clone(), Written { at: now, status });
+                        self.meshes
+                            .insert(name.clone(), Written { at: now, status });
                     }
                     Err(e) => tracing::warn!(mesh = %name, error = %e, "mesh status not written"),
                 }
@@ -204,7 +235,10 @@ fn same_workload(a: &WorkloadStatus, b: &WorkloadStatus) -> bool {
         && a.records == b.records
         && a.credits_spent == b.credits_spent
         && a.attempts_retried == b.attempts_retried
-        && a.conditions.iter().map(|c| (&c.reason, &c.status)).eq(b.conditions.iter().map(|c| (&c.reason, &c.status)))
+        && a.conditions
+            .iter()
+            .map(|c| (&c.reason, &c.status))
+            .eq(b.conditions.iter().map(|c| (&c.reason, &c.status)))
 }
 
 fn same_mesh(a: &MeshStatus, b: &MeshStatus) -> bool {
@@ -226,7 +260,10 @@ mod tests {
         assert!(due(None, t0, p, false), "never written");
         assert!(!due(Some((t0, false)), t0 + p * 10, p, false), "unchanged");
         assert!(!due(Some((t0, true)), t0 + p / 2, p, false), "too soon");
-        assert!(due(Some((t0, true)), t0 + p, p, false), "changed and old enough");
+        assert!(
+            due(Some((t0, true)), t0 + p, p, false),
+            "changed and old enough"
+        );
         assert!(due(Some((t0, true)), t0, p, true), "urgent");
     }
 }

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use http::{Request, Response};
 use infermesh_crds::{Agent, AgentSpec, Manifest, Mesh, Workload, WorkloadSpec, parse_manifests};
 use infermesh_proto as pb;
+use kube::Client;
 use kube::client::Body;
 use kube::runtime::controller::Action;
-use kube::Client;
 use pb::operator_message::Msg as Down;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -38,10 +38,11 @@ impl ApiServerVerifier {
     /// Takes the next request; asserts its method and path (without the query) and that
     /// RBAC allows it; answers `status` with `reply`. Returns the request's JSON body.
     async fn expect(&mut self, method: &str, path: &str, status: u16, reply: Value) -> Value {
-        let (request, send) = tokio::time::timeout(Duration::from_secs(5), self.handle.next_request())
-            .await
-            .unwrap_or_else(|_| panic!("timed out waiting for {method} {path}"))
-            .unwrap_or_else(|| panic!("client gone before {method} {path}"));
+        let (request, send) =
+            tokio::time::timeout(Duration::from_secs(5), self.handle.next_request())
+                .await
+                .unwrap_or_else(|_| panic!("timed out waiting for {method} {path}"))
+                .unwrap_or_else(|| panic!("client gone before {method} {path}"));
         let uri = request.uri().clone();
         assert_eq!(
             (request.method().as_str(), uri.path()),
@@ -76,7 +77,8 @@ impl ApiServerVerifier {
 
     /// Asserts no further request arrives within a moment.
     async fn expect_nothing_more(&mut self) {
-        let next = tokio::time::timeout(Duration::from_millis(300), self.handle.next_request()).await;
+        let next =
+            tokio::time::timeout(Duration::from_millis(300), self.handle.next_request()).await;
         if let Ok(Some((r, _))) = next {
             panic!("unexpected request {} {}", r.method(), r.uri());
         }
@@ -166,11 +168,22 @@ impl Fixture {
     /// Loads Mesh `gpus` into the core (as the Mesh controller would).
     async fn with_mesh(&self) {
         let m = self.mesh(true);
-        self.ctx.core.upsert_mesh("gpus", m.spec).await.expect("mesh");
+        self.ctx
+            .core
+            .upsert_mesh("gpus", m.spec)
+            .await
+            .expect("mesh");
     }
 
     /// Registers an agent as its Hello would.
-    async fn agent(&self, id: &str, providers: &[&str]) -> (AgentHandle, mpsc::UnboundedReceiver<Result<pb::OperatorMessage, tonic::Status>>) {
+    async fn agent(
+        &self,
+        id: &str,
+        providers: &[&str],
+    ) -> (
+        AgentHandle,
+        mpsc::UnboundedReceiver<Result<pb::OperatorMessage, tonic::Status>>,
+    ) {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let hello = pb::Hello {
             agent_id: id.into(),
@@ -184,7 +197,12 @@ impl Fixture {
             }),
         };
         let handle = self.ctx.core.attach(hello, tx).await.expect("attach");
-        assert!(matches!(rx.recv().await, Some(Ok(pb::OperatorMessage { msg: Some(Down::Welcome(_)) }))));
+        assert!(matches!(
+            rx.recv().await,
+            Some(Ok(pb::OperatorMessage {
+                msg: Some(Down::Welcome(_))
+            }))
+        ));
         (handle, rx)
     }
 }
@@ -230,13 +248,28 @@ async fn mesh_creates_its_daemonset_and_reports_status() {
     assert_eq!(pod["nodeSelector"]["nvidia.com/gpu.present"], "true");
     assert_eq!(pod["serviceAccountName"], "infermesh-agent-gpus");
     let env = pod["containers"][0]["env"].as_array().expect("env");
-    let var = |n: &str| env.iter().find(|e| e["name"] == n).map(|e| e["value"].clone());
-    assert_eq!(var("INFERMESH_OPERATOR"), Some(json!("https://infermesh-grpc.infermesh.svc:7443")));
+    let var = |n: &str| {
+        env.iter()
+            .find(|e| e["name"] == n)
+            .map(|e| e["value"].clone())
+    };
+    assert_eq!(
+        var("INFERMESH_OPERATOR"),
+        Some(json!("https://infermesh-grpc.infermesh.svc:7443"))
+    );
     assert_eq!(var("INFERMESH_SLOTS"), Some(json!("2")));
-    assert_eq!(var("INFERMESH_EXECUTION_PROVIDERS"), Some(json!("cuda,cpu")));
+    assert_eq!(
+        var("INFERMESH_EXECUTION_PROVIDERS"),
+        Some(json!("cuda,cpu"))
+    );
     let status = f
         .verifier
-        .expect("PATCH", "/apis/infermesh.dev/v1alpha1/meshes/gpus/status", 200, f.mesh_json())
+        .expect(
+            "PATCH",
+            "/apis/infermesh.dev/v1alpha1/meshes/gpus/status",
+            200,
+            f.mesh_json(),
+        )
         .await;
     assert_eq!(status["status"]["agentsTotal"], 2);
     assert_eq!(status["status"]["agentsReady"], 0);
@@ -253,10 +286,18 @@ async fn a_new_mesh_gets_the_finalizer_first() {
     let run = tokio::spawn(mesh::reconcile(Arc::new(f.mesh(false)), f.ctx.clone()));
     let patch = f
         .verifier
-        .expect("PATCH", "/apis/infermesh.dev/v1alpha1/meshes/gpus", 200, serde_json::to_value(f.mesh(true)).expect("json"))
+        .expect(
+            "PATCH",
+            "/apis/infermesh.dev/v1alpha1/meshes/gpus",
+            200,
+            serde_json::to_value(f.mesh(true)).expect("json"),
+        )
         .await;
     assert!(patch.to_string().contains(MESH_FINALIZER), "{patch}");
-    assert_eq!(run.await.expect("join").expect("reconcile"), Action::await_change());
+    assert_eq!(
+        run.await.expect("join").expect("reconcile"),
+        Action::await_change()
+    );
     f.verifier.expect_nothing_more().await;
 }
 
@@ -265,15 +306,39 @@ async fn deleting_a_mesh_removes_its_daemonset_and_service_account() {
     let mut f = Fixture::new().await;
     f.with_mesh().await;
     let mut mesh = f.mesh(true);
-    mesh.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
+    mesh.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::now(),
+    ));
     let run = tokio::spawn(mesh::reconcile(Arc::new(mesh.clone()), f.ctx.clone()));
-    f.verifier.expect("DELETE", "/apis/apps/v1/namespaces/infermesh/daemonsets/infermesh-agent-gpus", 200, json!({})).await;
-    f.verifier.expect("DELETE", "/api/v1/namespaces/infermesh/serviceaccounts/infermesh-agent-gpus", 404, not_found()).await;
+    f.verifier
+        .expect(
+            "DELETE",
+            "/apis/apps/v1/namespaces/infermesh/daemonsets/infermesh-agent-gpus",
+            200,
+            json!({}),
+        )
+        .await;
+    f.verifier
+        .expect(
+            "DELETE",
+            "/api/v1/namespaces/infermesh/serviceaccounts/infermesh-agent-gpus",
+            404,
+            not_found(),
+        )
+        .await;
     let patch = f
         .verifier
-        .expect("PATCH", "/apis/infermesh.dev/v1alpha1/meshes/gpus", 200, serde_json::to_value(&mesh).expect("json"))
+        .expect(
+            "PATCH",
+            "/apis/infermesh.dev/v1alpha1/meshes/gpus",
+            200,
+            serde_json::to_value(&mesh).expect("json"),
+        )
         .await;
-    assert!(patch.to_string().contains("remove"), "the finalizer is removed: {patch}");
+    assert!(
+        patch.to_string().contains("remove"),
+        "the finalizer is removed: {patch}"
+    );
     run.await.expect("join").expect("reconcile");
     assert!(!f.ctx.core.has_mesh("gpus").await);
 }
@@ -285,29 +350,62 @@ async fn workload_gets_a_finalizer_is_admitted_and_gets_its_status() {
     let (_a, mut rx) = f.agent("gpus-a", &["cpu"]).await;
     let spec = f.workload_spec("");
     // First pass: the finalizer.
-    let run = tokio::spawn(workload::reconcile(Arc::new(f.workload(spec.clone(), false)), f.ctx.clone()));
+    let run = tokio::spawn(workload::reconcile(
+        Arc::new(f.workload(spec.clone(), false)),
+        f.ctx.clone(),
+    ));
     let patch = f
         .verifier
-        .expect("PATCH", "/apis/infermesh.dev/v1alpha1/namespaces/team-a/workloads/w", 200, serde_json::to_value(f.workload(spec.clone(), true)).expect("json"))
+        .expect(
+            "PATCH",
+            "/apis/infermesh.dev/v1alpha1/namespaces/team-a/workloads/w",
+            200,
+            serde_json::to_value(f.workload(spec.clone(), true)).expect("json"),
+        )
         .await;
     assert!(patch.to_string().contains(WORKLOAD_FINALIZER), "{patch}");
-    assert_eq!(run.await.expect("join").expect("reconcile"), Action::await_change());
+    assert_eq!(
+        run.await.expect("join").expect("reconcile"),
+        Action::await_change()
+    );
     // Second pass: admitted, planned, status and an Event.
-    let run = tokio::spawn(workload::reconcile(Arc::new(f.workload(spec, true)), f.ctx.clone()));
+    let run = tokio::spawn(workload::reconcile(
+        Arc::new(f.workload(spec, true)),
+        f.ctx.clone(),
+    ));
     let status = f
         .verifier
-        .expect("PATCH", "/apis/infermesh.dev/v1alpha1/namespaces/team-a/workloads/w/status", 200, f.workload_json())
+        .expect(
+            "PATCH",
+            "/apis/infermesh.dev/v1alpha1/namespaces/team-a/workloads/w/status",
+            200,
+            f.workload_json(),
+        )
         .await;
     assert_eq!(status["status"]["phase"], "Running");
-    assert!(status["status"]["shards"]["total"].as_u64().expect("total") >= 2, "{status}");
+    assert!(
+        status["status"]["shards"]["total"].as_u64().expect("total") >= 2,
+        "{status}"
+    );
     assert_eq!(reason_of(&status["status"], "Admitted"), "Admitted");
     let event = f.verifier.expect_event("team-a").await;
     assert_eq!(event["reason"], "Admitted");
     assert_eq!(event["regarding"]["name"], "w");
     run.await.expect("join").expect("reconcile");
     // The agent got work.
-    let msg = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await.expect("assign").expect("open");
-    assert!(matches!(msg, Ok(pb::OperatorMessage { msg: Some(Down::Assign(_)) })), "{msg:?}");
+    let msg = tokio::time::timeout(Duration::from_secs(2), rx.recv())
+        .await
+        .expect("assign")
+        .expect("open");
+    assert!(
+        matches!(
+            msg,
+            Ok(pb::OperatorMessage {
+                msg: Some(Down::Assign(_))
+            })
+        ),
+        "{msg:?}"
+    );
 }
 
 #[tokio::test]
@@ -316,20 +414,36 @@ async fn invalid_workload_gets_condition_and_is_not_requeued() {
     f.with_mesh().await;
     let mut spec = f.workload_spec("");
     spec.shard_bytes = "a lot".into();
-    let run = tokio::spawn(workload::reconcile(Arc::new(f.workload(spec, true)), f.ctx.clone()));
+    let run = tokio::spawn(workload::reconcile(
+        Arc::new(f.workload(spec, true)),
+        f.ctx.clone(),
+    ));
     let status = f
         .verifier
-        .expect("PATCH", "/apis/infermesh.dev/v1alpha1/namespaces/team-a/workloads/w/status", 200, f.workload_json())
+        .expect(
+            "PATCH",
+            "/apis/infermesh.dev/v1alpha1/namespaces/team-a/workloads/w/status",
+            200,
+            f.workload_json(),
+        )
         .await;
     assert_eq!(status["status"]["phase"], "Failed");
     assert_eq!(reason_of(&status["status"], "Admitted"), "InvalidSpec");
-    let message = status["status"]["conditions"][0]["message"].as_str().expect("message");
+    let message = status["status"]["conditions"][0]["message"]
+        .as_str()
+        .expect("message");
     assert!(message.contains("spec.shardBytes"), "{message}");
     let event = f.verifier.expect_event("team-a").await;
     assert_eq!(event["type"], "Warning");
     assert_eq!(event["reason"], "InvalidSpec");
-    assert_eq!(run.await.expect("join").expect("reconcile"), Action::await_change());
-    assert!(f.ctx.core.workloads().await.is_empty(), "nothing was planned");
+    assert_eq!(
+        run.await.expect("join").expect("reconcile"),
+        Action::await_change()
+    );
+    assert!(
+        f.ctx.core.workloads().await.is_empty(),
+        "nothing was planned"
+    );
 }
 
 #[tokio::test]
@@ -338,17 +452,33 @@ async fn a_workload_no_ready_agent_can_run_waits_with_no_matching_agents() {
     f.with_mesh().await;
     let _cpu_only = f.agent("gpus-a", &["cpu"]).await;
     let spec = f.workload_spec("  requirements: {gpu: true}\n");
-    let run = tokio::spawn(workload::reconcile(Arc::new(f.workload(spec, true)), f.ctx.clone()));
+    let run = tokio::spawn(workload::reconcile(
+        Arc::new(f.workload(spec, true)),
+        f.ctx.clone(),
+    ));
     let status = f
         .verifier
-        .expect("PATCH", "/apis/infermesh.dev/v1alpha1/namespaces/team-a/workloads/w/status", 200, f.workload_json())
+        .expect(
+            "PATCH",
+            "/apis/infermesh.dev/v1alpha1/namespaces/team-a/workloads/w/status",
+            200,
+            f.workload_json(),
+        )
         .await;
     assert_eq!(status["status"]["phase"], "Pending");
     assert_eq!(reason_of(&status["status"], "Admitted"), "NoMatchingAgents");
-    let message = status["status"]["conditions"][0]["message"].as_str().expect("message");
-    assert!(message.contains("a GPU execution provider"), "the unmet requirement is named: {message}");
+    let message = status["status"]["conditions"][0]["message"]
+        .as_str()
+        .expect("message");
+    assert!(
+        message.contains("a GPU execution provider"),
+        "the unmet requirement is named: {message}"
+    );
     f.verifier.expect_event("team-a").await;
-    assert_eq!(run.await.expect("join").expect("reconcile"), Action::requeue(Duration::from_secs(15)));
+    assert_eq!(
+        run.await.expect("join").expect("reconcile"),
+        Action::requeue(Duration::from_secs(15))
+    );
 }
 
 #[tokio::test]
@@ -373,14 +503,24 @@ async fn deletion_cancels_running_shards_and_removes_the_finalizer() {
     let assigned = rx.recv().await.expect("open").expect("ok");
     assert!(matches!(assigned.msg, Some(Down::Assign(_))));
     let mut deleting = w.clone();
-    deleting.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
+    deleting.metadata.deletion_timestamp = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
+    );
     let run = tokio::spawn(workload::reconcile(Arc::new(deleting), f.ctx.clone()));
     let patch = f
         .verifier
-        .expect("PATCH", "/apis/infermesh.dev/v1alpha1/namespaces/team-a/workloads/w", 200, serde_json::to_value(&w).expect("json"))
+        .expect(
+            "PATCH",
+            "/apis/infermesh.dev/v1alpha1/namespaces/team-a/workloads/w",
+            200,
+            serde_json::to_value(&w).expect("json"),
+        )
         .await;
     assert!(patch.to_string().contains("remove"), "{patch}");
-    assert_eq!(run.await.expect("join").expect("reconcile"), Action::await_change());
+    assert_eq!(
+        run.await.expect("join").expect("reconcile"),
+        Action::await_change()
+    );
     let mut cancelled = false;
     while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
         cancelled |= matches!(m.msg, Some(Down::Cancel(_)));
@@ -411,13 +551,24 @@ async fn suspend_pauses_dispatch() {
         .expect("submit");
     let mut suspended = w.clone();
     suspended.spec.suspend = true;
-    workload::reconcile(Arc::new(suspended), f.ctx.clone()).await.expect("reconcile");
+    workload::reconcile(Arc::new(suspended), f.ctx.clone())
+        .await
+        .expect("reconcile");
     let (_a, mut rx) = f.agent("gpus-a", &["cpu"]).await;
     let got = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await;
     assert!(got.is_err(), "nothing dispatched while suspended: {got:?}");
-    workload::reconcile(Arc::new(w), f.ctx.clone()).await.expect("reconcile");
-    let got = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await.expect("assign");
-    assert!(matches!(got, Some(Ok(pb::OperatorMessage { msg: Some(Down::Assign(_)) }))));
+    workload::reconcile(Arc::new(w), f.ctx.clone())
+        .await
+        .expect("reconcile");
+    let got = tokio::time::timeout(Duration::from_secs(2), rx.recv())
+        .await
+        .expect("assign");
+    assert!(matches!(
+        got,
+        Some(Ok(pb::OperatorMessage {
+            msg: Some(Down::Assign(_))
+        }))
+    ));
     assert!(!f.ctx.core.workload(&key).await.expect("known").suspended);
     f.verifier.expect_nothing_more().await;
 }
@@ -440,7 +591,12 @@ async fn agent_registration_creates_an_agent() {
     assert_eq!(created["spec"]["node"], "node-gpus-a");
     let status = f
         .verifier
-        .expect("PATCH", "/apis/infermesh.dev/v1alpha1/agents/gpus-a/status", 200, agent_json("gpus-a"))
+        .expect(
+            "PATCH",
+            "/apis/infermesh.dev/v1alpha1/agents/gpus-a/status",
+            200,
+            agent_json("gpus-a"),
+        )
         .await;
     assert_eq!(status["status"]["phase"], "Ready");
     assert_eq!(status["status"]["slots"], 2);
@@ -470,30 +626,82 @@ async fn a_missed_lease_marks_the_agent_not_ready_and_requeues_its_shards() {
         })
         .await
         .expect("submit");
-    assert!(matches!(rx.recv().await, Some(Ok(pb::OperatorMessage { msg: Some(Down::Assign(_)) }))));
+    assert!(matches!(
+        rx.recv().await,
+        Some(Ok(pb::OperatorMessage {
+            msg: Some(Down::Assign(_))
+        }))
+    ));
     let mut writer = status::StatusWriter::new(f.ctx.clone());
     let tick = tokio::spawn(async move {
         writer.tick(Instant::now()).await;
         writer
     });
-    f.verifier.expect("POST", "/apis/infermesh.dev/v1alpha1/agents", 201, agent_json("gpus-a")).await;
-    let s = f.verifier.expect("PATCH", "/apis/infermesh.dev/v1alpha1/agents/gpus-a/status", 200, agent_json("gpus-a")).await;
+    f.verifier
+        .expect(
+            "POST",
+            "/apis/infermesh.dev/v1alpha1/agents",
+            201,
+            agent_json("gpus-a"),
+        )
+        .await;
+    let s = f
+        .verifier
+        .expect(
+            "PATCH",
+            "/apis/infermesh.dev/v1alpha1/agents/gpus-a/status",
+            200,
+            agent_json("gpus-a"),
+        )
+        .await;
     assert_eq!(s["status"]["phase"], "Ready");
     assert_eq!(s["status"]["running"], 2);
-    f.verifier.expect("PATCH", "/apis/infermesh.dev/v1alpha1/namespaces/team-a/workloads/w/status", 200, f.workload_json()).await;
+    f.verifier
+        .expect(
+            "PATCH",
+            "/apis/infermesh.dev/v1alpha1/namespaces/team-a/workloads/w/status",
+            200,
+            f.workload_json(),
+        )
+        .await;
     let mut writer = tick.await.expect("join");
 
     // The lease (5 s) passes without a heartbeat.
-    let lost = f.ctx.core.reap(Instant::now() + Duration::from_secs(6)).await.expect("reap");
+    let lost = f
+        .ctx
+        .core
+        .reap(Instant::now() + Duration::from_secs(6))
+        .await
+        .expect("reap");
     assert_eq!(lost, vec!["gpus-a".to_string()]);
     let summary = f.ctx.core.workload(&key).await.expect("known");
-    assert_eq!(summary.shards_running, 0, "its shards went back to the queue");
+    assert_eq!(
+        summary.shards_running, 0,
+        "its shards went back to the queue"
+    );
     assert_eq!(summary.attempts_retried, 2);
-    let tick = tokio::spawn(async move { writer.tick(Instant::now() + Duration::from_secs(3)).await });
-    let s = f.verifier.expect("PATCH", "/apis/infermesh.dev/v1alpha1/agents/gpus-a/status", 200, agent_json("gpus-a")).await;
+    let tick =
+        tokio::spawn(async move { writer.tick(Instant::now() + Duration::from_secs(3)).await });
+    let s = f
+        .verifier
+        .expect(
+            "PATCH",
+            "/apis/infermesh.dev/v1alpha1/agents/gpus-a/status",
+            200,
+            agent_json("gpus-a"),
+        )
+        .await;
     assert_eq!(s["status"]["phase"], "NotReady");
     assert_eq!(reason_of(&s["status"], "Ready"), "LeaseExpired");
-    let w = f.verifier.expect("PATCH", "/apis/infermesh.dev/v1alpha1/namespaces/team-a/workloads/w/status", 200, f.workload_json()).await;
+    let w = f
+        .verifier
+        .expect(
+            "PATCH",
+            "/apis/infermesh.dev/v1alpha1/namespaces/team-a/workloads/w/status",
+            200,
+            f.workload_json(),
+        )
+        .await;
     assert_eq!(w["status"]["shards"]["running"], 0);
     assert_eq!(w["status"]["attemptsRetried"], 2);
     assert_eq!(tick.await.expect("join"), 2);
@@ -504,9 +712,18 @@ async fn an_unschedulable_agent_is_drained() {
     let mut f = Fixture::new().await;
     f.with_mesh().await;
     let _a = f.agent("gpus-a", &["cpu"]).await;
-    let mut agent = Agent::new("gpus-a", AgentSpec { mesh: "gpus".into(), node: "node-gpus-a".into(), unschedulable: true });
+    let mut agent = Agent::new(
+        "gpus-a",
+        AgentSpec {
+            mesh: "gpus".into(),
+            node: "node-gpus-a".into(),
+            unschedulable: true,
+        },
+    );
     agent.metadata.uid = Some("a-uid".into());
-    let action = agent::reconcile(Arc::new(agent), f.ctx.clone()).await.expect("reconcile");
+    let action = agent::reconcile(Arc::new(agent), f.ctx.clone())
+        .await
+        .expect("reconcile");
     assert_eq!(action, Action::requeue(Duration::from_secs(300)));
     let a = f.ctx.core.agents().await.pop().expect("agent");
     assert!(a.unschedulable);
@@ -517,35 +734,90 @@ async fn an_unschedulable_agent_is_drained() {
 #[tokio::test]
 async fn the_agent_of_a_deleted_node_is_removed() {
     let mut f = Fixture::new().await;
-    let agent = Agent::new("gpus-b", AgentSpec { mesh: "gpus".into(), node: "node-b".into(), unschedulable: false });
+    let agent = Agent::new(
+        "gpus-b",
+        AgentSpec {
+            mesh: "gpus".into(),
+            node: "node-b".into(),
+            unschedulable: false,
+        },
+    );
     let run = tokio::spawn(agent::reconcile(Arc::new(agent), f.ctx.clone()));
-    f.verifier.expect("GET", "/api/v1/nodes/node-b", 404, not_found()).await;
-    f.verifier.expect("DELETE", "/apis/infermesh.dev/v1alpha1/agents/gpus-b", 200, agent_json("gpus-b")).await;
-    assert_eq!(run.await.expect("join").expect("reconcile"), Action::await_change());
+    f.verifier
+        .expect("GET", "/api/v1/nodes/node-b", 404, not_found())
+        .await;
+    f.verifier
+        .expect(
+            "DELETE",
+            "/apis/infermesh.dev/v1alpha1/agents/gpus-b",
+            200,
+            agent_json("gpus-b"),
+        )
+        .await;
+    assert_eq!(
+        run.await.expect("join").expect("reconcile"),
+        Action::await_change()
+    );
 }
 
 #[tokio::test]
 async fn the_agent_whose_pod_is_gone_is_removed_but_not_while_its_pod_runs() {
     let mut f = Fixture::new().await;
-    let agent = Agent::new("gpus-c", AgentSpec { mesh: "gpus".into(), node: "node-c".into(), unschedulable: false });
+    let agent = Agent::new(
+        "gpus-c",
+        AgentSpec {
+            mesh: "gpus".into(),
+            node: "node-c".into(),
+            unschedulable: false,
+        },
+    );
     let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-c"}});
     let pods = |n: usize| json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": (0..n).map(|i| json!({"metadata": {"name": format!("p{i}")}})).collect::<Vec<_>>()});
     let run = tokio::spawn(agent::reconcile(Arc::new(agent.clone()), f.ctx.clone()));
-    f.verifier.expect("GET", "/api/v1/nodes/node-c", 200, node.clone()).await;
-    f.verifier.expect("GET", "/api/v1/namespaces/infermesh/pods", 200, pods(1)).await;
-    assert_eq!(run.await.expect("join").expect("reconcile"), Action::requeue(Duration::from_secs(60)));
+    f.verifier
+        .expect("GET", "/api/v1/nodes/node-c", 200, node.clone())
+        .await;
+    f.verifier
+        .expect("GET", "/api/v1/namespaces/infermesh/pods", 200, pods(1))
+        .await;
+    assert_eq!(
+        run.await.expect("join").expect("reconcile"),
+        Action::requeue(Duration::from_secs(60))
+    );
     let run = tokio::spawn(agent::reconcile(Arc::new(agent), f.ctx.clone()));
-    f.verifier.expect("GET", "/api/v1/nodes/node-c", 200, node).await;
-    f.verifier.expect("GET", "/api/v1/namespaces/infermesh/pods", 200, pods(0)).await;
-    f.verifier.expect("DELETE", "/apis/infermesh.dev/v1alpha1/agents/gpus-c", 200, agent_json("gpus-c")).await;
-    assert_eq!(run.await.expect("join").expect("reconcile"), Action::await_change());
+    f.verifier
+        .expect("GET", "/api/v1/nodes/node-c", 200, node)
+        .await;
+    f.verifier
+        .expect("GET", "/api/v1/namespaces/infermesh/pods", 200, pods(0))
+        .await;
+    f.verifier
+        .expect(
+            "DELETE",
+            "/apis/infermesh.dev/v1alpha1/agents/gpus-c",
+            200,
+            agent_json("gpus-c"),
+        )
+        .await;
+    assert_eq!(
+        run.await.expect("join").expect("reconcile"),
+        Action::await_change()
+    );
 }
 
 #[tokio::test]
 async fn leader_election_acquires_and_renews_the_lease() {
     let mut f = Fixture::new().await;
-    let api = kube::Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(f.ctx.client.clone(), NS);
-    let elector = Arc::new(leader::LeaderElector::new(api, "leader", "operator-0", Duration::from_secs(15)));
+    let api = kube::Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(
+        f.ctx.client.clone(),
+        NS,
+    );
+    let elector = Arc::new(leader::LeaderElector::new(
+        api,
+        "leader",
+        "operator-0",
+        Duration::from_secs(15),
+    ));
     let path = "/apis/coordination.k8s.io/v1/namespaces/infermesh/leases/leader";
     // Nobody holds it: created.
     let e = elector.clone();
@@ -586,7 +858,10 @@ async fn leader_election_acquires_and_renews_the_lease() {
         .verifier
         .expect("PUT", path, 409, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "conflict"}))
         .await;
-    assert_eq!(taken["spec"]["leaseTransitions"], 1, "a take-over counts a transition");
+    assert_eq!(
+        taken["spec"]["leaseTransitions"], 1,
+        "a take-over counts a transition"
+    );
     assert!(!run.await.expect("join").expect("lost race"));
 }
 
@@ -594,7 +869,11 @@ async fn leader_election_acquires_and_renews_the_lease() {
 async fn a_token_review_that_is_not_authenticated_or_names_another_service_account_is_refused() {
     use crate::grpc::Authenticator;
     let mut f = Fixture::new().await;
-    let reviewer = Arc::new(token_review::TokenReviewer::new(f.ctx.client.clone(), NS, None));
+    let reviewer = Arc::new(token_review::TokenReviewer::new(
+        f.ctx.client.clone(),
+        NS,
+        None,
+    ));
     let path = "/apis/authentication.k8s.io/v1/tokenreviews";
     let review = |authenticated: bool, user: &str| {
         json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {},
@@ -603,7 +882,10 @@ async fn a_token_review_that_is_not_authenticated_or_names_another_service_accou
     // Not authenticated.
     let r = reviewer.clone();
     let run = tokio::spawn(async move { r.authenticate("bad-token").await });
-    let sent = f.verifier.expect("POST", path, 201, review(false, "")).await;
+    let sent = f
+        .verifier
+        .expect("POST", path, 201, review(false, ""))
+        .await;
     assert_eq!(sent["spec"]["token"], "bad-token");
     assert_eq!(sent["spec"]["audiences"][0], "infermesh");
     let err = run.await.expect("join").expect_err("refused");
@@ -611,15 +893,35 @@ async fn a_token_review_that_is_not_authenticated_or_names_another_service_accou
     // Authenticated, but as another ServiceAccount than the Mesh's.
     let r = reviewer.clone();
     let run = tokio::spawn(async move { r.authenticate("other-token").await });
-    f.verifier.expect("POST", path, 201, review(true, "system:serviceaccount:infermesh:default")).await;
+    f.verifier
+        .expect(
+            "POST",
+            path,
+            201,
+            review(true, "system:serviceaccount:infermesh:default"),
+        )
+        .await;
     let who = run.await.expect("join").expect("authenticated");
-    let err = reviewer.authorize(&who, "gpus").expect_err("not the mesh's account");
+    let err = reviewer
+        .authorize(&who, "gpus")
+        .expect_err("not the mesh's account");
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
-    assert!(err.message().contains("infermesh-agent-gpus"), "{}", err.message());
+    assert!(
+        err.message().contains("infermesh-agent-gpus"),
+        "{}",
+        err.message()
+    );
     // The Mesh's own ServiceAccount is accepted, for that Mesh only; the answer is cached.
     let r = reviewer.clone();
     let run = tokio::spawn(async move { r.authenticate("good-token").await });
-    f.verifier.expect("POST", path, 201, review(true, "system:serviceaccount:infermesh:infermesh-agent-gpus")).await;
+    f.verifier
+        .expect(
+            "POST",
+            path,
+            201,
+            review(true, "system:serviceaccount:infermesh:infermesh-agent-gpus"),
+        )
+        .await;
     let who = run.await.expect("join").expect("authenticated");
     reviewer.authorize(&who, "gpus").expect("the mesh's agents");
     assert!(reviewer.authorize(&who, "other-mesh").is_err());
@@ -637,26 +939,44 @@ fn every_call_in_these_scenarios_is_in_rbac_yaml_and_every_rule_is_used() {
         .cluster
         .iter()
         .chain(&rules.namespace)
-        .flat_map(|r| r.resources.iter().flat_map(move |res| r.verbs.iter().map(move |v| (v.clone(), res.clone()))))
+        .flat_map(|r| {
+            r.resources
+                .iter()
+                .flat_map(move |res| r.verbs.iter().map(move |v| (v.clone(), res.clone())))
+        })
         .collect();
     for needed in [
-        ("watch", "meshes"), ("watch", "workloads"), ("watch", "agents"), ("watch", "daemonsets"),
-        ("list", "meshes"), ("get", "customresourcedefinitions"), ("get", "secrets"), ("create", "secrets"),
-        ("patch", "pods"), ("create", "events"), ("patch", "events"),
+        ("watch", "meshes"),
+        ("watch", "workloads"),
+        ("watch", "agents"),
+        ("watch", "daemonsets"),
+        ("list", "meshes"),
+        ("get", "customresourcedefinitions"),
+        ("get", "secrets"),
+        ("create", "secrets"),
+        ("patch", "pods"),
+        ("create", "events"),
+        ("patch", "events"),
     ] {
-        assert!(all.contains(&(needed.0.to_string(), needed.1.to_string())), "rbac.yaml lacks {needed:?}");
+        assert!(
+            all.contains(&(needed.0.to_string(), needed.1.to_string())),
+            "rbac.yaml lacks {needed:?}"
+        );
     }
 }
 
 #[tokio::test]
-async fn the_grpc_port_serves_tls_with_the_provisioned_certificate_and_agents_trusting_its_ca_attach() {
+async fn the_grpc_port_serves_tls_with_the_provisioned_certificate_and_agents_trusting_its_ca_attach()
+ {
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
     let core = Arc::new(Core::new(Backend::Sqlite.open().await));
     let m = Fixture::new().await.mesh(true);
     core.upsert_mesh("gpus", m.spec).await.expect("mesh");
     let host = "infermesh-grpc.infermesh.svc";
     let material = tls::generate(&tls::subject_names(host)).expect("certificate");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let port = listener.local_addr().expect("addr").port();
     tokio::spawn(crate::grpc::serve(
         listener,
@@ -682,12 +1002,23 @@ async fn the_grpc_port_serves_tls_with_the_provisioned_certificate_and_agents_tr
                 node: "a".into(),
                 mesh: "gpus".into(),
                 version: "t".into(),
-                capabilities: Some(pb::Capabilities { execution_providers: vec!["cpu".into()], slots: 1, ..Default::default() }),
+                capabilities: Some(pb::Capabilities {
+                    execution_providers: vec!["cpu".into()],
+                    slots: 1,
+                    ..Default::default()
+                }),
             })),
         };
-        let mut request = tonic::Request::new(tokio_stream::iter(vec![hello]).chain(tokio_stream::pending()));
-        request.metadata_mut().insert("authorization", "Bearer t".parse().expect("header"));
-        let mut stream = client.attach(request).await.map_err(|s| anyhow_status(&s))?.into_inner();
+        let mut request =
+            tonic::Request::new(tokio_stream::iter(vec![hello]).chain(tokio_stream::pending()));
+        request
+            .metadata_mut()
+            .insert("authorization", "Bearer t".parse().expect("header"));
+        let mut stream = client
+            .attach(request)
+            .await
+            .map_err(|s| anyhow_status(&s))?
+            .into_inner();
         let first = stream.message().await.map_err(|s| anyhow_status(&s))?;
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(first)
     };
@@ -695,11 +1026,24 @@ async fn the_grpc_port_serves_tls_with_the_provisioned_certificate_and_agents_tr
         .await
         .expect("in time")
         .expect("attached over TLS");
-    assert!(matches!(first, Some(pb::OperatorMessage { msg: Some(Down::Welcome(_)) })), "{first:?}");
+    assert!(
+        matches!(
+            first,
+            Some(pb::OperatorMessage {
+                msg: Some(Down::Welcome(_))
+            })
+        ),
+        "{first:?}"
+    );
     // A client that trusts another CA is refused at the handshake.
     let other = tls::generate(&tls::subject_names(host)).expect("other CA");
-    let refused = tokio::time::timeout(Duration::from_secs(10), attach(other.ca)).await.expect("in time");
-    assert!(refused.is_err(), "a foreign CA must not verify the operator's certificate");
+    let refused = tokio::time::timeout(Duration::from_secs(10), attach(other.ca))
+        .await
+        .expect("in time");
+    assert!(
+        refused.is_err(),
+        "a foreign CA must not verify the operator's certificate"
+    );
 }
 
 fn anyhow_status(s: &tonic::Status) -> Box<dyn std::error::Error + Send + Sync> {
@@ -713,9 +1057,26 @@ async fn startup_names_the_command_to_install_missing_crds() {
     let run = tokio::spawn(async move { run::check_crds(&client).await });
     let crd = json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition", "metadata": {"name": "meshes.infermesh.dev"},
                      "spec": {"group": "infermesh.dev", "names": {"kind": "Mesh", "plural": "meshes"}, "scope": "Cluster", "versions": []}});
-    f.verifier.expect("GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/meshes.infermesh.dev", 200, crd).await;
-    f.verifier.expect("GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/agents.infermesh.dev", 404, not_found()).await;
+    f.verifier
+        .expect(
+            "GET",
+            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/meshes.infermesh.dev",
+            200,
+            crd,
+        )
+        .await;
+    f.verifier
+        .expect(
+            "GET",
+            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/agents.infermesh.dev",
+            404,
+            not_found(),
+        )
+        .await;
     let err = run.await.expect("join").expect_err("agents CRD missing");
-    assert!(err.contains("agents.infermesh.dev is not installed"), "{err}");
+    assert!(
+        err.contains("agents.infermesh.dev is not installed"),
+        "{err}"
+    );
     assert!(err.contains("infermesh crd | kubectl apply -f -"), "{err}");
 }

@@ -35,7 +35,9 @@ pub enum TlsError {
         source: kube::Error,
     },
     /// The Secret does not exist and provisioning is off.
-    #[error("Secret {name} does not exist: create it (keys tls.crt, tls.key, ca.crt) or let the operator provision it")]
+    #[error(
+        "Secret {name} does not exist: create it (keys tls.crt, tls.key, ca.crt) or let the operator provision it"
+    )]
     NotProvisioned {
         /// Secret name.
         name: String,
@@ -70,7 +72,10 @@ pub fn subject_names(endpoint_host: &str) -> Vec<String> {
 pub fn generate(names: &[String]) -> Result<Material, rcgen::Error> {
     // Valid from the start of last year (clock skew) for ten years.
     let year = k8s_openapi::jiff::Zoned::now().year() as i32;
-    let now = (rcgen::date_time_ymd(year - 1, 1, 1), rcgen::date_time_ymd(year + 10, 1, 1));
+    let now = (
+        rcgen::date_time_ymd(year - 1, 1, 1),
+        rcgen::date_time_ymd(year + 10, 1, 1),
+    );
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params
@@ -82,9 +87,10 @@ pub fn generate(names: &[String]) -> Result<Material, rcgen::Error> {
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca_params, ca_key);
     let mut params = CertificateParams::new(names.to_vec())?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, names.first().map(String::as_str).unwrap_or("infermesh"));
+    params.distinguished_name.push(
+        DnType::CommonName,
+        names.first().map(String::as_str).unwrap_or("infermesh"),
+    );
     params.not_before = now.0;
     params.not_after = now.1;
     let key = KeyPair::generate()?;
@@ -95,7 +101,6 @@ pub fn generate(names: &[String]) -> Result<Material, rcgen::Error> {
         ca: ca_cert.pem(),
     })
 }
-
 
 fn key_of(secret: &Secret, name: &str, key: &'static str) -> Result<String, TlsError> {
     secret
@@ -143,9 +148,18 @@ pub async fn ensure(
         },
         type_: Some("kubernetes.io/tls".into()),
         data: Some(BTreeMap::from([
-            ("tls.crt".to_string(), ByteString(material.cert.clone().into_bytes())),
-            ("tls.key".to_string(), ByteString(material.key.clone().into_bytes())),
-            ("ca.crt".to_string(), ByteString(material.ca.clone().into_bytes())),
+            (
+                "tls.crt".to_string(),
+                ByteString(material.cert.clone().into_bytes()),
+            ),
+            (
+                "tls.key".to_string(),
+                ByteString(material.key.clone().into_bytes()),
+            ),
+            (
+                "ca.crt".to_string(),
+                ByteString(material.ca.clone().into_bytes()),
+            ),
         ])),
         ..Secret::default()
     };

@@ -17,18 +17,25 @@ use crate::grpc::{Authenticator, Principal};
 /// How long a review's answer is reused.
 pub const CACHE_TTL: Duration = Duration::from_secs(60);
 
+/// A review's answer and when it was made.
+type Review = (Instant, Result<Principal, String>);
+
 /// Checks bearer tokens with the API server.
 pub struct TokenReviewer {
     api: Api<TokenReview>,
     namespace: String,
     audience: String,
-    cache: Mutex<HashMap<[u8; 32], (Instant, Result<Principal, String>)>>,
+    cache: Mutex<HashMap<[u8; 32], Review>>,
     metrics: Option<crate::metrics::Metrics>,
 }
 
 impl TokenReviewer {
     /// Reviews tokens through `client`; agents' ServiceAccounts live in `namespace`.
-    pub fn new(client: kube::Client, namespace: &str, metrics: Option<crate::metrics::Metrics>) -> Self {
+    pub fn new(
+        client: kube::Client,
+        namespace: &str,
+        metrics: Option<crate::metrics::Metrics>,
+    ) -> Self {
         Self {
             api: Api::all(client),
             namespace: namespace.into(),
@@ -62,7 +69,7 @@ impl TokenReviewer {
             ));
         }
         if let Some(aud) = &status.audiences
-            && !aud.iter().any(|a| *a == self.audience)
+            && !aud.contains(&self.audience)
         {
             return Err(format!("token is not for audience `{}`", self.audience));
         }

@@ -91,9 +91,23 @@ pub fn running_status(
     let prev_conditions = previous.map(|p| p.conditions.as_slice()).unwrap_or(&[]);
     let admitted = summary.phase != WorkloadPhase::Pending;
     let admitted_cond = if admitted {
-        condition(prev_conditions, "Admitted", true, "Admitted", format!("{} shards planned", summary.shards_total), generation)
+        condition(
+            prev_conditions,
+            "Admitted",
+            true,
+            "Admitted",
+            format!("{} shards planned", summary.shards_total),
+            generation,
+        )
     } else {
-        condition(prev_conditions, "Admitted", false, reason_or(&summary.reason, "Pending"), summary.message.clone(), generation)
+        condition(
+            prev_conditions,
+            "Admitted",
+            false,
+            reason_or(&summary.reason, "Pending"),
+            summary.message.clone(),
+            generation,
+        )
     };
     let complete_cond = match summary.phase {
         WorkloadPhase::Succeeded => condition(
@@ -101,7 +115,10 @@ pub fn running_status(
             "Complete",
             true,
             "Succeeded",
-            format!("{} records in {} shards; output {}", summary.records, summary.shards_total, summary.output_uri),
+            format!(
+                "{} records in {} shards; output {}",
+                summary.records, summary.shards_total, summary.output_uri
+            ),
             generation,
         ),
         WorkloadPhase::Failed => condition(
@@ -125,19 +142,27 @@ pub fn running_status(
             "Complete",
             false,
             "Running",
-            format!("{} of {} shards done", summary.shards_succeeded, summary.shards_total),
+            format!(
+                "{} of {} shards done",
+                summary.shards_succeeded, summary.shards_total
+            ),
             generation,
         ),
-        WorkloadPhase::Pending => condition(prev_conditions, "Complete", false, "Pending", "not admitted yet", generation),
+        WorkloadPhase::Pending => condition(
+            prev_conditions,
+            "Complete",
+            false,
+            "Pending",
+            "not admitted yet",
+            generation,
+        ),
     };
-    let start_time = previous
-        .and_then(|p| p.start_time.clone())
-        .or_else(|| {
-            admitted.then(|| {
-                let elapsed = SignedDuration::try_from(summary.elapsed).unwrap_or_default();
-                now.checked_sub(elapsed).unwrap_or(now).to_string()
-            })
-        });
+    let start_time = previous.and_then(|p| p.start_time.clone()).or_else(|| {
+        admitted.then(|| {
+            let elapsed = SignedDuration::try_from(summary.elapsed).unwrap_or_default();
+            now.checked_sub(elapsed).unwrap_or(now).to_string()
+        })
+    });
     let completion_time = if summary.phase.is_terminal() {
         previous
             .and_then(|p| p.completion_time.clone())
@@ -180,12 +205,20 @@ pub fn waiting_status(
     failed: bool,
 ) -> WorkloadStatus {
     let prev = previous.map(|p| p.conditions.as_slice()).unwrap_or(&[]);
-    let mut conditions = vec![condition(prev, "Admitted", false, reason, message, generation)];
+    let mut conditions = vec![condition(
+        prev, "Admitted", false, reason, message, generation,
+    )];
     if failed {
-        conditions.push(condition(prev, "Complete", false, reason, message, generation));
+        conditions.push(condition(
+            prev, "Complete", false, reason, message, generation,
+        ));
     }
     WorkloadStatus {
-        phase: if failed { WorkloadPhase::Failed } else { WorkloadPhase::Pending },
+        phase: if failed {
+            WorkloadPhase::Failed
+        } else {
+            WorkloadPhase::Pending
+        },
         observed_generation: generation,
         conditions,
         ..WorkloadStatus::default()
@@ -211,14 +244,19 @@ pub async fn patch_status(
     status: &WorkloadStatus,
 ) -> Result<()> {
     let api: Api<Workload> = Api::namespaced(ctx.client.clone(), namespace);
-    let body = json!({"apiVersion": "infermesh.dev/v1alpha1", "kind": "Workload", "status": status});
+    let body =
+        json!({"apiVersion": "infermesh.dev/v1alpha1", "kind": "Workload", "status": status});
     ctx.metrics.write("workloads/status", "patch");
-    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
-        .await
-        .map_err(|source| Error::PatchStatus {
-            what: format!("Workload {namespace}/{name}"),
-            source,
-        })?;
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(body),
+    )
+    .await
+    .map_err(|source| Error::PatchStatus {
+        what: format!("Workload {namespace}/{name}"),
+        source,
+    })?;
     Ok(())
 }
 
@@ -321,13 +359,21 @@ async fn apply(w: &Workload, ctx: &Context) -> Result<Action> {
     // The operator reads only sizes; agents read the data.
     let model_size = async { Location::parse(&w.spec.model.uri)?.size().await };
     if let Err(e) = model_size.await {
-        let reason = if matches!(e, ObjectError::NotFound { .. }) { "ModelNotFound" } else { "StorageError" };
+        let reason = if matches!(e, ObjectError::NotFound { .. }) {
+            "ModelNotFound"
+        } else {
+            "StorageError"
+        };
         return wait(ctx, w, object_waiting("spec.model.uri", reason, &e)).await;
     }
     let input_size = match async { Location::parse(&w.spec.input.uri)?.size().await }.await {
         Ok(size) => size,
         Err(e) => {
-            let reason = if matches!(e, ObjectError::NotFound { .. }) { "InputNotFound" } else { "StorageError" };
+            let reason = if matches!(e, ObjectError::NotFound { .. }) {
+                "InputNotFound"
+            } else {
+                "StorageError"
+            };
             return wait(ctx, w, object_waiting("spec.input.uri", reason, &e)).await;
         }
     };
@@ -363,18 +409,35 @@ async fn apply(w: &Workload, ctx: &Context) -> Result<Action> {
     }
     if let Some(summary) = ctx.core.workload(&key).await {
         // The status writer may have written it a moment ago; it keeps it in step anyway.
-        if !ctx.claim_workload_write(&ns, &name, ctx.config.workload_status_period, std::time::Instant::now()) {
+        if !ctx.claim_workload_write(
+            &ns,
+            &name,
+            ctx.config.workload_status_period,
+            std::time::Instant::now(),
+        ) {
             return Ok(Action::requeue(Duration::from_secs(300)));
         }
-        let status = running_status(&summary, w.status.as_ref(), w.metadata.generation, Timestamp::now());
+        let status = running_status(
+            &summary,
+            w.status.as_ref(),
+            w.metadata.generation,
+            Timestamp::now(),
+        );
         patch_status(ctx, &ns, &name, &status).await?;
         let (type_, reason, note) = if summary.phase == WorkloadPhase::Pending {
-            (EventType::Warning, reason_or(&summary.reason, "Pending").to_string(), summary.message.clone())
+            (
+                EventType::Warning,
+                reason_or(&summary.reason, "Pending").to_string(),
+                summary.message.clone(),
+            )
         } else {
             (
                 EventType::Normal,
                 "Admitted".to_string(),
-                format!("{} shards planned over {} input bytes", summary.shards_total, summary.input_bytes),
+                format!(
+                    "{} shards planned over {} input bytes",
+                    summary.shards_total, summary.input_bytes
+                ),
             )
         };
         publish(ctx, w, type_, &reason, note).await;
@@ -383,9 +446,21 @@ async fn apply(w: &Workload, ctx: &Context) -> Result<Action> {
 }
 
 async fn invalid(ctx: &Context, w: &Workload, reason: &str, message: &str) -> Result<Action> {
-    let status = waiting_status(w.status.as_ref(), w.metadata.generation, reason, message, true);
+    let status = waiting_status(
+        w.status.as_ref(),
+        w.metadata.generation,
+        reason,
+        message,
+        true,
+    );
     tracing::warn!(workload = %w.name_any(), reason, message, "invalid workload");
-    patch_status(ctx, &w.namespace().unwrap_or_default(), &w.name_any(), &status).await?;
+    patch_status(
+        ctx,
+        &w.namespace().unwrap_or_default(),
+        &w.name_any(),
+        &status,
+    )
+    .await?;
     publish(ctx, w, EventType::Warning, reason, message.to_string()).await;
     // Not retried until the object changes.
     Ok(Action::await_change())
@@ -395,7 +470,11 @@ async fn cleanup(w: &Workload, ctx: &Context) -> Result<Action> {
     let key = key_of(w)?;
     if ctx
         .core
-        .cancel(&key, "Deleted", "the Workload was deleted; running shards were cancelled")
+        .cancel(
+            &key,
+            "Deleted",
+            "the Workload was deleted; running shards were cancelled",
+        )
         .await?
     {
         tracing::info!(workload = %key, "workload deleted: shards cancelled");

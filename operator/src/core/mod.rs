@@ -273,7 +273,9 @@ impl<S: Store> Core<S> {
     /// A summary of one workload.
     pub async fn workload(&self, key: &str) -> Option<WorkloadSummary> {
         let st = self.state.lock().await;
-        st.by_key.get(key).map(|&i| self.summarize(&st.workloads[i]))
+        st.by_key
+            .get(key)
+            .map(|&i| self.summarize(&st.workloads[i]))
     }
 
     /// The Meshes the core knows.
@@ -778,7 +780,11 @@ impl<S: Store> Core<S> {
                 credits: a.credits,
                 providers: a.providers.clone(),
                 gpus: a.gpus.len() as u32,
-                gpu_product: a.gpus.first().map(|g| g.product.clone()).unwrap_or_default(),
+                gpu_product: a
+                    .gpus
+                    .first()
+                    .map(|g| g.product.clone())
+                    .unwrap_or_default(),
                 gpu_memory: a.gpus.iter().map(|g| g.memory_bytes).min().unwrap_or(0),
                 models_loaded: a.loaded.iter().cloned().collect(),
                 models_cached: a.cached.iter().cloned().collect(),
