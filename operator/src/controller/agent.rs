@@ -225,3 +225,54 @@ async fn node_and_pod_gone(ctx: &Context, agent: &Agent) -> Result<Option<String
         )
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::mesh::tests::summary;
+
+    #[test]
+    fn phases_follow_connection_and_drain() {
+        assert_eq!(phase(&summary("a", "m", true, false, 0)), AgentPhase::Ready);
+        assert_eq!(
+            phase(&summary("a", "m", true, true, 0)),
+            AgentPhase::Draining
+        );
+        assert_eq!(
+            phase(&summary("a", "m", false, true, 0)),
+            AgentPhase::NotReady
+        );
+    }
+
+    #[test]
+    fn agent_status_shows_gpu_load_and_reasons() {
+        let mut a = summary("a", "m", true, false, 2);
+        a.running = 1;
+        a.completed = 7;
+        a.credits = 2_500_000;
+        let s = agent_status(&a, None, Timestamp::now());
+        assert_eq!(s.gpu_summary.as_deref(), Some("2x NVIDIA L4 48Gi"));
+        assert_eq!((s.running, s.completed_shards, s.slots), (1, 7, 2));
+        assert_eq!(s.credits.as_deref(), Some("2.500000"));
+        assert_eq!(s.conditions[0].reason, "Heartbeating");
+        let lost = agent_status(
+            &summary("a", "m", false, false, 0),
+            Some(&s),
+            Timestamp::now(),
+        );
+        assert_eq!(lost.phase, AgentPhase::NotReady);
+        assert_eq!(lost.gpu_summary.as_deref(), Some("none (cpu)"));
+        assert_eq!(lost.conditions[0].reason, "LeaseExpired");
+        let drained = agent_status(&summary("a", "m", true, true, 0), None, Timestamp::now());
+        assert_eq!(drained.conditions[0].reason, "Unschedulable");
+    }
+
+    #[test]
+    fn the_agent_object_names_its_mesh_and_node() {
+        let agent = build_agent(&summary("gpus-n1", "gpus", true, false, 1));
+        assert_eq!(agent.metadata.name.as_deref(), Some("gpus-n1"));
+        assert_eq!(agent.spec.mesh, "gpus");
+        assert_eq!(agent.spec.node, "node-gpus-n1");
+        assert!(!agent.spec.unschedulable);
+    }
+}

@@ -11,11 +11,11 @@ use std::time::Duration;
 use infermesh_crds::{ExecutionProvider, Mesh, MeshStatus};
 use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    HostPathVolumeSource, KeyToPath, ObjectFieldSelector, PersistentVolumeClaimVolumeSource,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile,
-    SecretVolumeSource, SecurityContext, ServiceAccount, ServiceAccountTokenProjection, Volume,
-    VolumeMount, VolumeProjection,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    HTTPGetAction, HostPathVolumeSource, KeyToPath, ObjectFieldSelector,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ProjectedVolumeSource, SeccompProfile, SecretVolumeSource, SecurityContext, ServiceAccount,
+    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -158,8 +158,19 @@ pub fn build_daemonset(mesh: &Mesh, config: &Config) -> DaemonSet {
             mount_path: CACHE_PATH.into(),
             ..VolumeMount::default()
         },
+        // The root filesystem is read-only; ONNX Runtime and the runtime may want a /tmp.
+        VolumeMount {
+            name: "tmp".into(),
+            mount_path: "/tmp".into(),
+            ..VolumeMount::default()
+        },
     ];
     let mut volumes = vec![
+        Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
         Volume {
             name: "token".into(),
             projected: Some(ProjectedVolumeSource {
@@ -500,4 +511,195 @@ async fn cleanup(mesh: &Mesh, ctx: &Context) -> Result<Action> {
     }
     tracing::info!(mesh = %name, "mesh removed: agent DaemonSet and ServiceAccount deleted");
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use infermesh_crds::{Manifest, parse_manifests};
+
+    fn mesh(spec: &str) -> Mesh {
+        let yaml = format!(
+            "apiVersion: infermesh.dev/v1alpha1\nkind: Mesh\nmetadata: {{name: gpus}}\nspec:\n{spec}"
+        );
+        match parse_manifests(&yaml).expect("mesh").pop() {
+            Some(Manifest::Mesh(m)) => *m,
+            _ => panic!("mesh"),
+        }
+    }
+
+    pub(crate) fn summary(
+        id: &str,
+        mesh: &str,
+        connected: bool,
+        unschedulable: bool,
+        gpus: u32,
+    ) -> AgentSummary {
+        AgentSummary {
+            id: id.into(),
+            mesh: mesh.into(),
+            node: format!("node-{id}"),
+            connected,
+            unschedulable,
+            slots: 2,
+            running: 0,
+            completed: 0,
+            credits: 0,
+            providers: if gpus > 0 {
+                vec!["cuda".into(), "cpu".into()]
+            } else {
+                vec!["cpu".into()]
+            },
+            gpus,
+            gpu_product: if gpus > 0 {
+                "NVIDIA L4".into()
+            } else {
+                String::new()
+            },
+            gpu_memory: u64::from(gpus) * (24 << 30),
+            models_loaded: vec![],
+            models_cached: vec![],
+            since_heartbeat: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn the_daemonset_runs_restricted_agents_with_the_meshs_settings() {
+        let m = mesh(
+            "  nodeSelector: {pool: gpu}\n  tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]\n  \
+             agent: {image: my/agent:1, slots: 3, executionProviders: [cuda], intraOpThreads: 4, \
+             resources: {limits: {nvidia.com/gpu: \"1\"}}}\n",
+        );
+        let mut config = Config::for_namespace("im");
+        config.data_claim = Some("datasets".into());
+        let ds = build_daemonset(&m, &config);
+        assert_eq!(ds.metadata.name.as_deref(), Some("infermesh-agent-gpus"));
+        assert_eq!(ds.metadata.namespace.as_deref(), Some("im"));
+        let pod = ds
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.clone())
+            .expect("pod");
+        assert_eq!(
+            pod.node_selector
+                .expect("selector")
+                .get("pool")
+                .map(String::as_str),
+            Some("gpu")
+        );
+        assert_eq!(
+            pod.tolerations.expect("tolerations")[0].key.as_deref(),
+            Some("nvidia.com/gpu")
+        );
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let agent = &pod.containers[0];
+        assert_eq!(agent.image.as_deref(), Some("my/agent:1"));
+        let sc = agent.security_context.clone().expect("security context");
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            sc.capabilities.and_then(|c| c.drop),
+            Some(vec!["ALL".to_string()])
+        );
+        let env: BTreeMap<String, String> = agent
+            .env
+            .clone()
+            .expect("env")
+            .into_iter()
+            .filter_map(|e| e.value.map(|v| (e.name, v)))
+            .collect();
+        assert_eq!(env["INFERMESH_SLOTS"], "3");
+        assert_eq!(env["INFERMESH_EXECUTION_PROVIDERS"], "cuda");
+        assert_eq!(
+            env["INFERMESH_REQUIRE_GPU"], "true",
+            "no cpu provider: the GPU is required"
+        );
+        assert_eq!(env["INFERMESH_INTRA_OP_THREADS"], "4");
+        assert_eq!(env["INFERMESH_TOKEN_FILE"], TOKEN_PATH);
+        assert_eq!(env["INFERMESH_CA_CERT"], CA_PATH);
+        let limits = agent
+            .resources
+            .clone()
+            .and_then(|r| r.limits)
+            .expect("limits");
+        assert!(limits.contains_key("nvidia.com/gpu"));
+        let volumes = pod.volumes.expect("volumes");
+        let token = volumes
+            .iter()
+            .find(|v| v.name == "token")
+            .and_then(|v| v.projected.clone())
+            .expect("token");
+        let projection = token.sources.expect("sources")[0]
+            .service_account_token
+            .clone()
+            .expect("sa token");
+        assert_eq!(projection.audience.as_deref(), Some("infermesh"));
+        let cache = volumes
+            .iter()
+            .find(|v| v.name == "model-cache")
+            .and_then(|v| v.host_path.clone())
+            .expect("hostPath");
+        assert_eq!(cache.path, "/var/cache/infermesh/gpus");
+        let data = volumes
+            .iter()
+            .find(|v| v.name == "data")
+            .and_then(|v| v.persistent_volume_claim.clone())
+            .expect("data");
+        assert_eq!(data.claim_name, "datasets");
+        let tls = volumes
+            .iter()
+            .find(|v| v.name == "tls")
+            .and_then(|v| v.secret.clone())
+            .expect("tls");
+        assert_eq!(tls.secret_name.as_deref(), Some("infermesh-tls"));
+    }
+
+    #[test]
+    fn defaults_select_gpu_nodes_and_let_agents_fall_back_to_cpu() {
+        let ds = build_daemonset(&mesh("  agent: {}\n"), &Config::for_namespace("im"));
+        let pod = ds.spec.and_then(|s| s.template.spec).expect("pod");
+        assert_eq!(
+            pod.node_selector
+                .expect("selector")
+                .get("nvidia.com/gpu.present")
+                .map(String::as_str),
+            Some("true")
+        );
+        let env = pod.containers[0].env.clone().expect("env");
+        assert!(
+            !env.iter().any(|e| e.name == "INFERMESH_REQUIRE_GPU"),
+            "cpu is in the default providers"
+        );
+        assert_eq!(
+            pod.containers[0].image.as_deref(),
+            Some("ghcr.io/infermesh/infermesh-agent:0.1.0")
+        );
+    }
+
+    #[test]
+    fn mesh_status_counts_ready_agents_and_their_capacity() {
+        let observed = MeshObserved {
+            generation: Some(2),
+            desired: Some(3),
+        };
+        let agents = vec![
+            summary("a", "gpus", true, false, 1),
+            summary("b", "gpus", true, true, 2),
+            summary("c", "gpus", false, false, 1),
+            summary("d", "other", true, false, 4),
+        ];
+        let s = mesh_status("gpus", None, &observed, &agents);
+        assert_eq!(
+            (s.agents_ready, s.agents_total, s.slots, s.gpus),
+            (1, 3, 2, 1)
+        );
+        assert_eq!(s.conditions[0].reason, "AgentsReady");
+        assert_eq!(s.conditions[0].observed_generation, Some(2));
+        let none = mesh_status("gpus", None, &observed, &agents[2..3]);
+        assert_eq!(none.conditions[0].reason, "NoAgentsReady");
+        let empty = mesh_status("gpus", None, &MeshObserved::default(), &[]);
+        assert_eq!(empty.conditions[0].reason, "NoMatchingNodes");
+        assert!(empty.conditions[0].message.contains("kubectl label node"));
+    }
 }

@@ -109,6 +109,9 @@ pub struct Context {
     /// When each Workload's status (`namespace/name`) was last written, by anyone: the
     /// status writer's throttle counts the reconciler's writes too.
     pub workload_writes: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// `metadata.generation` of each Workload the reconciler saw, by core key: the status
+    /// writer reports it as `observedGeneration`.
+    pub generations: std::sync::Mutex<std::collections::HashMap<String, i64>>,
 }
 
 impl Context {
@@ -135,6 +138,7 @@ impl Context {
             recorder,
             meshes: Mutex::new(BTreeMap::new()),
             workload_writes: Default::default(),
+            generations: Default::default(),
         }
     }
 }

@@ -106,10 +106,20 @@ impl StatusWriter {
             }
         }
         let summaries = ctx.core.workloads().await;
+        let generations = ctx
+            .generations
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default();
         let mut by_key = HashMap::new();
         for s in &summaries {
             let prev = self.workloads.get(&s.key);
-            let status = workload::running_status(s, prev.map(|w| &w.status), None, wall);
+            let status = workload::running_status(
+                s,
+                prev.map(|w| &w.status),
+                generations.get(&s.key).copied(),
+                wall,
+            );
             let changed = prev.is_none_or(|w| !same_workload(&w.status, &status));
             if due(
                 prev.map(|w| (w.at, changed)),
@@ -161,7 +171,7 @@ impl StatusWriter {
                     continue;
                 }
                 let prev = self.workloads.get(key).map(|w| &w.status);
-                let status = workload::running_status(s, prev, None, wall);
+                let status = workload::running_status(s, prev, generations.get(key).copied(), wall);
                 match workload::patch_status(&ctx, &s.namespace, &s.name, &status).await {
                     Ok(()) => {
                         self.workloads

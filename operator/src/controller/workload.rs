@@ -325,6 +325,9 @@ async fn apply(w: &Workload, ctx: &Context) -> Result<Action> {
     let key = key_of(w)?;
     let ns = w.namespace().unwrap_or_default();
     let name = w.name_any();
+    if let (Ok(mut g), Some(generation)) = (ctx.generations.lock(), w.metadata.generation) {
+        g.insert(key.clone(), generation);
+    }
     if ctx.core.knows(&key).await {
         ctx.core.set_suspend(&key, w.spec.suspend).await?;
         return Ok(Action::requeue(Duration::from_secs(300)));
@@ -408,22 +411,22 @@ async fn apply(w: &Workload, ctx: &Context) -> Result<Action> {
         Err(e) => return Err(e.into()),
     }
     if let Some(summary) = ctx.core.workload(&key).await {
-        // The status writer may have written it a moment ago; it keeps it in step anyway.
-        if !ctx.claim_workload_write(
+        // The status writer may have written it a moment ago (it keeps it in step anyway);
+        // the Event goes out either way.
+        if ctx.claim_workload_write(
             &ns,
             &name,
             ctx.config.workload_status_period,
             std::time::Instant::now(),
         ) {
-            return Ok(Action::requeue(Duration::from_secs(300)));
+            let status = running_status(
+                &summary,
+                w.status.as_ref(),
+                w.metadata.generation,
+                Timestamp::now(),
+            );
+            patch_status(ctx, &ns, &name, &status).await?;
         }
-        let status = running_status(
-            &summary,
-            w.status.as_ref(),
-            w.metadata.generation,
-            Timestamp::now(),
-        );
-        patch_status(ctx, &ns, &name, &status).await?;
         let (type_, reason, note) = if summary.phase == WorkloadPhase::Pending {
             (
                 EventType::Warning,
@@ -480,4 +483,164 @@ async fn cleanup(w: &Workload, ctx: &Context) -> Result<Action> {
         tracing::info!(workload = %key, "workload deleted: shards cancelled");
     }
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::mesh::tests::summary as agent;
+
+    fn needs(gpu: bool, mem: u64, provider: Option<&str>) -> Needs {
+        Needs {
+            gpu,
+            min_gpu_memory: mem,
+            provider: provider.map(str::to_string),
+        }
+    }
+
+    fn wl(phase: WorkloadPhase, reason: &str) -> WorkloadSummary {
+        WorkloadSummary {
+            key: "ns/w/u".into(),
+            uid: "u".into(),
+            namespace: "ns".into(),
+            name: "w".into(),
+            mesh: "gpus".into(),
+            phase,
+            reason: reason.into(),
+            message: format!("{reason} message"),
+            shards_total: 10,
+            shards_pending: 4,
+            shards_running: 2,
+            shards_succeeded: 4,
+            shards_failed: 0,
+            records: 400,
+            bytes_done: 400,
+            input_bytes: 1000,
+            elapsed: Duration::from_secs(10),
+            credits: 1_000_000,
+            attempts_retried: 1,
+            suspended: false,
+            output_uri: "file:///out/".into(),
+        }
+    }
+
+    #[test]
+    fn admission_names_the_unmet_requirement() {
+        let cpu = agent("a", "gpus", true, false, 0);
+        let gpu = agent("b", "gpus", true, false, 1);
+        let drained_gpu = agent("c", "gpus", true, true, 1);
+        let other_mesh_gpu = agent("d", "other", true, false, 1);
+        assert!(admission("gpus", &needs(false, 0, None), std::slice::from_ref(&cpu)).is_ok());
+        let w = admission(
+            "gpus",
+            &needs(true, 0, None),
+            &[cpu.clone(), drained_gpu, other_mesh_gpu],
+        )
+        .expect_err("no GPU");
+        assert_eq!(w.reason, "NoMatchingAgents");
+        assert!(
+            w.message.contains("a GPU execution provider"),
+            "{}",
+            w.message
+        );
+        assert!(admission("gpus", &needs(true, 0, None), &[cpu.clone(), gpu.clone()]).is_ok());
+        let w = admission(
+            "gpus",
+            &needs(true, 80 << 30, None),
+            std::slice::from_ref(&gpu),
+        )
+        .expect_err("memory");
+        assert!(w.message.contains("bytes of GPU memory"), "{}", w.message);
+        let w = admission("gpus", &needs(false, 0, Some("tensorrt")), &[cpu, gpu])
+            .expect_err("provider");
+        assert!(w.message.contains("`tensorrt`"), "{}", w.message);
+        let w = admission("gpus", &needs(false, 0, None), &[]).expect_err("no agents");
+        assert!(
+            w.message.contains("no Ready agent in mesh gpus"),
+            "{}",
+            w.message
+        );
+    }
+
+    #[test]
+    fn running_status_reports_counts_progress_and_reasons() {
+        let now = Timestamp::now();
+        let s = running_status(&wl(WorkloadPhase::Running, "Admitted"), None, Some(4), now);
+        assert_eq!(s.phase, WorkloadPhase::Running);
+        assert_eq!(
+            (
+                s.shards.total,
+                s.shards.pending,
+                s.shards.running,
+                s.shards.succeeded
+            ),
+            (10, 4, 2, 4)
+        );
+        assert_eq!(s.progress.as_deref(), Some("40%"));
+        assert_eq!(s.throughput, Some(40.0));
+        assert!(s.eta.is_some());
+        assert_eq!(s.credits_spent.as_deref(), Some("1.000000"));
+        assert!(s.start_time.is_some() && s.completion_time.is_none());
+        assert_eq!(s.observed_generation, Some(4));
+        assert_eq!(s.conditions[0].reason, "Admitted");
+        assert_eq!(s.conditions[1].reason, "Running");
+
+        let mut suspended = wl(WorkloadPhase::Running, "Admitted");
+        suspended.suspended = true;
+        assert_eq!(
+            running_status(&suspended, Some(&s), Some(4), now).conditions[1].reason,
+            "Suspended"
+        );
+
+        let held = running_status(
+            &wl(WorkloadPhase::Pending, "QuotaExceeded"),
+            None,
+            None,
+            now,
+        );
+        assert_eq!(held.conditions[0].status, "False");
+        assert_eq!(held.conditions[0].reason, "QuotaExceeded");
+        assert!(held.start_time.is_none());
+
+        let failed = running_status(
+            &wl(WorkloadPhase::Failed, "ModelLoadFailed"),
+            Some(&s),
+            None,
+            now,
+        );
+        assert_eq!(failed.conditions[1].reason, "ModelLoadFailed");
+        assert_eq!(failed.start_time, s.start_time, "the start time is kept");
+        assert!(failed.completion_time.is_some());
+
+        let mut done = wl(WorkloadPhase::Succeeded, "Succeeded");
+        done.bytes_done = 1000;
+        let ok = running_status(&done, Some(&s), None, now);
+        assert_eq!(ok.conditions[1].status, "True");
+        assert_eq!(ok.eta, None);
+        assert_eq!(ok.progress.as_deref(), Some("100%"));
+    }
+
+    #[test]
+    fn waiting_and_invalid_statuses_carry_their_reason() {
+        let w = waiting_status(
+            None,
+            Some(2),
+            "MeshNotFound",
+            "mesh x does not exist",
+            false,
+        );
+        assert_eq!(w.phase, WorkloadPhase::Pending);
+        assert_eq!(w.conditions.len(), 1);
+        assert_eq!(w.conditions[0].reason, "MeshNotFound");
+        let i = waiting_status(
+            None,
+            Some(2),
+            "InvalidSpec",
+            "spec.batchSize must be at least 1",
+            true,
+        );
+        assert_eq!(i.phase, WorkloadPhase::Failed);
+        assert_eq!(i.conditions[1].type_, "Complete");
+        assert_eq!(i.conditions[1].reason, "InvalidSpec");
+    }
 }
