@@ -11,11 +11,11 @@ use std::time::Duration;
 use infermesh_crds::{ExecutionProvider, Mesh, MeshStatus};
 use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HTTPGetAction, HostPathVolumeSource, KeyToPath, ObjectFieldSelector,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar,
+    EnvVarSource, HTTPGetAction, HostPathVolumeSource, KeyToPath, ObjectFieldSelector,
     PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ProjectedVolumeSource, SeccompProfile, SecretVolumeSource, SecurityContext, ServiceAccount,
-    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    ProjectedVolumeSource, SeccompProfile, SecretEnvSource, SecretVolumeSource, SecurityContext,
+    ServiceAccount, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -289,6 +289,15 @@ pub fn build_daemonset(mesh: &Mesh, config: &Config) -> DaemonSet {
         name: "agent".into(),
         image: Some(image),
         env: Some(env_vars),
+        env_from: config.object_store_secret.as_ref().map(|name| {
+            vec![EnvFromSource {
+                secret_ref: Some(SecretEnvSource {
+                    name: name.clone(),
+                    optional: Some(false),
+                }),
+                ..EnvFromSource::default()
+            }]
+        }),
         ports: Some(vec![ContainerPort {
             name: Some("metrics".into()),
             container_port: AGENT_METRICS_PORT,
@@ -572,6 +581,7 @@ pub(crate) mod tests {
         );
         let mut config = Config::for_namespace("im");
         config.data_claim = Some("datasets".into());
+        config.object_store_secret = Some("minio-credentials".into());
         let ds = build_daemonset(&m, &config);
         assert_eq!(ds.metadata.name.as_deref(), Some("infermesh-agent-gpus"));
         assert_eq!(ds.metadata.namespace.as_deref(), Some("im"));

@@ -59,6 +59,9 @@ pub struct Config {
     pub tls_secret: String,
     /// An existing PVC mounted at `/data` in every agent (file:// inputs and outputs).
     pub data_claim: Option<String>,
+    /// A Secret whose keys become environment variables of every agent (object-store
+    /// credentials: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT, ...).
+    pub object_store_secret: Option<String>,
     /// At most one status write per Workload per this period.
     pub workload_status_period: Duration,
     /// At most one status write per Agent per this period (phase changes go out sooner).
@@ -76,6 +79,7 @@ impl Config {
             agent_image: "ghcr.io/infermesh/infermesh-agent:0.1.0".into(),
             tls_secret: "infermesh-tls".into(),
             data_claim: None,
+            object_store_secret: None,
             workload_status_period: Duration::from_secs(2),
             agent_status_period: Duration::from_secs(10),
             status_writes_per_second: 10,

@@ -75,6 +75,10 @@ pub struct OperatorArgs {
     /// A PVC mounted at /data in the agents (for file:///data/... inputs and outputs).
     #[arg(long, env = "INFERMESH_DATA_CLAIM")]
     pub data_claim: Option<String>,
+    /// A Secret passed to every agent as environment variables (object-store credentials
+    /// for s3:// URIs: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT).
+    #[arg(long, env = "INFERMESH_OBJECT_STORE_SECRET")]
+    pub object_store_secret: Option<String>,
 }
 
 /// Fails with the command to install the CRDs when any is missing.
@@ -176,6 +180,7 @@ async fn run_inner(args: OperatorArgs) -> Result<(), String> {
         agent_image: args.agent_image.clone(),
         tls_secret: args.tls_secret.clone(),
         data_claim: args.data_claim.clone(),
+        object_store_secret: args.object_store_secret.clone(),
         ..Config::for_namespace(&args.namespace)
     };
     let ctx = Arc::new(Context::new(
