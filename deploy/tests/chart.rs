@@ -415,6 +415,10 @@ fn a_data_claim_reaches_the_agents_and_is_mounted_in_the_operator() {
         env_value(&d, "INFERMESH_DATA_CLAIM").as_deref(),
         Some("infermesh-data")
     );
+    assert_eq!(
+        env_value(&d, "INFERMESH_OBJECT_STORE_SECRET").as_deref(),
+        Some("minio-credentials")
+    );
     let pod = d.spec.and_then(|s| s.template.spec).expect("pod");
     let volume = pod
         .volumes
@@ -432,6 +436,12 @@ fn a_data_claim_reaches_the_agents_and_is_mounted_in_the_operator() {
         .expect("data mount");
     assert_eq!(mount.mount_path, "/data");
     assert!(env(&operator(&rendered(&[])), "INFERMESH_DATA_CLAIM").is_none());
+    // Object-store credentials: named to the operator (for the agents) and loaded into it.
+    let from = pod.containers[0].env_from.clone().expect("envFrom");
+    assert_eq!(
+        from[0].secret_ref.as_ref().map(|r| r.name.as_str()),
+        Some("minio-credentials")
+    );
 }
 
 #[test]
