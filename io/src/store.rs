@@ -1,9 +1,12 @@
 //! Object access through `object_store`: one code path for `file://`, `s3://` and `http(s)://`.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
-use object_store::{ObjectStore, PutPayload, path::Path};
+use object_store::aws::AmazonS3Builder;
+use object_store::http::HttpBuilder;
+use object_store::{ClientConfigKey, ObjectStore, ObjectStoreScheme, PutPayload, path::Path};
 use url::Url;
 
 /// Why an object could not be read or written.
@@ -60,9 +63,10 @@ impl Location {
         } else {
             Url::parse(uri).map_err(|e| bad(e.to_string()))?
         };
-        let (store, path) = object_store::parse_url(&url).map_err(|e| bad(e.to_string()))?;
+        let (scheme, path) = ObjectStoreScheme::parse(&url).map_err(|e| bad(e.to_string()))?;
+        let store = store_for(scheme, &url).map_err(|e| bad(e.to_string()))?;
         Ok(Self {
-            store: Arc::from(store),
+            store,
             path,
             uri: url.to_string(),
         })
@@ -135,6 +139,60 @@ impl Location {
             .map(|_| ())
             .map_err(|e| self.map_err(e))
     }
+}
+
+/// The store behind `url`, built once per bucket or server and shared, so that every
+/// [`Location`] under it reuses one connection pool (and, for S3, one credential cache).
+///
+/// - `s3://bucket/key`: [`AmazonS3Builder::from_env`], so the standard variables apply:
+///   `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` (`AWS_SESSION_TOKEN`), `AWS_REGION` (else
+///   `AWS_DEFAULT_REGION`, else `us-east-1`), `AWS_ENDPOINT_URL` or `AWS_ENDPOINT` for an
+///   S3-compatible server such as MinIO (path-style requests unless
+///   `AWS_VIRTUAL_HOSTED_STYLE_REQUEST=true`), `AWS_ALLOW_HTTP=true` for a plain-http endpoint;
+///   without keys, the instance, container or web-identity credentials of the machine.
+/// - `http(s)://host/path`: a plain HTTP server (GET, HEAD and `Range` reads; PUT where the
+///   server takes it, as WebDAV does); `http://` is allowed because the URI asks for it.
+/// - `file://`: the local file system.
+fn store_for(scheme: ObjectStoreScheme, url: &Url) -> object_store::Result<Arc<dyn ObjectStore>> {
+    let base = format!("{}://{}", url.scheme(), url.authority());
+    let build = || -> object_store::Result<Arc<dyn ObjectStore>> {
+        Ok(match scheme {
+            // `s3://bucket/...`: the bucket is the host. An `https://...amazonaws.com` URL
+            // (virtual-hosted or path-style) is taken whole, for the builder to find the bucket.
+            ObjectStoreScheme::AmazonS3 => {
+                let at = if url.scheme().starts_with("s3") {
+                    &base
+                } else {
+                    url.as_str()
+                };
+                Arc::new(AmazonS3Builder::from_env().with_url(at).build()?)
+            }
+            ObjectStoreScheme::Http => Arc::new(
+                HttpBuilder::new()
+                    .with_url(&base)
+                    .with_config(
+                        ClientConfigKey::AllowHttp,
+                        (url.scheme() == "http").to_string(),
+                    )
+                    .build()?,
+            ),
+            _ => Arc::from(object_store::parse_url(url)?.0),
+        })
+    };
+    // One store per bucket (`s3://`) or server (`http(s)://`); the rest are cheap to make.
+    let shared = matches!(scheme, ObjectStoreScheme::Http)
+        || (matches!(scheme, ObjectStoreScheme::AmazonS3) && url.scheme().starts_with("s3"));
+    if !shared {
+        return build();
+    }
+    static STORES: OnceLock<Mutex<HashMap<String, Arc<dyn ObjectStore>>>> = OnceLock::new();
+    let stores = STORES.get_or_init(Default::default);
+    if let Some(store) = stores.lock().unwrap_or_else(|e| e.into_inner()).get(&base) {
+        return Ok(store.clone());
+    }
+    let store = build()?;
+    let mut stores = stores.lock().unwrap_or_else(|e| e.into_inner());
+    Ok(stores.entry(base).or_insert(store).clone())
 }
 
 /// Reads the records of shard `[start, end)` of an object of `size` bytes, aligned to record

@@ -1,0 +1,165 @@
+//! `s3://` through [`Location`] against a real S3 server on loopback: moto's server from the
+//! project venv (`scripts/setup.sh` installs it), configured only by the standard `AWS_*`
+//! variables, as the operator and the agents are in a cluster.
+//!
+//! The variables are read by the process, and tests may not set them on themselves, so
+//! `s3_through_the_aws_variables` starts the server and runs `s3_round_trip` (ignored when run
+//! alone) in a child of this test binary with the variables set.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use infermesh_io::Location;
+
+const BUCKET: &str = "infermesh-test";
+
+/// moto's S3 server on 127.0.0.1, killed on drop.
+struct Moto {
+    child: Child,
+    endpoint: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Moto {
+    fn start() -> Self {
+        let python = infermesh_io::infermesh_home().join("venv/bin/python");
+        let has_moto = Command::new(&python)
+            .args(["-c", "import moto.server, flask, werkzeug"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            has_moto,
+            "{} lacks moto[server]: run scripts/setup.sh (it installs the S3 test server)",
+            python.display()
+        );
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let child = Command::new(&python)
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto");
+        let moto = Self {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        moto
+    }
+
+    /// Creates a bucket with a plain `PUT /bucket` (object_store has no call for that; moto
+    /// takes unsigned requests).
+    fn create_bucket(&self, bucket: &str) {
+        let addr = self.endpoint.trim_start_matches("http://");
+        let mut conn = TcpStream::connect(addr).expect("connect");
+        write!(
+            conn,
+            "PUT /{bucket} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .expect("send");
+        let mut reply = String::new();
+        conn.read_to_string(&mut reply).expect("reply");
+        assert!(reply.starts_with("HTTP/1.1 200"), "create bucket: {reply}");
+    }
+}
+
+#[test]
+fn s3_through_the_aws_variables() {
+    let moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    // The two spellings of the endpoint and of the region that deployments use.
+    let configs = [
+        [
+            ("AWS_ENDPOINT_URL", moto.endpoint.as_str()),
+            ("AWS_REGION", "us-east-1"),
+        ],
+        [
+            ("AWS_ENDPOINT", moto.endpoint.as_str()),
+            ("AWS_DEFAULT_REGION", "eu-west-1"),
+        ],
+    ];
+    for (n, config) in configs.iter().enumerate() {
+        let mut cmd = Command::new(std::env::current_exe().expect("test binary"));
+        cmd.args([
+            "s3_round_trip",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ]);
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("AWS_")) {
+            cmd.env_remove(k);
+        }
+        cmd.envs(config.iter().copied())
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_ALLOW_HTTP", "true")
+            .env("INFERMESH_S3_TEST_PREFIX", format!("run{n}"));
+        let out = cmd.output().expect("run the child test");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && text.contains("1 passed"),
+            "s3_round_trip with {config:?}:\n{text}"
+        );
+    }
+}
+
+#[tokio::test]
+#[ignore = "run by s3_through_the_aws_variables, which starts the server and sets AWS_*"]
+async fn s3_round_trip() {
+    let prefix = std::env::var("INFERMESH_S3_TEST_PREFIX").expect("run by the parent test");
+    let base = format!("s3://{BUCKET}/{prefix}");
+    let data = common::jsonl(40);
+
+    let input = Location::parse(&format!("{base}/in/data.jsonl")).expect("uri");
+    assert_eq!(input.uri(), format!("{base}/in/data.jsonl"));
+    input.put(Bytes::from(data.clone())).await.expect("put");
+    common::check_reads(&input, &data).await;
+
+    // Output parts are written as children of a directory-like prefix and read back by URI.
+    let out = Location::parse(&format!("{base}/out/")).expect("uri");
+    let part = out.child("part-00001.jsonl");
+    assert_eq!(part.uri(), format!("{base}/out/part-00001.jsonl"));
+    part.put(Bytes::from_static(b"{\"a\":1}\n"))
+        .await
+        .expect("put");
+    part.put(Bytes::from_static(b"{\"a\":2}\n"))
+        .await
+        .expect("put");
+    let back = Location::parse(&format!("{base}/out/part-00001.jsonl")).expect("uri");
+    assert_eq!(back.get().await.expect("get part"), &b"{\"a\":2}\n"[..]);
+
+    common::check_not_found(&format!("{base}/in/missing.jsonl")).await;
+    common::check_not_found(&format!("{base}/out/part-00002.jsonl")).await;
+}
