@@ -14,7 +14,7 @@ use clap::Parser;
 use http::{Request, Response};
 use infermesh_crds::{Manifest, Workload, parse_manifests};
 use infermesh_operator::controller::{
-    Config, Context, WORKLOAD_FINALIZER, events, status, workload,
+    Config, Context, WORKLOAD_FINALIZER, events, rbac, status, workload,
 };
 use infermesh_operator::core::Core;
 use infermesh_operator::metrics::Metrics;
@@ -45,24 +45,6 @@ struct Args {
 struct Counts {
     /// (seconds since start, method, resource path shape)
     requests: Vec<(f64, String, String)>,
-}
-
-fn shape(path: &str) -> String {
-    // /apis/infermesh.dev/v1alpha1/namespaces/team-a/workloads/w/status -> workloads/status
-    let parts: Vec<&str> = path.split('/').collect();
-    let mut rest: Vec<&str> = match parts.as_slice() {
-        ["", "api", _v, rest @ ..] => rest.to_vec(),
-        ["", "apis", _g, _v, rest @ ..] => rest.to_vec(),
-        _ => return path.into(),
-    };
-    if rest.first() == Some(&"namespaces") && rest.len() > 2 {
-        rest.drain(..2);
-    }
-    match rest.as_slice() {
-        [r] | [r, _] => (*r).to_string(),
-        [r, _, sub] => format!("{r}/{sub}"),
-        _ => path.into(),
-    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -108,7 +90,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         async move {
             let method = req.method().to_string();
             let path = req.uri().path().to_string();
-            let shape = shape(&path);
+            // The resource (`workloads/status`), as RBAC names it.
+            let shape =
+                rbac::access(&method, &path, "").map_or_else(|| path.clone(), |a| a.resource);
             let body = req.into_body().collect_bytes().await.unwrap_or_default();
             let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
             if let Ok(mut c) = c.lock() {

@@ -12,12 +12,11 @@ use infermesh_crds::{Agent, AgentPhase, AgentSpec, AgentStatus};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::runtime::controller::Action;
-use serde_json::json;
 
 use super::conditions::condition;
-use super::{Context, Error, FIELD_MANAGER, Result};
+use super::{Context, Error, Result};
 use crate::core::pricing::format_credits;
 use crate::core::progress::AgentSummary;
 
@@ -139,8 +138,8 @@ pub async fn create(ctx: &Context, a: &AgentSummary) -> Result<()> {
             Ok(())
         }
         Err(e) if super::is_conflict(&e) => Ok(()),
-        Err(source) => Err(Error::PatchStatus {
-            what: format!("Agent {} (create)", a.id),
+        Err(source) => Err(Error::CreateAgent {
+            name: a.id.clone(),
             source,
         }),
     }
@@ -148,20 +147,7 @@ pub async fn create(ctx: &Context, a: &AgentSummary) -> Result<()> {
 
 /// Writes an Agent's status (server-side apply on `/status`).
 pub async fn patch_status(ctx: &Context, name: &str, status: &AgentStatus) -> Result<()> {
-    let api: Api<Agent> = Api::all(ctx.client.clone());
-    let body = json!({"apiVersion": "infermesh.dev/v1alpha1", "kind": "Agent", "status": status});
-    ctx.metrics.write("agents/status", "patch");
-    api.patch_status(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(body),
-    )
-    .await
-    .map_err(|source| Error::PatchStatus {
-        what: format!("Agent {name}"),
-        source,
-    })?;
-    Ok(())
+    super::apply_status(ctx, &Api::<Agent>::all(ctx.client.clone()), name, status).await
 }
 
 /// Reconciles an Agent object: applies `spec.unschedulable` to the core, and deletes the

@@ -23,7 +23,6 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 
 use super::conditions::condition;
 use super::{Config, Context, Error, FIELD_MANAGER, MESH_FINALIZER, MeshObserved, Result};
@@ -82,6 +81,13 @@ pub fn build_service_account(mesh: &Mesh, config: &Config) -> ServiceAccount {
         automount_service_account_token: Some(false),
         ..ServiceAccount::default()
     }
+}
+
+fn runtime_default() -> Option<SeccompProfile> {
+    Some(SeccompProfile {
+        type_: "RuntimeDefault".into(),
+        localhost_profile: None,
+    })
 }
 
 fn env(name: &str, value: impl Into<String>) -> EnvVar {
@@ -242,10 +248,7 @@ pub fn build_daemonset(mesh: &Mesh, config: &Config) -> DaemonSet {
             drop: Some(vec!["ALL".into()]),
             add: None,
         }),
-        seccomp_profile: Some(SeccompProfile {
-            type_: "RuntimeDefault".into(),
-            localhost_profile: None,
-        }),
+        seccomp_profile: runtime_default(),
         ..SecurityContext::default()
     };
     let image = spec
@@ -277,10 +280,7 @@ pub fn build_daemonset(mesh: &Mesh, config: &Config) -> DaemonSet {
                 drop: Some(vec!["ALL".into()]),
                 add: Some(vec!["CHOWN".into()]),
             }),
-            seccomp_profile: Some(SeccompProfile {
-                type_: "RuntimeDefault".into(),
-                localhost_profile: None,
-            }),
+            seccomp_profile: runtime_default(),
             ..SecurityContext::default()
         }),
         ..Container::default()
@@ -344,10 +344,7 @@ pub fn build_daemonset(mesh: &Mesh, config: &Config) -> DaemonSet {
                     containers: vec![agent],
                     volumes: Some(volumes),
                     security_context: Some(PodSecurityContext {
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".into(),
-                            localhost_profile: None,
-                        }),
+                        seccomp_profile: runtime_default(),
                         ..PodSecurityContext::default()
                     }),
                     // Shards in flight are requeued anyway; give running ones a moment.
@@ -419,20 +416,7 @@ pub fn mesh_status(
 
 /// Writes a Mesh's status (server-side apply on `/status`).
 pub async fn patch_status(ctx: &Context, name: &str, status: &MeshStatus) -> Result<()> {
-    let api: Api<Mesh> = Api::all(ctx.client.clone());
-    let body = json!({"apiVersion": "infermesh.dev/v1alpha1", "kind": "Mesh", "status": status});
-    ctx.metrics.write("meshes/status", "patch");
-    api.patch_status(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(body),
-    )
-    .await
-    .map_err(|source| Error::PatchStatus {
-        what: format!("Mesh {name}"),
-        source,
-    })?;
-    Ok(())
+    super::apply_status(ctx, &Api::<Mesh>::all(ctx.client.clone()), name, status).await
 }
 
 /// Reconciles a Mesh (behind its finalizer).

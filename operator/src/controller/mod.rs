@@ -216,6 +216,14 @@ pub enum Error {
         /// The API error.
         source: kube::Error,
     },
+    /// Creating an Agent failed.
+    #[error("failed to create Agent {name}: {source}")]
+    CreateAgent {
+        /// Agent name.
+        name: String,
+        /// The API error.
+        source: kube::Error,
+    },
     /// Deleting an Agent failed.
     #[error("failed to delete Agent {name}: {source}")]
     DeleteAgent {
@@ -244,6 +252,7 @@ impl Error {
             Self::DeleteOwned { .. } => "DeleteOwned",
             Self::PatchStatus { .. } => "PatchStatus",
             Self::Lookup { .. } => "Lookup",
+            Self::CreateAgent { .. } => "CreateAgent",
             Self::DeleteAgent { .. } => "DeleteAgent",
             Self::Core(_) => "Core",
             Self::Finalizer(_) => "Finalizer",
@@ -254,6 +263,34 @@ impl Error {
 
 /// Result of a reconcile step.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Writes an object's status by server-side apply on `/status` under [`FIELD_MANAGER`], and
+/// counts the write.
+pub async fn apply_status<K>(
+    ctx: &Context,
+    api: &kube::Api<K>,
+    name: &str,
+    status: &impl serde::Serialize,
+) -> Result<()>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let body = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    ctx.metrics
+        .write(&format!("{}/status", K::plural(&())), "patch");
+    let ssa = kube::api::PatchParams::apply(FIELD_MANAGER).force();
+    api.patch_status(name, &ssa, &kube::api::Patch::Apply(body))
+        .await
+        .map_err(|source| Error::PatchStatus {
+            what: format!("{} {name}", K::kind(&())),
+            source,
+        })?;
+    Ok(())
+}
 
 /// Whether an API error is a 404.
 pub fn is_not_found(e: &kube::Error) -> bool {

@@ -4,7 +4,7 @@
 //! `workload_status_period` and each Agent at most once per `agent_status_period` (sooner
 //! when its phase changes), and only what changed.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,16 +19,20 @@ struct Written<T> {
     status: T,
 }
 
-/// Which writes are due; pure bookkeeping, the writer does the calls.
+/// Writes the status that is due, remembering what it wrote and when.
 pub struct StatusWriter {
     ctx: Arc<Context>,
     workloads: HashMap<String, Written<WorkloadStatus>>,
     agents: HashMap<String, Written<AgentStatus>>,
     meshes: BTreeMap<String, Written<MeshStatus>>,
-    /// Agents registered but without an Agent object yet.
-    created: std::collections::HashSet<String>,
-    /// Objects due but over this tick's budget, first in line next tick.
-    backlog: VecDeque<String>,
+    /// Agents whose Agent object exists.
+    created: HashSet<String>,
+}
+
+/// A status write that is due: an index into this tick's agents or workloads, and the status.
+enum Due {
+    Agent(usize, AgentStatus),
+    Workload(usize, WorkloadStatus),
 }
 
 /// Whether a status with volatile parts (throughput, ETA, heartbeat) is worth writing now:
@@ -50,8 +54,7 @@ impl StatusWriter {
             workloads: HashMap::new(),
             agents: HashMap::new(),
             meshes: BTreeMap::new(),
-            created: Default::default(),
-            backlog: VecDeque::new(),
+            created: HashSet::new(),
         }
     }
 
@@ -65,7 +68,7 @@ impl StatusWriter {
         }
     }
 
-    /// One round of writes. Returns how many status writes it made.
+    /// One round of writes. Returns how many API writes it made.
     pub async fn tick(&mut self, now: Instant) -> usize {
         let ctx = self.ctx.clone();
         let config = &ctx.config;
@@ -87,8 +90,9 @@ impl StatusWriter {
                 }
             }
         }
-        let mut due_items: Vec<(bool, String)> = Vec::new();
-        for a in &agents {
+        // Every status that is due, built once: (urgent, last written, the write).
+        let mut due_writes: Vec<(bool, Option<Instant>, Due)> = Vec::new();
+        for (i, a) in agents.iter().enumerate() {
             if !self.created.contains(&a.id) {
                 continue;
             }
@@ -102,7 +106,7 @@ impl StatusWriter {
                 config.agent_status_period,
                 urgent,
             ) {
-                due_items.push((urgent, format!("agent/{}", a.id)));
+                due_writes.push((urgent, prev.map(|w| w.at), Due::Agent(i, status)));
             }
         }
         let summaries = ctx.core.workloads().await;
@@ -111,15 +115,10 @@ impl StatusWriter {
             .lock()
             .map(|g| g.clone())
             .unwrap_or_default();
-        let mut by_key = HashMap::new();
-        for s in &summaries {
+        for (i, s) in summaries.iter().enumerate() {
             let prev = self.workloads.get(&s.key);
-            let status = workload::running_status(
-                s,
-                prev.map(|w| &w.status),
-                generations.get(&s.key).copied(),
-                wall,
-            );
+            let generation = generations.get(&s.key).copied();
+            let status = workload::running_status(s, prev.map(|w| &w.status), generation, wall);
             let changed = prev.is_none_or(|w| !same_workload(&w.status, &status));
             if due(
                 prev.map(|w| (w.at, changed)),
@@ -127,58 +126,47 @@ impl StatusWriter {
                 config.workload_status_period,
                 false,
             ) {
-                due_items.push((false, format!("workload/{}", s.key)));
-            }
-            by_key.insert(s.key.clone(), s);
-        }
-        // Backlog first, then urgent, then the rest.
-        due_items.sort_by_key(|(urgent, _)| !urgent);
-        let mut order: Vec<String> = self.backlog.drain(..).collect();
-        for (_, id) in due_items {
-            if !order.contains(&id) {
-                order.push(id);
+                due_writes.push((false, prev.map(|w| w.at), Due::Workload(i, status)));
             }
         }
-        for id in order {
+        // Urgent first, then the longest unwritten (never-written before all): what is over
+        // this tick's budget is first in line on the next one.
+        due_writes.sort_by_key(|(urgent, at, _)| (!*urgent, *at));
+        for (_, _, write) in due_writes {
             if budget == 0 {
-                self.backlog.push_back(id);
-                continue;
+                break;
             }
-            if let Some(agent_id) = id.strip_prefix("agent/") {
-                let Some(a) = agents.iter().find(|a| a.id == agent_id) else {
-                    continue;
-                };
-                let prev = self.agents.get(agent_id).map(|w| &w.status);
-                let status = agent::agent_status(a, prev, wall);
-                match agent::patch_status(&ctx, agent_id, &status).await {
-                    Ok(()) => {
-                        self.agents
-                            .insert(agent_id.to_string(), Written { at: now, status });
-                    }
-                    Err(e) => {
-                        tracing::warn!(agent = %agent_id, error = %e, "agent status not written")
+            match write {
+                Due::Agent(i, status) => {
+                    let id = &agents[i].id;
+                    match agent::patch_status(&ctx, id, &status).await {
+                        Ok(()) => {
+                            self.agents.insert(id.clone(), Written { at: now, status });
+                        }
+                        Err(e) => {
+                            tracing::warn!(agent = %id, error = %e, "agent status not written")
+                        }
                     }
                 }
-            } else if let Some(key) = id.strip_prefix("workload/") {
-                let Some(s) = by_key.get(key) else { continue };
-                // A write by the reconciler (at admission) counts for the throttle too.
-                if !ctx.claim_workload_write(
-                    &s.namespace,
-                    &s.name,
-                    config.workload_status_period,
-                    now,
-                ) {
-                    continue;
-                }
-                let prev = self.workloads.get(key).map(|w| &w.status);
-                let status = workload::running_status(s, prev, generations.get(key).copied(), wall);
-                match workload::patch_status(&ctx, &s.namespace, &s.name, &status).await {
-                    Ok(()) => {
-                        self.workloads
-                            .insert(key.to_string(), Written { at: now, status });
+                Due::Workload(i, status) => {
+                    let s = &summaries[i];
+                    // A write by the reconciler (at admission) counts for the throttle too.
+                    if !ctx.claim_workload_write(
+                        &s.namespace,
+                        &s.name,
+                        config.workload_status_period,
+                        now,
+                    ) {
+                        continue;
                     }
-                    Err(e) => {
-                        tracing::warn!(workload = %key, error = %e, "workload status not written")
+                    match workload::patch_status(&ctx, &s.namespace, &s.name, &status).await {
+                        Ok(()) => {
+                            self.workloads
+                                .insert(s.key.clone(), Written { at: now, status });
+                        }
+                        Err(e) => {
+                            tracing::warn!(workload = %s.key, error = %e, "workload status not written")
+                        }
                     }
                 }
             }

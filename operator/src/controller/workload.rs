@@ -10,15 +10,14 @@ use std::time::Duration;
 use infermesh_crds::{ShardCounts, Workload, WorkloadPhase, WorkloadStatus};
 use infermesh_io::{Location, ObjectError};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 
 use super::conditions::condition;
-use super::{Context, Error, FIELD_MANAGER, Result, WORKLOAD_FINALIZER};
+use super::{Context, Error, Result, WORKLOAD_FINALIZER};
 use crate::core::progress::{AgentSummary, WorkloadSummary, format_duration};
 use crate::core::scheduler::{AgentView, Needs};
 use crate::core::validate::{self, Invalid};
@@ -243,21 +242,8 @@ pub async fn patch_status(
     name: &str,
     status: &WorkloadStatus,
 ) -> Result<()> {
-    let api: Api<Workload> = Api::namespaced(ctx.client.clone(), namespace);
-    let body =
-        json!({"apiVersion": "infermesh.dev/v1alpha1", "kind": "Workload", "status": status});
-    ctx.metrics.write("workloads/status", "patch");
-    api.patch_status(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(body),
-    )
-    .await
-    .map_err(|source| Error::PatchStatus {
-        what: format!("Workload {namespace}/{name}"),
-        source,
-    })?;
-    Ok(())
+    let api = Api::<Workload>::namespaced(ctx.client.clone(), namespace);
+    super::apply_status(ctx, &api, name, status).await
 }
 
 async fn publish(ctx: &Context, w: &Workload, type_: EventType, reason: &str, note: String) {
@@ -313,10 +299,25 @@ async fn wait(ctx: &Context, w: &Workload, waiting: Waiting) -> Result<Action> {
     Ok(Action::requeue(waiting.retry))
 }
 
-fn object_waiting(field: &str, reason: &'static str, e: &ObjectError) -> Waiting {
-    Waiting {
-        reason,
+/// The size of the object at `uri` (the operator reads only sizes; agents read the data), or
+/// why the workload waits: `not_found` when there is no such object, `StorageError` otherwise.
+async fn object_size(field: &str, uri: &str, not_found: &'static str) -> Result<u64, Waiting> {
+    let size = async { Location::parse(uri)?.size().await };
+    size.await.map_err(|e| Waiting {
+        reason: if matches!(e, ObjectError::NotFound { .. }) {
+            not_found
+        } else {
+            "StorageError"
+        },
         message: format!("{field}: {e}"),
+        retry: Duration::from_secs(30),
+    })
+}
+
+fn mesh_not_found(mesh: &str) -> Waiting {
+    Waiting {
+        reason: "MeshNotFound",
+        message: format!("mesh {mesh} does not exist: `kubectl get meshes`"),
         retry: Duration::from_secs(30),
     }
 }
@@ -345,40 +346,17 @@ async fn apply(w: &Workload, ctx: &Context) -> Result<Action> {
     };
     let mesh = &w.spec.mesh;
     if !ctx.core.has_mesh(mesh).await {
-        return wait(
-            ctx,
-            w,
-            Waiting {
-                reason: "MeshNotFound",
-                message: format!("mesh {mesh} does not exist: `kubectl get meshes`"),
-                retry: Duration::from_secs(30),
-            },
-        )
-        .await;
+        return wait(ctx, w, mesh_not_found(mesh)).await;
     }
     if let Err(waiting) = admission(mesh, &validated.needs, &ctx.core.agents().await) {
         return wait(ctx, w, waiting).await;
     }
-    // The operator reads only sizes; agents read the data.
-    let model_size = async { Location::parse(&w.spec.model.uri)?.size().await };
-    if let Err(e) = model_size.await {
-        let reason = if matches!(e, ObjectError::NotFound { .. }) {
-            "ModelNotFound"
-        } else {
-            "StorageError"
-        };
-        return wait(ctx, w, object_waiting("spec.model.uri", reason, &e)).await;
+    if let Err(waiting) = object_size("spec.model.uri", &w.spec.model.uri, "ModelNotFound").await {
+        return wait(ctx, w, waiting).await;
     }
-    let input_size = match async { Location::parse(&w.spec.input.uri)?.size().await }.await {
+    let input_size = match object_size("spec.input.uri", &w.spec.input.uri, "InputNotFound").await {
         Ok(size) => size,
-        Err(e) => {
-            let reason = if matches!(e, ObjectError::NotFound { .. }) {
-                "InputNotFound"
-            } else {
-                "StorageError"
-            };
-            return wait(ctx, w, object_waiting("spec.input.uri", reason, &e)).await;
-        }
+        Err(waiting) => return wait(ctx, w, waiting).await,
     };
     let uid = w.uid().unwrap_or_default();
     match ctx
@@ -396,18 +374,7 @@ async fn apply(w: &Workload, ctx: &Context) -> Result<Action> {
         Err(CoreError::Invalid(Invalid { reason, message })) => {
             return invalid(ctx, w, reason, &message).await;
         }
-        Err(CoreError::MeshNotFound(m)) => {
-            return wait(
-                ctx,
-                w,
-                Waiting {
-                    reason: "MeshNotFound",
-                    message: format!("mesh {m} does not exist"),
-                    retry: Duration::from_secs(30),
-                },
-            )
-            .await;
-        }
+        Err(CoreError::MeshNotFound(m)) => return wait(ctx, w, mesh_not_found(&m)).await,
         Err(e) => return Err(e.into()),
     }
     if let Some(summary) = ctx.core.workload(&key).await {
