@@ -114,16 +114,7 @@ fn strict<T: DeserializeOwned>(
     name: &str,
     value: serde_yaml::Value,
 ) -> Result<T, ManifestError> {
-    let mut unknown = Vec::new();
-    // The derived types take `apiVersion` and `kind` from their type, not from fields, so
-    // those two are not unknown.
-    let parsed: T = serde_ignored::deserialize(value, |path| {
-        let path = path.to_string();
-        if path != "apiVersion" && path != "kind" {
-            unknown.push(path);
-        }
-    })
-    .map_err(|e| ManifestError::Schema {
+    let (parsed, unknown) = deserialize_strict(value).map_err(|e| ManifestError::Schema {
         doc,
         kind: kind.to_string(),
         name: name.to_string(),
@@ -138,6 +129,45 @@ fn strict<T: DeserializeOwned>(
         });
     }
     Ok(parsed)
+}
+
+/// Deserializes `de` into `T` and lists, by dotted path (`spec.containers.0.name`), every
+/// field `T` does not know. `apiVersion` and `kind` are not listed: types derived by
+/// kube-derive take them from the type, not from a field.
+pub fn deserialize_strict<'de, T, D>(de: D) -> Result<(T, Vec<String>), D::Error>
+where
+    T: serde::Deserialize<'de>,
+    D: serde::Deserializer<'de>,
+{
+    let mut unknown = Vec::new();
+    let parsed = serde_ignored::deserialize(de, |path| {
+        let path = dotted(&path);
+        if path != "apiVersion" && path != "kind" {
+            unknown.push(path);
+        }
+    })?;
+    Ok((parsed, unknown))
+}
+
+/// serde_ignored's path without its markers for `Option` and newtype layers (which it
+/// prints as `?`).
+fn dotted(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    let join = |parent: String, segment: &str| {
+        if parent.is_empty() {
+            segment.to_string()
+        } else {
+            format!("{parent}.{segment}")
+        }
+    };
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => join(dotted(parent), &index.to_string()),
+        Path::Map { parent, key } => join(dotted(parent), key),
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => dotted(parent),
+    }
 }
 
 #[cfg(test)]
@@ -180,6 +210,22 @@ spec:
             "{msg}"
         );
         assert!(msg.contains("Workload w"), "{msg}");
+    }
+
+    #[test]
+    fn a_nested_unknown_field_is_named_by_its_dotted_path() {
+        // `task.textEmbedding` is an Option: serde_ignored marks that layer, the path does not.
+        let bad = WORKLOAD.replace(
+            "  task: {tensor: {inputs: [{name: x}]}}",
+            "  task: {tensor: {inputs: [{name: x, feild: y}]}}",
+        );
+        let msg = parse_manifests(&bad)
+            .expect_err("unknown field")
+            .to_string();
+        assert!(
+            msg.contains("unknown field spec.task.tensor.inputs.0.feild"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -23,42 +23,12 @@ use crate::object::Object;
 
 /// Deserializes `value` into `T`, failing on any field `T` does not know (listed by path).
 pub fn strict<T: DeserializeOwned>(value: &serde_json::Value) -> anyhow::Result<T> {
-    let mut unknown = Vec::new();
-    let parsed: T = serde_ignored::deserialize(value, |path| {
-        let path = dotted(&path);
-        // Types derived by kube-derive take apiVersion and kind from the type, not a field;
-        // the kind dispatch in `check` has matched both already.
-        if path != "apiVersion" && path != "kind" {
-            unknown.push(path);
-        }
-    })
-    .map_err(|e| anyhow!("{e}"))?;
+    let (parsed, unknown) =
+        infermesh_crds::manifest::deserialize_strict(value).map_err(|e| anyhow!("{e}"))?;
     if !unknown.is_empty() {
         bail!("unknown field(s): {}", unknown.join(", "));
     }
     Ok(parsed)
-}
-
-/// `spec.containers.0.name`: serde_ignored's path without its markers for `Option` and
-/// newtype layers (which it prints as `?`).
-fn dotted(path: &serde_ignored::Path<'_>) -> String {
-    use serde_ignored::Path;
-    match path {
-        Path::Root => String::new(),
-        Path::Seq { parent, index } => join(dotted(parent), &index.to_string()),
-        Path::Map { parent, key } => join(dotted(parent), key),
-        Path::Some { parent }
-        | Path::NewtypeStruct { parent }
-        | Path::NewtypeVariant { parent } => dotted(parent),
-    }
-}
-
-fn join(parent: String, segment: &str) -> String {
-    if parent.is_empty() {
-        segment.to_string()
-    } else {
-        format!("{parent}.{segment}")
-    }
 }
 
 /// An object in its type.
