@@ -3,7 +3,7 @@
 //! publisher against a mocked API server that answers every request and counts it; the
 //! agents are in-process and complete each shard after a simulated compute time.
 //!
-//! Prints writes per second (mean and the busiest one-second window), writes per 1,000
+//! Prints writes per second (mean, and the most in any sliding one-second window), writes per 1,000
 //! shards, and status writes per Workload per 2 seconds.
 
 use std::collections::BTreeMap;
@@ -221,19 +221,33 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for (_, m, s) in &mutating {
         *by_kind.entry(format!("{m} {s}")).or_default() += 1;
     }
-    let mut per_second: BTreeMap<u64, usize> = BTreeMap::new();
-    for (t, _, _) in &mutating {
-        *per_second.entry(*t as u64).or_default() += 1;
-    }
-    let busiest = per_second.values().copied().max().unwrap_or(0);
+    // Sliding windows: the most calls within any `width` seconds, starting at a call.
+    let busiest_in = |times: &[f64], width: f64| {
+        (0..times.len())
+            .map(|i| {
+                times[i..]
+                    .iter()
+                    .take_while(|t| **t - times[i] < width)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0)
+    };
+    let mut all: Vec<f64> = mutating.iter().map(|(t, _, _)| *t).collect();
+    all.sort_by(f64::total_cmp);
+    let busiest = busiest_in(&all, 1.0);
     let workload_status = by_kind.get("PATCH workloads/status").copied().unwrap_or(0);
-    let mut wl_per_second: BTreeMap<u64, usize> = BTreeMap::new();
-    for (t, m, s) in &mutating {
-        if m == "PATCH" && s == "workloads/status" {
-            *wl_per_second.entry((*t / 2.0) as u64).or_default() += 1;
-        }
-    }
-    let busiest_wl_2s = wl_per_second.values().copied().max().unwrap_or(0);
+    let mut wl: Vec<f64> = mutating
+        .iter()
+        .filter(|(_, m, s)| m == "PATCH" && s == "workloads/status")
+        .map(|(t, _, _)| *t)
+        .collect();
+    wl.sort_by(f64::total_cmp);
+    let busiest_wl_2s = busiest_in(&wl, 2.0);
+    let min_gap = wl
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .fold(f64::INFINITY, f64::min);
     println!(
         "## API write budget: {} shards, {} agents x {} slots, {} ms per shard",
         args.shards, args.agents, args.slots, args.compute_ms
@@ -254,12 +268,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "| mutating calls per second (mean) | {:.2} | <= 20 |",
         mutating.len() as f64 / total_secs
     );
-    println!("| mutating calls in the busiest second | {busiest} | <= 20 |");
+    println!("| mutating calls in any one second (most) | {busiest} | <= 20 |");
     println!(
         "| mutating calls per 1,000 shards | {:.2} | - |",
         mutating.len() as f64 * 1000.0 / args.shards as f64
     );
-    println!("| Workload status writes per 2 s (busiest window) | {busiest_wl_2s} | <= 1 |");
+    println!("| Workload status writes in any 2 s (most) | {busiest_wl_2s} | <= 1 |");
+    println!("| shortest gap between Workload status writes | {min_gap:.2} s | >= 2 s |");
     println!("| Workload status writes in all | {workload_status} | - |");
     Ok(())
 }

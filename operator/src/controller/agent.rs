@@ -131,7 +131,7 @@ pub fn agent_status(
 /// `spec.unschedulable` belongs to the user).
 pub async fn create(ctx: &Context, a: &AgentSummary) -> Result<()> {
     let api: Api<Agent> = Api::all(ctx.client.clone());
-    ctx.metrics.write("agents", "create");
+    ctx.write("agents", "create").await;
     match api.create(&PostParams::default(), &build_agent(a)).await {
         Ok(_) => {
             tracing::info!(agent = %a.id, mesh = %a.mesh, node = %a.node, "Agent created");
@@ -172,7 +172,7 @@ pub async fn reconcile(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Action> {
         None => return Ok(Action::requeue(Duration::from_secs(60))),
     };
     let api: Api<Agent> = Api::all(ctx.client.clone());
-    ctx.metrics.write("agents", "delete");
+    ctx.write("agents", "delete").await;
     match api.delete(&name, &DeleteParams::default()).await {
         Ok(_) => tracing::info!(agent = %name, %gone, "Agent removed"),
         Err(e) if super::is_not_found(&e) => {}

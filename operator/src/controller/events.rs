@@ -163,7 +163,7 @@ pub async fn run(ctx: Arc<Context>) {
                 action: "Reconcile".into(),
                 secondary: None,
             };
-            ctx.metrics.write("events", "create");
+            ctx.write("events", "create").await;
             if let Err(e) = ctx.recorder.publish(&event, &reference).await {
                 tracing::warn!(error = %e, "cannot publish an event");
             }

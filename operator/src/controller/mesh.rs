@@ -440,7 +440,7 @@ async fn apply(mesh: &Mesh, ctx: &Context) -> Result<Action> {
     let sa = build_service_account(mesh, &ctx.config);
     let sa_name = agent_name(&name);
     let sas: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
-    ctx.metrics.write("serviceaccounts", "patch");
+    ctx.write("serviceaccounts", "patch").await;
     sas.patch(&sa_name, &ssa, &Patch::Apply(&sa))
         .await
         .map_err(|source| Error::ApplyServiceAccount {
@@ -449,7 +449,7 @@ async fn apply(mesh: &Mesh, ctx: &Context) -> Result<Action> {
         })?;
     let ds = build_daemonset(mesh, &ctx.config);
     let dss: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
-    ctx.metrics.write("daemonsets", "patch");
+    ctx.write("daemonsets", "patch").await;
     let applied = dss
         .patch(&sa_name, &ssa, &Patch::Apply(&ds))
         .await
@@ -483,7 +483,7 @@ async fn cleanup(mesh: &Mesh, ctx: &Context) -> Result<Action> {
     ctx.meshes.lock().await.remove(&name);
     let owned = agent_name(&name);
     let dss: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
-    ctx.metrics.write("daemonsets", "delete");
+    ctx.write("daemonsets", "delete").await;
     if let Err(source) = dss.delete(&owned, &DeleteParams::default()).await
         && !super::is_not_found(&source)
     {
@@ -493,7 +493,7 @@ async fn cleanup(mesh: &Mesh, ctx: &Context) -> Result<Action> {
         });
     }
     let sas: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
-    ctx.metrics.write("serviceaccounts", "delete");
+    ctx.write("serviceaccounts", "delete").await;
     if let Err(source) = sas.delete(&owned, &DeleteParams::default()).await
         && !super::is_not_found(&source)
     {

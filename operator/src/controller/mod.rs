@@ -66,8 +66,12 @@ pub struct Config {
     pub workload_status_period: Duration,
     /// At most one status write per Agent per this period (phase changes go out sooner).
     pub agent_status_period: Duration,
-    /// At most this many status writes per second in total.
+    /// At most this many status writes per tick of the status writer (once a second), so
+    /// that reconcilers keep room under `api_writes_per_second`.
     pub status_writes_per_second: u32,
+    /// At most this many mutating API calls per second, all controllers together: every
+    /// write waits its turn in [`Context::write`].
+    pub api_writes_per_second: u32,
 }
 
 impl Config {
@@ -83,6 +87,7 @@ impl Config {
             workload_status_period: Duration::from_secs(2),
             agent_status_period: Duration::from_secs(10),
             status_writes_per_second: 10,
+            api_writes_per_second: 15,
         }
     }
 }
@@ -116,6 +121,36 @@ pub struct Context {
     /// `metadata.generation` of each Workload the reconciler saw, by core key: the status
     /// writer reports it as `observedGeneration`.
     pub generations: std::sync::Mutex<std::collections::HashMap<String, i64>>,
+    /// Paces the mutating API calls.
+    pub pacer: WritePacer,
+}
+
+/// Spaces calls at least `1 / rate` apart, so any one-second window holds at most `rate + 1`
+/// of them, however many tasks ask at once.
+pub struct WritePacer {
+    interval: Duration,
+    next: Mutex<tokio::time::Instant>,
+}
+
+impl WritePacer {
+    /// At most `per_second` calls a second.
+    pub fn new(per_second: u32) -> Self {
+        Self {
+            interval: Duration::from_secs(1) / per_second.max(1),
+            next: Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    /// Waits for this call's turn.
+    pub async fn wait(&self) {
+        let at = {
+            let mut next = self.next.lock().await;
+            let at = (*next).max(tokio::time::Instant::now());
+            *next = at + self.interval;
+            at
+        };
+        tokio::time::sleep_until(at).await;
+    }
 }
 
 impl Context {
@@ -127,6 +162,7 @@ impl Context {
         metrics: Metrics,
         instance: &str,
     ) -> Self {
+        let config_rate = config.api_writes_per_second;
         let recorder = Recorder::new(
             client.clone(),
             kube::runtime::events::Reporter {
@@ -143,14 +179,20 @@ impl Context {
             meshes: Mutex::new(BTreeMap::new()),
             workload_writes: Default::default(),
             generations: Default::default(),
+            pacer: WritePacer::new(config_rate),
         }
     }
 }
 
 impl Context {
-    /// Claims the right to write a Workload's status now: true (and recorded) when nobody
-    /// wrote it within `period`. The reconciler and the status writer both claim, so the
-    /// throttle holds across them.
+    /// Waits for a mutating API call's turn (see [`WritePacer`]) and counts it.
+    pub async fn write(&self, resource: &str, verb: &str) {
+        self.pacer.wait().await;
+        self.metrics.write(resource, verb);
+    }
+
+    /// Claims the right to write a Workload's status at `now`: true (and recorded) when
+    /// nobody wrote it within `period`. See [`workload::patch_status_throttled`].
     pub fn claim_workload_write(
         &self,
         namespace: &str,
@@ -264,9 +306,23 @@ impl Error {
 /// Result of a reconcile step.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Writes an object's status by server-side apply on `/status` under [`FIELD_MANAGER`], and
-/// counts the write.
+/// Writes an object's status by server-side apply on `/status` under [`FIELD_MANAGER`], in
+/// its turn (see [`WritePacer`]), and counts the write.
 pub async fn apply_status<K>(
+    ctx: &Context,
+    api: &kube::Api<K>,
+    name: &str,
+    status: &impl serde::Serialize,
+) -> Result<()>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    ctx.pacer.wait().await;
+    send_status(ctx, api, name, status).await
+}
+
+/// [`apply_status`] for a caller that has already waited its turn.
+pub async fn send_status<K>(
     ctx: &Context,
     api: &kube::Api<K>,
     name: &str,

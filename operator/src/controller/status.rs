@@ -151,16 +151,17 @@ impl StatusWriter {
                 Due::Workload(i, status) => {
                     let s = &summaries[i];
                     // A write by the reconciler (at admission) counts for the throttle too.
-                    if !ctx.claim_workload_write(
+                    match workload::patch_status_throttled(
+                        &ctx,
                         &s.namespace,
                         &s.name,
-                        config.workload_status_period,
+                        &status,
                         now,
-                    ) {
-                        continue;
-                    }
-                    match workload::patch_status(&ctx, &s.namespace, &s.name, &status).await {
-                        Ok(()) => {
+                    )
+                    .await
+                    {
+                        Ok(false) => continue,
+                        Ok(true) => {
                             self.workloads
                                 .insert(s.key.clone(), Written { at: now, status });
                         }

@@ -1038,3 +1038,38 @@ async fn startup_names_the_command_to_install_missing_crds() {
     );
     assert!(err.contains("infermesh crd | kubectl apply -f -"), "{err}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_write_pacer_keeps_any_second_to_its_rate_however_many_tasks_write() {
+    let pacer = Arc::new(WritePacer::new(15));
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let pacer = pacer.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut at = Vec::new();
+            for _ in 0..15 {
+                pacer.wait().await;
+                at.push(tokio::time::Instant::now());
+            }
+            at
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("join"));
+    }
+    all.sort();
+    assert_eq!(all.len(), 60);
+    for (i, start) in all.iter().enumerate() {
+        let in_window = all[i..]
+            .iter()
+            .take_while(|t| t.duration_since(*start) < Duration::from_secs(1))
+            .count();
+        assert!(in_window <= 16, "{in_window} calls within one second");
+    }
+    let span = all[59].duration_since(all[0]);
+    assert!(
+        span >= Duration::from_millis(59 * 66),
+        "paced, not bursty: {span:?}"
+    );
+}

@@ -246,8 +246,30 @@ pub async fn patch_status(
     super::apply_status(ctx, &api, name, status).await
 }
 
+/// Writes a Workload's status at most once per `workload_status_period`, counting every
+/// writer (the reconciler at admission and the status writer), with the period measured
+/// between the moments writes are sent, after their turn in the pacer. `now` is the
+/// caller's clock. Returns whether it wrote.
+pub async fn patch_status_throttled(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    status: &WorkloadStatus,
+    now: std::time::Instant,
+) -> Result<bool> {
+    let asked = std::time::Instant::now();
+    ctx.pacer.wait().await;
+    let sent = now + asked.elapsed();
+    if !ctx.claim_workload_write(namespace, name, ctx.config.workload_status_period, sent) {
+        return Ok(false);
+    }
+    let api = Api::<Workload>::namespaced(ctx.client.clone(), namespace);
+    super::send_status(ctx, &api, name, status).await?;
+    Ok(true)
+}
+
 async fn publish(ctx: &Context, w: &Workload, type_: EventType, reason: &str, note: String) {
-    ctx.metrics.write("events", "create");
+    ctx.write("events", "create").await;
     let event = Event {
         type_,
         reason: reason.into(),
@@ -380,20 +402,13 @@ async fn apply(w: &Workload, ctx: &Context) -> Result<Action> {
     if let Some(summary) = ctx.core.workload(&key).await {
         // The status writer may have written it a moment ago (it keeps it in step anyway);
         // the Event goes out either way.
-        if ctx.claim_workload_write(
-            &ns,
-            &name,
-            ctx.config.workload_status_period,
-            std::time::Instant::now(),
-        ) {
-            let status = running_status(
-                &summary,
-                w.status.as_ref(),
-                w.metadata.generation,
-                Timestamp::now(),
-            );
-            patch_status(ctx, &ns, &name, &status).await?;
-        }
+        let status = running_status(
+            &summary,
+            w.status.as_ref(),
+            w.metadata.generation,
+            Timestamp::now(),
+        );
+        patch_status_throttled(ctx, &ns, &name, &status, std::time::Instant::now()).await?;
         let (type_, reason, note) = if summary.phase == WorkloadPhase::Pending {
             (
                 EventType::Warning,
