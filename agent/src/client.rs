@@ -4,6 +4,7 @@
 //! rotated projected ServiceAccount token is used from the next connection on.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -11,14 +12,15 @@ use std::time::Duration;
 use infermesh_proto::agent_message::Msg as Up;
 use infermesh_proto::agent_service_client::AgentServiceClient;
 use infermesh_proto::operator_message::Msg as Down;
-use infermesh_proto::{AgentMessage, Capabilities, Failed, Heartbeat, Hello, ShardRef};
+use infermesh_proto::{AgentMessage, Capabilities, Completed, Failed, Heartbeat, Hello, ShardRef};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 
 use crate::endpoint::{TlsOptions, operator_endpoint};
+use crate::inference::ShardError;
 use crate::metrics::AgentMetrics;
-use crate::runner::Runner;
+use crate::runner::{Runner, catch_panic};
 use crate::token::TokenSource;
 
 /// How the agent reaches the operator and who it is.
@@ -47,10 +49,122 @@ enum Ended {
 }
 
 /// Result of one shard, carried across reconnects.
-type Outcome = (
-    ShardRef,
-    Result<infermesh_proto::Completed, crate::inference::ShardError>,
-);
+type Outcome = (ShardRef, Result<Completed, ShardError>);
+
+/// The shards running here, by workload, index and attempt, each with its cancel flag. Kept
+/// across reconnects. Keyed by attempt too, so that a new attempt of a shard assigned while
+/// an old one still winds down here neither hides it nor is forgotten when it ends.
+#[derive(Debug, Default)]
+struct Running(HashMap<(String, u32, u32), Arc<AtomicBool>>);
+
+impl Running {
+    fn key(shard: &ShardRef) -> (String, u32, u32) {
+        (shard.workload.clone(), shard.index, shard.attempt)
+    }
+
+    /// Records an assigned shard and returns its cancel flag; `None` when that very attempt
+    /// already runs here (an assignment received twice), which must not take a second slot.
+    fn start(&mut self, shard: &ShardRef) -> Option<Arc<AtomicBool>> {
+        let key = Self::key(shard);
+        if self.0.contains_key(&key) {
+            return None;
+        }
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.0.insert(key, cancel.clone());
+        Some(cancel)
+    }
+
+    /// Sets the cancel flag of the shard's attempts running here (attempt 0: every attempt);
+    /// returns how many.
+    fn cancel(&self, shard: &ShardRef) -> usize {
+        let mut n = 0;
+        for ((w, i, a), flag) in &self.0 {
+            if *w == shard.workload
+                && *i == shard.index
+                && (shard.attempt == 0 || *a == shard.attempt)
+            {
+                flag.store(true, Ordering::Relaxed);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Sets every cancel flag: the stream that assigned them is gone, and the operator has
+    /// put those attempts back in the queue, so their parts would never be committed.
+    fn cancel_all(&self) -> usize {
+        for flag in self.0.values() {
+            flag.store(true, Ordering::Relaxed);
+        }
+        self.0.len()
+    }
+
+    /// Forgets a finished shard; returns whether it had been cancelled.
+    fn finish(&mut self, shard: &ShardRef) -> bool {
+        self.0
+            .remove(&Self::key(shard))
+            .is_some_and(|flag| flag.load(Ordering::Relaxed))
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The shards, for the heartbeat.
+    fn refs(&self) -> Vec<ShardRef> {
+        self.0
+            .keys()
+            .map(|(w, i, a)| ShardRef {
+                workload: w.clone(),
+                index: *i,
+                attempt: *a,
+            })
+            .collect()
+    }
+}
+
+/// Runs a shard's `work` on a task of its own. Its outcome always reaches `done`, a panic
+/// included (as a failure, see [`catch_panic`]), so the shard is reported and leaves
+/// [`Running`] instead of holding its place there for good.
+fn spawn_shard<W>(shard: ShardRef, work: W, done: mpsc::Sender<Outcome>)
+where
+    W: Future<Output = Result<Completed, ShardError>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let result = catch_panic(work).await;
+        let _ = done.send((shard, result)).await;
+    });
+}
+
+/// What to tell the operator about a finished shard: `Completed` or `Failed`, or nothing
+/// once the operator cancelled it (it no longer wants the shard; a cancelled shard does not
+/// write its part unless the cancel came after the put).
+fn report(shard: ShardRef, result: Result<Completed, ShardError>, cancelled: bool) -> Option<Up> {
+    match result {
+        _ if cancelled => {
+            tracing::info!(shard = %shard.display(), "finished after it was cancelled: not reported");
+            None
+        }
+        Ok(done) => {
+            tracing::info!(shard = %shard.display(), records = done.records, secs = done.compute_seconds, "completed");
+            Some(Up::Completed(done))
+        }
+        Err(e) if e.kind == infermesh_proto::ErrorKind::Cancelled => None,
+        Err(e) => {
+            tracing::warn!(shard = %shard.display(), error = %e.message, retryable = e.retryable, "failed");
+            Some(Up::Failed(Failed {
+                shard: Some(shard),
+                kind: e.kind as i32,
+                message: e.message,
+                retryable: e.retryable,
+            }))
+        }
+    }
+}
 
 /// Runs the agent until drained. Reconnects with backoff when the stream drops; gives up at
 /// once when the operator refuses the token. A bad URL, TLS setting or token fails at once;
@@ -64,7 +178,7 @@ pub async fn run(
     operator_endpoint(&config.operator, &config.tls)?;
     config.token.read()?;
     let (done_tx, mut done_rx) = mpsc::channel::<Outcome>(64);
-    let mut running: HashMap<(String, u32), (u32, Arc<AtomicBool>)> = HashMap::new();
+    let mut running = Running::default();
     let mut backoff = Duration::from_millis(200);
     loop {
         let ended = attach(
@@ -80,6 +194,13 @@ pub async fn run(
             Ok(Ended::Drained) => return Ok(()),
             Err(AttachError::Fatal(e)) => return Err(e),
             Err(AttachError::Retry(e)) => {
+                let cancelled = running.cancel_all();
+                if cancelled > 0 {
+                    tracing::warn!(
+                        shards = cancelled,
+                        "stream lost: its attempts are void here too (the operator requeued them)"
+                    );
+                }
                 // The whole chain: a TLS failure's cause (UnknownIssuer, NotValidForName) is
                 // several sources down from tonic's "transport error".
                 tracing::warn!(error = %format_args!("{e:#}"), retry_in = ?backoff, "connection to operator lost");
@@ -123,7 +244,7 @@ async fn attach(
     metrics: &AgentMetrics,
     done_tx: &mpsc::Sender<Outcome>,
     done_rx: &mut mpsc::Receiver<Outcome>,
-    running: &mut HashMap<(String, u32), (u32, Arc<AtomicBool>)>,
+    running: &mut Running,
 ) -> Result<Ended, AttachError> {
     // Both were checked when the client started; read again so renewals are picked up.
     let endpoint = operator_endpoint(&config.operator, &config.tls)?;
@@ -207,45 +328,42 @@ async fn attach(
                 };
                 match msg.msg {
                     Some(Down::Assign(assign)) => {
-                        let Some(shard) = assign.shard.clone() else { continue };
-                        let cancel = Arc::new(AtomicBool::new(false));
-                        running.insert((shard.workload.clone(), shard.index), (shard.attempt, cancel.clone()));
+                        let Some(shard) = assign.shard.clone() else {
+                            tracing::warn!("assignment without a shard: ignored");
+                            continue;
+                        };
+                        let Some(cancel) = running.start(&shard) else {
+                            tracing::warn!(shard = %shard.display(), "assigned again while it runs here: ignored");
+                            continue;
+                        };
                         tracing::info!(shard = %shard.display(), "assigned");
                         let runner = runner.clone();
-                        let done = done_tx.clone();
-                        tokio::spawn(async move {
-                            let result = runner.run(&assign, cancel).await;
-                            let _ = done.send((shard, result)).await;
-                        });
+                        let work = async move { runner.run(&assign, cancel).await };
+                        spawn_shard(shard, work, done_tx.clone());
                     }
                     Some(Down::Cancel(c)) => {
                         if let Some(s) = c.shard
-                            && let Some((_, flag)) = running.get(&(s.workload.clone(), s.index))
+                            && running.cancel(&s) > 0
                         {
                             tracing::info!(shard = %s.display(), reason = %c.reason, "cancelled");
-                            flag.store(true, Ordering::Relaxed);
                         }
                     }
                     Some(Down::Drain(d)) => {
                         tracing::info!(reason = %d.reason, "draining");
                         draining = true;
                     }
+                    Some(Down::Refused(r)) => {
+                        // The operator did not accept a report of ours: it changed nothing
+                        // there, and the slot was freed when the report went out.
+                        let shard = r.shard.map(|s| s.display()).unwrap_or_default();
+                        tracing::warn!(%shard, code = r.code, reason = %r.reason, message = %r.message, "operator refused a report");
+                    }
                     Some(Down::Welcome(_)) | None => {}
                 }
             }
             Some((shard, result)) = done_rx.recv() => {
-                running.remove(&(shard.workload.clone(), shard.index));
-                let msg = match result {
-                    Ok(done) => {
-                        tracing::info!(shard = %shard.display(), records = done.records, secs = done.compute_seconds, "completed");
-                        Up::Completed(done)
-                    }
-                    Err(e) if e.kind == infermesh_proto::ErrorKind::Cancelled => continue,
-                    Err(e) => {
-                        tracing::warn!(shard = %shard.display(), error = %e.message, retryable = e.retryable, "failed");
-                        Up::Failed(Failed { shard: Some(shard), kind: e.kind as i32, message: e.message, retryable: e.retryable })
-                    }
-                };
+                let cancelled = running.finish(&shard);
+                let Some(msg) = report(shard, result, cancelled) else { continue };
                 tx.send(AgentMessage { msg: Some(msg) }).await?;
             }
             _ = heartbeat.tick() => {
@@ -253,7 +371,7 @@ async fn attach(
                     free_slots: (runner.slots() as u32).saturating_sub(running.len() as u32),
                     loaded_models: runner.loaded_models(),
                     cached_models: runner.cached_models(),
-                    running: running.iter().map(|((w, i), (a, _))| ShardRef { workload: w.clone(), index: *i, attempt: *a }).collect(),
+                    running: running.refs(),
                     load: load_average(),
                 };
                 tx.send(AgentMessage { msg: Some(Up::Heartbeat(hb)) }).await?;
@@ -267,4 +385,102 @@ fn load_average() -> f64 {
         .ok()
         .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
         .unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use infermesh_proto::ErrorKind;
+
+    fn shard(index: u32, attempt: u32) -> ShardRef {
+        ShardRef {
+            workload: "default/w".into(),
+            index,
+            attempt,
+        }
+    }
+
+    /// A shard whose work panics still reaches the report, as a retryable inference failure
+    /// that names the panic.
+    #[tokio::test]
+    async fn a_panicking_shard_is_reported_failed() {
+        let (done_tx, mut done_rx) = mpsc::channel::<Outcome>(1);
+        spawn_shard(shard(3, 1), async { panic!("boom") }, done_tx);
+        let (got, result) = tokio::time::timeout(Duration::from_secs(10), done_rx.recv())
+            .await
+            .expect("reported in time")
+            .expect("the shard's outcome reached the client");
+        assert_eq!(got, shard(3, 1));
+        let Some(Up::Failed(f)) = report(got, result, false) else {
+            panic!("not reported as failed");
+        };
+        assert_eq!(f.shard, Some(shard(3, 1)));
+        assert_eq!(f.kind, ErrorKind::Inference as i32);
+        assert!(f.retryable);
+        assert!(
+            f.message.contains("panicked") && f.message.contains("boom"),
+            "{}",
+            f.message
+        );
+    }
+
+    /// Failures carry their kind and retryability; a cancelled shard is not reported at all,
+    /// whether it completed, failed or stopped.
+    #[test]
+    fn reports_follow_the_result_unless_the_shard_was_cancelled() {
+        let changed = ShardError::permanent(ErrorKind::InvalidInput, "input changed");
+        let Some(Up::Failed(f)) = report(shard(1, 2), Err(changed.clone()), false) else {
+            panic!("not reported as failed");
+        };
+        assert_eq!(
+            (f.kind, f.retryable),
+            (ErrorKind::InvalidInput as i32, false)
+        );
+        let done = Completed {
+            shard: Some(shard(1, 2)),
+            records: 5,
+            ..Default::default()
+        };
+        assert!(matches!(
+            report(shard(1, 2), Ok(done.clone()), false),
+            Some(Up::Completed(c)) if c.records == 5
+        ));
+        assert!(report(shard(1, 2), Ok(done), true).is_none());
+        assert!(report(shard(1, 2), Err(changed), true).is_none());
+        let stopped = ShardError::permanent(ErrorKind::Cancelled, "cancelled by the operator");
+        assert!(report(shard(1, 2), Err(stopped), false).is_none());
+    }
+
+    /// A new attempt of a shard assigned while the old one still runs here is tracked apart
+    /// from it: the old one ending does not drop the new one, and a cancel without an
+    /// attempt reaches both.
+    #[test]
+    fn running_shards_are_tracked_per_attempt() {
+        let mut running = Running::default();
+        let old = running.start(&shard(4, 1)).expect("started");
+        assert!(
+            running.start(&shard(4, 1)).is_none(),
+            "the same attempt twice"
+        );
+        let new = running.start(&shard(4, 2)).expect("started");
+        assert_eq!(running.len(), 2);
+
+        assert_eq!(running.cancel(&shard(4, 1)), 1);
+        assert!(old.load(Ordering::Relaxed) && !new.load(Ordering::Relaxed));
+        assert!(
+            running.finish(&shard(4, 1)),
+            "the old attempt was cancelled"
+        );
+        assert_eq!(running.refs(), [shard(4, 2)]);
+
+        assert_eq!(running.cancel(&shard(4, 0)), 1);
+        assert!(new.load(Ordering::Relaxed));
+        assert!(running.finish(&shard(4, 2)));
+        assert!(running.is_empty());
+        assert!(!running.finish(&shard(4, 2)), "finishing twice is harmless");
+        let a = running.start(&shard(5, 1)).expect("started");
+        let b = running.start(&shard(6, 1)).expect("started");
+        assert_eq!(running.cancel_all(), 2, "a lost stream voids every attempt");
+        assert!(a.load(Ordering::Relaxed) && b.load(Ordering::Relaxed));
+    }
 }

@@ -1,12 +1,16 @@
 //! Running one assigned shard end to end: fetch the model (cached by hash), read the shard's
 //! records, run the task on a slot's ONNX Runtime session, write the output part in one put.
 
+use std::any::Any;
 use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures::FutureExt;
 use infermesh_proto::{Assign, Completed, ErrorKind, task};
 use ort::session::Session;
 use serde_json::{Map, Value};
@@ -14,7 +18,7 @@ use serde_json::{Map, Value};
 use crate::inference::embedding::Embedder;
 use crate::inference::runtime::{SessionConfig, load_session};
 use crate::inference::tensor::{self, InputBinding};
-use crate::inference::{BatchControl, Origin, ShardError, parse_records};
+use crate::inference::{BatchControl, Origin, ShardError, check_cancelled, parse_records};
 use crate::io::cache::{CacheError, ModelCache, sha256_hex};
 use crate::io::shard::records;
 use crate::io::store::{Location, ObjectError, read_aligned};
@@ -51,6 +55,62 @@ fn object_error(kind: ErrorKind, e: ObjectError) -> ShardError {
         message: e.to_string(),
         retryable,
     }
+}
+
+/// Why reading the shard's input range failed. An input that changed since it was planned is
+/// invalid input that no retry fixes (the workload must be planned again); a range outside
+/// the planned size is an assignment no operator sends.
+fn input_error(e: ObjectError) -> ShardError {
+    match e {
+        ObjectError::Changed { .. } => {
+            ShardError::permanent(ErrorKind::InvalidInput, e.to_string())
+        }
+        ObjectError::BadRange { .. } => {
+            ShardError::permanent(ErrorKind::Unspecified, format!("malformed assignment: {e}"))
+        }
+        e => object_error(ErrorKind::Io, e),
+    }
+}
+
+/// The failure reported for a shard whose work panicked. Retryable: a panic is a bug in the
+/// agent or a library it calls, not a verdict on the input, so another attempt (elsewhere,
+/// or after an upgrade) may well succeed, and `maxAttempts` bounds what it costs if not.
+fn panicked(payload: &(dyn Any + Send)) -> ShardError {
+    let what = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into());
+    ShardError::transient(
+        ErrorKind::Inference,
+        format!("the agent panicked running the shard: {what}"),
+    )
+}
+
+/// Runs a shard's `work`, turning a panic anywhere in it into a failed shard, so that it is
+/// reported and its slot given back instead of the task silently vanishing.
+pub async fn catch_panic(
+    work: impl Future<Output = Result<Completed, ShardError>>,
+) -> Result<Completed, ShardError> {
+    AssertUnwindSafe(work)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|payload| Err(panicked(&*payload)))
+}
+
+/// Writes the shard's output part in one put, unless the operator cancelled the shard
+/// meanwhile: a cancelled attempt leaves nothing behind. Returns the part's URI.
+async fn put_part(
+    output_uri: &str,
+    bytes: Bytes,
+    cancel: &AtomicBool,
+) -> Result<String, ShardError> {
+    let out = Location::parse(output_uri).map_err(|e| object_error(ErrorKind::Io, e))?;
+    check_cancelled(cancel)?;
+    out.put(bytes)
+        .await
+        .map_err(|e| object_error(ErrorKind::Io, e))?;
+    Ok(out.uri().to_string())
 }
 
 impl Runner {
@@ -120,8 +180,25 @@ impl Runner {
         assign: &Assign,
         cancel: Arc<AtomicBool>,
     ) -> Result<Completed, ShardError> {
+        self.on_slot(|slot| self.run_on(slot, assign, cancel)).await
+    }
+
+    /// Runs `work` on a free slot and gives the slot back however the work ends: a panic in
+    /// it fails the shard (see [`panicked`]) and leaves the slot empty (its sessions may be
+    /// half updated), rather than losing the slot for good.
+    async fn on_slot<F, W>(&self, work: F) -> Result<Completed, ShardError>
+    where
+        F: FnOnce(usize) -> W,
+        W: Future<Output = Result<Completed, ShardError>>,
+    {
         let slot = self.acquire().await;
-        let result = self.run_on(slot, assign, cancel).await;
+        let result = AssertUnwindSafe(async move { work(slot).await })
+            .catch_unwind()
+            .await;
+        let result = result.unwrap_or_else(|payload| {
+            self.clear_slot(slot);
+            Err(panicked(&*payload))
+        });
         self.release(slot).await;
         match &result {
             Ok(_) => self.metrics.shard_finished(ShardResult::Completed),
@@ -130,6 +207,16 @@ impl Runner {
             Err(_) => self.metrics.shard_finished(ShardResult::Failed),
         }
         result
+    }
+
+    /// Drops what the slot holds (its sessions and tokenizers).
+    fn clear_slot(&self, slot: usize) {
+        *self.slots[slot]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = SlotState::default();
+        if let Ok(mut loaded) = self.loaded.lock() {
+            loaded[slot].clear();
+        }
     }
 
     async fn run_on(
@@ -148,6 +235,8 @@ impl Runner {
             .input
             .clone()
             .ok_or_else(|| invalid("no input range"))?;
+        // Cancelled while it waited for the slot.
+        check_cancelled(&cancel)?;
 
         let expected = (!model.sha256.is_empty()).then_some(model.sha256.as_str());
         let (sha, model_path) =
@@ -169,7 +258,7 @@ impl Runner {
         let input_loc = Location::parse(&input.uri).map_err(|e| object_error(ErrorKind::Io, e))?;
         let (begin, data) = read_aligned(&input_loc, input.start, input.end, input.size)
             .await
-            .map_err(|e| object_error(ErrorKind::Io, e))?;
+            .map_err(input_error)?;
 
         let embedder_src = match &task.kind {
             Some(task::Kind::TextEmbedding(te)) => {
@@ -212,9 +301,11 @@ impl Runner {
         let mut state = std::mem::take(
             &mut *self.slots[slot]
                 .lock()
-                .map_err(|_| invalid("slot poisoned"))?,
+                .unwrap_or_else(PoisonError::into_inner),
         );
-        let (state, outcome) = tokio::task::spawn_blocking(move || {
+        let blocking_cancel = cancel.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let cancel = blocking_cancel;
             let outcome = (|| -> Result<(Bytes, u64), ShardError> {
                 ensure_session(&mut state, &sha, &model_path, &model.uri, &config)?;
                 let origin = Origin {
@@ -289,13 +380,21 @@ impl Runner {
             })();
             (state, outcome)
         })
-        .await
-        .map_err(|e| {
-            ShardError::transient(
-                ErrorKind::Inference,
-                format!("inference thread failed: {e}"),
-            )
-        })?;
+        .await;
+        let (state, outcome) = match joined {
+            Ok(done) => done,
+            // The slot's sessions went down with the thread: the slot starts afresh.
+            Err(e) => {
+                self.clear_slot(slot);
+                return Err(match e.try_into_panic() {
+                    Ok(payload) => panicked(&*payload),
+                    Err(e) => ShardError::transient(
+                        ErrorKind::Inference,
+                        format!("inference thread failed: {e}"),
+                    ),
+                });
+            }
+        };
         if let Ok(mut loaded) = self.loaded.lock() {
             loaded[slot] = state.sessions.iter().map(|(k, _)| k.clone()).collect();
         }
@@ -307,15 +406,11 @@ impl Runner {
 
         let digest = sha256_hex(&bytes);
         let output_bytes = bytes.len() as u64;
-        let out =
-            Location::parse(&assign.output_uri).map_err(|e| object_error(ErrorKind::Io, e))?;
-        out.put(bytes)
-            .await
-            .map_err(|e| object_error(ErrorKind::Io, e))?;
+        let output_uri = put_part(&assign.output_uri, bytes, &cancel).await?;
         Ok(Completed {
             shard: Some(shard),
             records,
-            output_uri: out.uri().to_string(),
+            output_uri,
             sha256: digest,
             compute_seconds,
             device: self.device().to_string(),
@@ -409,7 +504,178 @@ fn session_mut<'a>(state: &'a mut SlotState, sha: &str) -> &'a mut Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use infermesh_proto::{InputRange, Model, ShardRef, Task};
     use serde_json::json;
+    use std::time::Duration;
+
+    /// A runner with `slots` slots and its cache under `dir`. Nothing here loads ONNX Runtime:
+    /// the shards these tests run end before a session is built.
+    fn runner(dir: &std::path::Path, slots: usize) -> Runner {
+        let config = SessionConfig {
+            intra_op_threads: 1,
+            providers: vec!["cpu".into()],
+            require_gpu: false,
+        };
+        let cache = ModelCache::new(dir.join("cache")).expect("cache");
+        Runner::new(cache, config, slots, Arc::new(AgentMetrics::new()))
+    }
+
+    /// An assignment of `[start, end)` of `input`, planned at `size` bytes, with a model file
+    /// under `dir` (any bytes: it is only fetched and hashed before these shards end).
+    fn assign(dir: &std::path::Path, input: &str, start: u64, end: u64, size: u64) -> Assign {
+        let model = dir.join("model.onnx");
+        std::fs::write(&model, b"not loaded").expect("model");
+        Assign {
+            shard: Some(ShardRef {
+                workload: "default/w".into(),
+                index: 1,
+                attempt: 1,
+            }),
+            model: Some(Model {
+                uri: format!("file://{}", model.display()),
+                sha256: String::new(),
+            }),
+            task: Some(Task {
+                kind: Some(task::Kind::Tensor(infermesh_proto::Tensor::default())),
+                id_field: "id".into(),
+            }),
+            input: Some(InputRange {
+                uri: input.to_string(),
+                format: "jsonl".into(),
+                start,
+                end,
+                size,
+            }),
+            output_uri: format!("file://{}/out/part-00001.jsonl", dir.display()),
+            batch_size: 4,
+        }
+    }
+
+    /// An input truncated after planning fails its shard as invalid input that no retry
+    /// fixes, naming both sizes, and the slot is free for the next shard.
+    #[tokio::test]
+    async fn an_input_that_shrank_since_planning_fails_the_shard_as_invalid_input() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let data: Vec<u8> = (0..50)
+            .flat_map(|i| format!("{{\"id\":{i},\"x\":[1.0,2.0]}}\n").into_bytes())
+            .collect();
+        let planned = data.len() as u64;
+        let path = dir.path().join("in.jsonl");
+        std::fs::write(&path, &data[..data.len() - 7]).expect("input");
+        let uri = format!("file://{}", path.display());
+        let runner = runner(dir.path(), 1);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let last = assign(dir.path(), &uri, planned / 2, planned, planned);
+        let err = runner
+            .run(&last, cancel.clone())
+            .await
+            .expect_err("the input changed");
+        assert_eq!(err.kind, ErrorKind::InvalidInput, "{}", err.message);
+        assert!(!err.retryable, "{}", err.message);
+        assert_eq!(
+            err.message,
+            format!(
+                "input {uri} changed since it was planned: {planned} bytes planned, {} found; \
+                 resubmit the workload",
+                planned - 7
+            )
+        );
+        // The one slot was given back: the next shard gets it (and fails the same way).
+        let again = tokio::time::timeout(Duration::from_secs(10), runner.run(&last, cancel))
+            .await
+            .expect("the slot was freed");
+        assert_eq!(again.expect_err("changed").kind, ErrorKind::InvalidInput);
+        // A range past the planned size (no operator sends one) fails the shard, no panic.
+        let outside = assign(dir.path(), &uri, planned + 5, planned + 9, planned);
+        let err = runner
+            .run(&outside, Arc::new(AtomicBool::new(false)))
+            .await
+            .expect_err("bad range");
+        assert_eq!((err.kind, err.retryable), (ErrorKind::Unspecified, false));
+        assert!(
+            err.message.starts_with("malformed assignment: "),
+            "{}",
+            err.message
+        );
+    }
+
+    /// A shard whose work panics fails as an inference error that names the panic, and its
+    /// slot is given back (emptied) for the next shard.
+    #[tokio::test]
+    async fn a_panicking_shard_fails_and_frees_its_slot() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let runner = runner(dir.path(), 1);
+        let err = runner
+            .on_slot(|_| async { panic!("boom in shard 7") })
+            .await
+            .expect_err("panicked");
+        assert_eq!(err.kind, ErrorKind::Inference);
+        assert!(err.retryable);
+        assert!(err.message.contains("panicked"), "{}", err.message);
+        assert!(err.message.contains("boom in shard 7"), "{}", err.message);
+        // A formatted message (a String payload) is kept too.
+        let err = catch_panic(async { panic!("shard {} broke", 9) })
+            .await
+            .expect_err("panicked");
+        assert!(
+            err.message
+                .ends_with("panicked running the shard: shard 9 broke"),
+            "{}",
+            err.message
+        );
+        // The one slot is free again.
+        let next = tokio::time::timeout(
+            Duration::from_secs(10),
+            runner.on_slot(|slot| async move {
+                Err(ShardError::permanent(
+                    ErrorKind::Unspecified,
+                    format!("ran on slot {slot}"),
+                ))
+            }),
+        )
+        .await
+        .expect("the slot was freed");
+        assert_eq!(next.expect_err("ran").message, "ran on slot 0");
+    }
+
+    /// Once the operator has cancelled a shard, its output part is not written.
+    #[tokio::test]
+    async fn a_cancelled_shard_writes_no_output_part() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let part = dir.path().join("part-00001.jsonl");
+        let uri = format!("file://{}", part.display());
+        let cancel = AtomicBool::new(true);
+        let err = put_part(&uri, Bytes::from_static(b"{}\n"), &cancel)
+            .await
+            .expect_err("cancelled");
+        assert_eq!(err.kind, ErrorKind::Cancelled);
+        assert!(!part.exists(), "a cancelled shard wrote its part");
+        cancel.store(false, std::sync::atomic::Ordering::Relaxed);
+        let written = put_part(&uri, Bytes::from_static(b"{}\n"), &cancel)
+            .await
+            .expect("written");
+        assert_eq!(written, uri);
+        assert_eq!(std::fs::read(&part).expect("part"), b"{}\n");
+    }
+
+    /// A shard cancelled while it waited for a slot ends before it fetches anything.
+    #[tokio::test]
+    async fn a_shard_cancelled_before_it_starts_does_nothing() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let runner = runner(dir.path(), 1);
+        let missing = format!("file://{}/missing.jsonl", dir.path().display());
+        let mut a = assign(dir.path(), &missing, 0, 10, 10);
+        a.model = Some(Model {
+            uri: format!("file://{}/missing.onnx", dir.path().display()),
+            sha256: String::new(),
+        });
+        let err = runner
+            .run(&a, Arc::new(AtomicBool::new(true)))
+            .await
+            .expect_err("cancelled");
+        assert_eq!(err.kind, ErrorKind::Cancelled, "{}", err.message);
+        assert!(runner.cached_models().is_empty());
+    }
 
     fn line(id: Option<Value>, output: RecordOutput) -> Value {
         let mut out = Vec::new();

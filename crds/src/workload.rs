@@ -54,6 +54,12 @@ pub struct WorkloadSpec {
     #[serde(default = "default_max_attempts")]
     #[schemars(extend("minimum" = 1, "maximum" = 20))]
     pub max_attempts: u32,
+    /// Seconds one shard attempt may run without a report before the operator takes it back
+    /// (Cancel to the agent) and requeues it: a hung agent that still heartbeats. Unset: no
+    /// limit but the agent's lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("minimum" = 1, "maximum" = 604800))]
+    pub shard_timeout_seconds: Option<u32>,
     /// What an agent must offer to run this workload.
     #[serde(default)]
     pub requirements: Requirements,

@@ -3,6 +3,7 @@
 //! lets the planner cut an input into byte ranges knowing only its size.
 #![forbid(unsafe_code)]
 
+mod ops;
 pub mod shard;
 pub mod store;
 

@@ -1,6 +1,6 @@
 //! Record alignment of byte-range shards.
 //!
-//! The rule of DESIGN.md: a shard `[start, end)` starts after the first newline at or after
+//! The rule (`docs/architecture.md`, data plane): a shard `[start, end)` starts after the first newline at or after
 //! its start offset (a shard at offset 0 starts at 0) and ends at the first newline at or
 //! after its end offset (or at the end of the object). Two neighbouring shards look for the same newline, so every record
 //! belongs to exactly one shard whatever the byte ranges are, and planning needs only the

@@ -34,6 +34,34 @@ pub enum ObjectError {
         /// The store's error.
         source: object_store::Error,
     },
+    /// The object is no longer the size it had when the workload was planned: it was
+    /// truncated, appended to or replaced since. The shards were cut from the old size, so
+    /// reading on would lose records or split them; another attempt would see the same.
+    #[error(
+        "input {uri} changed since it was planned: {planned} bytes planned, {found} found; \
+         resubmit the workload"
+    )]
+    Changed {
+        /// The URI.
+        uri: String,
+        /// The size the shards were cut from.
+        planned: u64,
+        /// The size the object has now.
+        found: u64,
+    },
+    /// A shard range that does not lie within the object's planned size (`start <= end <=
+    /// size`), which no plan holds.
+    #[error("{uri}: shard range {start}..{end} does not lie within the planned {size} bytes")]
+    BadRange {
+        /// The URI.
+        uri: String,
+        /// The range's first byte.
+        start: u64,
+        /// One past its last byte.
+        end: u64,
+        /// The planned size.
+        size: u64,
+    },
 }
 
 impl ObjectError {
@@ -46,9 +74,9 @@ impl ObjectError {
 /// An object (or directory prefix) named by a URI.
 #[derive(Clone, Debug)]
 pub struct Location {
-    store: Arc<dyn ObjectStore>,
-    path: Path,
-    uri: String,
+    pub(crate) store: Arc<dyn ObjectStore>,
+    pub(crate) path: Path,
+    pub(crate) uri: String,
 }
 
 impl Location {
@@ -87,7 +115,7 @@ impl Location {
         }
     }
 
-    fn map_err(&self, e: object_store::Error) -> ObjectError {
+    pub(crate) fn map_err(&self, e: object_store::Error) -> ObjectError {
         match e {
             object_store::Error::NotFound { .. } => ObjectError::NotFound {
                 uri: self.uri.clone(),
@@ -117,6 +145,48 @@ impl Location {
             .get_range(&self.path, start..end)
             .await
             .map_err(|e| self.map_err(e))
+    }
+
+    fn changed(&self, planned: u64, found: u64) -> ObjectError {
+        ObjectError::Changed {
+            uri: self.uri.clone(),
+            planned,
+            found,
+        }
+    }
+
+    /// Exactly bytes `[from, to)` of an object planned at `size` bytes (`to <= size`). A read
+    /// that comes back short, or that the store refuses while the object's size is not
+    /// `size` any more, means the object shrank since planning: [`ObjectError::Changed`].
+    /// A read that reaches the planned end asks for one byte more, so that an object that
+    /// grew is noticed too, at no extra request.
+    async fn get_planned(&self, from: u64, to: u64, size: u64) -> Result<Bytes, ObjectError> {
+        if from >= to {
+            return Ok(Bytes::new());
+        }
+        let probe = if to == size { to + 1 } else { to };
+        let got = match self.get_range(from, probe).await {
+            Ok(got) => got,
+            // A range that starts past the end is refused outright (local files, HTTP 416,
+            // S3 InvalidRange): say so when that is because the object shrank.
+            Err(e @ ObjectError::Store { .. }) => {
+                return Err(match self.size().await {
+                    Ok(found) if found != size => self.changed(size, found),
+                    _ => e,
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        if got.len() as u64 == to - from {
+            return Ok(got);
+        }
+        // Shorter: the object ends before the planned size; longer: it goes on past it.
+        let seen = from + got.len() as u64;
+        let found = match self.size().await {
+            Ok(found) if found != size => found,
+            _ => seen,
+        };
+        Err(self.changed(size, found))
     }
 
     /// The whole object.
@@ -198,6 +268,16 @@ fn store_for(scheme: ObjectStoreScheme, url: &Url) -> object_store::Result<Arc<d
 /// Reads the records of shard `[start, end)` of an object of `size` bytes, aligned to record
 /// boundaries (see [`crate::shard`]). Returns the object offset of the first byte and the
 /// bytes. Reads the range plus as much as is needed to reach the next newline.
+///
+/// `size` is the size the workload was planned with. An object that is shorter now fails
+/// with [`ObjectError::Changed`] as soon as a read runs short of it. One that grew fails the
+/// same way in every shard whose reads reach the planned end (the last shard's always do):
+/// they ask for one byte more, at no extra request. Records past the planned size belong to
+/// no shard, so failing there fails the workload instead of leaving them out unsaid. A shard
+/// whose reads stay inside the object cannot see that it changed without an extra request
+/// (the last shard speaks for the workload), and no shard can see an object replaced by one
+/// of exactly the same size. `start <= end <= size` must hold ([`ObjectError::BadRange`]
+/// otherwise).
 pub async fn read_aligned(
     loc: &Location,
     start: u64,
@@ -208,14 +288,25 @@ pub async fn read_aligned(
     // One read covers the range and a first look past its end; records are far shorter than
     // this, so the loop below rarely runs more than once.
     const STEP: u64 = 64 * 1024;
-    let end = end.clamp(start, size);
-    let mut buf = loc.get_range(start, (end + STEP).min(size)).await?.to_vec();
+    if start > end || end > size {
+        return Err(ObjectError::BadRange {
+            uri: loc.uri.clone(),
+            start,
+            end,
+            size,
+        });
+    }
+    // Each read returns exactly what it asks for (or fails), so `buf` always reaches `end`.
+    let mut buf = loc
+        .get_planned(start, (end + STEP).min(size), size)
+        .await?
+        .to_vec();
     loop {
         let have = start + buf.len() as u64;
         if have >= size || buf[(end - start) as usize..].contains(&b'\n') {
             break;
         }
-        let more = loc.get_range(have, (have + STEP).min(size)).await?;
+        let more = loc.get_planned(have, (have + STEP).min(size), size).await?;
         buf.extend_from_slice(&more);
     }
     let have = start + buf.len() as u64;
@@ -246,6 +337,85 @@ mod tests {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// Writes `data` to a file; returns its location.
+    fn file(dir: &tempfile::TempDir, name: &str, data: &[u8]) -> Location {
+        let path = dir.path().join(name);
+        std::fs::write(&path, data).expect("write");
+        Location::parse(&format!("file://{}", path.display())).expect("uri")
+    }
+
+    fn changed(loc: &Location, planned: usize, found: usize) -> String {
+        format!(
+            "input {} changed since it was planned: {planned} bytes planned, {found} found; \
+             resubmit the workload",
+            loc.uri()
+        )
+    }
+
+    /// An input truncated or appended to after it was planned fails the read that notices,
+    /// naming the URI and both sizes, and is not transient; it never panics.
+    #[tokio::test]
+    async fn an_input_that_changed_since_planning_fails_the_read() {
+        let dir = tempfile::tempdir().expect("tmp");
+        // Longer than one read step, so the first shard's read stops well before the end.
+        let data: Vec<u8> = (0..4000)
+            .flat_map(|i| format!("{{\"i\":{i},\"text\":\"abcdefgh\"}}\n").into_bytes())
+            .collect();
+        let planned = data.len();
+        let last = (planned / 2) as u64..planned as u64;
+        // Cut inside the last shard (its first read comes back short), before it (the store
+        // refuses the range), and grown (the read of the planned end finds a byte more).
+        for found in [planned - 5, planned / 4, planned + 30] {
+            let mut now = data.clone();
+            now.resize(found, b'x');
+            let loc = file(&dir, &format!("in-{found}.jsonl"), &now);
+            let err = read_aligned(&loc, last.start, last.end, planned as u64)
+                .await
+                .expect_err("the input changed");
+            assert_eq!(err.to_string(), changed(&loc, planned, found));
+            assert!(!err.is_transient(), "{err}");
+        }
+
+        // A follow-up read (past a record longer than one read step) that runs short.
+        let mut long = b"{\"i\":0,\"text\":\"".to_vec();
+        long.extend(std::iter::repeat_n(b'a', 200_000));
+        long.extend_from_slice(b"\"}\n{\"i\":1}\n");
+        let loc = file(&dir, "long.jsonl", &long[..150_000]);
+        let err = read_aligned(&loc, 0, 10, long.len() as u64)
+            .await
+            .expect_err("the input changed");
+        assert_eq!(err.to_string(), changed(&loc, long.len(), 150_000));
+
+        // A shard whose reads stay well inside a grown object cannot tell (the shard at the
+        // end does) and reads its records as planned.
+        let mut grown = data.clone();
+        grown.extend_from_slice(b"{\"i\":4000}\n");
+        let loc = file(&dir, "grown.jsonl", &grown);
+        let (begin, bytes) = read_aligned(&loc, 0, 1000, planned as u64)
+            .await
+            .expect("read");
+        let got: Vec<Vec<u8>> = records(begin, &bytes).map(|r| r.text.to_vec()).collect();
+        assert_eq!(got, lines(&data, 0, 1000));
+    }
+
+    /// A range outside the planned size is refused, not a panic.
+    #[tokio::test]
+    async fn a_range_outside_the_planned_size_is_refused() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let loc = file(&dir, "in.jsonl", b"{}\n{}\n");
+        for (start, end) in [(7, 9), (4, 2), (0, 7)] {
+            let err = read_aligned(&loc, start, end, 6)
+                .await
+                .expect_err("bad range");
+            assert!(
+                err.to_string()
+                    .contains(&format!("shard range {start}..{end} does not lie within")),
+                "{err}"
+            );
+            assert!(!err.is_transient(), "{err}");
+        }
     }
 
     proptest! {

@@ -101,6 +101,32 @@ async fn http_reads_sizes_ranges_and_not_found() {
 }
 
 #[tokio::test]
+async fn http_input_that_changed_since_planning_fails_the_read() {
+    let data = common::jsonl(40);
+    let mut grown = data.clone();
+    grown.extend_from_slice(b"{\"i\":40}\n");
+    // Cut inside the last record, and before the last third (the server answers 416).
+    let (inside, early) = (data.len() - 100, data.len() / 2);
+    let files = HashMap::from([
+        (
+            "/inside.jsonl".to_string(),
+            Bytes::from(data[..inside].to_vec()),
+        ),
+        (
+            "/early.jsonl".to_string(),
+            Bytes::from(data[..early].to_vec()),
+        ),
+        ("/grown.jsonl".to_string(), Bytes::from(grown.clone())),
+    ]);
+    let base = start(files).await;
+    let planned = data.len() as u64;
+    for (name, found) in [("inside", inside), ("early", early), ("grown", grown.len())] {
+        let loc = Location::parse(&format!("{base}/{name}.jsonl")).expect("uri");
+        common::check_changed(&loc, planned, found as u64).await;
+    }
+}
+
+#[tokio::test]
 async fn http_server_without_range_support_is_an_error_not_wrong_bytes() {
     // A server that ignores `Range` and answers 200 with the whole object (as Python's
     // http.server does) must not be taken as giving the range.

@@ -147,6 +147,16 @@ async fn s3_round_trip() {
     input.put(Bytes::from(data.clone())).await.expect("put");
     common::check_reads(&input, &data).await;
 
+    // The input replaced by a shorter or a longer one after it was planned.
+    let planned = data.len() as u64;
+    let changed = Location::parse(&format!("{base}/in/changed.jsonl")).expect("uri");
+    for found in [data.len() - 100, data.len() / 2, data.len() + 50] {
+        let mut now = data.clone();
+        now.resize(found, b'\n');
+        changed.put(Bytes::from(now)).await.expect("put");
+        common::check_changed(&changed, planned, found as u64).await;
+    }
+
     // Output parts are written as children of a directory-like prefix and read back by URI.
     let out = Location::parse(&format!("{base}/out/")).expect("uri");
     let part = out.child("part-00001.jsonl");

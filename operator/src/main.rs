@@ -108,6 +108,11 @@ enum LedgerCommand {
         /// Output format.
         #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
         output: Format,
+        /// Also check every succeeded workload's outputs: its `_SUCCESS.json` lists exactly
+        /// the parts the store committed, each part exists with that sha256 and record count,
+        /// and no stray part or attempt file is left.
+        #[arg(long)]
+        outputs: bool,
     },
     /// Events in order; filter by workload uid, agent or kind.
     Events {
@@ -272,6 +277,7 @@ async fn ledger(url: &str, command: LedgerCommand) -> anyhow::Result<bool> {
             let micro = infermesh_operator::core::pricing::credits_to_micro(credits);
             let id = store
                 .grant(
+                    store::GrantKind::Manual,
                     &namespace,
                     &mesh,
                     micro,
@@ -287,13 +293,21 @@ async fn ledger(url: &str, command: LedgerCommand) -> anyhow::Result<bool> {
             let id = store.refund(transaction, &memo).await?;
             println!("transaction {id}: refunded charge {transaction}");
         }
-        LedgerCommand::Verify { output } => {
+        LedgerCommand::Verify { output, outputs } => {
             let report = store.verify().await?;
+            let checked = if outputs {
+                Some(infermesh_operator::core::outputs::verify_stored(&store).await?)
+            } else {
+                None
+            };
+            let outputs_ok = checked
+                .as_ref()
+                .is_none_or(|c| c.iter().all(|w| w.problems.is_empty()));
             if output == Format::Json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(
-                        &serde_json::json!({"ok": report.ok(), "report": report})
+                        &serde_json::json!({"ok": report.ok() && outputs_ok, "report": report, "outputs": checked})
                     )?
                 );
             } else {
@@ -330,8 +344,21 @@ async fn ledger(url: &str, command: LedgerCommand) -> anyhow::Result<bool> {
                 for id in &report.charges_without_success {
                     println!("       transaction {id} charges a shard that did not succeed");
                 }
+                if let Some(checked) = &checked {
+                    let parts: usize = checked.iter().map(|w| w.parts).sum();
+                    println!(
+                        "{} every succeeded workload's outputs match its manifest and the store ({} workloads, {parts} parts)",
+                        mark(outputs_ok),
+                        checked.len()
+                    );
+                    for w in checked {
+                        for p in &w.problems {
+                            println!("       {}: {p}", w.workload);
+                        }
+                    }
+                }
             }
-            return Ok(report.ok());
+            return Ok(report.ok() && outputs_ok);
         }
         LedgerCommand::PruneEvents { before, archive } => {
             for p in store.prune_events(&before, archive).await? {

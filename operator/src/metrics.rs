@@ -116,6 +116,11 @@ impl Metrics {
             shards.requeued.clone(),
         );
         r.register(
+            "infermesh_reports_refused",
+            "Agent reports refused (not the holder of the current attempt, stale, duplicate, invalid, output mismatch), by reason",
+            shards.refused.clone(),
+        );
+        r.register(
             "infermesh_queue_depth",
             "Shards waiting for a slot",
             queue_depth.clone(),

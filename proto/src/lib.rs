@@ -1,7 +1,7 @@
 //! Generated types and service stubs of the infermesh agent protocol.
 //!
 //! One bidirectional stream per agent (`AgentService/Attach`); see
-//! `proto/infermesh/v1/agent.proto` for the messages and DESIGN.md for the semantics.
+//! `proto/infermesh/v1/agent.proto` for the messages and `docs/architecture.md` for the semantics.
 #![forbid(unsafe_code)]
 
 /// `infermesh.v1`: the agent <-> operator protocol.

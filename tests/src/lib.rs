@@ -223,6 +223,34 @@ pub fn minilm_job(
     (path, input, out)
 }
 
+/// A tensor job over `n` generated records (`{"id": i, "x": [4 floats]}`) on the generated
+/// tensor model, written to `dir/mesh.yaml` (outputs in `dir/out`). Returns the manifest
+/// path, the input and the output directory.
+pub fn tensor_job(dir: &Path, n: usize, extra: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let input = dir.join("in.jsonl");
+    let mut text = String::new();
+    for i in 0..n {
+        let x = [i as f32 / 100.0, 1.0, -((i % 7) as f32), 0.5];
+        text.push_str(&serde_json::json!({"id": i, "x": x}).to_string());
+        text.push('\n');
+    }
+    std::fs::write(&input, &text).expect("input");
+    let out = dir.join("out");
+    let model = test_models().join("tensor.onnx");
+    let task = "    tensor:\n      inputs: [{name: x}]\n      outputs: [y, s]";
+    let yaml = manifest(
+        &model,
+        Some(&sha256_file(&model)),
+        task,
+        &input,
+        &out,
+        extra,
+    );
+    let path = dir.join("mesh.yaml");
+    std::fs::write(&path, yaml).expect("manifest");
+    (path, input, out)
+}
+
 /// A Mesh and a Workload as YAML. `task` and `extra` are indented spec lines.
 pub fn manifest(
     model: &Path,

@@ -142,14 +142,19 @@ pub struct BatchControl<'a> {
 impl BatchControl<'_> {
     /// A `Cancelled` error once the operator has cancelled the shard.
     pub fn check_cancelled(&self) -> Result<(), ShardError> {
-        if self.cancel.load(Ordering::Relaxed) {
-            return Err(ShardError::permanent(
-                ErrorKind::Cancelled,
-                "cancelled by the operator",
-            ));
-        }
-        Ok(())
+        check_cancelled(self.cancel)
     }
+}
+
+/// A `Cancelled` error once `cancel` (the operator's cancel flag of a shard) is set.
+pub fn check_cancelled(cancel: &AtomicBool) -> Result<(), ShardError> {
+    if cancel.load(Ordering::Relaxed) {
+        return Err(ShardError::permanent(
+            ErrorKind::Cancelled,
+            "cancelled by the operator",
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! and a file that does not hash to what the Workload says is refused.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 
@@ -101,18 +102,39 @@ impl ModelCache {
         }
         let path = self.dir.join(format!("{actual}.onnx"));
         if !path.is_file() {
-            // Write then rename, so a concurrent reader never sees half a model.
-            let local = |source| CacheError::Local {
-                dir: self.dir.clone(),
-                source,
-            };
-            let tmp = self
-                .dir
-                .join(format!(".{actual}.{}.tmp", std::process::id()));
-            tokio::fs::write(&tmp, &bytes).await.map_err(local)?;
-            tokio::fs::rename(&tmp, &path).await.map_err(local)?;
+            self.store(&path, &actual, &bytes).await?;
         }
         Ok((actual, path))
+    }
+
+    /// Writes `bytes` (which hash to `sha`) to `path` through a temporary file and a rename,
+    /// so a concurrent reader never sees half a model. Each call has its own temporary name
+    /// (process id and a counter), so the slots of one agent, or two agents sharing the cache,
+    /// fetching the same model at once never write into or rename each other's file. If the
+    /// rename fails but another fetch has meanwhile put the same model in place, that is
+    /// success.
+    async fn store(&self, path: &Path, sha: &str, bytes: &[u8]) -> Result<(), CacheError> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let local = |source| CacheError::Local {
+            dir: self.dir.clone(),
+            source,
+        };
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let tmp = self
+            .dir
+            .join(format!(".{sha}.{}.{n}.tmp", std::process::id()));
+        let written = match tokio::fs::write(&tmp, bytes).await {
+            Ok(()) => tokio::fs::rename(&tmp, path).await,
+            Err(e) => Err(e),
+        };
+        let Err(e) = written else {
+            return Ok(());
+        };
+        let _ = tokio::fs::remove_file(&tmp).await;
+        match tokio::fs::read(path).await {
+            Ok(there) if sha256_hex(&there) == sha => Ok(()),
+            _ => Err(local(e)),
+        }
     }
 }
 
@@ -142,5 +164,65 @@ mod tests {
         let missing = format!("file://{}/nope.onnx", src.path().display());
         let err = cache.model(&missing, None).await.expect_err("missing");
         assert!(err.to_string().contains("does not exist"), "{err}");
+    }
+
+    /// A write that fails while the same model is already in place (another fetch won the
+    /// race) is success; with anything else there, the failure stands.
+    #[tokio::test]
+    async fn a_failed_write_is_success_when_the_model_is_already_in_place() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let cache = ModelCache::new(dir.path().join("cache")).expect("cache");
+        // The cache directory is gone, so writing the temporary file fails.
+        std::fs::remove_dir(cache.dir()).expect("rmdir");
+        let path = dir.path().join("model.onnx");
+        let sha = sha256_hex(b"model bytes");
+        std::fs::write(&path, b"model bytes").expect("write");
+        cache
+            .store(&path, &sha, b"model bytes")
+            .await
+            .expect("already in place");
+        std::fs::write(&path, b"other bytes").expect("write");
+        let err = cache
+            .store(&path, &sha, b"model bytes")
+            .await
+            .expect_err("not in place");
+        assert!(matches!(err, CacheError::Local { .. }), "{err}");
+    }
+
+    /// The slots of one agent fetching the same model into a cold cache at once all get it,
+    /// whole, and leave no temporary file behind.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_fetches_of_one_model_into_a_cold_cache_all_succeed() {
+        let src = tempfile::tempdir().expect("tmp");
+        let model = src.path().join("m.onnx");
+        // Big enough that the fetches' writes and renames overlap.
+        let bytes: Vec<u8> = (0u32..8 << 20)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+            .collect();
+        std::fs::write(&model, &bytes).expect("write");
+        let sha = sha256_hex(&bytes);
+        let uri = format!("file://{}", model.display());
+        for expected in [Some(sha.clone()), None] {
+            let cache_dir = tempfile::tempdir().expect("tmp");
+            let cache = ModelCache::new(cache_dir.path()).expect("cache");
+            let fetches = (0..8).map(|_| {
+                let (cache, uri, expected) = (cache.clone(), uri.clone(), expected.clone());
+                tokio::spawn(async move { cache.model(&uri, expected.as_deref()).await })
+            });
+            let want = cache_dir.path().join(format!("{sha}.onnx"));
+            for fetched in futures::future::join_all(fetches).await {
+                let (got, path) = fetched.expect("task").expect("fetch");
+                assert_eq!(
+                    (got.as_str(), path.as_path()),
+                    (sha.as_str(), want.as_path())
+                );
+            }
+            assert_eq!(sha256_hex(&std::fs::read(&want).expect("read")), sha);
+            let names: Vec<String> = std::fs::read_dir(cache_dir.path())
+                .expect("list")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect();
+            assert_eq!(names, [format!("{sha}.onnx")], "no temporary file is left");
+        }
     }
 }

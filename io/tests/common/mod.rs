@@ -60,6 +60,35 @@ pub async fn check_reads(loc: &Location, data: &[u8]) {
     }
 }
 
+/// `loc` holds `found` bytes but was planned at `planned`: the last shard of any plan fails
+/// with `Changed`, naming both sizes, not transient; no shard panics, and any other shard that
+/// fails says the same.
+pub async fn check_changed(loc: &Location, planned: u64, found: u64) {
+    let want = format!(
+        "input {} changed since it was planned: {planned} bytes planned, {found} found; \
+         resubmit the workload",
+        loc.uri()
+    );
+    for shards in [1u64, 3, 8] {
+        for s in 0..shards {
+            let (start, end) = (planned * s / shards, planned * (s + 1) / shards);
+            match read_aligned(loc, start, end, planned).await {
+                Err(e) => {
+                    assert!(
+                        matches!(e, ObjectError::Changed { .. }) && !e.is_transient(),
+                        "shard {s}/{shards}: {e:?}"
+                    );
+                    assert_eq!(e.to_string(), want, "shard {s}/{shards}");
+                }
+                Ok(_) => assert!(
+                    s + 1 < shards,
+                    "the last shard {s}/{shards} read {found} bytes"
+                ),
+            }
+        }
+    }
+}
+
 /// `uri` names no object: every read says NotFound, which is not transient.
 pub async fn check_not_found(uri: &str) {
     let loc = Location::parse(uri).expect("uri");

@@ -153,7 +153,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }),
         };
         let handle = core
-            .attach(hello, tx)
+            .attach(
+                hello,
+                &infermesh_operator::grpc::Principal::user("bench"),
+                tx,
+            )
             .await
             .map_err(|s| anyhow::anyhow!("{s}"))?;
         let core = core.clone();
@@ -167,14 +171,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let handle = handle.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(compute).await;
+                    // The part the operator checks before it charges: one record.
+                    let body = b"{}\n".to_vec();
+                    let facts = infermesh_operator::core::outputs::facts(&body);
+                    if let Ok(part) = infermesh_io::Location::parse(&a.output_uri) {
+                        let _ = part.put(body.into()).await;
+                    }
                     let done = pb::Completed {
                         shard: a.shard.clone(),
-                        records: 1,
+                        records: facts.records,
                         output_uri: a.output_uri.clone(),
-                        sha256: "0".repeat(64),
+                        sha256: facts.sha256,
                         compute_seconds: compute.as_secs_f64(),
                         device: "cpu".into(),
-                        output_bytes: 10,
+                        output_bytes: facts.bytes,
                     };
                     let _ = core
                         .handle(

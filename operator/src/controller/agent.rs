@@ -178,6 +178,8 @@ pub async fn reconcile(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Action> {
         Err(e) if super::is_not_found(&e) => {}
         Err(source) => return Err(Error::DeleteAgent { name, source }),
     }
+    // The core forgets it too (its history stays in the event log and the ledger).
+    ctx.core.forget_agent(&name);
     Ok(Action::await_change())
 }
 

@@ -90,6 +90,10 @@ impl StatusWriter {
                 }
             }
         }
+        // Nothing outlives its object: forget agents the core no longer holds.
+        self.created.retain(|id| agents.iter().any(|a| &a.id == id));
+        self.agents
+            .retain(|id, _| agents.iter().any(|a| &a.id == id));
         // Every status that is due, built once: (urgent, last written, the write).
         let mut due_writes: Vec<(bool, Option<Instant>, Due)> = Vec::new();
         for (i, a) in agents.iter().enumerate() {
@@ -110,6 +114,8 @@ impl StatusWriter {
             }
         }
         let summaries = ctx.core.workloads().await;
+        self.workloads
+            .retain(|key, _| summaries.iter().any(|s| &s.key == key));
         let generations = ctx
             .generations
             .lock()
@@ -162,6 +168,14 @@ impl StatusWriter {
                     {
                         Ok(false) => continue,
                         Ok(true) => {
+                            if s.phase.is_terminal() {
+                                // Its final status is written: the core and this writer
+                                // forget it (the store keeps its history).
+                                ctx.core.release(&s.key);
+                                if let Ok(mut g) = ctx.generations.lock() {
+                                    g.remove(&s.key);
+                                }
+                            }
                             self.workloads
                                 .insert(s.key.clone(), Written { at: now, status });
                         }

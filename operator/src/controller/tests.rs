@@ -238,7 +238,12 @@ impl Fixture {
                 ..Default::default()
             }),
         };
-        let handle = self.ctx.core.attach(hello, tx).await.expect("attach");
+        let handle = self
+            .ctx
+            .core
+            .attach(hello, &crate::grpc::Principal::user("test"), tx)
+            .await
+            .expect("attach");
         assert!(matches!(
             rx.recv().await,
             Some(Ok(pb::OperatorMessage {
@@ -852,9 +857,9 @@ async fn a_token_review_that_is_not_authenticated_or_names_another_service_accou
             review(true, "system:serviceaccount:infermesh:default"),
         )
         .await;
-    let who = run.await.expect("join").expect("authenticated");
+    let mut who = run.await.expect("join").expect("authenticated");
     let err = reviewer
-        .authorize(&who, "gpus")
+        .authorize(&mut who, "gpus")
         .expect_err("not the mesh's account");
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     assert!(
@@ -874,8 +879,11 @@ async fn a_token_review_that_is_not_authenticated_or_names_another_service_accou
         )
         .await;
     let who = run.await.expect("join").expect("authenticated");
-    reviewer.authorize(&who, "gpus").expect("the mesh's agents");
-    assert!(reviewer.authorize(&who, "other-mesh").is_err());
+    assert_eq!(who.node, None, "no node claim in this review");
+    reviewer
+        .authorize(&mut who.clone(), "gpus")
+        .expect("the mesh's agents");
+    assert!(reviewer.authorize(&mut who.clone(), "other-mesh").is_err());
     let again = reviewer.authenticate("good-token").await.expect("cached");
     assert_eq!(again, who);
     f.verifier.expect_nothing_more().await;

@@ -17,6 +17,13 @@ use crate::grpc::{Authenticator, Principal};
 /// How long a review's answer is reused.
 pub const CACHE_TTL: Duration = Duration::from_secs(60);
 
+/// The TokenReview `extra` key naming the node a projected token is bound to (Kubernetes
+/// 1.30 and later).
+pub const NODE_CLAIM: &str = "authentication.kubernetes.io/node-name";
+
+/// The TokenReview `extra` key naming the pod a projected token is bound to.
+pub const POD_CLAIM: &str = "authentication.kubernetes.io/pod-name";
+
 /// A review's answer and when it was made.
 type Review = (Instant, Result<Principal, String>);
 
@@ -73,8 +80,22 @@ impl TokenReviewer {
         {
             return Err(format!("token is not for audience `{}`", self.audience));
         }
-        let user = status.user.and_then(|u| u.username).unwrap_or_default();
-        Ok(Principal(user))
+        let user = status.user.unwrap_or_default();
+        let claim = |name: &str| {
+            user.extra
+                .as_ref()
+                .and_then(|e| e.get(name))
+                .and_then(|v| v.first())
+                .filter(|v| !v.is_empty())
+                .cloned()
+        };
+        Ok(Principal {
+            user: user.username.clone().unwrap_or_default(),
+            agent: None,
+            // Bound tokens carry their pod (and, from Kubernetes 1.30, their node).
+            node: claim(NODE_CLAIM),
+            instance: claim(POD_CLAIM),
+        })
     }
 }
 
@@ -96,15 +117,18 @@ impl Authenticator for TokenReviewer {
         answer.map_err(Status::unauthenticated)
     }
 
-    fn authorize(&self, who: &Principal, mesh: &str) -> Result<(), Status> {
+    fn authorize(&self, who: &mut Principal, mesh: &str) -> Result<(), Status> {
         let want = agent_user(&self.namespace, mesh);
-        if who.0 == want {
-            Ok(())
-        } else {
-            Err(Status::unauthenticated(format!(
+        if who.user != want {
+            return Err(Status::unauthenticated(format!(
                 "{} may not serve mesh {mesh}: only {want} may",
-                who.0
-            )))
+                who.user
+            )));
         }
+        // The agent of a node has one id on a Mesh; a token bound to a node may claim no other.
+        if let Some(node) = &who.node {
+            who.agent = Some(format!("{mesh}-{node}"));
+        }
+        Ok(())
     }
 }

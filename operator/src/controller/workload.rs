@@ -393,6 +393,12 @@ async fn apply(w: &Workload, ctx: &Context) -> Result<Action> {
         .await
     {
         Ok(_) | Err(CoreError::Duplicate(_)) => {}
+        Err(CoreError::Finished { key, phase }) => {
+            // This run finished before (the cache lagged, or the spec changed after the end):
+            // it is never run again.
+            tracing::info!(workload = %key, %phase, "finished workload not run again");
+            return Ok(Action::await_change());
+        }
         Err(CoreError::Invalid(Invalid { reason, message })) => {
             return invalid(ctx, w, reason, &message).await;
         }

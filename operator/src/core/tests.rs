@@ -53,15 +53,22 @@ impl Fixture {
         }
     }
 
+    fn output(&self) -> String {
+        format!("file://{}/", self.out.path().display())
+    }
+
     /// Submits a workload of `shards` shards (100 input bytes each).
     async fn submit(&self, shards: u64, max_attempts: u32) -> String {
-        let out = format!("file://{}/", self.out.path().display());
+        self.submit_as("u1", shards, max_attempts).await
+    }
+
+    async fn submit_as(&self, uid: &str, shards: u64, max_attempts: u32) -> String {
         self.core
             .submit(Submission {
                 namespace: "team-a".into(),
-                name: "w".into(),
-                uid: "u1".into(),
-                spec: workload(&out, max_attempts),
+                name: format!("w-{uid}"),
+                uid: uid.into(),
+                spec: workload(&self.output(), max_attempts),
                 input_size: shards * 100,
             })
             .await
@@ -69,43 +76,22 @@ impl Fixture {
     }
 
     async fn agent(&self, id: &str, slots: u32) -> (AgentHandle, Rx) {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let hello = pb::Hello {
-            agent_id: id.into(),
-            node: format!("node-{id}"),
-            mesh: "m".into(),
-            version: "test".into(),
-            capabilities: Some(pb::Capabilities {
-                execution_providers: vec!["cpu".into()],
-                slots,
-                ..Default::default()
-            }),
-        };
-        let handle = self.core.attach(hello, tx).await.expect("attach");
-        match rx.recv().await {
-            Some(Ok(pb::OperatorMessage {
-                msg: Some(Down::Welcome(w)),
-            })) => assert_eq!(w.agent_name, id),
-            other => panic!("expected Welcome, got {other:?}"),
-        }
-        (handle, rx)
+        attach(&self.core, id, slots, &Principal::user("test")).await
     }
 
+    /// What an honest agent does: writes a part of `records` lines where the attempt was
+    /// told to, and reports it.
     async fn complete(
         &self,
         who: &AgentHandle,
         shard: &pb::ShardRef,
         records: u64,
     ) -> Result<(), Status> {
-        let msg = pb::Completed {
-            shard: Some(shard.clone()),
-            records,
-            output_uri: format!("file:///out/part-{:05}.jsonl", shard.index),
-            sha256: "s".into(),
-            compute_seconds: 1.0,
-            device: "cpu".into(),
-            output_bytes: 10,
-        };
+        let msg = write_part(&self.output(), shard, records);
+        self.report(who, msg).await
+    }
+
+    async fn report(&self, who: &AgentHandle, msg: pb::Completed) -> Result<(), Status> {
         self.core
             .handle(
                 who,
@@ -117,16 +103,88 @@ impl Fixture {
     }
 
     async fn events(&self, kind: &str) -> usize {
-        let f = EventFilter {
-            kind: Some(kind.into()),
-            ..Default::default()
-        };
-        self.core.store().events(&f).await.expect("events").len()
+        count_events(&self.core, kind).await
     }
 
     async fn phase(&self) -> WorkloadPhase {
         self.core.workloads().await[0].phase
     }
+}
+
+async fn count_events(core: &Core<AnyStore>, kind: &str) -> usize {
+    let f = EventFilter {
+        kind: Some(kind.into()),
+        ..Default::default()
+    };
+    core.store().events(&f).await.expect("events").len()
+}
+
+fn hello(id: &str, slots: u32) -> pb::Hello {
+    pb::Hello {
+        agent_id: id.into(),
+        node: format!("node-{id}"),
+        mesh: "m".into(),
+        version: "test".into(),
+        capabilities: Some(pb::Capabilities {
+            execution_providers: vec!["cpu".into()],
+            slots,
+            ..Default::default()
+        }),
+    }
+}
+
+async fn attach(core: &Core<AnyStore>, id: &str, slots: u32, who: &Principal) -> (AgentHandle, Rx) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let handle = core
+        .attach(hello(id, slots), who, tx)
+        .await
+        .expect("attach");
+    match rx.recv().await {
+        Some(Ok(pb::OperatorMessage {
+            msg: Some(Down::Welcome(w)),
+        })) => assert_eq!(w.agent_name, id),
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+    (handle, rx)
+}
+
+/// Writes `records` lines for `shard` at its attempt's location; the honest report of it.
+fn write_part(output: &str, shard: &pb::ShardRef, records: u64) -> pb::Completed {
+    let uri = outputs::attempt_uri(output, shard.index, shard.attempt);
+    let body: String = (0..records)
+        .map(|r| format!("{{\"id\":\"{}-{r}\",\"y\":[1.0]}}\n", shard.index))
+        .collect();
+    let path = uri.strip_prefix("file://").expect("file uri");
+    std::fs::create_dir_all(std::path::Path::new(path).parent().expect("dir")).expect("mkdir");
+    std::fs::write(path, &body).expect("write part");
+    let facts = outputs::facts(body.as_bytes());
+    pb::Completed {
+        shard: Some(shard.clone()),
+        records,
+        output_uri: uri,
+        sha256: facts.sha256,
+        compute_seconds: 0.001,
+        device: "cpu".into(),
+        output_bytes: facts.bytes,
+    }
+}
+
+/// Every message waiting in an agent's stream.
+fn drain(rx: &mut Rx) -> Vec<Result<pb::OperatorMessage, Status>> {
+    std::iter::from_fn(|| rx.try_recv().ok()).collect()
+}
+
+/// The refusals waiting in an agent's stream: (code, reason).
+fn refusals(rx: &mut Rx) -> Vec<(tonic::Code, String)> {
+    drain(rx)
+        .into_iter()
+        .filter_map(|m| match m {
+            Ok(pb::OperatorMessage {
+                msg: Some(Down::Refused(r)),
+            }) => Some((tonic::Code::from(r.code), r.reason)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The assignments waiting in an agent's stream.
@@ -157,7 +215,7 @@ async fn slots_bound_the_outstanding_assignments(backend: Backend) {
     );
 }
 
-async fn first_completion_wins_and_charges_once(backend: Backend) {
+async fn only_the_holder_completes_and_each_shard_is_charged_once(backend: Backend) {
     let f = Fixture::new(backend, 30).await;
     let key = f.submit(2, 3).await;
     let (a, mut rx_a) = f.agent("a", 1).await;
@@ -165,30 +223,69 @@ async fn first_completion_wins_and_charges_once(backend: Backend) {
     let shard_a = assigned(&mut rx_a).pop().expect("a has a shard");
     let shard_b = assigned(&mut rx_b).pop().expect("b has a shard");
     assert_ne!(shard_a.index, shard_b.index);
+    assert!(
+        shard_a.attempt == 1 && shard_b.attempt == 1,
+        "first attempts"
+    );
 
+    // b reports a's shard before a does: b does not hold it.
+    let forged = write_part(&f.output(), &shard_a, 10);
+    f.report(&b, forged).await.expect("refused, stream kept");
+    assert_eq!(
+        refusals(&mut rx_b),
+        [(tonic::Code::PermissionDenied, "not_holder".to_string())]
+    );
+    let started = Instant::now();
     f.complete(&a, &shard_a, 10).await.expect("first");
     f.complete(&a, &shard_a, 10)
         .await
-        .expect("duplicate is acknowledged");
-    // b reports a's shard too (as after a requeue): acknowledged, ignored.
-    f.complete(&b, &shard_a, 10)
-        .await
-        .expect("late completion is acknowledged");
+        .expect("refused, stream kept");
+    assert_eq!(
+        refusals(&mut rx_a),
+        [(tonic::Code::AlreadyExists, "duplicate".to_string())]
+    );
     f.complete(&b, &shard_b, 20).await.expect("b's own");
+    let wall = started.elapsed();
 
     let charges = f.core.store().charges("u1").await.expect("charges");
-    assert_eq!(charges.len(), 2, "one charge per shard: {charges:?}");
-    assert_eq!(f.events("shard.duplicate").await, 2);
+    let to: Vec<(u32, &str)> = charges.iter().map(|c| (c.shard, c.to.as_str())).collect();
+    assert_eq!(
+        to,
+        [(shard_a.index, "agent/a"), (shard_b.index, "agent/b")],
+        "one charge per shard, to its holder"
+    );
+    assert_eq!(f.events("shard.report_refused").await, 2);
     let summary = &f.core.workloads().await[0];
     assert_eq!(summary.key, key);
     assert_eq!(summary.records, 30, "records counted once");
     assert_eq!(summary.phase, WorkloadPhase::Succeeded);
-    // 1 cpu-second at 1 credit + 10 or 20 records at 1 credit per thousand.
-    assert_eq!(summary.credits, 2 * 1_000_000 + 10_000 + 20_000);
+    // 10 + 20 records at 1 credit per thousand, plus at most the operator's measured
+    // seconds at 1 credit per cpu-second (the agents' 0.001 s lowers it further).
+    assert!(
+        summary.credits >= 30_000 && summary.credits <= 30_000 + 2_000,
+        "{} ({wall:?})",
+        summary.credits
+    );
     let manifest = std::fs::read_to_string(f.out.path().join("_SUCCESS.json")).expect("manifest");
     let manifest: serde_json::Value = serde_json::from_str(&manifest).expect("json");
     assert_eq!(manifest["records"], 30);
-    assert_eq!(manifest["parts"].as_array().map(Vec::len), Some(2));
+    let parts: Vec<outputs::ManifestPart> =
+        serde_json::from_value(manifest["parts"].clone()).expect("parts");
+    assert_eq!(parts.len(), 2);
+    assert!(
+        outputs::verify_outputs(&f.output(), &parts)
+            .await
+            .is_empty()
+    );
+    assert!(
+        !f.out.path().join(outputs::ATTEMPTS).exists(),
+        "no attempt file is left"
+    );
+    assert_eq!(
+        f.core.resident_workloads(),
+        0,
+        "a finished workload leaves memory"
+    );
 }
 
 async fn a_lost_agent_requeues_its_shards_with_the_next_attempt(backend: Backend) {
@@ -299,33 +396,44 @@ async fn a_drained_agent_gets_no_new_shards(backend: Backend) {
 async fn malformed_messages_are_invalid_argument(backend: Backend) {
     let f = Fixture::new(backend, 30).await;
     f.submit(1, 3).await;
-    let (a, _rx) = f.agent("a", 1).await;
+    let (a, mut rx) = f.agent("a", 1).await;
     let empty = f
         .core
         .handle(&a, pb::AgentMessage { msg: None })
         .await
         .expect_err("empty");
     assert_eq!(empty.code(), tonic::Code::InvalidArgument);
+    let no_shard = f
+        .report(&a, pb::Completed::default())
+        .await
+        .expect_err("no shard");
+    assert_eq!(no_shard.code(), tonic::Code::InvalidArgument);
+    let _ = assigned(&mut rx);
+    // Reports naming no workload or shard are refused and leave the stream up.
     let unknown = pb::ShardRef {
         workload: "nope/x/y".into(),
         index: 0,
         attempt: 1,
     };
-    let err = f
-        .complete(&a, &unknown, 1)
-        .await
-        .expect_err("unknown workload");
-    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    f.complete(&a, &unknown, 1).await.expect("refused");
     let out_of_range = pb::ShardRef {
-        workload: "team-a/w/u1".into(),
+        workload: "team-a/w-u1/u1".into(),
         index: 99,
         attempt: 1,
     };
-    let err = f
-        .complete(&a, &out_of_range, 1)
-        .await
-        .expect_err("no such shard");
-    assert!(err.message().contains("no shard 99"), "{}", err.message());
+    f.complete(&a, &out_of_range, 1).await.expect("refused");
+    let got: Vec<_> = drain(&mut rx)
+        .into_iter()
+        .filter_map(|m| match m {
+            Ok(pb::OperatorMessage {
+                msg: Some(Down::Refused(r)),
+            }) => Some((tonic::Code::from(r.code), r.message)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0].0, tonic::Code::NotFound);
+    assert!(got[1].1.contains("no shard 99"), "{}", got[1].1);
 }
 
 async fn an_empty_input_succeeds_at_once(backend: Backend) {
@@ -335,7 +443,7 @@ async fn an_empty_input_succeeds_at_once(backend: Backend) {
 }
 
 both!(slots_bound_the_outstanding_assignments);
-both!(first_completion_wins_and_charges_once);
+both!(only_the_holder_completes_and_each_shard_is_charged_once);
 both!(a_lost_agent_requeues_its_shards_with_the_next_attempt);
 both!(an_agent_that_misses_its_lease_loses_its_shards);
 both!(a_shard_out_of_attempts_fails_the_workload);
@@ -377,7 +485,7 @@ async fn a_workload_over_budget_is_held_and_runs_after_a_grant(backend: Backend)
 
     f.core
         .store()
-        .grant("team-a", "m", 5_000_000, "top-up")
+        .grant(GrantKind::Manual, "team-a", "m", 5_000_000, "top-up")
         .await
         .expect("grant");
     f.core.admit_held().await.expect("admit");
@@ -422,6 +530,22 @@ async fn mesh_budgets_are_granted_once_however_often_the_mesh_is_applied(backend
         store.balance("mesh/m").await.expect("mesh account"),
         -4_000_000
     );
+    // A grant by hand is not the budget's: the next reconcile leaves it alone.
+    store
+        .grant(GrantKind::Manual, "team-a", "m", 3_000_000, "by hand")
+        .await
+        .expect("grant");
+    for _ in 0..2 {
+        f.core
+            .upsert_mesh("m", mesh_with_budget(4.0))
+            .await
+            .expect("reconcile");
+    }
+    assert_eq!(
+        store.balance("namespace/team-a").await.expect("balance"),
+        7_000_000,
+        "budget 4 + 3 by hand"
+    );
     assert!(store.verify().await.expect("verify").ok());
 }
 
@@ -457,28 +581,11 @@ async fn a_new_operator_resumes_without_rerunning_completed_shards(backend: Back
             })
             .await
             .expect("submit");
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let hello = pb::Hello {
-            agent_id: "a".into(),
-            node: "n".into(),
-            mesh: "m".into(),
-            version: "t".into(),
-            capabilities: Some(pb::Capabilities {
-                execution_providers: vec!["cpu".into()],
-                slots: 2,
-                ..Default::default()
-            }),
-        };
-        let a = first.attach(hello, tx).await.expect("attach");
+        let (a, mut rx) = attach(&first, "a", 2, &Principal::user("t")).await;
         let got = assigned(&mut rx);
         assert_eq!(got.len(), 2);
         got_done = got[0].index;
-        let done = pb::Completed {
-            shard: Some(got[0].clone()),
-            records: 7,
-            device: "cpu".into(),
-            ..Default::default()
-        };
+        let done = write_part(&format!("file://{}/", out.path().display()), &got[0], 7);
         first
             .handle(
                 &a,
@@ -538,3 +645,936 @@ async fn a_new_operator_resumes_without_rerunning_completed_shards(backend: Back
 }
 
 both!(a_new_operator_resumes_without_rerunning_completed_shards);
+
+/// Every way an authenticated agent can lie about its work, against one honest agent: each
+/// lie is refused with its code and event, and the honest run ends as if the liar were not
+/// there.
+async fn forged_reports_are_refused_and_change_nothing(backend: Backend) {
+    let f = Fixture::new(backend, 30).await;
+    f.submit(3, 3).await;
+    let (honest, mut rx_h) = f.agent("honest", 1).await;
+    let (liar, mut rx_l) = f.agent("liar", 1).await;
+    let mine = assigned(&mut rx_h).pop().expect("honest has a shard");
+    let theirs = assigned(&mut rx_l).pop().expect("liar has a shard");
+    let out = f.output();
+
+    // The liar reports the honest agent's shard, with a part it wrote itself.
+    f.report(&liar, write_part(&out, &mine, 5))
+        .await
+        .expect("kept");
+    // A shard nobody was given yet (the third one).
+    let third = (0..3u32)
+        .find(|i| *i != mine.index && *i != theirs.index)
+        .expect("a third shard");
+    let unassigned = pb::ShardRef {
+        index: third,
+        ..mine.clone()
+    };
+    f.report(&liar, write_part(&out, &unassigned, 5))
+        .await
+        .expect("kept");
+    // Its own shard, but with numbers no honest agent sends.
+    let mut bad = write_part(&out, &theirs, 5);
+    for compute in [f64::NAN, f64::INFINITY, -1.0, 1e9] {
+        bad.compute_seconds = compute;
+        f.report(&liar, bad.clone()).await.expect("kept");
+    }
+    bad.compute_seconds = 0.001;
+    bad.records = 1_000_000;
+    f.report(&liar, bad.clone()).await.expect("kept");
+    // Another output location than the one assigned.
+    let mut elsewhere = write_part(&out, &theirs, 5);
+    elsewhere.output_uri = outputs::part_uri(&out, theirs.index);
+    f.report(&liar, elsewhere).await.expect("kept");
+    let got: Vec<String> = refusals(&mut rx_l).into_iter().map(|(_, r)| r).collect();
+    assert_eq!(
+        got,
+        [
+            "not_holder",
+            "not_holder",
+            "invalid_report",
+            "invalid_report",
+            "invalid_report",
+            "invalid_report",
+            "invalid_report",
+            "invalid_report"
+        ]
+    );
+    // A made-up sha256: the part says otherwise. The attempt counts as failed and is
+    // requeued; the next attempt goes to whoever has a slot.
+    let mut made_up = write_part(&out, &theirs, 5);
+    made_up.sha256 = "0".repeat(64);
+    f.report(&liar, made_up).await.expect("kept");
+    let msgs = drain(&mut rx_l);
+    let refused: Vec<_> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            Ok(pb::OperatorMessage {
+                msg: Some(Down::Refused(r)),
+            }) => Some((tonic::Code::from(r.code), r.reason.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        refused,
+        [(tonic::Code::DataLoss, "output_mismatch".to_string())]
+    );
+    let retry: Vec<pb::ShardRef> = msgs
+        .into_iter()
+        .filter_map(|m| match m {
+            Ok(pb::OperatorMessage {
+                msg: Some(Down::Assign(a)),
+            }) => a.shard,
+            _ => None,
+        })
+        .collect();
+    assert_eq!(retry.len(), 1, "the freed slot gets a shard");
+    assert_eq!(
+        f.core.store().charges("u1").await.expect("charges").len(),
+        0
+    );
+
+    // The honest agent finishes everything it is given; the liar's retry too, honestly.
+    f.complete(&honest, &mine, 7).await.expect("honest");
+    let mut queue: Vec<(AgentHandle, pb::ShardRef)> =
+        retry.into_iter().map(|s| (liar.clone(), s)).collect();
+    loop {
+        queue.extend(assigned(&mut rx_h).into_iter().map(|s| (honest.clone(), s)));
+        let Some((who, shard)) = queue.pop() else {
+            break;
+        };
+        f.complete(&who, &shard, 7).await.expect("complete");
+        queue.extend(assigned(&mut rx_l).into_iter().map(|s| (liar.clone(), s)));
+    }
+    let s = &f.core.workloads().await[0];
+    assert_eq!(
+        (s.phase, s.records),
+        (WorkloadPhase::Succeeded, 21),
+        "{}",
+        s.message
+    );
+    let charges = f.core.store().charges("u1").await.expect("charges");
+    assert_eq!(charges.len(), 3, "one charge per shard: {charges:?}");
+    assert!(
+        charges.iter().all(|c| c.amount > 0 && c.amount < 100_000),
+        "{charges:?}"
+    );
+    assert_eq!(f.events("shard.report_refused").await, 9);
+    let report = f.core.store().verify().await.expect("verify");
+    assert!(report.ok(), "{report:?}");
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(f.out.path().join("_SUCCESS.json")).expect("manifest"),
+    )
+    .expect("json");
+    let parts: Vec<outputs::ManifestPart> =
+        serde_json::from_value(manifest["parts"].clone()).expect("parts");
+    let problems = outputs::verify_outputs(&f.output(), &parts).await;
+    assert!(problems.is_empty(), "{problems:?}");
+    let refused = f
+        .core
+        .counters()
+        .refused
+        .get_or_create(&RefusedLabels {
+            reason: "invalid_report".into(),
+        })
+        .get();
+    assert_eq!(refused, 6);
+}
+
+async fn a_flood_of_refused_reports_ends_that_stream_only(backend: Backend) {
+    let f = Fixture::new(backend, 30).await;
+    f.submit(2, 3).await;
+    let (honest, mut rx_h) = f.agent("honest", 1).await;
+    let (liar, _rx_l) = f.agent("liar", 1).await;
+    let mine = assigned(&mut rx_h).pop().expect("shard");
+    let forged = write_part(&f.output(), &mine, 1);
+    let mut ended = None;
+    for i in 0..(MAX_REFUSALS + 5) {
+        if let Err(e) = f.report(&liar, forged.clone()).await {
+            ended = Some((i, e));
+            break;
+        }
+    }
+    let (at, status) = ended.expect("the flood ends the stream");
+    assert_eq!(at, MAX_REFUSALS, "after {MAX_REFUSALS} refusals");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert_eq!(
+        f.events("shard.report_refused").await,
+        MAX_REFUSALS as usize + 1
+    );
+    f.complete(&honest, &mine, 3)
+        .await
+        .expect("the honest agent is not disturbed");
+    assert_eq!(
+        f.core.store().charges("u1").await.expect("charges").len(),
+        1
+    );
+}
+
+async fn identity_comes_from_credentials(backend: Backend) {
+    let f = Fixture::new(backend, 30).await;
+    f.submit(1, 3).await;
+    let bound = |agent: &str, instance: &str| Principal {
+        user: "sa".into(),
+        agent: Some(agent.into()),
+        node: Some(format!("node-{agent}")),
+        instance: Some(instance.into()),
+    };
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let other_agent = f
+        .core
+        .attach(hello("victim", 1), &bound("thief", "pod-t"), tx)
+        .await
+        .expect_err("another agent's id");
+    assert_eq!(other_agent.code(), tonic::Code::PermissionDenied);
+    let mut wrong_node = hello("victim", 1);
+    wrong_node.node = "node-elsewhere".into();
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let err = f
+        .core
+        .attach(wrong_node, &bound("victim", "pod-v"), tx)
+        .await
+        .expect_err("another node");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+
+    let (victim, mut rx_v) = attach(&f.core, "victim", 1, &bound("victim", "pod-v")).await;
+    let shard = assigned(&mut rx_v).pop().expect("shard");
+    // A second pod with the same agent's credentials cannot evict the live stream.
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let evict = f
+        .core
+        .attach(hello("victim", 1), &bound("victim", "pod-2"), tx)
+        .await
+        .expect_err("live stream of another pod");
+    assert_eq!(evict.code(), tonic::Code::AlreadyExists);
+    f.complete(&victim, &shard, 2)
+        .await
+        .expect("the victim's stream still works");
+    assert_eq!(f.phase().await, WorkloadPhase::Succeeded);
+    // The same pod reconnecting replaces its own stream.
+    let (again, _rx) = attach(&f.core, "victim", 1, &bound("victim", "pod-v")).await;
+    assert_ne!(again.session, victim.session);
+    let stale = f
+        .core
+        .handle(
+            &victim,
+            pb::AgentMessage {
+                msg: Some(Up::Heartbeat(pb::Heartbeat::default())),
+            },
+        )
+        .await
+        .expect_err("the old stream is gone");
+    assert_eq!(stale.code(), tonic::Code::FailedPrecondition);
+}
+
+async fn a_namespace_out_of_credits_gets_no_new_dispatches(backend: Backend) {
+    let f = Fixture::new(backend, 30).await;
+    // 0.005 credits: one shard of 10 records costs 0.01 plus its seconds.
+    f.core
+        .upsert_mesh("m", mesh_with_budget(0.005))
+        .await
+        .expect("mesh");
+    f.submit(4, 3).await;
+    let (a, mut rx) = f.agent("a", 2).await;
+    let first = assigned(&mut rx);
+    assert_eq!(first.len(), 2);
+    // The freed slot is refilled while the part is checked, before the charge lands.
+    f.complete(&a, &first[0], 10).await.expect("complete");
+    let more = assigned(&mut rx);
+    assert_eq!(more.len(), 1);
+    f.complete(&a, &first[1], 10).await.expect("complete");
+    assert!(assigned(&mut rx).is_empty(), "out of credits: nothing new");
+    f.complete(&a, &more[0], 10)
+        .await
+        .expect("a running shard finishes");
+    let s = &f.core.workloads().await[0];
+    assert_eq!(
+        (s.phase, s.reason.as_str()),
+        (WorkloadPhase::Running, "QuotaExceeded")
+    );
+    let balance = f
+        .core
+        .store()
+        .balance("namespace/team-a")
+        .await
+        .expect("balance");
+    assert!(
+        balance < 0 && balance > -40_000,
+        "overshoot bounded by what ran: {balance}"
+    );
+    f.core
+        .store()
+        .grant(GrantKind::Manual, "team-a", "m", 1_000_000, "top-up")
+        .await
+        .expect("grant");
+    f.core.admit_held().await.expect("admit");
+    let last = assigned(&mut rx);
+    assert_eq!(last.len(), 1, "dispatch resumes after a grant");
+    f.complete(&a, &last[0], 10).await.expect("complete");
+    assert_eq!(f.phase().await, WorkloadPhase::Succeeded);
+    assert!(f.core.store().verify().await.expect("verify").ok());
+}
+
+async fn a_uid_already_stored_is_never_started_over(backend: Backend) {
+    let f = Fixture::new(backend, 30).await;
+    f.submit(1, 3).await;
+    let (a, mut rx) = f.agent("a", 1).await;
+    let shard = assigned(&mut rx).pop().expect("shard");
+    f.complete(&a, &shard, 1).await.expect("complete");
+    assert_eq!(f.phase().await, WorkloadPhase::Succeeded);
+    f.core.release("team-a/w-u1/u1");
+    assert!(!f.core.knows("team-a/w-u1/u1").await);
+    let again = f
+        .core
+        .submit(Submission {
+            namespace: "team-a".into(),
+            name: "w-u1".into(),
+            uid: "u1".into(),
+            spec: workload(&f.output(), 3),
+            input_size: 100,
+        })
+        .await
+        .expect_err("finished");
+    assert!(
+        matches!(again, CoreError::Finished { ref phase, .. } if phase == "Succeeded"),
+        "{again}"
+    );
+    assert!(!f.core.knows("team-a/w-u1/u1").await, "no ghost is left");
+    f.core
+        .upsert_mesh("m", mesh(30))
+        .await
+        .expect("a Mesh reconcile still works");
+    assert_eq!(
+        f.core.store().charges("u1").await.expect("charges").len(),
+        1
+    );
+}
+
+async fn a_stored_spec_that_no_longer_validates_fails_only_its_workload(backend: Backend) {
+    let url = backend.fresh_url().await;
+    let out = tempfile::tempdir().expect("tmp");
+    let store = crate::store::open(&url).await.expect("open");
+    let record = |uid: &str, spec: String| WorkloadRecord {
+        uid: uid.into(),
+        namespace: "team-a".into(),
+        name: uid.into(),
+        mesh: "m".into(),
+        spec_json: spec,
+        input_bytes: 100,
+    };
+    let good = serde_json::to_string(&workload(&format!("file://{}/", out.path().display()), 3))
+        .expect("json");
+    let shard = [ShardRecord {
+        index: 0,
+        start: 0,
+        end: 100,
+    }];
+    store
+        .create_workload(&record("bad", "{\"mesh\": 7}".into()), &shard)
+        .await
+        .expect("bad");
+    store
+        .create_workload(&record("good", good), &shard)
+        .await
+        .expect("good");
+    let core = Core::new(store);
+    core.upsert_mesh("m", mesh(30)).await.expect("mesh");
+    assert_eq!(core.resume().await.expect("resume does not abort"), 1);
+    assert_eq!(
+        core.store()
+            .workload_phase("bad")
+            .await
+            .expect("phase")
+            .as_deref(),
+        Some("Failed")
+    );
+    let failed = count_events(&core, "workload.failed").await;
+    assert_eq!(failed, 1);
+}
+
+async fn heartbeats_reconcile_what_the_agent_runs(backend: Backend) {
+    let f = Fixture::new(backend, 30).await;
+    f.submit(2, 3).await;
+    let (a, mut rx) = f.agent("a", 1).await;
+    let shard = assigned(&mut rx).pop().expect("shard");
+    let beat = |running: Vec<pb::ShardRef>| pb::AgentMessage {
+        msg: Some(Up::Heartbeat(pb::Heartbeat {
+            running,
+            ..Default::default()
+        })),
+    };
+    // A shard it says it runs but does not hold: cancelled.
+    let foreign = pb::ShardRef {
+        index: 1 - shard.index,
+        ..shard.clone()
+    };
+    f.core
+        .handle(&a, beat(vec![shard.clone(), foreign.clone()]))
+        .await
+        .expect("beat");
+    let cancels: Vec<u32> = drain(&mut rx)
+        .into_iter()
+        .filter_map(|m| match m {
+            Ok(pb::OperatorMessage {
+                msg: Some(Down::Cancel(c)),
+            }) => c.shard.map(|s| s.index),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(cancels, [foreign.index]);
+    // Fresh assignments are not taken back: the heartbeat may have left before they came.
+    f.core.handle(&a, beat(vec![])).await.expect("beat");
+    assert_eq!(f.events("shard.requeued").await, 0);
+    // Past the grace (two heartbeat periods), a shard the agent no longer lists is lost.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    f.core.handle(&a, beat(vec![])).await.expect("beat");
+    assert_eq!(f.events("shard.requeued").await, 1);
+    let again = assigned(&mut rx);
+    assert_eq!(again.len(), 1, "the slot is free again");
+}
+
+async fn finished_workloads_leave_memory(backend: Backend) {
+    let f = Fixture::new(backend, 30).await;
+    let (a, mut rx) = f.agent("a", 2).await;
+    for i in 0..20 {
+        let uid = format!("run-{i}");
+        let key = f.submit_as(&uid, 3, 3).await;
+        assert_eq!(f.core.resident_workloads(), 1);
+        while f.core.resident_workloads() > 0 {
+            for shard in assigned(&mut rx) {
+                f.complete(&a, &shard, 2).await.expect("complete");
+            }
+        }
+        let s = f
+            .core
+            .workload(&key)
+            .await
+            .expect("the summary stays until released");
+        assert_eq!(s.phase, WorkloadPhase::Succeeded);
+        f.core.release(&key);
+        assert!(f.core.workload(&key).await.is_none());
+    }
+    assert_eq!(f.core.resident_workloads(), 0);
+    assert!(f.core.workloads().await.is_empty());
+}
+
+async fn deleting_a_mesh_fails_its_workloads(backend: Backend) {
+    let f = Fixture::new(backend, 30).await;
+    f.submit(2, 3).await;
+    let (_a, mut rx) = f.agent("a", 1).await;
+    assert_eq!(assigned(&mut rx).len(), 1);
+    f.core.remove_mesh("m").await;
+    let s = &f.core.workloads().await[0];
+    assert_eq!(
+        (s.phase, s.reason.as_str()),
+        (WorkloadPhase::Failed, "MeshDeleted")
+    );
+    let kinds: Vec<bool> = drain(&mut rx)
+        .iter()
+        .map(|m| {
+            matches!(
+                m,
+                Ok(pb::OperatorMessage {
+                    msg: Some(Down::Drain(_))
+                })
+            )
+        })
+        .collect();
+    assert!(kinds.contains(&true), "its agents are told to drain");
+}
+
+/// A late report from an attempt whose lease expired is refused; the part committed and
+/// the agent credited are those of the attempt that holds the shard.
+async fn a_late_report_of_an_expired_attempt_is_never_committed(backend: Backend) {
+    let f = Fixture::new(backend, 2).await;
+    f.submit(1, 3).await;
+    let (frozen, mut rx_f) = f.agent("frozen", 1).await;
+    let old = assigned(&mut rx_f).pop().expect("shard");
+    f.core
+        .reap(Instant::now() + Duration::from_secs(3))
+        .await
+        .expect("reap");
+    let (thawed_later, mut rx_n) = f.agent("next", 1).await;
+    let new = assigned(&mut rx_n).pop().expect("reassigned");
+    assert_eq!(new.attempt, 2);
+    // The frozen agent wakes and reports on its old stream: refused, it was replaced.
+    let late = write_part(&f.output(), &old, 9);
+    let err = f
+        .report(&frozen, late.clone())
+        .await
+        .expect_err("its stream is gone");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    // It reconnects and reports the old attempt again: stale.
+    let (back, mut rx_b) = f.agent("frozen", 1).await;
+    f.report(&back, late).await.expect("kept");
+    assert_eq!(
+        refusals(&mut rx_b),
+        [(tonic::Code::FailedPrecondition, "stale_attempt".to_string())]
+    );
+    f.complete(&thawed_later, &new, 4).await.expect("complete");
+    let charges = f.core.store().charges("u1").await.expect("charges");
+    assert_eq!(charges.len(), 1);
+    assert_eq!(charges[0].to, "agent/next");
+    let part =
+        std::fs::read_to_string(f.out.path().join(outputs::part_name(new.index))).expect("part");
+    assert_eq!(
+        part.lines().count(),
+        4,
+        "the committed part is the holder's"
+    );
+    assert!(
+        !f.out.path().join(outputs::ATTEMPTS).exists(),
+        "the late part was cleared"
+    );
+}
+
+async fn a_hung_shard_is_taken_back_after_its_timeout(backend: Backend) {
+    let f = Fixture::new(backend, 30).await;
+    let mut spec = workload(&f.output(), 3);
+    spec.shard_timeout_seconds = Some(5);
+    f.core
+        .submit(Submission {
+            namespace: "team-a".into(),
+            name: "w".into(),
+            uid: "u1".into(),
+            spec,
+            input_size: 100,
+        })
+        .await
+        .expect("submit");
+    let (a, mut rx) = f.agent("a", 1).await;
+    let first = assigned(&mut rx).pop().expect("shard");
+    assert!(
+        f.core
+            .reap(Instant::now() + Duration::from_secs(4))
+            .await
+            .expect("reap")
+            .is_empty()
+    );
+    assert_eq!(f.events("shard.requeued").await, 0, "within the timeout");
+    // The agent heartbeats (its lease holds) but never reports: past 5 s the shard is taken
+    // back, the agent told to cancel it, and the next attempt dispatched.
+    f.core
+        .reap(Instant::now() + Duration::from_secs(6))
+        .await
+        .expect("reap");
+    assert_eq!(f.events("shard.requeued").await, 1);
+    let msgs = drain(&mut rx);
+    let cancelled = msgs.iter().any(|m| {
+        matches!(m, Ok(pb::OperatorMessage { msg: Some(Down::Cancel(c)) }) if c.shard.as_ref().is_some_and(|s| s.attempt == 1))
+    });
+    assert!(cancelled, "{msgs:?}");
+    let next = msgs
+        .into_iter()
+        .find_map(|m| match m {
+            Ok(pb::OperatorMessage {
+                msg: Some(Down::Assign(x)),
+            }) => x.shard,
+            _ => None,
+        })
+        .expect("the next attempt");
+    assert_eq!(next.attempt, 2);
+    // The old attempt's late report is stale; the new one completes.
+    f.complete(&a, &first, 1).await.expect("refused, kept");
+    f.complete(&a, &next, 1).await.expect("complete");
+    assert_eq!(f.phase().await, WorkloadPhase::Succeeded);
+    assert_eq!(
+        f.core.store().charges("u1").await.expect("charges").len(),
+        1
+    );
+}
+
+both!(a_hung_shard_is_taken_back_after_its_timeout);
+both!(forged_reports_are_refused_and_change_nothing);
+both!(a_flood_of_refused_reports_ends_that_stream_only);
+both!(identity_comes_from_credentials);
+both!(a_namespace_out_of_credits_gets_no_new_dispatches);
+both!(a_uid_already_stored_is_never_started_over);
+both!(a_stored_spec_that_no_longer_validates_fails_only_its_workload);
+both!(heartbeats_reconcile_what_the_agent_runs);
+both!(finished_workloads_leave_memory);
+both!(deleting_a_mesh_fails_its_workloads);
+both!(a_late_report_of_an_expired_attempt_is_never_committed);
+
+/// The core as a state machine under random event sequences (assignments, honest and forged
+/// completions, failures, duplicates, stale reports, disconnects, lease expiry, an operator
+/// crash and resume): no shard is lost, a succeeded shard is charged exactly once and to the
+/// holder of the committed attempt, attempts never exceed `maxAttempts`, and memory agrees
+/// with the store after every step.
+mod machine {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Attach(usize),
+        Detach(usize),
+        Complete(usize, usize),
+        Fail(usize, usize, bool),
+        Forge(usize, u32, u32),
+        Duplicate(usize),
+        Heartbeat(usize),
+        Expire,
+        Restart,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            2 => (0..3usize).prop_map(Op::Attach),
+            1 => (0..3usize).prop_map(Op::Detach),
+            6 => (0..3usize, 0..2usize).prop_map(|(a, k)| Op::Complete(a, k)),
+            1 => (0..3usize, 0..2usize, any::<bool>()).prop_map(|(a, k, r)| Op::Fail(a, k, r)),
+            2 => (0..3usize, 0..6u32, 0..4u32).prop_map(|(a, s, t)| Op::Forge(a, s, t)),
+            1 => (0..3usize).prop_map(Op::Duplicate),
+            1 => (0..3usize).prop_map(Op::Heartbeat),
+            1 => Just(Op::Expire),
+            1 => Just(Op::Restart),
+        ]
+    }
+
+    const MAX_ATTEMPTS: u32 = 4;
+    const SHARDS: u64 = 5;
+
+    struct Agent {
+        handle: AgentHandle,
+        rx: Rx,
+        held: Vec<pb::ShardRef>,
+        last: Option<pb::Completed>,
+    }
+
+    struct World {
+        url: String,
+        out: tempfile::TempDir,
+        forged: tempfile::TempDir,
+        core: Core<AnyStore>,
+        agents: Vec<Option<Agent>>,
+        key: String,
+    }
+
+    impl World {
+        fn output(&self) -> String {
+            format!("file://{}/", self.out.path().display())
+        }
+
+        fn collect(&mut self) {
+            for a in self.agents.iter_mut().flatten() {
+                for m in drain(&mut a.rx) {
+                    match m {
+                        Ok(pb::OperatorMessage {
+                            msg: Some(Down::Assign(x)),
+                        }) => a.held.extend(x.shard),
+                        Ok(pb::OperatorMessage {
+                            msg: Some(Down::Cancel(c)),
+                        }) => {
+                            if let Some(c) = c.shard {
+                                a.held.retain(|s| s.index != c.index);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+
+        async fn step(&mut self, op: &Op) {
+            self.collect();
+            let out = self.output();
+            match op.clone() {
+                Op::Attach(i) => {
+                    if self.agents[i].is_none() {
+                        let (handle, rx) =
+                            attach(&self.core, &format!("a{i}"), 2, &Principal::user("t")).await;
+                        self.agents[i] = Some(Agent {
+                            handle,
+                            rx,
+                            held: Vec::new(),
+                            last: None,
+                        });
+                    }
+                }
+                Op::Detach(i) => {
+                    if let Some(a) = self.agents[i].take() {
+                        self.core.detach(&a.handle, "gone").await.expect("detach");
+                    }
+                }
+                Op::Complete(i, k) => {
+                    if let Some(a) = self.agents[i].as_mut()
+                        && k < a.held.len()
+                    {
+                        let shard = a.held.remove(k);
+                        let msg = write_part(&out, &shard, 3);
+                        a.last = Some(msg.clone());
+                        let h = a.handle.clone();
+                        let _ = self
+                            .core
+                            .handle(
+                                &h,
+                                pb::AgentMessage {
+                                    msg: Some(Up::Completed(msg)),
+                                },
+                            )
+                            .await;
+                    }
+                }
+                Op::Fail(i, k, retryable) => {
+                    if let Some(a) = self.agents[i].as_mut()
+                        && k < a.held.len()
+                    {
+                        let shard = a.held.remove(k);
+                        let f = pb::Failed {
+                            shard: Some(shard),
+                            kind: pb::ErrorKind::Inference as i32,
+                            message: "boom".into(),
+                            retryable,
+                        };
+                        let h = a.handle.clone();
+                        let _ = self
+                            .core
+                            .handle(
+                                &h,
+                                pb::AgentMessage {
+                                    msg: Some(Up::Failed(f)),
+                                },
+                            )
+                            .await;
+                    }
+                }
+                Op::Forge(i, index, attempt) => {
+                    if let Some(a) = self.agents[i].as_ref() {
+                        let shard = pb::ShardRef {
+                            workload: self.key.clone(),
+                            index,
+                            attempt,
+                        };
+                        // Forged reports never write into another attempt's location.
+                        let elsewhere = format!("file://{}/", self.forged.path().display());
+                        let mut msg = write_part(&elsewhere, &shard, 2);
+                        msg.output_uri = outputs::attempt_uri(&out, index, attempt);
+                        let h = a.handle.clone();
+                        let _ = self
+                            .core
+                            .handle(
+                                &h,
+                                pb::AgentMessage {
+                                    msg: Some(Up::Completed(msg)),
+                                },
+                            )
+                            .await;
+                    }
+                }
+                Op::Duplicate(i) => {
+                    if let Some(a) = self.agents[i].as_ref()
+                        && let Some(last) = a.last.clone()
+                    {
+                        let h = a.handle.clone();
+                        let _ = self
+                            .core
+                            .handle(
+                                &h,
+                                pb::AgentMessage {
+                                    msg: Some(Up::Completed(last)),
+                                },
+                            )
+                            .await;
+                    }
+                }
+                Op::Heartbeat(i) => {
+                    if let Some(a) = self.agents[i].as_ref() {
+                        let hb = pb::Heartbeat {
+                            running: a.held.clone(),
+                            ..Default::default()
+                        };
+                        let h = a.handle.clone();
+                        let _ = self
+                            .core
+                            .handle(
+                                &h,
+                                pb::AgentMessage {
+                                    msg: Some(Up::Heartbeat(hb)),
+                                },
+                            )
+                            .await;
+                    }
+                }
+                Op::Expire => {
+                    self.core
+                        .reap(Instant::now() + Duration::from_secs(60))
+                        .await
+                        .expect("reap");
+                    for a in &mut self.agents {
+                        *a = None;
+                    }
+                }
+                Op::Restart => {
+                    let core = Core::new(crate::store::open(&self.url).await.expect("reopen"));
+                    core.upsert_mesh("m", mesh(30)).await.expect("mesh");
+                    core.resume().await.expect("resume");
+                    self.core = core;
+                    for a in &mut self.agents {
+                        *a = None;
+                    }
+                }
+            }
+            self.collect();
+        }
+
+        /// Memory and store agree; attempts are bounded; charges match succeeded shards.
+        async fn check(&self) {
+            let uid = "u1";
+            let stored = self
+                .core
+                .store()
+                .workloads_in_phase("Running")
+                .await
+                .expect("stored");
+            let charges = self.core.store().charges(uid).await.expect("charges");
+            {
+                let st = self.core.st();
+                if let Some(w) = st.workloads.get(uid)
+                    && w.admitted
+                    && !w.finishing
+                    && !w.phase.is_terminal()
+                {
+                    let sw = stored
+                        .iter()
+                        .find(|s| s.record.uid == uid)
+                        .expect("stored while live");
+                    for (m, s) in w.shards.iter().zip(&sw.shards) {
+                        assert!(m.attempt <= MAX_ATTEMPTS, "attempt {} > max", m.attempt);
+                        assert_eq!(m.attempt, s.attempt, "shard {} attempt", s.index);
+                        let agrees = match &m.status {
+                            ShardStatus::Pending => s.state == "pending",
+                            ShardStatus::Running { agent, .. }
+                            | ShardStatus::Committing { agent } => {
+                                s.state == "running" && s.agent.as_deref() == Some(agent.as_str())
+                            }
+                            ShardStatus::Succeeded => s.state == "succeeded",
+                            ShardStatus::Failed => s.state == "failed",
+                            ShardStatus::Elsewhere => true,
+                        };
+                        assert!(
+                            agrees,
+                            "shard {}: memory {:?}, store {} {:?}",
+                            s.index, m.status, s.state, s.agent
+                        );
+                    }
+                }
+            }
+            let mut seen = std::collections::HashSet::new();
+            for c in &charges {
+                assert!(seen.insert(c.shard), "shard {} charged twice", c.shard);
+                assert!(c.amount >= 0);
+            }
+            if let Some(sw) = stored.iter().find(|s| s.record.uid == uid) {
+                for s in &sw.shards {
+                    let charged = charges.iter().find(|c| c.shard == s.index);
+                    match (s.state.as_str(), charged) {
+                        ("succeeded", Some(c)) => assert_eq!(
+                            Some(c.to.trim_start_matches("agent/")),
+                            s.agent.as_deref(),
+                            "shard {} charged to the holder of the committed attempt",
+                            s.index
+                        ),
+                        ("succeeded", None) => panic!("shard {} succeeded uncharged", s.index),
+                        (_, Some(_)) => panic!("shard {} charged but {}", s.index, s.state),
+                        _ => {}
+                    }
+                }
+            }
+            assert!(self.core.store().verify().await.expect("verify").ok());
+        }
+    }
+
+    async fn run(ops: Vec<Op>) {
+        let url = Backend::Sqlite.fresh_url().await;
+        let out = tempfile::tempdir().expect("tmp");
+        let core = Core::new(crate::store::open(&url).await.expect("open"));
+        core.upsert_mesh("m", mesh(30)).await.expect("mesh");
+        let spec = workload(&format!("file://{}/", out.path().display()), MAX_ATTEMPTS);
+        let key = core
+            .submit(Submission {
+                namespace: "team-a".into(),
+                name: "w".into(),
+                uid: "u1".into(),
+                spec,
+                input_size: SHARDS * 100,
+            })
+            .await
+            .expect("submit");
+        let forged = tempfile::tempdir().expect("tmp");
+        let mut world = World {
+            url,
+            out,
+            forged,
+            core,
+            agents: vec![None, None, None],
+            key,
+        };
+        for op in &ops {
+            world.step(op).await;
+            world.check().await;
+        }
+        // Then an honest agent finishes what is left: nothing was lost.
+        world.step(&Op::Restart).await;
+        let (h, mut rx) = attach(&world.core, "closer", 5, &Principal::user("t")).await;
+        for _ in 0..(SHARDS * u64::from(MAX_ATTEMPTS)) {
+            let shards = assigned(&mut rx);
+            if shards.is_empty() {
+                break;
+            }
+            for s in shards {
+                world
+                    .core
+                    .handle(
+                        &h,
+                        pb::AgentMessage {
+                            msg: Some(Up::Completed(write_part(&world.output(), &s, 3))),
+                        },
+                    )
+                    .await
+                    .expect("complete");
+            }
+        }
+        let s = world.core.workloads().await;
+        let phase = s.first().map(|s| s.phase);
+        let stored = world
+            .core
+            .store()
+            .workload_phase("u1")
+            .await
+            .expect("phase");
+        let charges = world.core.store().charges("u1").await.expect("charges");
+        match stored.as_deref() {
+            Some("Succeeded") => {
+                assert_eq!(charges.len() as u64, SHARDS, "every shard charged once");
+                let manifest: serde_json::Value = serde_json::from_slice(
+                    &std::fs::read(world.out.path().join("_SUCCESS.json")).expect("manifest"),
+                )
+                .expect("json");
+                let parts: Vec<outputs::ManifestPart> =
+                    serde_json::from_value(manifest["parts"].clone()).expect("parts");
+                let problems = outputs::verify_outputs(&world.output(), &parts).await;
+                assert!(problems.is_empty(), "{problems:?}");
+            }
+            Some("Failed") => {
+                let failed = count_events(&world.core, "shard.failed").await;
+                assert!(failed >= 1, "a failed workload names its failed shard");
+            }
+            other => panic!("the workload did not end: {other:?} / {phase:?}"),
+        }
+        assert!(world.core.store().verify().await.expect("verify").ok());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        #[test]
+        fn random_event_sequences_keep_the_invariants(ops in proptest::collection::vec(op(), 1..40)) {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(run(ops));
+        }
+    }
+}

@@ -21,24 +21,54 @@ use crate::store::Store;
 /// How long an agent has to send Hello after opening its stream.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Who a bearer token belongs to (a ServiceAccount's user name in a cluster,
-/// `system:serviceaccount:<namespace>:<name>`; `local` in local mode).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Principal(pub String);
+/// Who a bearer token belongs to, as the operator established it: never what the agent says
+/// of itself. The core refuses a Hello that names another agent or node than the credentials
+/// are bound to, and a stream from another instance than the live one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Principal {
+    /// The user (`system:serviceaccount:<namespace>:<name>` in a cluster; `local`).
+    pub user: String,
+    /// The agent id the credentials are bound to, when they are.
+    pub agent: Option<String>,
+    /// The node the credentials are bound to, when they are.
+    pub node: Option<String>,
+    /// Which running instance holds them (a pod name in a cluster; the agent locally).
+    pub instance: Option<String>,
+}
+
+impl Principal {
+    /// A user bound to nothing more.
+    pub fn user(user: impl Into<String>) -> Self {
+        Self {
+            user: user.into(),
+            ..Self::default()
+        }
+    }
+}
 
 /// Decides whether a bearer token may attach, and for which Mesh.
 pub trait Authenticator: Send + Sync + 'static {
     /// Who holds `token`; `Unauthenticated` when nobody (or it cannot be checked).
     fn authenticate(&self, token: &str) -> impl Future<Output = Result<Principal, Status>> + Send;
 
-    /// Whether `who` may serve as an agent of `mesh`; `Unauthenticated` otherwise.
-    fn authorize(&self, who: &Principal, mesh: &str) -> Result<(), Status> {
+    /// Whether `who` may serve as an agent of `mesh` (`Unauthenticated` otherwise); may bind
+    /// the principal further (to the agent id it must use on that Mesh).
+    fn authorize(&self, who: &mut Principal, mesh: &str) -> Result<(), Status> {
         let _ = (who, mesh);
         Ok(())
     }
 }
 
-/// One shared token (local mode: random, made at start).
+/// Compares every byte whatever the first mismatch, so timing tells nothing.
+fn same_secret(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    a.iter()
+        .zip(b)
+        .fold(a.len() ^ b.len(), |acc, (x, y)| acc | usize::from(x ^ y))
+        == 0
+}
+
+/// One shared token, bound to no agent (tests and tools).
 pub struct StaticToken(String);
 
 impl StaticToken {
@@ -50,18 +80,49 @@ impl StaticToken {
 
 impl Authenticator for StaticToken {
     async fn authenticate(&self, token: &str) -> Result<Principal, Status> {
-        // Compare every byte whatever the first mismatch, so timing tells nothing.
-        let a = self.0.as_bytes();
-        let b = token.as_bytes();
-        let diff = a
-            .iter()
-            .zip(b)
-            .fold(a.len() ^ b.len(), |acc, (x, y)| acc | usize::from(x ^ y));
-        if diff == 0 {
-            Ok(Principal("local".into()))
+        if same_secret(&self.0, token) {
+            Ok(Principal::user("local"))
         } else {
             Err(Status::unauthenticated("invalid bearer token"))
         }
+    }
+}
+
+/// One token per agent (local mode: each spawned agent gets its own, random, made at start),
+/// bound to that agent's id and node.
+#[derive(Default)]
+pub struct AgentTokens(Vec<(String, Principal)>);
+
+impl AgentTokens {
+    /// No tokens yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Accepts `token` for agent `agent` on node `node`.
+    pub fn insert(&mut self, token: impl Into<String>, agent: &str, node: &str) {
+        self.0.push((
+            token.into(),
+            Principal {
+                user: format!("local:{agent}"),
+                agent: Some(agent.into()),
+                node: Some(node.into()),
+                instance: Some(agent.into()),
+            },
+        ));
+    }
+}
+
+impl Authenticator for AgentTokens {
+    async fn authenticate(&self, token: &str) -> Result<Principal, Status> {
+        // Check every token, so timing tells nothing of which one came close.
+        let mut found = None;
+        for (t, who) in &self.0 {
+            if same_secret(t, token) {
+                found = Some(who.clone());
+            }
+        }
+        found.ok_or_else(|| Status::unauthenticated("invalid bearer token"))
     }
 }
 
@@ -109,7 +170,7 @@ impl<S: Store, A: Authenticator> AgentService for AgentServer<S, A> {
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
         let token = bearer(request.metadata())?;
-        let principal = self.auth.authenticate(token).await?;
+        let mut principal = self.auth.authenticate(token).await?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -126,9 +187,9 @@ impl<S: Store, A: Authenticator> AgentService for AgentServer<S, A> {
             None => return Err(Status::invalid_argument("stream closed before Hello")),
         };
         tracing::Span::current().record("agent", hello.agent_id.as_str());
-        self.auth.authorize(&principal, &hello.mesh)?;
+        self.auth.authorize(&mut principal, &hello.mesh)?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let handle = self.core.attach(hello, tx.clone()).await?;
+        let handle = self.core.attach(hello, &principal, tx.clone()).await?;
         let core = self.core.clone();
         tokio::spawn(async move {
             let reason = loop {

@@ -16,21 +16,25 @@ use tonic::{Code, Streaming};
 
 use super::*;
 use crate::core::{Core, Submission};
-use crate::store::sqlite::SqliteStore;
+use crate::store::AnyStore;
+use crate::store::testing::{Backend, both};
 
 const TOKEN: &str = "s3cret-token";
 
 /// A server on in-memory connections; `connect` makes a new client connection each call.
 struct Harness {
-    core: Arc<Core<SqliteStore>>,
+    core: Arc<Core<AnyStore>>,
     conns: mpsc::UnboundedSender<Result<tokio::io::DuplexStream, std::io::Error>>,
     _out: tempfile::TempDir,
 }
 
 impl Harness {
     async fn start() -> Self {
-        let store = SqliteStore::open("sqlite::memory:").await.expect("store");
-        let core = Arc::new(Core::new(store));
+        Self::start_on(Backend::Sqlite).await
+    }
+
+    async fn start_on(backend: Backend) -> Self {
+        let core = Arc::new(Core::new(backend.open().await));
         let mesh =
             "apiVersion: infermesh.dev/v1alpha1\nkind: Mesh\nmetadata: {name: m}\nspec: {}\n";
         let Some(Manifest::Mesh(m)) = parse_manifests(mesh).expect("mesh").pop() else {
@@ -203,14 +207,22 @@ async fn a_malformed_message_ends_that_stream_and_does_not_disturb_another_agent
         panic!("expected Assign")
     };
     let shard = assign.shard.expect("shard");
+    // An honest agent: three records written where the attempt was told to.
+    let body = b"{\"y\":1}\n{\"y\":2}\n{\"y\":3}\n".to_vec();
+    let facts = crate::core::outputs::facts(&body);
+    infermesh_io::Location::parse(&assign.output_uri)
+        .expect("uri")
+        .put(body.into())
+        .await
+        .expect("part");
     let done = pb::Completed {
         shard: Some(shard),
         records: 3,
-        output_uri: "file:///out/part-00000.jsonl".into(),
-        sha256: "x".into(),
-        compute_seconds: 0.1,
+        output_uri: assign.output_uri.clone(),
+        sha256: facts.sha256,
+        compute_seconds: 0.0,
         device: "cpu".into(),
-        output_bytes: 1,
+        output_bytes: facts.bytes,
     };
     tx_good
         .send(pb::AgentMessage {
@@ -236,3 +248,103 @@ async fn a_malformed_message_ends_that_stream_and_does_not_disturb_another_agent
     assert!(agents.iter().any(|a| a.id == "good" && a.connected));
     assert!(agents.iter().any(|a| a.id == "bad" && !a.connected));
 }
+
+/// Reports an agent may not make are answered with `Refused` over the real protocol, and the
+/// stream stays up for its honest work.
+async fn a_forged_report_over_grpc_is_refused_and_the_stream_stays(backend: Backend) {
+    let h = Harness::start_on(backend).await;
+    let (_tx_a, resp) = h.attach(Some(TOKEN), hello("a", 1)).await;
+    let mut a = resp.expect("a attached");
+    assert!(matches!(
+        next(&mut a).await.expect("welcome"),
+        Down::Welcome(_)
+    ));
+    let (tx_b, resp) = h.attach(Some(TOKEN), hello("b", 1)).await;
+    let mut b = resp.expect("b attached");
+    assert!(matches!(
+        next(&mut b).await.expect("welcome"),
+        Down::Welcome(_)
+    ));
+    h.submit(2).await;
+    let Down::Assign(for_a) = next(&mut a).await.expect("assign") else {
+        panic!("expected Assign")
+    };
+    let Down::Assign(for_b) = next(&mut b).await.expect("assign") else {
+        panic!("expected Assign")
+    };
+    let part = |uri: &str| {
+        let body = b"{\"y\":1}\n".to_vec();
+        let facts = crate::core::outputs::facts(&body);
+        let path = uri.strip_prefix("file://").expect("file").to_string();
+        std::fs::create_dir_all(std::path::Path::new(&path).parent().expect("dir")).expect("mkdir");
+        std::fs::write(&path, &body).expect("write");
+        facts
+    };
+    // b reports a's shard.
+    let facts = part(&for_a.output_uri);
+    let forged = pb::Completed {
+        shard: for_a.shard.clone(),
+        records: 1,
+        output_uri: for_a.output_uri.clone(),
+        sha256: facts.sha256.clone(),
+        compute_seconds: 0.0,
+        device: "cpu".into(),
+        output_bytes: facts.bytes,
+    };
+    tx_b.send(pb::AgentMessage {
+        msg: Some(Up::Completed(forged)),
+    })
+    .await
+    .expect("send");
+    let Down::Refused(r) = next(&mut b).await.expect("refused") else {
+        panic!("expected Refused")
+    };
+    assert_eq!(
+        (Code::from(r.code), r.reason.as_str()),
+        (Code::PermissionDenied, "not_holder")
+    );
+    assert_eq!(r.shard, for_a.shard);
+    // Its own shard, honestly: accepted on the same stream.
+    let facts = part(&for_b.output_uri);
+    let done = pb::Completed {
+        shard: for_b.shard.clone(),
+        records: 1,
+        output_uri: for_b.output_uri.clone(),
+        sha256: facts.sha256,
+        compute_seconds: 0.0,
+        device: "cpu".into(),
+        output_bytes: facts.bytes,
+    };
+    tx_b.send(pb::AgentMessage {
+        msg: Some(Up::Completed(done)),
+    })
+    .await
+    .expect("send");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let charges = h.core.store().charges("u").await.expect("charges");
+        if charges.len() == 1 {
+            assert_eq!(charges[0].to, "agent/b");
+            assert_eq!(charges[0].shard, for_b.shard.as_ref().expect("shard").index);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "b's own shard was not charged"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let refused = h
+        .core
+        .store()
+        .events(&crate::store::EventFilter {
+            kind: Some("shard.report_refused".into()),
+            ..Default::default()
+        })
+        .await
+        .expect("events");
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0].agent.as_deref(), Some("b"));
+}
+
+both!(a_forged_report_over_grpc_is_refused_and_the_stream_stays);

@@ -18,7 +18,7 @@ use tokio::process::{Child, Command};
 
 use crate::core::progress::format_duration;
 use crate::core::{Core, Submission};
-use crate::grpc::{self, StaticToken};
+use crate::grpc;
 use crate::store::{self, Store};
 
 pub use manifests::{LocalPlan, absolutize, load_plan};
@@ -57,6 +57,12 @@ pub struct LocalArgs {
     /// killed) instead of starting them again: completed shards are not run again.
     #[arg(long)]
     pub resume: bool,
+    /// Also mint credentials for N agents that `infermesh local` does not start itself (a load
+    /// generator, an agent run by hand, a test): each gets its own id
+    /// (`<mesh>-external-<i>`) and token, written with the gRPC address to
+    /// `<run dir>/external-agents.json` (readable by the owner only).
+    #[arg(long, default_value_t = 0)]
+    pub external_agents: usize,
 }
 
 pub use infermesh_io::infermesh_home;
@@ -130,16 +136,42 @@ async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
         .await
         .map_err(|e| format!("cannot listen on loopback: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let token: String = {
+    // Each agent process gets its own random token, bound to its id and node: one agent's
+    // credentials cannot attach as another.
+    let token = || -> String {
         let mut rng = rand::rng();
         (0..32)
             .map(|_| format!("{:02x}", rng.random::<u8>()))
             .collect()
     };
+    let mut tokens = grpc::AgentTokens::new();
+    let mut agent_tokens: Vec<(String, String, String)> = Vec::new();
+    let mut external = Vec::new();
+    for mesh_name in plan.meshes.keys() {
+        for i in 0..args.agents {
+            let (id, node, t) = (
+                format!("{mesh_name}-local-{i}"),
+                format!("local-{i}"),
+                token(),
+            );
+            tokens.insert(t.clone(), &id, &node);
+            agent_tokens.push((id, node, t));
+        }
+        for i in 0..args.external_agents {
+            let (id, node, t) = (
+                format!("{mesh_name}-external-{i}"),
+                format!("external-{i}"),
+                token(),
+            );
+            tokens.insert(t.clone(), &id, &node);
+            external
+                .push(serde_json::json!({"mesh": mesh_name, "id": id, "node": node, "token": t}));
+        }
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = {
         let core = core.clone();
-        let auth = Arc::new(StaticToken::new(token.clone()));
+        let auth = Arc::new(tokens);
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             let shutdown = async move {
@@ -157,6 +189,17 @@ async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
         .unwrap_or_else(|| infermesh_home().join("local"));
     let log_dir = work_dir.join(format!("run-{run_id}"));
     std::fs::create_dir_all(&log_dir).map_err(|e| format!("{}: {e}", log_dir.display()))?;
+    if !external.is_empty() {
+        let path = log_dir.join("external-agents.json");
+        let body = serde_json::json!({"operator": format!("http://{addr}"), "agents": external});
+        write_private(&path, &serde_json::to_vec_pretty(&body).unwrap_or_default())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        eprintln!(
+            "infermesh local: credentials of {} external agent(s) in {}",
+            external.len(),
+            path.display()
+        );
+    }
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -176,6 +219,11 @@ async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
             .collect();
         for i in 0..args.agents {
             let id = format!("{mesh_name}-local-{i}");
+            let token = agent_tokens
+                .iter()
+                .find(|(a, _, _)| *a == id)
+                .map(|(_, _, t)| t.clone())
+                .unwrap_or_default();
             let log = log_dir.join(format!("{id}.log"));
             let log_file =
                 std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
@@ -267,6 +315,19 @@ async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
     })
 }
 
+/// Writes a file only its owner may read (it holds credentials).
+fn write_private(path: &std::path::Path, body: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(body)
+}
+
 fn agents_info(agents: &[AgentProcess]) -> Vec<(String, String, Option<i32>)> {
     agents
         .iter()
@@ -290,7 +351,12 @@ async fn drive<S: Store>(
     // Wait for the agents to attach, so a broken agent set-up reports itself at once.
     let attach_deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let attached = core.agents().await.iter().filter(|a| a.connected).count();
+        let attached = core
+            .agents()
+            .await
+            .iter()
+            .filter(|a| a.connected && agents.iter().any(|p| p.id == a.id))
+            .count();
         if attached == agents.len() {
             break;
         }

@@ -76,10 +76,29 @@ async fn kinds(store: &impl Store, uid: &str) -> Vec<String> {
         .collect()
 }
 
-async fn a_completion_is_charged_once_and_duplicates_are_logged(backend: Backend) {
+async fn only_the_holder_of_the_running_attempt_completes_and_is_charged_once(backend: Backend) {
     let store = backend.open().await;
     workload(&store, "u", 2).await;
+    // Never assigned: refused, nothing charged.
+    assert_eq!(
+        store
+            .complete(&completion("u", 1, 1, "a"))
+            .await
+            .expect("unassigned"),
+        ChargeOutcome::Refused
+    );
     store.assign("u", 0, 1, "a").await.expect("assign");
+    // Another agent, or the holder with another attempt: refused.
+    for (attempt, agent) in [(1, "b"), (2, "a"), (0, "a")] {
+        assert_eq!(
+            store
+                .complete(&completion("u", 0, attempt, agent))
+                .await
+                .expect("forged"),
+            ChargeOutcome::Refused,
+            "attempt {attempt} from {agent}"
+        );
+    }
     assert_eq!(
         store
             .complete(&completion("u", 0, 1, "a"))
@@ -89,10 +108,11 @@ async fn a_completion_is_charged_once_and_duplicates_are_logged(backend: Backend
     );
     assert_eq!(
         store
-            .complete(&completion("u", 0, 2, "b"))
+            .complete(&completion("u", 0, 1, "a"))
             .await
             .expect("again"),
-        ChargeOutcome::Duplicate
+        ChargeOutcome::Refused,
+        "a duplicate of the charged attempt"
     );
     let charges = store.charges("u").await.expect("charges");
     assert_eq!(charges.len(), 1);
@@ -108,10 +128,21 @@ async fn a_completion_is_charged_once_and_duplicates_are_logged(backend: Backend
         kinds(&store, "u").await,
         [
             "workload.admitted",
+            "shard.report_refused",
             "shard.assigned",
+            "shard.report_refused",
+            "shard.report_refused",
+            "shard.report_refused",
             "shard.completed",
-            "shard.duplicate"
+            "shard.report_refused"
         ]
+    );
+    // The stored shard still names the holder and attempt that were charged.
+    let active = store.active_workloads().await.expect("active");
+    let s0 = &active[0].shards[0];
+    assert_eq!(
+        (s0.state.as_str(), s0.agent.as_deref(), s0.attempt),
+        ("succeeded", Some("a"), 1)
     );
     let balances = store.balances().await.expect("balances");
     assert_eq!(
@@ -130,15 +161,40 @@ async fn queue_transitions_are_logged_in_order(backend: Backend) {
     let store = backend.open().await;
     workload(&store, "u", 1).await;
     store.assign("u", 0, 1, "a").await.expect("assign");
-    store
-        .requeue("u", 0, 1, Some("a"), "lease expired")
-        .await
-        .expect("requeue");
+    assert!(
+        !store
+            .requeue("u", 0, 2, Some("a"), "a stale attempt")
+            .await
+            .expect("requeue"),
+        "requeue of another attempt changes nothing"
+    );
+    assert!(
+        store
+            .requeue("u", 0, 1, Some("a"), "lease expired")
+            .await
+            .expect("requeue")
+    );
+    assert!(
+        !store
+            .requeue("u", 0, 1, Some("a"), "twice")
+            .await
+            .expect("requeue"),
+        "a second requeue of the same attempt changes nothing"
+    );
     store.assign("u", 0, 2, "b").await.expect("assign");
-    store
-        .fail_shard("u", 0, 2, Some("b"), "bad line")
-        .await
-        .expect("fail");
+    assert!(
+        !store
+            .fail_shard("u", 0, 1, Some("a"), "stale")
+            .await
+            .expect("fail"),
+        "failing an old attempt changes nothing"
+    );
+    assert!(
+        store
+            .fail_shard("u", 0, 2, Some("b"), "bad line")
+            .await
+            .expect("fail")
+    );
     store
         .finish_workload("u", "Failed", "InvalidInput: bad line")
         .await
@@ -195,13 +251,29 @@ async fn racing_completions_from_several_operators_charge_each_shard_once(backen
     let stores = operators(backend, 3).await;
     let shards = 20u32;
     workload(&*stores[0], "race", shards).await;
+    // Each shard runs attempt 1 on one agent; every racer reports every shard, as itself
+    // and with several attempts: only the holder's report of attempt 1 may be charged.
+    for shard in 0..shards {
+        let agent = format!("agent-{}", shard % 5);
+        assert!(
+            stores[0]
+                .assign("race", shard, 1, &agent)
+                .await
+                .expect("assign")
+        );
+    }
     let mut tasks = Vec::new();
     for t in 0..60u32 {
         let store = stores[(t % 3) as usize].clone();
         tasks.push(tokio::spawn(async move {
             let mut charged = 0;
             for shard in (0..shards).map(|s| (s + t) % shards) {
-                let c = completion("race", shard, 1 + t % 4, &format!("agent-{}", t % 5));
+                let c = completion(
+                    "race",
+                    shard,
+                    1 + t % 2,
+                    &format!("agent-{}", (shard + t) % 5),
+                );
                 if store.complete(&c).await.expect("complete") == ChargeOutcome::Charged {
                     charged += 1;
                 }
@@ -255,6 +327,7 @@ async fn the_event_log_refuses_update_and_delete(backend: Backend) {
 async fn verify_names_rows_written_behind_the_ledgers_back(backend: Backend) {
     let store = backend.open().await;
     workload(&store, "u", 3).await;
+    store.assign("u", 0, 1, "a").await.expect("assign");
     store
         .complete(&completion("u", 0, 1, "a"))
         .await
@@ -332,7 +405,7 @@ async fn postgres_refuses_an_unbalanced_transaction() {
     assert!(err.contains("does not balance"), "{err}");
 }
 
-both!(a_completion_is_charged_once_and_duplicates_are_logged);
+both!(only_the_holder_of_the_running_attempt_completes_and_is_charged_once);
 both!(queue_transitions_are_logged_in_order);
 both!(racing_completions_from_several_operators_charge_each_shard_once);
 both!(the_event_log_refuses_update_and_delete);
@@ -342,9 +415,10 @@ async fn refunds_reverse_a_charge_once_and_statements_list_entries(backend: Back
     let store = backend.open().await;
     workload(&store, "u", 2).await;
     store
-        .grant("team-a", "m", 50_000, "budget")
+        .grant(GrantKind::Manual, "team-a", "m", 50_000, "budget")
         .await
         .expect("grant");
+    store.assign("u", 0, 1, "a").await.expect("assign");
     store
         .complete(&completion("u", 0, 1, "a"))
         .await
@@ -396,22 +470,42 @@ async fn refunds_reverse_a_charge_once_and_statements_list_entries(backend: Back
 
 both!(refunds_reverse_a_charge_once_and_statements_list_entries);
 
-async fn a_batch_charges_the_first_completion_of_each_shard_once(backend: Backend) {
+async fn a_batch_charges_each_shard_at_most_once_and_only_its_holder(backend: Backend) {
     let store = backend.open().await;
     workload(&store, "u", 4).await;
+    let claims: Vec<Claim> = [(0, "a"), (1, "a"), (2, "b")]
+        .into_iter()
+        .map(|(shard, agent)| Claim {
+            uid: "u".into(),
+            shard,
+            attempt: 1,
+            agent: agent.into(),
+        })
+        .collect();
+    assert_eq!(
+        store.assign_batch(&claims).await.expect("claims"),
+        [true, true, true],
+        "one round, one statement"
+    );
+    assert_eq!(
+        store.assign_batch(&claims).await.expect("again"),
+        [false, false, false],
+        "claimed already"
+    );
     store
         .complete(&completion("u", 0, 1, "a"))
         .await
         .expect("earlier");
     let batch = [
-        completion("u", 0, 2, "b"), // done before the batch
+        completion("u", 0, 1, "a"), // done before the batch
         completion("u", 1, 1, "a"),
-        completion("u", 1, 2, "b"), // second in the batch
+        completion("u", 1, 1, "a"), // second in the batch
         completion("u", 2, 1, "b"),
+        completion("u", 3, 1, "b"), // never assigned
     ];
     let outcomes = store.complete_batch(&batch).await.expect("batch");
-    use ChargeOutcome::{Charged, Duplicate};
-    assert_eq!(outcomes, [Duplicate, Charged, Duplicate, Charged]);
+    use ChargeOutcome::{Charged, Refused};
+    assert_eq!(outcomes, [Refused, Charged, Refused, Charged, Refused]);
     let charges = store.charges("u").await.expect("charges");
     let shards: Vec<(u32, &str)> = charges.iter().map(|c| (c.shard, c.to.as_str())).collect();
     assert_eq!(shards, [(0, "agent/a"), (1, "agent/a"), (2, "agent/b")]);
@@ -419,17 +513,18 @@ async fn a_batch_charges_the_first_completion_of_each_shard_once(backend: Backen
     let tail: Vec<&str> = events
         .iter()
         .rev()
-        .take(4)
+        .take(5)
         .rev()
         .map(|e| e.kind.as_str())
         .collect();
     assert_eq!(
         tail,
         [
-            "shard.duplicate",
+            "shard.report_refused",
             "shard.completed",
-            "shard.duplicate",
-            "shard.completed"
+            "shard.report_refused",
+            "shard.completed",
+            "shard.report_refused"
         ]
     );
     assert!(
@@ -439,7 +534,7 @@ async fn a_batch_charges_the_first_completion_of_each_shard_once(backend: Backen
     assert!(store.verify().await.expect("verify").ok());
 }
 
-both!(a_batch_charges_the_first_completion_of_each_shard_once);
+both!(a_batch_charges_each_shard_at_most_once_and_only_its_holder);
 
 async fn claims_are_exclusive_across_operators(backend: Backend) {
     let stores = operators(backend, 3).await;
@@ -519,6 +614,7 @@ async fn running_workloads_are_listed_for_resuming(backend: Backend) {
         .await
         .expect("finish");
     assert!(store.assign("live", 1, 1, "a").await.expect("assign"));
+    assert!(store.assign("live", 0, 1, "a").await.expect("assign"));
     store
         .complete(&completion("live", 0, 1, "a"))
         .await
@@ -613,3 +709,41 @@ async fn sqlite_says_retention_needs_postgres() {
         .expect_err("unsupported");
     assert!(err.to_string().contains("Postgres"), "{err}");
 }
+
+async fn budget_reconciliation_counts_only_budget_grants(backend: Backend) {
+    let store = backend.open().await;
+    store
+        .grant(
+            GrantKind::Budget,
+            "team-a",
+            "m",
+            10_000,
+            "budget of namespace team-a on mesh m",
+        )
+        .await
+        .expect("budget");
+    store
+        .grant(GrantKind::Manual, "team-a", "m", 3_000, "by hand")
+        .await
+        .expect("manual");
+    assert_eq!(store.granted("team-a", "m").await.expect("granted"), 10_000);
+    assert_eq!(
+        store.balance("namespace/team-a").await.expect("balance"),
+        13_000
+    );
+    let kinds: Vec<String> = store
+        .statement(
+            "namespace/team-a",
+            "2000-01-01T00:00:00Z",
+            "2999-01-01T00:00:00Z",
+        )
+        .await
+        .expect("statement")
+        .into_iter()
+        .map(|l| l.kind)
+        .collect();
+    assert_eq!(kinds, ["budget", "grant"]);
+    assert!(store.verify().await.expect("verify").ok());
+}
+
+both!(budget_reconciliation_counts_only_budget_grants);

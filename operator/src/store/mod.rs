@@ -150,10 +150,11 @@ impl CompletionRecord {
                     self.records, self.agent, self.compute_seconds, self.device, self.price
                 ),
             ),
-            ChargeOutcome::Duplicate => Event::new(
-                EventKind::ShardDuplicate,
+            ChargeOutcome::Refused => Event::new(
+                EventKind::ShardReportRefused,
                 format!(
-                    "attempt {} on {} ignored: shard already done",
+                    "stale_attempt: the store refused attempt {} of {}: it is not the shard's \
+                     running attempt held by that agent (done, requeued or claimed elsewhere)",
                     self.attempt, self.agent
                 ),
             ),
@@ -167,10 +168,25 @@ impl CompletionRecord {
 /// What recording a completion did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChargeOutcome {
-    /// First completion of the shard: marked done and charged.
+    /// The completion came from the holder of the shard's running attempt: the shard is
+    /// marked done and charged.
     Charged,
-    /// The shard was already done: nothing written but the event.
-    Duplicate,
+    /// The shard is not running that attempt on that agent (already done, requeued, never
+    /// assigned to it): nothing written but a `shard.report_refused` event.
+    Refused,
+}
+
+/// A claim of one shard for one attempt on one agent, made in a dispatch round.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    /// Workload uid.
+    pub uid: String,
+    /// Shard index.
+    pub shard: u32,
+    /// The attempt it starts (the stored attempt + 1).
+    pub attempt: u32,
+    /// The agent that runs it.
+    pub agent: String,
 }
 
 /// Kinds of events; one per state change.
@@ -188,8 +204,9 @@ pub enum EventKind {
     ShardAssigned,
     /// A shard completed (first completion: charged).
     ShardCompleted,
-    /// A later completion of a done shard, acknowledged and ignored.
-    ShardDuplicate,
+    /// A report (Completed or Failed) refused: not from the holder of the shard's current
+    /// attempt, stale, a duplicate, or not what its output part shows.
+    ShardReportRefused,
     /// A shard attempt failed.
     ShardFailed,
     /// A shard went back to the queue.
@@ -210,7 +227,7 @@ impl EventKind {
             Self::WorkloadFailed => "workload.failed",
             Self::ShardAssigned => "shard.assigned",
             Self::ShardCompleted => "shard.completed",
-            Self::ShardDuplicate => "shard.duplicate",
+            Self::ShardReportRefused => "shard.report_refused",
             Self::ShardFailed => "shard.failed",
             Self::ShardRequeued => "shard.requeued",
             Self::AgentJoined => "agent.joined",
@@ -383,6 +400,25 @@ pub enum RefundError {
     Store(#[from] StoreError),
 }
 
+/// Who moved credits from a Mesh to a namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrantKind {
+    /// Bringing the namespace's grant to the Mesh's `budgets` entry (kind `budget`).
+    Budget,
+    /// `infermesh ledger grant` (kind `grant`), which a Mesh reconcile never takes back.
+    Manual,
+}
+
+impl GrantKind {
+    /// The stored transaction kind.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Budget => "budget",
+            Self::Manual => "grant",
+        }
+    }
+}
+
 /// The account of a Mesh: where its budget grants come from.
 pub fn mesh_account(mesh: &str) -> String {
     format!("mesh/{mesh}")
@@ -408,46 +444,81 @@ pub trait Store: Send + Sync + 'static {
         shards: &[ShardRecord],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Claims a pending shard for its attempt `attempt` on `agent`: a compare-and-set on the
-    /// shard's state and attempt, so of several operators racing for the same shard exactly
-    /// one wins. Returns whether this call won.
+    /// Claims pending shards, each for its attempt on its agent, in one statement: a
+    /// compare-and-set on each shard's state and attempt, so of several operators racing for
+    /// the same shard exactly one wins. Returns, per claim in order, whether it won.
+    fn assign_batch(
+        &self,
+        claims: &[Claim],
+    ) -> impl Future<Output = Result<Vec<bool>, StoreError>> + Send;
+
+    /// Claims one shard (see [`Store::assign_batch`]).
     fn assign(
         &self,
         uid: &str,
         shard: u32,
         attempt: u32,
         agent: &str,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        async move {
+            let claim = Claim {
+                uid: uid.into(),
+                shard,
+                attempt,
+                agent: agent.into(),
+            };
+            Ok(self
+                .assign_batch(std::slice::from_ref(&claim))
+                .await?
+                .first()
+                .copied()
+                .unwrap_or(false))
+        }
+    }
+
+    /// The stored phase of workload `uid` (`Running`, `Succeeded`, `Failed`), if it is stored.
+    fn workload_phase(
+        &self,
+        uid: &str,
+    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+
+    /// Workloads in `phase` (`Running`, `Succeeded`, `Failed`), with their shards.
+    fn workloads_in_phase(
+        &self,
+        phase: &str,
+    ) -> impl Future<Output = Result<Vec<StoredWorkload>, StoreError>> + Send;
 
     /// Workloads still running, with their shards: what an operator resumes from after a
     /// restart or a take-over.
     fn active_workloads(
         &self,
-    ) -> impl Future<Output = Result<Vec<StoredWorkload>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<StoredWorkload>, StoreError>> + Send {
+        self.workloads_in_phase("Running")
+    }
 
-    /// Records a completion. The first for a shard marks it succeeded and writes its charge
-    /// (namespace -> agent) in one transaction; any later one changes nothing but the log.
+    /// Records a completion: a compare-and-set on the shard's state (`running`), holder and
+    /// attempt. When it holds, the shard is marked succeeded and charged (namespace -> agent)
+    /// in one transaction; otherwise nothing changes but a `shard.report_refused` event.
     fn complete(
         &self,
         c: &CompletionRecord,
     ) -> impl Future<Output = Result<ChargeOutcome, StoreError>> + Send {
         async move {
             let outcomes = self.complete_batch(std::slice::from_ref(c)).await?;
-            Ok(outcomes
-                .first()
-                .copied()
-                .unwrap_or(ChargeOutcome::Duplicate))
+            Ok(outcomes.first().copied().unwrap_or(ChargeOutcome::Refused))
         }
     }
 
     /// Records many completions in one transaction (group commit): one outcome per record, in
-    /// order. Within a batch, as across batches, the first completion of a shard wins.
+    /// order. Within a batch, as across batches, a shard is charged at most once.
     fn complete_batch(
         &self,
         cs: &[CompletionRecord],
     ) -> impl Future<Output = Result<Vec<ChargeOutcome>, StoreError>> + Send;
 
-    /// A shard attempt was lost or failed and the shard goes back to the queue.
+    /// Attempt `attempt` of a running shard was lost or failed and the shard goes back to the
+    /// queue: a compare-and-set on state and attempt. Returns whether it held (the event is
+    /// written only then).
     fn requeue(
         &self,
         uid: &str,
@@ -455,9 +526,10 @@ pub trait Store: Send + Sync + 'static {
         attempt: u32,
         agent: Option<&str>,
         reason: &str,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
-    /// A shard failed for good.
+    /// A shard failed for good at attempt `attempt`: a compare-and-set on the attempt (a
+    /// succeeded shard stays succeeded). Returns whether it held.
     fn fail_shard(
         &self,
         uid: &str,
@@ -465,7 +537,7 @@ pub trait Store: Send + Sync + 'static {
         attempt: u32,
         agent: Option<&str>,
         message: &str,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// A workload reached a terminal phase (`Succeeded`, `Failed`).
     fn finish_workload(
@@ -493,16 +565,19 @@ pub trait Store: Send + Sync + 'static {
     /// Checks the ledger's invariants (see [`VerifyReport`]).
     fn verify(&self) -> impl Future<Output = Result<VerifyReport, StoreError>> + Send;
 
-    /// Grants `amount` micro-credits (negative: takes back) from a Mesh to a namespace.
+    /// Grants `amount` micro-credits (negative: takes back) from a Mesh to a namespace, as a
+    /// transaction of `kind`: a Mesh's budget reconciliation, or a grant by hand.
     fn grant(
         &self,
+        kind: GrantKind,
         namespace: &str,
         mesh: &str,
         amount: i64,
         memo: &str,
     ) -> impl Future<Output = Result<i64, StoreError>> + Send;
 
-    /// Micro-credits a Mesh has granted a namespace, net.
+    /// Micro-credits a Mesh's budget has granted a namespace, net (budget transactions only:
+    /// grants by hand are not the budget's, and reconciling the budget leaves them alone).
     fn granted(
         &self,
         namespace: &str,
@@ -575,17 +650,14 @@ impl Store for AnyStore {
     ) -> Result<(), StoreError> {
         each!(self, s => s.create_workload(w, shards))
     }
-    async fn assign(
-        &self,
-        uid: &str,
-        shard: u32,
-        attempt: u32,
-        agent: &str,
-    ) -> Result<bool, StoreError> {
-        each!(self, s => s.assign(uid, shard, attempt, agent))
+    async fn assign_batch(&self, claims: &[Claim]) -> Result<Vec<bool>, StoreError> {
+        each!(self, s => s.assign_batch(claims))
     }
-    async fn active_workloads(&self) -> Result<Vec<StoredWorkload>, StoreError> {
-        each!(self, s => s.active_workloads())
+    async fn workload_phase(&self, uid: &str) -> Result<Option<String>, StoreError> {
+        each!(self, s => s.workload_phase(uid))
+    }
+    async fn workloads_in_phase(&self, phase: &str) -> Result<Vec<StoredWorkload>, StoreError> {
+        each!(self, s => s.workloads_in_phase(phase))
     }
     async fn complete_batch(
         &self,
@@ -600,7 +672,7 @@ impl Store for AnyStore {
         attempt: u32,
         agent: Option<&str>,
         reason: &str,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         each!(self, s => s.requeue(uid, shard, attempt, agent, reason))
     }
     async fn fail_shard(
@@ -610,7 +682,7 @@ impl Store for AnyStore {
         attempt: u32,
         agent: Option<&str>,
         message: &str,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         each!(self, s => s.fail_shard(uid, shard, attempt, agent, message))
     }
     async fn finish_workload(
@@ -638,12 +710,13 @@ impl Store for AnyStore {
     }
     async fn grant(
         &self,
+        kind: GrantKind,
         namespace: &str,
         mesh: &str,
         amount: i64,
         memo: &str,
     ) -> Result<i64, StoreError> {
-        each!(self, s => s.grant(namespace, mesh, amount, memo))
+        each!(self, s => s.grant(kind, namespace, mesh, amount, memo))
     }
     async fn granted(&self, namespace: &str, mesh: &str) -> Result<i64, StoreError> {
         each!(self, s => s.granted(namespace, mesh))

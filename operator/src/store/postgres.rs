@@ -12,9 +12,9 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 
 use super::{
-    Charge, ChargeOutcome, CompletionRecord, Event, EventFilter, EventKind, EventRow, RefundError,
-    ShardRecord, StatementLine, Store, StoreError, StoredShard, StoredWorkload, VerifyReport,
-    WorkloadRecord, mesh_account, namespace_account,
+    Charge, ChargeOutcome, Claim, CompletionRecord, Event, EventFilter, EventKind, EventRow,
+    GrantKind, RefundError, ShardRecord, StatementLine, Store, StoreError, StoredShard,
+    StoredWorkload, VerifyReport, WorkloadRecord, mesh_account, namespace_account,
 };
 
 /// A Postgres database.
@@ -185,7 +185,8 @@ async fn complete_set(
         return Ok(Vec::new());
     }
     // Within the batch the first completion of a shard is its candidate; later ones are
-    // duplicates whatever the database says.
+    // refused whatever the database says. Each candidate is a compare-and-set on the shard's
+    // state, holder and attempt.
     let mut first: HashMap<(&str, u32), usize> = HashMap::new();
     for (i, c) in cs.iter().enumerate() {
         first.entry((c.workload_uid.as_str(), c.shard)).or_insert(i);
@@ -207,11 +208,12 @@ async fn complete_set(
     let uris: Vec<String> = candidates.iter().map(|c| c.output_uri.clone()).collect();
     let shas: Vec<String> = candidates.iter().map(|c| c.sha256.clone()).collect();
     let updated = sqlx::query!(
-        "UPDATE shards s SET state = 'succeeded', attempt = c.attempt, agent = c.agent, records = c.records, \
+        "UPDATE shards s SET state = 'succeeded', records = c.records, \
                 output_uri = c.uri, sha256 = c.sha, error = NULL, updated_at = now() \
          FROM UNNEST($1::text[], $2::int[], $3::int[], $4::text[], $5::bigint[], $6::text[], $7::text[]) \
               AS c(uid, idx, attempt, agent, records, uri, sha) \
-         WHERE s.workload_uid = c.uid AND s.idx = c.idx AND s.state <> 'succeeded' \
+         WHERE s.workload_uid = c.uid AND s.idx = c.idx \
+           AND s.state = 'running' AND s.agent = c.agent AND s.attempt = c.attempt \
          RETURNING s.workload_uid, s.idx",
         &uids,
         &idxs,
@@ -234,7 +236,7 @@ async fn complete_set(
             if is_first(i, c) && charged.contains(&(c.workload_uid.clone(), c.shard)) {
                 ChargeOutcome::Charged
             } else {
-                ChargeOutcome::Duplicate
+                ChargeOutcome::Refused
             }
         })
         .collect();
@@ -331,44 +333,69 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn assign(
-        &self,
-        uid: &str,
-        shard: u32,
-        attempt: u32,
-        agent: &str,
-    ) -> Result<bool, StoreError> {
+    async fn assign_batch(&self, claims: &[Claim]) -> Result<Vec<bool>, StoreError> {
+        if claims.is_empty() {
+            return Ok(Vec::new());
+        }
+        let uids: Vec<String> = claims.iter().map(|c| c.uid.clone()).collect();
+        let idxs: Vec<i32> = claims.iter().map(|c| c.shard as i32).collect();
+        let attempts: Vec<i32> = claims.iter().map(|c| c.attempt as i32).collect();
+        let agents: Vec<String> = claims.iter().map(|c| c.agent.clone()).collect();
         let mut tx = self.pool.begin().await?;
-        let claimed = sqlx::query!(
-            "UPDATE shards SET state = 'running', attempt = $1, agent = $2, updated_at = now() \
-             WHERE workload_uid = $3 AND idx = $4 AND state = 'pending' AND attempt = $1 - 1",
-            attempt as i32,
-            agent,
-            uid,
-            shard as i32,
+        // The whole round in one statement: each claim is a compare-and-set on state and attempt.
+        let won: HashSet<(String, u32)> = sqlx::query!(
+            "UPDATE shards s SET state = 'running', attempt = c.attempt, agent = c.agent, updated_at = now() \
+             FROM UNNEST($1::text[], $2::int[], $3::int[], $4::text[]) AS c(uid, idx, attempt, agent) \
+             WHERE s.workload_uid = c.uid AND s.idx = c.idx AND s.state = 'pending' AND s.attempt = c.attempt - 1 \
+             RETURNING s.workload_uid, s.idx",
+            &uids,
+            &idxs,
+            &attempts,
+            &agents,
         )
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?
-        .rows_affected()
-            == 1;
-        if claimed {
-            let e = Event::new(
-                EventKind::ShardAssigned,
-                format!("attempt {attempt} on {agent}"),
-            )
-            .workload(uid)
-            .shard(shard, attempt)
-            .agent(agent);
-            insert_events(&mut tx, &[e]).await?;
+        .into_iter()
+        .map(|r| (r.workload_uid, r.idx as u32))
+        .collect();
+        let won: Vec<bool> = claims
+            .iter()
+            .map(|c| won.contains(&(c.uid.clone(), c.shard)))
+            .collect();
+        let events: Vec<Event> = claims
+            .iter()
+            .zip(&won)
+            .filter(|(_, w)| **w)
+            .map(|(c, _)| {
+                Event::new(
+                    EventKind::ShardAssigned,
+                    format!("attempt {} on {}", c.attempt, c.agent),
+                )
+                .workload(&c.uid)
+                .shard(c.shard, c.attempt)
+                .agent(&c.agent)
+            })
+            .collect();
+        if !events.is_empty() {
+            insert_events(&mut tx, &events).await?;
         }
         tx.commit().await?;
-        Ok(claimed)
+        Ok(won)
     }
 
-    async fn active_workloads(&self) -> Result<Vec<StoredWorkload>, StoreError> {
+    async fn workload_phase(&self, uid: &str) -> Result<Option<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar!("SELECT phase FROM workloads WHERE uid = $1", uid)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn workloads_in_phase(&self, phase: &str) -> Result<Vec<StoredWorkload>, StoreError> {
         let rows = sqlx::query!(
             "SELECT uid, namespace, name, mesh, spec::text AS \"spec!\", input_bytes FROM workloads \
-             WHERE phase = 'Running' ORDER BY created_at, uid"
+             WHERE phase = $1 ORDER BY created_at, uid",
+            phase
         )
         .fetch_all(&self.pool)
         .await?;
@@ -433,24 +460,30 @@ impl Store for PgStore {
         attempt: u32,
         agent: Option<&str>,
         reason: &str,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query!(
+        let held = sqlx::query!(
             "UPDATE shards SET state = 'pending', agent = NULL, error = $1, updated_at = now() \
-             WHERE workload_uid = $2 AND idx = $3 AND state = 'running'",
+             WHERE workload_uid = $2 AND idx = $3 AND state = 'running' AND attempt = $4",
             reason,
             uid,
             shard as i32,
+            attempt as i32,
         )
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected()
+            == 1;
+        if !held {
+            return Ok(false);
+        }
         let mut e = Event::new(EventKind::ShardRequeued, reason)
             .workload(uid)
             .shard(shard, attempt);
         e.agent = agent.map(str::to_string);
         insert_events(&mut tx, &[e]).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     async fn fail_shard(
@@ -460,24 +493,30 @@ impl Store for PgStore {
         attempt: u32,
         agent: Option<&str>,
         message: &str,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query!(
+        let held = sqlx::query!(
             "UPDATE shards SET state = 'failed', error = $1, updated_at = now() \
-             WHERE workload_uid = $2 AND idx = $3 AND state <> 'succeeded'",
+             WHERE workload_uid = $2 AND idx = $3 AND state <> 'succeeded' AND attempt = $4",
             message,
             uid,
             shard as i32,
+            attempt as i32,
         )
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected()
+            == 1;
+        if !held {
+            return Ok(false);
+        }
         let mut e = Event::new(EventKind::ShardFailed, message)
             .workload(uid)
             .shard(shard, attempt);
         e.agent = agent.map(str::to_string);
         insert_events(&mut tx, &[e]).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     async fn finish_workload(
@@ -640,6 +679,7 @@ impl Store for PgStore {
 
     async fn grant(
         &self,
+        kind: GrantKind,
         namespace: &str,
         mesh: &str,
         amount: i64,
@@ -647,7 +687,8 @@ impl Store for PgStore {
     ) -> Result<i64, StoreError> {
         let mut tx = self.pool.begin().await?;
         let tx_id = sqlx::query_scalar!(
-            "INSERT INTO ledger_transactions (kind, memo) VALUES ('grant', $1) RETURNING id",
+            "INSERT INTO ledger_transactions (kind, memo) VALUES ($1, $2) RETURNING id",
+            kind.as_str(),
             memo
         )
         .fetch_one(&mut *tx)
@@ -668,7 +709,7 @@ impl Store for PgStore {
     async fn granted(&self, namespace: &str, mesh: &str) -> Result<i64, StoreError> {
         let total = sqlx::query_scalar!(
             "SELECT SUM(e.amount)::bigint FROM ledger_entries e JOIN ledger_transactions t ON t.id = e.tx_id \
-             WHERE t.kind = 'grant' AND e.account = $1 AND EXISTS \
+             WHERE t.kind = 'budget' AND e.account = $1 AND EXISTS \
                (SELECT 1 FROM ledger_entries o WHERE o.tx_id = t.id AND o.account = $2)",
             namespace_account(namespace),
             mesh_account(mesh),

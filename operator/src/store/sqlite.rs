@@ -9,9 +9,9 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::{
-    Charge, ChargeOutcome, CompletionRecord, Event, EventFilter, EventKind, EventRow, RefundError,
-    ShardRecord, StatementLine, Store, StoreError, StoredShard, StoredWorkload, VerifyReport,
-    WorkloadRecord, mesh_account, namespace_account,
+    Charge, ChargeOutcome, Claim, CompletionRecord, Event, EventFilter, EventKind, EventRow,
+    GrantKind, RefundError, ShardRecord, StatementLine, Store, StoreError, StoredShard,
+    StoredWorkload, VerifyReport, WorkloadRecord, mesh_account, namespace_account,
 };
 
 fn now() -> String {
@@ -117,24 +117,25 @@ async fn complete_in(
     tx: &mut Transaction<'_, Sqlite>,
     c: &CompletionRecord,
 ) -> Result<ChargeOutcome, sqlx::Error> {
+    // Compare-and-set: only the holder of the shard's running attempt completes it.
     let updated = sqlx::query(
-        "UPDATE shards SET state = 'succeeded', attempt = ?, agent = ?, records = ?, output_uri = ?, \
+        "UPDATE shards SET state = 'succeeded', records = ?, output_uri = ?, \
          sha256 = ?, error = NULL, updated_at = ? \
-         WHERE workload_uid = ? AND idx = ? AND state <> 'succeeded'",
+         WHERE workload_uid = ? AND idx = ? AND state = 'running' AND agent = ? AND attempt = ?",
     )
-    .bind(i64::from(c.attempt))
-    .bind(&c.agent)
     .bind(c.records as i64)
     .bind(&c.output_uri)
     .bind(&c.sha256)
     .bind(now())
     .bind(&c.workload_uid)
     .bind(i64::from(c.shard))
+    .bind(&c.agent)
+    .bind(i64::from(c.attempt))
     .execute(&mut **tx)
     .await?
     .rows_affected();
     let outcome = if updated == 0 {
-        ChargeOutcome::Duplicate
+        ChargeOutcome::Refused
     } else {
         ChargeOutcome::Charged
     };
@@ -211,44 +212,55 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn assign(
-        &self,
-        uid: &str,
-        shard: u32,
-        attempt: u32,
-        agent: &str,
-    ) -> Result<bool, StoreError> {
+    async fn assign_batch(&self, claims: &[Claim]) -> Result<Vec<bool>, StoreError> {
+        // SQLite has one writer at a time: one transaction for the round is one write.
         let mut tx = self.pool.begin().await?;
-        let claimed = sqlx::query(
-            "UPDATE shards SET state = 'running', attempt = ?, agent = ?, updated_at = ? \
-             WHERE workload_uid = ? AND idx = ? AND state = 'pending' AND attempt = ?",
-        )
-        .bind(i64::from(attempt))
-        .bind(agent)
-        .bind(now())
-        .bind(uid)
-        .bind(i64::from(shard))
-        .bind(i64::from(attempt) - 1)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if claimed {
-            let e = Event::new(
-                EventKind::ShardAssigned,
-                format!("attempt {attempt} on {agent}"),
+        let mut won = Vec::with_capacity(claims.len());
+        for c in claims {
+            let claimed = sqlx::query(
+                "UPDATE shards SET state = 'running', attempt = ?, agent = ?, updated_at = ? \
+                 WHERE workload_uid = ? AND idx = ? AND state = 'pending' AND attempt = ?",
             )
-            .workload(uid)
-            .shard(shard, attempt)
-            .agent(agent);
-            insert_event(&mut tx, &e).await?;
+            .bind(i64::from(c.attempt))
+            .bind(&c.agent)
+            .bind(now())
+            .bind(&c.uid)
+            .bind(i64::from(c.shard))
+            .bind(i64::from(c.attempt) - 1)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if claimed {
+                let e = Event::new(
+                    EventKind::ShardAssigned,
+                    format!("attempt {} on {}", c.attempt, c.agent),
+                )
+                .workload(&c.uid)
+                .shard(c.shard, c.attempt)
+                .agent(&c.agent);
+                insert_event(&mut tx, &e).await?;
+            }
+            won.push(claimed);
         }
         tx.commit().await?;
-        Ok(claimed)
+        Ok(won)
     }
 
-    async fn active_workloads(&self) -> Result<Vec<StoredWorkload>, StoreError> {
-        let rows = sqlx::query("SELECT uid, namespace, name, mesh, spec, input_bytes FROM workloads WHERE phase = 'Running' ORDER BY created_at, uid").fetch_all(&self.pool).await?;
+    async fn workload_phase(&self, uid: &str) -> Result<Option<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT phase FROM workloads WHERE uid = ?")
+                .bind(uid)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn workloads_in_phase(&self, phase: &str) -> Result<Vec<StoredWorkload>, StoreError> {
+        let rows = sqlx::query("SELECT uid, namespace, name, mesh, spec, input_bytes FROM workloads WHERE phase = ? ORDER BY created_at, uid")
+            .bind(phase)
+            .fetch_all(&self.pool)
+            .await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in &rows {
             let record = WorkloadRecord {
@@ -307,25 +319,31 @@ impl Store for SqliteStore {
         attempt: u32,
         agent: Option<&str>,
         reason: &str,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
+        let held = sqlx::query(
             "UPDATE shards SET state = 'pending', agent = NULL, error = ?, updated_at = ? \
-             WHERE workload_uid = ? AND idx = ? AND state = 'running'",
+             WHERE workload_uid = ? AND idx = ? AND state = 'running' AND attempt = ?",
         )
         .bind(reason)
         .bind(now())
         .bind(uid)
         .bind(i64::from(shard))
+        .bind(i64::from(attempt))
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected()
+            == 1;
+        if !held {
+            return Ok(false);
+        }
         let mut e = Event::new(EventKind::ShardRequeued, reason)
             .workload(uid)
             .shard(shard, attempt);
         e.agent = agent.map(str::to_string);
         insert_event(&mut tx, &e).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     async fn fail_shard(
@@ -335,25 +353,31 @@ impl Store for SqliteStore {
         attempt: u32,
         agent: Option<&str>,
         message: &str,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
+        let held = sqlx::query(
             "UPDATE shards SET state = 'failed', error = ?, updated_at = ? \
-             WHERE workload_uid = ? AND idx = ? AND state <> 'succeeded'",
+             WHERE workload_uid = ? AND idx = ? AND state <> 'succeeded' AND attempt = ?",
         )
         .bind(message)
         .bind(now())
         .bind(uid)
         .bind(i64::from(shard))
+        .bind(i64::from(attempt))
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected()
+            == 1;
+        if !held {
+            return Ok(false);
+        }
         let mut e = Event::new(EventKind::ShardFailed, message)
             .workload(uid)
             .shard(shard, attempt);
         e.agent = agent.map(str::to_string);
         insert_event(&mut tx, &e).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     async fn finish_workload(
@@ -504,6 +528,7 @@ impl Store for SqliteStore {
 
     async fn grant(
         &self,
+        kind: GrantKind,
         namespace: &str,
         mesh: &str,
         amount: i64,
@@ -511,8 +536,9 @@ impl Store for SqliteStore {
     ) -> Result<i64, StoreError> {
         let mut tx = self.pool.begin().await?;
         let tx_id: i64 = sqlx::query(
-            "INSERT INTO ledger_transactions (kind, memo, created_at) VALUES ('grant', ?, ?) RETURNING id",
+            "INSERT INTO ledger_transactions (kind, memo, created_at) VALUES (?, ?, ?) RETURNING id",
         )
+        .bind(kind.as_str())
         .bind(memo)
         .bind(now())
         .fetch_one(&mut *tx)
@@ -534,7 +560,7 @@ impl Store for SqliteStore {
     async fn granted(&self, namespace: &str, mesh: &str) -> Result<i64, StoreError> {
         let total: Option<i64> = sqlx::query(
             "SELECT SUM(e.amount) FROM ledger_entries e JOIN ledger_transactions t ON t.id = e.tx_id \
-             WHERE t.kind = 'grant' AND e.account = ? AND EXISTS \
+             WHERE t.kind = 'budget' AND e.account = ? AND EXISTS \
                (SELECT 1 FROM ledger_entries o WHERE o.tx_id = t.id AND o.account = ?)",
         )
         .bind(namespace_account(namespace))

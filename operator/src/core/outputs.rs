@@ -1,0 +1,284 @@
+//! Output parts are committed by the operator. Each attempt writes to its own location
+//! (`<output>/_attempts/part-NNNNN.aK.jsonl`); when the operator accepts the completion it
+//! checks the part (size, sha256, record count) and then moves it to the final name
+//! (`<output>/part-NNNNN.jsonl`). A losing or late attempt never touches a committed part.
+//! `_SUCCESS.json` lists only committed parts.
+
+use infermesh_io::{Location, ObjectError};
+use sha2::{Digest, Sha256};
+
+/// The folder of attempt-scoped parts under an output location.
+pub const ATTEMPTS: &str = "_attempts";
+
+/// The manifest written when every shard is done.
+pub const MANIFEST: &str = "_SUCCESS.json";
+
+fn base(output: &str) -> &str {
+    output.trim_end_matches('/')
+}
+
+/// The final name of shard `index`'s part.
+pub fn part_name(index: u32) -> String {
+    format!("part-{index:05}.jsonl")
+}
+
+/// The final URI of shard `index`'s part.
+pub fn part_uri(output: &str, index: u32) -> String {
+    format!("{}/{}", base(output), part_name(index))
+}
+
+/// Where attempt `attempt` of shard `index` writes its part.
+pub fn attempt_uri(output: &str, index: u32, attempt: u32) -> String {
+    format!(
+        "{}/{ATTEMPTS}/part-{index:05}.a{attempt}.jsonl",
+        base(output)
+    )
+}
+
+/// What a part holds, as the operator found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartFacts {
+    /// Bytes.
+    pub bytes: u64,
+    /// sha256, lowercase hex.
+    pub sha256: String,
+    /// Records: newline-terminated lines.
+    pub records: u64,
+}
+
+/// Reads a part and measures it (outside any lock: this is I/O).
+pub async fn inspect(uri: &str) -> Result<PartFacts, ObjectError> {
+    let data = Location::parse(uri)?.get().await?;
+    Ok(facts(&data))
+}
+
+/// The facts of a part's bytes.
+pub fn facts(data: &[u8]) -> PartFacts {
+    PartFacts {
+        bytes: data.len() as u64,
+        sha256: hex(&Sha256::digest(data)),
+        records: data.iter().filter(|&&b| b == b'\n').count() as u64,
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Compares what a report says of its part with what the operator found; `Err` names the
+/// first difference.
+pub fn compare(reported: &PartFacts, found: &PartFacts) -> Result<(), String> {
+    if reported.bytes != found.bytes {
+        return Err(format!(
+            "the part has {} bytes, the report says {}",
+            found.bytes, reported.bytes
+        ));
+    }
+    if !reported.sha256.eq_ignore_ascii_case(&found.sha256) {
+        return Err(format!(
+            "the part's sha256 is {}, the report says {}",
+            found.sha256, reported.sha256
+        ));
+    }
+    if reported.records != found.records {
+        return Err(format!(
+            "the part has {} records, the report says {}",
+            found.records, reported.records
+        ));
+    }
+    Ok(())
+}
+
+/// Moves attempt `attempt`'s part of shard `index` to its final name. Idempotent: when the
+/// attempt's part is gone and the final part is there (an earlier commit finished), there is
+/// nothing to do.
+pub async fn commit(output: &str, index: u32, attempt: u32) -> Result<(), ObjectError> {
+    let from = Location::parse(&attempt_uri(output, index, attempt))?;
+    let to = Location::parse(&part_uri(output, index))?;
+    match from.rename_to(&to).await {
+        Ok(()) => Ok(()),
+        Err(ObjectError::NotFound { .. }) if to.size().await.is_ok() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes what attempts left under `output` (losing, late or failed attempts).
+pub async fn clear_attempts(output: &str) -> Result<usize, ObjectError> {
+    Location::parse(base(output))?
+        .child(ATTEMPTS)
+        .delete_all()
+        .await
+}
+
+/// One committed part, as `_SUCCESS.json` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ManifestPart {
+    /// Shard index.
+    pub index: u32,
+    /// Final URI.
+    pub uri: String,
+    /// Records.
+    pub records: u64,
+    /// sha256.
+    pub sha256: String,
+}
+
+/// What `verify_outputs` found wrong with one workload's outputs; empty when all is well.
+pub async fn verify_outputs(output: &str, expected: &[ManifestPart]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let root = match Location::parse(base(output)) {
+        Ok(l) => l,
+        Err(e) => return vec![e.to_string()],
+    };
+    let manifest: Vec<ManifestPart> = match root.child(MANIFEST).get().await {
+        Ok(bytes) => match serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| serde_json::from_value(v.get("parts")?.clone()).ok())
+        {
+            Some(parts) => parts,
+            None => return vec![format!("{}/{MANIFEST} does not parse", base(output))],
+        },
+        Err(e) => return vec![format!("{MANIFEST}: {e}")],
+    };
+    if manifest != expected {
+        problems.push(format!(
+            "{MANIFEST} lists {} parts that differ from the {} the store committed",
+            manifest.len(),
+            expected.len()
+        ));
+    }
+    for part in &manifest {
+        match inspect(&part.uri).await {
+            Ok(found) if found.sha256 == part.sha256 && found.records == part.records => {}
+            Ok(found) => problems.push(format!(
+                "{}: sha256 {} and {} records, the manifest says {} and {}",
+                part.uri, found.sha256, found.records, part.sha256, part.records
+            )),
+            Err(e) => problems.push(format!("{}: {e}", part.uri)),
+        }
+    }
+    match root.list().await {
+        Ok(objects) => {
+            let listed: std::collections::HashSet<&str> =
+                manifest.iter().map(|p| p.uri.as_str()).collect();
+            let manifest_uri = format!("{}/{MANIFEST}", base(output));
+            for (uri, _) in objects {
+                let name = uri.rsplit('/').next().unwrap_or_default();
+                let ours = name.starts_with("part-") || uri.contains(&format!("/{ATTEMPTS}/"));
+                if ours && !listed.contains(uri.as_str()) && uri != manifest_uri {
+                    problems.push(format!("{uri}: a stray part the manifest does not list"));
+                }
+            }
+        }
+        Err(e) => problems.push(format!("listing {output}: {e}")),
+    }
+    problems
+}
+
+/// What `ledger verify --outputs` found for one succeeded workload.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct OutputCheck {
+    /// `namespace/name/uid`.
+    pub workload: String,
+    /// Its output location.
+    pub output: String,
+    /// Parts the store committed.
+    pub parts: usize,
+    /// What is wrong; empty when nothing is.
+    pub problems: Vec<String>,
+}
+
+/// Checks the outputs of every succeeded workload in the store against its manifest.
+pub async fn verify_stored(
+    store: &impl crate::store::Store,
+) -> Result<Vec<OutputCheck>, crate::store::StoreError> {
+    let mut out = Vec::new();
+    for w in store.workloads_in_phase("Succeeded").await? {
+        let r = &w.record;
+        let workload = format!("{}/{}/{}", r.namespace, r.name, r.uid);
+        let output = serde_json::from_str::<serde_json::Value>(&r.spec_json)
+            .ok()
+            .and_then(|v| v["output"]["uri"].as_str().map(str::to_string));
+        let Some(output) = output else {
+            out.push(OutputCheck {
+                workload,
+                output: String::new(),
+                parts: 0,
+                problems: vec!["the stored spec names no output".into()],
+            });
+            continue;
+        };
+        let mut problems = Vec::new();
+        let expected: Vec<ManifestPart> = w
+            .shards
+            .iter()
+            .map(|s| {
+                if s.state != "succeeded" {
+                    problems.push(format!(
+                        "shard {} is {} in a succeeded workload",
+                        s.index, s.state
+                    ));
+                }
+                ManifestPart {
+                    index: s.index,
+                    uri: s.output_uri.clone().unwrap_or_default(),
+                    records: s.records,
+                    sha256: s.sha256.clone().unwrap_or_default(),
+                }
+            })
+            .collect();
+        problems.extend(verify_outputs(&output, &expected).await);
+        out.push(OutputCheck {
+            workload,
+            output,
+            parts: expected.len(),
+            problems,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_attempt_scoped_and_final_names_are_by_index() {
+        assert_eq!(
+            attempt_uri("file:///o/", 17, 3),
+            "file:///o/_attempts/part-00017.a3.jsonl"
+        );
+        assert_eq!(part_uri("file:///o", 17), "file:///o/part-00017.jsonl");
+    }
+
+    #[test]
+    fn facts_count_lines_and_hash() {
+        let f = facts(b"{\"a\":1}\n{\"a\":2}\n");
+        assert_eq!(f.records, 2);
+        assert_eq!(f.bytes, 16);
+        assert_eq!(f.sha256.len(), 64);
+        let mut other = f.clone();
+        other.records = 3;
+        assert!(compare(&other, &f).unwrap_err().contains("2 records"));
+        other = f.clone();
+        other.sha256 = "0".repeat(64);
+        assert!(compare(&other, &f).unwrap_err().contains("sha256"));
+        assert_eq!(compare(&f, &f), Ok(()));
+    }
+
+    #[tokio::test]
+    async fn commit_moves_the_attempt_and_is_idempotent() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let out = format!("file://{}/", dir.path().display());
+        let a = Location::parse(&attempt_uri(&out, 2, 1)).expect("uri");
+        a.put(b"x\n".to_vec().into()).await.expect("put");
+        commit(&out, 2, 1).await.expect("commit");
+        commit(&out, 2, 1).await.expect("again: nothing to do");
+        assert!(dir.path().join("part-00002.jsonl").exists());
+        assert!(commit(&out, 3, 1).await.is_err(), "nothing to commit");
+        let stray = Location::parse(&attempt_uri(&out, 2, 2)).expect("uri");
+        stray.put(b"late\n".to_vec().into()).await.expect("put");
+        assert_eq!(clear_attempts(&out).await.expect("clear"), 1);
+        assert!(!dir.path().join("_attempts/part-00002.a2.jsonl").exists());
+    }
+}
