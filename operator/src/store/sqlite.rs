@@ -1,5 +1,6 @@
 //! The SQLite backend: the embedded default of `infermesh local`.
 
+use std::collections::HashSet;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -213,35 +214,44 @@ impl Store for SqliteStore {
     }
 
     async fn assign_batch(&self, claims: &[Claim]) -> Result<Vec<bool>, StoreError> {
-        // SQLite has one writer at a time: one transaction for the round is one write.
         let mut tx = self.pool.begin().await?;
-        let mut won = Vec::with_capacity(claims.len());
-        for c in claims {
-            let claimed = sqlx::query(
-                "UPDATE shards SET state = 'running', attempt = ?, agent = ?, updated_at = ? \
-                 WHERE workload_uid = ? AND idx = ? AND state = 'pending' AND attempt = ?",
-            )
-            .bind(i64::from(c.attempt))
-            .bind(&c.agent)
-            .bind(now())
-            .bind(&c.uid)
-            .bind(i64::from(c.shard))
-            .bind(i64::from(c.attempt) - 1)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                == 1;
-            if claimed {
-                let e = Event::new(
-                    EventKind::ShardAssigned,
-                    format!("attempt {} on {}", c.attempt, c.agent),
-                )
-                .workload(&c.uid)
-                .shard(c.shard, c.attempt)
-                .agent(&c.agent);
-                insert_event(&mut tx, &e).await?;
+        let mut won_set: HashSet<(String, u32)> = HashSet::new();
+        // One statement per 500 claims (SQLite binds at most 32,766 parameters); a dispatch
+        // round is bounded by the free slots, so this is one statement in practice.
+        for chunk in claims.chunks(500) {
+            let values = vec!["(?, ?, ?, ?)"; chunk.len()].join(", ");
+            let sql = format!(
+                "WITH c(uid, idx, attempt, agent) AS (VALUES {values}) \
+                 UPDATE shards SET state = 'running', attempt = c.attempt, agent = c.agent, updated_at = ? \
+                 FROM c WHERE shards.workload_uid = c.uid AND shards.idx = c.idx \
+                   AND shards.state = 'pending' AND shards.attempt = c.attempt - 1 \
+                 RETURNING shards.workload_uid, shards.idx"
+            );
+            let mut q = sqlx::query(&sql);
+            for c in chunk {
+                q = q
+                    .bind(&c.uid)
+                    .bind(i64::from(c.shard))
+                    .bind(i64::from(c.attempt))
+                    .bind(&c.agent);
             }
-            won.push(claimed);
+            for row in q.bind(now()).fetch_all(&mut *tx).await? {
+                won_set.insert((row.try_get(0)?, row.try_get::<i64, _>(1)? as u32));
+            }
+        }
+        let won: Vec<bool> = claims
+            .iter()
+            .map(|c| won_set.contains(&(c.uid.clone(), c.shard)))
+            .collect();
+        for (c, _) in claims.iter().zip(&won).filter(|(_, w)| **w) {
+            let e = Event::new(
+                EventKind::ShardAssigned,
+                format!("attempt {} on {}", c.attempt, c.agent),
+            )
+            .workload(&c.uid)
+            .shard(c.shard, c.attempt)
+            .agent(&c.agent);
+            insert_event(&mut tx, &e).await?;
         }
         tx.commit().await?;
         Ok(won)
