@@ -7,6 +7,7 @@ pub mod client;
 pub mod endpoint;
 pub mod inference;
 pub mod io;
+pub mod logging;
 pub mod metrics;
 pub mod metrics_server;
 pub mod runner;

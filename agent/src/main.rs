@@ -84,8 +84,15 @@ fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("INFERMESH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
+    let colour = infermesh_agent::logging::use_colour(
+        std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        std::env::var_os("NO_COLOR")
+            .as_deref()
+            .map(|v| v.to_str().unwrap_or("non-UTF-8")),
+    );
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     if args.log_json {
         fmt.json().init();

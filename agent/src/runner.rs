@@ -2,7 +2,7 @@
 //! records, run the task on a slot's ONNX Runtime session, write the output part in one put.
 
 use std::any::Any;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::AtomicBool;
@@ -18,9 +18,9 @@ use serde_json::{Map, Value};
 use crate::inference::embedding::Embedder;
 use crate::inference::runtime::{SessionConfig, load_session};
 use crate::inference::tensor::{self, InputBinding};
-use crate::inference::{BatchControl, Origin, ShardError, check_cancelled, parse_records};
+use crate::inference::{BatchControl, Origin, Parsed, ShardError, check_cancelled, parse_records};
 use crate::io::cache::{CacheError, ModelCache, sha256_hex};
-use crate::io::shard::records;
+use crate::io::shard::{count_newlines, records};
 use crate::io::store::{Location, ObjectError, read_aligned};
 use crate::metrics::{AgentMetrics, ShardResult};
 
@@ -54,6 +54,7 @@ fn object_error(kind: ErrorKind, e: ObjectError) -> ShardError {
         kind,
         message: e.to_string(),
         retryable,
+        record: None,
     }
 }
 
@@ -96,6 +97,129 @@ pub async fn catch_panic(
         .catch_unwind()
         .await
         .unwrap_or_else(|payload| Err(panicked(&*payload)))
+}
+
+/// The most input bytes read to find a bad record's line (a failure path only): past that
+/// the message names the record by its byte offset alone.
+const MAX_LINE_SCAN: u64 = 4 << 30;
+
+/// Names a bad record by its line in the input: counts the newlines before the shard's first
+/// byte `begin`, reading `[0, begin)` through `input`, for `file://` inputs only (on S3 or
+/// HTTP that would download everything before the shard). Any other error, or a read that
+/// fails, is returned as it is (naming the record by its byte offset).
+async fn locate_record(e: ShardError, input: &Location, begin: u64) -> ShardError {
+    const STEP: u64 = 8 << 20;
+    if e.record.is_none() || !input.uri().starts_with("file://") || begin > MAX_LINE_SCAN {
+        return e;
+    }
+    let mut newlines = 0;
+    let mut at = 0;
+    while at < begin {
+        let to = (at + STEP).min(begin);
+        match input.get_range(at, to).await {
+            Ok(bytes) if !bytes.is_empty() => newlines += count_newlines(&bytes),
+            _ => return e,
+        }
+        at = to;
+    }
+    e.at_file_line(newlines)
+}
+
+/// Records of a shard without a usable id, and ids seen more than once in it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct IdCheck {
+    /// Records whose id field is absent or null.
+    missing: u64,
+    /// The first of them: (line within the shard, byte offset).
+    first_missing: Option<(u64, u64)>,
+    /// Records whose id an earlier record of the shard had.
+    duplicates: u64,
+    /// The first of them: (line within the shard, byte offset, the id as JSON).
+    first_duplicate: Option<(u64, u64, String)>,
+}
+
+/// Counts the records of a shard without `id_field` (or with a null one) and those repeating
+/// an id already seen in the shard (ids compare as JSON: `1` and `"1"` differ). Nothing is
+/// counted when `id_field` is empty.
+fn id_check(id_field: &str, parsed: &[Parsed]) -> IdCheck {
+    let mut check = IdCheck::default();
+    if id_field.is_empty() {
+        return check;
+    }
+    let mut seen = HashSet::with_capacity(parsed.len());
+    for rec in parsed {
+        match rec.fields.get(id_field) {
+            None | Some(Value::Null) => {
+                check.missing += 1;
+                check.first_missing.get_or_insert((rec.line, rec.offset));
+            }
+            Some(id) => {
+                let key = id.to_string();
+                if seen.contains(&key) {
+                    check.duplicates += 1;
+                    if check.first_duplicate.is_none() {
+                        check.first_duplicate = Some((rec.line, rec.offset, key));
+                    }
+                } else {
+                    seen.insert(key);
+                }
+            }
+        }
+    }
+    check
+}
+
+impl IdCheck {
+    /// One message per problem found (none when there is none). Lines are the input's when
+    /// `origin` knows the newlines before the shard, else the shard's, said so.
+    fn messages(&self, origin: &Origin<'_>, id_field: &str) -> Vec<String> {
+        let at = |line: u64, offset: u64| match origin.lines_before {
+            Some(before) => format!("line {} (byte offset {offset})", before + line),
+            None => format!("byte offset {offset} (line {line} of the shard)"),
+        };
+        let (uri, shard) = (origin.uri, origin.shard);
+        let mut out = Vec::new();
+        if let Some((line, offset)) = self.first_missing {
+            let n = self.missing;
+            out.push(format!(
+                "{uri}: {n} record{} of shard {shard} {} no `{id_field}` field (or a null one), \
+                 so {} output line{} cannot be joined back to the input; the first is at {}",
+                plural(n),
+                if n == 1 { "has" } else { "have" },
+                if n == 1 { "its" } else { "their" },
+                plural(n),
+                at(line, offset),
+            ));
+        }
+        if let Some((line, offset, id)) = &self.first_duplicate {
+            let n = self.duplicates;
+            out.push(format!(
+                "{uri}: {n} record{} of shard {shard} repeat{} an `{id_field}` seen earlier in \
+                 the shard; the first is at {}, `{id_field}` {id}",
+                plural(n),
+                if n == 1 { "s" } else { "" },
+                at(*line, *offset),
+            ));
+        }
+        out
+    }
+
+    /// Logs [`IdCheck::messages`] as warnings.
+    fn warn(&self, origin: &Origin<'_>, workload: &str, id_field: &str) {
+        for message in self.messages(origin, id_field) {
+            tracing::warn!(
+                workload,
+                shard = origin.shard,
+                missing = self.missing,
+                duplicates = self.duplicates,
+                "{message}"
+            );
+        }
+    }
+}
+
+fn plural(n: u64) -> &'static str {
+    if n == 1 { "" } else { "s" }
 }
 
 /// Writes the shard's output part in one put, unless the operator cancelled the shard
@@ -250,6 +374,7 @@ impl Runner {
                             kind: ErrorKind::ModelLoad,
                             message: format!("model {}: {e}", model.uri),
                             retryable,
+                            record: None,
                         }
                     }
                     other => ShardError::permanent(ErrorKind::ModelLoad, other.to_string()),
@@ -281,6 +406,7 @@ impl Runner {
                             kind: ErrorKind::TokenizerLoad,
                             message: format!("tokenizer {e}"),
                             retryable,
+                            record: None,
                         }
                     })?)
                 };
@@ -293,6 +419,7 @@ impl Runner {
         let config = self.config.clone();
         let id_field = task.id_field.clone();
         let shard_index = shard.index;
+        let workload = shard.workload.clone();
         let input_uri = input_loc.uri().to_string();
         let batch = assign.batch_size.max(1) as usize;
         let metrics = self.metrics.clone();
@@ -307,12 +434,16 @@ impl Runner {
         let joined = tokio::task::spawn_blocking(move || {
             let cancel = blocking_cancel;
             let outcome = (|| -> Result<(Bytes, u64), ShardError> {
-                ensure_session(&mut state, &sha, &model_path, &model.uri, &config)?;
                 let origin = Origin {
                     uri: &input_uri,
                     shard: shard_index,
+                    // The operator does not send the newlines before a shard (yet): known
+                    // only for the shard at the start; the rest are found on failure.
+                    lines_before: (begin == 0).then_some(0),
                 };
+                // Before the model loads: a bad record fails the shard without it.
                 let parsed = parse_records(&origin, records(begin, &data))?;
+                ensure_session(&mut state, &sha, &model_path, &model.uri, &config)?;
                 let control = BatchControl {
                     size: batch,
                     cancel: &cancel,
@@ -376,6 +507,7 @@ impl Runner {
                     write_line(&mut out, &id_field, rec.fields.get(&id_field), output)
                         .map_err(|e| invalid(&e.to_string()))?;
                 }
+                id_check(&id_field, &parsed).warn(&origin, &workload, &id_field);
                 Ok((Bytes::from(out), parsed.len() as u64))
             })();
             (state, outcome)
@@ -401,7 +533,10 @@ impl Runner {
         if let Ok(mut guard) = self.slots[slot].lock() {
             *guard = state;
         }
-        let (bytes, records) = outcome?;
+        let (bytes, records) = match outcome {
+            Ok(done) => done,
+            Err(e) => return Err(locate_record(e, &input_loc, begin).await),
+        };
         let compute_seconds = started.elapsed().as_secs_f64();
 
         let digest = sha256_hex(&bytes);
@@ -675,6 +810,141 @@ mod tests {
             .expect_err("cancelled");
         assert_eq!(err.kind, ErrorKind::Cancelled, "{}", err.message);
         assert!(runner.cached_models().is_empty());
+    }
+
+    /// A bad record in a shard that does not start the input is named by its line in the
+    /// input file (not in the shard) and its byte offset, before any model is loaded.
+    #[tokio::test]
+    async fn a_bad_record_in_a_later_shard_is_named_by_its_line_in_the_input_file() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let lines: Vec<String> = (1..=200)
+            .map(|i| {
+                if i == 150 {
+                    "{\"id\": 150, \"x\": [1.0,".to_string()
+                } else {
+                    format!("{{\"id\":{i},\"x\":[1.0,2.0]}}")
+                }
+            })
+            .collect();
+        let data = lines.iter().map(|l| format!("{l}\n")).collect::<String>();
+        let offset: usize = lines[..149].iter().map(|l| l.len() + 1).sum();
+        let path = dir.path().join("in.jsonl");
+        std::fs::write(&path, &data).expect("input");
+        let uri = format!("file://{}", path.display());
+        let size = data.len() as u64;
+        let runner = runner(dir.path(), 1);
+        // A shard starting 20 records before the bad one: its line 21 is the file's line 150.
+        let start = offset as u64 - 20 * 24 - 5;
+        let shard = assign(dir.path(), &uri, start, offset as u64 + 5, size);
+        let err = runner
+            .run(&shard, Arc::new(AtomicBool::new(false)))
+            .await
+            .expect_err("a bad record");
+        assert_eq!(err.kind, ErrorKind::InvalidInput, "{}", err.message);
+        assert_eq!(
+            err.message,
+            format!(
+                "{uri} line 150 (byte offset {offset}): not valid JSON (column 22): \
+                 EOF while parsing a value"
+            )
+        );
+
+        // Elsewhere than in a local file the line would cost reading all before the shard:
+        // the byte offset alone.
+        let remote = Location::parse("http://127.0.0.1:9/in.jsonl").expect("uri");
+        let origin = Origin {
+            uri: remote.uri(),
+            shard: 2,
+            lines_before: None,
+        };
+        let begin = offset as u64 - 10;
+        let bad = parse_records(&origin, records(begin, b"{}\nnot json\n")).expect_err("bad");
+        let kept = locate_record(bad.clone(), &remote, begin).await;
+        assert_eq!(kept, bad);
+        assert!(
+            kept.message.starts_with(&format!(
+                "http://127.0.0.1:9/in.jsonl byte offset {}: not valid JSON",
+                begin + 3
+            )),
+            "{}",
+            kept.message
+        );
+    }
+
+    fn parsed(lines: &[&str]) -> Vec<Parsed> {
+        let origin = Origin {
+            uri: "u",
+            shard: 0,
+            lines_before: Some(0),
+        };
+        let data = lines.iter().map(|l| format!("{l}\n")).collect::<String>();
+        parse_records(&origin, records(100, data.as_bytes())).expect("records")
+    }
+
+    #[test]
+    fn records_without_an_id_and_repeated_ids_are_counted() {
+        let recs = parsed(&[
+            r#"{"id": 1}"#,
+            r#"{"x": 1}"#,
+            r#"{"id": "1"}"#,
+            r#"{"id": 1}"#,
+            r#"{"id": null}"#,
+            r#"{"id": {"a": [1]}}"#,
+            r#"{"id": {"a": [1]}}"#,
+            r#"{"id": 1}"#,
+        ]);
+        let check = id_check("id", &recs);
+        assert_eq!(check.missing, 2, "{check:?}");
+        // Line 2 of the shard, after the 10 bytes of line 1.
+        assert_eq!(check.first_missing, Some((2, 110)));
+        // `1` twice more and the object once; `"1"` is another id than `1`.
+        assert_eq!(check.duplicates, 3, "{check:?}");
+        assert_eq!(check.first_duplicate, Some((4, 131, "1".to_string())));
+        // Another id field: all of them lack it.
+        let other = id_check("key", &recs);
+        assert_eq!((other.missing, other.duplicates), (8, 0));
+        assert_eq!(other.first_missing, Some((1, 100)));
+        // No id field asked for: nothing to count.
+        assert_eq!(id_check("", &recs), IdCheck::default());
+        // Unique ids: nothing to warn about.
+        let clean = id_check("id", &parsed(&[r#"{"id": 1}"#, r#"{"id": 2}"#]));
+        assert_eq!(clean, IdCheck::default());
+        assert!(clean.messages(&origin(None), "id").is_empty());
+
+        // The warnings name the field, the counts and the first example.
+        let [missing, repeated] = check
+            .messages(&origin(None), "id")
+            .try_into()
+            .expect("two messages");
+        assert_eq!(
+            missing,
+            "file:///in.jsonl: 2 records of shard 3 have no `id` field (or a null one), so \
+             their output lines cannot be joined back to the input; the first is at byte \
+             offset 110 (line 2 of the shard)"
+        );
+        assert_eq!(
+            repeated,
+            "file:///in.jsonl: 3 records of shard 3 repeat an `id` seen earlier in the shard; \
+             the first is at byte offset 131 (line 4 of the shard), `id` 1"
+        );
+        // With the newlines before the shard known, lines are the input's.
+        let one = id_check("id", &recs[..2]).messages(&origin(Some(40)), "id");
+        assert_eq!(
+            one,
+            [
+                "file:///in.jsonl: 1 record of shard 3 has no `id` field (or a null one), so its \
+              output line cannot be joined back to the input; the first is at line 42 (byte \
+              offset 110)"
+            ]
+        );
+    }
+
+    fn origin(lines_before: Option<u64>) -> Origin<'static> {
+        Origin {
+            uri: "file:///in.jsonl",
+            shard: 3,
+            lines_before,
+        }
     }
 
     fn line(id: Option<Value>, output: RecordOutput) -> Value {

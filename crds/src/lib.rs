@@ -16,8 +16,9 @@ pub use agent::{Agent, AgentPhase, AgentSpec, AgentStatus};
 pub use manifest::{Manifest, ManifestError, parse_manifests};
 pub use mesh::{AgentTemplate, Budget, ExecutionProvider, Mesh, MeshSpec, MeshStatus, Pricing};
 pub use workload::{
-    InputFormat, InputSpec, ModelRef, OutputSpec, Requirements, ShardCounts, TaskSpec, TensorInput,
-    TensorTask, TextEmbeddingTask, Workload, WorkloadPhase, WorkloadSpec, WorkloadStatus,
+    InputFormat, InputSpec, ModelRef, OutputMode, OutputSpec, Requirements, ShardCounts, TaskSpec,
+    TensorInput, TensorTask, TextEmbeddingTask, Workload, WorkloadPhase, WorkloadSpec,
+    WorkloadStatus,
 };
 
 /// The API group of every infermesh resource.

@@ -134,19 +134,49 @@ fn strict<T: DeserializeOwned>(
 /// Deserializes `de` into `T` and lists, by dotted path (`spec.containers.0.name`), every
 /// field `T` does not know. `apiVersion` and `kind` are not listed: types derived by
 /// kube-derive take them from the type, not from a field.
+///
+/// An error (a wrong type, a missing field, a value out of range) is prefixed with the dotted
+/// path of where it happened: `spec.batchSize: invalid type: string "abc", expected u32`.
 pub fn deserialize_strict<'de, T, D>(de: D) -> Result<(T, Vec<String>), D::Error>
 where
     T: serde::Deserialize<'de>,
     D: serde::Deserializer<'de>,
 {
+    use serde::de::Error;
     let mut unknown = Vec::new();
-    let parsed = serde_ignored::deserialize(de, |path| {
+    let mut note = |path: serde_ignored::Path<'_>| {
         let path = dotted(&path);
         if path != "apiVersion" && path != "kind" {
             unknown.push(path);
         }
+    };
+    let ignored = serde_ignored::Deserializer::new(de, &mut note);
+    let parsed = serde_path_to_error::deserialize(ignored).map_err(|e| {
+        let path = tracked(e.path());
+        let inner = e.into_inner();
+        if path.is_empty() {
+            inner
+        } else {
+            D::Error::custom(format!("{path}: {inner}"))
+        }
     })?;
     Ok((parsed, unknown))
+}
+
+/// serde_path_to_error's path in the same dotted form as [`dotted`] (`inputs.0.name`, where
+/// it would write `inputs[0].name`).
+fn tracked(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let segments: Vec<String> = path
+        .iter()
+        .map(|segment| match segment {
+            Segment::Seq { index } => index.to_string(),
+            Segment::Map { key } => key.clone(),
+            Segment::Enum { variant } => variant.clone(),
+            Segment::Unknown => "?".to_string(),
+        })
+        .collect();
+    segments.join(".")
 }
 
 /// serde_ignored's path without its markers for `Option` and newtype layers (which it
@@ -235,6 +265,113 @@ spec:
             .expect_err("missing model")
             .to_string();
         assert!(msg.contains("missing field `model`"), "{msg}");
+    }
+
+    /// `WORKLOAD` with `extra` lines added to its spec.
+    fn with_spec(extra: &str) -> String {
+        format!("{WORKLOAD}{extra}")
+    }
+
+    fn schema_error(extra: &str) -> String {
+        let err = parse_manifests(&with_spec(extra)).expect_err("a type error");
+        assert!(matches!(err, ManifestError::Schema { .. }), "{err:?}");
+        err.to_string()
+    }
+
+    #[test]
+    fn type_errors_name_the_field_path() {
+        assert_eq!(
+            schema_error("  batchSize: \"abc\"\n"),
+            "document 1 (Workload w): spec.batchSize: invalid type: string \"abc\", expected u32"
+        );
+        let msg = schema_error("  batchSize: -1\n");
+        assert!(
+            msg.starts_with("document 1 (Workload w): spec.batchSize: invalid value: integer `-1`"),
+            "{msg}"
+        );
+        let msg = schema_error("  shardBytes: 1.5\n");
+        assert!(
+            msg.starts_with(
+                "document 1 (Workload w): spec.shardBytes: invalid type: floating point `1.5`"
+            ),
+            "{msg}"
+        );
+        assert!(msg.contains("a byte quantity"), "{msg}");
+        let msg = schema_error("  shardBytes: [1Mi]\n");
+        assert!(
+            msg.contains("spec.shardBytes: invalid type: sequence"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_nested_type_error_names_its_dotted_path() {
+        let bad = WORKLOAD.replace(
+            "  task: {tensor: {inputs: [{name: x}]}}",
+            "  task: {tensor: {inputs: [{name: x}, {name: [y]}]}}",
+        );
+        let msg = parse_manifests(&bad).expect_err("type error").to_string();
+        assert!(
+            msg.contains(
+                "spec.task.tensor.inputs.1.name: invalid type: sequence, expected a string"
+            ),
+            "{msg}"
+        );
+        // A missing field is named with the object that lacks it.
+        let bad = WORKLOAD.replace(
+            "  output: {uri: \"file:///out/\"}",
+            "  output: {idField: k}",
+        );
+        let msg = parse_manifests(&bad).expect_err("missing").to_string();
+        assert!(msg.contains("spec.output: missing field `uri`"), "{msg}");
+        // Mesh documents too.
+        let mesh = "apiVersion: infermesh.dev/v1alpha1\nkind: Mesh\nmetadata: {name: m}\n\
+                    spec: {nodeSelector: {gpu: [a]}, leaseSeconds: soon}\n";
+        let msg = parse_manifests(mesh).expect_err("type error").to_string();
+        assert!(
+            msg.starts_with("document 1 (Mesh m): spec.nodeSelector.gpu: invalid type: sequence"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn shard_bytes_takes_a_quantity_or_a_plain_number_of_bytes() {
+        let spec = |extra: &str| match parse_manifests(&with_spec(extra)).expect("parses").pop() {
+            Some(Manifest::Workload(w)) => w.spec,
+            other => panic!("{other:?}"),
+        };
+        let plain = spec("  shardBytes: 131072\n");
+        assert_eq!(plain.shard_bytes, "131072");
+        assert_eq!(plain.shard_size(), Ok(131_072));
+        assert_eq!(spec("  shardBytes: 2Ki\n").shard_size(), Ok(2048));
+        assert_eq!(spec("  shardBytes: \"4096\"\n").shard_size(), Ok(4096));
+        // The API server keeps a null for a nullable field: the default then.
+        assert_eq!(spec("  shardBytes: null\n").shard_bytes, "1Mi");
+        // `0` and `"1"` parse (the schema takes them) but are refused as shard sizes, naming
+        // the field, the value and the minimum.
+        for (yaml, value) in [("0", "0"), ("\"1\"", "1"), ("1000", "1000")] {
+            let err = spec(&format!("  shardBytes: {yaml}\n"))
+                .shard_size()
+                .expect_err("below the minimum");
+            assert!(
+                err.starts_with(&format!("spec.shardBytes: `{value}` is ")),
+                "{err}"
+            );
+            assert!(
+                err.contains("below the minimum of 1Ki (1024 bytes)"),
+                "{err}"
+            );
+        }
+        // A negative number reads (the API server takes any integer: the object must stay
+        // readable) and is refused as a shard size.
+        let err = spec("  shardBytes: -1\n")
+            .shard_size()
+            .expect_err("negative");
+        assert_eq!(err, "spec.shardBytes: `-1` must be a non-negative quantity");
+        let err = spec("  shardBytes: a lot\n")
+            .shard_size()
+            .expect_err("garbage");
+        assert!(err.starts_with("spec.shardBytes: "), "{err}");
     }
 
     #[test]

@@ -38,10 +38,14 @@ pub struct WorkloadSpec {
     pub input: InputSpec,
     /// Where output parts and `_SUCCESS.json` go.
     pub output: OutputSpec,
-    /// Target shard size in bytes of input (a quantity: `1Mi`, `256Ki`). Shards are aligned to
-    /// record boundaries, so a shard may be slightly larger or smaller.
-    #[serde(default = "default_shard_bytes")]
-    #[schemars(extend("pattern" = "^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|k|K|M|G|T)?$"))]
+    /// Target shard size in bytes of input: a quantity (`1Mi`, `256Ki`) or a plain number of
+    /// bytes (`131072`); at least `1Ki`. Shards are aligned to record boundaries, so a shard
+    /// may be slightly larger or smaller.
+    #[serde(
+        default = "default_shard_bytes",
+        deserialize_with = "crate::quantity::int_or_string"
+    )]
+    #[schemars(schema_with = "crate::quantity::int_or_string_schema")]
     pub shard_bytes: String,
     /// Records per ONNX Runtime call.
     #[serde(default = "default_batch_size")]
@@ -69,7 +73,17 @@ pub struct WorkloadSpec {
 }
 
 fn default_shard_bytes() -> String {
-    "1Mi".to_string()
+    crate::quantity::DEFAULT_SHARD_BYTES.to_string()
+}
+
+impl WorkloadSpec {
+    /// `shardBytes` in bytes: a message naming `spec.shardBytes` when it is not a byte
+    /// quantity or is below [`crate::quantity::MIN_SHARD_BYTES`] (a tiny shard size would cut
+    /// an input into a shard per record or more).
+    pub fn shard_size(&self) -> Result<u64, String> {
+        crate::quantity::parse_shard_bytes(&self.shard_bytes)
+            .map_err(|e| format!("spec.shardBytes: {e}"))
+    }
 }
 fn default_batch_size() -> u32 {
     32
@@ -199,6 +213,23 @@ pub struct OutputSpec {
     /// the output when a record lacks it.
     #[serde(default = "default_id_field")]
     pub id_field: String,
+    /// What a new run does with a location that already holds a run's output (its parts,
+    /// `_SUCCESS.json`, `_attempts/`): `error` (the default) refuses it, naming what is there;
+    /// `overwrite` removes those first. Other files are never touched, and a run that resumes
+    /// continues where it was.
+    #[serde(default)]
+    pub mode: OutputMode,
+}
+
+/// See [`OutputSpec::mode`].
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum OutputMode {
+    /// Refuse a location that holds a run's output.
+    #[default]
+    Error,
+    /// Remove a previous run's output first.
+    Overwrite,
 }
 
 fn default_id_field() -> String {

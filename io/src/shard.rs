@@ -39,6 +39,15 @@ fn memchr_newline(bytes: &[u8]) -> Option<usize> {
     bytes.iter().position(|&b| b == b'\n')
 }
 
+/// Number of newlines in `bytes`: with the newlines before a shard's first byte, a line of the
+/// shard becomes a line of the object.
+pub fn count_newlines(bytes: &[u8]) -> u64 {
+    bytes.iter().filter(|&&b| b == b'\n').count() as u64
+}
+
+/// The UTF-8 byte order mark some editors and exporters put at the start of a text file.
+pub const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
 /// One record: its text (without the newline) and where it was.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Record<'a> {
@@ -51,7 +60,8 @@ pub struct Record<'a> {
 }
 
 /// Splits the aligned bytes of a shard (which begin at object offset `begin`) into records,
-/// skipping blank lines.
+/// skipping blank lines. A UTF-8 byte order mark at the very start of the object (offset 0)
+/// is not part of the first record (its offset is still that of its line, 0).
 pub fn records(begin: u64, bytes: &[u8]) -> impl Iterator<Item = Record<'_>> {
     let mut offset = begin;
     bytes
@@ -60,6 +70,10 @@ pub fn records(begin: u64, bytes: &[u8]) -> impl Iterator<Item = Record<'_>> {
         .filter_map(move |(i, raw)| {
             let at = offset;
             offset += raw.len() as u64;
+            let raw = match raw.strip_prefix(UTF8_BOM) {
+                Some(rest) if at == 0 => rest,
+                _ => raw,
+            };
             let mut text = raw.strip_suffix(b"\n").unwrap_or(raw);
             text = text.strip_suffix(b"\r").unwrap_or(text);
             if text.iter().all(u8::is_ascii_whitespace) {
@@ -112,6 +126,29 @@ mod tests {
         let data = b"aa\nbb";
         assert_eq!(owned(data, &[(0, 1), (1, 5)]), ["aa", "bb"]);
         assert_eq!(owned(data, &[(0, 4), (4, 5)]), ["aa", "bb"]);
+    }
+
+    #[test]
+    fn a_byte_order_mark_at_the_start_of_the_object_is_skipped() {
+        let data = b"\xEF\xBB\xBF{\"a\":1}\n{\"a\":2}\n";
+        let recs: Vec<_> = records(0, data).collect();
+        assert_eq!(recs.len(), 2);
+        assert_eq!((recs[0].line, recs[0].offset), (1, 0));
+        assert_eq!(recs[0].text, b"{\"a\":1}");
+        // A BOM-only first line is blank.
+        assert_eq!(records(0, b"\xEF\xBB\xBF\n{}\n").count(), 1);
+        // Only at offset 0 of the object: elsewhere the bytes are the record's, left for the
+        // JSON parser to refuse.
+        let later: Vec<_> = records(10, b"\xEF\xBB\xBF{}\n").collect();
+        assert_eq!(later[0].text, b"\xEF\xBB\xBF{}");
+        let second_line: Vec<_> = records(0, b"{}\n\xEF\xBB\xBF{}\n").collect();
+        assert_eq!(second_line[1].text, b"\xEF\xBB\xBF{}");
+    }
+
+    #[test]
+    fn newlines_are_counted() {
+        assert_eq!(count_newlines(b""), 0);
+        assert_eq!(count_newlines(b"a\n\nb\r\nc"), 3);
     }
 
     #[test]

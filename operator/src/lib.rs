@@ -1,6 +1,7 @@
 //! infermesh: the operator core, its gRPC server, the store, and `infermesh local`.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod controller;
 pub mod core;
 pub mod grpc;

@@ -4,10 +4,12 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use infermesh_operator::cli;
 use infermesh_operator::controller::run::OperatorArgs;
 use infermesh_operator::core::pricing::format_credits;
 use infermesh_operator::local::{self, LocalArgs};
 use infermesh_operator::store::{self, EventFilter, Store};
+use infermesh_operator::{out, outln};
 
 /// Batch ONNX inference across the GPU nodes of a cluster, or on one machine.
 #[derive(Parser, Debug)]
@@ -60,12 +62,13 @@ enum LedgerCommand {
     /// Entries of one account over a time range, with the running balance.
     Statement {
         /// The account: `namespace/NAME`, `agent/ID` or `mesh/NAME`.
+        #[arg(value_parser = cli::account)]
         account: String,
-        /// From (RFC 3339), inclusive.
-        #[arg(long, default_value = "1970-01-01T00:00:00Z")]
+        /// From (RFC 3339, or a date: its start), inclusive.
+        #[arg(long, default_value = "1970-01-01", value_parser = cli::from_time)]
         from: String,
-        /// To (RFC 3339), inclusive.
-        #[arg(long, default_value = "9999-12-31T23:59:59Z")]
+        /// To (RFC 3339, or a date: its end), inclusive.
+        #[arg(long, default_value = "9999-12-31", value_parser = cli::to_time)]
         to: String,
         /// Output format.
         #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
@@ -79,8 +82,8 @@ enum LedgerCommand {
         /// The Mesh granting.
         #[arg(long)]
         mesh: String,
-        /// Credits.
-        #[arg(long, allow_hyphen_values = true)]
+        /// Credits: finite, not 0, at most 1e9 either way (negative takes back).
+        #[arg(long, allow_hyphen_values = true, value_parser = cli::credits)]
         credits: f64,
     },
     /// Refund a shard's charge (agent back to namespace); a charge is refunded at most once.
@@ -125,11 +128,11 @@ enum LedgerCommand {
         /// Only this kind (`shard.requeued`).
         #[arg(long)]
         kind: Option<String>,
-        /// At most this many.
-        #[arg(long)]
+        /// At most this many (1 or more).
+        #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
         limit: Option<i64>,
-        /// Only events at or after this time (RFC 3339).
-        #[arg(long)]
+        /// Only events at or after this time (RFC 3339, or a date: its start).
+        #[arg(long, value_parser = cli::from_time)]
         since: Option<String>,
         /// Keep printing new events as they are committed (tail by sequence number).
         #[arg(long, short = 'f')]
@@ -176,7 +179,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Crd => match infermesh_crds::crds_yaml() {
             Ok(yaml) => {
-                print!("{yaml}");
+                out!("{yaml}");
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -202,7 +205,8 @@ fn main() -> ExitCode {
 
 /// Runs a ledger command; `Ok(false)` when `verify` found a broken invariant.
 async fn ledger(url: &str, command: LedgerCommand) -> anyhow::Result<bool> {
-    let store = store::open(url).await?;
+    // Reading a ledger never creates one: a mistyped path is an error, not an empty ledger.
+    let store = store::open_existing(url).await?;
     match command {
         LedgerCommand::Balance {
             namespace,
@@ -229,11 +233,11 @@ async fn ledger(url: &str, command: LedgerCommand) -> anyhow::Result<bool> {
                     .iter()
                     .map(|(a, m)| serde_json::json!({"account": a, "microCredits": m, "credits": format_credits(*m)}))
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                outln!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!("{:<40} {:>18}", "ACCOUNT", "CREDITS");
+                outln!("{:<40} {:>18}", "ACCOUNT", "CREDITS");
                 for (account, micro) in balances {
-                    println!("{account:<40} {:>18}", format_credits(micro));
+                    outln!("{account:<40} {:>18}", format_credits(micro));
                 }
             }
         }
@@ -243,23 +247,32 @@ async fn ledger(url: &str, command: LedgerCommand) -> anyhow::Result<bool> {
             to,
             output,
         } => {
+            if !store.balances().await?.iter().any(|(a, _)| *a == account) {
+                anyhow::bail!(
+                    "no such account `{account}` in this ledger (`infermesh ledger balance` lists them)"
+                );
+            }
             let lines = store.statement(&account, &from, &to).await?;
             if output == Format::Json {
-                println!("{}", serde_json::to_string_pretty(&lines)?);
+                outln!("{}", serde_json::to_string_pretty(&lines)?);
                 return Ok(true);
             }
-            println!(
+            outln!(
                 "{:>8}  {:<27} {:<7} {:>16} {:>16}  FOR",
-                "TX", "AT", "KIND", "AMOUNT", "BALANCE"
+                "TX",
+                "AT",
+                "KIND",
+                "AMOUNT",
+                "BALANCE"
             );
             let mut running = 0i64;
             for l in &lines {
-                running += l.amount;
+                running = running.saturating_add(l.amount);
                 let what = match (&l.workload_uid, l.shard) {
                     (Some(w), Some(s)) => format!("{w}#{s} {}", l.memo),
                     _ => l.memo.clone(),
                 };
-                println!(
+                outln!(
                     "{:>8}  {:<27} {:<7} {:>16} {:>16}  {what}",
                     l.tx_id,
                     l.at,
@@ -274,7 +287,33 @@ async fn ledger(url: &str, command: LedgerCommand) -> anyhow::Result<bool> {
             mesh,
             credits,
         } => {
-            let micro = infermesh_operator::core::pricing::credits_to_micro(credits);
+            let micro = infermesh_operator::core::pricing::credits_to_micro(credits)
+                .map_err(|e| anyhow::anyhow!("--credits: {e}"))?;
+            if !store.meshes().await?.contains(&mesh) {
+                anyhow::bail!(
+                    "no mesh `{mesh}` in this ledger: a Mesh is known once it has been applied (infermesh local, or the operator)"
+                );
+            }
+            if namespace.trim().is_empty() || namespace.contains('/') {
+                anyhow::bail!("`{namespace}` is not a namespace name");
+            }
+            let limit =
+                infermesh_operator::core::pricing::credits_to_micro(cli::MAX_BALANCE_CREDITS)
+                    .unwrap_or(i64::MAX);
+            for account in [
+                store::namespace_account(&namespace),
+                store::mesh_account(&mesh),
+            ] {
+                let sign = if account.starts_with("mesh/") { -1 } else { 1 };
+                let now = store.balance(&account).await?;
+                let after = now.checked_add(sign * micro).filter(|b| b.abs() <= limit);
+                if after.is_none() {
+                    anyhow::bail!(
+                        "the grant would take {account} past ±{} credits, the most a balance may hold",
+                        cli::MAX_BALANCE_CREDITS
+                    );
+                }
+            }
             let id = store
                 .grant(
                     store::GrantKind::Manual,
@@ -284,14 +323,14 @@ async fn ledger(url: &str, command: LedgerCommand) -> anyhow::Result<bool> {
                     "granted with infermesh ledger grant",
                 )
                 .await?;
-            println!(
+            outln!(
                 "transaction {id}: granted {} credits to namespace/{namespace} from mesh/{mesh}",
                 format_credits(micro)
             );
         }
         LedgerCommand::Refund { transaction, memo } => {
             let id = store.refund(transaction, &memo).await?;
-            println!("transaction {id}: refunded charge {transaction}");
+            outln!("transaction {id}: refunded charge {transaction}");
         }
         LedgerCommand::Verify { output, outputs } => {
             let report = store.verify().await?;
@@ -304,7 +343,7 @@ async fn ledger(url: &str, command: LedgerCommand) -> anyhow::Result<bool> {
                 .as_ref()
                 .is_none_or(|c| c.iter().all(|w| w.problems.is_empty()));
             if output == Format::Json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(
                         &serde_json::json!({"ok": report.ok() && outputs_ok, "report": report, "outputs": checked})
@@ -312,48 +351,48 @@ async fn ledger(url: &str, command: LedgerCommand) -> anyhow::Result<bool> {
                 );
             } else {
                 let mark = |ok: bool| if ok { "ok  " } else { "FAIL" };
-                println!(
+                outln!(
                     "{} every transaction balances ({} transactions)",
                     mark(report.unbalanced_transactions.is_empty()),
                     report.transactions
                 );
                 for id in &report.unbalanced_transactions {
-                    println!("       transaction {id} does not balance");
+                    outln!("       transaction {id} does not balance");
                 }
-                println!(
+                outln!(
                     "{} every account's balance is the sum of its entries ({} accounts)",
                     mark(report.account_mismatches.is_empty()),
                     report.accounts
                 );
                 for (account, stored, sum) in &report.account_mismatches {
-                    println!(
+                    outln!(
                         "       account {account}: balance {stored}, entries sum to {sum} (micro-credits)"
                     );
                 }
-                println!(
+                outln!(
                     "{} every succeeded shard is charged exactly once",
                     mark(report.shards_not_charged_once.is_empty())
                 );
                 for (uid, shard, n) in &report.shards_not_charged_once {
-                    println!("       workload {uid} shard {shard}: {n} charges");
+                    outln!("       workload {uid} shard {shard}: {n} charges");
                 }
-                println!(
+                outln!(
                     "{} no charge without a succeeded shard",
                     mark(report.charges_without_success.is_empty())
                 );
                 for id in &report.charges_without_success {
-                    println!("       transaction {id} charges a shard that did not succeed");
+                    outln!("       transaction {id} charges a shard that did not succeed");
                 }
                 if let Some(checked) = &checked {
                     let parts: usize = checked.iter().map(|w| w.parts).sum();
-                    println!(
+                    outln!(
                         "{} every succeeded workload's outputs match its manifest and the store ({} workloads, {parts} parts)",
                         mark(outputs_ok),
                         checked.len()
                     );
                     for w in checked {
                         for p in &w.problems {
-                            println!("       {}: {p}", w.workload);
+                            outln!("       {}: {p}", w.workload);
                         }
                     }
                 }
@@ -362,7 +401,7 @@ async fn ledger(url: &str, command: LedgerCommand) -> anyhow::Result<bool> {
         }
         LedgerCommand::PruneEvents { before, archive } => {
             for p in store.prune_events(&before, archive).await? {
-                println!("{} {p}", if archive { "archived" } else { "dropped" });
+                outln!("{} {p}", if archive { "archived" } else { "dropped" });
             }
         }
         LedgerCommand::Events {
@@ -391,14 +430,14 @@ async fn ledger(url: &str, command: LedgerCommand) -> anyhow::Result<bool> {
                     if follow {
                         // One object a line, so a follower can stream them.
                         for e in &events {
-                            println!("{}", serde_json::to_string(e)?);
+                            outln!("{}", serde_json::to_string(e)?);
                         }
                     } else {
-                        println!("{}", serde_json::to_string_pretty(&events)?);
+                        outln!("{}", serde_json::to_string_pretty(&events)?);
                     }
                 } else {
                     for e in &events {
-                        println!(
+                        outln!(
                             "{:>6} {} {:<18} {} {} {} {}",
                             e.seq,
                             e.at,

@@ -539,13 +539,18 @@ async fn a_frozen_agent_thawed_after_its_lease_changes_nothing() {
     let store = store::open(&url).await.expect("db");
     let charges = store.charges(uid).await.expect("charges");
     assert_eq!(charges.len(), parts.len(), "one charge per shard");
-    let lost = store
-        .events(&EventFilter {
-            kind: Some("agent.lost".into()),
-            ..Default::default()
-        })
-        .await
-        .expect("events");
+    let mut lost = Vec::new();
+    for kind in ["agent.lost", "agent.left"] {
+        lost.extend(
+            store
+                .events(&EventFilter {
+                    kind: Some(kind.into()),
+                    ..Default::default()
+                })
+                .await
+                .expect("events"),
+        );
+    }
     assert!(
         lost.iter().any(|e| e.message.contains("lease expired")),
         "the frozen agent lost its lease: {lost:?}"

@@ -124,3 +124,114 @@ async fn a_killed_run_resumes_without_rerunning_completed_shards() {
     assert!(rerun.is_empty(), "completed shards ran again: {rerun:?}");
     assert!(db.verify().await.expect("verify").ok());
 }
+
+/// Ctrl-C: the run says what was done and the exact command that resumes it; running the
+/// same manifest again without `--resume` is refused with that command (never a silent
+/// start-over that would charge shards twice); the printed command finishes the run; and
+/// `--resume` of another manifest does not take this workload up.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interrupted_run_tells_how_to_resume_and_is_never_started_over() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let n = 1200;
+    let (manifest_path, _input, out) = minilm_job(dir.path(), n, 128, "  shardBytes: 8Ki\n");
+    let url = format!("sqlite://{}", dir.path().join("state.db").display());
+    let first = local_command(&manifest_path, 2, dir.path())
+        .arg("--database-url")
+        .arg(&url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while std::fs::read_dir(&out)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with("part-"))
+                .count()
+        })
+        .unwrap_or(0)
+        < 2
+    {
+        assert!(Instant::now() < deadline, "no progress within 120s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &first.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let stopped = Run::from(first.wait_with_output().expect("wait"));
+    assert_eq!(stopped.code, Some(130), "{}", stopped.text());
+    assert!(
+        stopped.stderr.contains("stopped by SIGINT"),
+        "{}",
+        stopped.text()
+    );
+    assert!(stopped.stderr.contains("shards done"), "{}", stopped.text());
+    let command = stopped
+        .stderr
+        .lines()
+        .skip_while(|l| !l.contains("Finish the run with"))
+        .nth(1)
+        .expect("the resume command")
+        .trim()
+        .to_string();
+    assert!(
+        command.contains("--resume") && command.contains("local"),
+        "{command}"
+    );
+
+    // The same manifest again, without --resume: refused, naming the command.
+    let again: Run = local_command(&manifest_path, 2, dir.path())
+        .arg("--database-url")
+        .arg(&url)
+        .output()
+        .expect("again")
+        .into();
+    assert_eq!(again.code, Some(2), "{}", again.text());
+    assert!(again.stderr.contains("unfinished run"), "{}", again.text());
+    assert!(again.stderr.contains("--resume"), "{}", again.text());
+
+    // --resume of another manifest (another output) leaves this workload alone.
+    let other_dir = dir.path().join("other");
+    std::fs::create_dir_all(&other_dir).expect("dir");
+    let (other_manifest, _, other_out) = minilm_job(&other_dir, 20, 128, "");
+    let other: Run = local_command(&other_manifest, 1, &other_dir)
+        .arg("--database-url")
+        .arg(&url)
+        .arg("--resume")
+        .output()
+        .expect("other")
+        .into();
+    assert_eq!(other.code, Some(0), "{}", other.text());
+    assert!(
+        other.stderr.contains("resumed 0 unfinished"),
+        "{}",
+        other.text()
+    );
+    assert_eq!(success_manifest(&other_out)["records"], 20);
+    assert!(
+        !out.join("_SUCCESS.json").exists(),
+        "the interrupted run was not taken up"
+    );
+
+    // The printed command finishes the run: every record once, every shard charged once.
+    let resumed = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(&command)
+        .env("INFERMESH_AGENT_BIN", bin("infermesh-agent"))
+        .output()
+        .expect("resume");
+    let resumed = Run::from(resumed);
+    assert_eq!(resumed.code, Some(0), "{}", resumed.text());
+    let lines = read_parts(&out);
+    let counts = id_counts(&lines);
+    assert_eq!(counts.len(), n, "every record present");
+    assert!(counts.values().all(|&c| c == 1), "no record twice");
+    let manifest = success_manifest(&out);
+    let uid = manifest["uid"].as_str().expect("uid").to_string();
+    let db = store::open(&url).await.expect("db");
+    let shards = manifest["shards"].as_u64().expect("shards") as usize;
+    assert_eq!(db.charges(&uid).await.expect("charges").len(), shards);
+    assert!(db.verify().await.expect("verify").ok());
+}

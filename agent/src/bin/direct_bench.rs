@@ -192,6 +192,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let origin = Origin {
         uri: &input_uri,
         shard: 0,
+        lines_before: Some(0),
     };
     let cancel = AtomicBool::new(false);
 

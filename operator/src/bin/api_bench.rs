@@ -63,13 +63,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     std::fs::write(dir.path().join("model.onnx"), b"model")?;
     std::fs::write(
         dir.path().join("in.jsonl"),
-        vec![b'\n'; (args.shards * 100) as usize],
+        vec![b'\n'; (args.shards * 1024) as usize],
     )?;
     let d = dir.path().display();
     let yaml = format!(
         "apiVersion: infermesh.dev/v1alpha1\nkind: Workload\nmetadata: {{name: bench, namespace: team-a}}\nspec:\n  mesh: gpus\n  \
          model: {{uri: \"file://{d}/model.onnx\"}}\n  task: {{tensor: {{inputs: [{{name: x}}]}}}}\n  \
-         input: {{uri: \"file://{d}/in.jsonl\"}}\n  output: {{uri: \"file://{d}/out/\"}}\n  shardBytes: \"100\"\n"
+         input: {{uri: \"file://{d}/in.jsonl\"}}\n  output: {{uri: \"file://{d}/out/\"}}\n  shardBytes: 1Ki\n"
     );
     let Some(Manifest::Workload(w)) = parse_manifests(&yaml)?.pop() else {
         anyhow::bail!("workload manifest")

@@ -60,7 +60,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
          pricing: {{perCpuSecond: 1.0, perThousandRecords: 1.0}}\n---\n\
          apiVersion: infermesh.dev/v1alpha1\nkind: Workload\nmetadata: {{name: w, namespace: bench}}\nspec:\n  mesh: m\n  \
          model: {{uri: \"file://{d}/model.onnx\"}}\n  task: {{tensor: {{inputs: [{{name: x}}]}}}}\n  \
-         input: {{uri: \"file://{d}/in.jsonl\"}}\n  output: {{uri: \"file://{d}/out/\"}}\n  shardBytes: \"100\"\n"
+         input: {{uri: \"file://{d}/in.jsonl\"}}\n  output: {{uri: \"file://{d}/out/\"}}\n  shardBytes: 1Ki\n"
     );
     let mut mesh = None;
     let mut workload = None;
@@ -137,7 +137,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             name: "w".into(),
             uid: "bench-1".into(),
             spec: workload,
-            input_size: args.shards * 100,
+            input_size: args.shards * 1024,
         })
         .await?;
     loop {

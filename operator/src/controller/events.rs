@@ -50,13 +50,17 @@ pub fn summarize(rows: &[EventRow]) -> Vec<Publish> {
                 reason: "Failed",
                 note: r.message.clone(),
             }),
-            "agent.joined" | "agent.lost" => {
-                let joined = r.kind == "agent.joined";
+            "agent.joined" | "agent.lost" | "agent.left" => {
+                let (warning, reason) = match r.kind.as_str() {
+                    "agent.joined" => (false, "Joined"),
+                    "agent.left" => (false, "Left"),
+                    _ => (true, "Lost"),
+                };
                 out.push(Publish {
                     kind: "Agent",
                     subject: r.agent.clone().unwrap_or_default(),
-                    warning: !joined,
-                    reason: if joined { "Joined" } else { "Lost" },
+                    warning,
+                    reason,
                     note: r.message.clone(),
                 });
             }

@@ -119,7 +119,8 @@ impl Fixture {
         let ctx = Arc::new(Context::new(client, core, config, metrics, "operator-0"));
         let data = tempfile::tempdir().expect("tmp");
         std::fs::write(data.path().join("model.onnx"), b"onnx").expect("model");
-        let input: String = (0..40).map(|i| format!("{{\"x\": [{i}]}}\n")).collect();
+        // About 4 KiB: four shards of the 1 KiB minimum.
+        let input: String = (0..400).map(|i| format!("{{\"x\": [{i}]}}\n")).collect();
         std::fs::write(data.path().join("in.jsonl"), input).expect("input");
         Self {
             ctx,
@@ -152,7 +153,7 @@ impl Fixture {
         let yaml = format!(
             "apiVersion: infermesh.dev/v1alpha1\nkind: Workload\nmetadata: {{name: w, namespace: team-a}}\nspec:\n  mesh: gpus\n  \
              model: {{uri: \"file://{d}/model.onnx\"}}\n  task: {{tensor: {{inputs: [{{name: x}}]}}}}\n  \
-             input: {{uri: \"file://{d}/in.jsonl\"}}\n  output: {{uri: \"file://{d}/out/\"}}\n  shardBytes: \"100\"\n{extra}"
+             input: {{uri: \"file://{d}/in.jsonl\"}}\n  output: {{uri: \"file://{d}/out/\"}}\n  shardBytes: 1Ki\n{extra}"
         );
         match parse_manifests(&yaml).expect("workload").pop() {
             Some(Manifest::Workload(w)) => w.spec,
@@ -181,7 +182,7 @@ impl Fixture {
                 name: "w".into(),
                 uid: "w-uid".into(),
                 spec: w.spec.clone(),
-                input_size: 400,
+                input_size: 4096,
             })
             .await
             .expect("submit")

@@ -492,9 +492,20 @@ impl<S: Store> Core<S> {
     /// budget (level-triggered: applying the same Mesh twice grants nothing more; a lower
     /// budget takes the difference back). Held workloads are then reconsidered.
     pub async fn upsert_mesh(&self, name: &str, spec: MeshSpec) -> Result<(), CoreError> {
-        let price = Price::from(&spec.pricing);
-        for budget in &spec.budgets {
-            let target = pricing::credits_to_micro(budget.credits);
+        let price = Price::try_from(&spec.pricing)
+            .map_err(|message| validate::Invalid::new("InvalidSpec", message))?;
+        let mut targets = Vec::with_capacity(spec.budgets.len());
+        for (i, budget) in spec.budgets.iter().enumerate() {
+            let field = format!("spec.budgets[{i}].credits ({})", budget.namespace);
+            let target =
+                pricing::checked_amount(&field, budget.credits, pricing::MAX_BUDGET_CREDITS)
+                    .map_err(|message| validate::Invalid::new("InvalidSpec", message))?;
+            targets.push(target);
+        }
+        self.store
+            .ensure_account(&crate::store::mesh_account(name))
+            .await?;
+        for (budget, target) in spec.budgets.iter().zip(targets) {
             let granted = self.store.granted(&budget.namespace, name).await?;
             if target != granted {
                 let memo = format!("budget of namespace {} on mesh {name}", budget.namespace);
@@ -522,9 +533,18 @@ impl<S: Store> Core<S> {
     /// no longer validates fails (the others carry on). Returns how many were resumed. Their
     /// Meshes must be known (`upsert_mesh`) first.
     pub async fn resume(&self) -> Result<usize, CoreError> {
+        self.resume_where(|_| true).await
+    }
+
+    /// [`Core::resume`] for the stored workloads `keep` chooses (`infermesh local --resume`
+    /// takes up only the workloads of the manifest it was given).
+    pub async fn resume_where(
+        &self,
+        keep: impl Fn(&WorkloadRecord) -> bool,
+    ) -> Result<usize, CoreError> {
         let stored = self.store.active_workloads().await?;
         let mut resumed = Vec::new();
-        for sw in stored {
+        for sw in stored.into_iter().filter(|sw| keep(&sw.record)) {
             let r = &sw.record;
             let key = workload_key(&r.namespace, &r.name, &r.uid);
             if self.st().workloads.contains_key(&r.uid) {
@@ -667,6 +687,12 @@ impl<S: Store> Core<S> {
             Some(phase) => return Err(CoreError::Finished { key, phase }),
             None => {}
         }
+        // A new run: its output location must be writable and hold no earlier run's output
+        // (unless the spec says to overwrite it). A resumed run never gets here.
+        let overwrite = sub.spec.output.mode == infermesh_crds::OutputMode::Overwrite;
+        outputs::prepare(&sub.spec.output.uri, overwrite)
+            .await
+            .map_err(|(reason, message)| validate::Invalid::new(reason, message))?;
         {
             let mut st = self.st();
             if st.workloads.contains_key(&sub.uid) {
@@ -803,7 +829,7 @@ impl<S: Store> Core<S> {
                     .meshes
                     .get(&mesh)
                     .and_then(|m| m.spec.budgets.iter().find(|b| b.namespace == namespace))
-                    .map(|b| pricing::credits_to_micro(b.credits))
+                    .and_then(|b| pricing::credits_to_micro(b.credits).ok())
                     .unwrap_or(0);
                 let Some(w) = st.workloads.get_mut(uid) else {
                     return Ok(());
@@ -1832,15 +1858,16 @@ impl<S: Store> Core<S> {
         } else {
             tracing::warn!(agent = %id, shards = running.len(), %reason, "agent lost");
         }
-        self.store
-            .append(
-                &Event::new(
-                    EventKind::AgentLost,
-                    format!("{reason}; {} shards requeued", running.len()),
-                )
-                .agent(id),
+        // Nothing held, nothing lost: a clean exit (a drain, a shutdown) is its own event.
+        let event = if running.is_empty() {
+            Event::new(EventKind::AgentLeft, reason)
+        } else {
+            Event::new(
+                EventKind::AgentLost,
+                format!("{reason}; {} shards requeued", running.len()),
             )
-            .await?;
+        };
+        self.store.append(&event.agent(id)).await?;
         for (uid, index) in running {
             let attempt = self.attempt_of(&uid, index);
             self.requeue_or_fail(&uid, index, attempt, Some(id), reason, "AgentLost")
@@ -2066,7 +2093,7 @@ fn plan_round(st: &mut State) -> Vec<Claim> {
                 .meshes
                 .get(&w.mesh)
                 .and_then(|m| m.spec.budgets.iter().find(|b| b.namespace == w.namespace))
-                .map(|b| pricing::credits_to_micro(b.credits))
+                .and_then(|b| pricing::credits_to_micro(b.credits).ok())
                 .unwrap_or(0);
             (
                 w.namespace.clone(),

@@ -110,6 +110,86 @@ pub async fn clear_attempts(output: &str) -> Result<usize, ObjectError> {
         .await
 }
 
+/// What a run writes under its output location (final parts, the manifest, attempt parts):
+/// the objects `overwrite` clears and `error` refuses to find. Other files are left alone.
+pub fn is_ours(output: &str, uri: &str) -> bool {
+    let rel = uri
+        .strip_prefix(base(output))
+        .unwrap_or(uri)
+        .trim_start_matches('/');
+    rel == MANIFEST
+        || rel.starts_with(&format!("{ATTEMPTS}/"))
+        || (rel.starts_with("part-") && !rel.contains('/'))
+}
+
+/// Gets an output location ready for a new run (not a resumed one): it must be writable
+/// (a probe object is written and removed), and, as `mode` says, hold nothing a run writes
+/// (`error`, the default: refused, naming what is there) or be cleared of it (`overwrite`).
+/// `Err` is (reason, message).
+pub async fn prepare(output: &str, overwrite: bool) -> Result<(), (&'static str, String)> {
+    let root = Location::parse(base(output))
+        .map_err(|e| ("OutputNotWritable", format!("spec.output.uri: {e}")))?;
+    let ours: Vec<(String, u64)> = root
+        .list()
+        .await
+        .map_err(|e| {
+            (
+                "OutputNotWritable",
+                format!("spec.output.uri {output}: cannot list: {e}"),
+            )
+        })?
+        .into_iter()
+        .filter(|(uri, _)| is_ours(output, uri))
+        .collect();
+    if !ours.is_empty() {
+        if !overwrite {
+            let names: Vec<&str> = ours
+                .iter()
+                .take(3)
+                .map(|(u, _)| u.rsplit('/').next().unwrap_or_default())
+                .collect();
+            return Err((
+                "OutputNotEmpty",
+                format!(
+                    "spec.output.uri {output} already holds {} object(s) of an earlier run ({}{}); \
+                     choose an empty location, or set spec.output.mode: overwrite to replace them",
+                    ours.len(),
+                    names.join(", "),
+                    if ours.len() > 3 { ", ..." } else { "" }
+                ),
+            ));
+        }
+        for (uri, _) in &ours {
+            Location::parse(uri)
+                .map_err(|e| ("OutputNotWritable", e.to_string()))?
+                .delete()
+                .await
+                .map_err(|e| {
+                    (
+                        "OutputNotWritable",
+                        format!("overwrite: cannot remove {uri}: {e}"),
+                    )
+                })?;
+        }
+        let _ = root.child(ATTEMPTS).delete_all().await;
+    }
+    // Writable? Found now, not after inference, three times over.
+    let probe = root.child(".infermesh-probe");
+    probe.put(b"probe\n".to_vec().into()).await.map_err(|e| {
+        (
+            "OutputNotWritable",
+            format!("spec.output.uri {output} is not writable: {e}"),
+        )
+    })?;
+    probe.delete().await.map_err(|e| {
+        (
+            "OutputNotWritable",
+            format!("spec.output.uri {output}: {e}"),
+        )
+    })?;
+    Ok(())
+}
+
 /// One committed part, as `_SUCCESS.json` lists it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ManifestPart {
@@ -249,6 +329,36 @@ mod tests {
             "file:///o/_attempts/part-00017.a3.jsonl"
         );
         assert_eq!(part_uri("file:///o", 17), "file:///o/part-00017.jsonl");
+    }
+
+    #[tokio::test]
+    async fn a_new_run_finds_its_output_empty_or_clears_it() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let out = format!("file://{}/", dir.path().display());
+        prepare(&out, false).await.expect("an empty location");
+        std::fs::write(dir.path().join("part-00001.jsonl"), "old\n").expect("write");
+        std::fs::write(dir.path().join("_SUCCESS.json"), "{}").expect("write");
+        std::fs::write(dir.path().join("notes.txt"), "mine").expect("write");
+        let (reason, message) = prepare(&out, false).await.expect_err("not empty");
+        assert_eq!(reason, "OutputNotEmpty");
+        assert!(
+            message.contains("2 object(s)") && message.contains("overwrite"),
+            "{message}"
+        );
+        prepare(&out, true).await.expect("overwrite");
+        assert!(!dir.path().join("part-00001.jsonl").exists());
+        assert!(!dir.path().join("_SUCCESS.json").exists());
+        assert!(
+            dir.path().join("notes.txt").exists(),
+            "what a run did not write stays"
+        );
+        assert!(!dir.path().join(".infermesh-probe").exists());
+        // A file where a folder should be is not writable, and says so at once.
+        let file = dir.path().join("notes.txt");
+        let (reason, message) = prepare(&format!("file://{}/", file.display()), false)
+            .await
+            .expect_err("a file");
+        assert_eq!(reason, "OutputNotWritable", "{message}");
     }
 
     #[test]

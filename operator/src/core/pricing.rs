@@ -16,36 +16,61 @@ pub struct Price {
     pub per_thousand_records: i64,
 }
 
-/// Credits (as a Mesh writes them) in micro-credits.
-pub fn credits_to_micro(credits: f64) -> i64 {
-    (credits * MICRO as f64).round() as i64
-}
+/// The most credits a budget entry may hold (and a grant carry): 10^9.
+pub const MAX_BUDGET_CREDITS: f64 = 1e9;
 
-fn micro(credits: f64) -> i64 {
-    credits_to_micro(credits)
-}
+/// The most credits a price (per GPU-second, CPU-second or 1,000 records) may be: 10^6.
+pub const MAX_PRICE_CREDITS: f64 = 1e6;
 
-impl From<&Pricing> for Price {
-    fn from(p: &Pricing) -> Self {
-        Self {
-            per_gpu_second: micro(p.per_gpu_second),
-            per_cpu_second: micro(p.per_cpu_second),
-            per_thousand_records: micro(p.per_thousand_records),
-        }
+/// Credits (as a Mesh or a person writes them) in micro-credits; a value that is not finite
+/// or does not fit 64 bits is an error, never a silent cap.
+pub fn credits_to_micro(credits: f64) -> Result<i64, String> {
+    if !credits.is_finite() {
+        return Err(format!("{credits} is not a finite number of credits"));
     }
+    let micro = (credits * MICRO as f64).round();
+    if micro.abs() >= 9.0e18 {
+        return Err(format!("{credits} credits is out of range"));
+    }
+    Ok(micro as i64)
 }
 
-impl Price {
-    /// What a shard costs: device seconds at the device's rate plus the per-record rate.
-    pub fn charge(&self, device: &str, seconds: f64, records: u64) -> i64 {
-        let rate = if device == "cpu" {
-            self.per_cpu_second
-        } else {
-            self.per_gpu_second
-        };
-        let time = (rate as f64 * seconds.max(0.0)).round() as i64;
-        let per_record = (i128::from(self.per_thousand_records) * i128::from(records) + 500) / 1000;
-        time + per_record as i64
+/// Checks one amount of a Mesh: finite, not negative, at most `max`.
+pub fn checked_amount(field: &str, credits: f64, max: f64) -> Result<i64, String> {
+    if !credits.is_finite() || credits < 0.0 {
+        return Err(format!(
+            "{field}: {credits} is not a finite, non-negative number of credits"
+        ));
+    }
+    if credits > max {
+        return Err(format!(
+            "{field}: {credits} credits is more than the maximum of {max:e}"
+        ));
+    }
+    credits_to_micro(credits).map_err(|e| format!("{field}: {e}"))
+}
+
+impl TryFrom<&Pricing> for Price {
+    type Error = String;
+
+    fn try_from(p: &Pricing) -> Result<Self, String> {
+        Ok(Self {
+            per_gpu_second: checked_amount(
+                "spec.pricing.perGpuSecond",
+                p.per_gpu_second,
+                MAX_PRICE_CREDITS,
+            )?,
+            per_cpu_second: checked_amount(
+                "spec.pricing.perCpuSecond",
+                p.per_cpu_second,
+                MAX_PRICE_CREDITS,
+            )?,
+            per_thousand_records: checked_amount(
+                "spec.pricing.perThousandRecords",
+                p.per_thousand_records,
+                MAX_PRICE_CREDITS,
+            )?,
+        })
     }
 }
 
@@ -62,15 +87,54 @@ mod tests {
 
     #[test]
     fn charges_combine_time_and_records_in_micro_credits() {
-        let price = Price::from(&Pricing {
+        let price = Price::try_from(&Pricing {
             per_gpu_second: 1.0,
             per_cpu_second: 0.05,
             per_thousand_records: 0.2,
-        });
-        assert_eq!(price.charge("cpu", 2.0, 0), 100_000);
-        assert_eq!(price.charge("cuda", 0.5, 0), 500_000);
-        assert_eq!(price.charge("cpu", 0.0, 1500), 300_000);
-        assert_eq!(price.charge("cpu", 1.0, 1000), 250_000);
+        })
+        .expect("valid prices");
+        use super::super::accounting::{Device, charge};
+        use std::time::Duration;
+        assert_eq!(
+            charge(&price, Device::Cpu, Duration::from_secs(2), 0),
+            Ok(100_000)
+        );
+        assert_eq!(
+            charge(&price, Device::Gpu, Duration::from_millis(500), 0),
+            Ok(500_000)
+        );
+        assert_eq!(
+            charge(&price, Device::Cpu, Duration::ZERO, 1500),
+            Ok(300_000)
+        );
+        assert_eq!(
+            charge(&price, Device::Cpu, Duration::from_secs(1), 1000),
+            Ok(250_000)
+        );
+    }
+
+    #[test]
+    fn amounts_that_are_not_finite_or_out_of_range_are_errors() {
+        assert_eq!(credits_to_micro(1.5), Ok(1_500_000));
+        assert!(credits_to_micro(f64::NAN).is_err());
+        assert!(credits_to_micro(1e300).is_err());
+        assert!(
+            checked_amount("b", -100.0, MAX_BUDGET_CREDITS)
+                .unwrap_err()
+                .contains("non-negative")
+        );
+        assert!(
+            checked_amount("b", 1e300, MAX_BUDGET_CREDITS)
+                .unwrap_err()
+                .contains("maximum")
+        );
+        assert!(checked_amount("b", f64::INFINITY, MAX_BUDGET_CREDITS).is_err());
+        let bad = Pricing {
+            per_gpu_second: f64::NAN,
+            per_cpu_second: 0.0,
+            per_thousand_records: 0.0,
+        };
+        assert!(Price::try_from(&bad).unwrap_err().contains("perGpuSecond"));
     }
 
     #[test]

@@ -34,7 +34,7 @@ fn workload(out: &str, max_attempts: u32) -> WorkloadSpec {
     let yaml = format!(
         "apiVersion: infermesh.dev/v1alpha1\nkind: Workload\nmetadata: {{name: w}}\nspec:\n  mesh: m\n  \
          model: {{uri: \"file:///m.onnx\", sha256: \"{}\"}}\n  task: {{tensor: {{inputs: [{{name: x}}]}}}}\n  \
-         input: {{uri: \"file:///in.jsonl\"}}\n  output: {{uri: \"{out}\"}}\n  shardBytes: \"100\"\n  maxAttempts: {max_attempts}\n",
+         input: {{uri: \"file:///in.jsonl\"}}\n  output: {{uri: \"{out}\"}}\n  shardBytes: 1Ki\n  maxAttempts: {max_attempts}\n",
         "a".repeat(64)
     );
     match parse_manifests(&yaml).expect("workload").pop() {
@@ -69,7 +69,7 @@ impl Fixture {
                 name: format!("w-{uid}"),
                 uid: uid.into(),
                 spec: workload(&self.output(), max_attempts),
-                input_size: shards * 100,
+                input_size: shards * 1024,
             })
             .await
             .expect("submit")
@@ -577,7 +577,7 @@ async fn a_new_operator_resumes_without_rerunning_completed_shards(backend: Back
                 name: "w".into(),
                 uid: "u1".into(),
                 spec,
-                input_size: 400,
+                input_size: 4096,
             })
             .await
             .expect("submit");
@@ -931,7 +931,7 @@ async fn a_uid_already_stored_is_never_started_over(backend: Backend) {
             name: "w-u1".into(),
             uid: "u1".into(),
             spec: workload(&f.output(), 3),
-            input_size: 100,
+            input_size: 1024,
         })
         .await
         .expect_err("finished");
@@ -1038,12 +1038,30 @@ async fn finished_workloads_leave_memory(backend: Backend) {
     let (a, mut rx) = f.agent("a", 2).await;
     for i in 0..20 {
         let uid = format!("run-{i}");
-        let key = f.submit_as(&uid, 3, 3).await;
+        // Each run writes to its own location (a new run refuses one holding another's parts).
+        let key = f
+            .core
+            .submit(Submission {
+                namespace: "team-a".into(),
+                name: uid.clone(),
+                uid: uid.clone(),
+                spec: workload(&format!("{}{uid}/", f.output()), 3),
+                input_size: 3 * 1024,
+            })
+            .await
+            .expect("submit");
         assert_eq!(f.core.resident_workloads(), 1);
-        while f.core.resident_workloads() > 0 {
-            for shard in assigned(&mut rx) {
-                f.complete(&a, &shard, 2).await.expect("complete");
+        let out = format!("{}{uid}/", f.output());
+        for _ in 0..100 {
+            if f.core.resident_workloads() == 0 {
+                break;
             }
+            for shard in assigned(&mut rx) {
+                f.report(&a, write_part(&out, &shard, 2))
+                    .await
+                    .expect("complete");
+            }
+            tokio::task::yield_now().await;
         }
         let s = f
             .core
@@ -1138,7 +1156,7 @@ async fn a_hung_shard_is_taken_back_after_its_timeout(backend: Backend) {
             name: "w".into(),
             uid: "u1".into(),
             spec,
-            input_size: 100,
+            input_size: 1024,
         })
         .await
         .expect("submit");
@@ -1497,7 +1515,7 @@ mod machine {
                 name: "w".into(),
                 uid: "u1".into(),
                 spec,
-                input_size: SHARDS * 100,
+                input_size: SHARDS * 1024,
             })
             .await
             .expect("submit");

@@ -18,6 +18,16 @@ pub struct Invalid {
     pub message: String,
 }
 
+impl Invalid {
+    /// An invalid spec with `reason`.
+    pub fn new(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
 fn invalid(message: impl Into<String>) -> Invalid {
     Invalid {
         reason: "InvalidSpec",
@@ -60,11 +70,7 @@ fn check_uri(field: &str, uri: &str) -> Result<(), Invalid> {
 
 /// Checks `spec` and builds what the agents are sent.
 pub fn validate(spec: &WorkloadSpec) -> Result<Validated, Invalid> {
-    let shard_bytes =
-        parse_bytes(&spec.shard_bytes).map_err(|e| invalid(format!("spec.shardBytes: {e}")))?;
-    if shard_bytes == 0 {
-        return Err(invalid("spec.shardBytes must be at least 1"));
-    }
+    let shard_bytes = spec.shard_size().map_err(invalid)?;
     if spec.batch_size == 0 {
         return Err(invalid("spec.batchSize must be at least 1"));
     }

@@ -98,7 +98,7 @@ impl Harness {
         let yaml = format!(
             "apiVersion: infermesh.dev/v1alpha1\nkind: Workload\nmetadata: {{name: w}}\nspec:\n  mesh: m\n  \
              model: {{uri: \"file:///m.onnx\"}}\n  task: {{tensor: {{inputs: [{{name: x}}]}}}}\n  \
-             input: {{uri: \"file:///in.jsonl\"}}\n  output: {{uri: \"{out}\"}}\n  shardBytes: \"10\"\n"
+             input: {{uri: \"file:///in.jsonl\"}}\n  output: {{uri: \"{out}\"}}\n  shardBytes: 1Ki\n"
         );
         let Some(Manifest::Workload(w)) = parse_manifests(&yaml).expect("wl").pop() else {
             panic!("workload")
@@ -109,7 +109,7 @@ impl Harness {
                 name: "w".into(),
                 uid: "u".into(),
                 spec: w.spec,
-                input_size: shards * 10,
+                input_size: shards * 1024,
             })
             .await
             .expect("submit");

@@ -80,7 +80,34 @@ pub async fn load_plan(file: &Path, default_namespace: &str) -> Result<LocalPlan
         .unwrap_or_else(|| PathBuf::from("."));
     let mut plan = LocalPlan::default();
     let mut workloads = Vec::new();
-    for doc in docs {
+    // namespace/name is an identity: a second document with the same one is refused, naming
+    // both (documents are counted from 1, in file order).
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, doc) in docs.into_iter().enumerate() {
+        let (kind, id) = match &doc {
+            Manifest::Mesh(m) => (
+                "Mesh",
+                m.metadata.name.clone().unwrap_or_else(|| "default".into()),
+            ),
+            Manifest::Workload(w) => (
+                "Workload",
+                format!(
+                    "{}/{}",
+                    w.metadata
+                        .namespace
+                        .clone()
+                        .unwrap_or_else(|| default_namespace.to_string()),
+                    w.metadata.name.clone().unwrap_or_else(|| "workload".into())
+                ),
+            ),
+        };
+        if let Some(first) = seen.insert(format!("{kind} {id}"), i + 1) {
+            return Err(format!(
+                "{}: documents {first} and {} are both {kind} {id}; each must have its own name",
+                file.display(),
+                i + 1
+            ));
+        }
         match doc {
             Manifest::Mesh(m) => {
                 let name = m.metadata.name.clone().unwrap_or_else(|| "default".into());
@@ -154,5 +181,27 @@ mod tests {
         assert_eq!(absolutize("out/", base), "file:///srv/jobs/out/");
         assert_eq!(absolutize("/abs/x", base), "file:///abs/x");
         assert_eq!(absolutize("s3://bucket/x", base), "s3://bucket/x");
+    }
+
+    #[tokio::test]
+    async fn two_workloads_with_one_name_are_refused_naming_both_documents() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let wl = "apiVersion: infermesh.dev/v1alpha1\nkind: Workload\nmetadata: {name: job, namespace: team-a}\n\
+                  spec:\n  mesh: m\n  model: {uri: m.onnx}\n  task: {tensor: {inputs: [{name: x}]}}\n  \
+                  input: {uri: in.jsonl}\n  output: {uri: out/}\n";
+        let mesh =
+            "apiVersion: infermesh.dev/v1alpha1\nkind: Mesh\nmetadata: {name: m}\nspec: {}\n";
+        let file = dir.path().join("mesh.yaml");
+        std::fs::write(&file, format!("{mesh}---\n{wl}---\n{wl}")).expect("write");
+        let err = load_plan(&file, "default").await.expect_err("duplicate");
+        assert!(err.contains("documents 2 and 3"), "{err}");
+        assert!(err.contains("Workload team-a/job"), "{err}");
+        // The same name in another namespace is another workload.
+        let other = wl.replace("namespace: team-a", "namespace: team-b");
+        std::fs::write(&file, format!("{mesh}---\n{wl}---\n{other}")).expect("write");
+        let err = load_plan(&file, "default")
+            .await
+            .expect_err("no input file");
+        assert!(!err.contains("documents"), "{err}");
     }
 }

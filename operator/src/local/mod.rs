@@ -57,6 +57,10 @@ pub struct LocalArgs {
     /// killed) instead of starting them again: completed shards are not run again.
     #[arg(long)]
     pub resume: bool,
+    /// With `--resume`: take up every unfinished workload in the store, not only those of
+    /// this manifest (same namespace, name and output).
+    #[arg(long, requires = "resume")]
+    pub resume_all: bool,
     /// Also mint credentials for N agents that `infermesh local` does not start itself (a load
     /// generator, an agent run by hand, a test): each gets its own id
     /// (`<mesh>-external-<i>`) and token, written with the gRPC address to
@@ -122,6 +126,13 @@ async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
     if args.agents == 0 {
         return Err("--agents must be at least 1".into());
     }
+    // The default home is made when missing; an explicit path's folder must exist (named
+    // when it does not).
+    if args.database_url == default_database_url() {
+        let home = infermesh_home();
+        std::fs::create_dir_all(&home)
+            .map_err(|e| format!("cannot create {}: {e}", home.display()))?;
+    }
     let store = store::open(&args.database_url)
         .await
         .map_err(|e| format!("{}: {e}", args.database_url))?;
@@ -130,6 +141,29 @@ async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
         core.upsert_mesh(name, spec.clone())
             .await
             .map_err(|e| format!("Mesh {name}: {e}"))?;
+    }
+
+    // The same workload (namespace, name and output) unfinished in the store is resumed with
+    // --resume, and otherwise refused, before any agent starts, with the command that resumes
+    // it: a run never starts over silently (that would run and charge its shards again).
+    if !args.resume {
+        let stored = core
+            .store()
+            .active_workloads()
+            .await
+            .map_err(|e| format!("reading the store: {e}"))?;
+        if let Some(sw) = stored.iter().find(|sw| same_workload(&plan, &sw.record)) {
+            let done = sw.shards.iter().filter(|s| s.state == "succeeded").count();
+            return Err(format!(
+                "Workload {}/{} has an unfinished run in the store (uid {}, {done} of {} shards done); \
+                 finish it with:\n  {}\n(a new run would do and charge those shards again)",
+                sw.record.namespace,
+                sw.record.name,
+                sw.record.uid,
+                sw.shards.len(),
+                resume_command()
+            ));
+        }
     }
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -291,16 +325,26 @@ async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
     let workloads = core.workloads().await;
     let agent_summaries = core.agents().await;
     let balances = core.store().balances().await.unwrap_or_default();
-    summary::print(
-        &workloads,
-        &agent_summaries,
-        &agents_info(&agents),
-        wall,
-        &args.database_url,
-        &balances,
-        &log_dir,
-    );
+    // A run that failed before any workload started (agents that cannot attach, no ONNX
+    // Runtime) has nothing to sum up: the error alone says what happened.
+    if !workloads.is_empty() {
+        summary::print(
+            &workloads,
+            &agent_summaries,
+            &agents_info(&agents),
+            wall,
+            &args.database_url,
+            &balances,
+            &log_dir,
+        );
+    }
     if let Err(e) = outcome {
+        if let Some(code) = e
+            .strip_prefix(INTERRUPTED)
+            .and_then(|c| c.parse::<u8>().ok())
+        {
+            return Ok(ExitCode::from(code));
+        }
         eprintln!("infermesh local: {e}");
         return Ok(ExitCode::FAILURE);
     }
@@ -389,11 +433,14 @@ async fn drive<S: Store>(
         .map_err(|e| e.to_string())?
         .progress_chars("=> ");
     let mut tracked = Vec::new();
+    let ours = |r: &crate::store::WorkloadRecord| same_workload(plan, r);
     if args.resume {
-        let n = core
-            .resume()
-            .await
-            .map_err(|e| format!("resuming from the store: {e}"))?;
+        let n = if args.resume_all {
+            core.resume().await
+        } else {
+            core.resume_where(ours).await
+        }
+        .map_err(|e| format!("resuming from the store: {e}"))?;
         bars.suspend(|| {
             eprintln!("infermesh local: resumed {n} unfinished workload(s) from the store")
         });
@@ -433,8 +480,34 @@ async fn drive<S: Store>(
         .map(|t| Instant::now() + Duration::from_secs(t));
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut last_admit = Instant::now();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
     loop {
-        tick.tick().await;
+        let signal = tokio::select! {
+            _ = tick.tick() => None,
+            _ = tokio::signal::ctrl_c() => Some(("SIGINT", 130u8)),
+            _ = term.recv() => Some(("SIGTERM", 143u8)),
+        };
+        if let Some((name, code)) = signal {
+            let summaries = core.workloads().await;
+            bars.suspend(|| {
+                eprintln!("\ninfermesh local: stopped by {name}.");
+                for s in summaries
+                    .iter()
+                    .filter(|s| tracked.iter().any(|(k, _)| *k == s.key))
+                {
+                    eprintln!(
+                        "  {}/{}: {}/{} shards done, {} records",
+                        s.namespace, s.name, s.shards_succeeded, s.shards_total, s.records
+                    );
+                }
+                eprintln!(
+                    "Completed shards are kept and charged once. Finish the run with:\n  {}",
+                    resume_command()
+                );
+            });
+            return Err(Interrupted(code).to_string());
+        }
         // Held workloads (QuotaExceeded) start once credits are granted, also by
         // `infermesh ledger grant` from another shell.
         if last_admit.elapsed() > Duration::from_secs(2) {
@@ -496,6 +569,50 @@ async fn drive<S: Store>(
         if deadline.is_some_and(|d| Instant::now() > d) {
             return Err(format!("timed out after {}s", args.timeout.unwrap_or(0)));
         }
+    }
+}
+
+/// Whether a stored workload is one of the manifest's: same namespace, name and output.
+fn same_workload(plan: &LocalPlan, r: &crate::store::WorkloadRecord) -> bool {
+    let output = serde_json::from_str::<infermesh_crds::WorkloadSpec>(&r.spec_json)
+        .map(|s| s.output.uri)
+        .unwrap_or_default();
+    plan.workloads
+        .iter()
+        .any(|w| w.namespace == r.namespace && w.name == r.name && w.spec.output.uri == output)
+}
+
+/// A run stopped by a signal; its exit code (130 for SIGINT, 143 for SIGTERM).
+struct Interrupted(u8);
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{INTERRUPTED}{}", self.0)
+    }
+}
+
+const INTERRUPTED: &str = "interrupted by signal, exit ";
+
+/// The command line of this run with `--resume` (once), quoted for a POSIX shell.
+fn resume_command() -> String {
+    let mut args: Vec<String> = std::env::args().collect();
+    if !args.iter().any(|a| a == "--resume") {
+        args.push("--resume".into());
+    }
+    args.iter()
+        .map(|a| shell_quote(a))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn shell_quote(a: &str) -> String {
+    if !a.is_empty()
+        && a.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:@,+".contains(c))
+    {
+        a.to_string()
+    } else {
+        format!("'{}'", a.replace('\'', "'\\''"))
     }
 }
 

@@ -18,21 +18,28 @@ pub fn print(
 ) {
     let records: u64 = workloads.iter().map(|w| w.records).sum();
     let secs = wall.as_secs_f64().max(1e-9);
-    println!();
-    println!(
+    crate::outln!();
+    crate::outln!(
         "infermesh local: {} workload(s), {} agent(s), {records} records in {:.2}s ({:.1} records/s)",
         workloads.len(),
         agents.len(),
         secs,
         records as f64 / secs
     );
-    println!();
-    println!(
+    crate::outln!();
+    crate::outln!(
         "{:<32} {:<10} {:>9} {:>9} {:>9} {:>11} {:>8} {:>14}",
-        "WORKLOAD", "STATUS", "SHARDS", "RECORDS", "WALL", "RECORDS/S", "RETRIED", "CREDITS"
+        "WORKLOAD",
+        "STATUS",
+        "SHARDS",
+        "RECORDS",
+        "WALL",
+        "RECORDS/S",
+        "RETRIED",
+        "CREDITS"
     );
     for w in workloads {
-        println!(
+        crate::outln!(
             "{:<32} {:<10} {:>9} {:>9} {:>9} {:>11.1} {:>8} {:>14}",
             format!("{}/{}", w.namespace, w.name),
             format!("{:?}", w.phase),
@@ -44,10 +51,14 @@ pub fn print(
             format_credits(w.credits)
         );
     }
-    println!();
-    println!(
+    crate::outln!();
+    crate::outln!(
         "{:<24} {:<10} {:>7} {:>14} {:<10} EXIT",
-        "AGENT", "NODE", "SHARDS", "CREDITS", "DEVICE"
+        "AGENT",
+        "NODE",
+        "SHARDS",
+        "CREDITS",
+        "DEVICE"
     );
     for a in agents {
         let exit = processes
@@ -58,7 +69,7 @@ pub fn print(
                     .unwrap_or_else(|| "killed".into())
             })
             .unwrap_or_default();
-        println!(
+        crate::outln!(
             "{:<24} {:<10} {:>7} {:>14} {:<10} {}",
             a.id,
             a.node,
@@ -68,18 +79,18 @@ pub fn print(
             exit
         );
     }
-    println!();
+    crate::outln!();
     for w in workloads {
         if w.phase == infermesh_crds::WorkloadPhase::Succeeded {
-            println!(
-                "{}/{}: outputs in {} ({} parts + _SUCCESS.json)",
-                w.namespace, w.name, w.output_uri, w.shards_total
+            crate::outln!(
+                "{}/{}: outputs in {} ({} + _SUCCESS.json)",
+                w.namespace,
+                w.name,
+                w.output_uri,
+                plural(u64::from(w.shards_total), "part", "parts")
             );
         } else {
-            println!(
-                "{}/{}: {:?} — {}: {}",
-                w.namespace, w.name, w.phase, w.reason, w.message
-            );
+            crate::outln!("{}/{}: {}", w.namespace, w.name, status_line(w));
         }
     }
     let spent: Vec<String> = balances
@@ -87,7 +98,7 @@ pub fn print(
         .filter(|(a, _)| a.starts_with("namespace/"))
         .map(|(a, b)| format!("{a} {}", format_credits(*b)))
         .collect();
-    println!(
+    crate::outln!(
         "ledger: {database_url} (balances: {})",
         if spent.is_empty() {
             "-".to_string()
@@ -95,5 +106,38 @@ pub fn print(
             spent.join(", ")
         }
     );
-    println!("agent logs: {}", log_dir.display());
+    crate::outln!("agent logs: {}", log_dir.display());
+}
+
+/// `1 part`, `6 parts`.
+pub fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// Where an unfinished or failed workload stands, in words: its phase, reason and message,
+/// and how far it got (never a bare `Running — Admitted: `).
+pub fn status_line(w: &WorkloadSummary) -> String {
+    let mut line = format!("{:?}", w.phase);
+    if !w.reason.is_empty() {
+        line.push_str(&format!(" ({})", w.reason));
+    }
+    if !w.message.is_empty() {
+        line.push_str(&format!(": {}", w.message));
+    }
+    line.push_str(&format!(
+        "; {}/{} shards done, {} records",
+        w.shards_succeeded, w.shards_total, w.records
+    ));
+    line
+}
+
+#[cfg(test)]
+mod wording {
+    use super::*;
+
+    #[test]
+    fn counts_read_as_english() {
+        assert_eq!(plural(1, "part", "parts"), "1 part");
+        assert_eq!(plural(6, "part", "parts"), "6 parts");
+    }
 }

@@ -743,6 +743,12 @@ async fn budget_reconciliation_counts_only_budget_grants(backend: Backend) {
         .map(|l| l.kind)
         .collect();
     assert_eq!(kinds, ["budget", "grant"]);
+    workload(&store, "w1", 1).await;
+    assert_eq!(
+        store.meshes().await.expect("meshes"),
+        ["m"],
+        "from the account and the workload"
+    );
     assert!(store.verify().await.expect("verify").ok());
 }
 

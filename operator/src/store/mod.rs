@@ -29,6 +29,15 @@ pub enum StoreError {
     /// The URL names no supported database.
     #[error("unsupported database URL `{0}` (use sqlite://PATH or postgres://…)")]
     UnsupportedUrl(String),
+    /// The folder of a SQLite database does not exist.
+    #[error("the folder {0} of the SQLite database does not exist")]
+    MissingFolder(String),
+    /// The database server could not be reached.
+    #[error("cannot reach the Postgres server at {0}")]
+    Unreachable(String),
+    /// A command that only reads found no database where the URL points.
+    #[error("no database at {0}: nothing has run with this --database-url yet (a mistyped path?)")]
+    Missing(String),
 }
 
 /// A workload as stored.
@@ -213,8 +222,10 @@ pub enum EventKind {
     ShardRequeued,
     /// An agent registered.
     AgentJoined,
-    /// An agent's stream dropped or its lease expired.
+    /// An agent's stream dropped or its lease expired while it held shards.
     AgentLost,
+    /// An agent's stream ended with nothing running on it (a clean exit, a drain).
+    AgentLeft,
 }
 
 impl EventKind {
@@ -232,6 +243,7 @@ impl EventKind {
             Self::ShardRequeued => "shard.requeued",
             Self::AgentJoined => "agent.joined",
             Self::AgentLost => "agent.lost",
+            Self::AgentLeft => "agent.left",
         }
     }
 }
@@ -476,6 +488,14 @@ pub trait Store: Send + Sync + 'static {
         }
     }
 
+    /// Opens an account with a zero balance if it has none (a Mesh's account when the Mesh is
+    /// applied, so the ledger knows every Mesh).
+    fn ensure_account(&self, name: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The Meshes the ledger knows: those with an account (every applied Mesh has one) or
+    /// with a stored workload, sorted.
+    fn meshes(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+
     /// The stored phase of workload `uid` (`Running`, `Succeeded`, `Failed`), if it is stored.
     fn workload_phase(
         &self,
@@ -623,6 +643,22 @@ pub enum AnyStore {
 
 /// Opens (and migrates) the store `url` names.
 pub async fn open(url: &str) -> Result<AnyStore, StoreError> {
+    if let Some(rest) = url.strip_prefix("sqlite:") {
+        // Name the folder that is missing instead of SQLite's "unable to open database file".
+        let path = std::path::Path::new(
+            rest.strip_prefix("//")
+                .unwrap_or(rest)
+                .split('?')
+                .next()
+                .unwrap_or_default(),
+        );
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && !rest.contains(":memory:")
+            && !dir.is_dir()
+        {
+            return Err(StoreError::MissingFolder(dir.display().to_string()));
+        }
+    }
     if url.starts_with("sqlite:") {
         Ok(AnyStore::Sqlite(sqlite::SqliteStore::open(url).await?))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -630,6 +666,19 @@ pub async fn open(url: &str) -> Result<AnyStore, StoreError> {
     } else {
         Err(StoreError::UnsupportedUrl(url.to_string()))
     }
+}
+
+/// Opens the store `url` names only if it exists: a command that reads a ledger must not
+/// create an empty one at a mistyped SQLite path (Postgres databases are made by their owner).
+pub async fn open_existing(url: &str) -> Result<AnyStore, StoreError> {
+    if let Some(rest) = url.strip_prefix("sqlite:") {
+        let path = rest.strip_prefix("//").unwrap_or(rest);
+        let path = path.split('?').next().unwrap_or_default();
+        if !path.is_empty() && !path.contains(":memory:") && !std::path::Path::new(path).exists() {
+            return Err(StoreError::Missing(path.to_string()));
+        }
+    }
+    open(url).await
 }
 
 /// Calls the same method on whichever backend.
@@ -655,6 +704,12 @@ impl Store for AnyStore {
     }
     async fn workload_phase(&self, uid: &str) -> Result<Option<String>, StoreError> {
         each!(self, s => s.workload_phase(uid))
+    }
+    async fn meshes(&self) -> Result<Vec<String>, StoreError> {
+        each!(self, s => s.meshes())
+    }
+    async fn ensure_account(&self, name: &str) -> Result<(), StoreError> {
+        each!(self, s => s.ensure_account(name))
     }
     async fn workloads_in_phase(&self, phase: &str) -> Result<Vec<StoredWorkload>, StoreError> {
         each!(self, s => s.workloads_in_phase(phase))

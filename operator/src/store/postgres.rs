@@ -27,11 +27,24 @@ impl PgStore {
     /// Connects to `url` (`postgres://…`), runs the migrations and makes the event log's
     /// partitions for this month and the next two.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
+        // The first connection says at once which server could not be reached; later ones
+        // wait for the pool as before.
+        let options: sqlx::postgres::PgConnectOptions = url.parse()?;
+        let server = format!("{}:{}", options.get_host(), options.get_port());
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(30))
-            .connect(url)
-            .await?;
+            .connect_with(options);
+        let pool = tokio::time::timeout(Duration::from_secs(10), pool)
+            .await
+            .map_err(|_| StoreError::Unreachable(format!("{server}: no answer within 10 s")))?
+            .map_err(|e| match e {
+                sqlx::Error::Io(io) => StoreError::Unreachable(format!("{server}: {io}")),
+                sqlx::Error::PoolTimedOut => {
+                    StoreError::Unreachable(format!("{server}: no connection within 30 s"))
+                }
+                other => other.into(),
+            })?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         let store = Self { pool };
         store
@@ -381,6 +394,25 @@ impl Store for PgStore {
         }
         tx.commit().await?;
         Ok(won)
+    }
+
+    async fn ensure_account(&self, name: &str) -> Result<(), StoreError> {
+        sqlx::query!(
+            "INSERT INTO accounts (name, balance) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING",
+            name
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn meshes(&self) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar!(
+            "SELECT mesh AS \"mesh!\" FROM workloads UNION SELECT substr(name, 6) FROM accounts \
+             WHERE name LIKE 'mesh/%' ORDER BY 1"
+        )
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     async fn workload_phase(&self, uid: &str) -> Result<Option<String>, StoreError> {

@@ -257,6 +257,25 @@ impl Store for SqliteStore {
         Ok(won)
     }
 
+    async fn ensure_account(&self, name: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO accounts (name, balance) VALUES (?, 0) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn meshes(&self) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT mesh FROM workloads UNION SELECT substr(name, 6) FROM accounts \
+             WHERE name LIKE 'mesh/%' ORDER BY 1",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     async fn workload_phase(&self, uid: &str) -> Result<Option<String>, StoreError> {
         Ok(
             sqlx::query_scalar("SELECT phase FROM workloads WHERE uid = ?")
