@@ -27,7 +27,7 @@ pub enum ObjectError {
         uri: String,
     },
     /// Anything else the store reported (permissions, network).
-    #[error("{uri}: {source}")]
+    #[error("{uri}: {}", plain(source))]
     Store {
         /// The URI.
         uri: String,
@@ -67,8 +67,62 @@ pub enum ObjectError {
 impl ObjectError {
     /// Whether trying again could succeed (network, throttling), unlike a missing object.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Store { .. })
+        use object_store::Error as E;
+        match self {
+            Self::Store { source, .. } => match source {
+                // Retrying cannot make these go away: a permission, a credential, a path
+                // that is not one, a store that cannot do it.
+                E::PermissionDenied { .. }
+                | E::Unauthenticated { .. }
+                | E::InvalidPath { .. }
+                | E::NotSupported { .. }
+                | E::NotImplemented
+                | E::UnknownConfigurationKey { .. } => false,
+                E::Generic { source, .. } => !permanent_io(source.as_ref()),
+                _ => true,
+            },
+            _ => false,
+        }
     }
+}
+
+/// A store error as a person reads it: without the library's own prefix (`Generic
+/// LocalFileSystem error: `).
+fn plain(e: &object_store::Error) -> String {
+    match e {
+        object_store::Error::Generic { source, .. } => source.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// Whether an error's chain holds a local I/O error that retrying cannot cure (no
+/// permission, a file where a folder should be, a read-only file system).
+fn permanent_io(e: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind as K;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && (matches!(
+                io.kind(),
+                K::PermissionDenied
+                    | K::NotADirectory
+                    | K::IsADirectory
+                    | K::ReadOnlyFilesystem
+                    | K::InvalidInput
+                    | K::StorageFull
+                    | K::QuotaExceeded
+            ) || matches!(io.raw_os_error(), Some(20 | 21 | 13 | 30)))
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    // The local file system reports these as text only.
+    let text = e.to_string();
+    text.contains("Unable to create dir")
+        || text.contains("Not a directory")
+        || text.contains("Permission denied")
+        || text.contains("Read-only file system")
 }
 
 /// An object (or directory prefix) named by a URI.
@@ -326,6 +380,28 @@ pub async fn read_aligned(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_output_that_cannot_be_written_is_not_worth_retrying() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, "x").expect("write");
+        // A file where a folder should be.
+        let under_file =
+            Location::parse(&format!("file://{}/part-00000.jsonl", file.display())).expect("uri");
+        let err = under_file
+            .put(bytes::Bytes::from_static(b"{}\n"))
+            .await
+            .expect_err("not a folder");
+        assert!(!err.is_transient(), "{err}");
+        // /proc refuses writes.
+        let proc = Location::parse("file:///proc/infermesh-test/part-00000.jsonl").expect("uri");
+        let err = proc
+            .put(bytes::Bytes::from_static(b"{}\n"))
+            .await
+            .expect_err("proc");
+        assert!(!err.is_transient(), "{err}");
+    }
     use crate::shard::{align_in_memory, records};
     use proptest::prelude::*;
 

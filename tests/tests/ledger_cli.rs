@@ -218,3 +218,74 @@ fn a_missing_folder_or_an_unreachable_server_is_named_at_once() {
         "said within seconds"
     );
 }
+
+/// Outputs never mix across runs: a second run into a location that holds the first run's
+/// parts is refused, naming it, and changes nothing; with `output.mode: overwrite` it replaces
+/// them, and the location then holds exactly what its `_SUCCESS.json` lists.
+#[test]
+fn a_second_run_never_mixes_its_parts_with_the_first() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let url = format!("sqlite://{}", dir.path().join("state.db").display());
+    let (path, _input, out) = tensor_job(dir.path(), 400, "  shardBytes: 2Ki\n");
+    let run: Run = local_command(&path, 1, dir.path())
+        .args(["--database-url", &url])
+        .output()
+        .expect("run")
+        .into();
+    assert_eq!(run.code, Some(0), "{}", run.text());
+    let first = success_manifest(&out);
+    let first_parts = first["parts"].as_array().expect("parts").len();
+    assert!(first_parts > 2, "several parts: {first_parts}");
+
+    // A shorter input cut in larger shards, into the same location.
+    let (path, _input, out2) = tensor_job(dir.path(), 100, "  shardBytes: 128Ki\n");
+    assert_eq!(out, out2);
+    let run: Run = local_command(&path, 1, dir.path())
+        .args(["--database-url", &url])
+        .output()
+        .expect("run")
+        .into();
+    refused(
+        &run,
+        &["OutputNotEmpty", &out.display().to_string(), "overwrite"],
+    );
+    assert_eq!(success_manifest(&out), first, "nothing changed");
+
+    let yaml = std::fs::read_to_string(&path).expect("manifest").replace(
+        &format!("uri: \"{}/\"}}", out.display()),
+        &format!("uri: \"{}/\", mode: overwrite}}", out.display()),
+    );
+    assert!(yaml.contains("mode: overwrite"), "{yaml}");
+    std::fs::write(&path, yaml).expect("manifest");
+    let run: Run = local_command(&path, 1, dir.path())
+        .args(["--database-url", &url])
+        .output()
+        .expect("run")
+        .into();
+    assert_eq!(run.code, Some(0), "{}", run.text());
+    let second = success_manifest(&out);
+    let listed: Vec<String> = second["parts"]
+        .as_array()
+        .expect("parts")
+        .iter()
+        .map(|p| {
+            p["uri"]
+                .as_str()
+                .expect("uri")
+                .rsplit('/')
+                .next()
+                .expect("name")
+                .to_string()
+        })
+        .collect();
+    let mut present: Vec<String> = std::fs::read_dir(&out)
+        .expect("out")
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.starts_with("part-"))
+        .collect();
+    present.sort();
+    assert_eq!(present, listed, "exactly the parts the manifest lists");
+    assert_eq!(read_parts(&out).len(), 100, "no stale part");
+    let verify = ledger(&url, &["verify", "--outputs"]);
+    assert_eq!(verify.code, Some(0), "{}", verify.text());
+}

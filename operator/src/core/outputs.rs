@@ -266,6 +266,9 @@ pub struct OutputCheck {
     pub parts: usize,
     /// What is wrong; empty when nothing is.
     pub problems: Vec<String>,
+    /// A later workload that wrote to the same location (`output.mode: overwrite`): this
+    /// one's outputs are gone by design and are not checked.
+    pub superseded_by: Option<String>,
 }
 
 /// Checks the outputs of every succeeded workload in the store against its manifest.
@@ -273,21 +276,46 @@ pub async fn verify_stored(
     store: &impl crate::store::Store,
 ) -> Result<Vec<OutputCheck>, crate::store::StoreError> {
     let mut out = Vec::new();
-    for w in store.workloads_in_phase("Succeeded").await? {
+    let succeeded = store.workloads_in_phase("Succeeded").await?;
+    let output_of = |spec: &str| {
+        serde_json::from_str::<serde_json::Value>(spec)
+            .ok()
+            .and_then(|v| v["output"]["uri"].as_str().map(str::to_string))
+    };
+    // In creation order: the last workload written to a location is the one it holds now.
+    let mut latest: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    for w in &succeeded {
+        if let Some(o) = output_of(&w.record.spec_json) {
+            let r = &w.record;
+            latest.insert(
+                base(&o).to_string(),
+                format!("{}/{}/{}", r.namespace, r.name, r.uid),
+            );
+        }
+    }
+    for w in succeeded {
         let r = &w.record;
         let workload = format!("{}/{}/{}", r.namespace, r.name, r.uid);
-        let output = serde_json::from_str::<serde_json::Value>(&r.spec_json)
-            .ok()
-            .and_then(|v| v["output"]["uri"].as_str().map(str::to_string));
-        let Some(output) = output else {
+        let Some(output) = output_of(&r.spec_json) else {
             out.push(OutputCheck {
                 workload,
                 output: String::new(),
                 parts: 0,
                 problems: vec!["the stored spec names no output".into()],
+                superseded_by: None,
             });
             continue;
         };
+        if let Some(later) = latest.get(base(&output)).filter(|l| **l != workload) {
+            out.push(OutputCheck {
+                workload,
+                output,
+                parts: w.shards.len(),
+                problems: Vec::new(),
+                superseded_by: Some(later.clone()),
+            });
+            continue;
+        }
         let mut problems = Vec::new();
         let expected: Vec<ManifestPart> = w
             .shards
@@ -313,6 +341,7 @@ pub async fn verify_stored(
             output,
             parts: expected.len(),
             problems,
+            superseded_by: None,
         });
     }
     Ok(out)

@@ -166,6 +166,19 @@ async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
         }
     }
 
+    // A new run's output location must be writable and hold no earlier run's output (unless
+    // the Workload says to overwrite it): found now, before any agent starts.
+    if !args.resume {
+        for w in &plan.workloads {
+            let overwrite = w.spec.output.mode == infermesh_crds::OutputMode::Overwrite;
+            crate::core::outputs::prepare(&w.spec.output.uri, overwrite)
+                .await
+                .map_err(|(reason, message)| {
+                    format!("Workload {}/{}: {reason}: {message}", w.namespace, w.name)
+                })?;
+        }
+    }
+
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| format!("cannot listen on loopback: {e}"))?;
