@@ -43,6 +43,13 @@ pub fn summarize(rows: &[EventRow]) -> Vec<Publish> {
                 reason: "Succeeded",
                 note: r.message.clone(),
             }),
+            "workload.model_changed" => out.push(Publish {
+                kind: "Workload",
+                subject: uid,
+                warning: true,
+                reason: "ModelChanged",
+                note: r.message.clone(),
+            }),
             "workload.failed" => out.push(Publish {
                 kind: "Workload",
                 subject: uid,

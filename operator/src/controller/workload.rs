@@ -509,6 +509,7 @@ mod tests {
             attempts_retried: 1,
             suspended: false,
             output_uri: "file:///out/".into(),
+            warnings: Vec::new(),
         }
     }
 

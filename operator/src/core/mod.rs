@@ -19,6 +19,7 @@
 
 pub mod accounting;
 pub mod lease;
+pub mod models;
 pub mod outputs;
 pub mod planner;
 pub mod pricing;
@@ -170,6 +171,8 @@ struct WorkloadState {
     retried: u32,
     /// Submission order, for listings.
     seq: u64,
+    /// What the model's URI hashed to at admission when not its pinned sha256.
+    model_drift: Option<String>,
 }
 
 impl WorkloadState {
@@ -574,8 +577,21 @@ impl<S: Store> Core<S> {
             }
             let mut shards = Vec::with_capacity(sw.shards.len());
             let (mut records, mut bytes_done) = (0u64, 0u64);
+            let mut exhausted = None;
             for s in &sw.shards {
                 let status = match s.state.as_str() {
+                    // Its last attempt was lost with the operator: the shard is out of them.
+                    "running" if s.attempt >= spec.max_attempts => {
+                        let message = format!(
+                            "shard {} failed after {} attempts; last error: operator restarted: attempt lost",
+                            s.index, s.attempt
+                        );
+                        self.store
+                            .fail_shard(&r.uid, s.index, s.attempt, s.agent.as_deref(), &message)
+                            .await?;
+                        exhausted = Some(message);
+                        ShardStatus::Failed
+                    }
                     "succeeded" => {
                         records = records.saturating_add(s.records);
                         bytes_done = bytes_done.saturating_add(s.end - s.start);
@@ -610,38 +626,46 @@ impl<S: Store> Core<S> {
             }
             let balance = self.balance_if_budgeted(&r.mesh, &r.namespace).await?;
             tracing::info!(workload = %key, shards = shards.len(), records, "workload resumed");
-            let mut st = self.st();
-            if let Some(b) = balance {
-                st.balances.insert(r.namespace.clone(), b);
+            {
+                let mut st = self.st();
+                if let Some(b) = balance {
+                    st.balances.insert(r.namespace.clone(), b);
+                }
+                let seq = st.next_seq;
+                st.next_seq += 1;
+                st.workloads.insert(
+                    r.uid.clone(),
+                    WorkloadState {
+                        key,
+                        uid: r.uid.clone(),
+                        namespace: r.namespace.clone(),
+                        name: r.name.clone(),
+                        mesh: r.mesh.clone(),
+                        spec,
+                        validated,
+                        input_size: r.input_bytes,
+                        shards,
+                        admitted: true,
+                        finishing: false,
+                        phase: WorkloadPhase::Running,
+                        reason: "Resumed".into(),
+                        message: String::new(),
+                        submitted: Instant::now(),
+                        finished: None,
+                        records,
+                        bytes_done,
+                        credits,
+                        retried: 0,
+                        seq,
+                        model_drift: None,
+                    },
+                );
             }
-            let seq = st.next_seq;
-            st.next_seq += 1;
-            st.workloads.insert(
-                r.uid.clone(),
-                WorkloadState {
-                    key,
-                    uid: r.uid.clone(),
-                    namespace: r.namespace.clone(),
-                    name: r.name.clone(),
-                    mesh: r.mesh.clone(),
-                    spec,
-                    validated,
-                    input_size: r.input_bytes,
-                    shards,
-                    admitted: true,
-                    finishing: false,
-                    phase: WorkloadPhase::Running,
-                    reason: "Resumed".into(),
-                    message: String::new(),
-                    submitted: Instant::now(),
-                    finished: None,
-                    records,
-                    bytes_done,
-                    credits,
-                    retried: 0,
-                    seq,
-                },
-            );
+            if let Some(message) = exhausted {
+                self.fail_workload(&r.uid, "AttemptsExhausted", &message)
+                    .await?;
+                continue;
+            }
             resumed.push(r.uid.clone());
         }
         for uid in &resumed {
@@ -693,6 +717,15 @@ impl<S: Store> Core<S> {
         outputs::prepare(&sub.spec.output.uri, overwrite)
             .await
             .map_err(|(reason, message)| validate::Invalid::new(reason, message))?;
+        let drift = models::drift(&validated.model.uri, &validated.model.sha256).await;
+        if let Some(actual) = &drift {
+            let warning =
+                models::drift_warning(&validated.model.uri, &validated.model.sha256, actual);
+            tracing::warn!(workload = %key, %warning, "model changed behind its pin");
+            self.store
+                .append(&Event::new(EventKind::ModelChanged, warning).workload(&sub.uid))
+                .await?;
+        }
         {
             let mut st = self.st();
             if st.workloads.contains_key(&sub.uid) {
@@ -741,6 +774,7 @@ impl<S: Store> Core<S> {
                     credits: 0,
                     retried: 0,
                     seq,
+                    model_drift: drift,
                 },
             );
         }
@@ -1707,7 +1741,16 @@ impl<S: Store> Core<S> {
                 "uid": w.uid,
                 "input": w.spec.input.uri,
                 "inputBytes": w.input_size,
-                "model": {"uri": w.validated.model.uri, "sha256": w.validated.model.sha256},
+                // The pinned sha256 is the model that ran (content addressing); when the
+                // URI held another file at admission, what it hashed to is kept beside it.
+                "model": match &w.model_drift {
+                    None => serde_json::json!({"uri": w.validated.model.uri, "sha256": w.validated.model.sha256}),
+                    Some(actual) => serde_json::json!({
+                        "uri": w.validated.model.uri,
+                        "sha256": w.validated.model.sha256,
+                        "uriSha256AtAdmission": actual,
+                    }),
+                },
                 "shards": w.shards.len(),
                 "records": w.records,
                 "parts": parts,
@@ -2124,7 +2167,8 @@ fn plan_round(st: &mut State) -> Vec<Claim> {
         pending.extend(
             w.shards
                 .iter()
-                .filter(|s| s.status == ShardStatus::Pending)
+                // A shard out of attempts is failed, never claimed again.
+                .filter(|s| s.status == ShardStatus::Pending && s.attempt < w.spec.max_attempts)
                 .map(|s| PendingShard {
                     workload: i,
                     shard: s.range.index,
@@ -2209,6 +2253,13 @@ fn summarize(w: &WorkloadState) -> WorkloadSummary {
         attempts_retried: w.retried,
         suspended: w.spec.suspend,
         output_uri: w.spec.output.uri.clone(),
+        warnings: w
+            .model_drift
+            .iter()
+            .map(|actual| {
+                models::drift_warning(&w.validated.model.uri, &w.validated.model.sha256, actual)
+            })
+            .collect(),
     }
 }
 

@@ -49,6 +49,8 @@ pub struct WorkloadSummary {
     pub suspended: bool,
     /// Output directory.
     pub output_uri: String,
+    /// What a person should know that did not stop the run (a model changed behind its pin).
+    pub warnings: Vec<String>,
 }
 
 impl WorkloadSummary {
@@ -162,6 +164,7 @@ mod tests {
             attempts_retried: 0,
             suspended: false,
             output_uri: String::new(),
+            warnings: Vec::new(),
         }
     }
 

@@ -482,6 +482,16 @@ async fn drive<S: Store>(
             })
             .await
             .map_err(|e| format!("Workload {}/{}: {e}", w.namespace, w.name))?;
+        if let Some(s) = core.workload(&key).await {
+            for warning in &s.warnings {
+                bars.suspend(|| {
+                    eprintln!(
+                        "infermesh local: warning: {}/{}: {warning}",
+                        w.namespace, w.name
+                    )
+                });
+            }
+        }
         let bar = bars.add(ProgressBar::new(w.input_size.max(1)));
         bar.set_style(style.clone());
         bar.set_prefix(format!("{}/{}", w.namespace, w.name));

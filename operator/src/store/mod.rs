@@ -205,6 +205,8 @@ pub enum EventKind {
     WorkloadAdmitted,
     /// A workload was held (`QuotaExceeded`).
     WorkloadHeld,
+    /// A workload's model URI no longer hashes to its pinned sha256.
+    ModelChanged,
     /// Every shard of a workload succeeded.
     WorkloadSucceeded,
     /// A workload failed.
@@ -234,6 +236,7 @@ impl EventKind {
         match self {
             Self::WorkloadAdmitted => "workload.admitted",
             Self::WorkloadHeld => "workload.held",
+            Self::ModelChanged => "workload.model_changed",
             Self::WorkloadSucceeded => "workload.succeeded",
             Self::WorkloadFailed => "workload.failed",
             Self::ShardAssigned => "shard.assigned",
