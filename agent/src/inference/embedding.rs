@@ -175,7 +175,9 @@ impl Embedder {
                 feed.push((name.clone(), t.into_dyn()));
             }
             let run = Instant::now();
-            let outputs = session.run(feed).map_err(inference_error)?;
+            let outputs = session.run(feed).map_err(|e| {
+                sequence_error(len, &e.to_string()).unwrap_or_else(|| inference_error(e))
+            })?;
             control.metrics.observe_batch(n, run.elapsed());
             let (out_shape, data) = outputs[output_index]
                 .try_extract_tensor::<f32>()
@@ -223,5 +225,50 @@ impl Embedder {
             }
         }
         Ok(out)
+    }
+}
+
+/// Most BERT-family encoders (MiniLM among them) have 512 position embeddings.
+pub const USUAL_MAX_POSITIONS: usize = 512;
+
+/// A model that fails on a batch longer than the usual 512 positions almost surely has no
+/// more position embeddings: that is the Workload's `maxLength`, which another attempt would
+/// repeat, so it is a permanent `InvalidInput` that says what to change, instead of ONNX
+/// Runtime's raw broadcast error three times over.
+pub fn sequence_error(len: usize, ort: &str) -> Option<ShardError> {
+    (len > USUAL_MAX_POSITIONS).then(|| {
+        ShardError::permanent(
+            infermesh_proto::ErrorKind::InvalidInput,
+            format!(
+                "the model failed on texts of {len} tokens; it most likely supports at most \
+                 {USUAL_MAX_POSITIONS} positions: lower spec.task.textEmbedding.maxLength to \
+                 {USUAL_MAX_POSITIONS} or less (ONNX Runtime said: {ort})"
+            ),
+        )
+    })
+}
+
+#[cfg(test)]
+mod sequence_tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_past_the_usual_positions_names_max_length_and_is_permanent() {
+        let e = sequence_error(
+            700,
+            "Attempting to broadcast an axis by a dimension other than 1",
+        )
+        .expect("past 512");
+        assert!(!e.retryable);
+        assert_eq!(e.kind, infermesh_proto::ErrorKind::InvalidInput);
+        assert!(
+            e.message.contains("maxLength") && e.message.contains("700 tokens"),
+            "{}",
+            e.message
+        );
+        assert!(
+            sequence_error(512, "x").is_none(),
+            "within the usual positions: an ordinary error"
+        );
     }
 }

@@ -887,6 +887,36 @@ async fn a_token_review_that_is_not_authenticated_or_names_another_service_accou
     assert!(reviewer.authorize(&mut who.clone(), "other-mesh").is_err());
     let again = reviewer.authenticate("good-token").await.expect("cached");
     assert_eq!(again, who);
+    // A projected token bound to its pod and node: the agent's identity is `<mesh>-<node>`,
+    // whatever its Hello will say.
+    let r = reviewer.clone();
+    let run = tokio::spawn(async move { r.authenticate("bound-token").await });
+    f.verifier
+        .expect(
+            "POST",
+            path,
+            201,
+            json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {},
+                   "status": {"authenticated": true, "audiences": ["infermesh"],
+                              "user": {"username": "system:serviceaccount:infermesh:infermesh-agent-gpus",
+                                       "extra": {"authentication.kubernetes.io/node-name": ["node-a"],
+                                                 "authentication.kubernetes.io/pod-name": ["infermesh-agent-gpus-x7k2p"]}}}}),
+        )
+        .await;
+    let mut bound = run.await.expect("join").expect("authenticated");
+    assert_eq!(bound.node.as_deref(), Some("node-a"));
+    assert_eq!(
+        bound.instance.as_deref(),
+        Some("infermesh-agent-gpus-x7k2p")
+    );
+    reviewer
+        .authorize(&mut bound, "gpus")
+        .expect("the mesh's agent");
+    assert_eq!(
+        bound.agent.as_deref(),
+        Some("gpus-node-a"),
+        "bound to its node's agent id"
+    );
     f.verifier.expect_nothing_more().await;
 }
 

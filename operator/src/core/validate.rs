@@ -18,6 +18,9 @@ pub struct Invalid {
     pub message: String,
 }
 
+/// The most tokens `maxLength` may ask for (the CRD schema's bound too).
+pub const MAX_LENGTH: u32 = 8192;
+
 impl Invalid {
     /// An invalid spec with `reason`.
     pub fn new(reason: &'static str, message: impl Into<String>) -> Self {
@@ -100,6 +103,13 @@ pub fn validate(spec: &WorkloadSpec) -> Result<Validated, Invalid> {
                     "spec.task.textEmbedding.textField must not be empty",
                 ));
             }
+            if te.max_length > MAX_LENGTH {
+                return Err(invalid(format!(
+                    "spec.task.textEmbedding.maxLength {} is more than {MAX_LENGTH} tokens; \
+                     most encoders support 512 (their position embeddings)",
+                    te.max_length
+                )));
+            }
             if te.max_length == 0 {
                 return Err(invalid(
                     "spec.task.textEmbedding.maxLength must be at least 1",
@@ -173,6 +183,18 @@ mod tests {
             Some(Manifest::Workload(w)) => w.spec,
             other => panic!("not a workload: {other:?}"),
         }
+    }
+
+    #[test]
+    fn max_length_is_bounded() {
+        let te = |n: u32| {
+            format!(
+                "  task: {{textEmbedding: {{tokenizer: \"file:///t.json\", maxLength: {n}}}}}\n"
+            )
+        };
+        assert!(validate(&spec(&te(512))).is_ok());
+        let err = validate(&spec(&te(100_000))).expect_err("too long");
+        assert!(err.message.contains("maxLength 100000"), "{err}");
     }
 
     #[test]
