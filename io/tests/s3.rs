@@ -172,4 +172,35 @@ async fn s3_round_trip() {
 
     common::check_not_found(&format!("{base}/in/missing.jsonl")).await;
     common::check_not_found(&format!("{base}/out/part-00002.jsonl")).await;
+
+    // The operator commits an attempt's part by a server-side copy then delete, lists what a
+    // location holds, and clears what attempts left.
+    let attempt = out.child("_attempts").child("part-00003.a2.jsonl");
+    attempt
+        .put(Bytes::from_static(b"{\"a\":3}\n"))
+        .await
+        .expect("put attempt");
+    let stray = out.child("_attempts").child("part-00004.a1.jsonl");
+    stray
+        .put(Bytes::from_static(b"late\n"))
+        .await
+        .expect("put stray");
+    let committed = out.child("part-00003.jsonl");
+    attempt
+        .rename_to(&committed)
+        .await
+        .expect("server-side rename");
+    assert_eq!(committed.get().await.expect("get"), &b"{\"a\":3}\n"[..]);
+    common::check_not_found(attempt.uri()).await;
+    let listed: Vec<String> = out
+        .list()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|(uri, _)| uri)
+        .collect();
+    assert!(listed.contains(&committed.uri().to_string()), "{listed:?}");
+    assert!(listed.contains(&stray.uri().to_string()), "{listed:?}");
+    assert_eq!(out.child("_attempts").delete_all().await.expect("clear"), 1);
+    common::check_not_found(stray.uri()).await;
 }
