@@ -23,17 +23,21 @@ impl Location {
         }
     }
 
+    async fn metas(&self) -> Result<Vec<object_store::ObjectMeta>, ObjectError> {
+        self.store
+            .list(Some(&self.path))
+            .try_collect()
+            .await
+            .map_err(|e| self.map_err(e))
+    }
+
     /// Every object under this location taken as a directory, recursively: (URI, size).
     pub async fn list(&self) -> Result<Vec<(String, u64)>, ObjectError> {
         let base = self.uri.trim_end_matches('/').to_string();
         let prefix_len = self.path.as_ref().len();
-        let metas: Vec<object_store::ObjectMeta> = self
-            .store
-            .list(Some(&self.path))
-            .try_collect()
-            .await
-            .map_err(|e| self.map_err(e))?;
-        let mut out: Vec<(String, u64)> = metas
+        let mut out: Vec<(String, u64)> = self
+            .metas()
+            .await?
             .into_iter()
             .map(|m| {
                 let rel = m.location.as_ref()[prefix_len..].trim_start_matches('/');
@@ -46,12 +50,7 @@ impl Location {
 
     /// Removes every object under this location taken as a directory; returns how many.
     pub async fn delete_all(&self) -> Result<usize, ObjectError> {
-        let metas: Vec<object_store::ObjectMeta> = self
-            .store
-            .list(Some(&self.path))
-            .try_collect()
-            .await
-            .map_err(|e| self.map_err(e))?;
+        let metas = self.metas().await?;
         for m in &metas {
             match self.store.delete(&m.location).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}

@@ -120,6 +120,24 @@ fn forged(shard: pb::ShardRef, uri: &str, records: u64, write: bool) -> pb::Comp
     }
 }
 
+/// Every part `_SUCCESS.json` lists is on disk with the sha256 it gives.
+fn parts_match_their_manifest(parts: &[serde_json::Value]) {
+    for p in parts {
+        let file = PathBuf::from(
+            p["uri"]
+                .as_str()
+                .expect("uri")
+                .trim_start_matches("file://"),
+        );
+        assert_eq!(
+            sha256_file(&file),
+            p["sha256"].as_str().expect("sha"),
+            "{}",
+            file.display()
+        );
+    }
+}
+
 fn wait_for_file(dir: &Path, name: &str, deadline: Instant) -> PathBuf {
     loop {
         assert!(
@@ -408,20 +426,7 @@ async fn a_rogue_agent_is_refused_and_the_honest_run_is_exact() {
     let manifest = success_manifest(&out);
     let parts = manifest["parts"].as_array().expect("parts");
     assert_eq!(parts.len() as u32, shards);
-    for p in parts {
-        let file = PathBuf::from(
-            p["uri"]
-                .as_str()
-                .expect("uri")
-                .trim_start_matches("file://"),
-        );
-        assert_eq!(
-            sha256_file(&file),
-            p["sha256"].as_str().expect("sha"),
-            "{}",
-            file.display()
-        );
-    }
+    parts_match_their_manifest(parts);
 
     let store = store::open(&url).await.expect("db");
     let uid = job.rsplit('/').next().expect("uid");
@@ -521,20 +526,7 @@ async fn a_frozen_agent_thawed_after_its_lease_changes_nothing() {
     assert!(counts.values().all(|&c| c == 1), "no record twice");
     let manifest = success_manifest(&out);
     let parts = manifest["parts"].as_array().expect("parts");
-    for p in parts {
-        let file = PathBuf::from(
-            p["uri"]
-                .as_str()
-                .expect("uri")
-                .trim_start_matches("file://"),
-        );
-        assert_eq!(
-            sha256_file(&file),
-            p["sha256"].as_str().expect("sha"),
-            "{}",
-            file.display()
-        );
-    }
+    parts_match_their_manifest(parts);
     let uid = manifest["uid"].as_str().expect("uid");
     let store = store::open(&url).await.expect("db");
     let charges = store.charges(uid).await.expect("charges");

@@ -34,7 +34,10 @@ fn type_errors_name_their_field_and_shard_sizes_are_bounded() {
         &run(dir.path(), &with("  batchSize: \"abc\"\n")),
         &["spec.batchSize", "invalid type"],
     );
-    refused(&run(dir.path(), &with("  batchSize: -1\n")), &["spec.batchSize"]);
+    refused(
+        &run(dir.path(), &with("  batchSize: -1\n")),
+        &["spec.batchSize"],
+    );
     refused(
         &run(dir.path(), &with("  batchSize: 16\n  shardBytes: \"1\"\n")),
         &["spec.shardBytes", "minimum of 1Ki"],
@@ -44,7 +47,10 @@ fn type_errors_name_their_field_and_shard_sizes_are_bounded() {
         &["spec.shardBytes"],
     );
     assert!(!out.exists(), "nothing ran");
-    assert!(!dir.path().join("state.db").exists(), "no database for a refused manifest");
+    assert!(
+        !dir.path().join("state.db").exists(),
+        "no database for a refused manifest"
+    );
     // A plain byte count is a quantity too.
     let ok = run(dir.path(), &with("  batchSize: 16\n  shardBytes: 131072\n"));
     assert_eq!(ok.code, Some(0), "{}", ok.text());
@@ -56,7 +62,9 @@ fn two_workloads_with_one_name_are_refused_naming_both_documents() {
     let dir = tempfile::tempdir().expect("tmp");
     let (path, _input, out) = tensor_job(dir.path(), 20, "");
     let text = std::fs::read_to_string(&path).expect("manifest");
-    let workload = &text[text.find("apiVersion: infermesh.dev/v1alpha1\nkind: Workload").expect("workload")..];
+    let workload = &text[text
+        .find("apiVersion: infermesh.dev/v1alpha1\nkind: Workload")
+        .expect("workload")..];
     let twice = format!("{text}---\n{workload}");
     refused(
         &run(dir.path(), &twice),
@@ -73,11 +81,17 @@ fn an_output_that_cannot_be_written_is_found_before_anything_runs() {
     std::fs::write(&out, "not a folder").expect("file");
     let text = std::fs::read_to_string(&path).expect("manifest");
     let started = std::time::Instant::now();
-    refused(&run(dir.path(), &text), &["OutputNotWritable", &out.display().to_string()]);
+    refused(
+        &run(dir.path(), &text),
+        &["OutputNotWritable", &out.display().to_string()],
+    );
     assert!(
         started.elapsed() < std::time::Duration::from_secs(30),
         "found at once, not after inference"
     );
     let proc = text.replace(&format!("{}/", out.display()), "/proc/infermesh-out/");
-    refused(&run(dir.path(), &proc), &["OutputNotWritable", "/proc/infermesh-out"]);
+    refused(
+        &run(dir.path(), &proc),
+        &["OutputNotWritable", "/proc/infermesh-out"],
+    );
 }

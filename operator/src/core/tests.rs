@@ -1274,6 +1274,15 @@ mod machine {
             format!("file://{}/", self.out.path().display())
         }
 
+        /// Sends one agent message; a refusal or an ended stream is an outcome the invariants
+        /// must hold through, not a test failure.
+        async fn send(&self, h: &AgentHandle, msg: Up) {
+            let _ = self
+                .core
+                .handle(h, pb::AgentMessage { msg: Some(msg) })
+                .await;
+        }
+
         fn collect(&mut self) {
             for a in self.agents.iter_mut().flatten() {
                 for m in drain(&mut a.rx) {
@@ -1323,15 +1332,7 @@ mod machine {
                         let msg = write_part(&out, &shard, 3);
                         a.last = Some(msg.clone());
                         let h = a.handle.clone();
-                        let _ = self
-                            .core
-                            .handle(
-                                &h,
-                                pb::AgentMessage {
-                                    msg: Some(Up::Completed(msg)),
-                                },
-                            )
-                            .await;
+                        self.send(&h, Up::Completed(msg)).await;
                     }
                 }
                 Op::Fail(i, k, retryable) => {
@@ -1346,15 +1347,7 @@ mod machine {
                             retryable,
                         };
                         let h = a.handle.clone();
-                        let _ = self
-                            .core
-                            .handle(
-                                &h,
-                                pb::AgentMessage {
-                                    msg: Some(Up::Failed(f)),
-                                },
-                            )
-                            .await;
+                        self.send(&h, Up::Failed(f)).await;
                     }
                 }
                 Op::Forge(i, index, attempt) => {
@@ -1369,15 +1362,7 @@ mod machine {
                         let mut msg = write_part(&elsewhere, &shard, 2);
                         msg.output_uri = outputs::attempt_uri(&out, index, attempt);
                         let h = a.handle.clone();
-                        let _ = self
-                            .core
-                            .handle(
-                                &h,
-                                pb::AgentMessage {
-                                    msg: Some(Up::Completed(msg)),
-                                },
-                            )
-                            .await;
+                        self.send(&h, Up::Completed(msg)).await;
                     }
                 }
                 Op::Duplicate(i) => {
@@ -1385,15 +1370,7 @@ mod machine {
                         && let Some(last) = a.last.clone()
                     {
                         let h = a.handle.clone();
-                        let _ = self
-                            .core
-                            .handle(
-                                &h,
-                                pb::AgentMessage {
-                                    msg: Some(Up::Completed(last)),
-                                },
-                            )
-                            .await;
+                        self.send(&h, Up::Completed(last)).await;
                     }
                 }
                 Op::Heartbeat(i) => {
@@ -1403,15 +1380,7 @@ mod machine {
                             ..Default::default()
                         };
                         let h = a.handle.clone();
-                        let _ = self
-                            .core
-                            .handle(
-                                &h,
-                                pb::AgentMessage {
-                                    msg: Some(Up::Heartbeat(hb)),
-                                },
-                            )
-                            .await;
+                        self.send(&h, Up::Heartbeat(hb)).await;
                     }
                 }
                 Op::Expire => {
