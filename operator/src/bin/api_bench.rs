@@ -16,13 +16,10 @@ use infermesh_crds::{Manifest, Workload, parse_manifests};
 use infermesh_operator::controller::{
     Config, Context, WORKLOAD_FINALIZER, events, rbac, status, workload,
 };
-use infermesh_operator::core::Core;
+use infermesh_operator::core::{Core, sim};
 use infermesh_operator::metrics::Metrics;
 use infermesh_operator::store;
-use infermesh_proto as pb;
 use kube::client::Body;
-use pb::agent_message::Msg as Up;
-use pb::operator_message::Msg as Down;
 use serde_json::{Value, json};
 
 #[derive(Parser, Debug)]
@@ -140,63 +137,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // Agents: complete each assignment after the simulated compute time.
     for i in 0..args.agents {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let hello = pb::Hello {
-            agent_id: format!("gpus-node-{i}"),
-            node: format!("node-{i}"),
-            mesh: "gpus".into(),
-            version: "bench".into(),
-            capabilities: Some(pb::Capabilities {
-                execution_providers: vec!["cpu".into()],
-                slots: args.slots,
-                ..Default::default()
-            }),
-        };
-        let handle = core
-            .attach(
-                hello,
-                &infermesh_operator::grpc::Principal::user("bench"),
-                tx,
-            )
+        let (id, node) = (format!("gpus-node-{i}"), format!("node-{i}"));
+        let compute = Duration::from_millis(args.compute_ms);
+        sim::attach_noop_agent(&core, &id, &node, "gpus", args.slots, compute)
             .await
             .map_err(|s| anyhow::anyhow!("{s}"))?;
-        let core = core.clone();
-        let compute = Duration::from_millis(args.compute_ms);
-        tokio::spawn(async move {
-            while let Some(Ok(msg)) = rx.recv().await {
-                let Some(Down::Assign(a)) = msg.msg else {
-                    continue;
-                };
-                let core = core.clone();
-                let handle = handle.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(compute).await;
-                    // The part the operator checks before it charges: one record.
-                    let body = b"{}\n".to_vec();
-                    let facts = infermesh_operator::core::outputs::facts(&body);
-                    if let Ok(part) = infermesh_io::Location::parse(&a.output_uri) {
-                        let _ = part.put(body.into()).await;
-                    }
-                    let done = pb::Completed {
-                        shard: a.shard.clone(),
-                        records: facts.records,
-                        output_uri: a.output_uri.clone(),
-                        sha256: facts.sha256,
-                        compute_seconds: compute.as_secs_f64(),
-                        device: "cpu".into(),
-                        output_bytes: facts.bytes,
-                    };
-                    let _ = core
-                        .handle(
-                            &handle,
-                            pb::AgentMessage {
-                                msg: Some(Up::Completed(done)),
-                            },
-                        )
-                        .await;
-                });
-            }
-        });
     }
 
     let writer = tokio::spawn(status::StatusWriter::new(ctx.clone()).run());

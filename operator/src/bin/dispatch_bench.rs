@@ -10,12 +10,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use infermesh_crds::{Manifest, parse_manifests};
-use infermesh_operator::core::{Core, Submission, outputs};
-use infermesh_operator::grpc::Principal;
+use infermesh_operator::core::{Core, Submission, sim};
 use infermesh_operator::store::{self, Store};
-use infermesh_proto as pb;
-use pb::agent_message::Msg as Up;
-use pb::operator_message::Msg as Down;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -76,58 +72,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     core.upsert_mesh("m", mesh).await?;
 
     for i in 0..args.agents {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let hello = pb::Hello {
-            agent_id: format!("agent-{i}"),
-            node: format!("node-{i}"),
-            mesh: "m".into(),
-            version: "bench".into(),
-            capabilities: Some(pb::Capabilities {
-                execution_providers: vec!["cpu".into()],
-                slots: args.slots,
-                ..Default::default()
-            }),
-        };
-        let handle = core
-            .attach(hello, &Principal::user("bench"), tx)
+        let (id, node) = (format!("agent-{i}"), format!("node-{i}"));
+        sim::attach_noop_agent(&core, &id, &node, "m", args.slots, Duration::ZERO)
             .await
             .map_err(|s| anyhow::anyhow!("{s}"))?;
-        let core = core.clone();
-        tokio::spawn(async move {
-            let body = b"{}\n".to_vec();
-            let facts = outputs::facts(&body);
-            while let Some(Ok(msg)) = rx.recv().await {
-                let Some(Down::Assign(a)) = msg.msg else {
-                    continue;
-                };
-                let core = core.clone();
-                let handle = handle.clone();
-                let body = body.clone();
-                let facts = facts.clone();
-                tokio::spawn(async move {
-                    if let Ok(part) = infermesh_io::Location::parse(&a.output_uri) {
-                        let _ = part.put(body.into()).await;
-                    }
-                    let done = pb::Completed {
-                        shard: a.shard,
-                        records: facts.records,
-                        output_uri: a.output_uri,
-                        sha256: facts.sha256,
-                        compute_seconds: 0.0,
-                        device: "cpu".into(),
-                        output_bytes: facts.bytes,
-                    };
-                    let _ = core
-                        .handle(
-                            &handle,
-                            pb::AgentMessage {
-                                msg: Some(Up::Completed(done)),
-                            },
-                        )
-                        .await;
-                });
-            }
-        });
     }
 
     let t0 = Instant::now();

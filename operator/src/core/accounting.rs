@@ -76,43 +76,32 @@ pub fn judge_holder(
     from: &str,
     reported: u32,
 ) -> Result<(), Refusal> {
-    let held_by_sender = matches!(standing, Standing::Running { agent } if agent == from);
+    let duplicate = |message: String| Err(Refusal::new(Code::AlreadyExists, "duplicate", message));
     match standing {
-        _ if held_by_sender && reported == current => Ok(()),
-        Standing::Succeeded | Standing::Committing { .. }
-            if reported == current && holder_of(standing) == Some(from) =>
+        Standing::Running { agent } if agent == from && reported == current => Ok(()),
+        Standing::Succeeded => duplicate("the shard is already done".into()),
+        Standing::Committing { agent } if agent == from && reported == current => duplicate(
+            format!("attempt {reported} was already reported; the shard is done"),
+        ),
+        // An older attempt: one this agent held before, or any earlier one of the shard.
+        _ if reported < current
+            && (reported > 0
+                || matches!(standing, Standing::Running { agent } if agent == from)) =>
         {
             Err(Refusal::new(
-                Code::AlreadyExists,
-                "duplicate",
-                format!("attempt {reported} was already reported; the shard is done"),
+                Code::FailedPrecondition,
+                "stale_attempt",
+                format!(
+                    "attempt {reported} is stale: the shard is at attempt {current} (its lease \
+                     expired or it was requeued); the report of an old attempt is never committed"
+                ),
             ))
         }
-        Standing::Succeeded => Err(Refusal::new(
-            Code::AlreadyExists,
-            "duplicate",
-            "the shard is already done",
-        )),
-        _ if reported < current && (held_by_sender || reported > 0) => Err(Refusal::new(
-            Code::FailedPrecondition,
-            "stale_attempt",
-            format!(
-                "attempt {reported} is stale: the shard is at attempt {current} (its lease \
-                 expired or it was requeued); the report of an old attempt is never committed"
-            ),
-        )),
         _ => Err(Refusal::new(
             Code::PermissionDenied,
             "not_holder",
             format!("this agent does not hold attempt {reported} of the shard"),
         )),
-    }
-}
-
-fn holder_of(standing: Standing<'_>) -> Option<&str> {
-    match standing {
-        Standing::Running { agent } | Standing::Committing { agent } => Some(agent),
-        _ => None,
     }
 }
 
@@ -258,62 +247,72 @@ mod tests {
     #[test]
     fn only_the_holder_of_the_current_attempt_may_report() {
         let running = Standing::Running { agent: "a" };
-        assert_eq!(judge_holder(running, 2, "a", 2), Ok(()));
-        assert_eq!(
-            judge_holder(running, 2, "b", 2).unwrap_err().reason,
-            "not_holder"
-        );
-        assert_eq!(
-            judge_holder(running, 2, "b", 7).unwrap_err().reason,
-            "not_holder"
-        );
-        assert_eq!(
-            judge_holder(running, 2, "a", 1).unwrap_err().reason,
-            "stale_attempt"
-        );
-        assert_eq!(
-            judge_holder(running, 2, "a", 3).unwrap_err().reason,
-            "not_holder"
-        );
-        assert_eq!(
-            judge_holder(Standing::Pending, 0, "a", 0)
-                .unwrap_err()
-                .reason,
-            "not_holder"
-        );
-        assert_eq!(
-            judge_holder(Standing::Pending, 2, "a", 1)
-                .unwrap_err()
-                .reason,
-            "stale_attempt"
-        );
-        assert_eq!(
-            judge_holder(Standing::Succeeded, 1, "a", 1)
-                .unwrap_err()
-                .reason,
-            "duplicate"
-        );
-        assert_eq!(
-            judge_holder(Standing::Succeeded, 1, "b", 1)
-                .unwrap_err()
-                .code,
-            Code::AlreadyExists
-        );
         let committing = Standing::Committing { agent: "a" };
-        assert_eq!(
-            judge_holder(committing, 1, "a", 1).unwrap_err().reason,
-            "duplicate"
-        );
-        assert_eq!(
-            judge_holder(committing, 1, "b", 1).unwrap_err().reason,
-            "not_holder"
-        );
-        assert_eq!(
-            judge_holder(Standing::Failed, 3, "a", 3)
-                .unwrap_err()
-                .reason,
-            "not_holder"
-        );
+        assert_eq!(judge_holder(running, 2, "a", 2), Ok(()));
+        // (standing, current attempt, sender, reported attempt, expected code and reason)
+        let refused = [
+            (running, 2, "b", 2, Code::PermissionDenied, "not_holder"),
+            (running, 2, "b", 7, Code::PermissionDenied, "not_holder"),
+            (
+                running,
+                2,
+                "a",
+                1,
+                Code::FailedPrecondition,
+                "stale_attempt",
+            ),
+            (running, 2, "a", 3, Code::PermissionDenied, "not_holder"),
+            (
+                Standing::Pending,
+                0,
+                "a",
+                0,
+                Code::PermissionDenied,
+                "not_holder",
+            ),
+            (
+                Standing::Pending,
+                2,
+                "a",
+                1,
+                Code::FailedPrecondition,
+                "stale_attempt",
+            ),
+            (
+                Standing::Succeeded,
+                1,
+                "a",
+                1,
+                Code::AlreadyExists,
+                "duplicate",
+            ),
+            (
+                Standing::Succeeded,
+                1,
+                "b",
+                1,
+                Code::AlreadyExists,
+                "duplicate",
+            ),
+            (committing, 1, "a", 1, Code::AlreadyExists, "duplicate"),
+            (committing, 1, "b", 1, Code::PermissionDenied, "not_holder"),
+            (
+                Standing::Failed,
+                3,
+                "a",
+                3,
+                Code::PermissionDenied,
+                "not_holder",
+            ),
+        ];
+        for (standing, current, from, reported, code, reason) in refused {
+            let r = judge_holder(standing, current, from, reported).expect_err("refused");
+            assert_eq!(
+                (r.code, r.reason),
+                (code, reason),
+                "{standing:?} at {current}, attempt {reported} from {from}"
+            );
+        }
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod planner;
 pub mod pricing;
 pub mod progress;
 pub mod scheduler;
+pub mod sim;
 pub mod validate;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -247,12 +248,15 @@ impl State {
             && self.balances.get(&w.namespace).is_some_and(|b| *b <= 0)
     }
 
-    fn uid_of(&self, key: &str) -> Option<String> {
-        let uid = key.rsplit('/').next()?;
+    /// The live workload a wire key (`namespace/name/uid`) names.
+    fn live(&self, key: &str) -> Option<&WorkloadState> {
+        self.workloads.get(key_uid(key)).filter(|w| w.key == key)
+    }
+
+    fn live_mut(&mut self, key: &str) -> Option<&mut WorkloadState> {
         self.workloads
-            .get(uid)
+            .get_mut(key_uid(key))
             .filter(|w| w.key == key)
-            .map(|w| w.uid.clone())
     }
 }
 
@@ -302,6 +306,11 @@ pub fn workload_key(namespace: &str, name: &str, uid: &str) -> String {
     format!("{namespace}/{name}/{uid}")
 }
 
+/// The uid in a workload key (its last segment).
+fn key_uid(key: &str) -> &str {
+    key.rsplit('/').next().unwrap_or_default()
+}
+
 fn reason_for(kind: pb::ErrorKind) -> &'static str {
     match kind {
         pb::ErrorKind::ModelLoad => "ModelLoadFailed",
@@ -327,11 +336,6 @@ struct Accepted {
     elapsed: Duration,
     device: Device,
     price: Price,
-}
-
-/// What a heartbeat showed of an agent's shards.
-struct Reconciled {
-    lost: Vec<(String, u32, u32)>,
 }
 
 impl<S: Store> Core<S> {
@@ -394,10 +398,7 @@ impl<S: Store> Core<S> {
             if st.finished.contains_key(key) {
                 return Ok(true);
             }
-            let Some(uid) = st.uid_of(key) else {
-                return Ok(false);
-            };
-            let Some(w) = st.workloads.get_mut(&uid) else {
+            let Some(w) = st.live_mut(key) else {
                 return Ok(false);
             };
             if w.spec.suspend == suspend {
@@ -422,18 +423,16 @@ impl<S: Store> Core<S> {
             if st.finished.contains_key(key) {
                 return Ok(true);
             }
-            let Some(uid) = st.uid_of(key) else {
+            let Some(w) = st.live_mut(key) else {
                 return Ok(false);
             };
-            let held = st.workloads.get(&uid).is_some_and(|w| !w.admitted);
-            if held {
+            let uid = w.uid.clone();
+            if !w.admitted {
                 // Held, never written to the store: just stop considering it.
-                if let Some(w) = st.workloads.get_mut(&uid) {
-                    w.phase = WorkloadPhase::Failed;
-                    w.reason = reason.to_string();
-                    w.message = message.to_string();
-                    w.finished = Some(Instant::now());
-                }
+                w.phase = WorkloadPhase::Failed;
+                w.reason = reason.to_string();
+                w.message = message.to_string();
+                w.finished = Some(Instant::now());
                 retire(&mut st, &uid);
                 return Ok(true);
             }
@@ -448,7 +447,7 @@ impl<S: Store> Core<S> {
     /// yet released).
     pub async fn knows(&self, key: &str) -> bool {
         let st = self.st();
-        st.finished.contains_key(key) || st.uid_of(key).is_some()
+        st.finished.contains_key(key) || st.live(key).is_some()
     }
 
     /// A summary of one workload.
@@ -457,8 +456,7 @@ impl<S: Store> Core<S> {
         if let Some((_, s)) = st.finished.get(key) {
             return Some(s.clone());
         }
-        let uid = st.uid_of(key)?;
-        st.workloads.get(&uid).map(summarize)
+        st.live(key).map(summarize)
     }
 
     /// Whether the core knows the Mesh.
@@ -1072,7 +1070,7 @@ impl<S: Store> Core<S> {
     }
 
     async fn heartbeat(&self, who: &AgentHandle, hb: pb::Heartbeat) -> Result<(), StoreError> {
-        let reconciled = {
+        let lost = {
             let mut st = self.st();
             let grace = st
                 .agents
@@ -1080,62 +1078,45 @@ impl<S: Store> Core<S> {
                 .and_then(|a| st.meshes.get(&a.mesh))
                 .map(|m| Duration::from_secs(2 * u64::from(m.spec.heartbeat_seconds.max(1))))
                 .unwrap_or(Duration::from_secs(10));
-            let reported: HashSet<(String, u32, u32)> = hb
+            let reported: HashSet<(&str, u32, u32)> = hb
                 .running
                 .iter()
-                .map(|r| {
-                    let uid = r
-                        .workload
-                        .rsplit('/')
-                        .next()
-                        .unwrap_or_default()
-                        .to_string();
-                    (uid, r.index, r.attempt)
-                })
+                .map(|r| (key_uid(&r.workload), r.index, r.attempt))
                 .collect();
             let now = Instant::now();
             let Some(a) = st.agents.get(&who.id) else {
                 return Ok(());
             };
-            // What the operator believes this agent runs, with the attempt and its age.
-            let believed: Vec<(String, u32, u32, Instant)> = a
-                .running
-                .iter()
-                .filter_map(|(uid, index)| {
-                    let s = st.workloads.get(uid)?.shards.get(*index as usize)?;
-                    match &s.status {
-                        ShardStatus::Running { agent, since } if *agent == who.id => {
-                            Some((uid.clone(), *index, s.attempt, *since))
-                        }
-                        _ => None,
-                    }
-                })
-                .collect();
-            let believed_set: HashSet<(String, u32, u32)> = believed
-                .iter()
-                .map(|(u, i, a, _)| (u.clone(), *i, *a))
-                .collect();
-            let lost: Vec<(String, u32, u32)> = believed
-                .into_iter()
-                .filter(|(u, i, a, since)| {
-                    now.saturating_duration_since(*since) > grace
-                        && !reported.contains(&(u.clone(), *i, *a))
-                })
-                .map(|(u, i, a, _)| (u, i, a))
-                .collect();
+            // What the operator believes this agent runs; what of it the agent no longer
+            // lists, past the grace, it lost.
+            let mut believed: HashSet<(&str, u32, u32)> = HashSet::new();
+            let mut lost = Vec::new();
+            for (uid, index) in &a.running {
+                let Some(s) = st
+                    .workloads
+                    .get(uid)
+                    .and_then(|w| w.shards.get(*index as usize))
+                else {
+                    continue;
+                };
+                let ShardStatus::Running { agent, since } = &s.status else {
+                    continue;
+                };
+                if *agent != who.id {
+                    continue;
+                }
+                let held = (uid.as_str(), *index, s.attempt);
+                believed.insert(held);
+                if now.saturating_duration_since(*since) > grace && !reported.contains(&held) {
+                    lost.push((uid.clone(), *index, s.attempt));
+                }
+            }
             // What it runs that it should not: cancel.
-            let stray: Vec<&pb::ShardRef> = hb
+            let stray: Vec<pb::ShardRef> = hb
                 .running
                 .iter()
-                .filter(|r| {
-                    let uid = r
-                        .workload
-                        .rsplit('/')
-                        .next()
-                        .unwrap_or_default()
-                        .to_string();
-                    !believed_set.contains(&(uid, r.index, r.attempt))
-                })
+                .filter(|r| !believed.contains(&(key_uid(&r.workload), r.index, r.attempt)))
+                .cloned()
                 .collect();
             let Some(a) = st.agents.get_mut(&who.id) else {
                 return Ok(());
@@ -1146,19 +1127,19 @@ impl<S: Store> Core<S> {
             for r in stray {
                 tracing::info!(agent = %who.id, shard = %r.display(), "agent runs a shard it does not hold: cancelled");
                 a.send(Down::Cancel(pb::Cancel {
-                    shard: Some(r.clone()),
+                    shard: Some(r),
                     reason: "this agent does not hold that attempt".into(),
                 }));
             }
             for (uid, index, _) in &lost {
                 a.running.remove(&(uid.clone(), *index));
             }
-            Reconciled { lost }
+            lost
         };
-        if reconciled.lost.is_empty() {
+        if lost.is_empty() {
             return Ok(());
         }
-        for (uid, index, attempt) in reconciled.lost {
+        for (uid, index, attempt) in lost {
             self.requeue_or_fail(
                 &uid,
                 index,
@@ -1231,13 +1212,7 @@ impl<S: Store> Core<S> {
         who: &AgentHandle,
         shard: &pb::ShardRef,
     ) -> Result<String, (Option<String>, Refusal)> {
-        let uid = shard
-            .workload
-            .rsplit('/')
-            .next()
-            .unwrap_or_default()
-            .to_string();
-        let Some(w) = st.workloads.get(&uid).filter(|w| w.key == shard.workload) else {
+        let Some(w) = st.live(&shard.workload) else {
             let finished = st.finished.contains_key(&shard.workload);
             let refusal = if finished {
                 Refusal {
@@ -1250,6 +1225,7 @@ impl<S: Store> Core<S> {
             };
             return Err((None, refusal));
         };
+        let uid = w.uid.clone();
         let Some(s) = w.shards.get(shard.index as usize) else {
             return Err((
                 Some(uid),
