@@ -170,6 +170,15 @@ pub fn local_command(manifest: &Path, agents: usize, dir: &Path) -> Command {
     cmd
 }
 
+/// Runs `infermesh local` to the end on the store `url`.
+pub fn run_local_on(manifest: &Path, agents: usize, dir: &Path, url: &str) -> Run {
+    local_command(manifest, agents, dir)
+        .args(["--database-url", url])
+        .output()
+        .expect("run infermesh local")
+        .into()
+}
+
 /// Runs `infermesh local` to the end.
 pub fn run_local(manifest: &Path, agents: usize, dir: &Path) -> Run {
     local_command(manifest, agents, dir)

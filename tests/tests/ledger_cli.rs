@@ -17,12 +17,7 @@ fn ledger_with_a_run(dir: &Path) -> String {
     );
     std::fs::write(&path, yaml).expect("manifest");
     let url = format!("sqlite://{}", dir.join("state.db").display());
-    let run: Run = local_command(&path, 1, dir)
-        .arg("--database-url")
-        .arg(&url)
-        .output()
-        .expect("run")
-        .into();
+    let run: Run = run_local_on(&path, 1, dir, &url);
     assert_eq!(run.code, Some(0), "{}", run.text());
     url
 }
@@ -112,12 +107,7 @@ fn amounts_that_would_break_the_ledger_are_refused_and_it_still_verifies() {
             ),
         );
         std::fs::write(&path, yaml).expect("manifest");
-        let run: Run = local_command(&path, 1, dir.path())
-            .arg("--database-url")
-            .arg(&url)
-            .output()
-            .expect("run")
-            .into();
+        let run: Run = run_local_on(&path, 1, dir.path(), &url);
         refused(&run, &["spec.budgets[0].credits", words]);
     }
     let verify = ledger(&url, &["verify"]);
@@ -203,12 +193,12 @@ fn a_missing_folder_or_an_unreachable_server_is_named_at_once() {
     let dir = tempfile::tempdir().expect("tmp");
     let (path, _input, _out) = tensor_job(dir.path(), 10, "");
     let nowhere = dir.path().join("no-such-folder").join("state.db");
-    let run: Run = local_command(&path, 1, dir.path())
-        .arg("--database-url")
-        .arg(format!("sqlite://{}", nowhere.display()))
-        .output()
-        .expect("run")
-        .into();
+    let run = run_local_on(
+        &path,
+        1,
+        dir.path(),
+        &format!("sqlite://{}", nowhere.display()),
+    );
     refused(&run, &["no-such-folder", "does not exist"]);
     let started = std::time::Instant::now();
     let run = ledger("postgres://infermesh@127.0.0.1:1/ledger", &["balance"]);
@@ -227,11 +217,7 @@ fn a_second_run_never_mixes_its_parts_with_the_first() {
     let dir = tempfile::tempdir().expect("tmp");
     let url = format!("sqlite://{}", dir.path().join("state.db").display());
     let (path, _input, out) = tensor_job(dir.path(), 400, "  shardBytes: 2Ki\n");
-    let run: Run = local_command(&path, 1, dir.path())
-        .args(["--database-url", &url])
-        .output()
-        .expect("run")
-        .into();
+    let run: Run = run_local_on(&path, 1, dir.path(), &url);
     assert_eq!(run.code, Some(0), "{}", run.text());
     let first = success_manifest(&out);
     let first_parts = first["parts"].as_array().expect("parts").len();
@@ -240,11 +226,7 @@ fn a_second_run_never_mixes_its_parts_with_the_first() {
     // A shorter input cut in larger shards, into the same location.
     let (path, _input, out2) = tensor_job(dir.path(), 100, "  shardBytes: 128Ki\n");
     assert_eq!(out, out2);
-    let run: Run = local_command(&path, 1, dir.path())
-        .args(["--database-url", &url])
-        .output()
-        .expect("run")
-        .into();
+    let run: Run = run_local_on(&path, 1, dir.path(), &url);
     refused(
         &run,
         &["OutputNotEmpty", &out.display().to_string(), "overwrite"],
@@ -257,11 +239,7 @@ fn a_second_run_never_mixes_its_parts_with_the_first() {
     );
     assert!(yaml.contains("mode: overwrite"), "{yaml}");
     std::fs::write(&path, yaml).expect("manifest");
-    let run: Run = local_command(&path, 1, dir.path())
-        .args(["--database-url", &url])
-        .output()
-        .expect("run")
-        .into();
+    let run: Run = run_local_on(&path, 1, dir.path(), &url);
     assert_eq!(run.code, Some(0), "{}", run.text());
     let second = success_manifest(&out);
     let listed: Vec<String> = second["parts"]

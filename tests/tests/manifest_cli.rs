@@ -9,12 +9,12 @@ use infermesh_tests::*;
 fn run(dir: &Path, yaml: &str) -> Run {
     let path = dir.join("mesh.yaml");
     std::fs::write(&path, yaml).expect("manifest");
-    local_command(&path, 1, dir)
-        .arg("--database-url")
-        .arg(format!("sqlite://{}", dir.join("state.db").display()))
-        .output()
-        .expect("run")
-        .into()
+    run_local_on(
+        &path,
+        1,
+        dir,
+        &format!("sqlite://{}", dir.join("state.db").display()),
+    )
 }
 
 fn refused(run: &Run, words: &[&str]) {

@@ -27,11 +27,7 @@ fn a_model_changed_behind_its_pin_is_reported_and_the_pinned_model_runs() {
         );
         let path = dir.path().join("mesh.yaml");
         std::fs::write(&path, yaml).expect("manifest");
-        local_command(&path, 1, dir.path())
-            .args(["--database-url", &url])
-            .output()
-            .expect("run")
-            .into()
+        run_local_on(&path, 1, dir.path(), &url)
     };
     let first = run_into("out-1");
     assert_eq!(first.code, Some(0), "{}", first.text());

@@ -182,12 +182,7 @@ async fn an_interrupted_run_tells_how_to_resume_and_is_never_started_over() {
     );
 
     // The same manifest again, without --resume: refused, naming the command.
-    let again: Run = local_command(&manifest_path, 2, dir.path())
-        .arg("--database-url")
-        .arg(&url)
-        .output()
-        .expect("again")
-        .into();
+    let again: Run = run_local_on(&manifest_path, 2, dir.path(), &url);
     assert_eq!(again.code, Some(2), "{}", again.text());
     assert!(again.stderr.contains("unfinished run"), "{}", again.text());
     assert!(again.stderr.contains("--resume"), "{}", again.text());

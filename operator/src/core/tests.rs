@@ -119,7 +119,8 @@ async fn count_events(core: &Core<AnyStore>, kind: &str) -> usize {
     core.store().events(&f).await.expect("events").len()
 }
 
-fn hello(id: &str, slots: u32) -> pb::Hello {
+/// The Hello of test agent `id` on node `node-<id>` of mesh `m` (CPU only).
+pub(crate) fn hello(id: &str, slots: u32) -> pb::Hello {
     pb::Hello {
         agent_id: id.into(),
         node: format!("node-{id}"),
@@ -1426,6 +1427,12 @@ mod machine {
                         .iter()
                         .find(|s| s.record.uid == uid)
                         .expect("stored while live");
+                    let done = w
+                        .shards
+                        .iter()
+                        .filter(|s| s.status == ShardStatus::Succeeded)
+                        .count();
+                    assert_eq!(w.succeeded, done, "the succeeded count follows the shards");
                     for (m, s) in w.shards.iter().zip(&sw.shards) {
                         assert!(m.attempt <= MAX_ATTEMPTS, "attempt {} > max", m.attempt);
                         assert_eq!(m.attempt, s.attempt, "shard {} attempt", s.index);

@@ -118,17 +118,7 @@ impl Harness {
 
 fn hello(id: &str, slots: u32) -> pb::AgentMessage {
     pb::AgentMessage {
-        msg: Some(Up::Hello(pb::Hello {
-            agent_id: id.into(),
-            node: "n".into(),
-            mesh: "m".into(),
-            version: "test".into(),
-            capabilities: Some(pb::Capabilities {
-                execution_providers: vec!["cpu".into()],
-                slots,
-                ..Default::default()
-            }),
-        })),
+        msg: Some(Up::Hello(crate::core::tests::hello(id, slots))),
     }
 }
 
