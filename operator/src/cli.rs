@@ -29,10 +29,10 @@ macro_rules! out {
     ($($arg:tt)*) => { $crate::cli::out(format_args!($($arg)*)) };
 }
 
-/// The most credits one ledger amount (a grant, a budget) may carry: 1,000,000,000. With every
-/// account kept within ±[`MAX_BALANCE_CREDITS`], no sum the ledger computes can overflow its
-/// 64-bit micro-credits.
-pub const MAX_AMOUNT_CREDITS: f64 = 1e9;
+/// The most credits one ledger amount (a grant, a budget) may carry: the same bound as a
+/// Mesh budget. With every account kept within ±[`MAX_BALANCE_CREDITS`], no sum the ledger
+/// computes can overflow its 64-bit micro-credits.
+pub use crate::core::pricing::MAX_BUDGET_CREDITS as MAX_AMOUNT_CREDITS;
 
 /// The most credits an account's balance may reach either way: 1,000,000,000,000 (10^18
 /// micro-credits, inside the 9.2 x 10^18 of a signed 64-bit integer).

@@ -374,11 +374,6 @@ impl<S: Store> Core<S> {
         self.st().workloads.len()
     }
 
-    /// Agents held in memory.
-    pub fn resident_agents(&self) -> usize {
-        self.st().agents.len()
-    }
-
     /// Forgets the summary of a finished workload once its final status is written.
     pub fn release(&self, key: &str) {
         self.st().finished.remove(key);
@@ -800,10 +795,12 @@ impl<S: Store> Core<S> {
                 .filter(|w| !w.admitted && w.phase == WorkloadPhase::Pending)
                 .map(|w| w.uid.clone())
                 .collect();
+            // Only namespaces that ran out are read again: charges keep the others' balances
+            // in memory, and this runs every few seconds.
             let namespaces = st
                 .workloads
                 .values()
-                .filter(|w| w.admitted && st.budgeted(&w.mesh, &w.namespace))
+                .filter(|w| w.admitted && st.out_of_credits(w))
                 .map(|w| (w.mesh.clone(), w.namespace.clone()))
                 .collect();
             (held, namespaces)
