@@ -2,15 +2,18 @@
 //! of Kubernetes; the controllers (cluster mode) and `infermesh local` drive it, and the gRPC
 //! server feeds it agent messages.
 //!
-//! How it keeps its promises:
-//! - **No I/O under the lock.** The state sits behind a `std::sync::Mutex`, whose guard cannot
-//!   be held across an `.await`: every change is decided under the lock (the rules are pure
-//!   functions: [`accounting`], [`scheduler`], [`lease`], [`planner`]), the store and object
-//!   writes happen with the lock released, and memory follows what the store accepted.
-//! - **Store first, memory follows.** A failed store write changes nothing in memory. Every
-//!   store write that moves a shard is a compare-and-set on its state, holder and attempt, so
-//!   two paths racing over one shard (a lease expiring while its completion is committed, two
-//!   operators) cannot both win, and applying the winner to memory is idempotent.
+//! It is two parts: a pure state machine ([`machine`]: events in, effects out) and the
+//! executor here ([`Core`]) that performs the effects. How it keeps its promises:
+//! - **No I/O under the lock.** The machine sits behind a `std::sync::Mutex`, whose guard
+//!   cannot be held across an `.await`. A transition runs under the lock and returns effects;
+//!   messages to agents are channel pushes and are delivered there, store and object writes
+//!   are performed with the lock released.
+//! - **Store first, memory follows.** A change that needs the store is two transitions: one
+//!   decides (claims a round, judges a report), the store write follows, and a second
+//!   transition applies what the store accepted. A failed write changes nothing in memory.
+//!   Every store write that moves a shard is a compare-and-set on its state, holder and
+//!   attempt, so two paths racing over one shard (a lease expiring while its completion is
+//!   committed, two operators) cannot both win, and applying the winner is idempotent.
 //! - **Agents are untrusted.** A report is accepted only from the holder of the shard's
 //!   current attempt; prices come from the operator's clock and the registered device; the
 //!   part is checked and committed by the operator ([`outputs`]).
@@ -19,6 +22,7 @@
 
 pub mod accounting;
 pub mod lease;
+pub mod machine;
 pub mod models;
 pub mod outputs;
 pub mod planner;
@@ -28,15 +32,14 @@ pub mod scheduler;
 pub mod sim;
 pub mod validate;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use infermesh_crds::{MeshSpec, WorkloadPhase, WorkloadSpec};
 use infermesh_io::Location;
 use infermesh_proto as pb;
 use pb::agent_message::Msg as Up;
-use pb::operator_message::Msg as Down;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -46,16 +49,17 @@ use tonic::Status;
 use crate::grpc::Principal;
 use crate::store::group::GroupCommitter;
 use crate::store::{
-    ChargeOutcome, Claim, CompletionRecord, Event, EventKind, GrantKind, ShardRecord, Store,
-    StoreError, WorkloadRecord,
+    ChargeOutcome, CompletionRecord, Event, EventKind, GrantKind, ShardRecord, Store, StoreError,
+    WorkloadRecord,
 };
-use accounting::{Device, Refusal, Standing};
-use lease::Requeue;
-use outputs::{ManifestPart, PartFacts};
-use pricing::{Price, format_credits};
+use accounting::Refusal;
+use machine::{
+    Effect, FinishPlan, Machine, NewWorkload, RequeueOrder, RequeuePlan, ShardState, ShardStatus,
+    Tally,
+};
+use outputs::PartFacts;
+use pricing::Price;
 use progress::{AgentSummary, WorkloadSummary};
-use scheduler::{AgentView, PendingShard};
-use validate::Validated;
 
 /// Messages to one agent's stream.
 pub type AgentSender = mpsc::UnboundedSender<Result<pb::OperatorMessage, Status>>;
@@ -63,9 +67,6 @@ pub type AgentSender = mpsc::UnboundedSender<Result<pb::OperatorMessage, Status>
 /// Refused reports one stream may send before it is ended with `PermissionDenied`, so a
 /// flood cannot fill the event log.
 pub const MAX_REFUSALS: u32 = 32;
-
-/// Disconnected agents with nothing running are forgotten after this long.
-const FORGET_AFTER: Duration = Duration::from_secs(15 * 60);
 
 /// Why the core refused something.
 #[derive(Debug, thiserror::Error)]
@@ -107,161 +108,6 @@ pub struct Submission {
     pub input_size: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum ShardStatus {
-    Pending,
-    Running {
-        agent: String,
-        since: Instant,
-    },
-    /// The holder reported it done; the part is being checked and committed.
-    Committing {
-        agent: String,
-    },
-    /// Claimed by another operator (its store claim won).
-    Elsewhere,
-    Succeeded,
-    Failed,
-}
-
-impl ShardStatus {
-    fn standing(&self) -> Standing<'_> {
-        match self {
-            Self::Pending => Standing::Pending,
-            Self::Running { agent, .. } => Standing::Running { agent },
-            Self::Committing { agent } => Standing::Committing { agent },
-            Self::Elsewhere => Standing::Pending,
-            Self::Succeeded => Standing::Succeeded,
-            Self::Failed => Standing::Failed,
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-struct ShardState {
-    range: planner::ShardRange,
-    status: ShardStatus,
-    /// The current attempt (the last one started).
-    attempt: u32,
-    records: u64,
-    sha256: String,
-}
-
-struct WorkloadState {
-    key: String,
-    uid: String,
-    namespace: String,
-    name: String,
-    mesh: String,
-    spec: WorkloadSpec,
-    validated: Validated,
-    input_size: u64,
-    shards: Vec<ShardState>,
-    /// Written to the store and dispatching (false while held for budget).
-    admitted: bool,
-    /// A terminal write (manifest or failure) is under way.
-    finishing: bool,
-    phase: WorkloadPhase,
-    reason: String,
-    message: String,
-    submitted: Instant,
-    finished: Option<Instant>,
-    records: u64,
-    bytes_done: u64,
-    /// Shards succeeded, so a completion checks the end without a scan of every shard.
-    succeeded: usize,
-    credits: i64,
-    retried: u32,
-    /// Submission order, for listings.
-    seq: u64,
-    /// What the model's URI hashed to at admission when not its pinned sha256.
-    model_drift: Option<String>,
-}
-
-impl WorkloadState {
-    fn model_key(&self) -> String {
-        if self.validated.model.sha256.is_empty() {
-            self.validated.model.uri.clone()
-        } else {
-            self.validated.model.sha256.clone()
-        }
-    }
-}
-
-struct AgentState {
-    id: String,
-    mesh: String,
-    node: String,
-    /// Who attached it (a pod in a cluster); another instance may not replace a live stream.
-    instance: Option<String>,
-    session: u64,
-    tx: AgentSender,
-    connected: bool,
-    disconnected_at: Option<Instant>,
-    unschedulable: bool,
-    slots: u32,
-    providers: Vec<String>,
-    gpus: Vec<pb::Gpu>,
-    device: Device,
-    loaded: BTreeSet<String>,
-    cached: BTreeSet<String>,
-    /// (workload uid, shard) assigned and not yet reported.
-    running: BTreeSet<(String, u32)>,
-    last_heartbeat: Instant,
-    completed: u64,
-    credits: i64,
-    refusals: u32,
-}
-
-impl AgentState {
-    fn send(&self, msg: Down) {
-        let _ = self.tx.send(Ok(pb::OperatorMessage { msg: Some(msg) }));
-    }
-}
-
-struct MeshState {
-    spec: MeshSpec,
-    price: Price,
-}
-
-#[derive(Default)]
-struct State {
-    meshes: BTreeMap<String, MeshState>,
-    /// Live workloads, by uid.
-    workloads: HashMap<String, WorkloadState>,
-    /// Summaries of finished workloads not yet released, by key (with their order).
-    finished: HashMap<String, (u64, WorkloadSummary)>,
-    agents: BTreeMap<String, AgentState>,
-    /// Balances of namespaces whose Mesh sets a budget, as last read plus what was charged.
-    balances: HashMap<String, i64>,
-    next_session: u64,
-    next_seq: u64,
-}
-
-impl State {
-    fn budgeted(&self, mesh: &str, namespace: &str) -> bool {
-        self.meshes
-            .get(mesh)
-            .is_some_and(|m| m.spec.budgets.iter().any(|b| b.namespace == namespace))
-    }
-
-    fn out_of_credits(&self, w: &WorkloadState) -> bool {
-        self.budgeted(&w.mesh, &w.namespace)
-            && self.balances.get(&w.namespace).is_some_and(|b| *b <= 0)
-    }
-
-    /// The live workload a wire key (`namespace/name/uid`) names.
-    fn live(&self, key: &str) -> Option<&WorkloadState> {
-        self.workloads.get(key_uid(key)).filter(|w| w.key == key)
-    }
-
-    fn live_mut(&mut self, key: &str) -> Option<&mut WorkloadState> {
-        self.workloads
-            .get_mut(key_uid(key))
-            .filter(|w| w.key == key)
-    }
-}
-
 /// A registered agent stream: which agent, and which of its connections.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentHandle {
@@ -293,11 +139,19 @@ pub struct ShardCounters {
     pub refused: Family<RefusedLabels, Counter>,
 }
 
-/// The core. `S` is the store backend.
+/// The machine and the agents' streams, behind one lock.
+#[derive(Default)]
+struct Inner {
+    machine: Machine,
+    /// Each agent's current stream: (session, sender).
+    links: HashMap<String, (u64, AgentSender)>,
+}
+
+/// The core: the state machine ([`machine`]) and its executor. `S` is the store backend.
 pub struct Core<S: Store> {
     store: Arc<S>,
     committer: GroupCommitter,
-    state: std::sync::Mutex<State>,
+    inner: std::sync::Mutex<Inner>,
     /// One dispatch round at a time (claims are decided, stored, then applied).
     round: tokio::sync::Mutex<()>,
     counters: ShardCounters,
@@ -306,11 +160,6 @@ pub struct Core<S: Store> {
 /// The key of a workload on the wire and in logs: `namespace/name/uid`.
 pub fn workload_key(namespace: &str, name: &str, uid: &str) -> String {
     format!("{namespace}/{name}/{uid}")
-}
-
-/// The uid in a workload key (its last segment).
-fn key_uid(key: &str) -> &str {
-    key.rsplit('/').next().unwrap_or_default()
 }
 
 fn reason_for(kind: pb::ErrorKind) -> &'static str {
@@ -328,18 +177,6 @@ fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
 
-/// A completion that passed the checks needing no I/O.
-struct Accepted {
-    uid: String,
-    namespace: String,
-    output: String,
-    index: u32,
-    attempt: u32,
-    elapsed: Duration,
-    device: Device,
-    price: Price,
-}
-
 impl<S: Store> Core<S> {
     /// A core over `store`.
     pub fn new(store: S) -> Self {
@@ -348,15 +185,87 @@ impl<S: Store> Core<S> {
         Self {
             store,
             committer,
-            state: std::sync::Mutex::new(State::default()),
+            inner: std::sync::Mutex::new(Inner::default()),
             round: tokio::sync::Mutex::new(()),
             counters: ShardCounters::default(),
         }
     }
 
-    fn st(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves plain data behind; carry on with it.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads the machine.
+    fn read<T>(&self, f: impl FnOnce(&Machine) -> T) -> T {
+        f(&self.lock().machine)
+    }
+
+    /// Runs a transition under the lock. Its messages and counts are delivered there (a
+    /// channel push each, no I/O); the store writes it asks for are returned, to be performed
+    /// with the lock released ([`Core::follow`]).
+    fn step<T>(&self, f: impl FnOnce(&mut Machine) -> (T, Vec<Effect>)) -> (T, Vec<Effect>) {
+        let mut inner = self.lock();
+        let (out, effects) = f(&mut inner.machine);
+        let mut later = Vec::new();
+        for effect in effects {
+            match effect {
+                Effect::Send { agent, msg } => {
+                    if let Some((_, tx)) = inner.links.get(&agent) {
+                        let _ = tx.send(Ok(pb::OperatorMessage { msg: Some(*msg) }));
+                    }
+                }
+                Effect::End {
+                    agent,
+                    session,
+                    status,
+                } => {
+                    if let Some((s, tx)) = inner.links.get(&agent)
+                        && *s == session
+                    {
+                        let _ = tx.send(Err(status));
+                    }
+                }
+                Effect::Count(tally) => {
+                    let counter = match tally {
+                        Tally::Dispatched => &self.counters.dispatched,
+                        Tally::Completed => &self.counters.completed,
+                        Tally::Failed => &self.counters.failed,
+                        Tally::Requeued => &self.counters.requeued,
+                    };
+                    counter.inc();
+                }
+                Effect::Requeue(_) | Effect::Dispatch => later.push(effect),
+            }
+        }
+        (out, later)
+    }
+
+    /// A transition whose only effects are messages and counts.
+    fn apply<T>(&self, f: impl FnOnce(&mut Machine) -> (T, Vec<Effect>)) -> T {
+        let (out, later) = self.step(f);
+        debug_assert!(later.is_empty(), "store effects dropped: {later:?}");
+        out
+    }
+
+    /// Performs the store effects of a transition, in order, feeding each answer back to the
+    /// machine; one dispatch round at the end when any was asked for.
+    async fn follow(&self, effects: Vec<Effect>) -> Result<(), StoreError> {
+        let mut dispatch = false;
+        for effect in effects {
+            match effect {
+                Effect::Requeue(order) => self.requeue_or_fail(order).await?,
+                Effect::Dispatch => dispatch = true,
+                other => {
+                    // Messages and counts are delivered by `step`.
+                    self.apply(|_| ((), vec![other]));
+                }
+            }
+        }
+        if dispatch {
+            self.dispatch().await?;
+        }
+        Ok(())
     }
 
     /// The shard counters.
@@ -371,113 +280,70 @@ impl<S: Store> Core<S> {
 
     /// Workloads held in memory with their shards (finished ones leave).
     pub fn resident_workloads(&self) -> usize {
-        self.st().workloads.len()
+        self.read(|m| m.workloads.len())
     }
 
     /// Forgets the summary of a finished workload once its final status is written.
     pub fn release(&self, key: &str) {
-        self.st().finished.remove(key);
+        self.apply(|m| (m.release(key), Vec::new()));
     }
 
     /// Forgets an agent whose object is gone (it must be disconnected).
     pub fn forget_agent(&self, id: &str) {
-        let mut st = self.st();
-        if st.agents.get(id).is_some_and(|a| !a.connected) {
-            st.agents.remove(id);
+        let mut inner = self.lock();
+        inner.machine.forget_agent(id);
+        if !inner.machine.agents.contains_key(id) {
+            inner.links.remove(id);
         }
     }
 
     /// Pauses (or resumes) dispatch of a workload's shards; running shards finish.
     /// Returns false when the core does not know the workload.
     pub async fn set_suspend(&self, key: &str, suspend: bool) -> Result<bool, CoreError> {
-        let resumed = {
-            let mut st = self.st();
-            if st.finished.contains_key(key) {
-                return Ok(true);
-            }
-            let Some(w) = st.live_mut(key) else {
-                return Ok(false);
-            };
-            if w.spec.suspend == suspend {
-                return Ok(true);
-            }
-            w.spec.suspend = suspend;
-            tracing::info!(workload = %key, suspend, "workload suspend changed");
-            !suspend
-        };
-        if resumed {
-            self.dispatch().await?;
-        }
-        Ok(true)
+        let (known, effects) = self.step(|m| match m.suspend(key, suspend) {
+            Some(effects) => (true, effects),
+            None => (false, Vec::new()),
+        });
+        self.follow(effects).await?;
+        Ok(known)
     }
 
     /// Cancels a workload (its object was deleted): running shards are cancelled on their
     /// agents, nothing more is dispatched, and the store records it as failed with `reason`.
     /// Completed shards stay charged. Returns false when the core does not know it.
     pub async fn cancel(&self, key: &str, reason: &str, message: &str) -> Result<bool, CoreError> {
-        let uid = {
-            let mut st = self.st();
-            if st.finished.contains_key(key) {
-                return Ok(true);
+        let verdict = self.apply(|m| (m.cancel(key, reason, message, Instant::now()), Vec::new()));
+        match verdict {
+            None => Ok(false),
+            Some(None) => Ok(true),
+            Some(Some(uid)) => {
+                self.fail_workload(&uid, reason, message).await?;
+                self.dispatch().await?;
+                Ok(true)
             }
-            let Some(w) = st.live_mut(key) else {
-                return Ok(false);
-            };
-            let uid = w.uid.clone();
-            if !w.admitted {
-                // Held, never written to the store: just stop considering it.
-                w.phase = WorkloadPhase::Failed;
-                w.reason = reason.to_string();
-                w.message = message.to_string();
-                w.finished = Some(Instant::now());
-                retire(&mut st, &uid);
-                return Ok(true);
-            }
-            uid
-        };
-        self.fail_workload(&uid, reason, message).await?;
-        self.dispatch().await?;
-        Ok(true)
+        }
     }
 
     /// Whether the core holds a workload with this key (running, held, or finished and not
     /// yet released).
     pub async fn knows(&self, key: &str) -> bool {
-        let st = self.st();
-        st.finished.contains_key(key) || st.live(key).is_some()
+        self.read(|m| m.knows(key))
     }
 
     /// A summary of one workload.
     pub async fn workload(&self, key: &str) -> Option<WorkloadSummary> {
-        let st = self.st();
-        if let Some((_, s)) = st.finished.get(key) {
-            return Some(s.clone());
-        }
-        st.live(key).map(summarize)
+        self.read(|m| m.summary(key))
     }
 
     /// Whether the core knows the Mesh.
     pub async fn has_mesh(&self, name: &str) -> bool {
-        self.st().meshes.contains_key(name)
+        self.read(|m| m.meshes.contains_key(name))
     }
 
     /// Forgets a Mesh (deleted): its agents are told to drain and its workloads fail with
     /// `MeshDeleted` (nothing could run them any more).
     pub async fn remove_mesh(&self, name: &str) {
-        let orphans: Vec<String> = {
-            let mut st = self.st();
-            st.meshes.remove(name);
-            for a in st.agents.values().filter(|a| a.connected && a.mesh == name) {
-                a.send(Down::Drain(pb::Drain {
-                    reason: format!("mesh {name} was deleted"),
-                }));
-            }
-            st.workloads
-                .values()
-                .filter(|w| w.mesh == name)
-                .map(|w| w.uid.clone())
-                .collect()
-        };
+        let orphans = self.apply(|m| m.mesh_removed(name));
         for uid in orphans {
             let message = format!("mesh {name} was deleted while the workload ran");
             if let Err(e) = self.fail_workload(&uid, "MeshDeleted", &message).await {
@@ -519,9 +385,7 @@ impl<S: Store> Core<S> {
                 tracing::info!(namespace = %budget.namespace, mesh = %name, credits = budget.credits, "budget granted");
             }
         }
-        self.st()
-            .meshes
-            .insert(name.to_string(), MeshState { spec, price });
+        self.apply(|m| (m.mesh_set(name, spec, price), Vec::new()));
         self.admit_held().await
     }
 
@@ -545,7 +409,7 @@ impl<S: Store> Core<S> {
         for sw in stored.into_iter().filter(|sw| keep(&sw.record)) {
             let r = &sw.record;
             let key = workload_key(&r.namespace, &r.name, &r.uid);
-            if self.st().workloads.contains_key(&r.uid) {
+            if self.read(|m| m.workloads.contains_key(&r.uid)) {
                 continue;
             }
             let parsed = serde_json::from_str::<WorkloadSpec>(&r.spec_json)
@@ -571,7 +435,6 @@ impl<S: Store> Core<S> {
                 credits = credits.saturating_add(c.amount);
             }
             let mut shards = Vec::with_capacity(sw.shards.len());
-            let (mut records, mut bytes_done) = (0u64, 0u64);
             let mut exhausted = None;
             for s in &sw.shards {
                 let status = match s.state.as_str() {
@@ -584,15 +447,22 @@ impl<S: Store> Core<S> {
                         self.store
                             .fail_shard(&r.uid, s.index, s.attempt, s.agent.as_deref(), &message)
                             .await?;
-                        exhausted = Some(message);
+                        exhausted = Some(("AttemptsExhausted", message));
                         ShardStatus::Failed
                     }
-                    "succeeded" => {
-                        records = records.saturating_add(s.records);
-                        bytes_done = bytes_done.saturating_add(s.end - s.start);
-                        ShardStatus::Succeeded
+                    "succeeded" => ShardStatus::Succeeded,
+                    // A shard fails for good only with its workload; the operator stopped
+                    // between the two writes. The workload fails now, as it would have.
+                    "failed" => {
+                        exhausted.get_or_insert_with(|| {
+                            let message = format!(
+                                "shard {} had failed for good before the operator restarted",
+                                s.index
+                            );
+                            ("ShardFailed", message)
+                        });
+                        ShardStatus::Failed
                     }
-                    "failed" => ShardStatus::Failed,
                     "running" => {
                         self.store
                             .requeue(
@@ -608,62 +478,41 @@ impl<S: Store> Core<S> {
                     _ => ShardStatus::Pending,
                 };
                 shards.push(ShardState {
-                    range: planner::ShardRange {
-                        index: s.index,
-                        start: s.start,
-                        end: s.end,
-                    },
                     status,
                     attempt: s.attempt,
                     records: s.records,
                     sha256: s.sha256.clone().unwrap_or_default(),
+                    ..ShardState::new(planner::ShardRange {
+                        index: s.index,
+                        start: s.start,
+                        end: s.end,
+                    })
                 });
             }
             let balance = self.balance_if_budgeted(&r.mesh, &r.namespace).await?;
-            tracing::info!(workload = %key, shards = shards.len(), records, "workload resumed");
-            {
-                let mut st = self.st();
+            tracing::info!(workload = %key, shards = shards.len(), "workload resumed");
+            let new = NewWorkload {
+                key,
+                uid: r.uid.clone(),
+                namespace: r.namespace.clone(),
+                name: r.name.clone(),
+                spec,
+                validated,
+                input_size: r.input_bytes,
+                shards,
+                admitted: true,
+                credits,
+                model_drift: None,
+            };
+            self.apply(|m| {
                 if let Some(b) = balance {
-                    st.balances.insert(r.namespace.clone(), b);
+                    m.balance_read(&r.namespace, b);
                 }
-                let seq = st.next_seq;
-                st.next_seq += 1;
-                let succeeded = shards
-                    .iter()
-                    .filter(|s| s.status == ShardStatus::Succeeded)
-                    .count();
-                st.workloads.insert(
-                    r.uid.clone(),
-                    WorkloadState {
-                        key,
-                        uid: r.uid.clone(),
-                        namespace: r.namespace.clone(),
-                        name: r.name.clone(),
-                        mesh: r.mesh.clone(),
-                        spec,
-                        validated,
-                        input_size: r.input_bytes,
-                        shards,
-                        admitted: true,
-                        finishing: false,
-                        phase: WorkloadPhase::Running,
-                        reason: "Resumed".into(),
-                        message: String::new(),
-                        submitted: Instant::now(),
-                        finished: None,
-                        records,
-                        bytes_done,
-                        succeeded,
-                        credits,
-                        retried: 0,
-                        seq,
-                        model_drift: None,
-                    },
-                );
-            }
-            if let Some(message) = exhausted {
-                self.fail_workload(&r.uid, "AttemptsExhausted", &message)
-                    .await?;
+                m.insert(new, Instant::now());
+                ((), Vec::new())
+            });
+            if let Some((reason, message)) = exhausted {
+                self.fail_workload(&r.uid, reason, &message).await?;
                 continue;
             }
             resumed.push(r.uid.clone());
@@ -680,7 +529,7 @@ impl<S: Store> Core<S> {
         mesh: &str,
         namespace: &str,
     ) -> Result<Option<i64>, StoreError> {
-        if !self.st().budgeted(mesh, namespace) {
+        if !self.read(|m| m.budgeted(mesh, namespace)) {
             return Ok(None);
         }
         let account = crate::store::namespace_account(namespace);
@@ -694,15 +543,15 @@ impl<S: Store> Core<S> {
     pub async fn submit(&self, sub: Submission) -> Result<String, CoreError> {
         let validated = validate::validate(&sub.spec)?;
         let key = workload_key(&sub.namespace, &sub.name, &sub.uid);
-        {
-            let st = self.st();
-            if !st.meshes.contains_key(&sub.spec.mesh) {
+        self.read(|m| {
+            if !m.meshes.contains_key(&sub.spec.mesh) {
                 return Err(CoreError::MeshNotFound(sub.spec.mesh.clone()));
             }
-            if st.workloads.contains_key(&sub.uid) || st.finished.contains_key(&key) {
-                return Err(CoreError::Duplicate(key));
+            if m.workloads.contains_key(&sub.uid) || m.finished.contains_key(&key) {
+                return Err(CoreError::Duplicate(key.clone()));
             }
-        }
+            Ok(())
+        })?;
         match self.store.workload_phase(&sub.uid).await? {
             Some(phase) if phase == "Running" => {
                 self.resume().await?;
@@ -726,59 +575,32 @@ impl<S: Store> Core<S> {
                 .append(&Event::new(EventKind::ModelChanged, warning).workload(&sub.uid))
                 .await?;
         }
-        {
-            let mut st = self.st();
-            if st.workloads.contains_key(&sub.uid) {
-                return Err(CoreError::Duplicate(key));
+        self.apply(|m| {
+            if m.workloads.contains_key(&sub.uid) {
+                return (Err(CoreError::Duplicate(key.clone())), Vec::new());
             }
             // Slots of the Mesh's agents now; fewer are fine (only the last round is affected).
-            let slots: u32 = st
-                .agents
-                .values()
-                .filter(|a| a.connected && !a.unschedulable && a.mesh == sub.spec.mesh)
-                .map(|a| a.slots)
-                .sum();
-            let ranges = planner::plan(sub.input_size, validated.shard_bytes, slots);
-            let seq = st.next_seq;
-            st.next_seq += 1;
-            st.workloads.insert(
-                sub.uid.clone(),
-                WorkloadState {
-                    key: key.clone(),
-                    uid: sub.uid.clone(),
-                    namespace: sub.namespace,
-                    name: sub.name,
-                    mesh: sub.spec.mesh.clone(),
-                    spec: sub.spec,
-                    validated,
-                    input_size: sub.input_size,
-                    shards: ranges
-                        .into_iter()
-                        .map(|range| ShardState {
-                            range,
-                            status: ShardStatus::Pending,
-                            attempt: 0,
-                            records: 0,
-                            sha256: String::new(),
-                        })
-                        .collect(),
-                    admitted: false,
-                    finishing: false,
-                    phase: WorkloadPhase::Pending,
-                    reason: "Pending".into(),
-                    message: String::new(),
-                    submitted: Instant::now(),
-                    finished: None,
-                    records: 0,
-                    bytes_done: 0,
-                    succeeded: 0,
-                    credits: 0,
-                    retried: 0,
-                    seq,
-                    model_drift: drift,
-                },
+            let ranges = planner::plan(
+                sub.input_size,
+                validated.shard_bytes,
+                m.mesh_slots(&sub.spec.mesh),
             );
-        }
+            let new = NewWorkload {
+                key: key.clone(),
+                uid: sub.uid.clone(),
+                namespace: sub.namespace,
+                name: sub.name,
+                spec: sub.spec,
+                validated,
+                input_size: sub.input_size,
+                shards: ranges.into_iter().map(ShardState::new).collect(),
+                admitted: false,
+                credits: 0,
+                model_drift: drift,
+            };
+            m.insert(new, Instant::now());
+            (Ok(()), Vec::new())
+        })?;
         self.try_admit(&sub.uid).await?;
         self.dispatch().await?;
         Ok(key)
@@ -787,9 +609,8 @@ impl<S: Store> Core<S> {
     /// Admits the held workloads whose namespaces have budget again (after a grant), and lets
     /// running workloads that had run out of credits dispatch again.
     pub async fn admit_held(&self) -> Result<(), CoreError> {
-        let (held, namespaces): (Vec<String>, BTreeSet<(String, String)>) = {
-            let st = self.st();
-            let held = st
+        let (held, namespaces): (Vec<String>, BTreeSet<(String, String)>) = self.read(|m| {
+            let held = m
                 .workloads
                 .values()
                 .filter(|w| !w.admitted && w.phase == WorkloadPhase::Pending)
@@ -797,26 +618,21 @@ impl<S: Store> Core<S> {
                 .collect();
             // Only namespaces that ran out are read again: charges keep the others' balances
             // in memory, and this runs every few seconds.
-            let namespaces = st
+            let namespaces = m
                 .workloads
                 .values()
-                .filter(|w| w.admitted && st.out_of_credits(w))
+                .filter(|w| {
+                    w.admitted
+                        && m.budgeted(&w.mesh, &w.namespace)
+                        && m.balances.get(&w.namespace).is_some_and(|b| *b <= 0)
+                })
                 .map(|w| (w.mesh.clone(), w.namespace.clone()))
                 .collect();
             (held, namespaces)
-        };
+        });
         for (mesh, ns) in namespaces {
             if let Some(b) = self.balance_if_budgeted(&mesh, &ns).await? {
-                let mut st = self.st();
-                st.balances.insert(ns.clone(), b);
-                if b > 0 {
-                    for w in st.workloads.values_mut() {
-                        if w.namespace == ns && w.admitted && w.reason == "QuotaExceeded" {
-                            w.reason = "Admitted".into();
-                            w.message = String::new();
-                        }
-                    }
-                }
+                self.apply(|m| (m.balance_read(&ns, b), Vec::new()));
             }
         }
         for uid in &held {
@@ -828,14 +644,8 @@ impl<S: Store> Core<S> {
 
     /// Admits workload `uid` if its namespace's budget on its Mesh allows; holds it otherwise.
     async fn try_admit(&self, uid: &str) -> Result<(), CoreError> {
-        let (record, shard_records, mesh, namespace) = {
-            let st = self.st();
-            let Some(w) = st.workloads.get(uid) else {
-                return Ok(());
-            };
-            if w.admitted {
-                return Ok(());
-            }
+        let found = self.read(|m| {
+            let w = m.workloads.get(uid).filter(|w| !w.admitted)?;
             let record = WorkloadRecord {
                 uid: w.uid.clone(),
                 namespace: w.namespace.clone(),
@@ -853,31 +663,19 @@ impl<S: Store> Core<S> {
                     end: s.range.end,
                 })
                 .collect();
-            (record, shards, w.mesh.clone(), w.namespace.clone())
+            Some((record, shards))
+        });
+        let Some((record, shard_records)) = found else {
+            return Ok(());
         };
-        let balance = self.balance_if_budgeted(&mesh, &namespace).await?;
+        let balance = self
+            .balance_if_budgeted(&record.mesh, &record.namespace)
+            .await?;
         if let Some(left) = balance
             && left <= 0
         {
-            let (message, first) = {
-                let mut st = self.st();
-                st.balances.insert(namespace.clone(), left);
-                let budget = st
-                    .meshes
-                    .get(&mesh)
-                    .and_then(|m| m.spec.budgets.iter().find(|b| b.namespace == namespace))
-                    .and_then(|b| pricing::credits_to_micro(b.credits).ok())
-                    .unwrap_or(0);
-                let Some(w) = st.workloads.get_mut(uid) else {
-                    return Ok(());
-                };
-                let message = quota_message(&namespace, &mesh, left, budget);
-                let first = w.reason != "QuotaExceeded";
-                w.reason = "QuotaExceeded".into();
-                w.message = message.clone();
-                (message, first)
-            };
-            if first {
+            let held = self.apply(|m| (m.held(uid, left), Vec::new()));
+            if let Some((message, true)) = held {
                 tracing::warn!(workload = %record.uid, %message, "workload held");
                 let e = Event::new(EventKind::WorkloadHeld, format!("QuotaExceeded: {message}"))
                     .workload(uid);
@@ -887,19 +685,7 @@ impl<S: Store> Core<S> {
         }
         self.store.create_workload(&record, &shard_records).await?;
         tracing::info!(workload = %uid, shards = shard_records.len(), bytes = record.input_bytes, "workload admitted");
-        {
-            let mut st = self.st();
-            if let Some(b) = balance {
-                st.balances.insert(namespace, b);
-            }
-            if let Some(w) = st.workloads.get_mut(uid) {
-                w.admitted = true;
-                w.phase = WorkloadPhase::Running;
-                w.reason = "Admitted".into();
-                w.message = String::new();
-                w.submitted = Instant::now();
-            }
-        }
+        self.apply(|m| (m.admitted(uid, balance, Instant::now()), Vec::new()));
         self.maybe_finish(uid).await
     }
 
@@ -915,7 +701,7 @@ impl<S: Store> Core<S> {
         if hello.agent_id.trim().is_empty() {
             return Err(Status::invalid_argument("Hello.agent_id must not be empty"));
         }
-        let caps = hello.capabilities.unwrap_or_default();
+        let caps = hello.capabilities.clone().unwrap_or_default();
         if caps.slots == 0 {
             return Err(Status::invalid_argument(
                 "Hello.capabilities.slots must be at least 1",
@@ -937,76 +723,14 @@ impl<S: Store> Core<S> {
                 hello.node
             )));
         }
-        let (handle, replaced) = {
-            let mut st = self.st();
-            let Some(mesh) = st.meshes.get(&hello.mesh) else {
-                return Err(Status::failed_precondition(format!(
-                    "mesh `{}` does not exist",
-                    hello.mesh
-                )));
-            };
-            let welcome = pb::Welcome {
-                agent_name: hello.agent_id.clone(),
-                lease_seconds: mesh.spec.lease_seconds,
-                heartbeat_seconds: mesh.spec.heartbeat_seconds,
-            };
-            let mut replaced = BTreeSet::new();
-            let mut carried = (0, 0, false);
-            if let Some(old) = st.agents.get_mut(&hello.agent_id) {
-                if old.connected {
-                    if old.instance.is_some() && old.instance != who.instance {
-                        return Err(Status::already_exists(format!(
-                            "agent `{}` is attached from another instance ({}); it is taken \
-                             over only when that stream ends or its lease expires",
-                            hello.agent_id,
-                            old.instance.as_deref().unwrap_or("?")
-                        )));
-                    }
-                    // The same instance reconnected: its old stream's shards go back to the
-                    // queue.
-                    old.connected = false;
-                    replaced = std::mem::take(&mut old.running);
-                }
-                carried = (old.completed, old.credits, old.unschedulable);
-            }
-            st.next_session += 1;
-            let session = st.next_session;
-            let _ = tx.send(Ok(pb::OperatorMessage {
-                msg: Some(Down::Welcome(welcome)),
-            }));
-            st.agents.insert(
-                hello.agent_id.clone(),
-                AgentState {
-                    id: hello.agent_id.clone(),
-                    mesh: hello.mesh.clone(),
-                    node: hello.node.clone(),
-                    instance: who.instance.clone(),
-                    session,
-                    tx,
-                    connected: true,
-                    disconnected_at: None,
-                    unschedulable: carried.2,
-                    slots: caps.slots,
-                    providers: caps.execution_providers.clone(),
-                    device: Device::registered(&caps.execution_providers, caps.gpus.len()),
-                    gpus: caps.gpus.clone(),
-                    loaded: BTreeSet::new(),
-                    cached: caps.cached_models.iter().cloned().collect(),
-                    running: BTreeSet::new(),
-                    last_heartbeat: Instant::now(),
-                    completed: carried.0,
-                    credits: carried.1,
-                    refusals: 0,
-                },
-            );
-            (
-                AgentHandle {
-                    id: hello.agent_id.clone(),
-                    session,
-                },
-                replaced,
-            )
+        let (handle, effects) = {
+            let mut inner = self.lock();
+            let (handle, effects) = inner.machine.attach(&hello, who, Instant::now())?;
+            // The new stream is the agent's from now on; the old one (if any) hears no more.
+            inner.links.insert(handle.id.clone(), (handle.session, tx));
+            (handle, effects)
         };
+        let (_, later) = self.step(|_| ((), effects));
         let msg = format!(
             "node {} mesh {} slots {} providers {:?} gpus {} version {}",
             hello.node,
@@ -1021,141 +745,31 @@ impl<S: Store> Core<S> {
             .append(&Event::new(EventKind::AgentJoined, msg).agent(&hello.agent_id))
             .await
             .map_err(internal)?;
-        for (uid, index) in replaced {
-            let attempt = self.attempt_of(&uid, index);
-            self.requeue_or_fail(
-                &uid,
-                index,
-                attempt,
-                Some(&hello.agent_id),
-                "agent reconnected",
-                "AgentLost",
-            )
-            .await
-            .map_err(internal)?;
-        }
-        self.dispatch().await.map_err(internal)?;
+        self.follow(later).await.map_err(internal)?;
         Ok(handle)
-    }
-
-    fn attempt_of(&self, uid: &str, index: u32) -> u32 {
-        self.st()
-            .workloads
-            .get(uid)
-            .and_then(|w| w.shards.get(index as usize))
-            .map(|s| s.attempt)
-            .unwrap_or(0)
     }
 
     /// Handles one message from an attached agent. A malformed message is refused with
     /// `InvalidArgument` (the caller ends that stream; other agents are not disturbed); a
     /// report the agent may not make is answered with `Refused` and changes nothing.
     pub async fn handle(&self, who: &AgentHandle, msg: pb::AgentMessage) -> Result<(), Status> {
-        {
-            let st = self.st();
-            if st
-                .agents
-                .get(&who.id)
-                .is_none_or(|a| a.session != who.session || !a.connected)
-            {
-                return Err(Status::failed_precondition(
-                    "this stream was replaced or its lease expired; reconnect",
-                ));
-            }
+        if !self.read(|m| m.is_current(who)) {
+            return Err(Status::failed_precondition(
+                "this stream was replaced or its lease expired; reconnect",
+            ));
         }
         match msg.msg {
             None => Err(Status::invalid_argument("AgentMessage carries no message")),
             Some(Up::Hello(_)) => Err(Status::invalid_argument(
                 "Hello was already sent on this stream",
             )),
-            Some(Up::Heartbeat(hb)) => self.heartbeat(who, hb).await.map_err(internal),
+            Some(Up::Heartbeat(hb)) => {
+                let (_, later) = self.step(|m| ((), m.heartbeat(&who.id, &hb, Instant::now())));
+                self.follow(later).await.map_err(internal)
+            }
             Some(Up::Completed(c)) => self.completed(who, c).await,
             Some(Up::Failed(f)) => self.failed(who, f).await,
         }
-    }
-
-    async fn heartbeat(&self, who: &AgentHandle, hb: pb::Heartbeat) -> Result<(), StoreError> {
-        let lost = {
-            let mut st = self.st();
-            let grace = st
-                .agents
-                .get(&who.id)
-                .and_then(|a| st.meshes.get(&a.mesh))
-                .map(|m| Duration::from_secs(2 * u64::from(m.spec.heartbeat_seconds.max(1))))
-                .unwrap_or(Duration::from_secs(10));
-            let reported: HashSet<(&str, u32, u32)> = hb
-                .running
-                .iter()
-                .map(|r| (key_uid(&r.workload), r.index, r.attempt))
-                .collect();
-            let now = Instant::now();
-            let Some(a) = st.agents.get(&who.id) else {
-                return Ok(());
-            };
-            // What the operator believes this agent runs; what of it the agent no longer
-            // lists, past the grace, it lost.
-            let mut believed: HashSet<(&str, u32, u32)> = HashSet::new();
-            let mut lost = Vec::new();
-            for (uid, index) in &a.running {
-                let Some(s) = st
-                    .workloads
-                    .get(uid)
-                    .and_then(|w| w.shards.get(*index as usize))
-                else {
-                    continue;
-                };
-                let ShardStatus::Running { agent, since } = &s.status else {
-                    continue;
-                };
-                if *agent != who.id {
-                    continue;
-                }
-                let held = (uid.as_str(), *index, s.attempt);
-                believed.insert(held);
-                if now.saturating_duration_since(*since) > grace && !reported.contains(&held) {
-                    lost.push((uid.clone(), *index, s.attempt));
-                }
-            }
-            // What it runs that it should not: cancel.
-            let stray: Vec<pb::ShardRef> = hb
-                .running
-                .iter()
-                .filter(|r| !believed.contains(&(key_uid(&r.workload), r.index, r.attempt)))
-                .cloned()
-                .collect();
-            let Some(a) = st.agents.get_mut(&who.id) else {
-                return Ok(());
-            };
-            a.last_heartbeat = now;
-            a.loaded = hb.loaded_models.iter().cloned().collect();
-            a.cached = hb.cached_models.iter().cloned().collect();
-            for r in stray {
-                tracing::info!(agent = %who.id, shard = %r.display(), "agent runs a shard it does not hold: cancelled");
-                a.send(Down::Cancel(pb::Cancel {
-                    shard: Some(r),
-                    reason: "this agent does not hold that attempt".into(),
-                }));
-            }
-            for (uid, index, _) in &lost {
-                a.running.remove(&(uid.clone(), *index));
-            }
-            lost
-        };
-        if lost.is_empty() {
-            return Ok(());
-        }
-        for (uid, index, attempt) in lost {
-            self.requeue_or_fail(
-                &uid,
-                index,
-                attempt,
-                Some(&who.id),
-                "the agent's heartbeat no longer lists the shard",
-                "AgentLost",
-            )
-            .await?;
-        }
-        self.dispatch().await
     }
 
     /// Answers a report the agent may not make: a `Refused` on its stream, a
@@ -1188,20 +802,7 @@ impl<S: Store> Core<S> {
             }
             self.store.append(&e).await.map_err(internal)?;
         }
-        let refusals = {
-            let mut st = self.st();
-            let Some(a) = st.agents.get_mut(&who.id) else {
-                return Ok(());
-            };
-            a.refusals += 1;
-            a.send(Down::Refused(pb::Refused {
-                shard: Some(shard.clone()),
-                code: i32::from(refusal.code),
-                reason: refusal.reason.into(),
-                message: refusal.message,
-            }));
-            a.refusals
-        };
+        let refusals = self.apply(|m| m.refused(&who.id, shard, refusal));
         if refusals > MAX_REFUSALS {
             return Err(Status::permission_denied(format!(
                 "{refusals} reports refused on this stream; disconnecting"
@@ -1210,103 +811,19 @@ impl<S: Store> Core<S> {
         Ok(())
     }
 
-    /// Judges a report's shard under the lock: `Ok((uid, workload state))` when `who` holds
-    /// the reported attempt.
-    fn judge(
-        st: &State,
-        who: &AgentHandle,
-        shard: &pb::ShardRef,
-    ) -> Result<String, (Option<String>, Refusal)> {
-        let Some(w) = st.live(&shard.workload) else {
-            let finished = st.finished.contains_key(&shard.workload);
-            let refusal = if finished {
-                Refusal {
-                    code: tonic::Code::AlreadyExists,
-                    reason: "duplicate",
-                    message: format!("workload `{}` is already finished", shard.workload),
-                }
-            } else {
-                Refusal::unknown(format!("no workload `{}`", shard.workload))
-            };
-            return Err((None, refusal));
-        };
-        let uid = w.uid.clone();
-        let Some(s) = w.shards.get(shard.index as usize) else {
-            return Err((
-                Some(uid),
-                Refusal::unknown(format!(
-                    "workload `{}` has no shard {}",
-                    shard.workload, shard.index
-                )),
-            ));
-        };
-        accounting::judge_holder(s.status.standing(), s.attempt, &who.id, shard.attempt)
-            .map_err(|r| (Some(uid.clone()), r))?;
-        Ok(uid)
-    }
-
-    /// A completion: judged under the lock, its part checked and committed without it, then
-    /// charged (group commit) and applied.
+    /// A completion: judged by the machine, its part checked and committed without the lock,
+    /// then charged (group commit) and applied.
     async fn completed(&self, who: &AgentHandle, c: pb::Completed) -> Result<(), Status> {
         let shard = c
             .shard
             .clone()
             .ok_or_else(|| Status::invalid_argument("Completed carries no shard"))?;
-        let verdict = {
-            let mut st = self.st();
-            Self::judge(&st, who, &shard).and_then(|uid| {
-                let w = &st.workloads[&uid];
-                let s = &w.shards[shard.index as usize];
-                let expected = outputs::attempt_uri(&w.spec.output.uri, shard.index, s.attempt);
-                if c.output_uri != expected {
-                    return Err((
-                        Some(uid),
-                        Refusal::invalid(format!(
-                            "output_uri `{}` is not the one assigned (`{expected}`)",
-                            c.output_uri
-                        )),
-                    ));
-                }
-                let ShardStatus::Running { since, .. } = s.status else {
-                    unreachable!("judge_holder accepts only a running shard");
-                };
-                let elapsed = since.elapsed();
-                accounting::check_completed_numbers(
-                    c.compute_seconds,
-                    c.records,
-                    accounting::max_records(s.range.start, s.range.end),
-                    &c.sha256,
-                    elapsed,
-                )
-                .map_err(|r| (Some(uid.clone()), r))?;
-                let device = st
-                    .agents
-                    .get(&who.id)
-                    .map(|a| a.device)
-                    .unwrap_or(Device::Cpu);
-                let price = st.meshes.get(&w.mesh).map(|m| m.price).unwrap_or_default();
-                let accepted = Accepted {
-                    uid: uid.clone(),
-                    namespace: w.namespace.clone(),
-                    output: w.spec.output.uri.clone(),
-                    index: shard.index,
-                    attempt: s.attempt,
-                    elapsed,
-                    device,
-                    price,
-                };
-                // The slot is free from now on; the shard is the holder's until committed.
-                if let Some(a) = st.agents.get_mut(&who.id) {
-                    a.running.remove(&(uid.clone(), shard.index));
-                }
-                if let Some(w) = st.workloads.get_mut(&uid) {
-                    w.shards[shard.index as usize].status = ShardStatus::Committing {
-                        agent: who.id.clone(),
-                    };
-                }
-                Ok(accepted)
-            })
-        };
+        let verdict = self.apply(|m| {
+            (
+                m.accept_completion(&who.id, &c, &shard, Instant::now()),
+                Vec::new(),
+            )
+        });
         let acc = match verdict {
             Ok(acc) => acc,
             Err((uid, refusal)) => {
@@ -1349,17 +866,17 @@ impl<S: Store> Core<S> {
                     .refuse(who, &shard, Some(&acc.uid), refusal, true)
                     .await;
                 // The holder's attempt produced nothing usable: it counts as a failed attempt.
-                self.requeue_or_fail(
-                    &acc.uid,
-                    acc.index,
-                    acc.attempt,
-                    Some(&who.id),
-                    &reason,
-                    "OutputMismatch",
-                )
-                .await
-                .map_err(internal)?;
-                self.dispatch().await.map_err(internal)?;
+                let order = RequeueOrder {
+                    uid: acc.uid.clone(),
+                    index: acc.index,
+                    attempt: acc.attempt,
+                    agent: Some(who.id.clone()),
+                    reason,
+                    fail_reason: "OutputMismatch",
+                };
+                self.follow(vec![Effect::Requeue(order), Effect::Dispatch])
+                    .await
+                    .map_err(internal)?;
                 return answer;
             }
         };
@@ -1383,24 +900,17 @@ impl<S: Store> Core<S> {
                 if let Err(e) = outputs::commit(&acc.output, acc.index, acc.attempt).await {
                     tracing::warn!(workload = %acc.uid, shard = acc.index, error = %e, "part not moved to its final name yet");
                 }
-                self.apply_completion(&record);
+                self.apply(|m| ((), m.committed(&record)));
                 self.maybe_finish(&acc.uid).await.map_err(internal)?;
                 Ok(())
             }
             Ok(ChargeOutcome::Refused) => {
                 // The store says the attempt is not running there (another operator took
                 // the shard): the event is in the log; tell the agent.
-                {
-                    let mut st = self.st();
-                    if let Some(w) = st.workloads.get_mut(&acc.uid) {
-                        let s = &mut w.shards[acc.index as usize];
-                        if s.attempt == acc.attempt
-                            && matches!(s.status, ShardStatus::Committing { .. })
-                        {
-                            s.status = ShardStatus::Elsewhere;
-                        }
-                    }
-                }
+                self.apply(|m| {
+                    m.lost_to_store(&acc.uid, acc.index, acc.attempt);
+                    ((), Vec::new())
+                });
                 let refusal = Refusal {
                     code: tonic::Code::FailedPrecondition,
                     reason: "stale_attempt",
@@ -1411,52 +921,19 @@ impl<S: Store> Core<S> {
             }
             Err(e) => {
                 // Not recorded: the attempt goes back to the queue.
-                self.requeue_or_fail(
-                    &acc.uid,
-                    acc.index,
-                    acc.attempt,
-                    Some(&who.id),
-                    &e.to_string(),
-                    "StorageError",
-                )
-                .await
-                .map_err(internal)?;
-                self.dispatch().await.map_err(internal)?;
+                let order = RequeueOrder {
+                    uid: acc.uid.clone(),
+                    index: acc.index,
+                    attempt: acc.attempt,
+                    agent: Some(who.id.clone()),
+                    reason: e.to_string(),
+                    fail_reason: "StorageError",
+                };
+                self.follow(vec![Effect::Requeue(order), Effect::Dispatch])
+                    .await
+                    .map_err(internal)?;
                 Err(internal(e))
             }
-        }
-    }
-
-    /// Applies a committed completion to memory.
-    fn apply_completion(&self, c: &CompletionRecord) {
-        let mut st = self.st();
-        let State {
-            workloads,
-            agents,
-            balances,
-            ..
-        } = &mut *st;
-        let Some(w) = workloads.get_mut(&c.workload_uid) else {
-            return;
-        };
-        let s = &mut w.shards[c.shard as usize];
-        if s.status == ShardStatus::Succeeded || s.attempt != c.attempt {
-            return;
-        }
-        s.status = ShardStatus::Succeeded;
-        w.succeeded += 1;
-        s.records = c.records;
-        s.sha256 = c.sha256.clone();
-        self.counters.completed.inc();
-        w.records = w.records.saturating_add(c.records);
-        w.bytes_done = w.bytes_done.saturating_add(s.range.end - s.range.start);
-        w.credits = w.credits.saturating_add(c.price);
-        if let Some(b) = balances.get_mut(&w.namespace) {
-            *b = b.saturating_sub(c.price);
-        }
-        if let Some(a) = agents.get_mut(&c.agent) {
-            a.completed += 1;
-            a.credits = a.credits.saturating_add(c.price);
         }
     }
 
@@ -1465,17 +942,7 @@ impl<S: Store> Core<S> {
             .shard
             .clone()
             .ok_or_else(|| Status::invalid_argument("Failed carries no shard"))?;
-        let verdict = {
-            let mut st = self.st();
-            let verdict = Self::judge(&st, who, &shard);
-            if let Ok(uid) = &verdict
-                && let Some(a) = st.agents.get_mut(&who.id)
-            {
-                a.running.remove(&(uid.clone(), shard.index));
-            }
-            verdict
-        };
-        let uid = match verdict {
+        let uid = match self.apply(|m| (m.accept_failure(&who.id, &shard), Vec::new())) {
             Ok(uid) => uid,
             Err((uid, refusal)) => {
                 return self
@@ -1487,14 +954,14 @@ impl<S: Store> Core<S> {
         let message = f.message;
         tracing::warn!(workload = %shard.workload, shard = shard.index, attempt = shard.attempt, agent = %who.id, error = %message, retryable = f.retryable, "shard failed");
         if f.retryable {
-            self.requeue_or_fail(
-                &uid,
-                shard.index,
-                shard.attempt,
-                Some(&who.id),
-                &message,
-                reason_for(kind),
-            )
+            self.requeue_or_fail(RequeueOrder {
+                uid,
+                index: shard.index,
+                attempt: shard.attempt,
+                agent: Some(who.id.clone()),
+                reason: message,
+                fail_reason: reason_for(kind),
+            })
             .await
             .map_err(internal)?;
         } else {
@@ -1517,176 +984,76 @@ impl<S: Store> Core<S> {
         agent: Option<&str>,
         message: &str,
     ) -> Result<(), StoreError> {
-        if self
+        let held = self
             .store
             .fail_shard(uid, index, attempt, agent, message)
-            .await?
-        {
-            let mut st = self.st();
-            if let Some(s) = st
-                .workloads
-                .get_mut(uid)
-                .and_then(|w| w.shards.get_mut(index as usize))
-                && s.attempt == attempt
-                && s.status != ShardStatus::Succeeded
-            {
-                s.status = ShardStatus::Failed;
-                self.counters.failed.inc();
-            }
-        }
+            .await?;
+        self.apply(|m| ((), m.shard_failed(uid, index, attempt, held)));
         Ok(())
     }
 
-    /// Puts attempt `attempt` of a shard back in the queue, or fails the shard (and its
-    /// workload) when it is out of attempts. Nothing happens unless the shard is still at that
-    /// attempt and running (or being committed) there.
-    async fn requeue_or_fail(
-        &self,
-        uid: &str,
-        index: u32,
-        attempt: u32,
-        agent: Option<&str>,
-        reason: &str,
-        fail_reason: &'static str,
-    ) -> Result<(), StoreError> {
-        let decision = {
-            let st = self.st();
-            let Some(w) = st.workloads.get(uid) else {
-                return Ok(());
-            };
-            let Some(s) = w.shards.get(index as usize) else {
-                return Ok(());
-            };
-            let ours = match &s.status {
-                ShardStatus::Running { agent: a, .. } | ShardStatus::Committing { agent: a } => {
-                    agent.is_none_or(|x| x == a)
-                }
-                _ => false,
-            };
-            if !ours || s.attempt != attempt {
-                return Ok(());
-            }
-            (
-                lease::requeue(attempt, w.spec.max_attempts),
-                w.phase.is_terminal(),
-            )
-        };
-        match decision {
-            (Requeue::Retry { .. }, false) => {
+    /// Puts an attempt back in the queue, or fails the shard (and its workload) when it is out
+    /// of attempts. Nothing happens unless the shard is still at that attempt and held there.
+    async fn requeue_or_fail(&self, order: RequeueOrder) -> Result<(), StoreError> {
+        let RequeueOrder {
+            uid,
+            index,
+            attempt,
+            agent,
+            reason,
+            fail_reason,
+        } = order;
+        let plan = self.read(|m| m.requeue_plan(&uid, index, attempt, agent.as_deref()));
+        match plan {
+            None => Ok(()),
+            Some(RequeuePlan::Retry) => {
                 let held = self
                     .store
-                    .requeue(uid, index, attempt, agent, reason)
+                    .requeue(&uid, index, attempt, agent.as_deref(), &reason)
                     .await?;
-                let mut st = self.st();
-                if let Some(w) = st.workloads.get_mut(uid) {
-                    let s = &mut w.shards[index as usize];
-                    if held
-                        && s.attempt == attempt
-                        && matches!(
-                            s.status,
-                            ShardStatus::Running { .. } | ShardStatus::Committing { .. }
-                        )
-                    {
-                        s.status = ShardStatus::Pending;
-                        w.retried += 1;
-                        self.counters.requeued.inc();
-                        tracing::info!(workload = %w.key, shard = index, attempt, %reason, "shard requeued");
-                    }
-                }
+                self.apply(|m| ((), m.requeued(&uid, index, attempt, held, &reason)));
                 Ok(())
             }
-            (Requeue::Retry { .. }, true) => {
-                let mut st = self.st();
-                if let Some(w) = st.workloads.get_mut(uid) {
-                    w.shards[index as usize].status = ShardStatus::Pending;
-                }
+            Some(RequeuePlan::Forget) => {
+                self.apply(|m| (m.forget_attempt(&uid, index), Vec::new()));
                 Ok(())
             }
-            (Requeue::Exhausted, _) => {
+            Some(RequeuePlan::Exhausted) => {
                 let message =
                     format!("shard {index} failed after {attempt} attempts; last error: {reason}");
-                self.fail_shard(uid, index, attempt, agent, &message)
+                self.fail_shard(&uid, index, attempt, agent.as_deref(), &message)
                     .await?;
                 let reason = if attempt > 1 {
                     "AttemptsExhausted"
                 } else {
                     fail_reason
                 };
-                self.fail_workload(uid, reason, &message).await
+                self.fail_workload(&uid, reason, &message).await
             }
         }
     }
 
-    /// Fails a workload: the store first, then memory; its running shards are cancelled on
-    /// their agents (their slots are free from then on) and it leaves memory.
+    /// Fails a workload: the store first, then the machine (which cancels its running shards
+    /// on their agents and lets it leave memory).
     async fn fail_workload(
         &self,
         uid: &str,
         reason: &str,
         message: &str,
     ) -> Result<(), StoreError> {
-        {
-            let mut st = self.st();
-            let Some(w) = st.workloads.get_mut(uid) else {
-                return Ok(());
-            };
-            if w.phase.is_terminal() || w.finishing {
-                return Ok(());
-            }
-            w.finishing = true;
-        }
-        let admitted = self.st().workloads.get(uid).is_some_and(|w| w.admitted);
+        let Some(admitted) = self.apply(|m| (m.begin_failure(uid), Vec::new())) else {
+            return Ok(());
+        };
         if admitted
             && let Err(e) = self
                 .store
                 .finish_workload(uid, "Failed", &format!("{reason}: {message}"))
                 .await
         {
-            if let Some(w) = self.st().workloads.get_mut(uid) {
-                w.finishing = false;
-            }
+            self.apply(|m| (m.abort_terminal(uid), Vec::new()));
             return Err(e);
         }
-        let mut st = self.st();
-        let State {
-            workloads, agents, ..
-        } = &mut *st;
-        let Some(w) = workloads.get_mut(uid) else {
-            return Ok(());
-        };
-        w.phase = WorkloadPhase::Failed;
-        w.reason = reason.to_string();
-        w.message = message.to_string();
-        w.finished = Some(Instant::now());
-        tracing::error!(workload = %w.key, %reason, %message, "workload failed");
-        for a in agents.values_mut() {
-            let cancelled: Vec<u32> = a
-                .running
-                .iter()
-                .filter(|(u, _)| u == uid)
-                .map(|(_, i)| *i)
-                .collect();
-            for index in cancelled {
-                a.running.remove(&(uid.to_string(), index));
-                a.send(Down::Cancel(pb::Cancel {
-                    shard: Some(pb::ShardRef {
-                        workload: w.key.clone(),
-                        index,
-                        attempt: w.shards[index as usize].attempt,
-                    }),
-                    reason: format!("workload failed: {reason}"),
-                }));
-            }
-        }
-        for s in &mut w.shards {
-            if matches!(
-                s.status,
-                ShardStatus::Running { .. } | ShardStatus::Committing { .. }
-            ) {
-                s.status = ShardStatus::Pending;
-            }
-        }
-        retire(&mut st, uid);
+        self.apply(|m| ((), m.workload_failed(uid, reason, message, Instant::now())));
         Ok(())
     }
 
@@ -1694,54 +1061,16 @@ impl<S: Store> Core<S> {
     /// manifest (`_SUCCESS.json`, committed parts only), clears what attempts left, and marks
     /// the workload Succeeded. All of it without the lock.
     async fn maybe_finish(&self, uid: &str) -> Result<(), CoreError> {
-        let (output, manifest, parts, message) = {
-            let mut st = self.st();
-            let Some(w) = st.workloads.get_mut(uid) else {
-                return Ok(());
-            };
-            if !w.admitted || w.finishing || w.phase.is_terminal() || w.succeeded < w.shards.len() {
-                return Ok(());
-            }
-            w.finishing = true;
-            let output = w.spec.output.uri.clone();
-            let parts: Vec<ManifestPart> = w
-                .shards
-                .iter()
-                .map(|s| ManifestPart {
-                    index: s.range.index,
-                    uri: outputs::part_uri(&output, s.range.index),
-                    records: s.records,
-                    sha256: s.sha256.clone(),
-                })
-                .collect();
-            let manifest = serde_json::json!({
-                "workload": format!("{}/{}", w.namespace, w.name),
-                "uid": w.uid,
-                "input": w.spec.input.uri,
-                "inputBytes": w.input_size,
-                // The pinned sha256 is the model that ran (content addressing); when the
-                // URI held another file at admission, what it hashed to is kept beside it.
-                "model": match &w.model_drift {
-                    None => serde_json::json!({"uri": w.validated.model.uri, "sha256": w.validated.model.sha256}),
-                    Some(actual) => serde_json::json!({
-                        "uri": w.validated.model.uri,
-                        "sha256": w.validated.model.sha256,
-                        "uriSha256AtAdmission": actual,
-                    }),
-                },
-                "shards": w.shards.len(),
-                "records": w.records,
-                "parts": parts,
-                "completedAt": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            });
-            let attempts: Vec<(u32, u32)> = w
-                .shards
-                .iter()
-                .map(|s| (s.range.index, s.attempt))
-                .collect();
-            let message = format!("{} records in {} shards", w.records, w.shards.len());
-            (output, manifest, attempts, message)
+        let completed_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let Some(plan) = self.apply(|m| (m.begin_finish(uid, &completed_at), Vec::new())) else {
+            return Ok(());
         };
+        let FinishPlan {
+            output,
+            manifest,
+            parts,
+            message,
+        } = plan;
         let written: Result<(), String> = async {
             for (index, attempt) in &parts {
                 outputs::commit(&output, *index, *attempt)
@@ -1761,90 +1090,39 @@ impl<S: Store> Core<S> {
             Ok(())
         }
         .await;
-        let reset = |st: &mut State| {
-            if let Some(w) = st.workloads.get_mut(uid) {
-                w.finishing = false;
-            }
-        };
         if let Err(e) = written {
-            reset(&mut self.st());
+            self.apply(|m| (m.abort_terminal(uid), Vec::new()));
             self.fail_workload(uid, "StorageError", &e).await?;
             return Ok(());
         }
         if let Err(e) = self.store.finish_workload(uid, "Succeeded", &message).await {
-            reset(&mut self.st());
+            self.apply(|m| (m.abort_terminal(uid), Vec::new()));
             return Err(e.into());
         }
-        let mut st = self.st();
-        if let Some(w) = st.workloads.get_mut(uid) {
-            w.phase = WorkloadPhase::Succeeded;
-            w.reason = "Succeeded".into();
-            w.message = message;
-            w.finished = Some(Instant::now());
-            tracing::info!(workload = %w.key, records = w.records, "workload succeeded");
-        }
-        retire(&mut st, uid);
+        self.apply(|m| {
+            (
+                m.workload_succeeded(uid, message, Instant::now()),
+                Vec::new(),
+            )
+        });
         Ok(())
     }
 
-    /// One dispatch round: pending shards to agents with free slots. Decided under the lock,
-    /// claimed in the store in one statement, applied to memory after (store first).
+    /// One dispatch round: the machine plans the claims, the store takes them in one
+    /// statement, the machine applies what the store accepted (store first).
     async fn dispatch(&self) -> Result<(), StoreError> {
         let _round = self.round.lock().await;
-        let claims = {
-            let mut st = self.st();
-            plan_round(&mut st)
-        };
+        let claims = self.apply(|m| (m.plan_round(), Vec::new()));
         if claims.is_empty() {
             return Ok(());
         }
         let won = self.store.assign_batch(&claims).await?;
-        let mut orphaned = Vec::new();
-        {
-            let mut st = self.st();
-            let State {
-                workloads, agents, ..
-            } = &mut *st;
-            let now = Instant::now();
-            for (c, won) in claims.iter().zip(won) {
-                let Some(w) = workloads.get_mut(&c.uid) else {
-                    continue;
-                };
-                let s = &mut w.shards[c.shard as usize];
-                if !won {
-                    // Another operator claimed this attempt first: it runs there, not here.
-                    tracing::warn!(workload = %w.key, shard = c.shard, attempt = c.attempt, "shard claimed by another operator");
-                    s.status = ShardStatus::Elsewhere;
-                    continue;
-                }
-                s.attempt = c.attempt;
-                s.status = ShardStatus::Running {
-                    agent: c.agent.clone(),
-                    since: now,
-                };
-                if w.phase.is_terminal() {
-                    continue;
-                }
-                match agents.get_mut(&c.agent) {
-                    Some(a) if a.connected => {
-                        a.running.insert((c.uid.clone(), c.shard));
-                        a.send(Down::Assign(assignment(w, c.shard, c.attempt)));
-                        self.counters.dispatched.inc();
-                    }
-                    _ => orphaned.push(c.clone()),
-                }
+        let (_, later) = self.step(|m| ((), m.claims_stored(&claims, &won, Instant::now())));
+        // Orphans (holders that left meanwhile) are requeued; no nested round.
+        for effect in later {
+            if let Effect::Requeue(order) = effect {
+                self.requeue_or_fail(order).await?;
             }
-        }
-        for c in orphaned {
-            self.requeue_or_fail(
-                &c.uid,
-                c.shard,
-                c.attempt,
-                Some(&c.agent),
-                "the agent left before its assignment went out",
-                "AgentLost",
-            )
-            .await?;
         }
         Ok(())
     }
@@ -1862,17 +1140,9 @@ impl<S: Store> Core<S> {
         session: Option<u64>,
         reason: &str,
     ) -> Result<(), StoreError> {
-        let running = {
-            let mut st = self.st();
-            let Some(a) = st.agents.get_mut(id) else {
-                return Ok(());
-            };
-            if !a.connected || session.is_some_and(|s| s != a.session) {
-                return Ok(());
-            }
-            a.connected = false;
-            a.disconnected_at = Some(Instant::now());
-            std::mem::take(&mut a.running)
+        let Some(running) = self.apply(|m| (m.agent_lost(id, session, Instant::now()), Vec::new()))
+        else {
+            return Ok(());
         };
         if running.is_empty() {
             tracing::info!(agent = %id, %reason, "agent left");
@@ -1889,10 +1159,12 @@ impl<S: Store> Core<S> {
             )
         };
         self.store.append(&event.agent(id)).await?;
-        for (uid, index) in running {
-            let attempt = self.attempt_of(&uid, index);
-            self.requeue_or_fail(&uid, index, attempt, Some(id), reason, "AgentLost")
-                .await?;
+        for order in running {
+            self.requeue_or_fail(RequeueOrder {
+                reason: reason.to_string(),
+                ..order
+            })
+            .await?;
         }
         Ok(())
     }
@@ -1900,98 +1172,31 @@ impl<S: Store> Core<S> {
     /// Expires the leases of agents silent for longer than their Mesh's lease, and forgets
     /// agents long gone.
     pub async fn reap(&self, now: Instant) -> Result<Vec<String>, CoreError> {
-        let lost: Vec<(String, u64)> = {
-            let mut st = self.st();
-            st.agents.retain(|_, a| {
-                a.connected
-                    || !a.running.is_empty()
-                    || a.disconnected_at
-                        .is_none_or(|t| now.saturating_duration_since(t) < FORGET_AFTER)
-            });
-            let mut lost = Vec::new();
-            for (mesh_name, mesh) in &st.meshes {
-                let lease = Duration::from_secs(u64::from(mesh.spec.lease_seconds));
-                let candidates = st
-                    .agents
-                    .values()
-                    .filter(|a| a.connected && &a.mesh == mesh_name)
-                    .map(|a| (a.id.as_str(), a.last_heartbeat));
-                lost.extend(
-                    lease::expired(now, lease, candidates)
-                        .into_iter()
-                        .map(|id| (id.to_string(), st.agents[id].session)),
-                );
-            }
-            for (id, _) in &lost {
-                if let Some(a) = st.agents.get(id) {
-                    let _ = a.tx.send(Err(Status::deadline_exceeded(
-                        "lease expired: no heartbeat",
-                    )));
-                }
-            }
+        let lost = {
+            let mut inner = self.lock();
+            let (lost, effects) = inner.machine.expire(now);
+            let Inner { machine, links } = &mut *inner;
+            links.retain(|id, _| machine.agents.contains_key(id));
+            drop(inner);
+            self.apply(|_| ((), effects));
             lost
         };
         for (id, session) in &lost {
             self.lose_agent(id, Some(*session), "lease expired: no heartbeat")
                 .await?;
         }
-        let timed_out = self.take_timed_out(now);
-        for (uid, index, attempt, agent, limit) in &timed_out {
-            self.requeue_or_fail(
-                uid,
-                *index,
-                *attempt,
-                Some(agent),
-                &format!("no report within the shard timeout of {limit}s"),
-                "ShardTimeout",
-            )
-            .await?;
+        let (_, timed_out) = self.step(|m| ((), m.time_out(now)));
+        let mut dispatch = !lost.is_empty();
+        for effect in timed_out {
+            match effect {
+                Effect::Requeue(order) => self.requeue_or_fail(order).await?,
+                _ => dispatch = true,
+            }
         }
-        if !lost.is_empty() || !timed_out.is_empty() {
+        if dispatch {
             self.dispatch().await?;
         }
         Ok(lost.into_iter().map(|(id, _)| id).collect())
-    }
-
-    /// Running attempts older than their workload's `shardTimeoutSeconds` at `now`: taken from
-    /// their agents (a Cancel each; their slots are free) and returned for requeueing.
-    fn take_timed_out(&self, now: Instant) -> Vec<(String, u32, u32, String, u32)> {
-        let mut st = self.st();
-        let State {
-            workloads, agents, ..
-        } = &mut *st;
-        let mut out = Vec::new();
-        for w in workloads.values() {
-            let Some(limit) = w.spec.shard_timeout_seconds else {
-                continue;
-            };
-            for s in &w.shards {
-                if let ShardStatus::Running { agent, since } = &s.status
-                    && now.saturating_duration_since(*since) > Duration::from_secs(u64::from(limit))
-                {
-                    if let Some(a) = agents.get_mut(agent) {
-                        a.running.remove(&(w.uid.clone(), s.range.index));
-                        a.send(Down::Cancel(pb::Cancel {
-                            shard: Some(pb::ShardRef {
-                                workload: w.key.clone(),
-                                index: s.range.index,
-                                attempt: s.attempt,
-                            }),
-                            reason: format!("no report within the shard timeout of {limit}s"),
-                        }));
-                    }
-                    tracing::warn!(workload = %w.key, shard = s.range.index, attempt = s.attempt, %agent, limit, "shard timed out");
-                    out.push((
-                        w.uid.clone(),
-                        s.range.index,
-                        s.attempt,
-                        agent.clone(),
-                        limit,
-                    ));
-                }
-            }
-        }
-        out
     }
 
     /// Drains (or undrains) an agent: no new shards; running ones finish.
@@ -2000,244 +1205,24 @@ impl<S: Store> Core<S> {
         agent: &str,
         unschedulable: bool,
     ) -> Result<(), CoreError> {
-        if let Some(a) = self.st().agents.get_mut(agent) {
-            a.unschedulable = unschedulable;
-        }
+        self.apply(|m| (m.set_unschedulable(agent, unschedulable), Vec::new()));
         Ok(self.dispatch().await?)
     }
 
     /// Tells every connected agent to drain (finish and exit).
     pub async fn drain_all(&self, reason: &str) {
-        let st = self.st();
-        for a in st.agents.values().filter(|a| a.connected) {
-            a.send(Down::Drain(pb::Drain {
-                reason: reason.into(),
-            }));
-        }
+        self.apply(|m| ((), m.drain_all(reason)));
     }
 
     /// A summary of every workload the core holds, live and finished (until released), in
     /// the order they came.
     pub async fn workloads(&self) -> Vec<WorkloadSummary> {
-        let st = self.st();
-        let mut all: Vec<(u64, WorkloadSummary)> = st
-            .workloads
-            .values()
-            .map(|w| (w.seq, summarize(w)))
-            .chain(st.finished.values().cloned())
-            .collect();
-        all.sort_by_key(|(seq, _)| *seq);
-        all.into_iter().map(|(_, s)| s).collect()
+        self.read(Machine::summaries)
     }
 
     /// A summary of every agent.
     pub async fn agents(&self) -> Vec<AgentSummary> {
-        let st = self.st();
-        st.agents
-            .values()
-            .map(|a| AgentSummary {
-                id: a.id.clone(),
-                mesh: a.mesh.clone(),
-                node: a.node.clone(),
-                connected: a.connected,
-                unschedulable: a.unschedulable,
-                slots: a.slots,
-                running: a.running.len() as u32,
-                completed: a.completed,
-                credits: a.credits,
-                providers: a.providers.clone(),
-                gpus: a.gpus.len() as u32,
-                gpu_product: a
-                    .gpus
-                    .first()
-                    .map(|g| g.product.clone())
-                    .unwrap_or_default(),
-                gpu_memory: a.gpus.iter().map(|g| g.memory_bytes).min().unwrap_or(0),
-                models_loaded: a.loaded.iter().cloned().collect(),
-                models_cached: a.cached.iter().cloned().collect(),
-                since_heartbeat: a.last_heartbeat.elapsed(),
-            })
-            .collect()
-    }
-}
-
-fn quota_message(namespace: &str, mesh: &str, left: i64, budget: i64) -> String {
-    format!(
-        "namespace {namespace} has {} credits left (budget {} on mesh {mesh}); running needs more \
-         than 0 — raise the Mesh budget or run `infermesh ledger grant --namespace {namespace} \
-         --mesh {mesh} --credits N`",
-        format_credits(left),
-        format_credits(budget),
-    )
-}
-
-/// Moves a finished workload's summary aside and drops its shards from memory.
-fn retire(st: &mut State, uid: &str) {
-    if let Some(w) = st.workloads.remove(uid) {
-        for a in st.agents.values_mut() {
-            a.running.retain(|(u, _)| u != uid);
-        }
-        st.finished.insert(w.key.clone(), (w.seq, summarize(&w)));
-    }
-}
-
-/// The claims of one dispatch round (pure: reads the state, changes only reasons).
-fn plan_round(st: &mut State) -> Vec<Claim> {
-    let views: Vec<AgentView> = st
-        .agents
-        .values()
-        .map(|a| AgentView {
-            id: a.id.clone(),
-            mesh: a.mesh.clone(),
-            free_slots: a.slots.saturating_sub(a.running.len() as u32),
-            schedulable: a.connected && !a.unschedulable,
-            loaded: a.loaded.clone(),
-            cached: a.cached.clone(),
-            providers: a.providers.clone(),
-            gpu_memory: a.gpus.iter().map(|g| g.memory_bytes).min().unwrap_or(0),
-        })
-        .collect();
-    if views.iter().all(|v| !v.schedulable || v.free_slots == 0) {
-        return Vec::new();
-    }
-    // Namespaces out of credits dispatch nothing more (running shards finish).
-    let blocked: Vec<String> = st
-        .workloads
-        .values()
-        .filter(|w| w.admitted && !w.phase.is_terminal() && st.out_of_credits(w))
-        .map(|w| w.uid.clone())
-        .collect();
-    for uid in &blocked {
-        let (ns, mesh, left, budget) = {
-            let w = &st.workloads[uid];
-            let budget = st
-                .meshes
-                .get(&w.mesh)
-                .and_then(|m| m.spec.budgets.iter().find(|b| b.namespace == w.namespace))
-                .and_then(|b| pricing::credits_to_micro(b.credits).ok())
-                .unwrap_or(0);
-            (
-                w.namespace.clone(),
-                w.mesh.clone(),
-                st.balances.get(&w.namespace).copied().unwrap_or(0),
-                budget,
-            )
-        };
-        if let Some(w) = st.workloads.get_mut(uid)
-            && w.reason != "QuotaExceeded"
-        {
-            tracing::warn!(workload = %w.key, "namespace out of credits: dispatch paused");
-            w.reason = "QuotaExceeded".into();
-            w.message = quota_message(&ns, &mesh, left, budget);
-        }
-    }
-    let mut order: Vec<&WorkloadState> = st
-        .workloads
-        .values()
-        .filter(|w| {
-            w.phase == WorkloadPhase::Running && !w.spec.suspend && !blocked.contains(&w.uid)
-        })
-        .collect();
-    order.sort_by_key(|w| w.seq);
-    let mut pending = Vec::new();
-    for (i, w) in order.iter().enumerate() {
-        let model = w.model_key();
-        pending.extend(
-            w.shards
-                .iter()
-                // A shard out of attempts is failed, never claimed again.
-                .filter(|s| s.status == ShardStatus::Pending && s.attempt < w.spec.max_attempts)
-                .map(|s| PendingShard {
-                    workload: i,
-                    shard: s.range.index,
-                    mesh: w.mesh.clone(),
-                    priority: w.spec.priority,
-                    model: model.clone(),
-                    needs: w.validated.needs.clone(),
-                }),
-        );
-    }
-    scheduler::schedule(&views, &pending)
-        .into_iter()
-        .map(|p| {
-            let w = order[p.workload];
-            Claim {
-                uid: w.uid.clone(),
-                shard: p.shard,
-                attempt: w.shards[p.shard as usize].attempt + 1,
-                agent: views[p.agent].id.clone(),
-            }
-        })
-        .collect()
-}
-
-/// The Assign of attempt `attempt` of shard `index`: the part goes to the attempt's own
-/// location.
-fn assignment(w: &WorkloadState, index: u32, attempt: u32) -> pb::Assign {
-    let s = &w.shards[index as usize];
-    pb::Assign {
-        shard: Some(pb::ShardRef {
-            workload: w.key.clone(),
-            index,
-            attempt,
-        }),
-        model: Some(w.validated.model.clone()),
-        task: Some(w.validated.task.clone()),
-        input: Some(pb::InputRange {
-            uri: w.spec.input.uri.clone(),
-            format: "jsonl".into(),
-            start: s.range.start,
-            end: s.range.end,
-            size: w.input_size,
-        }),
-        output_uri: outputs::attempt_uri(&w.spec.output.uri, index, attempt),
-        batch_size: w.spec.batch_size,
-    }
-}
-
-fn summarize(w: &WorkloadState) -> WorkloadSummary {
-    let count =
-        |f: fn(&ShardStatus) -> bool| w.shards.iter().filter(|s| f(&s.status)).count() as u32;
-    let elapsed = w
-        .finished
-        .unwrap_or_else(Instant::now)
-        .saturating_duration_since(w.submitted);
-    WorkloadSummary {
-        key: w.key.clone(),
-        uid: w.uid.clone(),
-        namespace: w.namespace.clone(),
-        name: w.name.clone(),
-        mesh: w.mesh.clone(),
-        phase: w.phase,
-        reason: w.reason.clone(),
-        message: w.message.clone(),
-        shards_total: w.shards.len() as u32,
-        shards_pending: count(|s| matches!(s, ShardStatus::Pending)),
-        shards_running: count(|s| {
-            matches!(
-                s,
-                ShardStatus::Running { .. }
-                    | ShardStatus::Committing { .. }
-                    | ShardStatus::Elsewhere
-            )
-        }),
-        shards_succeeded: count(|s| *s == ShardStatus::Succeeded),
-        shards_failed: count(|s| *s == ShardStatus::Failed),
-        records: w.records,
-        bytes_done: w.bytes_done,
-        input_bytes: w.input_size,
-        elapsed,
-        credits: w.credits,
-        attempts_retried: w.retried,
-        suspended: w.spec.suspend,
-        output_uri: w.spec.output.uri.clone(),
-        warnings: w
-            .model_drift
-            .iter()
-            .map(|actual| {
-                models::drift_warning(&w.validated.model.uri, &w.validated.model.sha256, actual)
-            })
-            .collect(),
+        self.read(Machine::agent_summaries)
     }
 }
 

@@ -19,7 +19,7 @@ struct Fixture {
     out: tempfile::TempDir,
 }
 
-fn mesh(lease: u32) -> MeshSpec {
+pub(crate) fn mesh(lease: u32) -> MeshSpec {
     let yaml = format!(
         "apiVersion: infermesh.dev/v1alpha1\nkind: Mesh\nmetadata: {{name: m}}\nspec:\n  leaseSeconds: {lease}\n  heartbeatSeconds: 1\n  \
          pricing: {{perCpuSecond: 1.0, perThousandRecords: 1.0}}\n"
@@ -30,7 +30,7 @@ fn mesh(lease: u32) -> MeshSpec {
     }
 }
 
-fn workload(out: &str, max_attempts: u32) -> WorkloadSpec {
+pub(crate) fn workload(out: &str, max_attempts: u32) -> WorkloadSpec {
     let yaml = format!(
         "apiVersion: infermesh.dev/v1alpha1\nkind: Workload\nmetadata: {{name: w}}\nspec:\n  mesh: m\n  \
          model: {{uri: \"file:///m.onnx\", sha256: \"{}\"}}\n  task: {{tensor: {{inputs: [{{name: x}}]}}}}\n  \
@@ -993,6 +993,59 @@ async fn a_stored_spec_that_no_longer_validates_fails_only_its_workload(backend:
     assert_eq!(failed, 1);
 }
 
+/// A shard fails for good only together with its workload (two store writes). An operator
+/// that stopped between them leaves a running workload with a failed shard; the next one
+/// fails that workload at resume instead of waiting forever for the shard.
+async fn a_workload_left_with_a_failed_shard_fails_at_resume(backend: Backend) {
+    let url = backend.fresh_url().await;
+    let out = tempfile::tempdir().expect("tmp");
+    let output = format!("file://{}/", out.path().display());
+    let core = Core::new(crate::store::open(&url).await.expect("open"));
+    core.upsert_mesh("m", mesh(30)).await.expect("mesh");
+    for uid in ["broken", "fine"] {
+        core.submit(Submission {
+            namespace: "team-a".into(),
+            name: uid.into(),
+            uid: uid.into(),
+            spec: workload(&format!("{output}{uid}/"), 3),
+            input_size: 2 * 1024,
+        })
+        .await
+        .expect("submit");
+    }
+    let (_a, mut rx) = attach(&core, "a", 1, &Principal::user("t")).await;
+    let shard = assigned(&mut rx).pop().expect("shard");
+    let uid = super::machine::key_uid(&shard.workload).to_string();
+    // The first of the two writes, then the operator stops.
+    assert!(
+        core.store()
+            .fail_shard(&uid, shard.index, shard.attempt, Some("a"), "boom")
+            .await
+            .expect("fail shard")
+    );
+    drop(core);
+    let core = Core::new(crate::store::open(&url).await.expect("reopen"));
+    core.upsert_mesh("m", mesh(30)).await.expect("mesh");
+    assert_eq!(
+        core.resume().await.expect("resume"),
+        1,
+        "only the other one resumes"
+    );
+    let phase = core.store().workload_phase(&uid).await.expect("phase");
+    assert_eq!(phase.as_deref(), Some("Failed"));
+    let summary = core.workloads().await;
+    let failed = summary.iter().find(|w| w.uid == uid).expect("summary");
+    assert_eq!(failed.reason, "ShardFailed");
+    assert!(
+        failed.message.contains(&format!("shard {}", shard.index)),
+        "{}",
+        failed.message
+    );
+    let other = if uid == "broken" { "fine" } else { "broken" };
+    let phase = core.store().workload_phase(other).await.expect("phase");
+    assert_eq!(phase.as_deref(), Some("Running"));
+}
+
 async fn heartbeats_reconcile_what_the_agent_runs(backend: Backend) {
     let f = Fixture::new(backend, 30).await;
     f.submit(2, 3).await;
@@ -1211,6 +1264,7 @@ both!(a_namespace_out_of_credits_gets_no_new_dispatches);
 both!(a_uid_already_stored_is_never_started_over);
 both!(a_stored_spec_that_no_longer_validates_fails_only_its_workload);
 both!(heartbeats_reconcile_what_the_agent_runs);
+both!(a_workload_left_with_a_failed_shard_fails_at_resume);
 both!(finished_workloads_leave_memory);
 both!(deleting_a_mesh_fails_its_workloads);
 both!(a_late_report_of_an_expired_attempt_is_never_committed);
@@ -1417,7 +1471,8 @@ mod machine {
                 .expect("stored");
             let charges = self.core.store().charges(uid).await.expect("charges");
             {
-                let st = self.core.st();
+                let inner = self.core.lock();
+                let st = &inner.machine;
                 if let Some(w) = st.workloads.get(uid)
                     && w.admitted
                     && !w.finishing
