@@ -7,7 +7,8 @@
 #   bash scripts/bench-dispatch.sh
 #
 # BENCH_BEFORE_BIN=PATH also runs another build of infermesh-dispatch-bench (the same harness
-# built against an older core) in the same rounds, for a before/after comparison.
+# built against an older core) in the same rounds, for a before/after comparison;
+# BENCH_BEFORE_LABEL names that build in the table (default: "before core v2 (82fd9c2)").
 # Settings: BENCH_SHARDS (5000), BENCH_AGENTS (10), BENCH_SLOTS (4), BENCH_ROUNDS (3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,7 @@ AGENTS=${BENCH_AGENTS:-10}
 SLOTS=${BENCH_SLOTS:-4}
 ROUNDS=${BENCH_ROUNDS:-3}
 BEFORE=${BENCH_BEFORE_BIN:-}
+export BENCH_BEFORE_LABEL=${BENCH_BEFORE_LABEL:-before core v2 (82fd9c2)}
 
 cargo build --release --locked -q -p infermesh-operator --bin infermesh-dispatch-bench
 AFTER=target/release/infermesh-dispatch-bench
@@ -84,7 +86,7 @@ for backend in ("sqlite", "postgres"):
         m, xs = med(label, backend)
         if m is None:
             continue
-        name = "core v2 (this commit)" if label == "after" else "before core v2 (82fd9c2)"
+        name = "this commit" if label == "after" else os.environ["BENCH_BEFORE_LABEL"]
         lines.append(f"| {backend} | {name} | {m:,.0f} | {', '.join(f'{x:,.0f}' for x in xs)} |")
 lines += ["", "<!-- bench:dispatch:end -->"]
 section = "\n".join(lines) + "\n"

@@ -265,6 +265,34 @@ pub(super) struct Accepted {
     pub(super) price: Price,
 }
 
+impl Accepted {
+    /// What the completion `c` of `agent` is charged, priced by the operator's clock (the
+    /// agent's figure may lower it) and the device the agent registered, as the record to
+    /// commit. The part must have been checked against `c` first.
+    pub(super) fn charge(
+        &self,
+        agent: &str,
+        c: &pb::Completed,
+    ) -> Result<CompletionRecord, accounting::Overflow> {
+        let time = accounting::charged_time(self.elapsed, c.compute_seconds);
+        let device = self.device.charged(&c.device);
+        let price = accounting::charge(&self.price, device, time, c.records)?;
+        Ok(CompletionRecord {
+            workload_uid: self.uid.clone(),
+            namespace: self.namespace.clone(),
+            shard: self.index,
+            attempt: self.attempt,
+            agent: agent.to_string(),
+            records: c.records,
+            output_uri: outputs::part_uri(&self.output, self.index),
+            sha256: c.sha256.to_ascii_lowercase(),
+            price,
+            device: device.as_str().into(),
+            compute_seconds: time.as_secs_f64(),
+        })
+    }
+}
+
 /// What a workload's success writes: its parts (to commit), its manifest, its message.
 pub(super) struct FinishPlan {
     pub(super) output: String,

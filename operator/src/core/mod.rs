@@ -49,8 +49,7 @@ use tonic::Status;
 use crate::grpc::Principal;
 use crate::store::group::GroupCommitter;
 use crate::store::{
-    ChargeOutcome, CompletionRecord, Event, EventKind, GrantKind, ShardRecord, Store, StoreError,
-    WorkloadRecord,
+    ChargeOutcome, Event, EventKind, GrantKind, ShardRecord, Store, StoreError, WorkloadRecord,
 };
 use accounting::Refusal;
 use machine::{
@@ -845,21 +844,16 @@ impl<S: Store> Core<S> {
             Ok(found) => outputs::compare(&reported, &found).err(),
             Err(e) => Some(format!("cannot read the part: {e}")),
         };
-        let price = if problem.is_none() {
-            let time = accounting::charged_time(acc.elapsed, c.compute_seconds);
-            let device = acc.device.charged(&c.device);
-            accounting::charge(&acc.price, device, time, c.records)
-                .map(|p| (p, time, device))
-                .map_err(|e| e.to_string())
-        } else {
-            Err(String::new())
+        let record = match problem {
+            None => acc.charge(&who.id, &c).map_err(|e| e.to_string()),
+            Some(_) => Err(String::new()),
         };
-        let (price, time, device) = match (problem, price) {
-            (None, Ok(p)) => p,
-            (problem, price) => {
+        let record = match (problem, record) {
+            (None, Ok(record)) => record,
+            (problem, record) => {
                 let refusal = match problem {
                     Some(p) => Refusal::mismatch(p),
-                    None => Refusal::invalid(price.err().unwrap_or_default()),
+                    None => Refusal::invalid(record.err().unwrap_or_default()),
                 };
                 let reason = format!("{}: {}", refusal.reason, refusal.message);
                 let answer = self
@@ -879,19 +873,6 @@ impl<S: Store> Core<S> {
                     .map_err(internal)?;
                 return answer;
             }
-        };
-        let record = CompletionRecord {
-            workload_uid: acc.uid.clone(),
-            namespace: acc.namespace.clone(),
-            shard: acc.index,
-            attempt: acc.attempt,
-            agent: who.id.clone(),
-            records: c.records,
-            output_uri: outputs::part_uri(&acc.output, acc.index),
-            sha256: reported.sha256.clone(),
-            price,
-            device: device.as_str().into(),
-            compute_seconds: time.as_secs_f64(),
         };
         match self.committer.complete(record.clone()).await {
             Ok(ChargeOutcome::Charged) => {

@@ -172,6 +172,27 @@ struct World {
     completed: usize,
 }
 
+fn new_workload(
+    spec: WorkloadSpec,
+    validated: Validated,
+    shards: Vec<ShardState>,
+    admitted: bool,
+) -> NewWorkload {
+    NewWorkload {
+        key: KEY.into(),
+        uid: UID.into(),
+        namespace: "team-a".into(),
+        name: "w".into(),
+        spec,
+        validated,
+        input_size: u64::from(SHARDS) * 100,
+        shards,
+        admitted,
+        credits: 0,
+        model_drift: None,
+    }
+}
+
 fn completion(shard: &pb::ShardRef, records: u64) -> pb::Completed {
     pb::Completed {
         shard: Some(shard.clone()),
@@ -220,22 +241,7 @@ impl World {
             SHARDS as usize
         ];
         w.store.phase = Some("Running");
-        w.m.insert(
-            NewWorkload {
-                key: KEY.into(),
-                uid: UID.into(),
-                namespace: "team-a".into(),
-                name: "w".into(),
-                spec,
-                validated,
-                input_size: u64::from(SHARDS) * 100,
-                shards,
-                admitted: false,
-                credits: 0,
-                model_drift: None,
-            },
-            now,
-        );
+        w.m.insert(new_workload(spec, validated, shards, false), now);
         w.m.admitted(UID, None, now);
         w
     }
@@ -385,26 +391,7 @@ impl World {
             self.run(vec![order("store down", "StorageError"), Effect::Dispatch]);
             return;
         }
-        let price = accounting::charge(
-            &acc.price,
-            acc.device,
-            accounting::charged_time(acc.elapsed, c.compute_seconds),
-            c.records,
-        )
-        .expect("price");
-        let record = CompletionRecord {
-            workload_uid: acc.uid.clone(),
-            namespace: acc.namespace.clone(),
-            shard: acc.index,
-            attempt: acc.attempt,
-            agent: who.id.clone(),
-            records: c.records,
-            output_uri: outputs::part_uri(OUT, acc.index),
-            sha256: c.sha256.clone(),
-            price,
-            device: "cpu".into(),
-            compute_seconds: 0.5,
-        };
+        let record = acc.charge(&who.id, &c).expect("price");
         if self.store.complete(&record) {
             let effects = self.m.committed(&record);
             self.run(effects);
@@ -478,22 +465,7 @@ impl World {
             })
             .collect();
         let validated = validate::validate(&spec).expect("valid");
-        m.insert(
-            NewWorkload {
-                key: KEY.into(),
-                uid: UID.into(),
-                namespace: "team-a".into(),
-                name: "w".into(),
-                spec,
-                validated,
-                input_size: u64::from(SHARDS) * 100,
-                shards,
-                admitted: true,
-                credits: 0,
-                model_drift: None,
-            },
-            self.now,
-        );
+        m.insert(new_workload(spec, validated, shards, true), self.now);
         self.m = m;
         self.store.requeues = 0;
         if exhausted {
