@@ -24,7 +24,8 @@ MODULES=(kube etcd kwok)
 # Bump when the build recipe below changes, so that the cache key changes with it.
 RECIPE=1
 
-export PATH="/usr/local/go/bin:$PATH"
+# Go: the machine's, else the toolchain scripts/setup.sh put under the infermesh home.
+export PATH="${INFERMESH_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/infermesh}/go/bin:/usr/local/go/bin:$PATH"
 
 die() { echo "controlplane: $*" >&2; exit 1; }
 log() { echo "[controlplane] $*" >&2; }

