@@ -593,7 +593,7 @@ spec:
   task:
     tensor:
       inputs: [{{name: x}}]
-      outputs: [y, s]
+      outputs: ["y", "s"]
   input: {{uri: "file:///data/e2e/in.jsonl", format: jsonl}}
   output: {{uri: "file:///data/e2e/out/"}}
   shardBytes: 4Ki

@@ -123,6 +123,22 @@ async fn label_pod(
     .map(|_| ())
 }
 
+/// Takes the leader label off every pod but `own`.
+async fn unlabel_others(client: &Client, namespace: &str, own: &str) -> Result<(), kube::Error> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let labelled = pods
+        .list(&ListParams::default().labels(&format!("{LEADER_LABEL}=true")))
+        .await?;
+    for pod in labelled.items {
+        let name = pod.name_any();
+        if name != own {
+            tracing::info!(pod = %name, "former leader unlabelled");
+            label_pod(client, namespace, &name, false).await?;
+        }
+    }
+    Ok(())
+}
+
 /// Runs the operator until it stops leading or fails.
 pub async fn run(args: OperatorArgs) -> ExitCode {
     match run_inner(args).await {
@@ -242,6 +258,11 @@ async fn run_inner(args: OperatorArgs) -> Result<(), String> {
     tokio::spawn(events::run(ctx.clone()));
     if let Err(e) = label_pod(&client, &args.namespace, &args.pod_name, true).await {
         tracing::warn!(error = %e, "cannot label this pod as the leader; agents may not reach it");
+    }
+    // A leader that died without a clean exit (killed, frozen, its node gone) still carries
+    // the label, and the Service would send agents to it too.
+    if let Err(e) = unlabel_others(&client, &args.namespace, &args.pod_name).await {
+        tracing::warn!(error = %e, "cannot clear the leader label of former leaders");
     }
 
     let mesh_ctl = Controller::new(meshes, watcher::Config::default())
