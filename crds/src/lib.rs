@@ -14,7 +14,9 @@ pub mod workload;
 
 pub use agent::{Agent, AgentPhase, AgentSpec, AgentStatus};
 pub use manifest::{Manifest, ManifestError, parse_manifests};
-pub use mesh::{AgentTemplate, Budget, ExecutionProvider, Mesh, MeshSpec, MeshStatus, Pricing};
+pub use mesh::{
+    AgentTemplate, Budget, ExecutionProvider, Mesh, MeshSpec, MeshStatus, ModelCache, Pricing,
+};
 pub use workload::{
     InputFormat, InputSpec, ModelRef, OutputMode, OutputSpec, Requirements, ShardCounts, TaskSpec,
     TensorInput, TensorTask, TextEmbeddingTask, Workload, WorkloadPhase, WorkloadSpec,

@@ -85,9 +85,31 @@ pub struct AgentTemplate {
     #[schemars(extend("minItems" = 1))]
     pub execution_providers: Vec<ExecutionProvider>,
     /// ONNX Runtime intra-op threads per slot; defaults to the node's cores divided by slots.
+    // The API server does not check `format: uint32`; the maximum keeps a Mesh the operator
+    // could not read out of the cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("minimum" = 1))]
+    #[schemars(extend("minimum" = 1, "maximum" = 4294967295u32))]
     pub intra_op_threads: Option<u32>,
+    /// Where each agent keeps the models it downloads, and so which Pod Security level its
+    /// pods need. `EmptyDir` (the default): a volume of the pod, emptied when the pod is
+    /// deleted or replaced (a change to the DaemonSet, an eviction), after which the agent
+    /// downloads its models again; the pods meet the "restricted" level. `HostPath`: the
+    /// node's directory `/var/cache/infermesh/<mesh>`, kept from one pod to the next and
+    /// handed to the agent's user by an init container that runs as root; the pods need the
+    /// "privileged" level, so the namespace the agents run in (the operator's) must be
+    /// labelled `pod-security.kubernetes.io/enforce=privileged`, or their pods are refused.
+    #[serde(default)]
+    pub model_cache: ModelCache,
+}
+
+/// See [`AgentTemplate::model_cache`].
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub enum ModelCache {
+    /// An emptyDir volume of the agent pod (Pod Security level "restricted").
+    #[default]
+    EmptyDir,
+    /// A hostPath directory on the node (Pod Security level "privileged").
+    HostPath,
 }
 
 impl Default for AgentTemplate {
@@ -98,6 +120,7 @@ impl Default for AgentTemplate {
             slots: default_slots(),
             execution_providers: default_execution_providers(),
             intra_op_threads: None,
+            model_cache: ModelCache::default(),
         }
     }
 }

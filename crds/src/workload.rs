@@ -52,7 +52,10 @@ pub struct WorkloadSpec {
     #[schemars(extend("minimum" = 1, "maximum" = 4096))]
     pub batch_size: u32,
     /// Higher runs first when workloads compete for slots.
+    // The API server does not check `format: int32`; the bounds keep a Workload the operator
+    // could not read out of the cluster.
     #[serde(default)]
+    #[schemars(extend("minimum" = -2147483648i64, "maximum" = 2147483647))]
     pub priority: i32,
     /// Attempts per shard before the shard, and the workload, fail.
     #[serde(default = "default_max_attempts")]

@@ -19,6 +19,9 @@ use crate::{NAMESPACE, RELEASE, tools, workspace};
 pub struct Rendered {
     /// CRDs first (from `crds/`), then the templates' objects in template-path order.
     pub objects: Vec<Object>,
+    /// The same objects as the YAML text Helm rendered (what `helm install` would read, with
+    /// Go's YAML rules, before sending it to the API server), one entry per document.
+    pub documents: Vec<RenderedDocument>,
     /// The rendered `NOTES.txt`.
     pub notes: String,
 }
@@ -34,6 +37,15 @@ impl Rendered {
     pub fn get(&self, kind: &str, name: &str) -> Option<&Object> {
         self.of_kind(kind).find(|o| o.name() == name)
     }
+}
+
+/// One document of a render, as text.
+#[derive(Clone, Debug)]
+pub struct RenderedDocument {
+    /// The template path (`infermesh/templates/deployment.yaml`).
+    pub source: String,
+    /// The YAML Helm rendered.
+    pub yaml: String,
 }
 
 /// Why a render gave no objects.
@@ -145,14 +157,20 @@ fn render_uncached(values: &[&str]) -> Result<Rendered, RenderError> {
     let parsed: RenderOutput = serde_json::from_slice(&out.stdout)
         .map_err(|e| RenderError::Setup(format!("helm.py printed no JSON: {e}")))?;
     let mut objects = Vec::new();
+    let mut documents = Vec::new();
     for doc in parsed.objects {
         objects.extend(
             parse_documents(&doc.source, &doc.yaml)
                 .map_err(|e| RenderError::Rejected(format!("{e:#}")))?,
         );
+        documents.push(RenderedDocument {
+            source: doc.source,
+            yaml: doc.yaml,
+        });
     }
     Ok(Rendered {
         objects,
+        documents,
         notes: parsed.notes,
     })
 }

@@ -330,6 +330,21 @@ pub struct SyncPolicy {
     /// Retries of a failed sync.
     #[serde(default)]
     pub retry: Option<Retry>,
+    /// Labels and annotations of the namespace `CreateNamespace=true` makes.
+    #[serde(default)]
+    pub managed_namespace_metadata: Option<ManagedNamespaceMetadata>,
+}
+
+/// `spec.syncPolicy.managedNamespaceMetadata`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagedNamespaceMetadata {
+    /// Labels of the namespace.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Annotations of the namespace.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// `spec.syncPolicy.automated`.

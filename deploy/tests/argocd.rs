@@ -1,5 +1,6 @@
 //! The Argo CD Application syncs the chart from this repository with client-side apply, makes
-//! the namespace, and orders the sync so the CRDs exist before the Mesh that needs them.
+//! the namespace (Pod Security "restricted", as the k3s overlay's), and orders the sync so the
+//! CRDs exist before the Mesh that needs them.
 
 mod common;
 
@@ -52,6 +53,36 @@ fn the_application_creates_the_namespace_and_uses_client_side_apply() {
         !options.iter().any(|o| o.starts_with("ServerSideApply")),
         "{options:?}"
     );
+}
+
+#[test]
+fn the_namespace_argo_creates_enforces_the_same_pod_security_as_the_k3s_overlays() {
+    // tests/apiserver.rs shows the chart's pods admitted under these labels.
+    let app = application();
+    let managed = app
+        .spec
+        .sync_policy
+        .and_then(|p| p.managed_namespace_metadata)
+        .expect("managedNamespaceMetadata");
+    let path = workspace().join("k8s/overlays/k3s/namespace.yaml");
+    let text = std::fs::read_to_string(&path).expect("namespace.yaml");
+    let ns = parse_documents("namespace.yaml", &text)
+        .expect("yaml")
+        .remove(0);
+    for mode in ["enforce", "warn", "audit"] {
+        let key = format!("pod-security.kubernetes.io/{mode}");
+        let overlay = ns
+            .value
+            .pointer("/metadata/labels")
+            .and_then(|l| l.get(&key))
+            .and_then(|v| v.as_str());
+        assert_eq!(overlay, Some("restricted"), "k3s overlay: {key}");
+        assert_eq!(
+            managed.labels.get(&key).map(String::as_str),
+            overlay,
+            "Argo CD: {key}"
+        );
+    }
 }
 
 #[test]

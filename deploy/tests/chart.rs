@@ -92,6 +92,10 @@ fn the_schema_rejects_bad_values_with_a_message_naming_the_key() {
             "bad/heartbeat-zero.yaml",
             &["/mesh/heartbeatSeconds", "minimum: got 0, want 1"],
         ),
+        (
+            "bad/bad-model-cache.yaml",
+            &["/mesh/modelCache", "'EmptyDir', 'HostPath'"],
+        ),
     ];
     for (file, expected) in cases {
         let msg = rejection(&[file]);
@@ -452,6 +456,11 @@ fn the_default_mesh_follows_values_and_can_be_left_out() {
         mesh.value.pointer("/spec/nodeSelector"),
         Some(&serde_json::json!({"nvidia.com/gpu.present": "true"}))
     );
+    // The default cache keeps the agents' pods at Pod Security "restricted".
+    assert_eq!(
+        mesh.value.pointer("/spec/agent/modelCache"),
+        Some(&serde_json::json!("EmptyDir"))
+    );
     assert!(r.notes.contains("kubectl get agents"), "{}", r.notes);
     assert!(!r.notes.contains("kubectl apply -f examples/mesh.yaml"));
 
@@ -463,7 +472,9 @@ fn the_default_mesh_follows_values_and_can_be_left_out() {
     );
     assert_eq!(
         mesh.value.pointer("/spec/agent"),
-        Some(&serde_json::json!({"slots": 4, "executionProviders": ["cpu"]}))
+        Some(
+            &serde_json::json!({"slots": 4, "executionProviders": ["cpu"], "modelCache": "EmptyDir"})
+        )
     );
     assert_eq!(
         mesh.value.pointer("/spec/budgets"),

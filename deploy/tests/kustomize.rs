@@ -94,7 +94,8 @@ fn the_kustomize_base_is_the_charts_default_render_without_helm_labels() {
 #[test]
 fn the_k3s_overlay_is_the_chart_plus_only_its_declared_changes() {
     let mut expected = chart_as_base();
-    // Declared in k8s/overlays/k3s/kustomization.yaml: the Namespace, and the bundled
+    // Declared in k8s/overlays/k3s/kustomization.yaml: the Namespace (Pod Security
+    // "restricted", which tests/apiserver.rs shows every pod of the chart meets), and the bundled
     // Postgres's volume on k3s's local-path StorageClass.
     let ns = ObjectId {
         api_version: "v1".into(),
@@ -105,7 +106,11 @@ fn the_k3s_overlay_is_the_chart_plus_only_its_declared_changes() {
     expected.insert(
         ns,
         json!({"apiVersion": "v1", "kind": "Namespace",
-               "metadata": {"name": "infermesh", "labels": {"app.kubernetes.io/part-of": "infermesh"}}}),
+               "metadata": {"name": "infermesh", "labels": {
+                   "app.kubernetes.io/part-of": "infermesh",
+                   "pod-security.kubernetes.io/enforce": "restricted",
+                   "pod-security.kubernetes.io/warn": "restricted",
+                   "pod-security.kubernetes.io/audit": "restricted"}}}),
     );
     let sts = expected
         .iter_mut()

@@ -49,7 +49,7 @@ const MESHES: &str = "meshes.infermesh.dev";
 const GPU_NODES: [&str; 2] = ["kwok-gpu-0", "kwok-gpu-1"];
 const CPU_NODE: &str = "kwok-cpu-0";
 /// The Pod Security level the chart's namespace enforces.
-const PSS: &str = "privileged";
+const PSS: &str = "restricted";
 /// Seconds of the operators' leader Lease.
 const LEASE: u64 = 6;
 

@@ -1,10 +1,12 @@
 //! Helpers shared by the deploy tests.
 #![allow(dead_code)] // each test file uses its own subset
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use infermesh_deploy::chart::{MATRIX, Rendered, render};
 use infermesh_deploy::strict::{Typed, check};
+use infermesh_deploy::workspace;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::EnvVar;
 
@@ -54,3 +56,37 @@ pub fn env(d: &Deployment, name: &str) -> Option<EnvVar> {
 pub fn env_value(d: &Deployment, name: &str) -> Option<String> {
     env(d, name).and_then(|e| e.value)
 }
+
+/// Every YAML file under `examples/`, sorted.
+pub fn example_files() -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).expect("examples").flatten() {
+            let p = e.path();
+            if p.is_dir() && !p.is_symlink() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+                out.push(p);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&workspace().join("examples"), &mut out);
+    out.sort();
+    out
+}
+
+/// A path relative to the workspace, for messages.
+pub fn relative(p: &Path) -> String {
+    p.strip_prefix(workspace())
+        .unwrap_or(p)
+        .display()
+        .to_string()
+}
+
+/// The examples every test of them expects to find.
+pub const EXPECTED_EXAMPLES: [&str; 4] = [
+    "examples/mesh.yaml",
+    "examples/workload-embed.yaml",
+    "examples/workload-tensor.yaml",
+    "examples/quickstart/quickstart.yaml",
+];

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use infermesh_crds::{ExecutionProvider, Mesh, MeshStatus};
+use infermesh_crds::{ExecutionProvider, Mesh, MeshStatus, ModelCache};
 use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar,
@@ -32,7 +32,8 @@ use crate::core::progress::AgentSummary;
 pub const TOKEN_PATH: &str = "/var/run/secrets/infermesh/token";
 /// Where the agent finds the CA of the operator's gRPC certificate.
 pub const CA_PATH: &str = "/var/run/infermesh/tls/ca.crt";
-/// The model cache inside the agent container (a hostPath on the node).
+/// The model cache inside the agent container: an emptyDir, or with `modelCache: HostPath`
+/// the node's `/var/cache/infermesh/<mesh>`.
 pub const CACHE_PATH: &str = "/var/cache/infermesh";
 /// The agents' metrics and health port.
 pub const AGENT_METRICS_PORT: i32 = 9091;
@@ -205,7 +206,14 @@ pub fn build_daemonset(mesh: &Mesh, config: &Config) -> DaemonSet {
             }),
             ..Volume::default()
         },
-        Volume {
+    ];
+    volumes.push(match spec.agent.model_cache {
+        ModelCache::EmptyDir => Volume {
+            name: "model-cache".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+        ModelCache::HostPath => Volume {
             name: "model-cache".into(),
             host_path: Some(HostPathVolumeSource {
                 path: format!("{CACHE_PATH}/{name}"),
@@ -213,7 +221,7 @@ pub fn build_daemonset(mesh: &Mesh, config: &Config) -> DaemonSet {
             }),
             ..Volume::default()
         },
-    ];
+    });
     if let Some(claim) = &config.data_claim {
         mounts.push(VolumeMount {
             name: "data".into(),
@@ -257,8 +265,10 @@ pub fn build_daemonset(mesh: &Mesh, config: &Config) -> DaemonSet {
         .clone()
         .unwrap_or_else(|| config.agent_image.clone());
     // A hostPath directory is made by the kubelet as root; one small init step hands it to
-    // the agent's user (CHOWN only, nothing else), so the agent itself runs non-root.
-    let prepare_cache = Container {
+    // the agent's user (CHOWN only, nothing else), so the agent itself runs non-root. Running
+    // as root and the hostPath volume are what put such a pod at the "privileged" level. An
+    // emptyDir needs no such step: fsGroup gives it to the agent's group.
+    let prepare_cache = (spec.agent.model_cache == ModelCache::HostPath).then(|| Container {
         name: "prepare-cache".into(),
         image: Some(image.clone()),
         command: Some(vec![
@@ -284,7 +294,7 @@ pub fn build_daemonset(mesh: &Mesh, config: &Config) -> DaemonSet {
             ..SecurityContext::default()
         }),
         ..Container::default()
-    };
+    });
     let agent = Container {
         name: "agent".into(),
         image: Some(image),
@@ -340,11 +350,13 @@ pub fn build_daemonset(mesh: &Mesh, config: &Config) -> DaemonSet {
                     automount_service_account_token: Some(false),
                     node_selector: Some(spec.node_selector.clone()),
                     tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
-                    init_containers: Some(vec![prepare_cache]),
+                    init_containers: prepare_cache.map(|c| vec![c]),
                     containers: vec![agent],
                     volumes: Some(volumes),
                     security_context: Some(PodSecurityContext {
                         seccomp_profile: runtime_default(),
+                        fs_group: (spec.agent.model_cache == ModelCache::EmptyDir)
+                            .then_some(AGENT_UID),
                         ..PodSecurityContext::default()
                     }),
                     // Shards in flight are requeued anyway; give running ones a moment.
@@ -632,9 +644,11 @@ pub(crate) mod tests {
         let cache = volumes
             .iter()
             .find(|v| v.name == "model-cache")
-            .and_then(|v| v.host_path.clone())
-            .expect("hostPath");
-        assert_eq!(cache.path, "/var/cache/infermesh/gpus");
+            .expect("model cache");
+        assert!(
+            cache.empty_dir.is_some() && cache.host_path.is_none(),
+            "the default cache is an emptyDir: {cache:?}"
+        );
         let data = volumes
             .iter()
             .find(|v| v.name == "data")
@@ -647,6 +661,68 @@ pub(crate) mod tests {
             .and_then(|v| v.secret.clone())
             .expect("tls");
         assert_eq!(tls.secret_name.as_deref(), Some("infermesh-tls"));
+    }
+
+    fn cache_of(pod: &PodSpec) -> &Volume {
+        pod.volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "model-cache")
+            .expect("model-cache volume")
+    }
+
+    #[test]
+    fn an_empty_dir_model_cache_keeps_every_container_non_root() {
+        for agent in ["  agent: {}\n", "  agent: {modelCache: EmptyDir}\n"] {
+            let ds = build_daemonset(&mesh(agent), &Config::for_namespace("im"));
+            let pod = ds.spec.and_then(|s| s.template.spec).expect("pod");
+            assert!(cache_of(&pod).empty_dir.is_some(), "{agent}");
+            assert!(cache_of(&pod).host_path.is_none(), "{agent}");
+            assert_eq!(pod.init_containers, None, "{agent}: no root init step");
+            let psc = pod.security_context.clone().expect("pod security context");
+            assert_eq!(psc.fs_group, Some(AGENT_UID), "the volume's group");
+            for c in &pod.containers {
+                let sc = c.security_context.clone().expect("security context");
+                assert_eq!(sc.run_as_non_root, Some(true), "{}", c.name);
+                assert_eq!(sc.run_as_user, Some(AGENT_UID), "{}", c.name);
+                let caps = sc.capabilities.expect("capabilities");
+                assert_eq!(caps.add, None, "{}", c.name);
+            }
+            let mount = pod.containers[0]
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.name == "model-cache")
+                .expect("mount");
+            assert_eq!(mount.mount_path, CACHE_PATH);
+        }
+    }
+
+    #[test]
+    fn a_host_path_model_cache_is_the_nodes_directory_handed_over_by_a_root_init_step() {
+        let ds = build_daemonset(
+            &mesh("  agent: {modelCache: HostPath}\n"),
+            &Config::for_namespace("im"),
+        );
+        let pod = ds.spec.and_then(|s| s.template.spec).expect("pod");
+        let host = cache_of(&pod).host_path.clone().expect("hostPath");
+        assert_eq!(host.path, "/var/cache/infermesh/gpus");
+        assert_eq!(host.type_.as_deref(), Some("DirectoryOrCreate"));
+        let init = pod.init_containers.clone().expect("init containers");
+        assert_eq!(init.len(), 1);
+        assert_eq!(init[0].name, "prepare-cache");
+        let sc = init[0].security_context.clone().expect("security context");
+        assert_eq!(sc.run_as_user, Some(0));
+        let caps = sc.capabilities.expect("capabilities");
+        assert_eq!(caps.add, Some(vec!["CHOWN".to_string()]), "CHOWN only");
+        assert_eq!(caps.drop, Some(vec!["ALL".to_string()]));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        let psc = pod.security_context.expect("pod security context");
+        assert_eq!(psc.fs_group, None, "fsGroup does not apply to a hostPath");
+        // The agent itself still runs as its own user.
+        let agent = pod.containers[0].security_context.clone().expect("agent");
+        assert_eq!(agent.run_as_user, Some(AGENT_UID));
+        assert_eq!(agent.run_as_non_root, Some(true));
     }
 
     #[test]
