@@ -124,7 +124,11 @@ async fn label_pod(
 }
 
 /// Takes the leader label off every pod but `own`.
-async fn unlabel_others(client: &Client, namespace: &str, own: &str) -> Result<(), kube::Error> {
+pub(super) async fn unlabel_others(
+    client: &Client,
+    namespace: &str,
+    own: &str,
+) -> Result<(), kube::Error> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let labelled = pods
         .list(&ListParams::default().labels(&format!("{LEADER_LABEL}=true")))

@@ -822,6 +822,51 @@ async fn leader_election_acquires_and_renews_the_lease() {
     assert!(!run.await.expect("join").expect("lost race"));
 }
 
+/// A leader that died without a clean exit keeps its pod's leader label, and the gRPC
+/// Service would send agents to it too (the control-plane suite's fail-over found it): the
+/// new leader takes the label off every other pod.
+#[tokio::test]
+async fn a_new_leader_takes_the_label_off_former_leaders() {
+    let mut f = Fixture::new().await;
+    let client = f.ctx.client.clone();
+    let run = tokio::spawn(async move { run::unlabel_others(&client, NS, "operator-1").await });
+    let pod = |name: &str| json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NS, "labels": {LEADER_LABEL: "true"}}});
+    f.verifier
+        .expect(
+            "GET",
+            "/api/v1/namespaces/infermesh/pods",
+            200,
+            json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [pod("operator-0"), pod("operator-1")]}),
+        )
+        .await;
+    assert!(
+        f.verifier
+            .last_query
+            .contains("labelSelector=infermesh.dev/leader=true&"),
+        "{}",
+        f.verifier.last_query
+    );
+    let patch = f
+        .verifier
+        .expect(
+            "PATCH",
+            "/api/v1/namespaces/infermesh/pods/operator-0",
+            200,
+            pod("operator-0"),
+        )
+        .await;
+    // A merge patch that removes the label: the key, set to null.
+    assert_eq!(
+        patch["metadata"]["labels"]
+            .as_object()
+            .and_then(|l| l.get(LEADER_LABEL)),
+        Some(&Value::Null),
+        "{patch}"
+    );
+    run.await.expect("join").expect("unlabelled");
+    f.verifier.expect_nothing_more().await;
+}
+
 #[tokio::test]
 async fn a_token_review_that_is_not_authenticated_or_names_another_service_account_is_refused() {
     use crate::grpc::Authenticator;
@@ -946,6 +991,7 @@ fn rbac_yaml_grants_the_calls_made_outside_the_scenarios() {
         ("get", "secrets"),
         ("create", "secrets"),
         ("patch", "pods"),
+        ("list", "pods"),
         ("create", "events"),
         ("patch", "events"),
     ] {
