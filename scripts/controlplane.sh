@@ -327,7 +327,21 @@ EOF
   wait_for etcd curl -sf "http://127.0.0.1:$etcd_port/health"
   log "etcd ready on 127.0.0.1:$etcd_port ($(secs_since "$t0") s)"
 
+  # Audit: every request of a ServiceAccount (the operator's, the agents'), at Metadata
+  # level, so a test can compare what the operator did with what its RBAC grants.
+  cat >"$STATE/audit-policy.yaml" <<'POLICY'
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: Metadata
+    userGroups: ["system:serviceaccounts"]
+  - level: None
+POLICY
   start kube-apiserver "$bin/kube-apiserver" \
+    --audit-policy-file="$STATE/audit-policy.yaml" \
+    --audit-log-path="$STATE/logs/audit.log" \
+    --audit-log-format=json \
     --etcd-servers="http://127.0.0.1:$etcd_port" \
     --bind-address=127.0.0.1 \
     --advertise-address=127.0.0.1 \
