@@ -274,6 +274,28 @@ spec:
     )
 }
 
+/// Drains (or undrains) an Agent as a person would: its `spec.unschedulable`.
+fn set_unschedulable(cp: &ControlPlane, agent: &str, unschedulable: bool) {
+    let patch = serde_json::json!({"spec": {"unschedulable": unschedulable}}).to_string();
+    cp.ok(
+        &["patch", AGENTS, agent, "--type=merge", "-p", &patch],
+        None,
+    )
+    .unwrap_or_else(|e| panic!("unschedulable={unschedulable}: {e:#}"));
+}
+
+/// Waits until `kubectl get ARGS` finds nothing (the object is gone).
+fn wait_gone(cp: &ControlPlane, what: &str, args: &[&str]) {
+    let mut all = vec!["get"];
+    all.extend_from_slice(args);
+    wait_for(what, Duration::from_secs(90), || {
+        let out = cp.run(&all, None).map_err(|e| format!("{e:#}"))?;
+        (!out.status.success())
+            .then_some(())
+            .ok_or_else(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    });
+}
+
 /// Waits for a Workload's phase and returns its status.
 fn wait_phase(cp: &ControlPlane, name: &str, phase: &str, timeout: Duration) -> Value {
     wait_for(&format!("workload {name} {phase}"), timeout, || {
@@ -812,18 +834,7 @@ fn the_operator_runs_on_a_real_control_plane() {
     );
 
     // Drain one agent (spec.unschedulable): the first Workload runs on the other only.
-    cp.ok(
-        &[
-            "patch",
-            AGENTS,
-            &agent_name(GPU_NODES[1]),
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"unschedulable":true}}"#,
-        ],
-        None,
-    )
-    .expect("drain");
+    set_unschedulable(cp, &agent_name(GPU_NODES[1]), true);
     wait_for(
         "the drained Agent's status",
         Duration::from_secs(30),
@@ -853,18 +864,7 @@ fn the_operator_runs_on_a_real_control_plane() {
         BTreeSet::from([agent_name(GPU_NODES[0]).as_str()]),
         "the drained agent got no shard"
     );
-    cp.ok(
-        &[
-            "patch",
-            AGENTS,
-            &agent_name(GPU_NODES[1]),
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"unschedulable":false}}"#,
-        ],
-        None,
-    )
-    .expect("undrain");
+    set_unschedulable(cp, &agent_name(GPU_NODES[1]), false);
 
     // What a person looks at.
     let table = cp
@@ -1039,17 +1039,10 @@ fn the_operator_runs_on_a_real_control_plane() {
     );
     let third = cluster.operator(&pods[0]);
     operator_logs.push(third.log.clone());
-    wait_for(
+    wait_gone(
+        cp,
         "the deleted Workload to go",
-        Duration::from_secs(60),
-        || {
-            let out = cp
-                .run(&["get", WORKLOADS, "first", "-n", TEAM], None)
-                .map_err(|e| format!("{e:#}"))?;
-            (!out.status.success())
-                .then_some(())
-                .ok_or("still there".into())
-        },
+        &[WORKLOADS, "first", "-n", TEAM],
     );
 
     // A deleted Mesh takes its DaemonSet and ServiceAccount with it.
@@ -1076,18 +1069,8 @@ fn the_operator_runs_on_a_real_control_plane() {
     let gone = GPU_NODES[1];
     drop(agents.remove(gone));
     cp.ok(&["delete", "node", gone], None).expect("delete node");
-    wait_for(
-        "the Agent of the deleted node to go",
-        Duration::from_secs(90),
-        || {
-            let out = cp
-                .run(&["get", AGENTS, &agent_name(gone)], None)
-                .map_err(|e| format!("{e:#}"))?;
-            (!out.status.success())
-                .then_some(())
-                .ok_or("still there".into())
-        },
-    );
+    let agent = agent_name(gone);
+    wait_gone(cp, "the Agent of the deleted node to go", &[AGENTS, &agent]);
 
     // Every call the operators made was allowed by the chart's RBAC, and every rule the chart
     // grants was used: the API server's audit log against the installed roles.
