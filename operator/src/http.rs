@@ -20,6 +20,8 @@ pub struct Health {
     pub metrics: Metrics,
     /// Set once start-up checks passed (store migrated, CRDs installed).
     pub ready: Arc<AtomicBool>,
+    /// Whether the store answers (the core's flag; false during an outage).
+    pub store: Arc<AtomicBool>,
 }
 
 async fn metrics(State(h): State<Health>) -> impl IntoResponse {
@@ -37,10 +39,15 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(h): State<Health>) -> (StatusCode, &'static str) {
-    if h.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready\n")
-    } else {
+    if !h.ready.load(Ordering::Relaxed) {
         (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+    } else if !h.store.load(Ordering::Relaxed) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store unavailable: dispatch paused\n",
+        )
+    } else {
+        (StatusCode::OK, "ready\n")
     }
 }
 
@@ -81,6 +88,7 @@ mod tests {
         counters.completed.inc_by(7);
         metrics.write("workloads/status", "patch");
         let ready = Arc::new(AtomicBool::new(false));
+        let store = Arc::new(AtomicBool::new(true));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(serve(
@@ -88,6 +96,7 @@ mod tests {
             Health {
                 metrics,
                 ready: ready.clone(),
+                store: store.clone(),
             },
         ));
         let (code, body) = get_text(addr, "/metrics").await;
@@ -105,6 +114,16 @@ mod tests {
         assert_eq!(get_text(addr, "/healthz").await.0, 200);
         assert_eq!(get_text(addr, "/readyz").await.0, 503);
         ready.store(true, Ordering::Relaxed);
+        assert_eq!(get_text(addr, "/readyz").await.0, 200);
+        // A store outage: not ready until it answers again.
+        store.store(false, Ordering::Relaxed);
+        let (code, body) = get_text(addr, "/readyz").await;
+        assert_eq!(code, 503);
+        assert!(
+            body.ends_with("\r\n\r\nstore unavailable: dispatch paused\n"),
+            "{body}"
+        );
+        store.store(true, Ordering::Relaxed);
         assert_eq!(get_text(addr, "/readyz").await.0, 200);
     }
 }

@@ -121,6 +121,11 @@ impl Metrics {
             shards.refused.clone(),
         );
         r.register(
+            "infermesh_store_available",
+            "1 while the store answers, 0 during an outage (dispatch paused, reports held)",
+            shards.store_available.clone(),
+        );
+        r.register(
             "infermesh_queue_depth",
             "Shards waiting for a slot",
             queue_depth.clone(),

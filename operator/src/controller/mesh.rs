@@ -370,12 +370,14 @@ pub fn build_daemonset(mesh: &Mesh, config: &Config) -> DaemonSet {
     }
 }
 
-/// The status of a Mesh from its agents (as the core knows them) and its DaemonSet.
+/// The status of a Mesh from its agents (as the core knows them), its DaemonSet, and whether
+/// the operator's store answers (`StoreAvailable`: during an outage nothing is dispatched).
 pub fn mesh_status(
     name: &str,
     previous: Option<&MeshStatus>,
     observed: &MeshObserved,
     agents: &[AgentSummary],
+    store_available: bool,
 ) -> MeshStatus {
     let mine: Vec<&AgentSummary> = agents.iter().filter(|a| a.mesh == name).collect();
     let ready: Vec<&&AgentSummary> = mine
@@ -416,13 +418,33 @@ pub fn mesh_status(
             observed.generation,
         )
     };
+    let store = if store_available {
+        condition(
+            prev,
+            "StoreAvailable",
+            true,
+            "StoreAnswers",
+            "the operator's database answers",
+            observed.generation,
+        )
+    } else {
+        condition(
+            prev,
+            "StoreAvailable",
+            false,
+            "StoreUnavailable",
+            "the operator's database does not answer: nothing is dispatched and completions \
+             wait until it does (agents stay attached)",
+            observed.generation,
+        )
+    };
     MeshStatus {
         agents_ready: ready_count,
         agents_total: total,
         slots: ready.iter().map(|a| a.slots).sum(),
         gpus: ready.iter().map(|a| a.gpus).sum(),
         observed_generation: observed.generation,
-        conditions: vec![cond],
+        conditions: vec![cond, store],
     }
 }
 
@@ -482,6 +504,7 @@ async fn apply(mesh: &Mesh, ctx: &Context) -> Result<Action> {
         mesh.status.as_ref(),
         &observed,
         &ctx.core.agents().await,
+        ctx.core.store_available(),
     );
     if mesh.status.as_ref() != Some(&status) {
         patch_status(ctx, &name, &status).await?;
@@ -759,16 +782,27 @@ pub(crate) mod tests {
             summary("c", "gpus", false, false, 1),
             summary("d", "other", true, false, 4),
         ];
-        let s = mesh_status("gpus", None, &observed, &agents);
+        let s = mesh_status("gpus", None, &observed, &agents, true);
         assert_eq!(
             (s.agents_ready, s.agents_total, s.slots, s.gpus),
             (1, 3, 2, 1)
         );
         assert_eq!(s.conditions[0].reason, "AgentsReady");
         assert_eq!(s.conditions[0].observed_generation, Some(2));
-        let none = mesh_status("gpus", None, &observed, &agents[2..3]);
+        let none = mesh_status("gpus", None, &observed, &agents[2..3], true);
         assert_eq!(none.conditions[0].reason, "NoAgentsReady");
-        let empty = mesh_status("gpus", None, &MeshObserved::default(), &[]);
+        let empty = mesh_status("gpus", None, &MeshObserved::default(), &[], true);
+        assert_eq!(s.conditions[1].type_, "StoreAvailable");
+        assert_eq!(s.conditions[1].status, "True");
+        let outage = mesh_status("gpus", Some(&s), &observed, &agents, false);
+        assert_eq!(
+            (
+                outage.conditions[1].status.as_str(),
+                outage.conditions[1].reason.as_str()
+            ),
+            ("False", "StoreUnavailable")
+        );
+        assert_eq!(outage.conditions[0], s.conditions[0], "Ready is unchanged");
         assert_eq!(empty.conditions[0].reason, "NoMatchingNodes");
         assert!(empty.conditions[0].message.contains("kubectl label node"));
     }

@@ -171,6 +171,7 @@ async fn run_inner(args: OperatorArgs) -> Result<(), String> {
     let health = Health {
         metrics: metrics.clone(),
         ready: ready.clone(),
+        store: core.store_flag(),
     };
     tokio::spawn(async move {
         if let Err(e) = http::serve(listener, health).await {

@@ -193,7 +193,13 @@ impl StatusWriter {
         let observed = ctx.meshes.lock().await.clone();
         for (name, seen) in &observed {
             let prev = self.meshes.get(name);
-            let status = mesh::mesh_status(name, prev.map(|w| &w.status), seen, &agents);
+            let status = mesh::mesh_status(
+                name,
+                prev.map(|w| &w.status),
+                seen,
+                &agents,
+                ctx.core.store_available(),
+            );
             ctx.metrics
                 .agents_ready
                 .get_or_create(&MeshLabels { mesh: name.clone() })

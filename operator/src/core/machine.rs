@@ -1138,6 +1138,35 @@ impl Machine {
 
     // ---- requeues and failures -----------------------------------------------------------
 
+    /// Attempts whose holder no longer holds them in memory (its stream ended, or its report
+    /// was taken but not recorded) while store writes failed: to requeue once the store is
+    /// back. The store's compare-and-set settles any that were recorded meanwhile.
+    pub(super) fn orphans(&self) -> Vec<RequeueOrder> {
+        let mut out = Vec::new();
+        for w in self.workloads.values().filter(|w| !w.phase.is_terminal()) {
+            for s in &w.shards {
+                let held = match &s.status {
+                    ShardStatus::Running { agent, .. } => self.agents.get(agent).is_some_and(|a| {
+                        a.connected && a.running.contains(&(w.uid.clone(), s.range.index))
+                    }),
+                    ShardStatus::Committing { .. } => false,
+                    _ => continue,
+                };
+                if !held {
+                    out.push(RequeueOrder {
+                        uid: w.uid.clone(),
+                        index: s.range.index,
+                        attempt: s.attempt,
+                        agent: s.status.holder().map(str::to_string),
+                        reason: "its holder's report or departure was not recorded while the store was down".into(),
+                        fail_reason: "AgentLost",
+                    });
+                }
+            }
+        }
+        out
+    }
+
     /// What a requeue of attempt `attempt` comes to; `None` when the shard is no longer at
     /// that attempt, or not held by `agent` (when given).
     pub(super) fn requeue_plan(

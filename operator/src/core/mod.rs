@@ -33,6 +33,7 @@ pub mod sim;
 pub mod validate;
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, MutexGuard};
 use std::time::Instant;
 
@@ -43,13 +44,15 @@ use pb::agent_message::Msg as Up;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::grpc::Principal;
 use crate::store::group::GroupCommitter;
 use crate::store::{
-    ChargeOutcome, Event, EventKind, GrantKind, ShardRecord, Store, StoreError, WorkloadRecord,
+    ChargeOutcome, CompletionRecord, Event, EventKind, GrantKind, ShardRecord, Store, StoreError,
+    WorkloadRecord,
 };
 use accounting::Refusal;
 use machine::{
@@ -59,6 +62,9 @@ use machine::{
 use outputs::PartFacts;
 use pricing::Price;
 use progress::{AgentSummary, WorkloadSummary};
+
+/// How long a ping of the store may take before the store counts as unavailable.
+const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Messages to one agent's stream.
 pub type AgentSender = mpsc::UnboundedSender<Result<pb::OperatorMessage, Status>>;
@@ -136,6 +142,8 @@ pub struct ShardCounters {
     pub requeued: Counter,
     /// Reports refused, by reason.
     pub refused: Family<RefusedLabels, Counter>,
+    /// 1 while the store answers, 0 during an outage.
+    pub store_available: Gauge,
 }
 
 /// The machine and the agents' streams, behind one lock.
@@ -154,6 +162,11 @@ pub struct Core<S: Store> {
     /// One dispatch round at a time (claims are decided, stored, then applied).
     round: tokio::sync::Mutex<()>,
     counters: ShardCounters,
+    /// False while the store is unreachable: nothing is dispatched, and reports that need
+    /// the store wait for it ([`Core::recover`]).
+    store_up: Arc<AtomicBool>,
+    /// Completions checked while the store was down, committed when it is back.
+    parked: std::sync::Mutex<Vec<(AgentHandle, pb::ShardRef, CompletionRecord)>>,
 }
 
 /// The key of a workload on the wire and in logs: `namespace/name/uid`.
@@ -187,7 +200,91 @@ impl<S: Store> Core<S> {
             inner: std::sync::Mutex::new(Inner::default()),
             round: tokio::sync::Mutex::new(()),
             counters: ShardCounters::default(),
+            store_up: Arc::new(AtomicBool::new(true)),
+            parked: std::sync::Mutex::new(Vec::new()),
         }
+        .with_store_gauge()
+    }
+
+    fn with_store_gauge(self) -> Self {
+        self.counters.store_available.set(1);
+        self
+    }
+
+    /// Whether the store answered the last time it was asked (`/readyz` follows it).
+    pub fn store_available(&self) -> bool {
+        self.store_up.load(Ordering::Relaxed)
+    }
+
+    /// The flag behind [`Core::store_available`], for the readiness endpoint.
+    pub fn store_flag(&self) -> Arc<AtomicBool> {
+        self.store_up.clone()
+    }
+
+    /// After a store call failed: whether the store is unreachable (one round trip tells).
+    /// If so the core goes into outage mode: dispatch pauses, agents stay attached, and
+    /// [`Core::recover`] (the lease reaper calls it) picks up when the store answers again.
+    pub async fn check_store(&self) -> bool {
+        let answer = tokio::time::timeout(PING_TIMEOUT, self.store.ping())
+            .await
+            .unwrap_or_else(|_| Err(StoreError::Unavailable("no answer to a ping".into())));
+        match answer {
+            Ok(()) => false,
+            Err(e) if e.is_transient() => {
+                if self.store_up.swap(false, Ordering::Relaxed) {
+                    self.counters.store_available.set(0);
+                    tracing::error!(error = %e, "the store is unavailable: dispatch paused, reports held until it answers");
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Once the store answers again after an outage: commits the completions held meanwhile,
+    /// requeues what lost its holder while writes failed, finishes what was ready to, and
+    /// dispatches. Returns whether the store is up (false: still down, try again later).
+    pub async fn recover(&self) -> bool {
+        if self.store_available() {
+            return true;
+        }
+        match tokio::time::timeout(PING_TIMEOUT, self.store.ping()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "the store is still unavailable");
+                return false;
+            }
+            Err(_) => return false,
+        }
+        tracing::info!("the store answers again: resuming");
+        // Up from here: what follows writes to it (a failure marks it down again).
+        self.store_up.store(true, Ordering::Relaxed);
+        self.counters.store_available.set(1);
+        let parked = std::mem::take(&mut *self.parked.lock().unwrap_or_else(|e| e.into_inner()));
+        for (who, shard, record) in parked {
+            if let Err(e) = self.commit(&who, &shard, record).await {
+                tracing::warn!(error = %e.message(), "a held completion could not be committed");
+            }
+        }
+        let orders = self.read(Machine::orphans);
+        for order in orders {
+            if let Err(e) = self.requeue_or_fail(order).await {
+                tracing::warn!(error = %e, "cannot requeue after the outage");
+            }
+        }
+        let live: Vec<String> = self.read(|m| m.workloads.keys().cloned().collect());
+        for uid in live {
+            if let Err(e) = self.maybe_finish(&uid).await {
+                tracing::warn!(error = %e, "cannot finish after the outage");
+            }
+        }
+        if let Err(e) = self.dispatch().await {
+            tracing::warn!(error = %e, "dispatch after the outage failed");
+        }
+        if !self.store_available() || self.check_store().await {
+            return false; // down again: held work stays held, and `recover` runs again
+        }
+        true
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -757,6 +854,23 @@ impl<S: Store> Core<S> {
                 "this stream was replaced or its lease expired; reconnect",
             ));
         }
+        let result = self.dispatch_message(who, msg).await;
+        match result {
+            // The store is unreachable: what this message needed waits for it (held
+            // completions, requeues of lost holders); the agent stays attached.
+            Err(status) if status.code() == tonic::Code::Internal && self.check_store().await => {
+                tracing::warn!(agent = %who.id, error = %status.message(), "store unavailable: the agent's report waits for it");
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    async fn dispatch_message(
+        &self,
+        who: &AgentHandle,
+        msg: pb::AgentMessage,
+    ) -> Result<(), Status> {
         match msg.msg {
             None => Err(Status::invalid_argument("AgentMessage carries no message")),
             Some(Up::Hello(_)) => Err(Status::invalid_argument(
@@ -831,8 +945,13 @@ impl<S: Store> Core<S> {
                     .await;
             }
         };
-        // The freed slot gets its next shard while this part is checked.
-        self.dispatch().await.map_err(internal)?;
+        // The freed slot gets its next shard while this part is checked (best effort: the
+        // completion is committed whatever happens to the round).
+        if let Err(e) = self.dispatch().await
+            && !self.check_store().await
+        {
+            tracing::warn!(error = %e, "dispatch after a completion failed");
+        }
 
         let attempt_uri = outputs::attempt_uri(&acc.output, acc.index, acc.attempt);
         let reported = PartFacts {
@@ -874,22 +993,56 @@ impl<S: Store> Core<S> {
                 return answer;
             }
         };
-        match self.committer.complete(record.clone()).await {
+        self.commit(who, &shard, record).await
+    }
+
+    /// Commits and charges a checked completion (group commit), then moves its part to its
+    /// final name. When the store is unreachable the completion is held and committed by
+    /// [`Core::recover`]; the shard stays with its holder meanwhile.
+    async fn commit(
+        &self,
+        who: &AgentHandle,
+        shard: &pb::ShardRef,
+        record: CompletionRecord,
+    ) -> Result<(), Status> {
+        let acc_uid = record.workload_uid.clone();
+        let (index, attempt) = (record.shard, record.attempt);
+        let output = self
+            .read(|m| m.workloads.get(&acc_uid).map(|w| w.spec.output.uri.clone()))
+            .unwrap_or_default();
+        let answer = if self.store_available() {
+            self.committer.complete(record.clone()).await
+        } else {
+            Err(StoreError::Unavailable("in an outage".into()))
+        };
+        match answer {
+            Err(e) if e.is_transient() => {
+                self.check_store().await;
+                tracing::warn!(workload = %acc_uid, shard = index, error = %e, "completion held until the store answers");
+                self.parked.lock().unwrap_or_else(|e| e.into_inner()).push((
+                    who.clone(),
+                    shard.clone(),
+                    record,
+                ));
+                Ok(())
+            }
             Ok(ChargeOutcome::Charged) => {
                 // Charged: move the part to its final name. A failure here is redone before
                 // the manifest is written.
-                if let Err(e) = outputs::commit(&acc.output, acc.index, acc.attempt).await {
-                    tracing::warn!(workload = %acc.uid, shard = acc.index, error = %e, "part not moved to its final name yet");
+                if !output.is_empty()
+                    && let Err(e) = outputs::commit(&output, index, attempt).await
+                {
+                    tracing::warn!(workload = %acc_uid, shard = index, error = %e, "part not moved to its final name yet");
                 }
                 self.apply(|m| ((), m.committed(&record)));
-                self.maybe_finish(&acc.uid).await.map_err(internal)?;
+                self.maybe_finish(&acc_uid).await.map_err(internal)?;
                 Ok(())
             }
             Ok(ChargeOutcome::Refused) => {
                 // The store says the attempt is not running there (another operator took
                 // the shard): the event is in the log; tell the agent.
                 self.apply(|m| {
-                    m.lost_to_store(&acc.uid, acc.index, acc.attempt);
+                    m.lost_to_store(&acc_uid, index, attempt);
                     ((), Vec::new())
                 });
                 let refusal = Refusal {
@@ -897,15 +1050,15 @@ impl<S: Store> Core<S> {
                     reason: "stale_attempt",
                     message: "the store does not hold this attempt as running on this agent".into(),
                 };
-                self.refuse(who, &shard, Some(&acc.uid), refusal, false)
+                self.refuse(who, shard, Some(&acc_uid), refusal, false)
                     .await
             }
             Err(e) => {
                 // Not recorded: the attempt goes back to the queue.
                 let order = RequeueOrder {
-                    uid: acc.uid.clone(),
-                    index: acc.index,
-                    attempt: acc.attempt,
+                    uid: acc_uid.clone(),
+                    index,
+                    attempt,
                     agent: Some(who.id.clone()),
                     reason: e.to_string(),
                     fail_reason: "StorageError",
@@ -984,6 +1137,10 @@ impl<S: Store> Core<S> {
             reason,
             fail_reason,
         } = order;
+        if !self.store_available() {
+            // Taken up by `recover` (`Machine::orphans`) once the store answers.
+            return Ok(());
+        }
         let plan = self.read(|m| m.requeue_plan(&uid, index, attempt, agent.as_deref()));
         match plan {
             None => Ok(()),
@@ -1092,6 +1249,9 @@ impl<S: Store> Core<S> {
     /// One dispatch round: the machine plans the claims, the store takes them in one
     /// statement, the machine applies what the store accepted (store first).
     async fn dispatch(&self) -> Result<(), StoreError> {
+        if !self.store_available() {
+            return Ok(()); // paused until the store answers again (`recover`)
+        }
         let _round = self.round.lock().await;
         let claims = self.apply(|m| (m.plan_round(), Vec::new()));
         if claims.is_empty() {
@@ -1139,7 +1299,11 @@ impl<S: Store> Core<S> {
                 format!("{reason}; {} shards requeued", running.len()),
             )
         };
-        self.store.append(&event.agent(id)).await?;
+        if self.store_available() {
+            self.store.append(&event.agent(id)).await?;
+        } else {
+            tracing::warn!(agent = %id, "store unavailable: the agent's departure is not in the event log");
+        }
         for order in running {
             self.requeue_or_fail(RequeueOrder {
                 reason: reason.to_string(),

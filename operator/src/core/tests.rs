@@ -1269,6 +1269,114 @@ both!(finished_workloads_leave_memory);
 both!(deleting_a_mesh_fails_its_workloads);
 both!(a_late_report_of_an_expired_attempt_is_never_committed);
 
+/// Postgres goes away for a while and comes back: the operator keeps its agents attached,
+/// dispatches nothing, holds the completion that arrived meanwhile, says it is not available,
+/// and when the store answers again commits what it held, requeues the shard of an agent that
+/// left during the outage, and finishes the workload with every shard charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_pauses_dispatch_keeps_agents_and_loses_nothing() {
+    let pg = crate::store::testing::PrivatePostgres::start().expect("a private Postgres");
+    let core = Core::new(crate::store::open(&pg.admin_url()).await.expect("open"));
+    core.upsert_mesh("m", mesh(30)).await.expect("mesh");
+    let out = tempfile::tempdir().expect("tmp");
+    let output = format!("file://{}/", out.path().display());
+    core.submit(Submission {
+        namespace: "team-a".into(),
+        name: "w".into(),
+        uid: "u1".into(),
+        spec: workload(&output, 3),
+        input_size: 6 * 1024,
+    })
+    .await
+    .expect("submit");
+    async fn report(core: &Core<AnyStore>, h: &AgentHandle, msg: Up) -> Result<(), Status> {
+        core.handle(h, pb::AgentMessage { msg: Some(msg) }).await
+    }
+    let (a, mut rx_a) = attach(&core, "a", 2, &Principal::user("t")).await;
+    let (b, mut rx_b) = attach(&core, "b", 1, &Principal::user("t")).await;
+    let held_a = assigned(&mut rx_a);
+    let held_b = assigned(&mut rx_b);
+    assert_eq!((held_a.len(), held_b.len()), (2, 1));
+    report(&core, &a, Up::Completed(write_part(&output, &held_a[0], 2)))
+        .await
+        .expect("complete before the outage");
+    let before = assigned(&mut rx_a);
+    assert_eq!(before.len(), 1, "the freed slot got the next shard");
+
+    pg.stop().expect("stop Postgres");
+    // A completion while the store is down: held, and the agent's stream stays up.
+    report(&core, &a, Up::Completed(write_part(&output, &held_a[1], 2)))
+        .await
+        .expect("the report is taken, not an error that ends the stream");
+    assert!(!core.store_available());
+    assert_eq!(core.counters().store_available.get(), 0);
+    // Heartbeats go on; nothing is dispatched into the freed slot.
+    report(
+        &core,
+        &a,
+        Up::Heartbeat(pb::Heartbeat {
+            running: before.clone(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("heartbeat");
+    assert!(
+        assigned(&mut rx_a).is_empty(),
+        "no dispatch while the store is down"
+    );
+    // An agent leaves during the outage: its departure cannot be written.
+    let _ = core.detach(&b, "gone during the outage").await;
+    assert!(!core.recover().await, "still down");
+
+    pg.start_again().expect("start Postgres");
+    let t0 = Instant::now();
+    while !core.recover().await {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the core never saw the store return"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(core.store_available());
+    assert_eq!(core.counters().store_available.get(), 1);
+    let charges = core.store().charges("u1").await.expect("charges");
+    assert!(
+        charges.iter().any(|c| c.shard == held_a[1].index),
+        "the completion held during the outage was committed: {charges:?}"
+    );
+    // Everything left runs on a: b's shard was requeued, the rest dispatched again.
+    let mut todo = before;
+    let t0 = Instant::now();
+    while core
+        .workload("team-a/w/u1")
+        .await
+        .is_some_and(|w| w.phase != WorkloadPhase::Succeeded)
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the workload did not finish"
+        );
+        todo.extend(assigned(&mut rx_a));
+        for s in std::mem::take(&mut todo) {
+            report(&core, &a, Up::Completed(write_part(&output, &s, 2)))
+                .await
+                .expect("complete");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(held_b.iter().all(|s| s.attempt == 1));
+    let charges = core.store().charges("u1").await.expect("charges");
+    let mut shards: Vec<u32> = charges.iter().map(|c| c.shard).collect();
+    shards.sort_unstable();
+    assert_eq!(
+        shards,
+        (0..6).collect::<Vec<u32>>(),
+        "each shard charged once"
+    );
+    assert!(core.store().verify().await.expect("verify").ok());
+}
+
 /// The core as a state machine under random event sequences (assignments, honest and forged
 /// completions, failures, duplicates, stale reports, disconnects, lease expiry, an operator
 /// crash and resume): no shard is lost, a succeeded shard is charged exactly once and to the

@@ -238,10 +238,27 @@ pub async fn reap_leases<S: Store>(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // While the store is down: asked again after 1, 2, then every 4 s.
+    let mut backoff = Duration::from_secs(1);
+    let mut next_probe = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if let Err(e) = core.reap(std::time::Instant::now()).await {
+                if !core.store_available() {
+                    if tokio::time::Instant::now() < next_probe {
+                        continue;
+                    }
+                    if core.recover().await {
+                        backoff = Duration::from_secs(1);
+                    } else {
+                        next_probe = tokio::time::Instant::now() + backoff;
+                        backoff = (backoff * 2).min(Duration::from_secs(4));
+                    }
+                    continue;
+                }
+                if let Err(e) = core.reap(std::time::Instant::now()).await
+                    && !core.check_store().await
+                {
                     tracing::error!(error = %e, "lease reaper failed");
                 }
             }

@@ -11,7 +11,8 @@ use super::{ChargeOutcome, CompletionRecord, Store, StoreError};
 /// The most completions written in one transaction.
 pub const MAX_BATCH: usize = 512;
 
-type Reply = oneshot::Sender<Result<ChargeOutcome, String>>;
+/// A batch's failure: its message, and whether the database was unreachable.
+type Reply = oneshot::Sender<Result<ChargeOutcome, (String, bool)>>;
 
 /// A handle to the committer task.
 #[derive(Clone, Debug)]
@@ -35,9 +36,9 @@ impl GroupCommitter {
                         }
                     }
                     Err(e) => {
-                        let msg = e.to_string();
+                        let failure = (e.to_string(), e.is_transient());
                         for reply in replies {
-                            let _ = reply.send(Err(msg.clone()));
+                            let _ = reply.send(Err(failure.clone()));
                         }
                     }
                 }
@@ -56,6 +57,12 @@ impl GroupCommitter {
         answer
             .await
             .map_err(|_| StoreError::Commit("the committer has stopped".into()))?
-            .map_err(StoreError::Commit)
+            .map_err(|(message, transient)| {
+                if transient {
+                    StoreError::Unavailable(message)
+                } else {
+                    StoreError::Commit(message)
+                }
+            })
     }
 }

@@ -38,6 +38,38 @@ pub enum StoreError {
     /// A command that only reads found no database where the URL points.
     #[error("no database at {0}: nothing has run with this --database-url yet (a mistyped path?)")]
     Missing(String),
+    /// The database could not be reached for a while (a group commit's batch failed so).
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl StoreError {
+    /// Whether the database could not be reached (down, restarting, refusing connections,
+    /// the connection dropped): worth waiting out, unlike a refused or malformed write.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Unavailable(_) | Self::Unreachable(_) => true,
+            Self::Database(e) => transient(e),
+            _ => false,
+        }
+    }
+}
+
+fn transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => true,
+        // Postgres: connection exceptions (08), shutting down or starting up (57P01-57P03),
+        // too many connections (53300).
+        sqlx::Error::Database(d) => d.code().is_some_and(|c| {
+            c.starts_with("08") || matches!(c.as_ref(), "57P01" | "57P02" | "57P03" | "53300")
+        }),
+        _ => false,
+    }
 }
 
 /// A workload as stored.
@@ -626,6 +658,9 @@ pub trait Store: Send + Sync + 'static {
     /// An account's balance.
     fn balance(&self, account: &str) -> impl Future<Output = Result<i64, StoreError>> + Send;
 
+    /// One round trip to the database: whether it answers now.
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
     /// An account's entries between two RFC 3339 times (inclusive), oldest first.
     fn statement(
         &self,
@@ -784,6 +819,9 @@ impl Store for AnyStore {
     }
     async fn balance(&self, account: &str) -> Result<i64, StoreError> {
         each!(self, s => s.balance(account))
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        each!(self, s => s.ping())
     }
     async fn prune_events(&self, before: &str, archive: bool) -> Result<Vec<String>, StoreError> {
         each!(self, s => s.prune_events(before, archive))

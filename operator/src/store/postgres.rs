@@ -33,7 +33,9 @@ impl PgStore {
         let server = format!("{}:{}", options.get_host(), options.get_port());
         let pool = PgPoolOptions::new()
             .max_connections(16)
-            .acquire_timeout(Duration::from_secs(30))
+            // A server that is down is noticed within this (connection refused is retried
+            // until then): the core then pauses dispatch until it answers again.
+            .acquire_timeout(Duration::from_secs(10))
             .connect_with(options);
         let pool = tokio::time::timeout(Duration::from_secs(10), pool)
             .await
@@ -826,6 +828,11 @@ impl Store for PgStore {
             removed.push(name);
         }
         Ok(removed)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
     }
 
     async fn balance(&self, account: &str) -> Result<i64, StoreError> {

@@ -654,6 +654,11 @@ impl Store for SqliteStore {
         ))
     }
 
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     async fn balance(&self, account: &str) -> Result<i64, StoreError> {
         let b: Option<i64> = sqlx::query("SELECT balance FROM accounts WHERE name = ?")
             .bind(account)

@@ -81,79 +81,134 @@ fn start() -> Result<Cluster, String> {
     if let Ok(url) = std::env::var("DATABASE_URL") {
         return Ok(Cluster { admin_url: url });
     }
-    let bin = bindir()?;
-    let dir = std::env::temp_dir().join(format!("infermesh-pg-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    if is_root() {
-        let mut chown = Command::new("chown");
-        chown.args(["-R", "postgres:"]).arg(&dir);
-        run(chown, "chown")?;
-    }
-    let data = dir.join("data");
-    let data_s = data.display().to_string();
-    let dir_s = dir.display().to_string();
-    run(
-        pg(
-            &bin.join("initdb"),
-            &[
-                "-D",
-                &data_s,
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--no-sync",
-            ],
-        ),
-        "initdb",
-    )?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("no free port: {e}"))?;
-    let opts = format!("-p {port} -k {dir_s} -c listen_addresses=127.0.0.1 -c max_connections=300");
-    let log = dir.join("postgres.log").display().to_string();
-    run(
-        pg(
-            &bin.join("pg_ctl"),
-            &[
-                "-D", &data_s, "-l", &log, "-o", &opts, "-w", "-t", "60", "start",
-            ],
-        ),
-        "pg_ctl start",
-    )?;
-    // A watchdog in its own process group stops the cluster and removes it once this test
-    // process is gone, however it ends. It polls /proc: `kill -0` would fail as `postgres`
-    // on a root process and stop the cluster at once.
-    let script = format!(
-        "while [ -d /proc/{pid} ]; do sleep 1; done; {ctl} -D {data_s} stop -m immediate >/dev/null 2>&1; rm -rf {dir_s}",
-        pid = std::process::id(),
-        ctl = bin.join("pg_ctl").display(),
-    );
-    let mut watchdog = if is_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--", "sh", "-c", &script]);
-        c
-    } else {
-        let mut c = Command::new("sh");
-        c.args(["-c", &script]);
-        c
-    };
-    {
-        use std::os::unix::process::CommandExt;
-        watchdog.process_group(0);
-    }
-    watchdog
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("watchdog: {e}"))?;
+    let pg = PrivatePostgres::launch("shared")?;
     Ok(Cluster {
-        admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        admin_url: pg.admin_url(),
     })
+}
+
+/// A Postgres cluster a test has to itself, to stop and start again (a store outage). It is
+/// stopped and removed when the test process exits, however it ends.
+pub struct PrivatePostgres {
+    bin: PathBuf,
+    data: String,
+    log: String,
+    opts: String,
+    port: u16,
+}
+
+static PRIVATE: AtomicU32 = AtomicU32::new(0);
+
+impl PrivatePostgres {
+    /// A new cluster, started.
+    pub fn start() -> Result<Self, String> {
+        Self::launch(&format!(
+            "private-{}",
+            PRIVATE.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+
+    fn launch(tag: &str) -> Result<Self, String> {
+        let bin = bindir()?;
+        let dir = std::env::temp_dir().join(format!("infermesh-pg-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        if is_root() {
+            let mut chown = Command::new("chown");
+            chown.args(["-R", "postgres:"]).arg(&dir);
+            run(chown, "chown")?;
+        }
+        let data = dir.join("data").display().to_string();
+        let dir_s = dir.display().to_string();
+        run(
+            pg(
+                &bin.join("initdb"),
+                &[
+                    "-D",
+                    &data,
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--no-sync",
+                ],
+            ),
+            "initdb",
+        )?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .map_err(|e| format!("no free port: {e}"))?;
+        let me = Self {
+            opts: format!(
+                "-p {port} -k {dir_s} -c listen_addresses=127.0.0.1 -c max_connections=300"
+            ),
+            log: dir.join("postgres.log").display().to_string(),
+            bin,
+            data,
+            port,
+        };
+        me.start_again()?;
+        // A watchdog in its own process group stops the cluster and removes it once this
+        // test process is gone, however it ends. It polls /proc: `kill -0` would fail as
+        // `postgres` on a root process and stop the cluster at once.
+        let script = format!(
+            "while [ -d /proc/{pid} ]; do sleep 1; done; {ctl} -D {data} stop -m immediate >/dev/null 2>&1; rm -rf {dir_s}",
+            pid = std::process::id(),
+            ctl = me.bin.join("pg_ctl").display(),
+            data = me.data,
+        );
+        let mut watchdog = if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--", "sh", "-c", &script]);
+            c
+        } else {
+            let mut c = Command::new("sh");
+            c.args(["-c", &script]);
+            c
+        };
+        {
+            use std::os::unix::process::CommandExt;
+            watchdog.process_group(0);
+        }
+        watchdog
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("watchdog: {e}"))?;
+        Ok(me)
+    }
+
+    /// The URL of its maintenance database.
+    pub fn admin_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Stops it at once (`pg_ctl stop -m immediate`: no checkpoint, as a crash would).
+    pub fn stop(&self) -> Result<(), String> {
+        run(
+            pg(
+                &self.bin.join("pg_ctl"),
+                &["-D", &self.data, "stop", "-m", "immediate", "-w"],
+            ),
+            "pg_ctl stop",
+        )
+    }
+
+    /// Starts it (again), on the same port, and waits until it accepts connections.
+    pub fn start_again(&self) -> Result<(), String> {
+        run(
+            pg(
+                &self.bin.join("pg_ctl"),
+                &[
+                    "-D", &self.data, "-l", &self.log, "-o", &self.opts, "-w", "-t", "60", "start",
+                ],
+            ),
+            "pg_ctl start",
+        )
+    }
 }
 
 /// The URL of the test cluster's maintenance database (starting the cluster on first use).
