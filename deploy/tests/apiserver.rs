@@ -30,7 +30,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use common::{EXPECTED_EXAMPLES, example_files, matrix, relative, rendered};
+use common::{EXPECTED_EXAMPLES, example_files, kustomize_text, matrix, relative, rendered};
 use infermesh_crds::{Manifest, Mesh, ModelCache};
 use infermesh_deploy::chart::Rendered;
 use infermesh_deploy::controlplane::ControlPlane;
@@ -408,18 +408,7 @@ fn examples(c: &mut Checks) {
         c.accepts("example files accepted", name, &text, None, &[]);
     }
 
-    let kubectl = infermesh_deploy::tools::kubectl().expect("kubectl");
-    let out = std::process::Command::new(kubectl)
-        .arg("kustomize")
-        .arg(workspace().join("k8s/overlays/k3s"))
-        .output()
-        .expect("kubectl kustomize");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = kustomize_text("k8s/overlays/k3s");
     for _ in parse_documents("k3s", &text).expect("yaml") {
         c.count("k3s overlay objects");
     }

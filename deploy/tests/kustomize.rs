@@ -5,29 +5,17 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 
-use common::rendered;
+use common::{kustomize_text, rendered};
 use infermesh_deploy::object::{
     Object, ObjectId, canonical_numbers, first_difference, parse_documents, strip_labels,
 };
 use infermesh_deploy::strict::check;
-use infermesh_deploy::{HELM_ONLY_LABELS, tools, workspace};
+use infermesh_deploy::{HELM_ONLY_LABELS, workspace};
 use serde_json::json;
 
 fn kustomize(dir: &str) -> Vec<Object> {
-    let kubectl = tools::kubectl().unwrap_or_else(|e| panic!("{e:#}"));
-    let out = Command::new(&kubectl)
-        .arg("kustomize")
-        .arg(workspace().join(dir))
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", kubectl.display()));
-    assert!(
-        out.status.success(),
-        "kubectl kustomize {dir} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    parse_documents(dir, &String::from_utf8_lossy(&out.stdout)).expect("kustomize output")
+    parse_documents(dir, &kustomize_text(dir)).expect("kustomize output")
 }
 
 fn by_id(objects: Vec<Object>) -> BTreeMap<ObjectId, serde_json::Value> {

@@ -85,6 +85,19 @@ fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
         .unwrap_or(&Value::Null)
 }
 
+/// The names of a list's items that `keep` accepts.
+fn names_where(list: &Value, keep: impl Fn(&Value) -> bool) -> Vec<String> {
+    list["items"]
+        .as_array()
+        .map(|i| {
+            i.iter()
+                .filter(|o| keep(o))
+                .filter_map(|o| o["metadata"]["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -552,20 +565,12 @@ fn the_operator_runs_on_a_real_control_plane() {
     apply(&cp, &node_yaml(CPU_NODE, false));
     wait_for("three Ready nodes", Duration::from_secs(60), || {
         let nodes = json(&cp, &["get", "nodes"])?;
-        let ready = nodes["items"]
-            .as_array()
-            .map(|i| {
-                i.iter()
-                    .filter(|n| {
-                        n["status"]["conditions"].as_array().is_some_and(|c| {
-                            c.iter()
-                                .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                        })
-                    })
-                    .count()
-            })
-            .unwrap_or(0);
-        (ready == 3).then_some(()).ok_or(format!("{ready} ready"))
+        let ready = names_where(&nodes, |n| {
+            condition(&n["status"], "Ready")["status"] == "True"
+        });
+        (ready.len() == 3)
+            .then_some(())
+            .ok_or(format!("ready {ready:?}"))
     });
 
     // The chart's namespace enforces the restricted Pod Security level.
@@ -657,15 +662,7 @@ fn the_operator_runs_on_a_real_control_plane() {
         format!("app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=operator");
     let pods: Vec<String> = wait_for("two Running operator pods", Duration::from_secs(90), || {
         let pods = json(&cp, &["get", "pods", "-n", NS, "-l", &selector])?;
-        let running: Vec<String> = pods["items"]
-            .as_array()
-            .map(|i| {
-                i.iter()
-                    .filter(|p| p["status"]["phase"] == "Running")
-                    .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let running = names_where(&pods, |p| p["status"]["phase"] == "Running");
         (running.len() == 2)
             .then(|| running.clone())
             .ok_or(format!("running {running:?}"))
@@ -789,15 +786,7 @@ fn the_operator_runs_on_a_real_control_plane() {
             cp,
             &["get", AGENTS, "-l", &format!("infermesh.dev/mesh={MESH}")],
         )?;
-        let ready: Vec<String> = a["items"]
-            .as_array()
-            .map(|i| {
-                i.iter()
-                    .filter(|a| a["status"]["phase"] == "Ready")
-                    .filter_map(|a| a["metadata"]["name"].as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let ready = names_where(&a, |a| a["status"]["phase"] == "Ready");
         (ready.len() == 2)
             .then_some(())
             .ok_or(format!("ready {ready:?}"))
@@ -812,18 +801,17 @@ fn the_operator_runs_on_a_real_control_plane() {
     cp.ok(&["create", "serviceaccount", "intruder", "-n", NS], None)
         .expect("sa");
     let intruder = cluster.agent(CPU_NODE, "intruder", None);
-    let refusal = wait_for(
+    wait_for(
         "the intruder to be refused",
         Duration::from_secs(30),
         || {
             let log = intruder.log();
             (log.contains("operator refused this agent")
                 && log.contains("system:serviceaccount:infermesh:intruder may not serve mesh cpu"))
-            .then(|| log.clone())
+            .then_some(())
             .ok_or(log)
         },
     );
-    assert!(!refusal.is_empty());
     drop(intruder);
     let a = json(cp, &["get", AGENTS]).expect("agents");
     assert!(

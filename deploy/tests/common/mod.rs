@@ -90,3 +90,19 @@ pub const EXPECTED_EXAMPLES: [&str; 4] = [
     "examples/workload-tensor.yaml",
     "examples/quickstart/quickstart.yaml",
 ];
+
+/// `kubectl kustomize DIR` (relative to the workspace), its YAML output.
+pub fn kustomize_text(dir: &str) -> String {
+    let kubectl = infermesh_deploy::tools::kubectl().unwrap_or_else(|e| panic!("{e:#}"));
+    let out = std::process::Command::new(&kubectl)
+        .arg("kustomize")
+        .arg(infermesh_deploy::workspace().join(dir))
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", kubectl.display()));
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {dir} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -1317,9 +1317,9 @@ impl Machine {
     }
 
     /// When every shard of an admitted workload succeeded and no terminal write is under way:
-    /// starts its success and returns what to write (`completed_at`: RFC 3339, for the
-    /// manifest).
-    pub(super) fn begin_finish(&mut self, uid: &str, completed_at: &str) -> Option<FinishPlan> {
+    /// starts its success and returns what to write (the executor stamps the manifest's
+    /// `completedAt`).
+    pub(super) fn begin_finish(&mut self, uid: &str) -> Option<FinishPlan> {
         let w = self.workloads.get_mut(uid)?;
         if !w.admitted || w.finishing || w.phase.is_terminal() || w.succeeded < w.shards.len() {
             return None;
@@ -1354,7 +1354,6 @@ impl Machine {
             "shards": w.shards.len(),
             "records": w.records,
             "parts": parts,
-            "completedAt": completed_at,
         });
         Some(FinishPlan {
             output,

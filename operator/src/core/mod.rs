@@ -154,6 +154,10 @@ struct Inner {
     links: HashMap<String, (u64, AgentSender)>,
 }
 
+/// A checked completion waiting for the store: who reported it, the shard reference it
+/// named, the workload's output location, and the record to commit.
+type Held = (AgentHandle, pb::ShardRef, String, CompletionRecord);
+
 /// The core: the state machine ([`machine`]) and its executor. `S` is the store backend.
 pub struct Core<S: Store> {
     store: Arc<S>,
@@ -166,7 +170,7 @@ pub struct Core<S: Store> {
     /// the store wait for it ([`Core::recover`]).
     store_up: Arc<AtomicBool>,
     /// Completions checked while the store was down, committed when it is back.
-    parked: std::sync::Mutex<Vec<(AgentHandle, pb::ShardRef, CompletionRecord)>>,
+    parked: std::sync::Mutex<Vec<Held>>,
 }
 
 /// The key of a workload on the wire and in logs: `namespace/name/uid`.
@@ -194,21 +198,17 @@ impl<S: Store> Core<S> {
     pub fn new(store: S) -> Self {
         let store = Arc::new(store);
         let committer = GroupCommitter::spawn(store.clone());
+        let counters = ShardCounters::default();
+        counters.store_available.set(1);
         Self {
             store,
             committer,
             inner: std::sync::Mutex::new(Inner::default()),
             round: tokio::sync::Mutex::new(()),
-            counters: ShardCounters::default(),
+            counters,
             store_up: Arc::new(AtomicBool::new(true)),
             parked: std::sync::Mutex::new(Vec::new()),
         }
-        .with_store_gauge()
-    }
-
-    fn with_store_gauge(self) -> Self {
-        self.counters.store_available.set(1);
-        self
     }
 
     /// Whether the store answered the last time it was asked (`/readyz` follows it).
@@ -261,8 +261,8 @@ impl<S: Store> Core<S> {
         self.store_up.store(true, Ordering::Relaxed);
         self.counters.store_available.set(1);
         let parked = std::mem::take(&mut *self.parked.lock().unwrap_or_else(|e| e.into_inner()));
-        for (who, shard, record) in parked {
-            if let Err(e) = self.commit(&who, &shard, record).await {
+        for (who, shard, output, record) in parked {
+            if let Err(e) = self.commit(&who, &shard, &output, record).await {
                 tracing::warn!(error = %e.message(), "a held completion could not be committed");
             }
         }
@@ -993,7 +993,7 @@ impl<S: Store> Core<S> {
                 return answer;
             }
         };
-        self.commit(who, &shard, record).await
+        self.commit(who, &shard, &acc.output, record).await
     }
 
     /// Commits and charges a checked completion (group commit), then moves its part to its
@@ -1003,13 +1003,11 @@ impl<S: Store> Core<S> {
         &self,
         who: &AgentHandle,
         shard: &pb::ShardRef,
+        output: &str,
         record: CompletionRecord,
     ) -> Result<(), Status> {
         let acc_uid = record.workload_uid.clone();
         let (index, attempt) = (record.shard, record.attempt);
-        let output = self
-            .read(|m| m.workloads.get(&acc_uid).map(|w| w.spec.output.uri.clone()))
-            .unwrap_or_default();
         let answer = if self.store_available() {
             self.committer.complete(record.clone()).await
         } else {
@@ -1022,6 +1020,7 @@ impl<S: Store> Core<S> {
                 self.parked.lock().unwrap_or_else(|e| e.into_inner()).push((
                     who.clone(),
                     shard.clone(),
+                    output.to_string(),
                     record,
                 ));
                 Ok(())
@@ -1029,9 +1028,7 @@ impl<S: Store> Core<S> {
             Ok(ChargeOutcome::Charged) => {
                 // Charged: move the part to its final name. A failure here is redone before
                 // the manifest is written.
-                if !output.is_empty()
-                    && let Err(e) = outputs::commit(&output, index, attempt).await
-                {
+                if let Err(e) = outputs::commit(output, index, attempt).await {
                     tracing::warn!(workload = %acc_uid, shard = index, error = %e, "part not moved to its final name yet");
                 }
                 self.apply(|m| ((), m.committed(&record)));
@@ -1199,16 +1196,18 @@ impl<S: Store> Core<S> {
     /// manifest (`_SUCCESS.json`, committed parts only), clears what attempts left, and marks
     /// the workload Succeeded. All of it without the lock.
     async fn maybe_finish(&self, uid: &str) -> Result<(), CoreError> {
-        let completed_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-        let Some(plan) = self.apply(|m| (m.begin_finish(uid, &completed_at), Vec::new())) else {
+        let Some(plan) = self.apply(|m| (m.begin_finish(uid), Vec::new())) else {
             return Ok(());
         };
         let FinishPlan {
             output,
-            manifest,
+            mut manifest,
             parts,
             message,
         } = plan;
+        manifest["completedAt"] = serde_json::json!(
+            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        );
         let written: Result<(), String> = async {
             for (index, attempt) in &parts {
                 outputs::commit(&output, *index, *attempt)

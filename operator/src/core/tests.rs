@@ -1365,8 +1365,10 @@ async fn a_store_outage_pauses_dispatch_keeps_agents_and_loses_nothing() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(held_b.iter().all(|s| s.attempt == 1));
     let charges = core.store().charges("u1").await.expect("charges");
+    // b completed nothing: everything, its requeued shard included, was a's.
+    assert!(charges.iter().all(|c| c.to == "agent/a"), "{charges:?}");
+    assert!(charges.iter().any(|c| c.shard == held_b[0].index));
     let mut shards: Vec<u32> = charges.iter().map(|c| c.shard).collect();
     shards.sort_unstable();
     assert_eq!(
