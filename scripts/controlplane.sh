@@ -77,6 +77,9 @@ cmd_build() {
   # -mod=readonly: the build fails instead of editing go.mod/go.sum when they are not tidy.
   # CGO_ENABLED=0: static binaries, as the upstream releases are built; no C compiler needed.
   export GOFLAGS="-mod=readonly -buildvcs=false" CGO_ENABLED=0
+  # A build cache of its own, removed with $tmp: once the binaries are cached it is only
+  # gigabytes of disk that the Rust build needs more.
+  export GOCACHE="$tmp/gocache"
 
   build_one() { # module, output name, package, extra ldflags
     local m="$1" name="$2" pkg="$3" extra="${4:-}" t0

@@ -47,6 +47,9 @@ if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev
 fi
 command -v pgbench >/dev/null || need+=(postgresql-client)
 command -v runuser >/dev/null || need+=(util-linux)
+# The chaos harness (scripts/chaos.sh): network namespaces, packet loss and duplication.
+command -v ip >/dev/null || need+=(iproute2)
+command -v nft >/dev/null || need+=(nftables)
 if [ ${#need[@]} -gt 0 ]; then
   log "installing system packages: ${need[*]}"
   sudo_cmd apt-get update -qq

@@ -179,8 +179,10 @@ pub async fn run(
     config.token.read()?;
     let (done_tx, mut done_rx) = mpsc::channel::<Outcome>(64);
     let mut running = Running::default();
-    let mut backoff = Duration::from_millis(200);
+    const FIRST_RETRY: Duration = Duration::from_millis(200);
+    let mut backoff = FIRST_RETRY;
     loop {
+        let mut welcomed = false;
         let ended = attach(
             &config,
             &runner,
@@ -188,8 +190,15 @@ pub async fn run(
             &done_tx,
             &mut done_rx,
             &mut running,
+            &mut welcomed,
         )
         .await;
+        // A stream that was up starts the backoff over: an operator that restarts (or a link
+        // that comes back) after hours of work is found again in a fraction of a second, not
+        // after the longest wait that earlier outages ran it up to.
+        if welcomed {
+            backoff = FIRST_RETRY;
+        }
         match ended {
             Ok(Ended::Drained) => return Ok(()),
             Err(AttachError::Fatal(e)) => return Err(e),
@@ -245,6 +254,7 @@ async fn attach(
     done_tx: &mpsc::Sender<Outcome>,
     done_rx: &mut mpsc::Receiver<Outcome>,
     running: &mut Running,
+    welcomed: &mut bool,
 ) -> Result<Ended, AttachError> {
     // Both were checked when the client started; read again so renewals are picked up.
     let endpoint = operator_endpoint(&config.operator, &config.tls)?;
@@ -309,6 +319,7 @@ async fn attach(
         return Err(anyhow::anyhow!("operator's first message was not Welcome").into());
     };
     tracing::info!(agent = %welcome.agent_name, lease = welcome.lease_seconds, "attached to operator");
+    *welcomed = true;
     let _attached = Attached::new(metrics);
     let mut heartbeat =
         tokio::time::interval(Duration::from_secs(welcome.heartbeat_seconds.max(1) as u64));

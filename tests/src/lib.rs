@@ -7,6 +7,8 @@
 //! what they need; a missing piece fails the test with the command that installs it.
 #![forbid(unsafe_code)]
 
+pub mod chaos;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -320,6 +320,26 @@ pub(super) struct Machine {
     next_seq: u64,
 }
 
+impl Machine {
+    /// The attempt part a refused report may have left behind, when no one can ever commit
+    /// it: an attempt older than its shard's current one, another attempt of a shard that
+    /// succeeded, or any attempt of a workload that finished. `None` for the current attempt
+    /// of a shard still to be done: its holder may yet report it, and a report forged in its
+    /// name must not delete an honest part.
+    pub(super) fn superseded_part(&self, uid: &str, index: u32, attempt: u32) -> Option<String> {
+        if let Some(w) = self.workloads.get(uid) {
+            let s = w.shards.get(index as usize)?;
+            let done = s.status == ShardStatus::Succeeded;
+            return (attempt < s.attempt || (done && attempt != s.attempt))
+                .then(|| outputs::attempt_uri(&w.spec.output.uri, index, attempt));
+        }
+        self.finished
+            .iter()
+            .find(|(key, _)| key_uid(key) == uid)
+            .map(|(_, (_, summary))| outputs::attempt_uri(&summary.output_uri, index, attempt))
+    }
+}
+
 /// The uid in a workload key (its last segment).
 pub(super) fn key_uid(key: &str) -> &str {
     key.rsplit('/').next().unwrap_or_default()

@@ -915,6 +915,16 @@ impl<S: Store> Core<S> {
             }
             self.store.append(&e).await.map_err(internal)?;
         }
+        // A late or losing attempt's part (a stream that stalled in a partition delivers its
+        // Assign late; a thawed agent finishes what was requeued long ago) is removed here:
+        // it can never be committed, and it would be left under `_attempts/` for good when
+        // it was written after the workload's clean-up.
+        if let Some(uid) = uid
+            && let Some(part) = self.read(|m| m.superseded_part(uid, shard.index, shard.attempt))
+            && let Err(e) = outputs::remove(&part).await
+        {
+            tracing::warn!(part = %part, error = %e, "a superseded attempt's part was not removed");
+        }
         let refusals = self.apply(|m| m.refused(&who.id, shard, refusal));
         if refusals > MAX_REFUSALS {
             return Err(Status::permission_denied(format!(

@@ -102,6 +102,11 @@ pub async fn commit(output: &str, index: u32, attempt: u32) -> Result<(), Object
     }
 }
 
+/// Removes one attempt part; one that is not there is not an error.
+pub async fn remove(attempt_part: &str) -> Result<(), ObjectError> {
+    Location::parse(attempt_part)?.delete().await
+}
+
 /// Removes what attempts left under `output` (losing, late or failed attempts).
 pub async fn clear_attempts(output: &str) -> Result<usize, ObjectError> {
     Location::parse(base(output))?

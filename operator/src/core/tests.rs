@@ -1178,12 +1178,33 @@ async fn a_late_report_of_an_expired_attempt_is_never_committed(backend: Backend
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     // It reconnects and reports the old attempt again: stale.
     let (back, mut rx_b) = f.agent("frozen", 1).await;
-    f.report(&back, late).await.expect("kept");
+    f.report(&back, late.clone()).await.expect("kept");
     assert_eq!(
         refusals(&mut rx_b),
         [(tonic::Code::FailedPrecondition, "stale_attempt".to_string())]
     );
-    f.complete(&thawed_later, &new, 4).await.expect("complete");
+    let attempt_part = |a: &pb::ShardRef| {
+        f.out.path().join(format!(
+            "{}/part-{:05}.a{}.jsonl",
+            outputs::ATTEMPTS,
+            a.index,
+            a.attempt
+        ))
+    };
+    assert!(
+        !attempt_part(&old).exists(),
+        "the refused, superseded attempt's part is removed"
+    );
+    // A report in the name of the current attempt, from an agent that does not hold it, is
+    // refused and leaves the holder's part alone.
+    let honest = write_part(&f.output(), &new, 4);
+    f.report(&back, honest.clone()).await.expect("kept");
+    assert_eq!(refusals(&mut rx_b)[0].1, "not_holder");
+    assert!(
+        attempt_part(&new).exists(),
+        "the holder's part is untouched"
+    );
+    f.report(&thawed_later, honest).await.expect("complete");
     let charges = f.core.store().charges("u1").await.expect("charges");
     assert_eq!(charges.len(), 1);
     assert_eq!(charges[0].to, "agent/next");
@@ -1197,6 +1218,15 @@ async fn a_late_report_of_an_expired_attempt_is_never_committed(backend: Backend
     assert!(
         !f.out.path().join(outputs::ATTEMPTS).exists(),
         "the late part was cleared"
+    );
+    // The old attempt runs to its end once more after the workload finished (its Assign came
+    // late out of a partition) and writes its part after the clean-up: the refusal removes it.
+    let again = write_part(&f.output(), &old, 9);
+    assert!(attempt_part(&old).exists());
+    f.report(&back, again).await.expect("kept");
+    assert!(
+        !attempt_part(&old).exists(),
+        "a part written after the clean-up is removed when its report is refused"
     );
 }
 

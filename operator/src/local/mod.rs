@@ -67,6 +67,16 @@ pub struct LocalArgs {
     /// `<run dir>/external-agents.json` (readable by the owner only).
     #[arg(long, default_value_t = 0)]
     pub external_agents: usize,
+    /// Where the external agents' credentials are written (default:
+    /// `<run dir>/external-agents.json`). A file already there is read first and the tokens
+    /// of the agents it names are kept, so agents run by hand attach again after the run is
+    /// restarted with `--resume`.
+    #[arg(long, requires = "external_agents")]
+    pub credentials: Option<PathBuf>,
+    /// Address of the agents' gRPC server (plain HTTP/2; loopback by default). Another
+    /// address (one in a network namespace of your own, say) is for external agents.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: std::net::SocketAddr,
 }
 
 pub use infermesh_io::infermesh_home;
@@ -123,9 +133,13 @@ pub async fn run(args: LocalArgs) -> ExitCode {
 async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
     let plan = load_plan(&args.file, &args.namespace).await?;
     let agent_bin = agent_binary(args.agent_bin.as_ref())?;
-    if args.agents == 0 {
-        return Err("--agents must be at least 1".into());
+    if args.agents == 0 && args.external_agents == 0 {
+        return Err("--agents must be at least 1 (or give --external-agents)".into());
     }
+    let kept = match &args.credentials {
+        Some(path) => kept_tokens(path)?,
+        None => std::collections::HashMap::new(),
+    };
     // The default home is made when missing; an explicit path's folder must exist (named
     // when it does not).
     if args.database_url == default_database_url() {
@@ -179,9 +193,9 @@ async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
         }
     }
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+    let listener = tokio::net::TcpListener::bind(args.listen)
         .await
-        .map_err(|e| format!("cannot listen on loopback: {e}"))?;
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     // Each agent process gets its own random token, bound to its id and node: one agent's
     // credentials cannot attach as another.
@@ -205,11 +219,9 @@ async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
             agent_tokens.push((id, node, t));
         }
         for i in 0..args.external_agents {
-            let (id, node, t) = (
-                format!("{mesh_name}-external-{i}"),
-                format!("external-{i}"),
-                token(),
-            );
+            let id = format!("{mesh_name}-external-{i}");
+            let t = kept.get(&id).cloned().unwrap_or_else(token);
+            let node = format!("external-{i}");
             tokens.insert(t.clone(), &id, &node);
             external
                 .push(serde_json::json!({"mesh": mesh_name, "id": id, "node": node, "token": t}));
@@ -237,7 +249,10 @@ async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
     let log_dir = work_dir.join(format!("run-{run_id}"));
     std::fs::create_dir_all(&log_dir).map_err(|e| format!("{}: {e}", log_dir.display()))?;
     if !external.is_empty() {
-        let path = log_dir.join("external-agents.json");
+        let path = args
+            .credentials
+            .clone()
+            .unwrap_or_else(|| log_dir.join("external-agents.json"));
         let body = serde_json::json!({"operator": format!("http://{addr}"), "agents": external});
         write_private(&path, &serde_json::to_vec_pretty(&body).unwrap_or_default())
             .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -257,7 +272,7 @@ async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
         let threads = args
             .threads
             .or(mesh.agent.intra_op_threads.map(|t| t as usize))
-            .unwrap_or_else(|| (cores / (args.agents * slots)).max(1));
+            .unwrap_or_else(|| (cores / (args.agents.max(1) * slots)).max(1));
         let providers: Vec<&str> = mesh
             .agent
             .execution_providers
@@ -372,17 +387,59 @@ async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
     })
 }
 
+/// The tokens of a credentials file written by an earlier run, by agent id; none when the
+/// file does not exist. A file that exists but cannot be read or parsed is an error: the
+/// agents holding its tokens would be refused.
+fn kept_tokens(
+    path: &std::path::Path,
+) -> Result<std::collections::HashMap<String, String>, String> {
+    let body = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        id: String,
+        token: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct File {
+        agents: Vec<Entry>,
+    }
+    let file: File = serde_json::from_slice(&body).map_err(|e| {
+        format!(
+            "{}: not a credentials file of infermesh local: {e}",
+            path.display()
+        )
+    })?;
+    let valid = |t: &str| t.len() >= 32 && t.bytes().all(|b| b.is_ascii_hexdigit());
+    if let Some(bad) = file.agents.iter().find(|a| !valid(&a.token)) {
+        return Err(format!(
+            "{}: the token of {} is not 32 or more hex digits",
+            path.display(),
+            bad.id
+        ));
+    }
+    Ok(file.agents.into_iter().map(|a| (a.id, a.token)).collect())
+}
+
 /// Writes a file only its owner may read (it holds credentials).
 fn write_private(path: &std::path::Path, body: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    // Written beside and renamed over: a reader never sees half a file, and a file left by an
+    // earlier run with wider permissions is replaced, not reused.
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
-        .open(path)?;
-    f.write_all(body)
+        .open(&tmp)?;
+    f.write_all(body)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 fn agents_info(agents: &[AgentProcess]) -> Vec<(String, String, Option<i32>)> {
@@ -573,11 +630,10 @@ async fn drive<S: Store>(
             .map(|s| &s.mesh)
             .collect();
         for mesh in unfinished_meshes {
-            if agents
-                .iter()
-                .filter(|a| &a.mesh == mesh)
-                .all(|a| a.exit.is_some())
-            {
+            // Only when this run started agents of its own: external ones come and go (they
+            // may reconnect after a restart), and the timeout bounds a run that has none.
+            let ours: Vec<&AgentProcess> = agents.iter().filter(|a| &a.mesh == mesh).collect();
+            if !ours.is_empty() && ours.iter().all(|a| a.exit.is_some()) {
                 let last = agents
                     .iter()
                     .rev()

@@ -186,6 +186,40 @@ impl PrivatePostgres {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
+    /// The URL of database `db` over its Unix socket (the socket directory is shared by every
+    /// network namespace of the machine, so a process in one of its own reaches it).
+    pub fn socket_url(&self, db: &str) -> String {
+        let dir = std::path::Path::new(&self.data)
+            .parent()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default();
+        format!(
+            "postgres://postgres@localhost/{db}?host={dir}&port={}",
+            self.port
+        )
+    }
+
+    /// The postmaster's pid, from `postmaster.pid` (`None` while it is not running).
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        let text = std::fs::read_to_string(Path::new(&self.data).join("postmaster.pid")).ok()?;
+        let pid: u32 = text.lines().next()?.trim().parse().ok()?;
+        Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+    }
+
+    /// `pg_ctl restart -m fast`: a clean restart, as an upgrade or a config change does.
+    pub fn restart(&self) -> Result<(), String> {
+        run(
+            pg(
+                &self.bin.join("pg_ctl"),
+                &[
+                    "-D", &self.data, "-l", &self.log, "-o", &self.opts, "-m", "fast", "-w", "-t",
+                    "60", "restart",
+                ],
+            ),
+            "pg_ctl restart",
+        )
+    }
+
     /// Stops it at once (`pg_ctl stop -m immediate`: no checkpoint, as a crash would).
     pub fn stop(&self) -> Result<(), String> {
         run(

@@ -1,0 +1,215 @@
+//! `infermesh-chaos`: plays seeded fault schedules against real operator, agent and Postgres
+//! processes and checks the invariants after each run (see `tests/src/chaos`). Run it through
+//! `scripts/chaos.sh`, which builds it and the binaries first.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use infermesh_tests::chaos::{self, Env, RunReport, report};
+
+/// Seeded fault injection against real processes; exit 0 only when every invariant held.
+#[derive(Parser, Debug)]
+#[command(name = "infermesh-chaos")]
+struct Args {
+    /// Play seeds FROM..FROM+N.
+    #[arg(long, conflicts_with_all = ["seed", "ci"])]
+    seeds: Option<u64>,
+    /// First seed of --seeds.
+    #[arg(long, default_value_t = 0)]
+    from: u64,
+    /// Play this one seed.
+    #[arg(long, conflicts_with = "ci")]
+    seed: Option<u64>,
+    /// The fixed short set CI plays: one seed of every scenario, and mixes.
+    #[arg(long)]
+    ci: bool,
+    /// Play this scenario (default: the one each seed picks).
+    #[arg(long)]
+    scenario: Option<String>,
+    /// Folder for the runs (default: $TMPDIR/infermesh-chaos).
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Keep every run's folder (failing runs' are always kept).
+    #[arg(long)]
+    keep: bool,
+    /// Append each run's report as a JSON line to this file.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Write the table into this Markdown file, between its chaos markers.
+    #[arg(long)]
+    doc: Option<PathBuf>,
+}
+
+fn replay(r: &RunReport, explicit: bool) -> String {
+    if explicit {
+        format!(
+            "scripts/chaos.sh --seed {} --scenario {}",
+            r.seed, r.scenario
+        )
+    } else {
+        format!("scripts/chaos.sh --seed {}", r.seed)
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let seeds: Vec<u64> = if args.ci {
+        chaos::ci_seeds()
+    } else if let Some(s) = args.seed {
+        vec![s]
+    } else {
+        (args.from..args.from + args.seeds.unwrap_or(chaos::SCENARIOS.len() as u64)).collect()
+    };
+    let namespaces = chaos::net::namespaces_available();
+    let mut schedules = Vec::new();
+    for s in &seeds {
+        match chaos::schedule(*s, args.scenario.as_deref(), namespaces) {
+            Ok(s) => schedules.push(s),
+            Err(e) => {
+                eprintln!("infermesh-chaos: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let bin_dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+    for b in ["infermesh", "infermesh-agent"] {
+        if !bin_dir.join(b).is_file() {
+            eprintln!(
+                "infermesh-chaos: {} is missing (cargo build --workspace --bins)",
+                bin_dir.join(b).display()
+            );
+            return ExitCode::from(2);
+        }
+    }
+    let root = args
+        .root
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("infermesh-chaos"));
+    if let Err(e) = std::fs::create_dir_all(&root) {
+        eprintln!("infermesh-chaos: {}: {e}", root.display());
+        return ExitCode::from(2);
+    }
+    let model = match chaos::tensor_model(&root) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("infermesh-chaos: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let needs_pg = schedules
+        .iter()
+        .any(|s| s.store == chaos::StoreKind::Postgres);
+    let pg = if needs_pg {
+        match infermesh_operator::store::testing::PrivatePostgres::start() {
+            Ok(pg) => Some(pg),
+            Err(e) => {
+                eprintln!("infermesh-chaos: no Postgres, its runs are skipped: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let root_user = chaos::is_root();
+    let env = Env {
+        bin_dir,
+        root: root.clone(),
+        model,
+        pg,
+        namespaces,
+        tmpfs: root_user,
+        keep: args.keep,
+    };
+    if !namespaces {
+        eprintln!("infermesh-chaos: no network namespaces (not root?): network faults are skipped");
+    }
+    let mut runs = Vec::new();
+    for s in &schedules {
+        let r = chaos::run_seed(&env, s);
+        let mark = if !r.played() {
+            "SKIP"
+        } else if r.violations.is_empty() {
+            "ok  "
+        } else {
+            "FAIL"
+        };
+        eprintln!(
+            "{mark} seed {:>4} {:<16} {:<8} {} agents {:>6} records {:>6.1}s  {}  [{}]  {}",
+            r.seed,
+            r.scenario,
+            r.store,
+            r.agents,
+            r.records,
+            r.wall_s,
+            r.outcome,
+            r.faults.join("; "),
+            r.recoveries
+                .iter()
+                .map(|(k, s)| format!("{k} {s:.2}s"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        for v in &r.violations {
+            eprintln!("       violation: {v}");
+        }
+        if !r.violations.is_empty() {
+            eprintln!(
+                "       replay: {}   (folder {})",
+                replay(&r, args.scenario.is_some()),
+                r.dir
+            );
+        }
+        if let Some(path) = &args.report {
+            use std::io::Write;
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+            {
+                let _ = writeln!(f, "{}", serde_json::to_string(&r).unwrap_or_default());
+            }
+        }
+        runs.push(r);
+    }
+    let command = std::env::args()
+        .skip(1)
+        .fold("scripts/chaos.sh".to_string(), |a, b| {
+            if b.starts_with("--doc")
+                || b.ends_with(".md")
+                || b.starts_with("--report")
+                || b.ends_with(".jsonl")
+            {
+                a
+            } else {
+                format!("{a} {b}")
+            }
+        });
+    let table = report::table(&runs, &command);
+    println!("{table}");
+    if let Some(doc) = &args.doc {
+        let text = std::fs::read_to_string(doc).unwrap_or_default();
+        match report::splice(&text, &table) {
+            Ok(new) => {
+                if let Err(e) = std::fs::write(doc, new) {
+                    eprintln!("infermesh-chaos: {}: {e}", doc.display());
+                }
+            }
+            Err(e) => eprintln!("infermesh-chaos: {}: {e}", doc.display()),
+        }
+    }
+    let played = runs.iter().filter(|r| r.played()).count();
+    let bad = runs.iter().filter(|r| !r.violations.is_empty()).count();
+    println!(
+        "chaos: {} passed, {bad} failed, {} skipped",
+        played - bad,
+        runs.len() - played
+    );
+    if bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,385 @@
+//! A seeded fault-injection harness in the manner of TigerBeetle's VOPR and Jepsen: one seed
+//! fixes a schedule of faults (which, on whom, when, for how long) that is played against
+//! real processes — `infermesh local` as the operator core and gRPC server, on a private
+//! Postgres or on SQLite; the real `infermesh-agent` binaries with ONNX Runtime, each in a
+//! network namespace of its own — and then every invariant of the system is checked
+//! ([`check`]). A failing seed prints the command that replays it.
+
+pub mod check;
+pub mod net;
+pub mod report;
+mod run;
+
+pub use run::{Env, RunReport, run_seed};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::time::Duration;
+
+/// Whether this process runs as root (namespaces, tmpfs mounts).
+pub fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
+}
+
+/// The generated tensor model (`scripts/gen_test_models.py`), made under `root`.
+pub fn tensor_model(root: &std::path::Path) -> Result<std::path::PathBuf, String> {
+    let dir = root.join("models");
+    let out = std::process::Command::new(crate::python())
+        .arg(crate::workspace().join("scripts/gen_test_models.py"))
+        .arg("--out")
+        .arg(&dir)
+        .output()
+        .map_err(|e| format!("gen_test_models.py: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "gen_test_models.py failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(dir.join("tensor.onnx"))
+}
+
+/// What a fault does.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Fault {
+    /// SIGKILL an agent; start it again after `restart` (a node that reboots) or never.
+    AgentKill {
+        agent: usize,
+        restart: Option<Duration>,
+    },
+    /// SIGSTOP an agent for longer than its lease, then SIGCONT (a gray failure).
+    AgentFreeze { agent: usize, hold: Duration },
+    /// An agent's link down, then up.
+    Partition { agent: usize, hold: Duration },
+    /// Random packet loss on an agent's link.
+    Loss {
+        agent: usize,
+        percent: u32,
+        hold: Duration,
+    },
+    /// Random packet duplication towards the operator.
+    Duplicate {
+        agent: usize,
+        percent: u32,
+        hold: Duration,
+    },
+    /// A slow link (token bucket: queueing delay).
+    Slow {
+        agent: usize,
+        kbit: u32,
+        hold: Duration,
+    },
+    /// Postgres SIGKILLed, started again after `down`.
+    PostgresKill { down: Duration },
+    /// `pg_ctl restart -m fast`.
+    PostgresRestart,
+    /// The operator SIGKILLed, started again with `--resume` after `down`.
+    OperatorKill { down: Duration },
+    /// The output file system filled up, freed after `hold`.
+    DiskFull { hold: Duration },
+    /// The output file system remounted read-only, writable again after `hold`.
+    ReadOnly { hold: Duration },
+    /// The input truncated to `keep` of its length.
+    InputTruncated { keep_percent: u32 },
+    /// The input replaced by another (longer) file.
+    InputReplaced,
+}
+
+impl Fault {
+    /// The fault's kind, as scenarios and the report name it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::AgentKill { .. } => "agent-kill",
+            Self::AgentFreeze { .. } => "agent-freeze",
+            Self::Partition { .. } => "partition",
+            Self::Loss { .. } => "net-loss",
+            Self::Duplicate { .. } => "net-dup",
+            Self::Slow { .. } => "net-slow",
+            Self::PostgresKill { .. } => "pg-kill",
+            Self::PostgresRestart => "pg-restart",
+            Self::OperatorKill { .. } => "operator-kill",
+            Self::DiskFull { .. } => "disk-full",
+            Self::ReadOnly { .. } => "read-only",
+            Self::InputTruncated { .. } => "input-truncated",
+            Self::InputReplaced => "input-replaced",
+        }
+    }
+
+    /// Whether the fault needs network namespaces.
+    pub fn needs_namespaces(&self) -> bool {
+        matches!(
+            self,
+            Self::Partition { .. } | Self::Loss { .. } | Self::Duplicate { .. } | Self::Slow { .. }
+        )
+    }
+
+    /// Whether the fault needs Postgres (it is about the database server).
+    pub fn needs_postgres(&self) -> bool {
+        matches!(self, Self::PostgresKill { .. } | Self::PostgresRestart)
+    }
+
+    /// Whether the fault needs the output on a file system of its own (tmpfs; root).
+    pub fn needs_tmpfs(&self) -> bool {
+        matches!(self, Self::DiskFull { .. } | Self::ReadOnly { .. })
+    }
+
+    /// Whether the workload may end Failed because of it (and then its reason must name it).
+    pub fn may_fail_workload(&self) -> bool {
+        matches!(
+            self,
+            Self::DiskFull { .. }
+                | Self::ReadOnly { .. }
+                | Self::InputTruncated { .. }
+                | Self::InputReplaced
+        )
+    }
+
+    /// Words one of which a Failed workload's reason or message must hold for this fault.
+    pub fn failure_words(&self) -> &'static [&'static str] {
+        match self {
+            Self::DiskFull { .. } => &["No space left", "StorageError", "OutputNotWritable"],
+            Self::ReadOnly { .. } => &["Read-only", "read-only", "OutputNotWritable"],
+            Self::InputTruncated { .. } | Self::InputReplaced => &["changed"],
+            _ => &[],
+        }
+    }
+}
+
+/// The scenarios: every fault kind alone, then mixes.
+pub const SCENARIOS: &[&str] = &[
+    "agent-kill",
+    "agent-freeze",
+    "partition",
+    "net-loss",
+    "net-dup",
+    "net-slow",
+    "pg-kill",
+    "pg-restart",
+    "operator-kill",
+    "disk-full",
+    "read-only",
+    "input-truncated",
+    "input-replaced",
+    "mixed",
+];
+
+/// Which store a run uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    /// A database on the harness's private Postgres.
+    Postgres,
+    /// A SQLite file.
+    Sqlite,
+}
+
+/// A fault and when it starts, counted from the first committed part.
+#[derive(Clone, Debug)]
+pub struct Timed {
+    /// Start, after the first committed part.
+    pub at: Duration,
+    /// The fault.
+    pub fault: Fault,
+}
+
+/// One run's whole schedule, a function of the seed (and the scenario).
+#[derive(Clone, Debug)]
+pub struct Schedule {
+    /// Seed.
+    pub seed: u64,
+    /// Scenario.
+    pub scenario: String,
+    /// Store.
+    pub store: StoreKind,
+    /// Agents.
+    pub agents: usize,
+    /// Records in the input.
+    pub records: usize,
+    /// Faults in start order.
+    pub faults: Vec<Timed>,
+}
+
+/// The scenario a seed plays when none is named: the seeds take the scenarios in turn.
+pub fn scenario_of(seed: u64) -> &'static str {
+    SCENARIOS[(seed % SCENARIOS.len() as u64) as usize]
+}
+
+fn ms(rng: &mut StdRng, lo: u64, hi: u64) -> Duration {
+    Duration::from_millis(rng.random_range(lo..=hi))
+}
+
+/// A fault of `kind` with seeded parameters. `lease` is the Mesh's lease.
+fn fault(kind: &str, rng: &mut StdRng, agents: usize, lease: Duration) -> Fault {
+    let agent = rng.random_range(0..agents);
+    let lease_ms = lease.as_millis() as u64;
+    match kind {
+        "agent-kill" => Fault::AgentKill {
+            agent,
+            restart: rng.random_bool(0.5).then(|| ms(rng, 500, 2 * lease_ms)),
+        },
+        "agent-freeze" => Fault::AgentFreeze {
+            agent,
+            hold: ms(rng, lease_ms + 1_000, 2 * lease_ms + 2_000),
+        },
+        "partition" => Fault::Partition {
+            agent,
+            hold: ms(rng, 1_000, 2 * lease_ms + 2_000),
+        },
+        "net-loss" => Fault::Loss {
+            agent,
+            percent: rng.random_range(10..=60),
+            hold: ms(rng, 2_000, 8_000),
+        },
+        "net-dup" => Fault::Duplicate {
+            agent,
+            percent: rng.random_range(10..=50),
+            hold: ms(rng, 2_000, 8_000),
+        },
+        "net-slow" => Fault::Slow {
+            agent,
+            kbit: rng.random_range(32..=256),
+            hold: ms(rng, 2_000, 8_000),
+        },
+        "pg-kill" => Fault::PostgresKill {
+            down: ms(rng, 500, 8_000),
+        },
+        "pg-restart" => Fault::PostgresRestart,
+        "operator-kill" => Fault::OperatorKill {
+            down: ms(rng, 200, 3_000),
+        },
+        "disk-full" => Fault::DiskFull {
+            hold: ms(rng, 500, 6_000),
+        },
+        "read-only" => Fault::ReadOnly {
+            hold: ms(rng, 500, 6_000),
+        },
+        "input-truncated" => Fault::InputTruncated {
+            keep_percent: rng.random_range(10..=90),
+        },
+        "input-replaced" => Fault::InputReplaced,
+        other => panic!("no fault kind {other}"),
+    }
+}
+
+/// The faults a mixed run draws from: those that must not fail the workload.
+const SURVIVABLE: &[&str] = &[
+    "agent-kill",
+    "agent-freeze",
+    "partition",
+    "net-loss",
+    "net-dup",
+    "net-slow",
+    "pg-kill",
+    "pg-restart",
+    "operator-kill",
+];
+
+/// The Mesh's lease in every run.
+pub const LEASE: Duration = Duration::from_secs(4);
+
+/// The schedule of `seed` for `scenario` (default: [`scenario_of`]). `namespaces` says
+/// whether network faults are possible (a mixed run leaves them out otherwise).
+pub fn schedule(seed: u64, scenario: Option<&str>, namespaces: bool) -> Result<Schedule, String> {
+    let scenario = scenario.unwrap_or_else(|| scenario_of(seed)).to_string();
+    if !SCENARIOS.contains(&scenario.as_str()) {
+        return Err(format!(
+            "no scenario {scenario}; the scenarios are {}",
+            SCENARIOS.join(", ")
+        ));
+    }
+    let mut rng = StdRng::seed_from_u64(seed);
+    let agents = rng.random_range(2..=4);
+    let records = rng.random_range(300_000..=450_000);
+    let mut faults = Vec::new();
+    if scenario == "mixed" {
+        let n = rng.random_range(2..=4);
+        for _ in 0..n {
+            let pool: Vec<&str> = SURVIVABLE
+                .iter()
+                .copied()
+                .filter(|k| {
+                    namespaces || !matches!(*k, "partition" | "net-loss" | "net-dup" | "net-slow")
+                })
+                .collect();
+            let kind = pool[rng.random_range(0..pool.len())];
+            faults.push(Timed {
+                at: ms(&mut rng, 0, 4_000),
+                fault: fault(kind, &mut rng, agents, LEASE),
+            });
+        }
+        faults.sort_by_key(|t| t.at);
+    } else {
+        faults.push(Timed {
+            at: ms(&mut rng, 0, 2_000),
+            fault: fault(&scenario, &mut rng, agents, LEASE),
+        });
+    }
+    // SQLite where no fault is about Postgres, on every other seed.
+    let store = if faults.iter().all(|t| !t.fault.needs_postgres()) && rng.random_bool(0.5) {
+        StoreKind::Sqlite
+    } else {
+        StoreKind::Postgres
+    };
+    Ok(Schedule {
+        seed,
+        scenario,
+        store,
+        agents,
+        records,
+        faults,
+    })
+}
+
+/// The fixed seeds CI plays: the first seed of every scenario (seed `i` plays scenario `i`),
+/// and two mixed ones.
+pub fn ci_seeds() -> Vec<u64> {
+    let mut seeds: Vec<u64> = (0..SCENARIOS.len() as u64).collect();
+    seeds.push(SCENARIOS.len() as u64 * 2 - 1);
+    seeds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_fixes_the_schedule() {
+        for seed in 0..200 {
+            let a = schedule(seed, None, true).expect("schedule");
+            let b = schedule(seed, None, true).expect("schedule");
+            assert_eq!(format!("{a:?}"), format!("{b:?}"));
+            assert_eq!(a.scenario, scenario_of(seed));
+            assert!(!a.faults.is_empty());
+            assert!(a.faults.windows(2).all(|w| w[0].at <= w[1].at));
+            if a.scenario != "mixed" {
+                assert_eq!(a.faults[0].fault.kind(), a.scenario);
+            }
+            if a.faults.iter().any(|t| t.fault.needs_postgres()) {
+                assert_eq!(a.store, StoreKind::Postgres);
+            }
+        }
+        let stores: std::collections::HashSet<_> = (0..200)
+            .map(|s| format!("{:?}", schedule(s, None, true).expect("schedule").store))
+            .collect();
+        assert_eq!(stores.len(), 2, "both stores are played");
+    }
+
+    #[test]
+    fn without_namespaces_a_mix_has_no_network_fault() {
+        for seed in 0..300 {
+            let s = schedule(seed, Some("mixed"), false).expect("schedule");
+            assert!(s.faults.iter().all(|t| !t.fault.needs_namespaces()));
+        }
+        assert!(schedule(1, Some("no-such"), true).is_err());
+    }
+
+    #[test]
+    fn ci_seeds_cover_every_scenario() {
+        let played: std::collections::HashSet<_> =
+            ci_seeds().into_iter().map(scenario_of).collect();
+        assert_eq!(played.len(), SCENARIOS.len());
+    }
+}
