@@ -919,8 +919,9 @@ impl<S: Store> Core<S> {
         // Assign late; a thawed agent finishes what was requeued long ago) is removed here:
         // it can never be committed, and it would be left under `_attempts/` for good when
         // it was written after the workload's clean-up.
-        if let Some(uid) = uid
-            && let Some(part) = self.read(|m| m.superseded_part(uid, shard.index, shard.attempt))
+        // The workload is named by the report's key when it is no longer live (it finished).
+        let named = uid.unwrap_or_else(|| machine::key_uid(&shard.workload));
+        if let Some(part) = self.read(|m| m.superseded_part(named, shard.index, shard.attempt))
             && let Err(e) = outputs::remove(&part).await
         {
             tracing::warn!(part = %part, error = %e, "a superseded attempt's part was not removed");
