@@ -63,7 +63,7 @@ fn object_error(kind: ErrorKind, e: ObjectError) -> ShardError {
 /// the planned size is an assignment no operator sends.
 fn input_error(e: ObjectError) -> ShardError {
     match e {
-        ObjectError::Changed { .. } => {
+        ObjectError::Changed { .. } | ObjectError::Replaced { .. } => {
             ShardError::permanent(ErrorKind::InvalidInput, e.to_string())
         }
         ObjectError::BadRange { .. } => {
@@ -381,9 +381,15 @@ impl Runner {
                 })?;
 
         let input_loc = Location::parse(&input.uri).map_err(|e| object_error(ErrorKind::Io, e))?;
-        let (begin, data) = read_aligned(&input_loc, input.start, input.end, input.size)
-            .await
-            .map_err(input_error)?;
+        let (begin, data) = read_aligned(
+            &input_loc,
+            input.start,
+            input.end,
+            input.size,
+            Some(input.version.as_str()).filter(|v| !v.is_empty()),
+        )
+        .await
+        .map_err(input_error)?;
 
         let embedder_src = match &task.kind {
             Some(task::Kind::TextEmbedding(te)) => {
@@ -680,6 +686,7 @@ mod tests {
                 start,
                 end,
                 size,
+                version: String::new(),
             }),
             output_uri: format!("file://{}/out/part-00001.jsonl", dir.display()),
             batch_size: 4,

@@ -49,6 +49,19 @@ pub enum ObjectError {
         /// The size the object has now.
         found: u64,
     },
+    /// The object is not the one the workload was planned with: its version (the ETag; for a
+    /// local file its inode, modification time and size) is not the one planned, whatever its
+    /// size. It was replaced or rewritten since; another attempt would see the same.
+    #[error(
+        "input {uri} changed since it was planned: it was replaced or rewritten (planned version \
+         {planned}); resubmit the workload"
+    )]
+    Replaced {
+        /// The URI.
+        uri: String,
+        /// The version the shards were cut from.
+        planned: String,
+    },
     /// A shard range that does not lie within the object's planned size (`start <= end <=
     /// size`), which no plan holds.
     #[error("{uri}: shard range {start}..{end} does not lie within the planned {size} bytes")]
@@ -190,6 +203,48 @@ impl Location {
             .map_err(|e| self.map_err(e))
     }
 
+    /// The object's size and version (its ETag; `None` where the store names none).
+    pub async fn facts(&self) -> Result<(u64, Option<String>), ObjectError> {
+        self.store
+            .head(&self.path)
+            .await
+            .map(|m| (m.size, m.e_tag))
+            .map_err(|e| self.map_err(e))
+    }
+
+    /// Bytes `[start, end)` of the object as it was at `version` (`If-Match`): a replaced or
+    /// rewritten object fails with [`ObjectError::Replaced`]. No version: any object.
+    async fn get_range_at(
+        &self,
+        start: u64,
+        end: u64,
+        version: Option<&str>,
+    ) -> Result<Bytes, ObjectError> {
+        let Some(planned) = version else {
+            return self.get_range(start, end).await;
+        };
+        if start >= end {
+            return Ok(Bytes::new());
+        }
+        let options = object_store::GetOptions {
+            if_match: Some(planned.to_string()),
+            range: Some(object_store::GetRange::Bounded(start..end)),
+            ..Default::default()
+        };
+        let replaced = || ObjectError::Replaced {
+            uri: self.uri.clone(),
+            planned: planned.to_string(),
+        };
+        match self.store.get_opts(&self.path, options).await {
+            Ok(got) => got.bytes().await.map_err(|e| match e {
+                object_store::Error::Precondition { .. } => replaced(),
+                e => self.map_err(e),
+            }),
+            Err(object_store::Error::Precondition { .. }) => Err(replaced()),
+            Err(e) => Err(self.map_err(e)),
+        }
+    }
+
     /// Bytes `[start, end)` of the object (`end` clamped by the store to the object's size).
     pub async fn get_range(&self, start: u64, end: u64) -> Result<Bytes, ObjectError> {
         if start >= end {
@@ -214,12 +269,18 @@ impl Location {
     /// `size` any more, means the object shrank since planning: [`ObjectError::Changed`].
     /// A read that reaches the planned end asks for one byte more, so that an object that
     /// grew is noticed too, at no extra request.
-    async fn get_planned(&self, from: u64, to: u64, size: u64) -> Result<Bytes, ObjectError> {
+    async fn get_planned(
+        &self,
+        from: u64,
+        to: u64,
+        size: u64,
+        version: Option<&str>,
+    ) -> Result<Bytes, ObjectError> {
         if from >= to {
             return Ok(Bytes::new());
         }
         let probe = if to == size { to + 1 } else { to };
-        let got = match self.get_range(from, probe).await {
+        let got = match self.get_range_at(from, probe, version).await {
             Ok(got) => got,
             // A range that starts past the end is refused outright (local files, HTTP 416,
             // S3 InvalidRange): say so when that is because the object shrank.
@@ -329,14 +390,16 @@ fn store_for(scheme: ObjectStoreScheme, url: &Url) -> object_store::Result<Arc<d
 /// they ask for one byte more, at no extra request. Records past the planned size belong to
 /// no shard, so failing there fails the workload instead of leaving them out unsaid. A shard
 /// whose reads stay inside the object cannot see that it changed without an extra request
-/// (the last shard speaks for the workload), and no shard can see an object replaced by one
-/// of exactly the same size. `start <= end <= size` must hold ([`ObjectError::BadRange`]
-/// otherwise).
+/// (the last shard speaks for the workload). With the `version` (ETag) the object had when it
+/// was sized, every read asks for that version, so an object replaced or rewritten since —
+/// even by one of exactly the same size — fails every read with [`ObjectError::Replaced`].
+/// `start <= end <= size` must hold ([`ObjectError::BadRange`] otherwise).
 pub async fn read_aligned(
     loc: &Location,
     start: u64,
     end: u64,
     size: u64,
+    version: Option<&str>,
 ) -> Result<(u64, Bytes), ObjectError> {
     use crate::shard::{aligned_begin, aligned_end};
     // One read covers the range and a first look past its end; records are far shorter than
@@ -352,7 +415,7 @@ pub async fn read_aligned(
     }
     // Each read returns exactly what it asks for (or fails), so `buf` always reaches `end`.
     let mut buf = loc
-        .get_planned(start, (end + STEP).min(size), size)
+        .get_planned(start, (end + STEP).min(size), size, version)
         .await?
         .to_vec();
     loop {
@@ -360,7 +423,9 @@ pub async fn read_aligned(
         if have >= size || buf[(end - start) as usize..].contains(&b'\n') {
             break;
         }
-        let more = loc.get_planned(have, (have + STEP).min(size), size).await?;
+        let more = loc
+            .get_planned(have, (have + STEP).min(size), size, version)
+            .await?;
         buf.extend_from_slice(&more);
     }
     let have = start + buf.len() as u64;
@@ -447,7 +512,7 @@ mod tests {
             let mut now = data.clone();
             now.resize(found, b'x');
             let loc = file(&dir, &format!("in-{found}.jsonl"), &now);
-            let err = read_aligned(&loc, last.start, last.end, planned as u64)
+            let err = read_aligned(&loc, last.start, last.end, planned as u64, None)
                 .await
                 .expect_err("the input changed");
             assert_eq!(err.to_string(), changed(&loc, planned, found));
@@ -459,7 +524,7 @@ mod tests {
         long.extend(std::iter::repeat_n(b'a', 200_000));
         long.extend_from_slice(b"\"}\n{\"i\":1}\n");
         let loc = file(&dir, "long.jsonl", &long[..150_000]);
-        let err = read_aligned(&loc, 0, 10, long.len() as u64)
+        let err = read_aligned(&loc, 0, 10, long.len() as u64, None)
             .await
             .expect_err("the input changed");
         assert_eq!(err.to_string(), changed(&loc, long.len(), 150_000));
@@ -469,11 +534,57 @@ mod tests {
         let mut grown = data.clone();
         grown.extend_from_slice(b"{\"i\":4000}\n");
         let loc = file(&dir, "grown.jsonl", &grown);
-        let (begin, bytes) = read_aligned(&loc, 0, 1000, planned as u64)
+        let (begin, bytes) = read_aligned(&loc, 0, 1000, planned as u64, None)
             .await
             .expect("read");
         let got: Vec<Vec<u8>> = records(begin, &bytes).map(|r| r.text.to_vec()).collect();
         assert_eq!(got, lines(&data, 0, 1000));
+    }
+
+    /// With the version it was sized at, a read notices an input replaced by one of exactly
+    /// the same size, or rewritten in place, which no size check can see; reads of the
+    /// version planned go on as before.
+    #[tokio::test]
+    async fn a_pinned_read_notices_an_input_replaced_by_one_of_the_same_size() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let data = b"{\"i\":1}\n{\"i\":2}\n{\"i\":3}\n".to_vec();
+        let loc = file(&dir, "in.jsonl", &data);
+        let (size, version) = loc.facts().await.expect("facts");
+        assert_eq!(size, data.len() as u64);
+        let version = version.expect("a local file has an ETag");
+        let (_, bytes) = read_aligned(&loc, 0, size, size, Some(&version))
+            .await
+            .expect("the planned version reads");
+        assert_eq!(&bytes[..], &data[..]);
+
+        // Replaced (a new file renamed over it), same size, other records.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let other = b"{\"i\":7}\n{\"i\":8}\n{\"i\":9}\n".to_vec();
+        let next = dir.path().join("next.jsonl");
+        std::fs::write(&next, &other).expect("write");
+        std::fs::rename(&next, dir.path().join("in.jsonl")).expect("rename");
+        let err = read_aligned(&loc, 0, size, size, Some(&version))
+            .await
+            .expect_err("replaced");
+        assert!(matches!(err, ObjectError::Replaced { .. }), "{err}");
+        assert!(
+            err.to_string().contains("changed since it was planned"),
+            "{err}"
+        );
+        assert!(!err.is_transient());
+        // Without a version the swap goes unseen: that is what the pin is for.
+        let (_, bytes) = read_aligned(&loc, 0, size, size, None).await.expect("read");
+        assert_eq!(&bytes[..], &other[..]);
+
+        // Rewritten in place, same size.
+        let (_, pinned) = loc.facts().await.expect("facts");
+        let pinned = pinned.expect("etag");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(dir.path().join("in.jsonl"), &data).expect("rewrite");
+        let err = read_aligned(&loc, 3, size, size, Some(&pinned))
+            .await
+            .expect_err("rewritten");
+        assert!(matches!(err, ObjectError::Replaced { .. }), "{err}");
     }
 
     /// A range outside the planned size is refused, not a panic.
@@ -482,7 +593,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let loc = file(&dir, "in.jsonl", b"{}\n{}\n");
         for (start, end) in [(7, 9), (4, 2), (0, 7)] {
-            let err = read_aligned(&loc, start, end, 6)
+            let err = read_aligned(&loc, start, end, 6, None)
                 .await
                 .expect_err("bad range");
             assert!(
@@ -518,7 +629,7 @@ mod tests {
             let end = (start + width).min(size);
             let loc = Location::parse(&format!("file://{}", path.display())).expect("uri");
             let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
-            let (begin, bytes) = rt.block_on(read_aligned(&loc, start, end, size)).expect("read");
+            let (begin, bytes) = rt.block_on(read_aligned(&loc, start, end, size, None)).expect("read");
             let got: Vec<Vec<u8>> = records(begin, &bytes).map(|r| r.text.to_vec()).collect();
             prop_assert_eq!(got, lines(&data, start, end));
         }

@@ -46,7 +46,9 @@ pub async fn check_reads(loc: &Location, data: &[u8]) {
         let mut next = 0;
         for s in 0..shards {
             let (start, end) = (size * s / shards, size * (s + 1) / shards);
-            let (begin, bytes) = read_aligned(loc, start, end, size).await.expect("aligned");
+            let (begin, bytes) = read_aligned(loc, start, end, size, None)
+                .await
+                .expect("aligned");
             if !bytes.is_empty() {
                 assert_eq!(
                     begin, next,
@@ -72,7 +74,7 @@ pub async fn check_changed(loc: &Location, planned: u64, found: u64) {
     for shards in [1u64, 3, 8] {
         for s in 0..shards {
             let (start, end) = (planned * s / shards, planned * (s + 1) / shards);
-            match read_aligned(loc, start, end, planned).await {
+            match read_aligned(loc, start, end, planned, None).await {
                 Err(e) => {
                     assert!(
                         matches!(e, ObjectError::Changed { .. }) && !e.is_transient(),

@@ -86,6 +86,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             uid: "bench-1".into(),
             spec: workload,
             input_size: args.shards * 1024,
+            input_version: None,
         })
         .await?;
     loop {

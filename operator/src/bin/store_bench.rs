@@ -68,6 +68,7 @@ async fn prepare(store: &AnyStore, n: u32) -> anyhow::Result<()> {
         mesh: "m".into(),
         spec_json: "{}".into(),
         input_bytes: u64::from(n),
+        input_version: None,
     };
     let shards: Vec<ShardRecord> = (0..n)
         .map(|i| ShardRecord {

@@ -183,6 +183,7 @@ impl Fixture {
                 uid: "w-uid".into(),
                 spec: w.spec.clone(),
                 input_size: 4096,
+                input_version: None,
             })
             .await
             .expect("submit")

@@ -323,9 +323,14 @@ async fn wait(ctx: &Context, w: &Workload, waiting: Waiting) -> Result<Action> {
 
 /// The size of the object at `uri` (the operator reads only sizes; agents read the data), or
 /// why the workload waits: `not_found` when there is no such object, `StorageError` otherwise.
-async fn object_size(field: &str, uri: &str, not_found: &'static str) -> Result<u64, Waiting> {
-    let size = async { Location::parse(uri)?.size().await };
-    size.await.map_err(|e| Waiting {
+/// An object's size and version (ETag), or why the workload waits for it.
+async fn object_facts(
+    field: &str,
+    uri: &str,
+    not_found: &'static str,
+) -> Result<(u64, Option<String>), Waiting> {
+    let facts = async { Location::parse(uri)?.facts().await };
+    facts.await.map_err(|e| Waiting {
         reason: if matches!(e, ObjectError::NotFound { .. }) {
             not_found
         } else {
@@ -373,13 +378,15 @@ async fn apply(w: &Workload, ctx: &Context) -> Result<Action> {
     if let Err(waiting) = admission(mesh, &validated.needs, &ctx.core.agents().await) {
         return wait(ctx, w, waiting).await;
     }
-    if let Err(waiting) = object_size("spec.model.uri", &w.spec.model.uri, "ModelNotFound").await {
+    if let Err(waiting) = object_facts("spec.model.uri", &w.spec.model.uri, "ModelNotFound").await {
         return wait(ctx, w, waiting).await;
     }
-    let input_size = match object_size("spec.input.uri", &w.spec.input.uri, "InputNotFound").await {
-        Ok(size) => size,
-        Err(waiting) => return wait(ctx, w, waiting).await,
-    };
+    // The input's version is pinned with its size: every shard reads that very object.
+    let (input_size, input_version) =
+        match object_facts("spec.input.uri", &w.spec.input.uri, "InputNotFound").await {
+            Ok(facts) => facts,
+            Err(waiting) => return wait(ctx, w, waiting).await,
+        };
     let uid = w.uid().unwrap_or_default();
     match ctx
         .core
@@ -389,6 +396,7 @@ async fn apply(w: &Workload, ctx: &Context) -> Result<Action> {
             uid,
             spec: w.spec.clone(),
             input_size,
+            input_version,
         })
         .await
     {

@@ -175,6 +175,8 @@ pub(super) struct WorkloadState {
     pub(super) spec: WorkloadSpec,
     pub(super) validated: Validated,
     pub(super) input_size: u64,
+    /// The input's version when it was sized: every read asks for it.
+    pub(super) input_version: Option<String>,
     pub(super) shards: Vec<ShardState>,
     /// Written to the store and dispatching (false while held for budget).
     pub(super) admitted: bool,
@@ -206,6 +208,7 @@ pub(super) struct NewWorkload {
     pub(super) spec: WorkloadSpec,
     pub(super) validated: Validated,
     pub(super) input_size: u64,
+    pub(super) input_version: Option<String>,
     pub(super) shards: Vec<ShardState>,
     /// Already in the store (resumed).
     pub(super) admitted: bool,
@@ -533,6 +536,7 @@ impl Machine {
                 spec: new.spec,
                 validated: new.validated,
                 input_size: new.input_size,
+                input_version: new.input_version,
                 shards: new.shards,
                 admitted: new.admitted,
                 finishing: false,
@@ -1568,6 +1572,7 @@ fn assignment(w: &WorkloadState, index: u32, attempt: u32) -> pb::Assign {
             start: s.range.start,
             end: s.range.end,
             size: w.input_size,
+            version: w.input_version.clone().unwrap_or_default(),
         }),
         output_uri: outputs::attempt_uri(&w.spec.output.uri, index, attempt),
         batch_size: w.spec.batch_size,

@@ -111,6 +111,8 @@ pub struct Submission {
     pub spec: WorkloadSpec,
     /// Size of the input object.
     pub input_size: u64,
+    /// Version (ETag) of the input object when it was sized; every read asks for it.
+    pub input_version: Option<String>,
 }
 
 /// A registered agent stream: which agent, and which of its connections.
@@ -595,6 +597,7 @@ impl<S: Store> Core<S> {
                 spec,
                 validated,
                 input_size: r.input_bytes,
+                input_version: r.input_version.clone(),
                 shards,
                 admitted: true,
                 credits,
@@ -689,6 +692,7 @@ impl<S: Store> Core<S> {
                 spec: sub.spec,
                 validated,
                 input_size: sub.input_size,
+                input_version: sub.input_version,
                 shards: ranges.into_iter().map(ShardState::new).collect(),
                 admitted: false,
                 credits: 0,
@@ -749,6 +753,7 @@ impl<S: Store> Core<S> {
                 mesh: w.mesh.clone(),
                 spec_json: serde_json::to_string(&w.spec).unwrap_or_default(),
                 input_bytes: w.input_size,
+                input_version: w.input_version.clone(),
             };
             let shards: Vec<ShardRecord> = w
                 .shards

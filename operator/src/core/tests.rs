@@ -70,6 +70,7 @@ impl Fixture {
                 uid: uid.into(),
                 spec: workload(&self.output(), max_attempts),
                 input_size: shards * 1024,
+                input_version: None,
             })
             .await
             .expect("submit")
@@ -579,6 +580,7 @@ async fn a_new_operator_resumes_without_rerunning_completed_shards(backend: Back
                 uid: "u1".into(),
                 spec,
                 input_size: 4096,
+                input_version: None,
             })
             .await
             .expect("submit");
@@ -933,6 +935,7 @@ async fn a_uid_already_stored_is_never_started_over(backend: Backend) {
             uid: "u1".into(),
             spec: workload(&f.output(), 3),
             input_size: 1024,
+            input_version: None,
         })
         .await
         .expect_err("finished");
@@ -962,6 +965,7 @@ async fn a_stored_spec_that_no_longer_validates_fails_only_its_workload(backend:
         mesh: "m".into(),
         spec_json: spec,
         input_bytes: 100,
+        input_version: None,
     };
     let good = serde_json::to_string(&workload(&format!("file://{}/", out.path().display()), 3))
         .expect("json");
@@ -1009,6 +1013,7 @@ async fn a_workload_left_with_a_failed_shard_fails_at_resume(backend: Backend) {
             uid: uid.into(),
             spec: workload(&format!("{output}{uid}/"), 3),
             input_size: 2 * 1024,
+            input_version: None,
         })
         .await
         .expect("submit");
@@ -1101,6 +1106,7 @@ async fn finished_workloads_leave_memory(backend: Backend) {
                 uid: uid.clone(),
                 spec: workload(&format!("{}{uid}/", f.output()), 3),
                 input_size: 3 * 1024,
+                input_version: None,
             })
             .await
             .expect("submit");
@@ -1241,6 +1247,7 @@ async fn a_hung_shard_is_taken_back_after_its_timeout(backend: Backend) {
             uid: "u1".into(),
             spec,
             input_size: 1024,
+            input_version: None,
         })
         .await
         .expect("submit");
@@ -1316,6 +1323,7 @@ async fn a_store_outage_pauses_dispatch_keeps_agents_and_loses_nothing() {
         uid: "u1".into(),
         spec: workload(&output, 3),
         input_size: 6 * 1024,
+        input_version: None,
     })
     .await
     .expect("submit");
@@ -1687,6 +1695,7 @@ mod machine {
                 uid: "u1".into(),
                 spec,
                 input_size: SHARDS * 1024,
+                input_version: None,
             })
             .await
             .expect("submit");

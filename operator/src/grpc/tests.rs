@@ -110,6 +110,7 @@ impl Harness {
                 uid: "u".into(),
                 spec: w.spec,
                 input_size: shards * 1024,
+                input_version: None,
             })
             .await
             .expect("submit");

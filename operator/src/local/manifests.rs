@@ -21,6 +21,8 @@ pub struct LocalWorkload {
     pub spec: WorkloadSpec,
     /// Input size in bytes.
     pub input_size: u64,
+    /// Input version (ETag) at that size: every shard reads that very object.
+    pub input_version: Option<String>,
 }
 
 /// What a manifest file asks for.
@@ -60,9 +62,9 @@ pub fn absolutize(uri: &str, base: &Path) -> String {
     s
 }
 
-async fn must_exist(what: &str, reason: &str, uri: &str) -> Result<u64, String> {
+async fn must_exist(what: &str, reason: &str, uri: &str) -> Result<(u64, Option<String>), String> {
     let loc = Location::parse(uri).map_err(|e| format!("InvalidSpec: {what}: {e}"))?;
-    loc.size().await.map_err(|e| match e {
+    loc.facts().await.map_err(|e| match e {
         ObjectError::NotFound { .. } => format!("{reason}: {what} {uri} does not exist"),
         other => format!("{reason}: {what}: {other}"),
     })
@@ -142,7 +144,7 @@ pub async fn load_plan(file: &Path, default_namespace: &str) -> Result<LocalPlan
                 file.display()
             ));
         }
-        let input_size = must_exist("input", "InputNotFound", &spec.input.uri)
+        let (input_size, input_version) = must_exist("input", "InputNotFound", &spec.input.uri)
             .await
             .map_err(|e| format!("{who}: {e}"))?;
         must_exist("model", "ModelNotFound", &spec.model.uri)
@@ -158,6 +160,7 @@ pub async fn load_plan(file: &Path, default_namespace: &str) -> Result<LocalPlan
             name,
             spec,
             input_size,
+            input_version,
         });
     }
     Ok(plan)

@@ -536,6 +536,7 @@ async fn drive<S: Store>(
                 uid,
                 spec: w.spec.clone(),
                 input_size: w.input_size,
+                input_version: w.input_version.clone(),
             })
             .await
             .map_err(|e| format!("Workload {}/{}: {e}", w.namespace, w.name))?;

@@ -14,6 +14,7 @@ async fn workload(store: &impl Store, uid: &str, shards: u32) {
         mesh: "m".into(),
         spec_json: "{}".into(),
         input_bytes: u64::from(shards) * 100,
+        input_version: Some("etag-1".into()),
     };
     let s: Vec<ShardRecord> = (0..shards)
         .map(|i| ShardRecord {
@@ -629,6 +630,11 @@ async fn running_workloads_are_listed_for_resuming(backend: Backend) {
     assert_eq!(states, [("succeeded", 1), ("running", 1), ("pending", 0)]);
     assert_eq!(active[0].shards[0].records, 10);
     assert_eq!(active[0].record.input_bytes, 300);
+    assert_eq!(
+        active[0].record.input_version.as_deref(),
+        Some("etag-1"),
+        "the input's version is kept for the reads of a resumed run"
+    );
 }
 
 both!(claims_are_exclusive_across_operators);

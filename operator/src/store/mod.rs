@@ -87,6 +87,9 @@ pub struct WorkloadRecord {
     pub spec_json: String,
     /// Input size.
     pub input_bytes: u64,
+    /// The input object's version (ETag) when it was planned; `None` when the store named
+    /// none (reads then check the size only).
+    pub input_version: Option<String>,
 }
 
 /// A workload as the store holds it, for resuming.

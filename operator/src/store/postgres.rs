@@ -305,8 +305,8 @@ impl Store for PgStore {
         let spec: serde_json::Value =
             serde_json::from_str(&w.spec_json).unwrap_or(serde_json::Value::Null);
         sqlx::query!(
-            "INSERT INTO workloads (uid, namespace, name, mesh, spec, input_bytes, shards, phase) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'Running')",
+            "INSERT INTO workloads (uid, namespace, name, mesh, spec, input_bytes, shards, phase, input_version) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'Running', $8)",
             w.uid,
             w.namespace,
             w.name,
@@ -314,6 +314,7 @@ impl Store for PgStore {
             spec,
             w.input_bytes as i64,
             shards.len() as i32,
+            w.input_version,
         )
         .execute(&mut *tx)
         .await?;
@@ -427,7 +428,7 @@ impl Store for PgStore {
 
     async fn workloads_in_phase(&self, phase: &str) -> Result<Vec<StoredWorkload>, StoreError> {
         let rows = sqlx::query!(
-            "SELECT uid, namespace, name, mesh, spec::text AS \"spec!\", input_bytes FROM workloads \
+            "SELECT uid, namespace, name, mesh, spec::text AS \"spec!\", input_bytes, input_version FROM workloads \
              WHERE phase = $1 ORDER BY created_at, uid",
             phase
         )
@@ -462,6 +463,7 @@ impl Store for PgStore {
                 mesh: r.mesh,
                 spec_json: r.spec,
                 input_bytes: r.input_bytes as u64,
+                input_version: r.input_version,
             };
             out.push(StoredWorkload { record, shards });
         }

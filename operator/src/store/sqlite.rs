@@ -170,8 +170,8 @@ impl Store for SqliteStore {
         let mut tx = self.pool.begin().await?;
         let at = now();
         sqlx::query(
-            "INSERT INTO workloads (uid, namespace, name, mesh, spec, input_bytes, shards, phase, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, 'Running', ?)",
+            "INSERT INTO workloads (uid, namespace, name, mesh, spec, input_bytes, shards, phase, created_at, input_version) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, 'Running', ?, ?)",
         )
         .bind(&w.uid)
         .bind(&w.namespace)
@@ -181,6 +181,7 @@ impl Store for SqliteStore {
         .bind(w.input_bytes as i64)
         .bind(shards.len() as i64)
         .bind(&at)
+        .bind(&w.input_version)
         .execute(&mut *tx)
         .await?;
         for s in shards {
@@ -286,7 +287,7 @@ impl Store for SqliteStore {
     }
 
     async fn workloads_in_phase(&self, phase: &str) -> Result<Vec<StoredWorkload>, StoreError> {
-        let rows = sqlx::query("SELECT uid, namespace, name, mesh, spec, input_bytes FROM workloads WHERE phase = ? ORDER BY created_at, uid")
+        let rows = sqlx::query("SELECT uid, namespace, name, mesh, spec, input_bytes, input_version FROM workloads WHERE phase = ? ORDER BY created_at, uid")
             .bind(phase)
             .fetch_all(&self.pool)
             .await?;
@@ -299,6 +300,7 @@ impl Store for SqliteStore {
                 mesh: r.try_get("mesh")?,
                 spec_json: r.try_get::<String, _>("spec")?,
                 input_bytes: r.try_get::<i64, _>("input_bytes")? as u64,
+                input_version: r.try_get::<Option<String>, _>("input_version")?,
             };
             let shard_rows = sqlx::query(
                 "SELECT idx, start_byte, end_byte, state, attempt, agent, records, output_uri, sha256 FROM shards \

@@ -25,6 +25,9 @@ struct Args {
     /// The fixed short set CI plays: one seed of every scenario, and mixes.
     #[arg(long)]
     ci: bool,
+    /// Play the kept regression schedules too (`--ci` does).
+    #[arg(long)]
+    regressions: bool,
     /// Play this scenario (default: the one each seed picks).
     #[arg(long)]
     scenario: Option<String>,
@@ -43,7 +46,9 @@ struct Args {
 }
 
 fn replay(r: &RunReport, explicit: bool) -> String {
-    if explicit {
+    if r.seed >= 10_000 {
+        "scripts/chaos.sh --regressions --seeds 0".to_string()
+    } else if explicit {
         format!(
             "scripts/chaos.sh --seed {} --scenario {}",
             r.seed, r.scenario
@@ -64,6 +69,9 @@ fn main() -> ExitCode {
     };
     let namespaces = chaos::net::namespaces_available();
     let mut schedules = Vec::new();
+    if args.ci || args.regressions {
+        schedules.extend(chaos::regressions());
+    }
     for s in &seeds {
         match chaos::schedule(*s, args.scenario.as_deref(), namespaces) {
             Ok(s) => schedules.push(s),

@@ -331,17 +331,34 @@ fn check_outputs(f: &Facts, v: &mut Vec<String>) {
         })
         .collect();
     parts.sort();
+    // Each output is the model's on the input as planned: the input's record i is
+    // x = [i/100, 1, -(i mod 7), 0.5], so s = sum(x); a record read from a replaced input
+    // (whose second value is 2) is off by one.
+    let mut wrong = 0usize;
     for p in &parts {
         let text = std::fs::read_to_string(p).unwrap_or_default();
         for line in text.lines() {
-            match serde_json::from_str::<serde_json::Value>(line)
-                .ok()
-                .and_then(|j| j["id"].as_i64())
-            {
-                Some(id) => *counts.entry(id).or_default() += 1,
+            let j = serde_json::from_str::<serde_json::Value>(line).ok();
+            let (id, s) = match j.as_ref() {
+                Some(j) => (j["id"].as_i64(), j["s"].as_f64()),
+                None => (None, None),
+            };
+            match id {
+                Some(id) => {
+                    *counts.entry(id).or_default() += 1;
+                    let want = id as f64 / 100.0 + 1.0 - (id % 7) as f64 + 0.5;
+                    if s.is_none_or(|s| (s - want).abs() > 1e-3 * (1.0 + want.abs())) {
+                        wrong += 1;
+                    }
+                }
                 None => v.push(format!("{}: a line without an id", p.display())),
             }
         }
+    }
+    if wrong > 0 {
+        v.push(format!(
+            "outputs: {wrong} records do not match the input as planned (read from another object)"
+        ));
     }
     let missing = (0..f.records as i64)
         .filter(|i| !counts.contains_key(i))

@@ -85,8 +85,8 @@ pub enum Fault {
     ReadOnly { hold: Duration },
     /// The input truncated to `keep` of its length.
     InputTruncated { keep_percent: u32 },
-    /// The input replaced by another (longer) file.
-    InputReplaced,
+    /// The input replaced by another file: of the same size (other values), or longer.
+    InputReplaced { same_size: bool },
 }
 
 impl Fault {
@@ -105,7 +105,7 @@ impl Fault {
             Self::DiskFull { .. } => "disk-full",
             Self::ReadOnly { .. } => "read-only",
             Self::InputTruncated { .. } => "input-truncated",
-            Self::InputReplaced => "input-replaced",
+            Self::InputReplaced { .. } => "input-replaced",
         }
     }
 
@@ -134,7 +134,7 @@ impl Fault {
             Self::DiskFull { .. }
                 | Self::ReadOnly { .. }
                 | Self::InputTruncated { .. }
-                | Self::InputReplaced
+                | Self::InputReplaced { .. }
         )
     }
 
@@ -143,7 +143,7 @@ impl Fault {
         match self {
             Self::DiskFull { .. } => &["No space left", "StorageError", "OutputNotWritable"],
             Self::ReadOnly { .. } => &["Read-only", "read-only", "OutputNotWritable"],
-            Self::InputTruncated { .. } | Self::InputReplaced => &["changed"],
+            Self::InputTruncated { .. } | Self::InputReplaced { .. } => &["changed"],
             _ => &[],
         }
     }
@@ -198,6 +198,8 @@ pub struct Schedule {
     pub agents: usize,
     /// Records in the input.
     pub records: usize,
+    /// The Workload's `shardBytes`.
+    pub shard_bytes: String,
     /// Faults in start order.
     pub faults: Vec<Timed>,
 }
@@ -259,7 +261,9 @@ fn fault(kind: &str, rng: &mut StdRng, agents: usize, lease: Duration) -> Fault 
         "input-truncated" => Fault::InputTruncated {
             keep_percent: rng.random_range(10..=90),
         },
-        "input-replaced" => Fault::InputReplaced,
+        "input-replaced" => Fault::InputReplaced {
+            same_size: rng.random_bool(0.5),
+        },
         other => panic!("no fault kind {other}"),
     }
 }
@@ -329,13 +333,54 @@ pub fn schedule(seed: u64, scenario: Option<&str>, namespaces: bool) -> Result<S
         store,
         agents,
         records,
+        shard_bytes: "48Ki".into(),
         faults,
     })
+}
+
+/// Schedules that once broke an invariant, kept as they were played then (the seed's schedule
+/// has moved on since): CI plays them with the seeds. Their seeds are 10,000 and up.
+pub fn regressions() -> Vec<Schedule> {
+    let at = Duration::from_millis;
+    vec![
+        // Seed 0 of the mixed scenario at an earlier layout: an agent cut off just before the
+        // workload finished got an Assign sent into the partition delivered 8 s late, ran it,
+        // and left its attempt part under `_attempts/` after the clean-up (`ledger verify
+        // --outputs`: a stray part). Fixed by HTTP/2 keepalive on the agent's stream (the
+        // stream breaks in the partition, the Assign is never delivered) and by removing a
+        // superseded attempt's part when its report is refused.
+        Schedule {
+            seed: 10_000,
+            scenario: "mixed".into(),
+            store: StoreKind::Postgres,
+            agents: 4,
+            records: 20_774,
+            shard_bytes: "8Ki".into(),
+            faults: vec![
+                Timed {
+                    at: at(200),
+                    fault: Fault::PostgresKill { down: at(7_030) },
+                },
+                Timed {
+                    at: at(4_500),
+                    fault: Fault::PostgresRestart,
+                },
+                Timed {
+                    at: at(4_600),
+                    fault: Fault::Partition {
+                        agent: 0,
+                        hold: at(8_102),
+                    },
+                },
+            ],
+        },
+    ]
 }
 
 /// The fixed seeds CI plays: the first seed of every scenario (seed `i` plays scenario `i`),
 /// and two mixed ones.
 pub fn ci_seeds() -> Vec<u64> {
+    // (and the regressions, played by `--ci` as well)
     let mut seeds: Vec<u64> = (0..SCENARIOS.len() as u64).collect();
     seeds.push(SCENARIOS.len() as u64 * 2 - 1);
     seeds

@@ -195,7 +195,8 @@ impl<'a> Run<'a> {
                  pricing: {{perCpuSecond: 0.05, perThousandRecords: 0.2}}\n---\n\
                  apiVersion: infermesh.dev/v1alpha1\nkind: Workload\nmetadata: {{name: job, namespace: team-a}}\nspec:\n  mesh: chaos\n  \
                  model: {{uri: \"{model}\", sha256: \"{sha}\"}}\n  task:\n    tensor:\n      inputs: [{{name: x}}]\n      outputs: [y, s]\n  \
-                 input: {{uri: \"{input}\"}}\n  output: {{uri: \"{out}/\"}}\n  batchSize: 1\n  shardBytes: 48Ki\n  maxAttempts: 10\n",
+                 input: {{uri: \"{input}\"}}\n  output: {{uri: \"{out}/\"}}\n  batchSize: 1\n  shardBytes: {shard_bytes}\n  maxAttempts: 10\n",
+                shard_bytes = s.shard_bytes,
                 lease = super::LEASE.as_secs(),
                 model = env.model.display(),
                 input = input.display(),
@@ -561,12 +562,18 @@ impl<'a> Run<'a> {
                 mark(self, None, None);
                 Ok(format!("input-truncated to {keep_percent}%"))
             }
-            Fault::InputReplaced => {
+            Fault::InputReplaced { same_size } => {
+                // Same size: every record's second value 2 instead of 1, byte for byte as
+                // long (only the input's version tells); longer: 500 records more.
                 let next = self.dir.join("in.next.jsonl");
-                tensor_input(&next, self.s.records + 500, 2).map_err(|e| e.to_string())?;
+                let n = self.s.records + if *same_size { 0 } else { 500 };
+                tensor_input(&next, n, 2).map_err(|e| e.to_string())?;
                 std::fs::rename(&next, &self.input).map_err(|e| e.to_string())?;
                 mark(self, None, None);
-                Ok("input-replaced".into())
+                Ok(format!(
+                    "input-replaced ({})",
+                    if *same_size { "same size" } else { "longer" }
+                ))
             }
         }
     }

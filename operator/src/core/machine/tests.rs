@@ -185,6 +185,7 @@ fn new_workload(
         spec,
         validated,
         input_size: u64::from(SHARDS) * 100,
+        input_version: None,
         shards,
         admitted,
         credits: 0,
