@@ -701,3 +701,44 @@ fn log_tail(path: &std::path::Path) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Kept credentials: none from a missing file; a file that is not one, or holds a token
+    /// that is not, is refused by name (its agents would be turned away); a good one keeps
+    /// every agent's token; a new file is written for its owner only.
+    #[test]
+    fn credentials_are_kept_across_runs_and_checked() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("creds.json");
+        assert!(kept_tokens(&path).expect("missing is fine").is_empty());
+
+        std::fs::write(&path, "not json").expect("write");
+        let err = kept_tokens(&path).expect_err("not a credentials file");
+        assert!(
+            err.contains("creds.json") && err.contains("not a credentials file"),
+            "{err}"
+        );
+
+        std::fs::write(
+            &path,
+            r#"{"agents": [{"id": "m-external-0", "token": "short"}]}"#,
+        )
+        .expect("write");
+        let err = kept_tokens(&path).expect_err("bad token");
+        assert!(err.contains("m-external-0"), "{err}");
+
+        let token = "ab".repeat(32);
+        let body = serde_json::json!({"operator": "http://127.0.0.1:1", "agents": [
+            {"mesh": "m", "id": "m-external-0", "node": "external-0", "token": token}
+        ]});
+        write_private(&path, body.to_string().as_bytes()).expect("write");
+        let kept = kept_tokens(&path).expect("kept");
+        assert_eq!(kept.get("m-external-0"), Some(&token));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "readable by its owner only");
+    }
+}
