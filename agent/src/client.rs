@@ -127,6 +127,19 @@ impl Running {
     }
 }
 
+/// Removes the part of an attempt that finished after it was cancelled; best effort (a part
+/// that cannot be removed is said so in the log, and the operator's `ledger verify --outputs`
+/// names it).
+async fn discard_part(uri: &str) {
+    let removed = async { crate::io::store::Location::parse(uri)?.delete().await };
+    match removed.await {
+        Ok(()) => tracing::info!(part = %uri, "part of a cancelled attempt removed"),
+        Err(e) => {
+            tracing::warn!(part = %uri, error = %e, "part of a cancelled attempt not removed")
+        }
+    }
+}
+
 /// Runs a shard's `work` on a task of its own. Its outcome always reaches `done`, a panic
 /// included (as a failure, see [`catch_panic`]), so the shard is reported and leaves
 /// [`Running`] instead of holding its place there for good.
@@ -374,6 +387,14 @@ async fn attach(
             }
             Some((shard, result)) = done_rx.recv() => {
                 let cancelled = running.finish(&shard);
+                if cancelled
+                    && let Ok(done) = &result
+                {
+                    // Written before the cancel was seen (a thawed process, a stream lost
+                    // mid-put): the part can never be committed, and nobody else would
+                    // remove it.
+                    discard_part(&done.output_uri).await;
+                }
                 let Some(msg) = report(shard, result, cancelled) else { continue };
                 tx.send(AgentMessage { msg: Some(msg) }).await?;
             }

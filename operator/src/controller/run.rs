@@ -159,9 +159,16 @@ async fn run_inner(args: OperatorArgs) -> Result<(), String> {
     let client = Client::try_default()
         .await
         .map_err(|e| format!("cannot configure the Kubernetes client: {e}"))?;
-    let store = store::open(&args.database_url)
-        .await
-        .map_err(|e| format!("cannot open the store: {e}"))?;
+    // A database that starts along with the operator (the chart's own Postgres) or is
+    // restarting is waited for, a minute at most, instead of a crash loop.
+    let store = store::patiently(
+        "opening the store",
+        std::time::Duration::from_secs(60),
+        store::StoreError::is_transient,
+        async || store::open(&args.database_url).await,
+    )
+    .await
+    .map_err(|e| format!("cannot open the store: {e}"))?;
     let core = Arc::new(Core::new(store));
     let metrics = Metrics::new(core.counters());
     let ready = Arc::new(AtomicBool::new(false));

@@ -1166,6 +1166,17 @@ impl Machine {
     /// was taken but not recorded) while store writes failed: to requeue once the store is
     /// back. The store's compare-and-set settles any that were recorded meanwhile.
     pub(super) fn orphans(&self) -> Vec<RequeueOrder> {
+        self.orphans_where(true)
+    }
+
+    /// Running shards whose holder is gone or no longer holds them: what a requeue that
+    /// failed (a store write that timed out) left behind while the store was not declared
+    /// down. Shards being committed are left alone: their commit is under way or held.
+    pub(super) fn stranded(&self) -> Vec<RequeueOrder> {
+        self.orphans_where(false)
+    }
+
+    fn orphans_where(&self, committing_too: bool) -> Vec<RequeueOrder> {
         let mut out = Vec::new();
         for w in self.workloads.values().filter(|w| !w.phase.is_terminal()) {
             for s in &w.shards {
@@ -1173,7 +1184,8 @@ impl Machine {
                     ShardStatus::Running { agent, .. } => self.agents.get(agent).is_some_and(|a| {
                         a.connected && a.running.contains(&(w.uid.clone(), s.range.index))
                     }),
-                    ShardStatus::Committing { .. } => false,
+                    ShardStatus::Committing { .. } if committing_too => false,
+                    ShardStatus::Committing { .. } => continue,
                     _ => continue,
                 };
                 if !held {

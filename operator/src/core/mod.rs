@@ -98,6 +98,13 @@ pub enum CoreError {
     },
 }
 
+impl CoreError {
+    /// Whether the store failed in a way that waiting can cure (it does not answer).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Store(e) if e.is_transient())
+    }
+}
+
 /// A workload ready to run: its identity, spec, and the input's size.
 #[derive(Clone, Debug)]
 pub struct Submission {
@@ -173,6 +180,8 @@ pub struct Core<S: Store> {
     store_up: Arc<AtomicBool>,
     /// Completions checked while the store was down, committed when it is back.
     parked: std::sync::Mutex<Vec<Held>>,
+    /// A dispatch round failed on the store: [`Core::sweep`] runs another.
+    dispatch_owed: AtomicBool,
 }
 
 /// The key of a workload on the wire and in logs: `namespace/name/uid`.
@@ -210,6 +219,7 @@ impl<S: Store> Core<S> {
             counters,
             store_up: Arc::new(AtomicBool::new(true)),
             parked: std::sync::Mutex::new(Vec::new()),
+            dispatch_owed: AtomicBool::new(false),
         }
     }
 
@@ -287,6 +297,50 @@ impl<S: Store> Core<S> {
             return false; // down again: held work stays held, and `recover` runs again
         }
         true
+    }
+
+    /// Once a second while the store is up (the lease reaper calls it): finishes what a store
+    /// write that failed without the store being declared down left undone. A write can time
+    /// out while the ping after it gets through — the database restarted twice in a row, a
+    /// pool that waited out the first restart — and then nothing else would ever retry it:
+    /// the held completion would stay held, the lost agent's shard stay with nobody, the
+    /// failed round never run, and the workload never end. Held completions are committed,
+    /// stranded shards requeued, and a round dispatched. With nothing to do it costs one look
+    /// under the lock.
+    pub async fn sweep(&self) {
+        let parked = std::mem::take(&mut *self.parked.lock().unwrap_or_else(|e| e.into_inner()));
+        let stranded = self.read(Machine::stranded);
+        let owed = self.dispatch_owed.swap(false, Ordering::Relaxed);
+        if parked.is_empty() && stranded.is_empty() && !owed {
+            return;
+        }
+        tracing::info!(
+            held = parked.len(),
+            stranded = stranded.len(),
+            "retrying what failed store writes left undone"
+        );
+        let committed = !parked.is_empty();
+        for (who, shard, output, record) in parked {
+            if let Err(e) = self.commit(&who, &shard, &output, record).await {
+                tracing::warn!(error = %e.message(), "a held completion could not be committed");
+            }
+        }
+        for order in stranded {
+            if let Err(e) = self.requeue_or_fail(order).await {
+                tracing::warn!(error = %e, "cannot requeue a stranded shard yet");
+            }
+        }
+        if committed {
+            let live: Vec<String> = self.read(|m| m.workloads.keys().cloned().collect());
+            for uid in live {
+                if let Err(e) = self.maybe_finish(&uid).await {
+                    tracing::warn!(error = %e, "cannot finish yet");
+                }
+            }
+        }
+        if let Err(e) = self.dispatch().await {
+            tracing::warn!(error = %e, "dispatch failed again");
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -1272,12 +1326,16 @@ impl<S: Store> Core<S> {
         if claims.is_empty() {
             return Ok(());
         }
-        let won = self.store.assign_batch(&claims).await?;
+        let owe = |e: StoreError| {
+            self.dispatch_owed.store(true, Ordering::Relaxed);
+            e
+        };
+        let won = self.store.assign_batch(&claims).await.map_err(owe)?;
         let (_, later) = self.step(|m| ((), m.claims_stored(&claims, &won, Instant::now())));
         // Orphans (holders that left meanwhile) are requeued; no nested round.
         for effect in later {
             if let Effect::Requeue(order) = effect {
-                self.requeue_or_fail(order).await?;
+                self.requeue_or_fail(order).await.map_err(owe)?;
             }
         }
         Ok(())

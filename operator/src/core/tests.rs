@@ -1161,6 +1161,39 @@ async fn deleting_a_mesh_fails_its_workloads(backend: Backend) {
     assert!(kinds.contains(&true), "its agents are told to drain");
 }
 
+/// An agent is lost but the requeue of its shard never reaches the store (the write timed
+/// out while the next ping got through, so no outage was declared): the shard is left with
+/// nobody. The sweep the lease reaper runs every second requeues it and dispatches it, and
+/// the workload ends; before the sweep it would have waited forever. Found by the chaos
+/// harness (seed 27: Postgres killed twice in a row).
+async fn a_requeue_lost_to_a_failed_write_is_swept_up(backend: Backend) {
+    let f = Fixture::new(backend, 30).await;
+    f.submit(1, 3).await;
+    let (_a, mut rx_a) = f.agent("a", 1).await;
+    let first = assigned(&mut rx_a).pop().expect("shard");
+    // The agent goes; its requeue order is dropped, as a failed store write drops it.
+    let orders = f
+        .core
+        .apply(|m| (m.agent_lost("a", None, Instant::now()), Vec::new()))
+        .expect("a was attached");
+    assert_eq!(orders.len(), 1);
+    let (b, mut rx_b) = f.agent("b", 1).await;
+    assert!(
+        assigned(&mut rx_b).is_empty(),
+        "nothing to give: the shard is stranded"
+    );
+    assert_eq!(f.events("shard.requeued").await, 0);
+    f.core.sweep().await;
+    assert_eq!(f.events("shard.requeued").await, 1, "the sweep requeued it");
+    let next = assigned(&mut rx_b).pop().expect("dispatched again");
+    assert_eq!((next.index, next.attempt), (first.index, 2));
+    f.complete(&b, &next, 3).await.expect("complete");
+    assert_eq!(f.phase().await, WorkloadPhase::Succeeded);
+    // Nothing left undone: a second sweep changes nothing.
+    f.core.sweep().await;
+    assert_eq!(f.events("shard.requeued").await, 1);
+}
+
 /// A late report from an attempt whose lease expired is refused; the part committed and
 /// the agent credited are those of the attempt that holds the shard.
 async fn a_late_report_of_an_expired_attempt_is_never_committed(backend: Backend) {
@@ -1303,6 +1336,7 @@ both!(a_stored_spec_that_no_longer_validates_fails_only_its_workload);
 both!(heartbeats_reconcile_what_the_agent_runs);
 both!(a_workload_left_with_a_failed_shard_fails_at_resume);
 both!(finished_workloads_leave_memory);
+both!(a_requeue_lost_to_a_failed_write_is_swept_up);
 both!(deleting_a_mesh_fails_its_workloads);
 both!(a_late_report_of_an_expired_attempt_is_never_committed);
 

@@ -261,6 +261,9 @@ pub async fn reap_leases<S: Store>(
                 {
                     tracing::error!(error = %e, "lease reaper failed");
                 }
+                if core.store_available() {
+                    core.sweep().await;
+                }
             }
             _ = stop.changed() => return,
         }

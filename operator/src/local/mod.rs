@@ -17,11 +17,14 @@ use rand::Rng;
 use tokio::process::{Child, Command};
 
 use crate::core::progress::format_duration;
-use crate::core::{Core, Submission};
+use crate::core::{Core, CoreError, Submission};
 use crate::grpc;
-use crate::store::{self, Store};
+use crate::store::{self, Store, StoreError};
 
 pub use manifests::{LocalPlan, absolutize, load_plan};
+
+/// How long start-up waits for a store that does not answer.
+const STORE_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Options of `infermesh local`.
 #[derive(Args, Debug, Clone)]
@@ -147,25 +150,40 @@ async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
         std::fs::create_dir_all(&home)
             .map_err(|e| format!("cannot create {}: {e}", home.display()))?;
     }
-    let store = store::open(&args.database_url)
-        .await
-        .map_err(|e| format!("{}: {e}", args.database_url))?;
+    // A store that does not answer yet (a database restarting as this run is resumed) is
+    // waited for, a minute at most; the steps after it too.
+    let store = store::patiently(
+        "opening the store",
+        STORE_PATIENCE,
+        StoreError::is_transient,
+        async || store::open(&args.database_url).await,
+    )
+    .await
+    .map_err(|e| format!("{}: {e}", args.database_url))?;
     let core = Arc::new(Core::new(store));
     for (name, spec) in &plan.meshes {
-        core.upsert_mesh(name, spec.clone())
-            .await
-            .map_err(|e| format!("Mesh {name}: {e}"))?;
+        store::patiently(
+            "storing the Meshes",
+            STORE_PATIENCE,
+            CoreError::is_transient,
+            async || core.upsert_mesh(name, spec.clone()).await,
+        )
+        .await
+        .map_err(|e| format!("Mesh {name}: {e}"))?;
     }
 
     // The same workload (namespace, name and output) unfinished in the store is resumed with
     // --resume, and otherwise refused, before any agent starts, with the command that resumes
     // it: a run never starts over silently (that would run and charge its shards again).
     if !args.resume {
-        let stored = core
-            .store()
-            .active_workloads()
-            .await
-            .map_err(|e| format!("reading the store: {e}"))?;
+        let stored = store::patiently(
+            "reading the store",
+            STORE_PATIENCE,
+            StoreError::is_transient,
+            async || core.store().active_workloads().await,
+        )
+        .await
+        .map_err(|e| format!("reading the store: {e}"))?;
         if let Some(sw) = stored.iter().find(|sw| same_workload(&plan, &sw.record)) {
             let done = sw.shards.iter().filter(|s| s.state == "succeeded").count();
             return Err(format!(
@@ -505,11 +523,19 @@ async fn drive<S: Store>(
     let mut tracked = Vec::new();
     let ours = |r: &crate::store::WorkloadRecord| same_workload(plan, r);
     if args.resume {
-        let n = if args.resume_all {
-            core.resume().await
-        } else {
-            core.resume_where(ours).await
-        }
+        let n = store::patiently(
+            "resuming from the store",
+            STORE_PATIENCE,
+            CoreError::is_transient,
+            async || {
+                if args.resume_all {
+                    core.resume().await
+                } else {
+                    core.resume_where(ours).await
+                }
+            },
+        )
+        .await
         .map_err(|e| format!("resuming from the store: {e}"))?;
         bars.suspend(|| {
             eprintln!("infermesh local: resumed {n} unfinished workload(s) from the store")

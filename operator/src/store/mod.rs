@@ -709,6 +709,39 @@ pub async fn open(url: &str) -> Result<AnyStore, StoreError> {
     }
 }
 
+/// Runs a start-up step against the store, waiting out a store that does not answer — a
+/// database restarting, or starting along with us — for up to `patience`: asked again after
+/// 0.5, 1, 2, then every 4 s, saying so once. Errors that waiting cannot cure return at once.
+pub async fn patiently<T, E: std::fmt::Display>(
+    what: &str,
+    patience: std::time::Duration,
+    transient: impl Fn(&E) -> bool,
+    mut step: impl AsyncFnMut() -> Result<T, E>,
+) -> Result<T, E> {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut wait = std::time::Duration::from_millis(500);
+    let mut said = false;
+    loop {
+        match step().await {
+            Err(e) if transient(&e) && tokio::time::Instant::now() + wait < deadline => {
+                if !said {
+                    tracing::warn!(error = %e, "{what}: the store does not answer; waiting up to {patience:?}");
+                    said = true;
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(4));
+            }
+            Err(e) => return Err(e),
+            Ok(v) => {
+                if said {
+                    tracing::info!("{what}: the store answers");
+                }
+                return Ok(v);
+            }
+        }
+    }
+}
+
 /// Opens the store `url` names only if it exists: a command that reads a ledger must not
 /// create an empty one at a mistyped SQLite path (Postgres databases are made by their owner).
 pub async fn open_existing(url: &str) -> Result<AnyStore, StoreError> {
@@ -836,5 +869,64 @@ impl Store for AnyStore {
         to: &str,
     ) -> Result<Vec<StatementLine>, StoreError> {
         each!(self, s => s.statement(account, from, to))
+    }
+}
+
+#[cfg(test)]
+mod patience_tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A store that does not answer is asked again until it does; an error waiting cannot
+    /// cure returns at once; past the patience the last error returns.
+    #[tokio::test(start_paused = true)]
+    async fn start_up_waits_out_a_store_that_does_not_answer() {
+        let down = || StoreError::Unavailable("connection refused".into());
+        let mut calls = 0;
+        let got = patiently(
+            "t",
+            Duration::from_secs(60),
+            StoreError::is_transient,
+            async || {
+                calls += 1;
+                if calls < 4 { Err(down()) } else { Ok(calls) }
+            },
+        )
+        .await
+        .expect("answers at last");
+        assert_eq!(got, 4);
+
+        let mut calls = 0;
+        let err = patiently(
+            "t",
+            Duration::from_secs(60),
+            StoreError::is_transient,
+            async || {
+                calls += 1;
+                Err::<(), _>(StoreError::UnsupportedUrl("mysql://x".into()))
+            },
+        )
+        .await
+        .expect_err("not curable");
+        assert!(matches!(err, StoreError::UnsupportedUrl(_)));
+        assert_eq!(calls, 1, "no waiting for what waiting cannot cure");
+
+        let started = tokio::time::Instant::now();
+        let mut calls = 0;
+        let err = patiently(
+            "t",
+            Duration::from_secs(10),
+            StoreError::is_transient,
+            async || {
+                calls += 1;
+                Err::<(), _>(down())
+            },
+        )
+        .await
+        .expect_err("never answers");
+        assert!(err.is_transient());
+        let waited = started.elapsed();
+        assert!(waited <= Duration::from_secs(10), "{waited:?}");
+        assert!(calls >= 4, "asked again after 0.5, 1, 2, 4 s: {calls}");
     }
 }

@@ -151,10 +151,14 @@ fn since(later: SystemTime, earlier: SystemTime) -> f64 {
 pub fn check(f: &Facts, timeline: &Timeline) -> Verdict {
     let mut v = Vec::new();
     let events: Vec<Event> = match ledger(f, &["events", "-o", "json"]) {
-        Ok((Some(0), text)) => serde_json::from_str(&text).unwrap_or_else(|e| {
-            v.push(format!("events are not JSON: {e}"));
-            Vec::new()
-        }),
+        Ok((Some(0), text)) => {
+            // Kept with the run's logs: a failing run's store goes with the harness's Postgres.
+            let _ = std::fs::write(f.dir.join("events.json"), &text);
+            serde_json::from_str(&text).unwrap_or_else(|e| {
+                v.push(format!("events are not JSON: {e}"));
+                Vec::new()
+            })
+        }
         Ok((code, text)) => {
             v.push(format!("ledger events exited {code:?}: {text}"));
             Vec::new()

@@ -374,6 +374,91 @@ pub fn regressions() -> Vec<Schedule> {
                 },
             ],
         },
+        // Seed 27 (mixed): Postgres killed twice in a row. A completion's write timed out in
+        // the pool while the ping after it got through, so no outage was declared: the
+        // completion stayed held, the shards of the agents lost meanwhile stayed with nobody,
+        // and the workload never ended (no terminal phase in 150 s). Fixed by the sweep the
+        // lease reaper runs every second (`Core::sweep`).
+        Schedule {
+            seed: 10_001,
+            scenario: "mixed".into(),
+            store: StoreKind::Postgres,
+            agents: 4,
+            records: 331_627,
+            shard_bytes: "48Ki".into(),
+            faults: vec![
+                Timed {
+                    at: at(3_200),
+                    fault: Fault::PostgresKill { down: at(5_791) },
+                },
+                Timed {
+                    at: at(3_700),
+                    fault: Fault::PostgresKill { down: at(4_280) },
+                },
+            ],
+        },
+        // Seed 83 (mixed): the operator killed and started again with `--resume` while
+        // Postgres was down; it exited at once ("cannot open the store"), leaving the
+        // workload without an operator. Start-up now waits for the store, a minute at most
+        // (`store::patiently`), in `infermesh local` and `infermesh operator`.
+        Schedule {
+            seed: 10_002,
+            scenario: "mixed".into(),
+            store: StoreKind::Postgres,
+            agents: 2,
+            records: 406_145,
+            shard_bytes: "48Ki".into(),
+            faults: vec![
+                Timed {
+                    at: at(1_300),
+                    fault: Fault::OperatorKill { down: at(2_461) },
+                },
+                Timed {
+                    at: at(1_900),
+                    fault: Fault::PostgresKill { down: at(3_147) },
+                },
+                Timed {
+                    at: at(2_800),
+                    fault: Fault::Partition {
+                        agent: 1,
+                        hold: at(8_223),
+                    },
+                },
+                Timed {
+                    at: at(3_200),
+                    fault: Fault::PostgresKill { down: at(7_802) },
+                },
+            ],
+        },
+        // Seed 111 (mixed): an agent frozen past its lease finished its shard when thawed
+        // and wrote the part before it saw its stream was gone; it then dropped the result
+        // unreported, and the part stayed under `_attempts/` (a stray part). An agent now
+        // removes the part of an attempt that finished after it was cancelled.
+        Schedule {
+            seed: 10_003,
+            scenario: "mixed".into(),
+            store: StoreKind::Sqlite,
+            agents: 3,
+            records: 342_112,
+            shard_bytes: "48Ki".into(),
+            faults: vec![
+                Timed {
+                    at: at(800),
+                    fault: Fault::AgentFreeze {
+                        agent: 0,
+                        hold: at(5_438),
+                    },
+                },
+                Timed {
+                    at: at(3_600),
+                    fault: Fault::Slow {
+                        agent: 1,
+                        kbit: 206,
+                        hold: at(6_126),
+                    },
+                },
+            ],
+        },
     ]
 }
 
