@@ -127,6 +127,26 @@ impl Running {
     }
 }
 
+/// Waits `backoff` with no stream up. A shard that finishes meanwhile is void (its stream is
+/// gone and the operator requeued it): it leaves `running`, and a part it wrote is removed
+/// now — not after a reconnect that may never come (the operator may be gone for good).
+async fn wait_out(backoff: Duration, running: &mut Running, done_rx: &mut mpsc::Receiver<Outcome>) {
+    let sleep = tokio::time::sleep(backoff);
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            _ = &mut sleep => return,
+            Some((shard, result)) = done_rx.recv() => {
+                running.finish(&shard);
+                tracing::info!(shard = %shard.display(), "finished with no stream up: void");
+                if let Ok(done) = &result {
+                    discard_part(&done.output_uri).await;
+                }
+            }
+        }
+    }
+}
+
 /// Removes the part of an attempt that finished after it was cancelled; best effort (a part
 /// that cannot be removed is said so in the log, and the operator's `ledger verify --outputs`
 /// names it).
@@ -226,7 +246,7 @@ pub async fn run(
                 // The whole chain: a TLS failure's cause (UnknownIssuer, NotValidForName) is
                 // several sources down from tonic's "transport error".
                 tracing::warn!(error = %format_args!("{e:#}"), retry_in = ?backoff, "connection to operator lost");
-                tokio::time::sleep(backoff).await;
+                wait_out(backoff, &mut running, &mut done_rx).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }

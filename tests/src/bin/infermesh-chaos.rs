@@ -40,6 +40,10 @@ struct Args {
     /// Append each run's report as a JSON line to this file.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Remove what an interrupted harness left (its `imc-*` network namespaces and the
+    /// processes in them), then exit. Not while another harness runs.
+    #[arg(long)]
+    clean: bool,
     /// Write the table into this Markdown file, between its chaos markers.
     #[arg(long)]
     doc: Option<PathBuf>,
@@ -60,6 +64,11 @@ fn replay(r: &RunReport, explicit: bool) -> String {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.clean {
+        let n = chaos::net::clean_all();
+        println!("chaos: removed {n} network namespace(s)");
+        return ExitCode::SUCCESS;
+    }
     let seeds: Vec<u64> = if args.ci {
         chaos::ci_seeds()
     } else if let Some(s) = args.seed {

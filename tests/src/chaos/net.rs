@@ -34,6 +34,35 @@ fn ip(args: &[&str]) -> Result<(), String> {
     sh(Command::new("ip").args(args))
 }
 
+/// Removes every `imc-*` network namespace (a harness's), ending the processes in it; returns
+/// how many. For what an interrupted harness left behind.
+pub fn clean_all() -> usize {
+    let list = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let mut n = 0;
+    for ns in list
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|ns| ns.starts_with("imc-"))
+    {
+        let pids = Command::new("ip")
+            .args(["netns", "pids", ns])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        for pid in pids.split_whitespace() {
+            let _ = sh(Command::new("kill").args(["-KILL", pid]));
+        }
+        if ip(&["netns", "del", ns]).is_ok() {
+            n += 1;
+        }
+    }
+    n
+}
+
 /// Whether network namespaces can be made here (root, `ip netns`).
 pub fn namespaces_available() -> bool {
     let probe = format!("imc-probe-{}", std::process::id());
