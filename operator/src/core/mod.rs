@@ -1095,7 +1095,9 @@ impl<S: Store> Core<S> {
                 ));
                 Ok(())
             }
-            Ok(ChargeOutcome::Charged) => {
+            // AlreadyCharged: an earlier write of this very completion committed and its
+            // answer was lost (the database went down after the commit); it was charged once.
+            Ok(ChargeOutcome::Charged | ChargeOutcome::AlreadyCharged) => {
                 // Charged: move the part to its final name. A failure here is redone before
                 // the manifest is written.
                 if let Err(e) = outputs::commit(output, index, attempt).await {

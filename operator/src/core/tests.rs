@@ -1194,6 +1194,47 @@ async fn a_requeue_lost_to_a_failed_write_is_swept_up(backend: Backend) {
     assert_eq!(f.events("shard.requeued").await, 1);
 }
 
+/// A completion's commit went through but its answer was lost (the database went down right
+/// after it), so the operator writes it again: the store says it is already this attempt's,
+/// and the shard counts as committed, charged once. Before, the second write was refused as
+/// stale, the shard taken for lost to another operator, and the workload never ended (found
+/// by `tests/store_outage.rs` under load).
+async fn a_commit_whose_answer_was_lost_is_not_taken_for_a_lost_shard(backend: Backend) {
+    let f = Fixture::new(backend, 30).await;
+    f.submit(1, 3).await;
+    let (a, mut rx_a) = f.agent("a", 1).await;
+    let shard = assigned(&mut rx_a).pop().expect("shard");
+    // The first write of this completion, committed; its answer never reached the core.
+    let report = write_part(&f.output(), &shard, 3);
+    let first = crate::store::CompletionRecord {
+        workload_uid: "u1".into(),
+        namespace: "team-a".into(),
+        shard: shard.index,
+        attempt: shard.attempt,
+        agent: "a".into(),
+        records: 3,
+        output_uri: report.output_uri.clone(),
+        sha256: report.sha256.clone(),
+        price: 1_000,
+        device: "cpu".into(),
+        compute_seconds: 0.1,
+    };
+    assert_eq!(
+        f.core.store().complete(&first).await.expect("first write"),
+        crate::store::ChargeOutcome::Charged
+    );
+    // The core writes it again.
+    f.report(&a, report).await.expect("completed");
+    assert!(refusals(&mut rx_a).is_empty(), "nothing refused");
+    assert_eq!(f.phase().await, WorkloadPhase::Succeeded);
+    let charges = f.core.store().charges("u1").await.expect("charges");
+    assert_eq!(charges.len(), 1, "charged once");
+    assert!(
+        f.out.path().join(outputs::part_name(shard.index)).exists(),
+        "the part is committed under its final name"
+    );
+}
+
 /// A late report from an attempt whose lease expired is refused; the part committed and
 /// the agent credited are those of the attempt that holds the shard.
 async fn a_late_report_of_an_expired_attempt_is_never_committed(backend: Backend) {
@@ -1337,6 +1378,7 @@ both!(heartbeats_reconcile_what_the_agent_runs);
 both!(a_workload_left_with_a_failed_shard_fails_at_resume);
 both!(finished_workloads_leave_memory);
 both!(a_requeue_lost_to_a_failed_write_is_swept_up);
+both!(a_commit_whose_answer_was_lost_is_not_taken_for_a_lost_shard);
 both!(deleting_a_mesh_fails_its_workloads);
 both!(a_late_report_of_an_expired_attempt_is_never_committed);
 

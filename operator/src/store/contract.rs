@@ -112,9 +112,20 @@ async fn only_the_holder_of_the_running_attempt_completes_and_is_charged_once(ba
             .complete(&completion("u", 0, 1, "a"))
             .await
             .expect("again"),
-        ChargeOutcome::Refused,
-        "a duplicate of the charged attempt"
+        ChargeOutcome::AlreadyCharged,
+        "the charged completion written again (its first answer lost): recorded, not again"
     );
+    // After it succeeded, another attempt or agent is still refused.
+    for (attempt, agent) in [(1, "b"), (2, "a")] {
+        assert_eq!(
+            store
+                .complete(&completion("u", 0, attempt, agent))
+                .await
+                .expect("late"),
+            ChargeOutcome::Refused,
+            "attempt {attempt} from {agent} after success"
+        );
+    }
     let charges = store.charges("u").await.expect("charges");
     assert_eq!(charges.len(), 1);
     assert_eq!(
@@ -135,6 +146,8 @@ async fn only_the_holder_of_the_running_attempt_completes_and_is_charged_once(ba
             "shard.report_refused",
             "shard.report_refused",
             "shard.completed",
+            // (the completion written again logs nothing)
+            "shard.report_refused",
             "shard.report_refused"
         ]
     );
@@ -498,15 +511,18 @@ async fn a_batch_charges_each_shard_at_most_once_and_only_its_holder(backend: Ba
         .await
         .expect("earlier");
     let batch = [
-        completion("u", 0, 1, "a"), // done before the batch
+        completion("u", 0, 1, "a"), // this very completion, recorded before the batch
         completion("u", 1, 1, "a"),
         completion("u", 1, 1, "a"), // second in the batch
         completion("u", 2, 1, "b"),
         completion("u", 3, 1, "b"), // never assigned
     ];
     let outcomes = store.complete_batch(&batch).await.expect("batch");
-    use ChargeOutcome::{Charged, Refused};
-    assert_eq!(outcomes, [Refused, Charged, Refused, Charged, Refused]);
+    use ChargeOutcome::{AlreadyCharged, Charged, Refused};
+    assert_eq!(
+        outcomes,
+        [AlreadyCharged, Charged, Refused, Charged, Refused]
+    );
     let charges = store.charges("u").await.expect("charges");
     let shards: Vec<(u32, &str)> = charges.iter().map(|c| (c.shard, c.to.as_str())).collect();
     assert_eq!(shards, [(0, "agent/a"), (1, "agent/a"), (2, "agent/b")]);
@@ -521,7 +537,7 @@ async fn a_batch_charges_each_shard_at_most_once_and_only_its_holder(backend: Ba
     assert_eq!(
         tail,
         [
-            "shard.report_refused",
+            "shard.completed", // shard 0, before the batch (nothing logged again for it)
             "shard.completed",
             "shard.report_refused",
             "shard.completed",

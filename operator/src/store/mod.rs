@@ -184,9 +184,10 @@ impl CompletionRecord {
         ]
     }
 
-    /// The event this completion logs.
-    pub fn event(&self, outcome: ChargeOutcome) -> Event {
+    /// The event this completion logs (none when it was recorded before).
+    pub fn event(&self, outcome: ChargeOutcome) -> Option<Event> {
         let e = match outcome {
+            ChargeOutcome::AlreadyCharged => return None,
             ChargeOutcome::Charged => Event::new(
                 EventKind::ShardCompleted,
                 format!(
@@ -203,9 +204,11 @@ impl CompletionRecord {
                 ),
             ),
         };
-        e.workload(&self.workload_uid)
-            .shard(self.shard, self.attempt)
-            .agent(&self.agent)
+        Some(
+            e.workload(&self.workload_uid)
+                .shard(self.shard, self.attempt)
+                .agent(&self.agent),
+        )
     }
 }
 
@@ -218,6 +221,11 @@ pub enum ChargeOutcome {
     /// The shard is not running that attempt on that agent (already done, requeued, never
     /// assigned to it): nothing written but a `shard.report_refused` event.
     Refused,
+    /// The shard is already done by this very attempt on this very agent: an earlier write of
+    /// this completion committed, but its answer was lost (the connection broke after the
+    /// commit). Nothing is written again; the caller goes on as if it had been `Charged`,
+    /// which it was, once.
+    AlreadyCharged,
 }
 
 /// A claim of one shard for one attempt on one agent, made in a dispatch round.

@@ -244,12 +244,40 @@ async fn complete_set(
         .into_iter()
         .map(|r| (r.workload_uid, r.idx as u32))
         .collect();
+    // A candidate the compare-and-set refused may be this very completion, committed by an
+    // earlier transaction whose answer was lost: then the shard is done by that attempt on
+    // that agent. Only asked when something was refused (rare).
+    let mut recorded: HashSet<(String, u32)> = HashSet::new();
+    if charged.len() < candidates.len() {
+        let rows = sqlx::query!(
+            "SELECT s.workload_uid, s.idx FROM shards s \
+             JOIN UNNEST($1::text[], $2::int[], $3::int[], $4::text[]) AS c(uid, idx, attempt, agent) \
+               ON s.workload_uid = c.uid AND s.idx = c.idx \
+             WHERE s.state = 'succeeded' AND s.agent = c.agent AND s.attempt = c.attempt",
+            &uids,
+            &idxs,
+            &attempts,
+            &agents,
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        recorded = rows
+            .into_iter()
+            .map(|r| (r.workload_uid, r.idx as u32))
+            .filter(|k| !charged.contains(k))
+            .collect();
+    }
     let outcomes: Vec<ChargeOutcome> = cs
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            if is_first(i, c) && charged.contains(&(c.workload_uid.clone(), c.shard)) {
+            let key = (c.workload_uid.clone(), c.shard);
+            if !is_first(i, c) {
+                ChargeOutcome::Refused
+            } else if charged.contains(&key) {
                 ChargeOutcome::Charged
+            } else if recorded.contains(&key) {
+                ChargeOutcome::AlreadyCharged
             } else {
                 ChargeOutcome::Refused
             }
@@ -289,7 +317,11 @@ async fn complete_set(
         }
         post(&mut tx, &tx_ids, &entries).await?;
     }
-    let events: Vec<Event> = cs.iter().zip(&outcomes).map(|(c, o)| c.event(*o)).collect();
+    let events: Vec<Event> = cs
+        .iter()
+        .zip(&outcomes)
+        .filter_map(|(c, o)| c.event(*o))
+        .collect();
     insert_events(&mut tx, &events).await?;
     tx.commit().await?;
     Ok(outcomes)

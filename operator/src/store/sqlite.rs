@@ -135,10 +135,23 @@ async fn complete_in(
     .execute(&mut **tx)
     .await?
     .rows_affected();
-    let outcome = if updated == 0 {
-        ChargeOutcome::Refused
-    } else {
+    let outcome = if updated == 1 {
         ChargeOutcome::Charged
+    } else if sqlx::query(
+        "SELECT 1 FROM shards WHERE workload_uid = ? AND idx = ? AND state = 'succeeded' \
+         AND agent = ? AND attempt = ?",
+    )
+    .bind(&c.workload_uid)
+    .bind(i64::from(c.shard))
+    .bind(&c.agent)
+    .bind(i64::from(c.attempt))
+    .fetch_optional(&mut **tx)
+    .await?
+    .is_some()
+    {
+        ChargeOutcome::AlreadyCharged
+    } else {
+        ChargeOutcome::Refused
     };
     if outcome == ChargeOutcome::Charged {
         // The unique charge_key makes a second charge of this shard fail here, whatever the
@@ -157,7 +170,9 @@ async fn complete_in(
         .try_get(0)?;
         post(tx, tx_id, &c.entries()).await?;
     }
-    insert_event(tx, &c.event(outcome)).await?;
+    if let Some(e) = c.event(outcome) {
+        insert_event(tx, &e).await?;
+    }
     Ok(outcome)
 }
 
@@ -336,7 +351,17 @@ impl Store for SqliteStore {
     ) -> Result<Vec<ChargeOutcome>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let mut outcomes = Vec::with_capacity(cs.len());
+        // As on Postgres, the first completion of a shard in a batch is its candidate; later
+        // ones are refused whatever the database says.
+        let mut seen = std::collections::HashSet::new();
         for c in cs {
+            if !seen.insert((c.workload_uid.as_str(), c.shard)) {
+                if let Some(e) = c.event(ChargeOutcome::Refused) {
+                    insert_event(&mut tx, &e).await?;
+                }
+                outcomes.push(ChargeOutcome::Refused);
+                continue;
+            }
             outcomes.push(complete_in(&mut tx, c).await?);
         }
         tx.commit().await?;

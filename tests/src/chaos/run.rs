@@ -424,6 +424,18 @@ impl<'a> Run<'a> {
             );
         };
         let pg = || self.env.pg.as_ref().ok_or("no Postgres".to_string());
+        // A fault on an agent's link: applied, held, healed, and the heal marked.
+        let on_link = |agent: usize,
+                       hold: Duration,
+                       apply: &dyn Fn() -> Result<(), String>,
+                       heal: &dyn Fn() -> Result<(), String>|
+         -> Result<(), String> {
+            apply()?;
+            std::thread::sleep(hold);
+            heal()?;
+            mark(self, Some(SystemTime::now()), Some(agent));
+            Ok(())
+        };
         match fault {
             Fault::AgentKill { agent, restart } => {
                 let pid = self.agent_pid(*agent).ok_or("the agent is not running")?;
@@ -448,10 +460,8 @@ impl<'a> Run<'a> {
                 Ok(format!("agent-freeze a{agent} {hold:?}"))
             }
             Fault::Partition { agent, hold } => {
-                self.net.link(*agent, false)?;
-                std::thread::sleep(*hold);
-                self.net.link(*agent, true)?;
-                mark(self, Some(SystemTime::now()), Some(*agent));
+                let (a, net) = (*agent, &self.net);
+                on_link(a, *hold, &|| net.link(a, false), &|| net.link(a, true))?;
                 Ok(format!("partition a{agent} {hold:?}"))
             }
             Fault::Loss {
@@ -459,10 +469,8 @@ impl<'a> Run<'a> {
                 percent,
                 hold,
             } => {
-                self.net.loss(*agent, *percent)?;
-                std::thread::sleep(*hold);
-                self.net.heal(*agent)?;
-                mark(self, Some(SystemTime::now()), Some(*agent));
+                let (a, net) = (*agent, &self.net);
+                on_link(a, *hold, &|| net.loss(a, *percent), &|| net.heal(a))?;
                 Ok(format!("net-loss a{agent} {percent}% {hold:?}"))
             }
             Fault::Duplicate {
@@ -470,17 +478,13 @@ impl<'a> Run<'a> {
                 percent,
                 hold,
             } => {
-                self.net.duplicate(*agent, *percent)?;
-                std::thread::sleep(*hold);
-                self.net.heal(*agent)?;
-                mark(self, Some(SystemTime::now()), Some(*agent));
+                let (a, net) = (*agent, &self.net);
+                on_link(a, *hold, &|| net.duplicate(a, *percent), &|| net.heal(a))?;
                 Ok(format!("net-dup a{agent} {percent}% {hold:?}"))
             }
             Fault::Slow { agent, kbit, hold } => {
-                self.net.slow(*agent, *kbit)?;
-                std::thread::sleep(*hold);
-                self.net.heal(*agent)?;
-                mark(self, Some(SystemTime::now()), Some(*agent));
+                let (a, net) = (*agent, &self.net);
+                on_link(a, *hold, &|| net.slow(a, *kbit), &|| net.heal(a))?;
                 Ok(format!("net-slow a{agent} {kbit}kbit {hold:?}"))
             }
             Fault::PostgresKill { down } => {
