@@ -619,7 +619,15 @@ async fn drive<S: Store>(
         // `infermesh ledger grant` from another shell.
         if last_admit.elapsed() > Duration::from_secs(2) {
             last_admit = Instant::now();
-            core.admit_held().await.map_err(|e| e.to_string())?;
+            // Its dispatch round meets the store like any other: a store that does not
+            // answer is the outage handling's to wait out (the reaper runs the round again),
+            // never a reason to end the run.
+            if let Err(e) = core.admit_held().await {
+                if !e.is_transient() {
+                    return Err(e.to_string());
+                }
+                tracing::warn!(error = %e, "admitting held workloads waits for the store");
+            }
         }
         let summaries = core.workloads().await;
         for (key, bar) in &tracked {

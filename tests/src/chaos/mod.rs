@@ -459,6 +459,22 @@ pub fn regressions() -> Vec<Schedule> {
                 },
             ],
         },
+        // Seed 161 (pg-restart): `infermesh local` exited during `pg_ctl restart`: the
+        // periodic admission of held workloads ran a dispatch round that met the restarting
+        // database, and its error ended the run. A store that does not answer is now left
+        // to the outage handling there too.
+        Schedule {
+            seed: 10_004,
+            scenario: "pg-restart".into(),
+            store: StoreKind::Postgres,
+            agents: 3,
+            records: 330_367,
+            shard_bytes: "48Ki".into(),
+            faults: vec![Timed {
+                at: at(1_600),
+                fault: Fault::PostgresRestart,
+            }],
+        },
     ]
 }
 
