@@ -44,6 +44,10 @@ struct Args {
     /// processes in them), then exit. Not while another harness runs.
     #[arg(long)]
     clean: bool,
+    /// Play nothing: make the table from the runs of a `--report` file (with `--doc`, write it
+    /// there), as if they had just been played.
+    #[arg(long, value_name = "FILE")]
+    table_from: Option<PathBuf>,
     /// Write the table into this Markdown file, between its chaos markers.
     #[arg(long)]
     doc: Option<PathBuf>,
@@ -64,6 +68,21 @@ fn replay(r: &RunReport, explicit: bool) -> String {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(path) = &args.table_from {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("infermesh-chaos: {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        };
+        let runs: Vec<RunReport> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let command = format!("scripts/chaos.sh --seeds {}", runs.len());
+        return finish(&runs, &command, args.doc.as_deref());
+    }
     if args.clean {
         let n = chaos::net::clean_all();
         println!("chaos: removed {n} network namespace(s)");
@@ -191,7 +210,7 @@ fn main() -> ExitCode {
         }
         runs.push(r);
     }
-    let command = std::env::args()
+    let command: String = std::env::args()
         .skip(1)
         .fold("scripts/chaos.sh".to_string(), |a, b| {
             if b.starts_with("--doc")
@@ -204,9 +223,15 @@ fn main() -> ExitCode {
                 format!("{a} {b}")
             }
         });
-    let table = report::table(&runs, &command);
+    finish(&runs, &command, args.doc.as_deref())
+}
+
+/// Prints the table (and writes it into `doc`) and the closing line; the exit code says
+/// whether every invariant held.
+fn finish(runs: &[RunReport], command: &str, doc: Option<&std::path::Path>) -> ExitCode {
+    let table = report::table(runs, command);
     println!("{table}");
-    if let Some(doc) = &args.doc {
+    if let Some(doc) = doc {
         let text = std::fs::read_to_string(doc).unwrap_or_default();
         match report::splice(&text, &table) {
             Ok(new) => {

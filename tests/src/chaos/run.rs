@@ -30,7 +30,7 @@ pub struct Env {
 }
 
 /// One run's outcome.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct RunReport {
     /// Seed.
     pub seed: u64,
