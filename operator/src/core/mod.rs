@@ -180,8 +180,9 @@ pub struct Core<S: Store> {
     store_up: Arc<AtomicBool>,
     /// Completions checked while the store was down, committed when it is back.
     parked: std::sync::Mutex<Vec<Held>>,
-    /// A dispatch round failed on the store: [`Core::sweep`] runs another.
-    dispatch_owed: AtomicBool,
+    /// A dispatch round or a requeue failed on the store: [`Core::sweep`] looks for what it
+    /// left undone (only then: the look scans every live shard).
+    sweep_owed: AtomicBool,
 }
 
 /// The key of a workload on the wire and in logs: `namespace/name/uid`.
@@ -219,7 +220,7 @@ impl<S: Store> Core<S> {
             counters,
             store_up: Arc::new(AtomicBool::new(true)),
             parked: std::sync::Mutex::new(Vec::new()),
-            dispatch_owed: AtomicBool::new(false),
+            sweep_owed: AtomicBool::new(false),
         }
     }
 
@@ -305,15 +306,19 @@ impl<S: Store> Core<S> {
     /// pool that waited out the first restart — and then nothing else would ever retry it:
     /// the held completion would stay held, the lost agent's shard stay with nobody, the
     /// failed round never run, and the workload never end. Held completions are committed,
-    /// stranded shards requeued, and a round dispatched. With nothing to do it costs one look
-    /// under the lock.
+    /// stranded shards requeued, and a round dispatched. Shards are scanned only after a
+    /// round or a requeue failed; otherwise the sweep costs two flag reads.
     pub async fn sweep(&self) {
         let parked = std::mem::take(&mut *self.parked.lock().unwrap_or_else(|e| e.into_inner()));
-        let stranded = self.read(Machine::stranded);
-        let owed = self.dispatch_owed.swap(false, Ordering::Relaxed);
-        if parked.is_empty() && stranded.is_empty() && !owed {
+        let owed = self.sweep_owed.swap(false, Ordering::Relaxed);
+        if parked.is_empty() && !owed {
             return;
         }
+        let stranded = if owed {
+            self.read(Machine::stranded)
+        } else {
+            Vec::new()
+        };
         tracing::info!(
             held = parked.len(),
             stranded = stranded.len(),
@@ -1198,6 +1203,13 @@ impl<S: Store> Core<S> {
     /// Puts an attempt back in the queue, or fails the shard (and its workload) when it is out
     /// of attempts. Nothing happens unless the shard is still at that attempt and held there.
     async fn requeue_or_fail(&self, order: RequeueOrder) -> Result<(), StoreError> {
+        // A requeue that failed leaves its shard with nobody: the sweep takes it up.
+        self.requeue_or_fail_once(order).await.inspect_err(|_| {
+            self.sweep_owed.store(true, Ordering::Relaxed);
+        })
+    }
+
+    async fn requeue_or_fail_once(&self, order: RequeueOrder) -> Result<(), StoreError> {
         let RequeueOrder {
             uid,
             index,
@@ -1329,7 +1341,7 @@ impl<S: Store> Core<S> {
             return Ok(());
         }
         let owe = |e: StoreError| {
-            self.dispatch_owed.store(true, Ordering::Relaxed);
+            self.sweep_owed.store(true, Ordering::Relaxed);
             e
         };
         let won = self.store.assign_batch(&claims).await.map_err(owe)?;

@@ -1171,12 +1171,22 @@ async fn a_requeue_lost_to_a_failed_write_is_swept_up(backend: Backend) {
     f.submit(1, 3).await;
     let (_a, mut rx_a) = f.agent("a", 1).await;
     let first = assigned(&mut rx_a).pop().expect("shard");
-    // The agent goes; its requeue order is dropped, as a failed store write drops it.
+    // The agent goes; its requeue order is dropped, as a failed store write drops it (which
+    // also marks a sweep owed).
     let orders = f
         .core
         .apply(|m| (m.agent_lost("a", None, Instant::now()), Vec::new()))
         .expect("a was attached");
     assert_eq!(orders.len(), 1);
+    f.core.sweep().await;
+    assert_eq!(
+        f.events("shard.requeued").await,
+        0,
+        "nothing failed that the core knows of: the sweep does not scan"
+    );
+    f.core
+        .sweep_owed
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     let (b, mut rx_b) = f.agent("b", 1).await;
     assert!(
         assigned(&mut rx_b).is_empty(),

@@ -111,33 +111,11 @@ fn ledger(f: &Facts, args: &[&str]) -> Result<(Option<i32>, String), String> {
     Ok((out.status.code(), text))
 }
 
+/// When an event was logged (the stores write RFC 3339).
 fn at(e: &Event) -> Option<SystemTime> {
-    let t = chrono_parse(&e.at)?;
-    Some(t)
-}
-
-/// RFC 3339 to SystemTime without a date library: the store writes UTC with a `Z` or
-/// `+00:00` suffix.
-fn chrono_parse(s: &str) -> Option<SystemTime> {
-    let s = s.trim_end_matches('Z').trim_end_matches("+00:00");
-    let (date, time) = s.split_once(['T', ' '])?;
-    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
-    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
-    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
-    let mut t = hms.split(':').map(|p| p.parse::<i64>().ok());
-    let (hh, mm, ss) = (t.next()??, t.next()??, t.next()??);
-    let nanos: i64 = format!("{frac:0<9}")[..9].parse().ok()?;
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y2 = if m <= 2 { y - 1 } else { y };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + hh * 3_600 + mm * 60 + ss;
-    let secs = u64::try_from(secs).ok()?;
-    Some(SystemTime::UNIX_EPOCH + std::time::Duration::new(secs, nanos as u32))
+    chrono::DateTime::parse_from_rfc3339(&e.at)
+        .ok()
+        .map(SystemTime::from)
 }
 
 fn since(later: SystemTime, earlier: SystemTime) -> f64 {
@@ -433,14 +411,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rfc3339_times_parse() {
-        let t = chrono_parse("2026-12-02T12:30:05.250Z").expect("parse");
+    fn event_times_parse_as_the_stores_write_them() {
+        let e = |at: &str| Event {
+            seq: 1,
+            at: at.into(),
+            kind: String::new(),
+            workload_uid: None,
+            shard: None,
+            agent: None,
+            message: String::new(),
+        };
+        let t = at(&e("2026-12-02T12:30:05.250Z")).expect("parse");
         let secs = t
             .duration_since(SystemTime::UNIX_EPOCH)
             .expect("after epoch")
             .as_secs_f64();
         assert!((secs - 1_796_214_605.25).abs() < 1e-6, "{secs}");
-        assert!(chrono_parse("2026-12-02 12:30:05+00:00").is_some());
-        assert!(chrono_parse("yesterday").is_none());
+        assert_eq!(at(&e("2026-12-02 12:30:05.25+00:00")), Some(t));
+        assert!(at(&e("yesterday")).is_none());
     }
 }
