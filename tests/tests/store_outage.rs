@@ -1,5 +1,5 @@
 //! `infermesh local` on Postgres rides out a database outage: the database is stopped in the
-//! middle of a run (`pg_ctl stop -m immediate`) and started again a few seconds later. The run
+//! middle of a run (`pg_ctl stop -m immediate`) and started again twelve seconds later. The run
 //! does not exit, its agents stay attached, work resumes by itself once the database answers,
 //! and the run succeeds with every record exactly once and the ledger and outputs verified.
 //! The time from the database's return to the next committed part is printed (the target is
@@ -44,7 +44,10 @@ fn a_local_run_rides_out_a_postgres_restart() {
     }
 
     pg.stop().expect("stop Postgres");
-    std::thread::sleep(Duration::from_secs(6));
+    // Longer than the pool's 10 s acquire timeout, so the outage surfaces as errors and is not
+    // merely waited out inside `acquire` (a shorter one may pass unnoticed, which is fine for
+    // the run but would not exercise the pause and the recovery).
+    std::thread::sleep(Duration::from_secs(12));
     assert!(
         run.try_wait().expect("wait").is_none(),
         "infermesh local exited during the outage:\n{}",
