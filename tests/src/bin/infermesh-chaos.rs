@@ -51,6 +51,70 @@ struct Args {
     /// Write the table into this Markdown file, between its chaos markers.
     #[arg(long)]
     doc: Option<PathBuf>,
+    /// The harness's helpers, run by it inside a run's namespaces.
+    #[command(subcommand)]
+    helper: Option<Helper>,
+}
+
+/// What a run starts in the operator's namespace when its input and output are on S3.
+#[derive(clap::Subcommand, Debug)]
+enum Helper {
+    /// A TCP proxy that holds each request for the milliseconds written in a file (the slow
+    /// object store); serves until killed.
+    Proxy {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: String,
+        /// Address to pass the connections on to.
+        #[arg(long)]
+        upstream: String,
+        /// File holding the delay in milliseconds (read at each request; absent: none).
+        #[arg(long)]
+        delay_file: PathBuf,
+    },
+    /// The harness's own reads and writes on the S3 server (`AWS_*` as object_store reads them).
+    S3 {
+        #[command(subcommand)]
+        op: S3Op,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum S3Op {
+    /// Create a bucket (waits for the server at `AWS_ENDPOINT` to listen).
+    Bucket { name: String },
+    /// Upload a file.
+    Put { file: PathBuf, uri: String },
+    /// Copy every object under a prefix into a folder.
+    Get { prefix: String, dir: PathBuf },
+    /// Print how many committed parts a prefix holds.
+    Count { prefix: String },
+}
+
+fn helper(h: &Helper) -> ExitCode {
+    let done = match h {
+        Helper::Proxy {
+            listen,
+            upstream,
+            delay_file,
+        } => chaos::s3::proxy(listen, upstream, delay_file).map_err(|e| format!("proxy: {e}")),
+        Helper::S3 { op } => match op {
+            S3Op::Bucket { name } => {
+                let endpoint = std::env::var("AWS_ENDPOINT").unwrap_or_default();
+                chaos::s3::make_bucket(&endpoint, name)
+            }
+            S3Op::Put { file, uri } => chaos::s3::put(file, uri),
+            S3Op::Get { prefix, dir } => chaos::s3::get(prefix, dir).map(|_| ()),
+            S3Op::Count { prefix } => chaos::s3::count_parts(prefix).map(|n| println!("{n}")),
+        },
+    };
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("infermesh-chaos: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn replay(r: &RunReport, explicit: bool) -> String {
@@ -68,6 +132,9 @@ fn replay(r: &RunReport, explicit: bool) -> String {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(h) = &args.helper {
+        return helper(h);
+    }
     if let Some(path) = &args.table_from {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,

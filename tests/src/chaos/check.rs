@@ -55,14 +55,15 @@ impl Timeline {
 }
 
 /// What the checks read.
-pub struct Facts {
-    /// The `infermesh` binary.
-    pub bin: PathBuf,
-    /// The store, reachable from the harness.
+pub struct Facts<'a> {
+    /// A command for the `infermesh` binary, where it reaches the store and the outputs (in
+    /// the operator's namespace, with the object store's `AWS_*`, when the run has one).
+    pub infermesh: Box<dyn Fn() -> Command + 'a>,
+    /// The store, as that command reaches it.
     pub url: String,
     /// The run's folder (logs).
     pub dir: PathBuf,
-    /// The output folder.
+    /// The output folder (for a run on S3: the harness's copy of it).
     pub out: PathBuf,
     /// Records in the input as planned.
     pub records: usize,
@@ -98,8 +99,8 @@ struct Event {
     message: String,
 }
 
-fn ledger(f: &Facts, args: &[&str]) -> Result<(Option<i32>, String), String> {
-    let out = Command::new(&f.bin)
+fn ledger(f: &Facts<'_>, args: &[&str]) -> Result<(Option<i32>, String), String> {
+    let out = (f.infermesh)()
         .args(["ledger", "--database-url", &f.url])
         .args(args)
         .output()
@@ -126,7 +127,7 @@ fn since(later: SystemTime, earlier: SystemTime) -> f64 {
 }
 
 /// Checks every invariant of a finished run.
-pub fn check(f: &Facts, timeline: &Timeline) -> Verdict {
+pub fn check(f: &Facts<'_>, timeline: &Timeline) -> Verdict {
     let mut v = Vec::new();
     let events: Vec<Event> = match ledger(f, &["events", "-o", "json"]) {
         Ok((Some(0), text)) => {
@@ -298,7 +299,7 @@ pub fn check(f: &Facts, timeline: &Timeline) -> Verdict {
     }
 }
 
-fn check_outputs(f: &Facts, v: &mut Vec<String>) {
+fn check_outputs(f: &Facts<'_>, v: &mut Vec<String>) {
     let mut counts: HashMap<i64, usize> = HashMap::new();
     let Ok(dir) = std::fs::read_dir(&f.out) else {
         v.push(format!("no output folder {}", f.out.display()));

@@ -9,6 +9,7 @@ pub mod check;
 pub mod net;
 pub mod report;
 mod run;
+pub mod s3;
 
 pub use run::{Env, RunReport, run_seed};
 
@@ -87,6 +88,9 @@ pub enum Fault {
     InputTruncated { keep_percent: u32 },
     /// The input replaced by another file: of the same size (other values), or longer.
     InputReplaced { same_size: bool },
+    /// The object store (S3) slow: every request to it held `delay` before it is passed on,
+    /// for `hold` (reads of the input, puts and copies of parts alike).
+    StoreSlow { delay: Duration, hold: Duration },
 }
 
 impl Fault {
@@ -106,6 +110,7 @@ impl Fault {
             Self::ReadOnly { .. } => "read-only",
             Self::InputTruncated { .. } => "input-truncated",
             Self::InputReplaced { .. } => "input-replaced",
+            Self::StoreSlow { .. } => "store-slow",
         }
     }
 
@@ -120,6 +125,12 @@ impl Fault {
     /// Whether the fault needs Postgres (it is about the database server).
     pub fn needs_postgres(&self) -> bool {
         matches!(self, Self::PostgresKill { .. } | Self::PostgresRestart)
+    }
+
+    /// Whether the fault needs the input and output on an object store (S3) behind the
+    /// harness's delaying proxy.
+    pub fn needs_object_store(&self) -> bool {
+        matches!(self, Self::StoreSlow { .. })
     }
 
     /// Whether the fault needs the output on a file system of its own (tmpfs; root).
@@ -164,6 +175,7 @@ pub const SCENARIOS: &[&str] = &[
     "read-only",
     "input-truncated",
     "input-replaced",
+    "store-slow",
     "mixed",
 ];
 
@@ -202,6 +214,13 @@ pub struct Schedule {
     pub shard_bytes: String,
     /// Faults in start order.
     pub faults: Vec<Timed>,
+}
+
+impl Schedule {
+    /// Whether the input and output live on the harness's S3 server (a fault is about it).
+    pub fn object_store(&self) -> bool {
+        self.faults.iter().any(|t| t.fault.needs_object_store())
+    }
 }
 
 /// The scenario a seed plays when none is named: the seeds take the scenarios in turn.
@@ -264,6 +283,10 @@ fn fault(kind: &str, rng: &mut StdRng, agents: usize, lease: Duration) -> Fault 
         "input-replaced" => Fault::InputReplaced {
             same_size: rng.random_bool(0.5),
         },
+        "store-slow" => Fault::StoreSlow {
+            delay: ms(rng, 100, 1_500),
+            hold: ms(rng, 2_000, 8_000),
+        },
         other => panic!("no fault kind {other}"),
     }
 }
@@ -279,6 +302,7 @@ const SURVIVABLE: &[&str] = &[
     "pg-kill",
     "pg-restart",
     "operator-kill",
+    "store-slow",
 ];
 
 /// The Mesh's lease in every run.
@@ -315,6 +339,22 @@ pub fn schedule(seed: u64, scenario: Option<&str>, namespaces: bool) -> Result<S
             });
         }
         faults.sort_by_key(|t| t.at);
+        // Some agent must stay to finish the work: killing every agent for good leaves a
+        // workload that waits for agents, not a fault the system can ride out.
+        let mut gone = std::collections::HashSet::new();
+        for t in &mut faults {
+            if let Fault::AgentKill {
+                agent,
+                restart: restart @ None,
+            } = &mut t.fault
+            {
+                gone.insert(*agent);
+                if gone.len() == agents {
+                    gone.remove(agent);
+                    *restart = Some(ms(&mut rng, 500, 2 * LEASE.as_millis() as u64));
+                }
+            }
+        }
     } else {
         faults.push(Timed {
             at: ms(&mut rng, 0, 2_000),
@@ -493,7 +533,7 @@ mod tests {
 
     #[test]
     fn a_seed_fixes_the_schedule() {
-        for seed in 0..200 {
+        for seed in 0..600 {
             let a = schedule(seed, None, true).expect("schedule");
             let b = schedule(seed, None, true).expect("schedule");
             assert_eq!(format!("{a:?}"), format!("{b:?}"));
@@ -506,6 +546,21 @@ mod tests {
             if a.faults.iter().any(|t| t.fault.needs_postgres()) {
                 assert_eq!(a.store, StoreKind::Postgres);
             }
+            let gone: std::collections::HashSet<usize> = a
+                .faults
+                .iter()
+                .filter_map(|t| match t.fault {
+                    Fault::AgentKill {
+                        agent,
+                        restart: None,
+                    } => Some(agent),
+                    _ => None,
+                })
+                .collect();
+            assert!(
+                gone.len() < a.agents,
+                "seed {seed}: every agent killed for good"
+            );
         }
         let stores: std::collections::HashSet<_> = (0..200)
             .map(|s| format!("{:?}", schedule(s, None, true).expect("schedule").store))
@@ -520,6 +575,23 @@ mod tests {
             assert!(s.faults.iter().all(|t| !t.fault.needs_namespaces()));
         }
         assert!(schedule(1, Some("no-such"), true).is_err());
+    }
+
+    #[test]
+    fn some_mixes_put_the_input_and_output_on_the_object_store() {
+        let on_s3: Vec<u64> = (0..600)
+            .filter(|s| scenario_of(*s) == "mixed")
+            .filter(|s| schedule(*s, None, true).expect("schedule").object_store())
+            .collect();
+        eprintln!("mixed seeds on S3: {on_s3:?}");
+        assert!(!on_s3.is_empty());
+        let single = schedule(13, Some("store-slow"), false).expect("schedule");
+        assert!(single.object_store());
+        assert!(
+            !schedule(13, Some("agent-kill"), true)
+                .expect("schedule")
+                .object_store()
+        );
     }
 
     #[test]

@@ -156,9 +156,14 @@ impl Net {
 
     /// The operator URL agent `i` dials.
     pub fn operator_url(&self, i: usize, port: u16) -> String {
+        format!("http://{}:{port}", self.operator_host(i))
+    }
+
+    /// The address at which agent `i` reaches the operator's host (its end of the link).
+    pub fn operator_host(&self, i: usize) -> String {
         match self {
-            Self::Namespaces { .. } => format!("http://10.213.{i}.1:{port}"),
-            Self::Loopback => format!("http://127.0.0.1:{port}"),
+            Self::Namespaces { .. } => format!("10.213.{i}.1"),
+            Self::Loopback => "127.0.0.1".into(),
         }
     }
 

@@ -86,6 +86,7 @@ pub fn table(runs: &[RunReport], command: &str) -> String {
             ),
             "pg-kill" | "pg-restart" => ("Postgres answers again → next shard committed", "10 s"),
             "operator-kill" => ("operator restarted → next shard committed", "5 s"),
+            "store-slow" => ("object store back to speed → next shard committed", "—"),
             _ => ("fault healed → next shard committed", "—"),
         };
         s.push_str(&format!(

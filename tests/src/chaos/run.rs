@@ -92,6 +92,44 @@ struct Run<'a> {
     /// One fault at a time per target (an agent, Postgres, the operator, the disk): a mix
     /// may draw two for the same one, and they play one after the other.
     targets: Vec<Mutex<()>>,
+    /// The S3 server and its proxy, when the input and output are on S3.
+    objects: Option<Objects>,
+}
+
+/// moto's S3 server and the delaying proxy in front of it, in the operator's namespace.
+struct Objects {
+    /// The two processes (killed at the tear-down).
+    servers: Mutex<Vec<Child>>,
+    /// The server's endpoint, for the harness's own reads (in the operator's namespace).
+    direct: String,
+    /// The proxy's port: the operator dials it on loopback, agents on their link.
+    proxy_port: u16,
+    /// The file whose number (ms) the proxy holds each request for.
+    delay_file: PathBuf,
+}
+
+/// The input and output of a run on S3.
+const S3_INPUT: &str = "s3://chaos/in.jsonl";
+const S3_OUTPUT: &str = "s3://chaos/out/";
+
+/// Sets the `AWS_*` of a process that reaches the S3 server at `endpoint` (and only those:
+/// the harness's own are not passed on).
+fn aws(cmd: &mut Command, endpoint: &str) {
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("AWS_")) {
+        cmd.env_remove(k);
+    }
+    cmd.env("AWS_ENDPOINT", endpoint)
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ALLOW_HTTP", "true");
+}
+
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| e.to_string())
 }
 
 /// The bound on a run: the workload must reach a terminal phase within it.
@@ -195,12 +233,20 @@ impl<'a> Run<'a> {
                  pricing: {{perCpuSecond: 0.05, perThousandRecords: 0.2}}\n---\n\
                  apiVersion: infermesh.dev/v1alpha1\nkind: Workload\nmetadata: {{name: job, namespace: team-a}}\nspec:\n  mesh: chaos\n  \
                  model: {{uri: \"{model}\", sha256: \"{sha}\"}}\n  task:\n    tensor:\n      inputs: [{{name: x}}]\n      outputs: [y, s]\n  \
-                 input: {{uri: \"{input}\"}}\n  output: {{uri: \"{out}/\"}}\n  batchSize: 1\n  shardBytes: {shard_bytes}\n  maxAttempts: 10\n",
+                 input: {{uri: \"{input}\"}}\n  output: {{uri: \"{out}\"}}\n  batchSize: 1\n  shardBytes: {shard_bytes}\n  maxAttempts: 10\n",
                 shard_bytes = s.shard_bytes,
                 lease = super::LEASE.as_secs(),
                 model = env.model.display(),
-                input = input.display(),
-                out = out.display(),
+                input = if s.object_store() {
+                    S3_INPUT.to_string()
+                } else {
+                    input.display().to_string()
+                },
+                out = if s.object_store() {
+                    S3_OUTPUT.to_string()
+                } else {
+                    format!("{}/", out.display())
+                },
             ),
         )
         .map_err(|e| e.to_string())?;
@@ -232,10 +278,18 @@ impl<'a> Run<'a> {
         let port = if net.faults_possible() {
             7070
         } else {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .map_err(|e| e.to_string())?
+            free_port()?
+        };
+        let objects = if s.object_store() {
+            match Self::start_objects(env, &net, &dir, &input) {
+                Ok(o) => Some(o),
+                Err(e) => {
+                    net.down();
+                    return Err(e);
+                }
+            }
+        } else {
+            None
         };
         Ok(Self {
             env,
@@ -259,7 +313,95 @@ impl<'a> Run<'a> {
             timeline: Mutex::new(Timeline::default()),
             done: std::sync::atomic::AtomicBool::new(false),
             targets: (0..s.agents + 3).map(|_| Mutex::new(())).collect(),
+            objects,
         })
+    }
+
+    /// Starts moto and the proxy in the operator's namespace, makes the bucket and uploads
+    /// the input.
+    fn start_objects(env: &Env, net: &Net, dir: &Path, input: &Path) -> Result<Objects, String> {
+        let (moto_port, proxy_port) = if net.faults_possible() {
+            (9100, 9101)
+        } else {
+            (free_port()?, free_port()?)
+        };
+        let direct = format!("http://127.0.0.1:{moto_port}");
+        let delay_file = dir.join("store-delay");
+        std::fs::write(&delay_file, "0").map_err(|e| e.to_string())?;
+        let log = |name: &str| {
+            std::fs::File::create(dir.join(name))
+                .map(Stdio::from)
+                .map_err(|e| e.to_string())
+        };
+        let moto = net
+            .in_operator(&crate::python())
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p"])
+            .arg(moto_port.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log("moto.txt")?)
+            .spawn()
+            .map_err(|e| format!("moto: {e}"))?;
+        let objects = Objects {
+            servers: Mutex::new(vec![moto]),
+            direct,
+            proxy_port,
+            delay_file,
+        };
+        let listen = if net.faults_possible() {
+            format!("0.0.0.0:{proxy_port}")
+        } else {
+            format!("127.0.0.1:{proxy_port}")
+        };
+        let proxy = net
+            .in_operator(&env.bin_dir.join("infermesh-chaos"))
+            .arg("proxy")
+            .arg("--listen")
+            .arg(listen)
+            .arg("--upstream")
+            .arg(format!("127.0.0.1:{moto_port}"))
+            .arg("--delay-file")
+            .arg(&objects.delay_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log("proxy.txt")?)
+            .spawn()
+            .map_err(|e| format!("the proxy: {e}"));
+        match proxy {
+            Ok(p) => objects
+                .servers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(p),
+            Err(e) => {
+                objects.stop();
+                return Err(e);
+            }
+        }
+        let chaos = env.bin_dir.join("infermesh-chaos");
+        let mut bucket = net.in_operator(&chaos);
+        bucket.args(["s3", "bucket", super::s3::BUCKET]);
+        let mut put = net.in_operator(&chaos);
+        put.args(["s3", "put"]).arg(input).arg(S3_INPUT);
+        for cmd in [&mut bucket, &mut put] {
+            aws(cmd, &objects.direct);
+            if let Err(e) = sh(cmd) {
+                objects.stop();
+                return Err(e);
+            }
+        }
+        Ok(objects)
+    }
+
+    /// An `infermesh-chaos s3 …` command against the S3 server directly.
+    fn s3(&self, args: &[&str]) -> Option<Command> {
+        let o = self.objects.as_ref()?;
+        let mut cmd = self
+            .net
+            .in_operator(&self.env.bin_dir.join("infermesh-chaos"));
+        cmd.arg("s3").args(args);
+        aws(&mut cmd, &o.direct);
+        Some(cmd)
     }
 
     fn procs(&self) -> std::sync::MutexGuard<'_, Procs> {
@@ -293,6 +435,9 @@ impl<'a> Run<'a> {
             .stderr(log);
         if resume {
             cmd.arg("--resume");
+        }
+        if let Some(o) = &self.objects {
+            aws(&mut cmd, &format!("http://127.0.0.1:{}", o.proxy_port));
         }
         let child = cmd.spawn().map_err(|e| format!("infermesh local: {e}"))?;
         p.operator = Some(child);
@@ -334,9 +479,14 @@ impl<'a> Run<'a> {
         let n = p.agent_starts[i];
         let log = std::fs::File::create(self.dir.join(format!("agent-{i}.{n}.log")))
             .map_err(|e| e.to_string())?;
-        let child = self
+        let mut cmd = self
             .net
-            .in_agent(i, &self.env.bin_dir.join("infermesh-agent"))
+            .in_agent(i, &self.env.bin_dir.join("infermesh-agent"));
+        if let Some(o) = &self.objects {
+            let host = self.net.operator_host(i);
+            aws(&mut cmd, &format!("http://{host}:{}", o.proxy_port));
+        }
+        let child = cmd
             .arg("--operator")
             .arg(self.net.operator_url(i, self.port))
             .args(["--mesh", "chaos", "--node"])
@@ -366,6 +516,13 @@ impl<'a> Run<'a> {
     }
 
     fn committed_parts(&self) -> usize {
+        if let Some(mut cmd) = self.s3(&["count", S3_OUTPUT]) {
+            return cmd
+                .output()
+                .ok()
+                .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+                .unwrap_or(0);
+        }
         std::fs::read_dir(&self.out)
             .map(|d| {
                 d.flatten()
@@ -405,6 +562,7 @@ impl<'a> Run<'a> {
             | Fault::Duplicate { agent, .. }
             | Fault::Slow { agent, .. } => *agent,
             Fault::PostgresKill { .. } | Fault::PostgresRestart => n,
+            // The disk, the input and the object store: a third target.
             Fault::OperatorKill { .. } => n + 1,
             _ => n + 2,
         };
@@ -566,6 +724,18 @@ impl<'a> Run<'a> {
                 mark(self, None, None);
                 Ok(format!("input-truncated to {keep_percent}%"))
             }
+            Fault::StoreSlow { delay, hold } => {
+                let o = self.objects.as_ref().ok_or("no object store")?;
+                let set = |ms: u128| {
+                    std::fs::write(&o.delay_file, ms.to_string())
+                        .map_err(|e| format!("{}: {e}", o.delay_file.display()))
+                };
+                set(delay.as_millis())?;
+                std::thread::sleep(*hold);
+                set(0)?;
+                mark(self, Some(SystemTime::now()), None);
+                Ok(format!("store-slow {delay:?} a request {hold:?}"))
+            }
             Fault::InputReplaced { same_size } => {
                 // Same size: every record's second value 2 instead of 1, byte for byte as
                 // long (only the input's version tells); longer: 500 records more.
@@ -698,9 +868,31 @@ impl<'a> Run<'a> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        // A run on S3: the harness's copy of the outputs, and the checks' `infermesh` where
+        // the server is.
+        if let Some(mut cmd) = self.s3(&["get", S3_OUTPUT]) {
+            let _ = std::fs::remove_dir_all(&self.out);
+            if let Err(e) = sh(cmd.arg(&self.out)) {
+                report
+                    .violations
+                    .push(format!("reading the outputs back: {e}"));
+            }
+        }
+        let infermesh = self.env.bin_dir.join("infermesh");
         let facts = check::Facts {
-            bin: self.env.bin_dir.join("infermesh"),
-            url: self.admin_url.clone(),
+            infermesh: match &self.objects {
+                Some(o) => Box::new(move || {
+                    let mut cmd = self.net.in_operator(&infermesh);
+                    aws(&mut cmd, &o.direct);
+                    cmd
+                }),
+                None => Box::new(move || Command::new(&infermesh)),
+            },
+            url: if self.objects.is_some() {
+                self.url.clone()
+            } else {
+                self.admin_url.clone()
+            },
             dir: self.dir.clone(),
             out: self.out.clone(),
             records: self.s.records,
@@ -736,6 +928,9 @@ impl<'a> Run<'a> {
                 let _ = c.wait();
             }
         }
+        if let Some(o) = &self.objects {
+            o.stop();
+        }
         self.net.down();
         if let Some(m) = &self.mnt {
             let _ = sh(Command::new("mount").args(["-o", "remount,rw"]).arg(m));
@@ -754,6 +949,20 @@ impl<'a> Run<'a> {
                 "-c",
                 &format!("DROP DATABASE IF EXISTS {db}"),
             ]));
+        }
+    }
+}
+
+impl Objects {
+    fn stop(&self) {
+        for c in self
+            .servers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter_mut()
+        {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }
