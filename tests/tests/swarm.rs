@@ -1,0 +1,151 @@
+//! `infermesh-swarm` at small scale, as a functional test (its speed is measured by
+//! `scripts/bench-scale.sh`, not here): 20 simulated agents attach to `infermesh local` over
+//! real gRPC with their own credentials and run 20,000 shards of one record each, echoing the
+//! records into their parts. Some shards fail (retryably) and some streams are dropped in the
+//! middle of a shard. Every record must be in the outputs exactly once, every shard completed
+//! once and charged once, and `ledger verify --outputs` clean.
+
+use std::collections::HashSet;
+use std::process::{Command, Stdio};
+
+use infermesh_tests::*;
+
+const SHARDS: usize = 20_000;
+const AGENTS: usize = 20;
+
+#[test]
+fn twenty_swarm_agents_run_twenty_thousand_shards_exactly_once() {
+    let dir = tempfile::tempdir().expect("tmp");
+    // Records of exactly 1 KiB with the newline: one per shard of 1Ki.
+    let input = dir.path().join("in.jsonl");
+    let mut text = String::with_capacity(SHARDS * 1024);
+    for i in 0..SHARDS {
+        let bare = serde_json::json!({"id": i, "pad": ""}).to_string().len();
+        let line = serde_json::json!({"id": i, "pad": "x".repeat(1023 - bare)}).to_string();
+        assert_eq!(line.len(), 1023);
+        text.push_str(&line);
+        text.push('\n');
+    }
+    std::fs::write(&input, text).expect("input");
+    // The swarm runs no model: any file will do.
+    let model = dir.path().join("model.onnx");
+    std::fs::write(&model, b"not read").expect("model");
+    let out = dir.path().join("out");
+    let yaml = manifest(
+        &model,
+        None,
+        "    tensor:\n      inputs: [{name: x}]",
+        &input,
+        &out,
+        "  shardBytes: 1Ki\n  maxAttempts: 10\n",
+    );
+    let path = dir.path().join("mesh.yaml");
+    std::fs::write(&path, yaml).expect("manifest");
+    let creds = dir.path().join("creds.json");
+    let url = format!("sqlite://{}", dir.path().join("store.db").display());
+
+    let local = local_command(&path, 0, dir.path())
+        .args(["--external-agents", &AGENTS.to_string(), "--credentials"])
+        .arg(&creds)
+        .args(["--listen", "127.0.0.1:0", "--database-url", &url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn infermesh local");
+    let swarm: Run = Command::new(bin("infermesh-swarm"))
+        .arg("--credentials")
+        .arg(&creds)
+        .args([
+            "--echo",
+            "--fail-rate",
+            "0.005",
+            "--disconnect-rate",
+            "0.001",
+            "--seed",
+            "7",
+            "--deadline",
+            "280s",
+            "--operator-pid",
+            &local.id().to_string(),
+        ])
+        .output()
+        .expect("run infermesh-swarm")
+        .into();
+    let local: Run = local.wait_with_output().expect("wait").into();
+    assert_eq!(local.code, Some(0), "{}", local.text());
+    assert_eq!(swarm.code, Some(0), "{}", swarm.text());
+
+    let report: serde_json::Value =
+        serde_json::from_str(swarm.stdout.trim()).expect("the swarm's report is JSON");
+    assert_eq!(report["attached"], AGENTS, "{report}");
+    assert_eq!(report["ended"], "drained", "{report}");
+    let completed = report["completed"].as_u64().expect("completed");
+    assert!(completed >= SHARDS as u64, "{report}");
+    assert!(
+        report["failed"].as_u64() > Some(0),
+        "failures were sent: {report}"
+    );
+    assert!(
+        report["disconnects"].as_u64() > Some(0),
+        "streams were dropped: {report}"
+    );
+    assert!(report["latency"]["samples"].as_u64() > Some(0), "{report}");
+    assert!(
+        report["operator"]["cpu_seconds"].as_f64() > Some(0.0),
+        "{report}"
+    );
+    assert!(
+        report["operator"]["peak_rss_mb"].as_f64() > Some(1.0),
+        "{report}"
+    );
+
+    // Every record exactly once, as the input had it.
+    let lines = read_parts(&out);
+    assert_eq!(lines.len(), SHARDS, "one output line per record");
+    let counts = id_counts(&lines);
+    assert_eq!(counts.len(), SHARDS);
+    assert!(
+        counts.values().all(|c| *c == 1),
+        "every record exactly once"
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["pad"].as_str().is_some_and(|p| p.len() > 1000))
+    );
+
+    // Every shard completed once, and charged once to the agent that completed it.
+    let events = ledger(&url, &["events", "-o", "json"]);
+    assert_eq!(events.code, Some(0), "{}", events.text());
+    let events: Vec<serde_json::Value> = serde_json::from_str(&events.stdout).expect("events");
+    let done: Vec<i64> = events
+        .iter()
+        .filter(|e| e["kind"] == "shard.completed")
+        .filter_map(|e| e["shard"].as_i64())
+        .collect();
+    assert_eq!(done.len(), SHARDS, "one completion per shard");
+    assert_eq!(done.iter().collect::<HashSet<_>>().len(), SHARDS);
+    let mut charges = 0;
+    for i in 0..AGENTS {
+        let st = ledger(
+            &url,
+            &[
+                "statement",
+                &format!("agent/test-external-{i}"),
+                "-o",
+                "json",
+            ],
+        );
+        assert_eq!(st.code, Some(0), "{}", st.text());
+        let j: serde_json::Value = serde_json::from_str(&st.stdout).expect("statement");
+        charges += j
+            .get("entries")
+            .or(Some(&j))
+            .and_then(|e| e.as_array())
+            .map_or(0, Vec::len);
+    }
+    assert_eq!(charges, SHARDS, "one charge per shard");
+    let verify = ledger(&url, &["verify", "--outputs"]);
+    assert_eq!(verify.code, Some(0), "{}", verify.text());
+    eprintln!("{}", swarm.stderr.trim());
+}
