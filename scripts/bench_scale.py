@@ -124,6 +124,12 @@ def run(url_for, agents, shards, label, workloads=1, compute="zero", slots=4, de
             cmd += ["--deadline", deadline]
         if rss_log:
             cmd += ["--rss-log", str(rss_log), "--sample-every", "500ms"]
+        while not creds.exists():
+            if local.poll() is not None:
+                err.close()
+                raise SystemExit(f"{label}: infermesh local exited {local.returncode}:\n"
+                                 + (d / "local.log").read_text()[-2000:])
+            time.sleep(0.05)
         t0 = time.monotonic()
         swarm = subprocess.run(cmd, capture_output=True, text=True)
         if deadline:

@@ -149,3 +149,62 @@ fn twenty_swarm_agents_run_twenty_thousand_shards_exactly_once() {
     assert_eq!(verify.code, Some(0), "{}", verify.text());
     eprintln!("{}", swarm.stderr.trim());
 }
+
+/// `infermesh local` with only external agents needs no `infermesh-agent` binary: a lone
+/// `infermesh` (as a load test ships it) listens and writes the credentials.
+#[test]
+fn external_agents_alone_need_no_agent_binary() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let lone = dir.path().join("bin");
+    std::fs::create_dir(&lone).expect("bin dir");
+    std::fs::copy(bin("infermesh"), lone.join("infermesh")).expect("copy infermesh");
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, "{\"id\": 0}\n").expect("input");
+    let model = dir.path().join("model.onnx");
+    std::fs::write(&model, b"not read").expect("model");
+    let yaml = manifest(
+        &model,
+        None,
+        "    tensor:\n      inputs: [{name: x}]",
+        &input,
+        &dir.path().join("out"),
+        "",
+    );
+    let path = dir.path().join("mesh.yaml");
+    std::fs::write(&path, yaml).expect("manifest");
+    let creds = dir.path().join("creds.json");
+    let mut local = Command::new(lone.join("infermesh"))
+        .arg("local")
+        .arg("-f")
+        .arg(&path)
+        .args(["--agents", "0", "--external-agents", "1", "--credentials"])
+        .arg(&creds)
+        .args(["--listen", "127.0.0.1:0", "--no-progress", "--work-dir"])
+        .arg(dir.path().join("work"))
+        .arg("--database-url")
+        .arg(format!("sqlite://{}", dir.path().join("store.db").display()))
+        .env("PATH", "/usr/bin:/bin")
+        .env_remove("INFERMESH_AGENT_BIN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn infermesh local");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !creds.exists() {
+        if let Ok(Some(status)) = local.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = local.stderr.take() {
+                use std::io::Read;
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!("infermesh local exited ({status}) before it wrote the credentials:\n{err}");
+        }
+        assert!(std::time::Instant::now() < deadline, "no credentials in 60 s");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = local.kill();
+    let _ = local.wait();
+    let c: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&creds).expect("read")).expect("credentials JSON");
+    assert_eq!(c["agents"].as_array().map(Vec::len), Some(1), "{c}");
+}

@@ -135,7 +135,12 @@ pub async fn run(args: LocalArgs) -> ExitCode {
 
 async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
     let plan = load_plan(&args.file, &args.namespace).await?;
-    let agent_bin = agent_binary(args.agent_bin.as_ref())?;
+    // Only agents it starts itself need the agent binary: external ones bring their own.
+    let agent_bin = if args.agents > 0 {
+        Some(agent_binary(args.agent_bin.as_ref())?)
+    } else {
+        None
+    };
     if args.agents == 0 && args.external_agents == 0 {
         return Err("--agents must be at least 1 (or give --external-agents)".into());
     }
@@ -298,6 +303,7 @@ async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
             .map(|p| p.as_str())
             .collect();
         for i in 0..args.agents {
+            let Some(agent_bin) = &agent_bin else { break };
             let id = format!("{mesh_name}-local-{i}");
             let token = agent_tokens
                 .iter()
@@ -307,7 +313,7 @@ async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
             let log = log_dir.join(format!("{id}.log"));
             let log_file =
                 std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-            let child = Command::new(&agent_bin)
+            let child = Command::new(agent_bin)
                 .env("INFERMESH_TOKEN", &token)
                 .arg("--operator")
                 .arg(format!("http://{addr}"))
