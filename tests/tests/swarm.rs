@@ -182,7 +182,10 @@ fn external_agents_alone_need_no_agent_binary() {
         .args(["--listen", "127.0.0.1:0", "--no-progress", "--work-dir"])
         .arg(dir.path().join("work"))
         .arg("--database-url")
-        .arg(format!("sqlite://{}", dir.path().join("store.db").display()))
+        .arg(format!(
+            "sqlite://{}",
+            dir.path().join("store.db").display()
+        ))
         .env("PATH", "/usr/bin:/bin")
         .env_remove("INFERMESH_AGENT_BIN")
         .stdout(Stdio::null())
@@ -199,7 +202,10 @@ fn external_agents_alone_need_no_agent_binary() {
             }
             panic!("infermesh local exited ({status}) before it wrote the credentials:\n{err}");
         }
-        assert!(std::time::Instant::now() < deadline, "no credentials in 60 s");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no credentials in 60 s"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let _ = local.kill();

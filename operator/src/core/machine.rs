@@ -178,6 +178,10 @@ pub(super) struct WorkloadState {
     /// The input's version when it was sized: every read asks for it.
     pub(super) input_version: Option<String>,
     pub(super) shards: Vec<ShardState>,
+    /// No shard below this index can be claimed: a dispatch round looks from here on (it
+    /// moves up as shards are claimed, and down when one goes back to the queue), so a round
+    /// costs the shards it places, not every shard of the workload.
+    pub(super) claimable_from: usize,
     /// Written to the store and dispatching (false while held for budget).
     pub(super) admitted: bool,
     /// A terminal write (manifest or failure) is under way.
@@ -538,6 +542,7 @@ impl Machine {
                 input_size: new.input_size,
                 input_version: new.input_version,
                 shards: new.shards,
+                claimable_from: 0,
                 admitted: new.admitted,
                 finishing: false,
                 phase,
@@ -1244,6 +1249,7 @@ impl Machine {
             return Vec::new();
         }
         s.status = ShardStatus::Pending;
+        w.claimable_from = w.claimable_from.min(index as usize);
         w.retried += 1;
         tracing::info!(workload = %w.key, shard = index, attempt, %reason, "shard requeued");
         vec![Effect::Count(Tally::Requeued)]
@@ -1251,12 +1257,11 @@ impl Machine {
 
     /// A shard of a finished workload put back to pending in memory (nothing runs it again).
     pub(super) fn forget_attempt(&mut self, uid: &str, index: u32) {
-        if let Some(s) = self
-            .workloads
-            .get_mut(uid)
-            .and_then(|w| w.shards.get_mut(index as usize))
+        if let Some(w) = self.workloads.get_mut(uid)
+            && let Some(s) = w.shards.get_mut(index as usize)
         {
             s.status = ShardStatus::Pending;
+            w.claimable_from = w.claimable_from.min(index as usize);
         }
     }
 
@@ -1348,6 +1353,7 @@ impl Machine {
                 s.status = ShardStatus::Pending;
             }
         }
+        w.claimable_from = 0;
         self.retire(uid);
         effects
     }
@@ -1467,25 +1473,42 @@ impl Machine {
             })
             .collect();
         order.sort_by_key(|w| w.seq);
+        // No round places more shards than there are free slots, and the shards of one
+        // workload are alike to the scheduler (mesh, model, needs, priority), so each workload
+        // offers only its first `free` claimable shards: a round's cost follows the free
+        // slots, not the queue.
+        let free: usize = views
+            .iter()
+            .filter(|v| v.schedulable)
+            .map(|v| v.free_slots as usize)
+            .sum();
         let mut pending = Vec::new();
+        let mut cursors = Vec::with_capacity(order.len());
         for (i, w) in order.iter().enumerate() {
             let model = w.model_key();
-            pending.extend(
-                w.shards
-                    .iter()
-                    // A shard out of attempts is failed, never claimed again.
-                    .filter(|s| s.status == ShardStatus::Pending && s.attempt < w.spec.max_attempts)
-                    .map(|s| PendingShard {
-                        workload: i,
-                        shard: s.range.index,
-                        mesh: w.mesh.clone(),
-                        priority: w.spec.priority,
-                        model: model.clone(),
-                        needs: w.validated.needs.clone(),
-                    }),
-            );
+            let from = w.claimable_from.min(w.shards.len());
+            // A shard out of attempts is failed, never claimed again.
+            let mut claimable = w.shards[from..]
+                .iter()
+                .filter(|s| s.status == ShardStatus::Pending && s.attempt < w.spec.max_attempts)
+                .take(free)
+                .peekable();
+            cursors.push((
+                w.uid.clone(),
+                claimable
+                    .peek()
+                    .map_or(w.shards.len(), |s| s.range.index as usize),
+            ));
+            pending.extend(claimable.map(|s| PendingShard {
+                workload: i,
+                shard: s.range.index,
+                mesh: w.mesh.clone(),
+                priority: w.spec.priority,
+                model: model.clone(),
+                needs: w.validated.needs.clone(),
+            }));
         }
-        scheduler::schedule(&views, &pending)
+        let placed = scheduler::schedule(&views, &pending)
             .into_iter()
             .map(|p| {
                 let w = order[p.workload];
@@ -1496,7 +1519,15 @@ impl Machine {
                     agent: views[p.agent].id.clone(),
                 }
             })
-            .collect()
+            .collect();
+        // Nothing below the first claimable shard found can be claimed until one goes back
+        // to the queue (which lowers the cursor).
+        for (uid, first) in cursors {
+            if let Some(w) = self.workloads.get_mut(&uid) {
+                w.claimable_from = first;
+            }
+        }
+        placed
     }
 
     /// The store's answer to a round's claims (`won[i]`: claim `i` was stored). Won claims

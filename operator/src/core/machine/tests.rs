@@ -882,3 +882,36 @@ fn a_refused_store_write_changes_nothing() {
     assert!(w.m.committed(&record).is_empty());
     assert_eq!(w.m.workloads[UID].succeeded, 0);
 }
+
+/// A dispatch round looks at the queue from the first claimable shard on, and a shard that
+/// goes back to the queue below that point is claimed again by the next round.
+#[test]
+fn a_requeued_shard_below_the_round_cursor_is_claimed_again() {
+    let mut w = World::new();
+    let claimed = |w: &mut World, agent: &str| -> Vec<u32> {
+        w.m.attach(&hello(agent, 2), &Principal::user("t"), w.now)
+            .expect("attach");
+        let claims = w.m.plan_round();
+        let won = vec![true; claims.len()];
+        w.m.claims_stored(&claims, &won, w.now);
+        let mut shards: Vec<u32> = claims.iter().map(|c| c.shard).collect();
+        shards.sort_unstable();
+        shards
+    };
+    assert_eq!(claimed(&mut w, "a0"), vec![0, 1]);
+    assert_eq!(claimed(&mut w, "a1"), vec![2, 3]);
+    assert_eq!(w.m.workloads[UID].claimable_from, 2);
+    // Shard 0's attempt goes back to the queue (its holder's lease ran out).
+    let effects = w.m.requeued(UID, 0, 1, true, "lease expired");
+    assert!(!effects.is_empty());
+    assert_eq!(w.m.workloads[UID].claimable_from, 0);
+    assert_eq!(
+        claimed(&mut w, "a2"),
+        vec![0, 4],
+        "shard 0 is claimed again"
+    );
+    assert_eq!(w.m.workloads[UID].shards[0].attempt, 2);
+    // Nothing is left to claim: a round finds nothing and the cursor is past the end.
+    assert!(claimed(&mut w, "a3").is_empty());
+    assert_eq!(w.m.workloads[UID].claimable_from, SHARDS as usize);
+}
