@@ -1177,6 +1177,71 @@ impl Machine {
     /// Running shards whose holder is gone or no longer holds them: what a requeue that
     /// failed (a store write that timed out) left behind while the store was not declared
     /// down. Shards being committed are left alone: their commit is under way or held.
+    /// Shards of live workloads whose claim the store refused (`Elsewhere`).
+    pub(super) fn elsewhere(&self) -> Vec<(String, u32)> {
+        self.workloads
+            .values()
+            .filter(|w| !w.phase.is_terminal())
+            .flat_map(|w| {
+                w.shards
+                    .iter()
+                    .filter(|s| s.status == ShardStatus::Elsewhere)
+                    .map(|s| (w.uid.clone(), s.range.index))
+            })
+            .collect()
+    }
+
+    /// A shard whose claim the store refused, with what the store holds for it now: memory
+    /// follows the store. Pending there (at another attempt): pending here at that attempt.
+    /// Running there, on an agent that does not hold it here: the claim of an earlier round
+    /// whose answer was lost (the store went down as it committed), or of an operator that no
+    /// longer leads — nobody will run it, so it goes back to the queue (a compare-and-set on
+    /// that attempt and holder). Done or failed there: left as it is.
+    pub(super) fn stored_elsewhere(
+        &mut self,
+        uid: &str,
+        index: u32,
+        state: &str,
+        attempt: u32,
+        agent: Option<&str>,
+        now: Instant,
+    ) -> Vec<Effect> {
+        let Some(w) = self.workloads.get_mut(uid) else {
+            return Vec::new();
+        };
+        let Some(s) = w.shards.get_mut(index as usize) else {
+            return Vec::new();
+        };
+        if s.status != ShardStatus::Elsewhere || w.phase.is_terminal() {
+            return Vec::new();
+        }
+        match state {
+            "pending" => {
+                s.attempt = attempt;
+                s.status = ShardStatus::Pending;
+                w.claimable_from = w.claimable_from.min(index as usize);
+                vec![Effect::Dispatch]
+            }
+            "running" => {
+                s.attempt = attempt;
+                s.status = ShardStatus::Running {
+                    agent: agent.unwrap_or_default().to_string(),
+                    since: now,
+                };
+                tracing::warn!(workload = %w.key, shard = index, attempt, agent = agent.unwrap_or_default(), "the store holds a shard no agent of this operator runs: requeued");
+                vec![Effect::Requeue(RequeueOrder {
+                    uid: uid.to_string(),
+                    index,
+                    attempt,
+                    agent: agent.map(str::to_string),
+                    reason: "held in the store by no agent of this operator (a claim whose answer was lost)".into(),
+                    fail_reason: "AgentLost",
+                })]
+            }
+            _ => Vec::new(),
+        }
+    }
+
     pub(super) fn stranded(&self) -> Vec<RequeueOrder> {
         self.orphans_where(false)
     }

@@ -335,6 +335,9 @@ impl<S: Store> Core<S> {
                 tracing::warn!(error = %e, "cannot requeue a stranded shard yet");
             }
         }
+        if owed {
+            self.reconcile_elsewhere().await;
+        }
         if committed {
             let live: Vec<String> = self.read(|m| m.workloads.keys().cloned().collect());
             for uid in live {
@@ -345,6 +348,58 @@ impl<S: Store> Core<S> {
         }
         if let Err(e) = self.dispatch().await {
             tracing::warn!(error = %e, "dispatch failed again");
+        }
+    }
+
+    /// Shards whose claim the store refused follow what the store holds for them (see
+    /// [`Machine::stored_elsewhere`]). Without this, a claim committed just as the store went
+    /// down — its answer lost, the round failed — was claimed again after the outage, refused,
+    /// and taken for another operator's: nobody ran it and the workload never ended.
+    async fn reconcile_elsewhere(&self) {
+        let shards = self.read(Machine::elsewhere);
+        if shards.is_empty() {
+            return;
+        }
+        let stored = match self.store.active_workloads().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the refused claims back yet");
+                self.sweep_owed.store(true, Ordering::Relaxed);
+                return;
+            }
+        };
+        let now = Instant::now();
+        let mut later = Vec::new();
+        for (uid, index) in shards {
+            let Some(row) = stored
+                .iter()
+                .find(|w| w.record.uid == uid)
+                .and_then(|w| w.shards.iter().find(|s| s.index == index))
+            else {
+                continue;
+            };
+            let (_, effects) = self.step(|m| {
+                (
+                    (),
+                    m.stored_elsewhere(
+                        &uid,
+                        index,
+                        &row.state,
+                        row.attempt,
+                        row.agent.as_deref(),
+                        now,
+                    ),
+                )
+            });
+            later.extend(effects);
+        }
+        for effect in later {
+            if let Effect::Requeue(order) = effect
+                && let Err(e) = self.requeue_or_fail(order).await
+            {
+                tracing::warn!(error = %e, "cannot requeue a refused claim yet");
+                self.sweep_owed.store(true, Ordering::Relaxed);
+            }
         }
     }
 
@@ -1345,6 +1400,11 @@ impl<S: Store> Core<S> {
             e
         };
         let won = self.store.assign_batch(&claims).await.map_err(owe)?;
+        if won.iter().any(|w| !w) {
+            // The store holds a claimed shard otherwise than memory believed: the sweep reads
+            // it back (`Machine::stored_elsewhere`).
+            self.sweep_owed.store(true, Ordering::Relaxed);
+        }
         let (_, later) = self.step(|m| ((), m.claims_stored(&claims, &won, Instant::now())));
         // Orphans (holders that left meanwhile) are requeued; no nested round.
         for effect in later {

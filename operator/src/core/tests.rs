@@ -1245,6 +1245,53 @@ async fn a_commit_whose_answer_was_lost_is_not_taken_for_a_lost_shard(backend: B
     );
 }
 
+/// A claim that committed just as the store went down (its answer lost, the round failed)
+/// is claimed again after the outage and refused. It is not taken for another operator's
+/// for good: the sweep reads the store back, requeues the shard nobody runs, and the
+/// workload finishes with each shard charged once. (Found by `tests/store_outage.rs`.)
+async fn a_claim_whose_answer_was_lost_is_requeued_not_abandoned(backend: Backend) {
+    let f = Fixture::new(backend, 30).await;
+    f.submit(2, 3).await;
+    let uid = "u1".to_string();
+    // An earlier round's claim of shard 0, committed; its answer never reached the core.
+    let ghost = crate::store::Claim {
+        uid: uid.clone(),
+        shard: 0,
+        attempt: 1,
+        agent: "a".into(),
+    };
+    assert_eq!(
+        f.core.store().assign_batch(&[ghost]).await.expect("claim"),
+        vec![true]
+    );
+    let (a, mut rx) = f.agent("a", 1).await;
+    // The round claims shard 0 again and is refused.
+    assert!(
+        assigned(&mut rx).is_empty(),
+        "the refused claim sends nothing"
+    );
+    f.core.sweep().await;
+    let mut done = 0;
+    for _ in 0..4 {
+        for shard in assigned(&mut rx) {
+            if shard.index == 0 {
+                assert_eq!(shard.attempt, 2, "the lost claim used attempt 1");
+            }
+            let report = write_part(&f.output(), &shard, 1);
+            f.report(&a, report).await.expect("completed");
+            done += 1;
+        }
+        if done == 2 {
+            break;
+        }
+        f.core.sweep().await;
+    }
+    assert_eq!(done, 2, "both shards ran");
+    assert_eq!(f.phase().await, WorkloadPhase::Succeeded);
+    let charges = f.core.store().charges(&uid).await.expect("charges");
+    assert_eq!(charges.len(), 2, "each shard charged once");
+}
+
 /// A late report from an attempt whose lease expired is refused; the part committed and
 /// the agent credited are those of the attempt that holds the shard.
 async fn a_late_report_of_an_expired_attempt_is_never_committed(backend: Backend) {
@@ -1391,6 +1438,7 @@ both!(a_requeue_lost_to_a_failed_write_is_swept_up);
 both!(a_commit_whose_answer_was_lost_is_not_taken_for_a_lost_shard);
 both!(deleting_a_mesh_fails_its_workloads);
 both!(a_late_report_of_an_expired_attempt_is_never_committed);
+both!(a_claim_whose_answer_was_lost_is_requeued_not_abandoned);
 
 /// Postgres goes away for a while and comes back: the operator keeps its agents attached,
 /// dispatches nothing, holds the completion that arrived meanwhile, says it is not available,
