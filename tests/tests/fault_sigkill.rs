@@ -78,11 +78,27 @@ async fn a_sigkilled_agent_loses_nothing_and_nothing_is_counted_twice() {
         let store = store.clone();
         async move { store.events(&f).await.expect("events") }
     };
+    // Both agents are busy almost all the time, but the kill can land in the moment between
+    // a completion and the next assignment, when the victim holds nothing: then its departure
+    // is `agent.left` and there is nothing to requeue. Either way it is logged while the
+    // workload still runs (the survivor leaves after it succeeded).
     let lost = events("agent.lost").await;
+    let left = events("agent.left").await;
+    let succeeded = events("workload.succeeded").await;
+    let end = succeeded
+        .first()
+        .map(|e| e.seq)
+        .expect("workload.succeeded");
     assert!(
-        lost.iter().any(|e| e.message.contains("stream")),
-        "the loss is logged: {lost:?}"
+        lost.iter()
+            .chain(&left)
+            .any(|e| e.seq < end && e.message.contains("stream")),
+        "the loss is logged before the end (seq {end}): lost {lost:?}, left {left:?}"
     );
+    if lost.is_empty() {
+        eprintln!("the victim held no shard when it was killed: nothing to requeue");
+        return;
+    }
     let requeued = events("shard.requeued").await;
     assert!(
         !requeued.is_empty(),
