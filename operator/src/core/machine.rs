@@ -1220,7 +1220,8 @@ impl Machine {
                 s.attempt = attempt;
                 s.status = ShardStatus::Pending;
                 w.claimable_from = w.claimable_from.min(index as usize);
-                vec![Effect::Dispatch]
+                // The sweep that reads it back ends with a dispatch round.
+                Vec::new()
             }
             "running" => {
                 s.attempt = attempt;

@@ -765,11 +765,13 @@ impl<'a> Run<'a> {
             }
         }
         // Faults are timed from the first committed part: the run is under way.
+        // On S3 each look is a process in the operator's namespace: look less often.
+        let every = Duration::from_millis(if self.objects.is_some() { 200 } else { 20 });
         while self.committed_parts() == 0 && self.operator_running() {
             if started.elapsed() > BOUND {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(every);
         }
         let zero = Instant::now();
         let mut timed_out = false;
