@@ -174,6 +174,9 @@ pub struct Core<S: Store> {
     inner: std::sync::Mutex<Inner>,
     /// One dispatch round at a time (claims are decided, stored, then applied).
     round: tokio::sync::Mutex<()>,
+    /// A round was asked for while another ran: the running one goes round again instead of
+    /// every caller queueing for a round of its own ([`Core::dispatch`]).
+    round_wanted: AtomicBool,
     counters: ShardCounters,
     /// False while the store is unreachable: nothing is dispatched, and reports that need
     /// the store wait for it ([`Core::recover`]).
@@ -217,6 +220,7 @@ impl<S: Store> Core<S> {
             committer,
             inner: std::sync::Mutex::new(Inner::default()),
             round: tokio::sync::Mutex::new(()),
+            round_wanted: AtomicBool::new(false),
             counters,
             store_up: Arc::new(AtomicBool::new(true)),
             parked: std::sync::Mutex::new(Vec::new()),
@@ -1384,13 +1388,36 @@ impl<S: Store> Core<S> {
         Ok(())
     }
 
-    /// One dispatch round: the machine plans the claims, the store takes them in one
-    /// statement, the machine applies what the store accepted (store first).
+    /// Dispatch rounds until nothing more was asked for. Rounds are coalesced: a caller that
+    /// finds a round running leaves a mark and returns, and the running round goes again,
+    /// so a burst of completions costs a few rounds (each claiming many shards in one store
+    /// statement), not one round and one transaction each. The mark is read again after the
+    /// round lock is released, so no request is lost between the last look and the release.
     async fn dispatch(&self) -> Result<(), StoreError> {
-        if !self.store_available() {
-            return Ok(()); // paused until the store answers again (`recover`)
+        loop {
+            if !self.store_available() {
+                return Ok(()); // paused until the store answers again (`recover`)
+            }
+            self.round_wanted.store(true, Ordering::SeqCst);
+            let Ok(round) = self.round.try_lock() else {
+                return Ok(()); // the holder sees the mark
+            };
+            while self.round_wanted.swap(false, Ordering::SeqCst) {
+                self.dispatch_once().await?;
+            }
+            drop(round);
+            if !self.round_wanted.load(Ordering::SeqCst) {
+                return Ok(());
+            }
         }
-        let _round = self.round.lock().await;
+    }
+
+    /// One dispatch round (the round lock held): the machine plans the claims, the store
+    /// takes them in one statement, the machine applies what the store accepted (store first).
+    async fn dispatch_once(&self) -> Result<(), StoreError> {
+        if !self.store_available() {
+            return Ok(());
+        }
         let claims = self.apply(|m| (m.plan_round(), Vec::new()));
         if claims.is_empty() {
             return Ok(());

@@ -1,6 +1,6 @@
 //! The SQLite backend: the embedded default of `infermesh local`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -71,20 +71,42 @@ impl SqliteStore {
     }
 }
 
+/// Rows per multi-row statement: SQLite binds at most 32,766 parameters, and each statement
+/// here binds at most 8 a row. Every statement is one round trip to the connection's thread,
+/// so a batch costs a handful of them, not a handful per row.
+const ROWS_PER_STATEMENT: usize = 500;
+
+/// `(?, ?, …)` repeated `rows` times, `width` placeholders each.
+fn placeholders(rows: usize, width: usize) -> String {
+    let row = format!("({})", vec!["?"; width].join(", "));
+    vec![row.as_str(); rows].join(", ")
+}
+
 async fn insert_event(tx: &mut Transaction<'_, Sqlite>, e: &Event) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO events (at, kind, workload_uid, shard_idx, attempt, agent, message) \
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(now())
-    .bind(e.kind.as_str())
-    .bind(&e.workload_uid)
-    .bind(e.shard.map(i64::from))
-    .bind(e.attempt.map(i64::from))
-    .bind(&e.agent)
-    .bind(&e.message)
-    .execute(&mut **tx)
-    .await?;
+    insert_events(tx, std::slice::from_ref(e)).await
+}
+
+/// Appends events in order, one statement per [`ROWS_PER_STATEMENT`].
+async fn insert_events(tx: &mut Transaction<'_, Sqlite>, es: &[Event]) -> Result<(), sqlx::Error> {
+    let at = now();
+    for chunk in es.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO events (at, kind, workload_uid, shard_idx, attempt, agent, message) VALUES {}",
+            placeholders(chunk.len(), 7)
+        );
+        let mut q = sqlx::query(&sql);
+        for e in chunk {
+            q = q
+                .bind(&at)
+                .bind(e.kind.as_str())
+                .bind(&e.workload_uid)
+                .bind(e.shard.map(i64::from))
+                .bind(e.attempt.map(i64::from))
+                .bind(&e.agent)
+                .bind(&e.message);
+        }
+        q.execute(&mut **tx).await?;
+    }
     Ok(())
 }
 
@@ -94,86 +116,198 @@ async fn post(
     tx_id: i64,
     entries: &[(String, i64)],
 ) -> Result<(), sqlx::Error> {
-    for (account, amount) in entries {
-        sqlx::query("INSERT INTO ledger_entries (tx_id, account, amount) VALUES (?, ?, ?)")
-            .bind(tx_id)
-            .bind(account)
-            .bind(amount)
-            .execute(&mut **tx)
-            .await?;
-        sqlx::query(
-            "INSERT INTO accounts (name, balance) VALUES (?, ?) \
+    let posted: Vec<(i64, &str, i64)> = entries
+        .iter()
+        .map(|(account, amount)| (tx_id, account.as_str(), *amount))
+        .collect();
+    post_all(tx, &posted).await
+}
+
+/// Writes entries `(tx_id, account, amount)` of any number of transactions, and moves each
+/// account's balance once by its net amount.
+async fn post_all(
+    tx: &mut Transaction<'_, Sqlite>,
+    entries: &[(i64, &str, i64)],
+) -> Result<(), sqlx::Error> {
+    for chunk in entries.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO ledger_entries (tx_id, account, amount) VALUES {}",
+            placeholders(chunk.len(), 3)
+        );
+        let mut q = sqlx::query(&sql);
+        for (tx_id, account, amount) in chunk {
+            q = q.bind(tx_id).bind(*account).bind(amount);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    let mut net: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
+    for (_, account, amount) in entries {
+        *net.entry(account).or_default() += amount;
+    }
+    let net: Vec<(&str, i64)> = net.into_iter().collect();
+    for chunk in net.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO accounts (name, balance) VALUES {} \
              ON CONFLICT (name) DO UPDATE SET balance = accounts.balance + excluded.balance",
-        )
-        .bind(account)
-        .bind(amount)
-        .execute(&mut **tx)
-        .await?;
+            placeholders(chunk.len(), 2)
+        );
+        let mut q = sqlx::query(&sql);
+        for (account, amount) in chunk {
+            q = q.bind(*account).bind(amount);
+        }
+        q.execute(&mut **tx).await?;
     }
     Ok(())
 }
 
-/// Records one completion inside `tx`: the first for a shard marks it succeeded and charges it.
-async fn complete_in(
+/// Records a batch of completions inside `tx`, a few statements for the whole batch (as
+/// on Postgres). Within the batch the first completion of a shard is its candidate; later
+/// ones are refused whatever the database says. Each candidate is a compare-and-set on the
+/// shard's state, holder and attempt; the unique charge key refuses a second charge of a
+/// shard whatever the state column says.
+async fn complete_set(
     tx: &mut Transaction<'_, Sqlite>,
-    c: &CompletionRecord,
-) -> Result<ChargeOutcome, sqlx::Error> {
-    // Compare-and-set: only the holder of the shard's running attempt completes it.
-    let updated = sqlx::query(
-        "UPDATE shards SET state = 'succeeded', records = ?, output_uri = ?, \
-         sha256 = ?, error = NULL, updated_at = ? \
-         WHERE workload_uid = ? AND idx = ? AND state = 'running' AND agent = ? AND attempt = ?",
-    )
-    .bind(c.records as i64)
-    .bind(&c.output_uri)
-    .bind(&c.sha256)
-    .bind(now())
-    .bind(&c.workload_uid)
-    .bind(i64::from(c.shard))
-    .bind(&c.agent)
-    .bind(i64::from(c.attempt))
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    let outcome = if updated == 1 {
-        ChargeOutcome::Charged
-    } else if sqlx::query(
-        "SELECT 1 FROM shards WHERE workload_uid = ? AND idx = ? AND state = 'succeeded' \
-         AND agent = ? AND attempt = ?",
-    )
-    .bind(&c.workload_uid)
-    .bind(i64::from(c.shard))
-    .bind(&c.agent)
-    .bind(i64::from(c.attempt))
-    .fetch_optional(&mut **tx)
-    .await?
-    .is_some()
+    cs: &[CompletionRecord],
+) -> Result<Vec<ChargeOutcome>, sqlx::Error> {
+    let mut first: HashMap<(&str, u32), usize> = HashMap::new();
+    for (i, c) in cs.iter().enumerate() {
+        first.entry((c.workload_uid.as_str(), c.shard)).or_insert(i);
+    }
+    let is_first =
+        |i: usize, c: &CompletionRecord| first.get(&(c.workload_uid.as_str(), c.shard)) == Some(&i);
+    let candidates: Vec<&CompletionRecord> = cs
+        .iter()
+        .enumerate()
+        .filter(|(i, c)| is_first(*i, c))
+        .map(|(_, c)| c)
+        .collect();
+    let at = now();
+    let mut charged: HashSet<(String, u32)> = HashSet::new();
+    for chunk in candidates.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "WITH c(uid, idx, attempt, agent, records, uri, sha) AS (VALUES {}) \
+             UPDATE shards SET state = 'succeeded', records = c.records, output_uri = c.uri, \
+                    sha256 = c.sha, error = NULL, updated_at = ? \
+             FROM c WHERE shards.workload_uid = c.uid AND shards.idx = c.idx \
+               AND shards.state = 'running' AND shards.agent = c.agent AND shards.attempt = c.attempt \
+             RETURNING shards.workload_uid, shards.idx",
+            placeholders(chunk.len(), 7)
+        );
+        let mut q = sqlx::query(&sql);
+        for c in chunk {
+            q = q
+                .bind(&c.workload_uid)
+                .bind(i64::from(c.shard))
+                .bind(i64::from(c.attempt))
+                .bind(&c.agent)
+                .bind(c.records as i64)
+                .bind(&c.output_uri)
+                .bind(&c.sha256);
+        }
+        for row in q.bind(&at).fetch_all(&mut **tx).await? {
+            charged.insert((row.try_get(0)?, row.try_get::<i64, _>(1)? as u32));
+        }
+    }
+    // A candidate the compare-and-set refused may be this very completion, committed by an
+    // earlier transaction whose answer was lost: then the shard is done by that attempt on
+    // that agent. Only asked when something was refused (rare).
+    let mut recorded: HashSet<(String, u32)> = HashSet::new();
+    if charged.len() < candidates.len() {
+        let refused: Vec<&&CompletionRecord> = candidates
+            .iter()
+            .filter(|c| !charged.contains(&(c.workload_uid.clone(), c.shard)))
+            .collect();
+        for chunk in refused.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "WITH c(uid, idx, attempt, agent) AS (VALUES {}) \
+                 SELECT s.workload_uid, s.idx FROM shards s JOIN c \
+                   ON s.workload_uid = c.uid AND s.idx = c.idx \
+                 WHERE s.state = 'succeeded' AND s.agent = c.agent AND s.attempt = c.attempt",
+                placeholders(chunk.len(), 4)
+            );
+            let mut q = sqlx::query(&sql);
+            for c in chunk {
+                q = q
+                    .bind(&c.workload_uid)
+                    .bind(i64::from(c.shard))
+                    .bind(i64::from(c.attempt))
+                    .bind(&c.agent);
+            }
+            for row in q.fetch_all(&mut **tx).await? {
+                recorded.insert((row.try_get(0)?, row.try_get::<i64, _>(1)? as u32));
+            }
+        }
+    }
+    let outcomes: Vec<ChargeOutcome> = cs
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let key = (c.workload_uid.clone(), c.shard);
+            if !is_first(i, c) {
+                ChargeOutcome::Refused
+            } else if charged.contains(&key) {
+                ChargeOutcome::Charged
+            } else if recorded.contains(&key) {
+                ChargeOutcome::AlreadyCharged
+            } else {
+                ChargeOutcome::Refused
+            }
+        })
+        .collect();
+    let charges: Vec<&CompletionRecord> = cs
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, o)| **o == ChargeOutcome::Charged)
+        .map(|(c, _)| c)
+        .collect();
+    let keys: Vec<String> = charges.iter().map(|c| c.charge_key()).collect();
+    let mut id_of: HashMap<String, i64> = HashMap::new();
+    for (chunk, chunk_keys) in charges
+        .chunks(ROWS_PER_STATEMENT)
+        .zip(keys.chunks(ROWS_PER_STATEMENT))
     {
-        ChargeOutcome::AlreadyCharged
-    } else {
-        ChargeOutcome::Refused
-    };
-    if outcome == ChargeOutcome::Charged {
-        // The unique charge_key makes a second charge of this shard fail here, whatever the
-        // state column says.
-        let tx_id: i64 = sqlx::query(
+        let sql = format!(
             "INSERT INTO ledger_transactions (kind, charge_key, workload_uid, shard_idx, memo, created_at) \
-             VALUES ('charge', ?, ?, ?, ?, ?) RETURNING id",
-        )
-        .bind(c.charge_key())
-        .bind(&c.workload_uid)
-        .bind(i64::from(c.shard))
-        .bind(c.memo())
-        .bind(now())
-        .fetch_one(&mut **tx)
-        .await?
-        .try_get(0)?;
-        post(tx, tx_id, &c.entries()).await?;
+             VALUES {} RETURNING id, charge_key",
+            placeholders(chunk.len(), 6)
+        );
+        let mut q = sqlx::query(&sql);
+        for (c, key) in chunk.iter().zip(chunk_keys) {
+            q = q
+                .bind("charge")
+                .bind(key)
+                .bind(&c.workload_uid)
+                .bind(i64::from(c.shard))
+                .bind(c.memo())
+                .bind(&at);
+        }
+        for row in q.fetch_all(&mut **tx).await? {
+            id_of.insert(row.try_get(1)?, row.try_get(0)?);
+        }
     }
-    if let Some(e) = c.event(outcome) {
-        insert_event(tx, &e).await?;
-    }
-    Ok(outcome)
+    let entries: Vec<(i64, String, i64)> = charges
+        .iter()
+        .zip(&keys)
+        .map(|(c, key)| {
+            let id = id_of.get(key).copied().ok_or(sqlx::Error::RowNotFound)?;
+            Ok(c.entries().map(|(account, amount)| (id, account, amount)))
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?
+        .into_iter()
+        .flatten()
+        .collect();
+    let entries: Vec<(i64, &str, i64)> = entries
+        .iter()
+        .map(|(id, account, amount)| (*id, account.as_str(), *amount))
+        .collect();
+    post_all(tx, &entries).await?;
+    let events: Vec<Event> = cs
+        .iter()
+        .zip(&outcomes)
+        .filter_map(|(c, o)| c.event(*o))
+        .collect();
+    insert_events(tx, &events).await?;
+    Ok(outcomes)
 }
 
 impl Store for SqliteStore {
@@ -234,7 +368,7 @@ impl Store for SqliteStore {
         let mut won_set: HashSet<(String, u32)> = HashSet::new();
         // One statement per 500 claims (SQLite binds at most 32,766 parameters); a dispatch
         // round is bounded by the free slots, so this is one statement in practice.
-        for chunk in claims.chunks(500) {
+        for chunk in claims.chunks(ROWS_PER_STATEMENT) {
             let values = vec!["(?, ?, ?, ?)"; chunk.len()].join(", ");
             let sql = format!(
                 "WITH c(uid, idx, attempt, agent) AS (VALUES {values}) \
@@ -259,16 +393,21 @@ impl Store for SqliteStore {
             .iter()
             .map(|c| won_set.contains(&(c.uid.clone(), c.shard)))
             .collect();
-        for (c, _) in claims.iter().zip(&won).filter(|(_, w)| **w) {
-            let e = Event::new(
-                EventKind::ShardAssigned,
-                format!("attempt {} on {}", c.attempt, c.agent),
-            )
-            .workload(&c.uid)
-            .shard(c.shard, c.attempt)
-            .agent(&c.agent);
-            insert_event(&mut tx, &e).await?;
-        }
+        let events: Vec<Event> = claims
+            .iter()
+            .zip(&won)
+            .filter(|(_, w)| **w)
+            .map(|(c, _)| {
+                Event::new(
+                    EventKind::ShardAssigned,
+                    format!("attempt {} on {}", c.attempt, c.agent),
+                )
+                .workload(&c.uid)
+                .shard(c.shard, c.attempt)
+                .agent(&c.agent)
+            })
+            .collect();
+        insert_events(&mut tx, &events).await?;
         tx.commit().await?;
         Ok(won)
     }
@@ -349,23 +488,29 @@ impl Store for SqliteStore {
         &self,
         cs: &[CompletionRecord],
     ) -> Result<Vec<ChargeOutcome>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let mut outcomes = Vec::with_capacity(cs.len());
-        // As on Postgres, the first completion of a shard in a batch is its candidate; later
-        // ones are refused whatever the database says.
-        let mut seen = std::collections::HashSet::new();
-        for c in cs {
-            if !seen.insert((c.workload_uid.as_str(), c.shard)) {
-                if let Some(e) = c.event(ChargeOutcome::Refused) {
-                    insert_event(&mut tx, &e).await?;
-                }
-                outcomes.push(ChargeOutcome::Refused);
-                continue;
+        let once = |cs: &[CompletionRecord]| {
+            let cs = cs.to_vec();
+            let pool = self.pool.clone();
+            async move {
+                let mut tx = pool.begin().await?;
+                let outcomes = complete_set(&mut tx, &cs).await?;
+                tx.commit().await?;
+                Ok::<_, sqlx::Error>(outcomes)
             }
-            outcomes.push(complete_in(&mut tx, c).await?);
+        };
+        match once(cs).await {
+            Ok(outcomes) => Ok(outcomes),
+            // The unique charge key refused a charge the state column let through (a ledger
+            // changed behind our back): record the batch one by one, so only that charge fails.
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() && cs.len() > 1 => {
+                let mut outcomes = Vec::with_capacity(cs.len());
+                for c in cs {
+                    outcomes.push(once(std::slice::from_ref(c)).await?[0]);
+                }
+                Ok(outcomes)
+            }
+            Err(e) => Err(e.into()),
         }
-        tx.commit().await?;
-        Ok(outcomes)
     }
 
     async fn requeue(
