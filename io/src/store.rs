@@ -99,6 +99,25 @@ impl ObjectError {
     }
 }
 
+impl ObjectError {
+    /// A local file system error at `uri`, as the object store would have reported it (so
+    /// that [`ObjectError::is_transient`] classifies it the same way).
+    pub fn local(uri: &str, e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            return Self::NotFound {
+                uri: uri.to_string(),
+            };
+        }
+        Self::Store {
+            uri: uri.to_string(),
+            source: object_store::Error::Generic {
+                store: "LocalFileSystem",
+                source: Box::new(e),
+            },
+        }
+    }
+}
+
 /// A store error as a person reads it: without the library's own prefix (`Generic
 /// LocalFileSystem error: `).
 fn plain(e: &object_store::Error) -> String {

@@ -25,6 +25,7 @@ pub mod lease;
 pub mod machine;
 pub mod models;
 pub mod outputs;
+pub mod parts;
 pub mod planner;
 pub mod pricing;
 pub mod progress;
@@ -171,6 +172,8 @@ type Held = (AgentHandle, pb::ShardRef, String, CompletionRecord);
 pub struct Core<S: Store> {
     store: Arc<S>,
     committer: GroupCommitter,
+    /// Part checks and moves, batched for local files ([`parts`]).
+    parts: parts::Parts,
     inner: std::sync::Mutex<Inner>,
     /// One dispatch round at a time (claims are decided, stored, then applied).
     round: tokio::sync::Mutex<()>,
@@ -218,6 +221,7 @@ impl<S: Store> Core<S> {
         Self {
             store,
             committer,
+            parts: parts::Parts::spawn(),
             inner: std::sync::Mutex::new(Inner::default()),
             round: tokio::sync::Mutex::new(()),
             round_wanted: AtomicBool::new(false),
@@ -1093,7 +1097,7 @@ impl<S: Store> Core<S> {
             sha256: c.sha256.to_ascii_lowercase(),
             records: c.records,
         };
-        let problem = match outputs::inspect(&attempt_uri).await {
+        let problem = match self.parts.inspect(&attempt_uri).await {
             Ok(found) => outputs::compare(&reported, &found).err(),
             Err(e) => Some(format!("cannot read the part: {e}")),
         };
@@ -1164,7 +1168,7 @@ impl<S: Store> Core<S> {
             Ok(ChargeOutcome::Charged | ChargeOutcome::AlreadyCharged) => {
                 // Charged: move the part to its final name. A failure here is redone before
                 // the manifest is written.
-                if let Err(e) = outputs::commit(output, index, attempt).await {
+                if let Err(e) = self.parts.commit(output, index, attempt).await {
                     tracing::warn!(workload = %acc_uid, shard = index, error = %e, "part not moved to its final name yet");
                 }
                 self.apply(|m| ((), m.committed(&record)));
