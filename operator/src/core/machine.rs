@@ -151,6 +151,9 @@ pub(super) struct ShardState {
     pub(super) attempt: u32,
     pub(super) records: u64,
     pub(super) sha256: String,
+    /// The committed part is known to be at its final name (moved by this operator). A shard
+    /// read back from the store is not: its part is moved again, if need be, at the finish.
+    pub(super) moved: bool,
 }
 
 impl ShardState {
@@ -162,6 +165,7 @@ impl ShardState {
             attempt: 0,
             records: 0,
             sha256: String::new(),
+            moved: false,
         }
     }
 }
@@ -1118,7 +1122,7 @@ impl Machine {
     }
 
     /// The store committed and charged a completion. Idempotent.
-    pub(super) fn committed(&mut self, c: &CompletionRecord) -> Vec<Effect> {
+    pub(super) fn committed(&mut self, c: &CompletionRecord, moved: bool) -> Vec<Effect> {
         let Self {
             workloads,
             agents,
@@ -1137,6 +1141,7 @@ impl Machine {
         s.status = ShardStatus::Succeeded;
         s.records = c.records;
         s.sha256 = c.sha256.clone();
+        s.moved = moved;
         w.succeeded += 1;
         w.records = w.records.saturating_add(c.records);
         w.bytes_done = w.bytes_done.saturating_add(s.range.end - s.range.start);
@@ -1466,9 +1471,12 @@ impl Machine {
         Some(FinishPlan {
             output,
             manifest,
+            // Only parts not known to be at their final name are moved (again) before the
+            // manifest: one look per part at the end cost as much as the run's own moves.
             parts: w
                 .shards
                 .iter()
+                .filter(|s| !s.moved)
                 .map(|s| (s.range.index, s.attempt))
                 .collect(),
             message: format!("{} records in {} shards", w.records, w.shards.len()),

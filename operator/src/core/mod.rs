@@ -1168,10 +1168,14 @@ impl<S: Store> Core<S> {
             Ok(ChargeOutcome::Charged | ChargeOutcome::AlreadyCharged) => {
                 // Charged: move the part to its final name. A failure here is redone before
                 // the manifest is written.
-                if let Err(e) = self.parts.commit(output, index, attempt).await {
-                    tracing::warn!(workload = %acc_uid, shard = index, error = %e, "part not moved to its final name yet");
-                }
-                self.apply(|m| ((), m.committed(&record)));
+                let moved = match self.parts.commit(output, index, attempt).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(workload = %acc_uid, shard = index, error = %e, "part not moved to its final name yet");
+                        false
+                    }
+                };
+                self.apply(|m| ((), m.committed(&record, moved)));
                 self.maybe_finish(&acc_uid).await.map_err(internal)?;
                 Ok(())
             }
@@ -1357,7 +1361,8 @@ impl<S: Store> Core<S> {
         );
         let written: Result<(), String> = async {
             for (index, attempt) in &parts {
-                outputs::commit(&output, *index, *attempt)
+                self.parts
+                    .commit(&output, *index, *attempt)
                     .await
                     .map_err(|e| format!("cannot commit part {index}: {e}"))?;
             }

@@ -10,7 +10,7 @@
 //! committed attempt, attempts never exceed `maxAttempts`, an agent never holds more than its
 //! slots, and what memory believes agrees with the store.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 
@@ -169,6 +169,8 @@ struct World {
     now: Instant,
     /// Completions the machine counted.
     completed: usize,
+    /// Shards whose part this machine moved to its final name (every third move fails).
+    moved: BTreeSet<u32>,
 }
 
 fn new_workload(
@@ -215,6 +217,7 @@ impl World {
             inbox: BTreeMap::new(),
             now,
             completed: 0,
+            moved: BTreeSet::new(),
         };
         w.m.mesh_set("m", mesh(30), Price::default());
         let mut spec = workload(OUT, MAX_ATTEMPTS);
@@ -321,7 +324,17 @@ impl World {
 
     fn maybe_finish(&mut self) {
         if let Some(plan) = self.m.begin_finish(UID) {
-            assert_eq!(plan.parts.len(), SHARDS as usize);
+            // The manifest lists every part; only those whose move failed (every third shard's,
+            // see `report`) or that a restart read back from the store are moved again.
+            assert_eq!(
+                plan.manifest["parts"].as_array().map(Vec::len),
+                Some(SHARDS as usize)
+            );
+            let unmoved: Vec<u32> = (0..SHARDS).filter(|i| !self.moved.contains(i)).collect();
+            assert_eq!(
+                plan.parts.iter().map(|p| p.0).collect::<Vec<_>>(),
+                unmoved
+            );
             for (index, attempt) in &plan.parts {
                 assert_eq!(
                     self.store.charges.get(index).map(|c| c.1),
@@ -392,7 +405,11 @@ impl World {
         }
         let record = acc.charge(&who.id, &c).expect("price");
         if self.store.complete(&record) {
-            let effects = self.m.committed(&record);
+            let moved = record.shard % 3 != 0;
+            if moved {
+                self.moved.insert(record.shard);
+            }
+            let effects = self.m.committed(&record, moved);
             self.run(effects);
             self.maybe_finish();
         } else {
@@ -424,6 +441,7 @@ impl World {
         m.mesh_set("m", mesh(30), Price::default());
         self.agents.iter_mut().for_each(|a| *a = None);
         self.inbox.clear();
+        self.moved.clear();
         let Some(spec) = spec.filter(|_| self.store.phase == Some("Running")) else {
             self.m = m;
             return;
@@ -879,7 +897,7 @@ fn a_refused_store_write_changes_nothing() {
         device: "cpu".into(),
         compute_seconds: 0.0,
     };
-    assert!(w.m.committed(&record).is_empty());
+    assert!(w.m.committed(&record, true).is_empty());
     assert_eq!(w.m.workloads[UID].succeeded, 0);
 }
 
