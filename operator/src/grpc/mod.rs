@@ -192,26 +192,68 @@ impl<S: Store, A: Authenticator> AgentService for AgentServer<S, A> {
         let handle = self.core.attach(hello, &principal, tx.clone()).await?;
         let core = self.core.clone();
         tokio::spawn(async move {
-            let reason = loop {
-                match inbound.message().await {
-                    Ok(Some(msg)) => {
-                        if let Err(status) = core.handle(&handle, msg).await {
-                            tracing::warn!(agent = %handle.id, code = ?status.code(), message = %status.message(), "refusing agent message");
-                            let reason = format!("stream ended: {}", status.message());
-                            let _ = tx.send(Err(status));
-                            break reason;
-                        }
-                    }
-                    Ok(None) => break "stream closed by the agent".to_string(),
-                    Err(status) => break format!("stream broke: {}", status.message()),
-                }
-            };
+            let reason = serve_stream(&core, &handle, &mut inbound, &tx).await;
             if let Err(e) = core.detach(&handle, &reason).await {
                 tracing::error!(agent = %handle.id, error = %e, "cannot record the agent's departure");
             }
         });
         Ok(Response::new(UnboundedReceiverStream::new(rx)))
     }
+}
+
+/// Reports of one stream handled at once, at most. A report's judgement (is this the
+/// holder's running attempt?) is made in the order the reports came; what follows (the part
+/// read, the group commit, the move) overlaps, so an agent's next report does not wait for the
+/// last one's commit.
+const REPORTS_IN_FLIGHT: usize = 64;
+
+/// Reads one agent's stream until it ends; returns why it ended. Every report handed to the
+/// core is first polled at once, so its judgement, made before its first wait, happens in
+/// stream order: a heartbeat never overtakes the completion sent before it. On the way out
+/// the reports in flight are finished before the caller records the departure.
+async fn serve_stream<S: Store>(
+    core: &Arc<Core<S>>,
+    handle: &crate::core::AgentHandle,
+    inbound: &mut Streaming<AgentMessage>,
+    tx: &mpsc::UnboundedSender<Result<OperatorMessage, Status>>,
+) -> String {
+    use futures::StreamExt;
+    use std::task::Poll;
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    let refused = |status: Status| {
+        tracing::warn!(agent = %handle.id, code = ?status.code(), message = %status.message(), "refusing agent message");
+        let reason = format!("stream ended: {}", status.message());
+        let _ = tx.send(Err(status));
+        reason
+    };
+    let reason = loop {
+        tokio::select! {
+            biased;
+            Some(result) = in_flight.next(), if !in_flight.is_empty() => {
+                if let Err(status) = result {
+                    break refused(status);
+                }
+            }
+            message = inbound.message(), if in_flight.len() < REPORTS_IN_FLIGHT => match message {
+                Ok(Some(msg)) => {
+                    let mut report = Box::pin(core.handle(handle, msg));
+                    match futures::poll!(&mut report) {
+                        Poll::Ready(Ok(())) => {}
+                        Poll::Ready(Err(status)) => break refused(status),
+                        Poll::Pending => in_flight.push(report),
+                    }
+                }
+                Ok(None) => break "stream closed by the agent".to_string(),
+                Err(status) => break format!("stream broke: {}", status.message()),
+            },
+        }
+    };
+    while let Some(result) = in_flight.next().await {
+        if let Err(status) = result {
+            tracing::warn!(agent = %handle.id, code = ?status.code(), message = %status.message(), "refusing agent message");
+        }
+    }
+    reason
 }
 
 /// Serves AgentService on `listener` until `shutdown` resolves.

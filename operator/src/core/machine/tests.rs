@@ -331,10 +331,7 @@ impl World {
                 Some(SHARDS as usize)
             );
             let unmoved: Vec<u32> = (0..SHARDS).filter(|i| !self.moved.contains(i)).collect();
-            assert_eq!(
-                plan.parts.iter().map(|p| p.0).collect::<Vec<_>>(),
-                unmoved
-            );
+            assert_eq!(plan.parts.iter().map(|p| p.0).collect::<Vec<_>>(), unmoved);
             for (index, attempt) in &plan.parts {
                 assert_eq!(
                     self.store.charges.get(index).map(|c| c.1),
