@@ -553,6 +553,57 @@ async fn a_batch_charges_each_shard_at_most_once_and_only_its_holder(backend: Ba
 
 both!(a_batch_charges_each_shard_at_most_once_and_only_its_holder);
 
+/// Batches larger than one statement takes (SQLite writes 500 rows a statement): every claim,
+/// charge, entry and event is written once, and the balances move by the batch's net.
+async fn a_batch_larger_than_a_statement_is_written_whole(backend: Backend) {
+    let store = backend.open().await;
+    let n = 1_234u32;
+    workload(&store, "big", n).await;
+    let claims: Vec<Claim> = (0..n)
+        .map(|shard| Claim {
+            uid: "big".into(),
+            shard,
+            attempt: 1,
+            agent: format!("a{}", shard % 3),
+        })
+        .collect();
+    let won = store.assign_batch(&claims).await.expect("claims");
+    assert!(won.iter().all(|w| *w) && won.len() == n as usize);
+    let batch: Vec<CompletionRecord> = claims
+        .iter()
+        .map(|c| completion("big", c.shard, 1, &c.agent))
+        .collect();
+    let outcomes = store.complete_batch(&batch).await.expect("batch");
+    assert!(outcomes.iter().all(|o| *o == ChargeOutcome::Charged));
+    assert_eq!(
+        store.charges("big").await.expect("charges").len(),
+        n as usize
+    );
+    let total: i64 = batch.iter().map(|c| c.price).sum();
+    let balances: std::collections::HashMap<String, i64> = store
+        .balances()
+        .await
+        .expect("balances")
+        .into_iter()
+        .collect();
+    assert_eq!(balances.get(&namespace_account("team-a")), Some(&-total));
+    let agents: i64 = (0..3)
+        .map(|a| balances.get(&format!("agent/a{a}")).copied().unwrap_or(0))
+        .sum();
+    assert_eq!(agents, total);
+    let kinds = kinds(&store, "big").await;
+    for kind in ["shard.assigned", "shard.completed"] {
+        assert_eq!(
+            kinds.iter().filter(|k| *k == kind).count(),
+            n as usize,
+            "{kind}"
+        );
+    }
+    assert!(store.verify().await.expect("verify").ok());
+}
+
+both!(a_batch_larger_than_a_statement_is_written_whole);
+
 async fn claims_are_exclusive_across_operators(backend: Backend) {
     let stores = operators(backend, 3).await;
     let shards = 30u32;

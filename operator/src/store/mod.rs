@@ -162,6 +162,87 @@ pub struct CompletionRecord {
     pub compute_seconds: f64,
 }
 
+/// How a group commit judges its batch, the same on both stores. Within the batch the first
+/// completion of a shard is its candidate; later ones are refused whatever the database says.
+/// Each candidate is then a compare-and-set on the shard's state, holder and attempt.
+pub(crate) struct BatchJudge<'a> {
+    cs: &'a [CompletionRecord],
+    first: std::collections::HashMap<(&'a str, u32), usize>,
+}
+
+/// A shard, as the batch statements return it: (workload uid, index).
+pub(crate) type ShardKey = (String, u32);
+
+impl<'a> BatchJudge<'a> {
+    pub(crate) fn new(cs: &'a [CompletionRecord]) -> Self {
+        let mut first = std::collections::HashMap::new();
+        for (i, c) in cs.iter().enumerate() {
+            first.entry((c.workload_uid.as_str(), c.shard)).or_insert(i);
+        }
+        Self { cs, first }
+    }
+
+    fn is_first(&self, i: usize, c: &CompletionRecord) -> bool {
+        self.first.get(&(c.workload_uid.as_str(), c.shard)) == Some(&i)
+    }
+
+    /// The first completion of each shard, in batch order.
+    pub(crate) fn candidates(&self) -> Vec<&'a CompletionRecord> {
+        let cs = self.cs;
+        cs.iter()
+            .enumerate()
+            .filter(|(i, c)| self.is_first(*i, c))
+            .map(|(_, c)| c)
+            .collect()
+    }
+
+    /// Each completion's outcome: `charged` holds the shards whose compare-and-set took,
+    /// `recorded` those already done by that very attempt on that agent (an earlier commit
+    /// whose answer was lost).
+    pub(crate) fn outcomes(
+        &self,
+        charged: &std::collections::HashSet<ShardKey>,
+        recorded: &std::collections::HashSet<ShardKey>,
+    ) -> Vec<ChargeOutcome> {
+        self.cs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let key = (c.workload_uid.clone(), c.shard);
+                if !self.is_first(i, c) {
+                    ChargeOutcome::Refused
+                } else if charged.contains(&key) {
+                    ChargeOutcome::Charged
+                } else if recorded.contains(&key) {
+                    ChargeOutcome::AlreadyCharged
+                } else {
+                    ChargeOutcome::Refused
+                }
+            })
+            .collect()
+    }
+
+    /// The completions to charge, and the events of the whole batch (in batch order).
+    pub(crate) fn charges_and_events(
+        &self,
+        outcomes: &[ChargeOutcome],
+    ) -> (Vec<&'a CompletionRecord>, Vec<Event>) {
+        let cs = self.cs;
+        let charges = cs
+            .iter()
+            .zip(outcomes)
+            .filter(|(_, o)| **o == ChargeOutcome::Charged)
+            .map(|(c, _)| c)
+            .collect();
+        let events = cs
+            .iter()
+            .zip(outcomes)
+            .filter_map(|(c, o)| c.event(*o))
+            .collect();
+        (charges, events)
+    }
+}
+
 impl CompletionRecord {
     /// The ledger's unique key of this shard's charge.
     pub fn charge_key(&self) -> String {

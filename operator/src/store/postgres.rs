@@ -12,8 +12,8 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 
 use super::{
-    Charge, ChargeOutcome, Claim, CompletionRecord, Event, EventFilter, EventKind, EventRow,
-    GrantKind, RefundError, ShardRecord, StatementLine, Store, StoreError, StoredShard,
+    BatchJudge, Charge, ChargeOutcome, Claim, CompletionRecord, Event, EventFilter, EventKind,
+    EventRow, GrantKind, RefundError, ShardRecord, StatementLine, Store, StoreError, StoredShard,
     StoredWorkload, VerifyReport, WorkloadRecord, mesh_account, namespace_account,
 };
 
@@ -199,21 +199,8 @@ async fn complete_set(
     if cs.is_empty() {
         return Ok(Vec::new());
     }
-    // Within the batch the first completion of a shard is its candidate; later ones are
-    // refused whatever the database says. Each candidate is a compare-and-set on the shard's
-    // state, holder and attempt.
-    let mut first: HashMap<(&str, u32), usize> = HashMap::new();
-    for (i, c) in cs.iter().enumerate() {
-        first.entry((c.workload_uid.as_str(), c.shard)).or_insert(i);
-    }
-    let is_first =
-        |i: usize, c: &CompletionRecord| first.get(&(c.workload_uid.as_str(), c.shard)) == Some(&i);
-    let candidates: Vec<&CompletionRecord> = cs
-        .iter()
-        .enumerate()
-        .filter(|(i, c)| is_first(*i, c))
-        .map(|(_, c)| c)
-        .collect();
+    let judge = BatchJudge::new(cs);
+    let candidates = judge.candidates();
     let mut tx = pool.begin().await?;
     let uids: Vec<String> = candidates.iter().map(|c| c.workload_uid.clone()).collect();
     let idxs: Vec<i32> = candidates.iter().map(|c| c.shard as i32).collect();
@@ -267,28 +254,8 @@ async fn complete_set(
             .filter(|k| !charged.contains(k))
             .collect();
     }
-    let outcomes: Vec<ChargeOutcome> = cs
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let key = (c.workload_uid.clone(), c.shard);
-            if !is_first(i, c) {
-                ChargeOutcome::Refused
-            } else if charged.contains(&key) {
-                ChargeOutcome::Charged
-            } else if recorded.contains(&key) {
-                ChargeOutcome::AlreadyCharged
-            } else {
-                ChargeOutcome::Refused
-            }
-        })
-        .collect();
-    let charges: Vec<&CompletionRecord> = cs
-        .iter()
-        .zip(&outcomes)
-        .filter(|(_, o)| **o == ChargeOutcome::Charged)
-        .map(|(c, _)| c)
-        .collect();
+    let outcomes = judge.outcomes(&charged, &recorded);
+    let (charges, events) = judge.charges_and_events(&outcomes);
     if !charges.is_empty() {
         let keys: Vec<String> = charges.iter().map(|c| c.charge_key()).collect();
         let uids: Vec<String> = charges.iter().map(|c| c.workload_uid.clone()).collect();
@@ -317,11 +284,6 @@ async fn complete_set(
         }
         post(&mut tx, &tx_ids, &entries).await?;
     }
-    let events: Vec<Event> = cs
-        .iter()
-        .zip(&outcomes)
-        .filter_map(|(c, o)| c.event(*o))
-        .collect();
     insert_events(&mut tx, &events).await?;
     tx.commit().await?;
     Ok(outcomes)

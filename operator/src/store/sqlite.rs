@@ -10,8 +10,8 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::{
-    Charge, ChargeOutcome, Claim, CompletionRecord, Event, EventFilter, EventKind, EventRow,
-    GrantKind, RefundError, ShardRecord, StatementLine, Store, StoreError, StoredShard,
+    BatchJudge, Charge, ChargeOutcome, Claim, CompletionRecord, Event, EventFilter, EventKind,
+    EventRow, GrantKind, RefundError, ShardRecord, StatementLine, Store, StoreError, StoredShard,
     StoredWorkload, VerifyReport, WorkloadRecord, mesh_account, namespace_account,
 };
 
@@ -160,6 +160,16 @@ async fn post_all(
     Ok(())
 }
 
+type Query<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+
+/// Binds the attempt a completion names: (workload uid, index, attempt, agent).
+fn bind_attempt<'q>(q: Query<'q>, c: &'q CompletionRecord) -> Query<'q> {
+    q.bind(&c.workload_uid)
+        .bind(i64::from(c.shard))
+        .bind(i64::from(c.attempt))
+        .bind(&c.agent)
+}
+
 /// Records a batch of completions inside `tx`, a few statements for the whole batch (as
 /// on Postgres). Within the batch the first completion of a shard is its candidate; later
 /// ones are refused whatever the database says. Each candidate is a compare-and-set on the
@@ -169,18 +179,8 @@ async fn complete_set(
     tx: &mut Transaction<'_, Sqlite>,
     cs: &[CompletionRecord],
 ) -> Result<Vec<ChargeOutcome>, sqlx::Error> {
-    let mut first: HashMap<(&str, u32), usize> = HashMap::new();
-    for (i, c) in cs.iter().enumerate() {
-        first.entry((c.workload_uid.as_str(), c.shard)).or_insert(i);
-    }
-    let is_first =
-        |i: usize, c: &CompletionRecord| first.get(&(c.workload_uid.as_str(), c.shard)) == Some(&i);
-    let candidates: Vec<&CompletionRecord> = cs
-        .iter()
-        .enumerate()
-        .filter(|(i, c)| is_first(*i, c))
-        .map(|(_, c)| c)
-        .collect();
+    let judge = BatchJudge::new(cs);
+    let candidates = judge.candidates();
     let at = now();
     let mut charged: HashSet<(String, u32)> = HashSet::new();
     for chunk in candidates.chunks(ROWS_PER_STATEMENT) {
@@ -195,11 +195,7 @@ async fn complete_set(
         );
         let mut q = sqlx::query(&sql);
         for c in chunk {
-            q = q
-                .bind(&c.workload_uid)
-                .bind(i64::from(c.shard))
-                .bind(i64::from(c.attempt))
-                .bind(&c.agent)
+            q = bind_attempt(q, c)
                 .bind(c.records as i64)
                 .bind(&c.output_uri)
                 .bind(&c.sha256);
@@ -227,39 +223,15 @@ async fn complete_set(
             );
             let mut q = sqlx::query(&sql);
             for c in chunk {
-                q = q
-                    .bind(&c.workload_uid)
-                    .bind(i64::from(c.shard))
-                    .bind(i64::from(c.attempt))
-                    .bind(&c.agent);
+                q = bind_attempt(q, c);
             }
             for row in q.fetch_all(&mut **tx).await? {
                 recorded.insert((row.try_get(0)?, row.try_get::<i64, _>(1)? as u32));
             }
         }
     }
-    let outcomes: Vec<ChargeOutcome> = cs
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let key = (c.workload_uid.clone(), c.shard);
-            if !is_first(i, c) {
-                ChargeOutcome::Refused
-            } else if charged.contains(&key) {
-                ChargeOutcome::Charged
-            } else if recorded.contains(&key) {
-                ChargeOutcome::AlreadyCharged
-            } else {
-                ChargeOutcome::Refused
-            }
-        })
-        .collect();
-    let charges: Vec<&CompletionRecord> = cs
-        .iter()
-        .zip(&outcomes)
-        .filter(|(_, o)| **o == ChargeOutcome::Charged)
-        .map(|(c, _)| c)
-        .collect();
+    let outcomes = judge.outcomes(&charged, &recorded);
+    let (charges, events) = judge.charges_and_events(&outcomes);
     let keys: Vec<String> = charges.iter().map(|c| c.charge_key()).collect();
     let mut id_of: HashMap<String, i64> = HashMap::new();
     for (chunk, chunk_keys) in charges
@@ -301,11 +273,6 @@ async fn complete_set(
         .map(|(id, account, amount)| (*id, account.as_str(), *amount))
         .collect();
     post_all(tx, &entries).await?;
-    let events: Vec<Event> = cs
-        .iter()
-        .zip(&outcomes)
-        .filter_map(|(c, o)| c.event(*o))
-        .collect();
     insert_events(tx, &events).await?;
     Ok(outcomes)
 }
