@@ -146,12 +146,18 @@ pub fn bearer(metadata: &MetadataMap) -> Result<&str, Status> {
 pub struct AgentServer<S: Store, A: Authenticator> {
     core: Arc<Core<S>>,
     auth: Arc<A>,
+    /// Reports in flight over every stream ([`REPORTS_IN_FLIGHT_TOTAL`]).
+    reports: Arc<tokio::sync::Semaphore>,
 }
 
 impl<S: Store, A: Authenticator> AgentServer<S, A> {
     /// A server feeding `core`.
     pub fn new(core: Arc<Core<S>>, auth: Arc<A>) -> Self {
-        Self { core, auth }
+        Self {
+            core,
+            auth,
+            reports: Arc::new(tokio::sync::Semaphore::new(REPORTS_IN_FLIGHT_TOTAL)),
+        }
     }
 
     /// As a tonic service.
@@ -190,9 +196,9 @@ impl<S: Store, A: Authenticator> AgentService for AgentServer<S, A> {
         self.auth.authorize(&mut principal, &hello.mesh)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = self.core.attach(hello, &principal, tx.clone()).await?;
-        let core = self.core.clone();
+        let (core, reports) = (self.core.clone(), self.reports.clone());
         tokio::spawn(async move {
-            let reason = serve_stream(&core, &handle, &mut inbound, &tx).await;
+            let reason = serve_stream(&core, &handle, &mut inbound, &tx, &reports).await;
             if let Err(e) = core.detach(&handle, &reason).await {
                 tracing::error!(agent = %handle.id, error = %e, "cannot record the agent's departure");
             }
@@ -205,7 +211,14 @@ impl<S: Store, A: Authenticator> AgentService for AgentServer<S, A> {
 /// holder's running attempt?) is made in the order the reports came; what follows (the part
 /// read, the group commit, the move) overlaps, so an agent's next report does not wait for the
 /// last one's commit.
-const REPORTS_IN_FLIGHT: usize = 64;
+const REPORTS_IN_FLIGHT: usize = 16;
+
+/// Reports handled at once over all streams. A judged completion frees its slot at once, so
+/// without a bound the commits could fall ever further behind the judgements (each report in
+/// flight holds its message and its state: at 1,000 agents an unbounded backlog took the
+/// operator past 500 MB). Past the bound, streams are not read until commits catch up; two
+/// group-commit batches' worth lets one batch form while another commits.
+const REPORTS_IN_FLIGHT_TOTAL: usize = 2 * crate::store::group::MAX_BATCH;
 
 /// Reads one agent's stream until it ends; returns why it ended. Every report handed to the
 /// core is first polled at once, so its judgement, made before its first wait, happens in
@@ -216,10 +229,12 @@ async fn serve_stream<S: Store>(
     handle: &crate::core::AgentHandle,
     inbound: &mut Streaming<AgentMessage>,
     tx: &mpsc::UnboundedSender<Result<OperatorMessage, Status>>,
+    reports: &Arc<tokio::sync::Semaphore>,
 ) -> String {
     use futures::StreamExt;
     use std::task::Poll;
     let mut in_flight = futures::stream::FuturesUnordered::new();
+    let mut permit = None;
     let refused = |status: Status| {
         tracing::warn!(agent = %handle.id, code = ?status.code(), message = %status.message(), "refusing agent message");
         let reason = format!("stream ended: {}", status.message());
@@ -234,9 +249,20 @@ async fn serve_stream<S: Store>(
                     break refused(status);
                 }
             }
-            message = inbound.message(), if in_flight.len() < REPORTS_IN_FLIGHT => match message {
+            got = reports.clone().acquire_owned(),
+                if permit.is_none() && in_flight.len() < REPORTS_IN_FLIGHT =>
+            {
+                permit = got.ok();
+            }
+            message = inbound.message(), if permit.is_some() => match message {
                 Ok(Some(msg)) => {
-                    let mut report = Box::pin(core.handle(handle, msg));
+                    let held = permit.take();
+                    let handled = core.handle(handle, msg);
+                    let mut report = Box::pin(async move {
+                        let result = handled.await;
+                        drop(held);
+                        result
+                    });
                     match futures::poll!(&mut report) {
                         Poll::Ready(Ok(())) => {}
                         Poll::Ready(Err(status)) => break refused(status),
@@ -248,6 +274,7 @@ async fn serve_stream<S: Store>(
             },
         }
     };
+    drop(permit);
     while let Some(result) = in_flight.next().await {
         if let Err(status) = result {
             tracing::warn!(agent = %handle.id, code = ?status.code(), message = %status.message(), "refusing agent message");
