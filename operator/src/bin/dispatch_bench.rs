@@ -4,6 +4,10 @@
 //! shards, agents, slots, seconds, shards per second.
 //!
 //! `infermesh-dispatch-bench --shards 5000 --agents 10 --slots 4 [--database-url URL]`
+//!
+//! With `--soak N` it runs N workloads of `--shards` shards one after another instead (each
+//! released from memory once finished, as the status writer does in a cluster) and samples the
+//! process's RSS from /proc every N/100 workloads: whether memory stays flat over a long life.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +31,120 @@ struct Args {
     /// The store (default: a fresh SQLite file in a temporary folder).
     #[arg(long)]
     database_url: Option<String>,
+    /// Run this many workloads of `--shards` shards one after another, sampling RSS.
+    #[arg(long)]
+    soak: Option<u32>,
+}
+
+/// This process's resident set, in MB (`VmRSS` of /proc/self/status).
+fn rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Submits `spec` as workload `i` (its own output folder) and waits for it to end; returns
+/// its key.
+async fn run_one<S: Store>(
+    core: &Core<S>,
+    spec: &infermesh_crds::WorkloadSpec,
+    dir: &std::path::Path,
+    i: u32,
+    shards: u64,
+) -> anyhow::Result<String> {
+    let mut spec = spec.clone();
+    spec.output.uri = format!("file://{}/out/w{i}/", dir.display());
+    let t0 = Instant::now();
+    let key = core
+        .submit(Submission {
+            namespace: "bench".into(),
+            name: format!("w{i}"),
+            uid: format!("bench-{i}"),
+            spec,
+            input_size: shards * 1024,
+            input_version: None,
+        })
+        .await?;
+    loop {
+        match core.workload(&key).await {
+            Some(w) if w.phase.is_terminal() => {
+                anyhow::ensure!(
+                    format!("{:?}", w.phase) == "Succeeded",
+                    "workload {key} ended {:?}: {}",
+                    w.phase,
+                    w.message
+                );
+                return Ok(key);
+            }
+            _ if t0.elapsed() > Duration::from_secs(60) => {
+                anyhow::bail!("workload {key} not done in 60 s")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
+    }
+}
+
+/// The soak: `n` workloads one after another.
+async fn soak<S: Store>(
+    core: &Core<S>,
+    spec: &infermesh_crds::WorkloadSpec,
+    dir: &std::path::Path,
+    n: u32,
+    args: &Args,
+    backend: &str,
+) -> anyhow::Result<()> {
+    let every = (n / 100).max(1);
+    let t0 = Instant::now();
+    let mut samples = vec![(0u32, rss_mb())];
+    for i in 0..n {
+        let key = run_one(core, spec, dir, i, args.shards).await?;
+        // What the status writer does once the final status is written.
+        core.release(&key);
+        if (i + 1) % every == 0 {
+            samples.push((i + 1, rss_mb()));
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    // Flatness after the first tenth (after the first 1,000 of 10,000).
+    let settle = n / 10;
+    let base = samples
+        .iter()
+        .find(|(i, _)| *i >= settle)
+        .map_or(0.0, |s| s.1);
+    let after_max = samples
+        .iter()
+        .filter(|(i, _)| *i >= settle)
+        .map(|s| s.1)
+        .fold(0.0, f64::max);
+    let charges = core.store().charges(&format!("bench-{}", n - 1)).await?.len();
+    let ok = core.store().verify().await?.ok();
+    println!(
+        "{}",
+        serde_json::json!({
+            "mode": "soak",
+            "backend": backend,
+            "workloads": n,
+            "shards_each": args.shards,
+            "agents": args.agents,
+            "slots": args.slots,
+            "seconds": secs,
+            "workloads_per_second": f64::from(n) / secs,
+            "rss_mb": samples,
+            "rss_at_settle_mb": base,
+            "rss_max_after_settle_mb": after_max,
+            "growth_after_settle": if base > 0.0 { after_max / base - 1.0 } else { 0.0 },
+            "resident_workloads": core.resident_workloads(),
+            "last_workload_charges": charges,
+            "ledger_ok": ok,
+        })
+    );
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,6 +196,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .map_err(|s| anyhow::anyhow!("{s}"))?;
     }
 
+    if let Some(n) = args.soak {
+        return soak(&core, &workload, dir.path(), n, &args, backend).await;
+    }
     let t0 = Instant::now();
     let key = core
         .submit(Submission {
