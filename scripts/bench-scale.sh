@@ -15,7 +15,7 @@ RAY_VERSION=2.52.1
 MATPLOTLIB_VERSION=3.10.7
 
 bash scripts/setup.sh >/dev/null
-cargo build --release --locked -q -p infermesh-operator -p infermesh-swarm --bin infermesh --bin infermesh-swarm
+cargo build --release --locked -q -p infermesh-operator -p infermesh-swarm --bin infermesh --bin infermesh-swarm --bin infermesh-dispatch-bench
 
 ray=1
 args=()

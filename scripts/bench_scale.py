@@ -209,6 +209,20 @@ def plots(results, ray, docs):
         ax.legend(fontsize=8)
     axes[2].set_yscale("log")
     fig.tight_layout()
+    soak = next((r for r in results if r["label"] == "soak"), None)
+    if soak:
+        f2, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([x[0] for x in soak["rss_mb"]], [x[1] for x in soak["rss_mb"]], "-")
+        ax.set_xlabel("workloads done")
+        ax.set_ylabel("RSS (MB)")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"soak: {soak['workloads']:,} workloads one after another")
+        ax.grid(alpha=0.3)
+        f2.tight_layout()
+        p2 = docs / "scale-soak.png"
+        f2.savefig(p2, dpi=110)
+        made.append(p2.name)
+        plt.close(f2)
     p = docs / "scale-dispatch.png"
     fig.savefig(p, dpi=110)
     made.append(p.name)
@@ -279,6 +293,20 @@ def section(results, ray, pngs, commit):
                          f"{r['operator']['max_sampled_rss_mb']:.0f} | "
                          f"{r['operator']['peak_rss_mb']:.0f} |")
         lines.append("")
+    soak = next((r for r in results if r["label"] == "soak"), None)
+    if soak:
+        lines += [f"The soak: {soak['workloads']:,} workloads of {soak['shards_each']} shards, "
+                  "one after another, through the core on a SQLite store with "
+                  f"{soak['agents']} in-process agents (`infermesh-dispatch-bench --soak`; each "
+                  "finished workload is released from memory as the status writer does once "
+                  "its final status is written). gRPC is left out: its memory is per agent, "
+                  f"not per workload. {soak['workloads_per_second']:.0f} workloads/s; the "
+                  f"ledger verified: {soak['ledger_ok']}; workloads left in memory: "
+                  f"{soak['resident_workloads']}.", "",
+                  "| workloads done | RSS (MB) |", "|---:|---:|"]
+        for i, mb in soak["rss_mb"][:: max(1, len(soak["rss_mb"]) // 10)]:
+            lines.append(f"| {i:,} | {mb:.1f} |")
+        lines.append("")
     # Targets.
     def get(store, n):
         return next((r for r in disp if r["store"] == store and r["agents"] == n), None)
@@ -314,6 +342,12 @@ def section(results, ray, pngs, commit):
         rss = max(r["operator"]["max_sampled_rss_mb"] for r in big)
         t.append(f"- operator RSS <= 200 MB with 1,000,000 queued shards and 1,000 agents: "
                  f"{rss:.0f} MB — {'met' if rss <= 200 else 'not met'}")
+    if soak:
+        g = soak["growth_after_settle"] * 100
+        t.append(f"- RSS flat (within 10 %) over the {soak['workloads']:,}-workload soak after the "
+                 f"first tenth: {soak['rss_at_settle_mb']:.1f} -> at most "
+                 f"{soak['rss_max_after_settle_mb']:.1f} MB (+{g:.1f} %) — "
+                 f"{'met' if g <= 10 else 'not met'}")
     lines += t + [""]
     for p in pngs:
         lines.append(f"![{p}]({p})")
@@ -339,6 +373,8 @@ def main():
                     help="compute time of the 1,000-agent runs below saturation (empty: none)")
     ap.add_argument("--queued", default="1000,100000,1000000",
                     help="queued-shard counts for the memory runs (empty: none)")
+    ap.add_argument("--soak", type=int, default=10000,
+                    help="workloads run one after another in the soak (0: none)")
     ap.add_argument("--ray-python", help="python with Ray (empty: no Ray anchor)")
     ap.add_argument("--raw", default=str(ROOT / "target" / "bench-scale.jsonl"))
     ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
@@ -375,8 +411,11 @@ def main():
                 for agents in [int(x) for x in a.agents.split(",") if x]:
                     n += 1
                     url_for = store_url(store, pg, n)
-                    log(f"dispatch: {store}, {agents} agents, {a.shards} shards")
-                    r = run(url_for, agents, a.shards, f"dispatch {store} {agents}")
+                    # Enough shards that the agents' attaching (one store write each) is a
+                    # small part of the run: at least 50 per agent.
+                    shards = max(a.shards, 50 * agents)
+                    log(f"dispatch: {store}, {agents} agents, {shards} shards")
+                    r = run(url_for, agents, shards, f"dispatch {store} {agents}")
                     r["store"] = store
                     keep(r)
                 if a.paced and 1000 in [int(x) for x in a.agents.split(",") if x]:
@@ -400,6 +439,18 @@ def main():
                             deadline="25s")
                     r["store"] = "sqlite"
                     keep(r)
+    if a.soak:
+        log(f"soak: {a.soak} workloads of 4 shards one after another")
+        out = subprocess.run([str(REL / "infermesh-dispatch-bench"), "--soak", str(a.soak),
+                              "--shards", "4", "--agents", "4", "--slots", "1"],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"soak failed: {out.stderr[-2000:]}")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r["label"] = "soak"
+        keep(r)
+        log(f"soak: {r['workloads_per_second']:.0f} workloads/s, RSS "
+            f"{r['rss_at_settle_mb']:.1f} -> max {r['rss_max_after_settle_mb']:.1f} MB")
     if a.ray_python:
         log("Ray: 20,000 no-op tasks")
         ray = ray_noop(a.ray_python)

@@ -122,7 +122,11 @@ async fn soak<S: Store>(
         .filter(|(i, _)| *i >= settle)
         .map(|s| s.1)
         .fold(0.0, f64::max);
-    let charges = core.store().charges(&format!("bench-{}", n - 1)).await?.len();
+    let charges = core
+        .store()
+        .charges(&format!("bench-{}", n - 1))
+        .await?
+        .len();
     let ok = core.store().verify().await?.ok();
     println!(
         "{}",
