@@ -2,7 +2,8 @@
 # The Kubernetes API write budget of the controllers (issue 4): a simulated run of 10,000
 # shards on 8 agents through the real Workload reconcile, status writer and Event publisher,
 # against a mocked API server that counts every request. Prints markdown tables.
-#   scripts/bench-api.sh            # 10 ms and 40 ms per shard
+#   scripts/bench-api.sh            # 10 ms and 40 ms per shard, then 1,000 agents x 1,000 Workloads
+#   scripts/bench-api.sh --small    # without the 1,000 x 1,000 run (a few minutes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -13,3 +14,9 @@ for ms in 10 40; do
   ./target/debug/infermesh-api-bench --shards 10000 --agents 8 --slots 2 --compute-ms "$ms"
   echo
 done
+# Issue 13: 1,000 agents and 1,000 Workloads at once (100 shards each, 1 s a shard): how the
+# writer spends its budget, how stale a status gets, how late a final phase is written.
+if [ "${1:-}" != "--small" ]; then
+  ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+  ./target/debug/infermesh-api-bench --shards 100000 --workloads 1000 --agents 1000 --slots 1 --compute-ms 1000
+fi

@@ -4,7 +4,10 @@
 //! agents are in-process and complete each shard after a simulated compute time.
 //!
 //! Prints writes per second (mean, and the most in any sliding one-second window), writes per 1,000
-//! shards, and status writes per Workload per 2 seconds.
+//! shards, and status writes per Workload per 2 seconds. With `--workloads N` the shards are
+//! spread over N Workloads run at once, and it also prints how stale a Workload's or an
+//! Agent's status got at worst (the longest time without a write while it was live) and how
+//! long each Workload's final phase took to be written after the core reached it.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -19,6 +22,7 @@ use infermesh_operator::controller::{
 use infermesh_operator::core::{Core, sim};
 use infermesh_operator::metrics::Metrics;
 use infermesh_operator::store;
+use kube::ResourceExt;
 use kube::client::Body;
 use serde_json::{Value, json};
 
@@ -36,12 +40,39 @@ struct Args {
     /// Simulated compute time per shard, in milliseconds.
     #[arg(long, default_value_t = 10)]
     compute_ms: u64,
+    /// Workloads run at once, the shards spread evenly over them.
+    #[arg(long, default_value_t = 1)]
+    workloads: u64,
+}
+
+/// One request the mocked API server answered.
+struct Call {
+    /// Seconds since the start.
+    at: f64,
+    method: String,
+    /// The resource as RBAC names it (`workloads/status`).
+    shape: String,
+    /// The object's name.
+    name: String,
+    /// For a Workload status write, the phase it carried.
+    phase: Option<String>,
 }
 
 #[derive(Default)]
 struct Counts {
-    /// (seconds since start, method, resource path shape)
-    requests: Vec<(f64, String, String)>,
+    requests: Vec<Call>,
+}
+
+/// The longest gap in `writes` (sorted) within [`from`, `to`], counting from `from` to the first
+/// write and from the last to `to`.
+fn longest_gap(writes: &[f64], from: f64, to: f64) -> f64 {
+    let mut last = from;
+    let mut longest: f64 = 0.0;
+    for &t in writes.iter().filter(|t| **t >= from && **t <= to) {
+        longest = longest.max(t - last);
+        last = t;
+    }
+    longest.max(to - last)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,32 +89,49 @@ fn main() -> anyhow::Result<()> {
 async fn run(args: Args) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     std::fs::write(dir.path().join("model.onnx"), b"model")?;
+    let each = args.shards / args.workloads.max(1);
+    anyhow::ensure!(each > 0, "fewer shards than workloads");
     std::fs::write(
         dir.path().join("in.jsonl"),
-        vec![b'\n'; (args.shards * 1024) as usize],
+        vec![b'\n'; (each * 1024) as usize],
     )?;
     let d = dir.path().display();
-    let yaml = format!(
-        "apiVersion: infermesh.dev/v1alpha1\nkind: Workload\nmetadata: {{name: bench, namespace: team-a}}\nspec:\n  mesh: gpus\n  \
-         model: {{uri: \"file://{d}/model.onnx\"}}\n  task: {{tensor: {{inputs: [{{name: x}}]}}}}\n  \
-         input: {{uri: \"file://{d}/in.jsonl\"}}\n  output: {{uri: \"file://{d}/out/\"}}\n  shardBytes: 1Ki\n"
+    let mut workloads: Vec<(Workload, Value)> = Vec::new();
+    for i in 0..args.workloads.max(1) {
+        // One Workload keeps its old name, so the single-Workload figures read as before.
+        let name = if args.workloads <= 1 {
+            "bench".to_string()
+        } else {
+            format!("bench-{i}")
+        };
+        let yaml = format!(
+            "apiVersion: infermesh.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}, namespace: team-a}}\nspec:\n  mesh: gpus\n  \
+             model: {{uri: \"file://{d}/model.onnx\"}}\n  task: {{tensor: {{inputs: [{{name: x}}]}}}}\n  \
+             input: {{uri: \"file://{d}/in.jsonl\"}}\n  output: {{uri: \"file://{d}/out/{name}/\"}}\n  shardBytes: 1Ki\n"
+        );
+        let Some(Manifest::Workload(w)) = parse_manifests(&yaml)?.pop() else {
+            anyhow::bail!("workload manifest")
+        };
+        let mut w: Workload = *w;
+        w.metadata.uid = Some(format!("{name}-uid"));
+        w.metadata.generation = Some(1);
+        w.metadata.finalizers = Some(vec![WORKLOAD_FINALIZER.into()]);
+        let json = serde_json::to_value(&w)?;
+        workloads.push((w, json));
+    }
+    let replies: Arc<BTreeMap<String, Value>> = Arc::new(
+        workloads
+            .iter()
+            .map(|(w, json)| (w.name_any(), json.clone()))
+            .collect(),
     );
-    let Some(Manifest::Workload(w)) = parse_manifests(&yaml)?.pop() else {
-        anyhow::bail!("workload manifest")
-    };
-    let mut w: Workload = *w;
-    w.metadata.uid = Some("bench-uid".into());
-    w.metadata.generation = Some(1);
-    w.metadata.finalizers = Some(vec![WORKLOAD_FINALIZER.into()]);
-    let workload_json = serde_json::to_value(&w)?;
 
     let counts = Arc::new(Mutex::new(Counts::default()));
     let start = Instant::now();
     let c = counts.clone();
-    let reply_workload = workload_json.clone();
     let service = tower::service_fn(move |req: Request<Body>| {
         let c = c.clone();
-        let reply_workload = reply_workload.clone();
+        let replies = replies.clone();
         async move {
             let method = req.method().to_string();
             let path = req.uri().path().to_string();
@@ -92,17 +140,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 rbac::access(&method, &path, "").map_or_else(|| path.clone(), |a| a.resource);
             let body = req.into_body().collect_bytes().await.unwrap_or_default();
             let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            if let Ok(mut c) = c.lock() {
-                c.requests
-                    .push((start.elapsed().as_secs_f64(), method.clone(), shape.clone()));
-            }
             let name = path
                 .rsplit('/')
                 .nth(usize::from(path.ends_with("/status")))
                 .unwrap_or("x")
                 .to_string();
+            if let Ok(mut c) = c.lock() {
+                c.requests.push(Call {
+                    at: start.elapsed().as_secs_f64(),
+                    method: method.clone(),
+                    shape: shape.clone(),
+                    name: body["metadata"]["name"]
+                        .as_str()
+                        .map_or_else(|| name.clone(), str::to_string),
+                    phase: body["status"]["phase"].as_str().map(str::to_string),
+                });
+            }
             let reply = match shape.as_str() {
-                "workloads" | "workloads/status" => reply_workload,
+                "workloads" | "workloads/status" => replies
+                    .get(&name)
+                    .or_else(|| replies.values().next())
+                    .cloned()
+                    .unwrap_or(Value::Null),
                 "agents" | "agents/status" => {
                     json!({"apiVersion": "infermesh.dev/v1alpha1", "kind": "Agent",
                     "metadata": {"name": body["metadata"]["name"].as_str().unwrap_or(&name)}, "spec": {"mesh": "gpus", "node": "n"}})
@@ -147,34 +206,67 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let writer = tokio::spawn(status::StatusWriter::new(ctx.clone()).run());
     let publisher = tokio::spawn(events::run(ctx.clone()));
     let t0 = Instant::now();
-    workload::reconcile(Arc::new(w), ctx.clone())
-        .await
-        .map_err(|e| anyhow::anyhow!("reconcile: {e}"))?;
-    let key = workload::key_of(&serde_json::from_value::<Workload>(workload_json)?)?;
-    loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let s = core
-            .workload(&key)
+    let mut keys = Vec::new();
+    for (w, _) in &workloads {
+        workload::reconcile(Arc::new(w.clone()), ctx.clone())
             .await
-            .ok_or_else(|| anyhow::anyhow!("workload gone"))?;
-        if s.phase.is_terminal() {
-            anyhow::ensure!(s.shards_succeeded as u64 == args.shards, "{s:?}");
-            break;
+            .map_err(|e| anyhow::anyhow!("reconcile: {e}"))?;
+        keys.push((w.name_any(), workload::key_of(w)?));
+    }
+    let admitted = start.elapsed().as_secs_f64();
+    // When the core reached each Workload's final phase (seconds since the start).
+    let mut ended: BTreeMap<String, f64> = BTreeMap::new();
+    while ended.len() < keys.len() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        for (name, key) in &keys {
+            if ended.contains_key(name) {
+                continue;
+            }
+            let s = core
+                .workload(key)
+                .await
+                .ok_or_else(|| anyhow::anyhow!("workload {key} gone"))?;
+            if s.phase.is_terminal() {
+                anyhow::ensure!(s.shards_succeeded as u64 == each, "{s:?}");
+                ended.insert(name.clone(), start.elapsed().as_secs_f64());
+            }
         }
     }
     let run_secs = t0.elapsed().as_secs_f64();
-    // Let the last status and Events go out.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Let the last status and Events go out (every final phase written, or 30 s).
+    let wait_from = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let written = counts
+            .lock()
+            .map(|c| {
+                c.requests
+                    .iter()
+                    .filter(|r| {
+                        r.shape == "workloads/status" && r.phase.as_deref() == Some("Succeeded")
+                    })
+                    .map(|r| r.name.clone())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len()
+            })
+            .unwrap_or(0);
+        if (written >= keys.len() && wait_from.elapsed() >= Duration::from_secs(3))
+            || wait_from.elapsed() > Duration::from_secs(30)
+        {
+            break;
+        }
+    }
     writer.abort();
     publisher.abort();
     let total_secs = t0.elapsed().as_secs_f64();
 
     let c = counts.lock().map_err(|_| anyhow::anyhow!("lock"))?;
-    let mutating: Vec<&(f64, String, String)> =
-        c.requests.iter().filter(|(_, m, _)| m != "GET").collect();
+    let mutating: Vec<&Call> = c.requests.iter().filter(|r| r.method != "GET").collect();
     let mut by_kind: BTreeMap<String, usize> = BTreeMap::new();
-    for (_, m, s) in &mutating {
-        *by_kind.entry(format!("{m} {s}")).or_default() += 1;
+    for r in &mutating {
+        *by_kind
+            .entry(format!("{} {}", r.method, r.shape))
+            .or_default() += 1;
     }
     // Sliding windows: the most calls within any `width` seconds, starting at a call.
     let busiest_in = |times: &[f64], width: f64| {
@@ -188,24 +280,87 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .max()
             .unwrap_or(0)
     };
-    let mut all: Vec<f64> = mutating.iter().map(|(t, _, _)| *t).collect();
+    let mut all: Vec<f64> = mutating.iter().map(|r| r.at).collect();
     all.sort_by(f64::total_cmp);
     let busiest = busiest_in(&all, 1.0);
     let workload_status = by_kind.get("PATCH workloads/status").copied().unwrap_or(0);
-    let mut wl: Vec<f64> = mutating
-        .iter()
-        .filter(|(_, m, s)| m == "PATCH" && s == "workloads/status")
-        .map(|(t, _, _)| *t)
-        .collect();
-    wl.sort_by(f64::total_cmp);
-    let busiest_wl_2s = busiest_in(&wl, 2.0);
-    let min_gap = wl
-        .windows(2)
-        .map(|w| w[1] - w[0])
+    // Status writes per object, sorted.
+    let writes_of = |shape: &str| {
+        let mut by: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for r in mutating.iter().filter(|r| r.shape == shape) {
+            by.entry(r.name.clone()).or_default().push(r.at);
+        }
+        by.values_mut().for_each(|v| v.sort_by(f64::total_cmp));
+        by
+    };
+    let wl_by = writes_of("workloads/status");
+    let busiest_wl_2s = wl_by
+        .values()
+        .map(|v| busiest_in(v, 2.0))
+        .max()
+        .unwrap_or(0);
+    let min_gap = wl_by
+        .values()
+        .flat_map(|v| v.windows(2).map(|w| w[1] - w[0]))
         .fold(f64::INFINITY, f64::min);
+    // The final phase: from the core reaching it to the first write that carries it.
+    let mut phase_lag: Vec<f64> = Vec::new();
+    let mut unwritten = 0usize;
+    for (name, at) in &ended {
+        let first = mutating
+            .iter()
+            .filter(|r| r.shape == "workloads/status" && &r.name == name)
+            .filter(|r| r.phase.as_deref() == Some("Succeeded"))
+            .map(|r| r.at)
+            .fold(f64::INFINITY, f64::min);
+        if first.is_finite() {
+            phase_lag.push((first - at).max(0.0));
+        } else {
+            unwritten += 1;
+        }
+    }
+    phase_lag.sort_by(f64::total_cmp);
+    let pct = |v: &[f64], q: f64| {
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            v[((v.len() - 1) as f64 * q).round() as usize]
+        }
+    };
+    // Staleness: a live Workload's longest time without a status write (from its admission
+    // to its final phase); an Agent's over the run (from its creation to the run's end).
+    let wl_stale = ended
+        .iter()
+        .map(|(name, at)| {
+            longest_gap(
+                wl_by.get(name).map_or(&[][..], Vec::as_slice),
+                admitted,
+                *at,
+            )
+        })
+        .fold(0.0, f64::max);
+    let run_end = ended.values().copied().fold(admitted, f64::max);
+    let agent_writes = {
+        let mut by = writes_of("agents/status");
+        for (name, v) in writes_of("agents") {
+            by.entry(name).or_default().extend(v);
+        }
+        by.values_mut().for_each(|v| v.sort_by(f64::total_cmp));
+        by
+    };
+    let agent_stale = agent_writes
+        .values()
+        .map(|v| longest_gap(v, v.first().copied().unwrap_or(0.0), run_end))
+        .fold(0.0, f64::max);
+    let agents_created = by_kind.get("POST agents").copied().unwrap_or(0)
+        + by_kind.get("PATCH agents").copied().unwrap_or(0);
     println!(
-        "## API write budget: {} shards, {} agents x {} slots, {} ms per shard",
-        args.shards, args.agents, args.slots, args.compute_ms
+        "## API write budget: {} shards in {} Workload(s), {} agents x {} slots, {} ms per shard",
+        args.shards,
+        keys.len(),
+        args.agents,
+        args.slots,
+        args.compute_ms
     );
     println!();
     println!("run {run_secs:.1} s (until Succeeded), counted over {total_secs:.1} s");
@@ -231,5 +386,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     println!("| Workload status writes in any 2 s (most) | {busiest_wl_2s} | <= 1 |");
     println!("| shortest gap between Workload status writes | {min_gap:.2} s | >= 2 s |");
     println!("| Workload status writes in all | {workload_status} | - |");
+    println!(
+        "| final phase written after the core reached it: p50 / max | {:.2} s / {:.2} s | <= 5 s |",
+        pct(&phase_lag, 0.5),
+        pct(&phase_lag, 1.0)
+    );
+    println!("| final phases never written | {unwritten} | 0 |");
+    println!("| longest a live Workload went without a status write | {wl_stale:.1} s | <= 60 s |");
+    println!(
+        "| longest an Agent went without a status write ({} of {} agents written) | {agent_stale:.1} s | <= 60 s |",
+        agent_writes.len(),
+        args.agents
+    );
+    println!("| Agent objects created or applied | {agents_created} | - |");
     Ok(())
 }
