@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use infermesh_agent::endpoint::{TlsOptions, operator_endpoint};
 use infermesh_proto as pb;
 use pb::agent_message::Msg as Up;
 use pb::agent_service_client::AgentServiceClient;
@@ -33,7 +34,6 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Endpoint;
 
 /// One agent's credentials, as `infermesh local --external-agents` writes them.
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -192,6 +192,8 @@ pub struct Config {
     pub rss_log: Option<PathBuf>,
     /// How often the operator is sampled.
     pub sample_every: Duration,
+    /// How the operator's certificate is verified when its URL is `https://` (cluster mode).
+    pub tls: TlsOptions,
 }
 
 /// Quantiles of the assignment latency, in milliseconds.
@@ -491,11 +493,11 @@ async fn session(
     latencies: &mut Vec<f64>,
     welcomed: &mut bool,
 ) -> anyhow::Result<Ended> {
-    let channel = Endpoint::from_shared(cfg.operator.clone())?
-        .connect_timeout(Duration::from_secs(5))
+    // The agent's endpoint (plaintext on loopback, TLS verified against the operator's CA in
+    // cluster mode), with PINGs spaced out: a thousand simulated agents share one machine.
+    let channel = operator_endpoint(&cfg.operator, &cfg.tls)?
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20))
-        .tcp_nodelay(true)
         .connect()
         .await
         .context("connect")?;

@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use infermesh_agent::endpoint::TlsOptions;
 use infermesh_swarm::{Compute, Config, Credentials, parse_duration};
 
 /// Simulated agents over real gRPC, to load an operator and measure it.
@@ -65,6 +66,12 @@ struct Args {
     /// How often the operator is sampled.
     #[arg(long, default_value = "200ms", value_parser = parse_duration)]
     sample_every: Duration,
+    /// For an `https://` operator (cluster mode): the CA of its TLS Secret (`ca.crt`).
+    #[arg(long)]
+    ca_cert: Option<PathBuf>,
+    /// For an `https://` operator: the name its certificate carries (default: the URL's host).
+    #[arg(long)]
+    tls_server_name: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -115,6 +122,10 @@ fn main() -> ExitCode {
         operator_pid: args.operator_pid,
         rss_log: args.rss_log,
         sample_every: args.sample_every.max(Duration::from_millis(10)),
+        tls: TlsOptions {
+            ca_cert: args.ca_cert,
+            server_name: args.tls_server_name,
+        },
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

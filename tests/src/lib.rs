@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod chaos;
+pub mod cluster;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

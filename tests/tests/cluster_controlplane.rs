@@ -31,12 +31,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use infermesh_deploy::controlplane::ControlPlane;
-use infermesh_tests::{bin, ledger, python, sha256_file, test_models, workspace};
+use infermesh_tests::cluster::{
+    Proc, apply, condition, free_port, grpc_ca, helm_install, json, names_where, node_yaml,
+    wait_for,
+};
+use infermesh_tests::{bin, ledger, sha256_file, test_models, workspace};
 use serde_json::Value;
 
 const NS: &str = "infermesh";
@@ -52,106 +56,6 @@ const CPU_NODE: &str = "kwok-cpu-0";
 const PSS: &str = "restricted";
 /// Seconds of the operators' leader Lease.
 const LEASE: u64 = 6;
-
-fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Result<T, String>) -> T {
-    let t0 = Instant::now();
-    let mut last = String::new();
-    while t0.elapsed() < timeout {
-        match probe() {
-            Ok(v) => return v,
-            Err(e) => last = e,
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    panic!("timed out after {timeout:?} waiting for {what}: {last}");
-}
-
-fn json(cp: &ControlPlane, args: &[&str]) -> Result<Value, String> {
-    let mut all = args.to_vec();
-    all.extend(["-o", "json"]);
-    let text = cp.ok(&all, None).map_err(|e| format!("{e:#}"))?;
-    serde_json::from_str(&text).map_err(|e| format!("kubectl {}: {e}", args.join(" ")))
-}
-
-fn apply(cp: &ControlPlane, yaml: &str) {
-    cp.ok(&["apply", "--server-side", "-f", "-"], Some(yaml))
-        .unwrap_or_else(|e| panic!("{e:#}\n{yaml}"));
-}
-
-fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
-    status["conditions"]
-        .as_array()
-        .and_then(|c| c.iter().find(|c| c["type"] == type_))
-        .unwrap_or(&Value::Null)
-}
-
-/// The names of a list's items that `keep` accepts.
-fn names_where(list: &Value, keep: impl Fn(&Value) -> bool) -> Vec<String> {
-    list["items"]
-        .as_array()
-        .map(|i| {
-            i.iter()
-                .filter(|o| keep(o))
-                .filter_map(|o| o["metadata"]["name"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// A local process killed on drop; its output goes to a log file.
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &str, mut cmd: Command, dir: &Path) -> Self {
-        let log = dir.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = cmd
-            .stdout(file.try_clone().expect("log"))
-            .stderr(file)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {name}: {e}"));
-        Self {
-            name: name.into(),
-            child,
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "kill {sig} {}", self.name);
-    }
-
-    fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// The gRPC Service's stand-in: a loopback port that forwards each new connection to the
 /// operator process playing the pod labelled leader (what the Service's selector picks).
@@ -205,35 +109,6 @@ fn leader_proxy(kubeconfig: PathBuf, ports: BTreeMap<String, u16>) -> u16 {
     });
     port
 }
-
-fn node_yaml(name: &str, gpu: bool) -> String {
-    let (label, gpus) = if gpu {
-        (
-            "\n    nvidia.com/gpu.present: \"true\"",
-            ", nvidia.com/gpu: \"8\"",
-        )
-    } else {
-        ("", "")
-    };
-    format!(
-        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  annotations: {{kwok.x-k8s.io/node: fake}}\n  \
-         labels:\n    kubernetes.io/hostname: {name}{label}\nstatus:\n  capacity: {{cpu: \"32\", memory: 256Gi, pods: \"110\"{gpus}}}\n  \
-         allocatable: {{cpu: \"32\", memory: 256Gi, pods: \"110\"{gpus}}}\n"
-    )
-}
-
-const HELM: &str = r#"
-import json, sys
-import helm_python as helm
-kubeconfig, namespace, release, chart, values = sys.argv[1:6]
-try:
-    with helm.Config(kubeconfig_path=kubeconfig, namespace=namespace) as cfg:
-        rel = cfg.install(chart, release, json.loads(values), namespace=namespace, timeout=300)
-        print(json.dumps({k: rel.get(k) for k in ("name", "namespace", "revision", "status")}))
-except helm.HelmError as e:
-    sys.stderr.write(f"helm install: {type(e).__name__}: {e}\n")
-    sys.exit(1)
-"#;
 
 fn mesh_yaml() -> String {
     format!(
@@ -610,20 +485,12 @@ fn the_operator_runs_on_a_real_control_plane() {
         "mesh": {"create": false},
         "logJson": false,
     });
-    let out = Command::new(python())
-        .arg("-c")
-        .arg(HELM)
-        .arg(cp.kubeconfig())
-        .args([NS, RELEASE])
-        .arg(workspace().join("charts/infermesh"))
-        .arg(values.to_string())
-        .output()
-        .expect("python");
-    assert!(
-        out.status.success(),
-        "helm install: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    helm_install(
+        &cp,
+        NS,
+        RELEASE,
+        &workspace().join("charts/infermesh"),
+        &values,
     );
     for crd in [WORKLOADS, AGENTS, MESHES] {
         cp.ok(
@@ -756,19 +623,7 @@ fn the_operator_runs_on_a_real_control_plane() {
     }
 
     // The operator made the gRPC TLS Secret; agents trust its CA.
-    let ca = wait_for("the TLS Secret", Duration::from_secs(60), || {
-        let template = r#"go-template={{index .data "ca.crt" | base64decode}}"#;
-        cp.ok(
-            &["get", "secret", "infermesh-tls", "-n", NS, "-o", template],
-            None,
-        )
-        .map_err(|e| format!("{e:#}"))
-        .and_then(|ca| {
-            ca.contains("BEGIN CERTIFICATE")
-                .then_some(ca.clone())
-                .ok_or(ca)
-        })
-    });
+    let ca = grpc_ca(cp, NS, Duration::from_secs(60));
     std::fs::write(&cluster.ca, ca).expect("ca");
 
     // Agents: one per labelled node, each with a token bound to its DaemonSet pod.

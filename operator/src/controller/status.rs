@@ -126,13 +126,17 @@ impl StatusWriter {
             let generation = generations.get(&s.key).copied();
             let status = workload::running_status(s, prev.map(|w| &w.status), generation, wall);
             let changed = prev.is_none_or(|w| !same_workload(&w.status, &status));
+            // A phase change (Running, Succeeded, Failed) is what a person waits for: it goes
+            // before every routine refresh, as an Agent's does. The per-Workload throttle
+            // (one write per `workload_status_period`) still holds.
+            let urgent = prev.is_some_and(|w| w.status.phase != status.phase);
             if due(
                 prev.map(|w| (w.at, changed)),
                 now,
                 config.workload_status_period,
-                false,
+                urgent,
             ) {
-                due_writes.push((false, prev.map(|w| w.at), Due::Workload(i, status)));
+                due_writes.push((urgent, prev.map(|w| w.at), Due::Workload(i, status)));
             }
         }
         // Urgent first, then the longest unwritten (never-written before all): what is over

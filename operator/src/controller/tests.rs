@@ -691,6 +691,62 @@ async fn a_missed_lease_marks_the_agent_not_ready_and_requeues_its_shards() {
 }
 
 #[tokio::test]
+async fn a_workload_phase_change_is_written_before_routine_refreshes() {
+    let mut f = Fixture::new().await;
+    f.with_mesh().await;
+    let (_a, mut rx) = f.agent("gpus-a", &["cpu"]).await;
+    let key = f.submit(&f.workload(f.workload_spec(""), true)).await;
+    assert!(matches!(
+        rx.recv().await,
+        Some(Ok(pb::OperatorMessage {
+            msg: Some(Down::Assign(_))
+        }))
+    ));
+    let t0 = Instant::now();
+    let mut writer = status::StatusWriter::new(f.ctx.clone());
+    let tick = tokio::spawn(async move {
+        writer.tick(t0).await;
+        writer
+    });
+    let agent_status = "/apis/infermesh.dev/v1alpha1/agents/gpus-a/status";
+    f.verifier
+        .expect(
+            "POST",
+            "/apis/infermesh.dev/v1alpha1/agents",
+            201,
+            agent_json("gpus-a"),
+        )
+        .await;
+    let s = f
+        .verifier
+        .expect("PATCH", agent_status, 200, agent_json("gpus-a"))
+        .await;
+    assert_eq!(s["status"]["running"], 2);
+    assert_eq!(f.expect_workload_status().await["phase"], "Running");
+    let mut writer = tick.await.expect("join");
+
+    // Both change: the Workload ends (Failed), the agent's running shards are taken back.
+    assert!(
+        f.ctx
+            .core
+            .cancel(&key, "Deleted", "deleted by the test")
+            .await
+            .expect("cancel")
+    );
+    // Both were last written at the same moment, the agent first; the phase goes first now.
+    let tick = tokio::spawn(async move { writer.tick(t0 + Duration::from_secs(20)).await });
+    let w = f.expect_workload_status().await;
+    assert_eq!(w["phase"], "Failed");
+    let s = f
+        .verifier
+        .expect("PATCH", agent_status, 200, agent_json("gpus-a"))
+        .await;
+    assert_eq!(s["status"]["running"], 0);
+    assert_eq!(tick.await.expect("join"), 2);
+    f.verifier.expect_nothing_more().await;
+}
+
+#[tokio::test]
 async fn an_unschedulable_agent_is_drained() {
     let mut f = Fixture::new().await;
     f.with_mesh().await;

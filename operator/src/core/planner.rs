@@ -17,9 +17,12 @@ pub struct ShardRange {
 pub const MAX_SHARDS: u64 = 100_000;
 
 /// Splits `size` bytes into ranges of about `shard_bytes` each, covering `[0, size)` exactly.
-/// An empty object gets no shard. With `slots` (the slots of the Mesh's agents) above one, the
-/// count is rounded up to a multiple of it, so the last round of shards keeps every slot busy
-/// instead of leaving one agent to finish a lone shard while the others idle.
+/// An empty object gets no shard. When there are more shards than `slots` (the slots of the
+/// Mesh's agents), the count is rounded up to a multiple of it, so the last round of shards
+/// keeps every slot busy instead of leaving one agent to finish a lone shard while the others
+/// idle; that at most doubles the count. Fewer shards than slots run in one round as they
+/// are: on a thousand-slot Mesh a four-shard input stays four shards, not a thousand slivers
+/// that are mostly empty.
 pub fn plan(size: u64, shard_bytes: u64, slots: u32) -> Vec<ShardRange> {
     if size == 0 {
         return Vec::new();
@@ -27,7 +30,7 @@ pub fn plan(size: u64, shard_bytes: u64, slots: u32) -> Vec<ShardRange> {
     let target = shard_bytes.max(1).max(size.div_ceil(MAX_SHARDS));
     let mut count = size.div_ceil(target);
     let slots = u64::from(slots.max(1));
-    if slots > 1 && count > 1 {
+    if slots > 1 && count > slots {
         count = count.div_ceil(slots) * slots;
     }
     // Never more shards than bytes, nor than the cap.
@@ -70,6 +73,13 @@ mod tests {
         assert_eq!(plan(9_000, 1_000, 4).len(), 12);
         assert_eq!(plan(9_000, 1_000, 3).len(), 9);
         assert_eq!(plan(500, 1_000, 4).len(), 1, "one shard stays one shard");
+        assert_eq!(
+            plan(4_000, 1_000, 1_000).len(),
+            4,
+            "fewer shards than slots are not cut into slivers"
+        );
+        assert_eq!(plan(4_000, 1_000, 4).len(), 4);
+        assert_eq!(plan(5_000, 1_000, 4).len(), 8);
         assert_eq!(plan(3, 1, 4).len(), 3, "never more shards than bytes");
     }
 
