@@ -211,3 +211,87 @@ impl Drop for Proc {
         let _ = self.child.wait();
     }
 }
+
+/// The chart's CRDs.
+pub const CRDS: [&str; 3] = [
+    "workloads.infermesh.dev",
+    "agents.infermesh.dev",
+    "meshes.infermesh.dev",
+];
+
+/// Installs the chart as `release` in `namespace` (which must exist) with the real Helm
+/// library: an external database (`database_url`, in Secret `<release>-external-db`), no
+/// bundled Postgres, no Mesh of its own, plain-text logs, plus `values` on top; then waits
+/// until the CRDs are Established.
+pub fn install_chart(
+    cp: &ControlPlane,
+    namespace: &str,
+    release: &str,
+    database_url: &str,
+    values: &Value,
+) -> anyhow::Result<()> {
+    let secret = format!("{release}-external-db");
+    cp.ok(
+        &[
+            "create",
+            "secret",
+            "generic",
+            &secret,
+            "-n",
+            namespace,
+            &format!("--from-literal=DATABASE_URL={database_url}"),
+        ],
+        None,
+    )?;
+    let mut all = serde_json::json!({
+        "database": {"existingSecret": secret},
+        "postgres": {"enabled": false},
+        "mesh": {"create": false},
+        "logJson": false,
+    });
+    if let (Some(all), Some(extra)) = (all.as_object_mut(), values.as_object()) {
+        all.extend(extra.clone());
+    }
+    helm_install(
+        cp,
+        namespace,
+        release,
+        &crate::workspace().join("charts/infermesh"),
+        &all,
+    );
+    for crd in CRDS {
+        cp.ok(
+            &[
+                "wait",
+                "--for=condition=Established",
+                &format!("crd/{crd}"),
+                "--timeout=60s",
+            ],
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+/// node -> pod name of the Running pods in `namespace` that match `selector`.
+pub fn running_pods_by_node(
+    cp: &ControlPlane,
+    namespace: &str,
+    selector: &str,
+) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let pods = json(cp, &["get", "pods", "-n", namespace, "-l", selector])?;
+    Ok(pods["items"]
+        .as_array()
+        .map(|i| {
+            i.iter()
+                .filter(|p| p["status"]["phase"] == "Running")
+                .filter_map(|p| {
+                    Some((
+                        p["spec"]["nodeName"].as_str()?.to_string(),
+                        p["metadata"]["name"].as_str()?.to_string(),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}

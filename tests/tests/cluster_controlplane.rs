@@ -463,47 +463,9 @@ fn the_operator_runs_on_a_real_control_plane() {
     )
     .expect("label");
     cp.ok(&["create", "namespace", TEAM], None).expect("team");
-    cp.ok(
-        &[
-            "create",
-            "secret",
-            "generic",
-            "e2e-database",
-            "-n",
-            NS,
-            &format!("--from-literal=DATABASE_URL={url}"),
-        ],
-        None,
-    )
-    .expect("database secret");
-
-    // The chart, with the real Helm library: two operator replicas, an external database, no
-    // Mesh of its own.
-    let values = serde_json::json!({
-        "database": {"existingSecret": "e2e-database"},
-        "postgres": {"enabled": false},
-        "mesh": {"create": false},
-        "logJson": false,
-    });
-    helm_install(
-        &cp,
-        NS,
-        RELEASE,
-        &workspace().join("charts/infermesh"),
-        &values,
-    );
-    for crd in [WORKLOADS, AGENTS, MESHES] {
-        cp.ok(
-            &[
-                "wait",
-                "--for=condition=Established",
-                &format!("crd/{crd}"),
-                "--timeout=60s",
-            ],
-            None,
-        )
-        .expect("CRD established");
-    }
+    // The chart, with the real Helm library: two operator replicas (the default), an external
+    // database, no Mesh of its own.
+    install_chart(&cp, NS, RELEASE, &url, &serde_json::json!({})).expect("the chart installs");
 
     // The API server itself refuses what the CRDs' schema and CEL rules forbid.
     let bad = workload(dir.path(), "bad", 1, "4Ki").replace("maxAttempts: 4", "maxAttempts: 0");
@@ -574,33 +536,8 @@ fn the_operator_runs_on_a_real_control_plane() {
     // pods on exactly the labelled nodes.
     apply(cp, &example);
     apply(cp, &mesh_yaml());
-    let mesh_pods = |mesh: &str| -> Result<BTreeMap<String, String>, String> {
-        let pods = json(
-            cp,
-            &[
-                "get",
-                "pods",
-                "-n",
-                NS,
-                "-l",
-                &format!("infermesh.dev/mesh={mesh}"),
-            ],
-        )?;
-        Ok(pods["items"]
-            .as_array()
-            .map(|i| {
-                i.iter()
-                    .filter(|p| p["status"]["phase"] == "Running")
-                    .filter_map(|p| {
-                        Some((
-                            p["spec"]["nodeName"].as_str()?.to_string(),
-                            p["metadata"]["name"].as_str()?.to_string(),
-                        ))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default())
-    };
+    let mesh_pods =
+        |mesh: &str| running_pods_by_node(cp, NS, &format!("infermesh.dev/mesh={mesh}"));
     let example_mesh =
         serde_yaml::from_str::<Value>(&example).expect("example yaml")["metadata"]["name"]
             .as_str()

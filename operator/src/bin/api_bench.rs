@@ -215,14 +215,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         keys.push((w.name_any(), workload::key_of(w)?));
     }
     let admitted = start.elapsed().as_secs_f64();
-    // As planned (the planner may round the count up to a multiple of the Mesh's slots).
-    let mut shards: u64 = 0;
-    for (_, key) in &keys {
-        shards += core
-            .workload(key)
-            .await
-            .map_or(0, |s| u64::from(s.shards_total));
-    }
     // Wait until every Workload ended: terminal in the core, or already released (its final
     // status written).
     let mut done: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
@@ -271,6 +263,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         keys.len()
     );
     let run_secs = t0.elapsed().as_secs_f64();
+    // The shards as planned (the planner may round a count up to a multiple of the slots), from
+    // the store: a finished Workload may already be released from the core.
+    let shards: u64 = core
+        .store()
+        .workloads_in_phase("Succeeded")
+        .await?
+        .iter()
+        .map(|w| w.shards.len() as u64)
+        .sum();
     // Let the last status and Events go out (every final phase written, or 30 s).
     let wait_from = Instant::now();
     loop {

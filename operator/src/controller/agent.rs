@@ -146,8 +146,20 @@ pub async fn create(ctx: &Context, a: &AgentSummary) -> Result<()> {
 }
 
 /// Writes an Agent's status (server-side apply on `/status`).
-pub async fn patch_status(ctx: &Context, name: &str, status: &AgentStatus) -> Result<()> {
-    super::apply_status(ctx, &Api::<Agent>::all(ctx.client.clone()), name, status).await
+pub async fn patch_status(
+    ctx: &Context,
+    name: &str,
+    status: &AgentStatus,
+    urgent: bool,
+) -> Result<()> {
+    super::apply_status(
+        ctx,
+        &Api::<Agent>::all(ctx.client.clone()),
+        name,
+        status,
+        urgent,
+    )
+    .await
 }
 
 /// Reconciles an Agent object: applies `spec.unschedulable` to the core, and deletes the

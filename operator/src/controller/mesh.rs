@@ -450,13 +450,22 @@ pub fn mesh_status(
 
 /// Writes a Mesh's status (server-side apply on `/status`).
 pub async fn patch_status(ctx: &Context, name: &str, status: &MeshStatus) -> Result<()> {
-    super::apply_status(ctx, &Api::<Mesh>::all(ctx.client.clone()), name, status).await
+    super::apply_status(
+        ctx,
+        &Api::<Mesh>::all(ctx.client.clone()),
+        name,
+        status,
+        false,
+    )
+    .await
 }
 
 /// Reconciles a Mesh (behind its finalizer).
 pub async fn reconcile(mesh: Arc<Mesh>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = super::ReconcileTimer::start(&ctx, "mesh");
     let api: Api<Mesh> = Api::all(ctx.client.clone());
+    ctx.pace_finalizer(mesh.as_ref(), MESH_FINALIZER, "meshes")
+        .await;
     finalizer(&api, MESH_FINALIZER, mesh, |event| async {
         match event {
             Finalizer::Apply(mesh) => apply(&mesh, &ctx).await,

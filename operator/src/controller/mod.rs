@@ -126,10 +126,24 @@ pub struct Context {
 }
 
 /// Spaces calls at least `1 / rate` apart, so any one-second window holds at most `rate + 1`
-/// of them, however many tasks ask at once.
+/// of them, however many tasks ask at once. Two lanes share that rate: a call in the urgent
+/// lane (a phase change a person waits for) takes the next free turn ahead of every routine
+/// call still waiting (Agent creates, Events, progress refreshes); within a lane, turns go in
+/// the order asked. A turn nobody is waiting for is not kept: the pacer never saves up a burst.
 pub struct WritePacer {
     interval: Duration,
-    next: Mutex<tokio::time::Instant>,
+    state: Arc<std::sync::Mutex<PacerState>>,
+}
+
+#[derive(Default)]
+struct PacerState {
+    /// The earliest moment of the next turn.
+    next: Option<tokio::time::Instant>,
+    /// Waiting calls: urgent, then routine.
+    urgent: std::collections::VecDeque<tokio::sync::oneshot::Sender<()>>,
+    routine: std::collections::VecDeque<tokio::sync::oneshot::Sender<()>>,
+    /// Whether a task is handing out turns.
+    dispatching: bool,
 }
 
 impl WritePacer {
@@ -137,19 +151,61 @@ impl WritePacer {
     pub fn new(per_second: u32) -> Self {
         Self {
             interval: Duration::from_secs(1) / per_second.max(1),
-            next: Mutex::new(tokio::time::Instant::now()),
+            state: Arc::default(),
         }
     }
 
-    /// Waits for this call's turn.
+    /// Waits for a routine call's turn.
     pub async fn wait(&self) {
+        self.wait_in(false).await;
+    }
+
+    /// Waits for an urgent call's turn (ahead of routine calls).
+    pub async fn wait_urgent(&self) {
+        self.wait_in(true).await;
+    }
+
+    async fn wait_in(&self, urgent: bool) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if urgent {
+                st.urgent.push_back(tx);
+            } else {
+                st.routine.push_back(tx);
+            }
+            !std::mem::replace(&mut st.dispatching, true)
+        };
+        if start {
+            tokio::spawn(dispatch(self.state.clone(), self.interval));
+        }
+        // The dispatcher only ends with both lanes empty, so this turn comes.
+        let _ = rx.await;
+    }
+}
+
+/// Hands out turns, one per `interval`, urgent first, until nobody waits.
+async fn dispatch(state: Arc<std::sync::Mutex<PacerState>>, interval: Duration) {
+    loop {
         let at = {
-            let mut next = self.next.lock().await;
-            let at = (*next).max(tokio::time::Instant::now());
-            *next = at + self.interval;
-            at
+            let st = state.lock().unwrap_or_else(|e| e.into_inner());
+            st.next.map_or_else(tokio::time::Instant::now, |n| {
+                n.max(tokio::time::Instant::now())
+            })
         };
         tokio::time::sleep_until(at).await;
+        let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let Some(tx) = st.urgent.pop_front().or_else(|| st.routine.pop_front()) else {
+                st.dispatching = false;
+                return;
+            };
+            // A caller that gave up (its future dropped) does not use the turn.
+            if tx.send(()).is_ok() {
+                st.next = Some(at + interval);
+                break;
+            }
+        }
     }
 }
 
@@ -189,6 +245,28 @@ impl Context {
     pub async fn write(&self, resource: &str, verb: &str) {
         self.pacer.wait().await;
         self.metrics.write(resource, verb);
+    }
+
+    /// Waits for the turn of the patch that kube-runtime's `finalizer` helper is about to make
+    /// on `obj` (of `resource`), if it makes one: adding `finalizer` to an object that is not
+    /// being deleted, or removing it from one that is. A thousand Workloads applied at once
+    /// are a thousand such patches; unpaced, they burst past the budget.
+    pub async fn pace_finalizer<K: kube::Resource>(
+        &self,
+        obj: &K,
+        finalizer: &str,
+        resource: &str,
+    ) {
+        let has = obj
+            .meta()
+            .finalizers
+            .iter()
+            .flatten()
+            .any(|f| f == finalizer);
+        let deleting = obj.meta().deletion_timestamp.is_some();
+        if has == deleting {
+            self.write(resource, "patch").await;
+        }
     }
 
     /// Claims the right to write a Workload's status at `now`: true (and recorded) when
@@ -307,17 +385,22 @@ impl Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Writes an object's status by server-side apply on `/status` under [`FIELD_MANAGER`], in
-/// its turn (see [`WritePacer`]), and counts the write.
+/// its turn (see [`WritePacer`]; `urgent` for a phase change), and counts the write.
 pub async fn apply_status<K>(
     ctx: &Context,
     api: &kube::Api<K>,
     name: &str,
     status: &impl serde::Serialize,
+    urgent: bool,
 ) -> Result<()>
 where
     K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    ctx.pacer.wait().await;
+    if urgent {
+        ctx.pacer.wait_urgent().await;
+    } else {
+        ctx.pacer.wait().await;
+    }
     send_status(ctx, api, name, status).await
 }
 

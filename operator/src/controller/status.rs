@@ -14,6 +14,9 @@ use k8s_openapi::jiff::Timestamp;
 use super::{Context, agent, mesh, workload};
 use crate::metrics::MeshLabels;
 
+/// How long a routine write of one tick may wait for its turn in the pacer.
+const ROUTINE_WAIT: Duration = Duration::from_secs(1);
+
 struct Written<T> {
     at: Instant,
     status: T,
@@ -75,18 +78,29 @@ impl StatusWriter {
         let mut budget = config.status_writes_per_second as usize;
         let mut writes = 0;
         let wall = Timestamp::now();
+        // Routine writes (creates, refreshes) wait their turn in the pacer at most until the
+        // next tick: when reconcilers or Events have filled the routine lane (a thousand
+        // Workloads admitted at once), they give up the turn and are first in line next
+        // time, so this tick's phase changes still go out.
+        let deadline = tokio::time::Instant::now() + ROUTINE_WAIT;
+        let mut routine_open = true;
 
         // Agents first: a new agent gets its object at once (within the budget).
         let agents = ctx.core.agents().await;
         for a in &agents {
-            if !self.created.contains(&a.id) && budget > 0 {
-                budget -= 1;
-                writes += 1;
-                match agent::create(&ctx, a).await {
-                    Ok(()) => {
+            if !self.created.contains(&a.id) && budget > 0 && routine_open {
+                match tokio::time::timeout_at(deadline, agent::create(&ctx, a)).await {
+                    Err(_) => routine_open = false,
+                    Ok(Ok(())) => {
+                        budget -= 1;
+                        writes += 1;
                         self.created.insert(a.id.clone());
                     }
-                    Err(e) => tracing::warn!(agent = %a.id, error = %e, "cannot create Agent"),
+                    Ok(Err(e)) => {
+                        budget -= 1;
+                        writes += 1;
+                        tracing::warn!(agent = %a.id, error = %e, "cannot create Agent")
+                    }
                 }
             }
         }
@@ -127,9 +141,13 @@ impl StatusWriter {
             let status = workload::running_status(s, prev.map(|w| &w.status), generation, wall);
             let changed = prev.is_none_or(|w| !same_workload(&w.status, &status));
             // A phase change (Running, Succeeded, Failed) is what a person waits for: it goes
-            // before every routine refresh, as an Agent's does. The per-Workload throttle
+            // before every routine refresh, as an Agent's does; so does a final phase this
+            // writer never wrote a status before (a Workload that ended between the
+            // reconciler's admission write and this writer's first). The per-Workload throttle
             // (one write per `workload_status_period`) still holds.
-            let urgent = prev.is_some_and(|w| w.status.phase != status.phase);
+            let urgent = prev.map_or(status.phase.is_terminal(), |w| {
+                w.status.phase != status.phase
+            });
             if due(
                 prev.map(|w| (w.at, changed)),
                 now,
@@ -142,14 +160,29 @@ impl StatusWriter {
         // Urgent first, then the longest unwritten (never-written before all): what is over
         // this tick's budget is first in line on the next one.
         due_writes.sort_by_key(|(urgent, at, _)| (!*urgent, *at));
-        for (_, _, write) in due_writes {
-            if budget == 0 {
+        for (urgent, _, write) in due_writes {
+            if budget == 0 || !(urgent || routine_open) {
                 break;
             }
+            // An urgent write waits in the pacer's urgent lane; a routine one until the deadline.
+            let until = if urgent {
+                deadline + Duration::from_secs(3600)
+            } else {
+                deadline
+            };
             match write {
                 Due::Agent(i, status) => {
                     let id = &agents[i].id;
-                    match agent::patch_status(&ctx, id, &status).await {
+                    let sent = tokio::time::timeout_at(
+                        until,
+                        agent::patch_status(&ctx, id, &status, urgent),
+                    )
+                    .await;
+                    let Ok(sent) = sent else {
+                        routine_open = false;
+                        continue;
+                    };
+                    match sent {
                         Ok(()) => {
                             self.agents.insert(id.clone(), Written { at: now, status });
                         }
@@ -161,15 +194,23 @@ impl StatusWriter {
                 Due::Workload(i, status) => {
                     let s = &summaries[i];
                     // A write by the reconciler (at admission) counts for the throttle too.
-                    match workload::patch_status_throttled(
-                        &ctx,
-                        &s.namespace,
-                        &s.name,
-                        &status,
-                        now,
+                    let sent = tokio::time::timeout_at(
+                        until,
+                        workload::patch_status_throttled(
+                            &ctx,
+                            &s.namespace,
+                            &s.name,
+                            &status,
+                            now,
+                            urgent,
+                        ),
                     )
-                    .await
-                    {
+                    .await;
+                    let Ok(sent) = sent else {
+                        routine_open = false;
+                        continue;
+                    };
+                    match sent {
                         Ok(false) => continue,
                         Ok(true) => {
                             if s.phase.is_terminal() {
@@ -210,6 +251,7 @@ impl StatusWriter {
                 .set(i64::from(status.agents_ready));
             let changed = prev.is_none_or(|w| !same_mesh(&w.status, &status));
             if budget > 0
+                && routine_open
                 && due(
                     prev.map(|w| (w.at, changed)),
                     now,
@@ -217,12 +259,20 @@ impl StatusWriter {
                     false,
                 )
             {
-                match mesh::patch_status(&ctx, name, &status).await {
-                    Ok(()) => {
+                match tokio::time::timeout_at(deadline, mesh::patch_status(&ctx, name, &status))
+                    .await
+                {
+                    Err(_) => {
+                        routine_open = false;
+                        continue;
+                    }
+                    Ok(Ok(())) => {
                         self.meshes
                             .insert(name.clone(), Written { at: now, status });
                     }
-                    Err(e) => tracing::warn!(mesh = %name, error = %e, "mesh status not written"),
+                    Ok(Err(e)) => {
+                        tracing::warn!(mesh = %name, error = %e, "mesh status not written")
+                    }
                 }
                 budget -= 1;
                 writes += 1;

@@ -1182,6 +1182,45 @@ async fn startup_names_the_command_to_install_missing_crds() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_urgent_write_goes_ahead_of_routine_writes_already_waiting() {
+    let pacer = Arc::new(WritePacer::new(10));
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let (p, o) = (pacer.clone(), order.clone());
+        tasks.push(tokio::spawn(async move {
+            p.wait().await;
+            o.lock().expect("order").push(format!("routine-{i}"));
+        }));
+        tokio::task::yield_now().await;
+    }
+    // Turns at 0 and 100 ms go to the first two routine calls; at 150 ms an urgent call asks.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (p, o) = (pacer.clone(), order.clone());
+    tasks.push(tokio::spawn(async move {
+        p.wait_urgent().await;
+        o.lock().expect("order").push("urgent".to_string());
+    }));
+    for t in tasks {
+        t.await.expect("join");
+    }
+    let order = order.lock().expect("order").clone();
+    assert_eq!(order.len(), 11);
+    assert_eq!(
+        order.iter().position(|s| s == "urgent"),
+        Some(2),
+        "the urgent call takes the next turn, ahead of eight routine calls: {order:?}"
+    );
+    let routine: Vec<String> = order
+        .iter()
+        .filter(|s| s.starts_with("routine"))
+        .cloned()
+        .collect();
+    let asked: Vec<String> = (0..10).map(|i| format!("routine-{i}")).collect();
+    assert_eq!(routine, asked, "routine calls keep their order");
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_write_pacer_keeps_any_second_to_its_rate_however_many_tasks_write() {
     let pacer = Arc::new(WritePacer::new(15));
     let mut tasks = Vec::new();

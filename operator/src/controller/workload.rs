@@ -235,30 +235,37 @@ pub fn key_of(w: &Workload) -> Result<String> {
     Ok(workload_key(&ns, &w.name_any(), &uid))
 }
 
-/// Writes a Workload's status (server-side apply on `/status`).
+/// Writes a Workload's status (server-side apply on `/status`); `urgent` for a phase change.
 pub async fn patch_status(
     ctx: &Context,
     namespace: &str,
     name: &str,
     status: &WorkloadStatus,
+    urgent: bool,
 ) -> Result<()> {
     let api = Api::<Workload>::namespaced(ctx.client.clone(), namespace);
-    super::apply_status(ctx, &api, name, status).await
+    super::apply_status(ctx, &api, name, status, urgent).await
 }
 
 /// Writes a Workload's status at most once per `workload_status_period`, counting every
 /// writer (the reconciler at admission and the status writer), with the period measured
 /// between the moments writes are sent, after their turn in the pacer. `now` is the
-/// caller's clock. Returns whether it wrote.
+/// caller's clock. Returns whether it wrote. A phase change (`urgent`) waits in the pacer's
+/// urgent lane.
 pub async fn patch_status_throttled(
     ctx: &Context,
     namespace: &str,
     name: &str,
     status: &WorkloadStatus,
     now: std::time::Instant,
+    urgent: bool,
 ) -> Result<bool> {
     let asked = std::time::Instant::now();
-    ctx.pacer.wait().await;
+    if urgent {
+        ctx.pacer.wait_urgent().await;
+    } else {
+        ctx.pacer.wait().await;
+    }
     let sent = now + asked.elapsed();
     if !ctx.claim_workload_write(namespace, name, ctx.config.workload_status_period, sent) {
         return Ok(false);
@@ -289,6 +296,8 @@ pub async fn reconcile(w: Arc<Workload>, ctx: Arc<Context>) -> Result<Action> {
         .namespace()
         .ok_or_else(|| Error::MissingField(w.name_any(), "metadata.namespace"))?;
     let api: Api<Workload> = Api::namespaced(ctx.client.clone(), &ns);
+    ctx.pace_finalizer(w.as_ref(), WORKLOAD_FINALIZER, "workloads")
+        .await;
     finalizer(&api, WORKLOAD_FINALIZER, w, |event| async {
         match event {
             Finalizer::Apply(w) => apply(&w, &ctx).await,
@@ -315,7 +324,7 @@ async fn wait(ctx: &Context, w: &Workload, waiting: Waiting) -> Result<Action> {
         .is_none_or(|c| c.reason != waiting.reason || c.message != waiting.message);
     if changed {
         tracing::info!(workload = %w.name_any(), reason = waiting.reason, message = %waiting.message, "workload waits");
-        patch_status(ctx, &ns, &w.name_any(), &status).await?;
+        patch_status(ctx, &ns, &w.name_any(), &status, false).await?;
         publish(ctx, w, EventType::Warning, waiting.reason, waiting.message).await;
     }
     Ok(Action::requeue(waiting.retry))
@@ -422,7 +431,7 @@ async fn apply(w: &Workload, ctx: &Context) -> Result<Action> {
             w.metadata.generation,
             Timestamp::now(),
         );
-        patch_status_throttled(ctx, &ns, &name, &status, std::time::Instant::now()).await?;
+        patch_status_throttled(ctx, &ns, &name, &status, std::time::Instant::now(), false).await?;
         let (type_, reason, note) = if summary.phase == WorkloadPhase::Pending {
             (
                 EventType::Warning,
@@ -453,11 +462,13 @@ async fn invalid(ctx: &Context, w: &Workload, reason: &str, message: &str) -> Re
         true,
     );
     tracing::warn!(workload = %w.name_any(), reason, message, "invalid workload");
+    // Refused for good (Failed): a phase change, ahead of routine writes.
     patch_status(
         ctx,
         &w.namespace().unwrap_or_default(),
         &w.name_any(),
         &status,
+        true,
     )
     .await?;
     publish(ctx, w, EventType::Warning, reason, message.to_string()).await;

@@ -30,9 +30,10 @@ use infermesh_crds::{Agent, Workload};
 use infermesh_deploy::controlplane::ControlPlane;
 use infermesh_operator::store::{self, Store};
 use infermesh_tests::cluster::{
-    Proc, apply, free_port, grpc_ca, helm_install, json, names_where, node_yaml, wait_for,
+    Proc, apply, free_port, grpc_ca, install_chart, json, names_where, node_yaml,
+    running_pods_by_node, wait_for,
 };
-use infermesh_tests::{sha256_file, test_models, workspace};
+use infermesh_tests::{sha256_file, test_models};
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::api::{Api, ListParams, PostParams};
@@ -43,9 +44,6 @@ const NS: &str = "infermesh";
 const RELEASE: &str = "infermesh";
 const TEAM: &str = "team-a";
 const MESH: &str = "swarm";
-const WORKLOADS: &str = "workloads.infermesh.dev";
-const AGENTS: &str = "agents.infermesh.dev";
-const MESHES: &str = "meshes.infermesh.dev";
 /// Verbs that change the cluster's state.
 const MUTATING: [&str; 5] = ["create", "update", "patch", "delete", "deletecollection"];
 
@@ -106,43 +104,7 @@ fn main() -> anyhow::Result<()> {
     for ns in [NS, TEAM] {
         cp.ok(&["create", "namespace", ns], None)?;
     }
-    cp.ok(
-        &[
-            "create",
-            "secret",
-            "generic",
-            "bench-database",
-            "-n",
-            NS,
-            &format!("--from-literal=DATABASE_URL={url}"),
-        ],
-        None,
-    )?;
-    let values = json!({
-        "replicas": 1,
-        "database": {"existingSecret": "bench-database"},
-        "postgres": {"enabled": false},
-        "mesh": {"create": false},
-        "logJson": false,
-    });
-    helm_install(
-        &cp,
-        NS,
-        RELEASE,
-        &workspace().join("charts/infermesh"),
-        &values,
-    );
-    for crd in [WORKLOADS, AGENTS, MESHES] {
-        cp.ok(
-            &[
-                "wait",
-                "--for=condition=Established",
-                &format!("crd/{crd}"),
-                "--timeout=60s",
-            ],
-            None,
-        )?;
-    }
+    install_chart(&cp, NS, RELEASE, &url, &json!({"replicas": 1}))?;
     let selector =
         format!("app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=operator");
     let pod = wait_for("the operator pod Running", Duration::from_secs(120), || {
@@ -190,31 +152,7 @@ fn main() -> anyhow::Result<()> {
         "an agent pod Running on every node",
         Duration::from_secs(900),
         || {
-            let pods = json(
-                &cp,
-                &[
-                    "get",
-                    "pods",
-                    "-n",
-                    NS,
-                    "-l",
-                    &format!("infermesh.dev/mesh={MESH}"),
-                ],
-            )?;
-            let running: BTreeMap<String, String> = pods["items"]
-                .as_array()
-                .map(|i| {
-                    i.iter()
-                        .filter(|p| p["status"]["phase"] == "Running")
-                        .filter_map(|p| {
-                            Some((
-                                p["spec"]["nodeName"].as_str()?.to_string(),
-                                p["metadata"]["name"].as_str()?.to_string(),
-                            ))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+            let running = running_pods_by_node(&cp, NS, &format!("infermesh.dev/mesh={MESH}"))?;
             (running.len() == args.nodes)
                 .then(|| running.clone())
                 .ok_or(format!("{} of {} Running", running.len(), args.nodes))
