@@ -32,6 +32,15 @@ pub struct StatusWriter {
     created: HashSet<String>,
 }
 
+/// The order of due writes: phase changes a person waits for, Workloads' before Agents', then
+/// routine refreshes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Rank {
+    WorkloadPhase,
+    AgentPhase,
+    Refresh,
+}
+
 /// A status write that is due: an index into this tick's agents or workloads, and the status.
 enum Due {
     Agent(usize, AgentStatus),
@@ -108,8 +117,8 @@ impl StatusWriter {
         self.created.retain(|id| agents.iter().any(|a| &a.id == id));
         self.agents
             .retain(|id, _| agents.iter().any(|a| &a.id == id));
-        // Every status that is due, built once: (urgent, last written, the write).
-        let mut due_writes: Vec<(bool, Option<Instant>, Due)> = Vec::new();
+        // Every status that is due, built once: (rank, last written, the write).
+        let mut due_writes: Vec<(Rank, Option<Instant>, Due)> = Vec::new();
         for (i, a) in agents.iter().enumerate() {
             if !self.created.contains(&a.id) {
                 continue;
@@ -124,7 +133,12 @@ impl StatusWriter {
                 config.agent_status_period,
                 urgent,
             ) {
-                due_writes.push((urgent, prev.map(|w| w.at), Due::Agent(i, status)));
+                let rank = if urgent {
+                    Rank::AgentPhase
+                } else {
+                    Rank::Refresh
+                };
+                due_writes.push((rank, prev.map(|w| w.at), Due::Agent(i, status)));
             }
         }
         let summaries = ctx.core.workloads().await;
@@ -154,13 +168,20 @@ impl StatusWriter {
                 config.workload_status_period,
                 urgent,
             ) {
-                due_writes.push((urgent, prev.map(|w| w.at), Due::Workload(i, status)));
+                let rank = if urgent {
+                    Rank::WorkloadPhase
+                } else {
+                    Rank::Refresh
+                };
+                due_writes.push((rank, prev.map(|w| w.at), Due::Workload(i, status)));
             }
         }
-        // Urgent first, then the longest unwritten (never-written before all): what is over
-        // this tick's budget is first in line on the next one.
-        due_writes.sort_by_key(|(urgent, at, _)| (!*urgent, *at));
-        for (urgent, _, write) in due_writes {
+        // Workloads' phase changes first, then Agents' (a thousand agents attaching at once
+        // are a thousand first statuses), then the longest unwritten (never-written before
+        // all): what is over this tick's budget is first in line on the next one.
+        due_writes.sort_by_key(|(rank, at, _)| (*rank, *at));
+        for (rank, _, write) in due_writes {
+            let urgent = rank != Rank::Refresh;
             if budget == 0 || !(urgent || routine_open) {
                 break;
             }
