@@ -37,8 +37,8 @@ use std::time::{Duration, Instant};
 
 use infermesh_deploy::controlplane::ControlPlane;
 use infermesh_tests::cluster::{
-    Proc, apply, condition, free_port, grpc_ca, helm_install, json, names_where, node_yaml,
-    wait_for,
+    Proc, apply, condition, free_port, grpc_ca, install_chart, json, names_where, node_yaml,
+    running_pods_by_node, wait_for,
 };
 use infermesh_tests::{bin, ledger, sha256_file, test_models, workspace};
 use serde_json::Value;
