@@ -245,15 +245,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ..Default::default()
         })
         .await?;
+    let by_uid: BTreeMap<String, &String> = keys
+        .iter()
+        .map(|(name, _)| (format!("{name}-uid"), name))
+        .collect();
     let mut ended: BTreeMap<String, f64> = BTreeMap::new();
     for e in succeeded {
         let at = chrono::DateTime::parse_from_rfc3339(&e.at)?.with_timezone(&chrono::Utc);
         let since = (at - start_wall).num_microseconds().unwrap_or(0) as f64 / 1e6;
-        if let Some((name, _)) = keys
-            .iter()
-            .find(|(name, _)| e.workload_uid.as_deref() == Some(&format!("{name}-uid")))
-        {
-            ended.insert(name.clone(), since);
+        if let Some(name) = e.workload_uid.as_deref().and_then(|u| by_uid.get(u)) {
+            ended.insert((*name).clone(), since);
         }
     }
     anyhow::ensure!(

@@ -157,15 +157,16 @@ impl WritePacer {
 
     /// Waits for a routine call's turn.
     pub async fn wait(&self) {
-        self.wait_in(false).await;
+        self.turn(false).await;
     }
 
     /// Waits for an urgent call's turn (ahead of routine calls).
     pub async fn wait_urgent(&self) {
-        self.wait_in(true).await;
+        self.turn(true).await;
     }
 
-    async fn wait_in(&self, urgent: bool) {
+    /// Waits for a turn in the urgent lane (`urgent`) or the routine one.
+    pub async fn turn(&self, urgent: bool) {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let start = {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -396,11 +397,7 @@ pub async fn apply_status<K>(
 where
     K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    if urgent {
-        ctx.pacer.wait_urgent().await;
-    } else {
-        ctx.pacer.wait().await;
-    }
+    ctx.pacer.turn(urgent).await;
     send_status(ctx, api, name, status).await
 }
 

@@ -41,6 +41,27 @@ enum Rank {
     Refresh,
 }
 
+impl Rank {
+    /// `phase` when the write is urgent, else a routine refresh.
+    fn of(urgent: bool, phase: Rank) -> Rank {
+        if urgent { phase } else { Rank::Refresh }
+    }
+}
+
+/// Runs a write: an urgent one to the end (its lane is short), a routine one only until
+/// `deadline` (`None` when it gave up its turn in the pacer).
+async fn in_turn<T>(
+    urgent: bool,
+    deadline: tokio::time::Instant,
+    write: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    if urgent {
+        Some(write.await)
+    } else {
+        tokio::time::timeout_at(deadline, write).await.ok()
+    }
+}
+
 /// A status write that is due: an index into this tick's agents or workloads, and the status.
 enum Due {
     Agent(usize, AgentStatus),
@@ -133,11 +154,7 @@ impl StatusWriter {
                 config.agent_status_period,
                 urgent,
             ) {
-                let rank = if urgent {
-                    Rank::AgentPhase
-                } else {
-                    Rank::Refresh
-                };
+                let rank = Rank::of(urgent, Rank::AgentPhase);
                 due_writes.push((rank, prev.map(|w| w.at), Due::Agent(i, status)));
             }
         }
@@ -168,11 +185,7 @@ impl StatusWriter {
                 config.workload_status_period,
                 urgent,
             ) {
-                let rank = if urgent {
-                    Rank::WorkloadPhase
-                } else {
-                    Rank::Refresh
-                };
+                let rank = Rank::of(urgent, Rank::WorkloadPhase);
                 due_writes.push((rank, prev.map(|w| w.at), Due::Workload(i, status)));
             }
         }
@@ -185,21 +198,16 @@ impl StatusWriter {
             if budget == 0 || !(urgent || routine_open) {
                 break;
             }
-            // An urgent write waits in the pacer's urgent lane; a routine one until the deadline.
-            let until = if urgent {
-                deadline + Duration::from_secs(3600)
-            } else {
-                deadline
-            };
             match write {
                 Due::Agent(i, status) => {
                     let id = &agents[i].id;
-                    let sent = tokio::time::timeout_at(
-                        until,
+                    let sent = in_turn(
+                        urgent,
+                        deadline,
                         agent::patch_status(&ctx, id, &status, urgent),
                     )
                     .await;
-                    let Ok(sent) = sent else {
+                    let Some(sent) = sent else {
                         routine_open = false;
                         continue;
                     };
@@ -215,8 +223,9 @@ impl StatusWriter {
                 Due::Workload(i, status) => {
                     let s = &summaries[i];
                     // A write by the reconciler (at admission) counts for the throttle too.
-                    let sent = tokio::time::timeout_at(
-                        until,
+                    let sent = in_turn(
+                        urgent,
+                        deadline,
                         workload::patch_status_throttled(
                             &ctx,
                             &s.namespace,
@@ -227,7 +236,7 @@ impl StatusWriter {
                         ),
                     )
                     .await;
-                    let Ok(sent) = sent else {
+                    let Some(sent) = sent else {
                         routine_open = false;
                         continue;
                     };

@@ -261,11 +261,7 @@ pub async fn patch_status_throttled(
     urgent: bool,
 ) -> Result<bool> {
     let asked = std::time::Instant::now();
-    if urgent {
-        ctx.pacer.wait_urgent().await;
-    } else {
-        ctx.pacer.wait().await;
-    }
+    ctx.pacer.turn(urgent).await;
     let sent = now + asked.elapsed();
     if !ctx.claim_workload_write(namespace, name, ctx.config.workload_status_period, sent) {
         return Ok(false);
