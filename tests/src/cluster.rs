@@ -295,3 +295,46 @@ pub fn running_pods_by_node(
         })
         .unwrap_or_default())
 }
+
+/// A tensor Workload `namespace/name` on Mesh `mesh` over `records` records written to
+/// `dir/in-NAME.jsonl`, output under `dir/out-NAME/`, shards of `shard_bytes`.
+pub fn tensor_workload(
+    dir: &Path,
+    namespace: &str,
+    mesh: &str,
+    name: &str,
+    records: usize,
+    shard_bytes: &str,
+) -> String {
+    let input = dir.join(format!("in-{name}.jsonl"));
+    let mut text = String::new();
+    for i in 0..records {
+        let x = [i as f32 / 100.0, 1.0, -((i % 7) as f32), 0.5];
+        text.push_str(&serde_json::json!({"id": i, "x": x}).to_string());
+        text.push('\n');
+    }
+    std::fs::write(&input, text).expect("input");
+    let model = crate::test_models().join("tensor.onnx");
+    format!(
+        r#"apiVersion: infermesh.dev/v1alpha1
+kind: Workload
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+  mesh: {mesh}
+  model: {{uri: "file://{}", sha256: "{}"}}
+  task:
+    tensor:
+      inputs: [{{name: x}}]
+      outputs: ["y", "s"]
+  input: {{uri: "file://{}", format: jsonl}}
+  output: {{uri: "file://{}/out-{name}/"}}
+  shardBytes: {shard_bytes}
+  batchSize: 16
+  maxAttempts: 4
+"#,
+        model.display(),
+        crate::sha256_file(&model),
+        input.display(),
+        dir.display(),
+    )
+}

@@ -38,9 +38,9 @@ use std::time::{Duration, Instant};
 use infermesh_deploy::controlplane::ControlPlane;
 use infermesh_tests::cluster::{
     Proc, apply, condition, free_port, grpc_ca, install_chart, json, names_where, node_yaml,
-    running_pods_by_node, wait_for,
+    running_pods_by_node, tensor_workload, wait_for,
 };
-use infermesh_tests::{bin, ledger, sha256_file, test_models, workspace};
+use infermesh_tests::{bin, ledger, workspace};
 use serde_json::Value;
 
 const NS: &str = "infermesh";
@@ -129,37 +129,7 @@ spec:
 
 /// A tensor Workload over `records` records of `dir/in-<name>.jsonl`.
 fn workload(dir: &Path, name: &str, records: usize, shard_bytes: &str) -> String {
-    let input = dir.join(format!("in-{name}.jsonl"));
-    let mut text = String::new();
-    for i in 0..records {
-        let x = [i as f32 / 100.0, 1.0, -((i % 7) as f32), 0.5];
-        text.push_str(&serde_json::json!({"id": i, "x": x}).to_string());
-        text.push('\n');
-    }
-    std::fs::write(&input, text).expect("input");
-    let model = test_models().join("tensor.onnx");
-    format!(
-        r#"apiVersion: infermesh.dev/v1alpha1
-kind: Workload
-metadata: {{name: {name}, namespace: {TEAM}}}
-spec:
-  mesh: {MESH}
-  model: {{uri: "file://{}", sha256: "{}"}}
-  task:
-    tensor:
-      inputs: [{{name: x}}]
-      outputs: ["y", "s"]
-  input: {{uri: "file://{}", format: jsonl}}
-  output: {{uri: "file://{}/out-{name}/"}}
-  shardBytes: {shard_bytes}
-  batchSize: 16
-  maxAttempts: 4
-"#,
-        model.display(),
-        sha256_file(&model),
-        input.display(),
-        dir.display(),
-    )
+    tensor_workload(dir, TEAM, MESH, name, records, shard_bytes)
 }
 
 /// Drains (or undrains) an Agent as a person would: its `spec.unschedulable`.

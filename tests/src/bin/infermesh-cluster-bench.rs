@@ -31,9 +31,8 @@ use infermesh_deploy::controlplane::ControlPlane;
 use infermesh_operator::store::{self, Store};
 use infermesh_tests::cluster::{
     Proc, apply, free_port, grpc_ca, install_chart, json, names_where, node_yaml,
-    running_pods_by_node, wait_for,
+    running_pods_by_node, tensor_workload, wait_for,
 };
-use infermesh_tests::{sha256_file, test_models};
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::api::{Api, ListParams, PostParams};
@@ -206,19 +205,18 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(&creds_file, creds.to_string())?;
 
     // The Workloads' inputs.
-    let model = test_models().join("tensor.onnx");
-    let model_sha = sha256_file(&model);
     let manifests: Vec<String> = (0..args.workloads)
         .map(|i| {
-            workload(
+            tensor_workload(
                 dir.path(),
+                TEAM,
+                MESH,
                 &format!("w{i:04}"),
                 args.records,
-                &model,
-                &model_sha,
+                "1Ki",
             )
         })
-        .collect::<anyhow::Result<_>>()?;
+        .collect();
 
     // Watch the API from here on: Workloads' phases, Agents' heartbeats.
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -399,44 +397,6 @@ spec:
   pricing: {{perGpuSecond: 0, perCpuSecond: 0.05, perThousandRecords: 0.2}}
 "#
     )
-}
-
-/// A tensor Workload over `records` records written to `dir/in-NAME.jsonl` (1 KiB shards).
-fn workload(
-    dir: &Path,
-    name: &str,
-    records: usize,
-    model: &Path,
-    sha: &str,
-) -> anyhow::Result<String> {
-    let input = dir.join(format!("in-{name}.jsonl"));
-    let mut text = String::new();
-    for i in 0..records {
-        let x = [i as f32 / 100.0, 1.0, -((i % 7) as f32), 0.5];
-        text.push_str(&json!({"id": i, "x": x}).to_string());
-        text.push('\n');
-    }
-    std::fs::write(&input, text)?;
-    Ok(format!(
-        r#"apiVersion: infermesh.dev/v1alpha1
-kind: Workload
-metadata: {{name: {name}, namespace: {TEAM}}}
-spec:
-  mesh: {MESH}
-  model: {{uri: "file://{}", sha256: "{sha}"}}
-  task:
-    tensor:
-      inputs: [{{name: x}}]
-      outputs: ["y", "s"]
-  input: {{uri: "file://{}", format: jsonl}}
-  output: {{uri: "file://{}/out-{name}/"}}
-  shardBytes: 1Ki
-  maxAttempts: 4
-"#,
-        model.display(),
-        input.display(),
-        dir.display(),
-    ))
 }
 
 /// What the bench's watches saw.
