@@ -7,6 +7,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::mesh::ExecutionProvider;
 
+/// The annotation that asks the operator to retry a Failed Workload: each new value retries
+/// it once (see [`WorkloadStatus::last_retry`]), e.g.
+/// `kubectl annotate workload NAME infermesh.dev/retry="$(date +%s)" --overwrite`.
+pub const RETRY_ANNOTATION: &str = "infermesh.dev/retry";
+
 /// A batch inference job: the operator splits `input` into shards, runs them on the agents of
 /// `mesh` through `model`, and writes one output part per shard under `output.uri`.
 #[derive(CustomResource, Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
@@ -320,6 +325,14 @@ pub struct WorkloadStatus {
     /// Shard attempts beyond the first (requeues and retries).
     #[serde(default)]
     pub attempts_retried: u32,
+    /// The value of the `infermesh.dev/retry` annotation the operator last acted on. Giving
+    /// the annotation a new value while the Workload is Failed retries it once: the shards
+    /// that had not succeeded run again, each with `spec.maxAttempts` fresh attempts, while
+    /// succeeded shards keep their parts and are not charged again; the phase goes back to
+    /// Running and, when they succeed, the Workload finishes as any other. Written by the
+    /// operator, under a field manager of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_retry: Option<String>,
     /// When the first shard was dispatched (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<String>,

@@ -2,11 +2,16 @@
 //! (the core), and status. A Workload carries a finalizer while the operator holds its shards:
 //! deleting it cancels the shards still running on agents.
 //!
-//! [`admission`], [`running_status`] and [`waiting_status`] are pure.
+//! A Failed Workload is retried when its `infermesh.dev/retry` annotation takes a value other
+//! than `status.lastRetry` ([`should_retry`]); the operator then writes that value to
+//! `status.lastRetry`, so each value retries once.
+//!
+//! [`admission`], [`running_status`], [`waiting_status`] and [`should_retry`] are pure.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use infermesh_crds::workload::RETRY_ANNOTATION;
 use infermesh_crds::{ShardCounts, Workload, WorkloadPhase, WorkloadStatus};
 use infermesh_io::{Location, ObjectError};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -21,7 +26,12 @@ use super::{Context, Error, Result, WORKLOAD_FINALIZER};
 use crate::core::progress::{AgentSummary, WorkloadSummary, format_duration};
 use crate::core::scheduler::{AgentView, Needs};
 use crate::core::validate::{self, Invalid};
-use crate::core::{CoreError, Submission, pricing, workload_key};
+use crate::core::{CoreError, RetryOutcome, Submission, pricing, workload_key};
+
+/// The field manager of `status.lastRetry`. It is not [`super::FIELD_MANAGER`]: the status
+/// writer applies the rest of the status under that one without `lastRetry`, and server-side
+/// apply would remove a field its manager stops sending.
+pub const RETRY_FIELD_MANAGER: &str = "infermesh-operator-retry";
 
 /// Why a workload is not admitted yet.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -184,6 +194,8 @@ pub fn running_status(
         eta: summary.eta().map(format_duration),
         credits_spent: Some(pricing::format_credits(summary.credits)),
         attempts_retried: summary.attempts_retried,
+        // Owned by its own field manager (`write_last_retry`), never sent with the rest.
+        last_retry: None,
         start_time,
         completion_time,
         observed_generation: generation,
@@ -193,6 +205,17 @@ pub fn running_status(
 
 fn reason_or<'a>(reason: &'a str, default: &'a str) -> &'a str {
     if reason.is_empty() { default } else { reason }
+}
+
+/// Whether a Workload asks for a retry not acted on yet: it is Failed, and its
+/// `infermesh.dev/retry` annotation (`annotation`) has a value, not blank, other than
+/// `status.lastRetry`. Each value thus retries once.
+pub fn should_retry(annotation: Option<&str>, status: Option<&WorkloadStatus>) -> bool {
+    let Some(value) = annotation.filter(|v| !v.trim().is_empty()) else {
+        return false;
+    };
+    status
+        .is_some_and(|s| s.phase == WorkloadPhase::Failed && s.last_retry.as_deref() != Some(value))
 }
 
 /// Status of a workload that waits before admission (or is invalid: `failed`).
@@ -361,6 +384,12 @@ async fn apply(w: &Workload, ctx: &Context) -> Result<Action> {
     if let (Ok(mut g), Some(generation)) = (ctx.generations.lock(), w.metadata.generation) {
         g.insert(key.clone(), generation);
     }
+    let asked = w.annotations().get(RETRY_ANNOTATION).map(String::as_str);
+    if let Some(value) = asked.filter(|_| should_retry(asked, w.status.as_ref()))
+        && let Some(later) = retry(ctx, w, &key, value).await?
+    {
+        return Ok(later);
+    }
     if ctx.core.knows(&key).await {
         ctx.core.set_suspend(&key, w.spec.suspend).await?;
         return Ok(Action::requeue(Duration::from_secs(300)));
@@ -447,6 +476,74 @@ async fn apply(w: &Workload, ctx: &Context) -> Result<Action> {
         publish(ctx, w, type_, &reason, note).await;
     }
     Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// Retries a Failed Workload whose `infermesh.dev/retry` annotation says `value` (see
+/// [`should_retry`]), then records `value` in `status.lastRetry` so it is acted on once. The
+/// phase goes back to Running through the status writer, as any running workload's. A
+/// refusal (not failed, unknown to the store) is recorded too, with a Warning Event, and the
+/// reconcile goes on as usual (`None`); a store that does not answer is asked again later,
+/// with nothing recorded (`Some` action).
+async fn retry(ctx: &Context, w: &Workload, key: &str, value: &str) -> Result<Option<Action>> {
+    let ns = w.namespace().unwrap_or_default();
+    let name = w.name_any();
+    let outcome = ctx.core.retry_failed(key).await?;
+    let event = match &outcome {
+        RetryOutcome::StoreUnavailable { message } => {
+            tracing::warn!(workload = %key, %message, "retry waits for the store");
+            return Ok(Some(Action::requeue(Duration::from_secs(5))));
+        }
+        RetryOutcome::Retried {
+            requeued,
+            failed,
+            kept,
+        } => Some((
+            EventType::Normal,
+            "Retried",
+            format!(
+                "retry {value}: {requeued} shards run again ({failed} had failed); \
+                 {kept} succeeded shards kept"
+            ),
+        )),
+        // Running already: an earlier attempt at this retry took it up.
+        RetryOutcome::NotFailed { phase } if phase == "Running" || phase == "Pending" => None,
+        RetryOutcome::NotFailed { phase } => Some((
+            EventType::Warning,
+            "RetryRefused",
+            format!("retry {value}: the workload is {phase}, not Failed; nothing to retry"),
+        )),
+        RetryOutcome::Unknown => Some((
+            EventType::Warning,
+            "RetryRefused",
+            format!("retry {value}: the operator holds no run of this Workload to retry"),
+        )),
+    };
+    tracing::info!(workload = %key, retry = %value, outcome = ?outcome, "retry asked");
+    write_last_retry(ctx, &ns, &name, value).await?;
+    if let Some((type_, reason, note)) = event {
+        publish(ctx, w, type_, reason, note).await;
+    }
+    Ok(None)
+}
+
+/// Writes `status.lastRetry` alone, under [`RETRY_FIELD_MANAGER`] (a phase change's turn).
+async fn write_last_retry(ctx: &Context, namespace: &str, name: &str, value: &str) -> Result<()> {
+    let api = Api::<Workload>::namespaced(ctx.client.clone(), namespace);
+    let body = serde_json::json!({
+        "apiVersion": Workload::api_version(&()),
+        "kind": Workload::kind(&()),
+        "status": { "lastRetry": value },
+    });
+    ctx.pacer.turn(true).await;
+    ctx.metrics.write("workloads/status", "patch");
+    let ssa = kube::api::PatchParams::apply(RETRY_FIELD_MANAGER).force();
+    api.patch_status(name, &ssa, &kube::api::Patch::Apply(body))
+        .await
+        .map_err(|source| Error::PatchStatus {
+            what: format!("Workload {name}"),
+            source,
+        })?;
+    Ok(())
 }
 
 async fn invalid(ctx: &Context, w: &Workload, reason: &str, message: &str) -> Result<Action> {
@@ -622,6 +719,81 @@ mod tests {
         assert_eq!(ok.conditions[1].status, "True");
         assert_eq!(ok.eta, None);
         assert_eq!(ok.progress.as_deref(), Some("100%"));
+    }
+
+    #[test]
+    fn a_failed_workload_is_retried_once_per_annotation_value() {
+        let status = |phase, last: Option<&str>| WorkloadStatus {
+            phase,
+            last_retry: last.map(str::to_string),
+            ..WorkloadStatus::default()
+        };
+        let failed = status(WorkloadPhase::Failed, None);
+        assert!(
+            should_retry(Some("1"), Some(&failed)),
+            "a first value retries"
+        );
+        assert!(
+            !should_retry(None, Some(&failed)),
+            "no annotation, no retry"
+        );
+        assert!(
+            !should_retry(Some(""), Some(&failed)),
+            "a blank value asks nothing"
+        );
+        assert!(!should_retry(Some("  "), Some(&failed)));
+        assert!(!should_retry(Some("1"), None), "no status: it never ran");
+        let retried = status(WorkloadPhase::Failed, Some("1"));
+        assert!(
+            !should_retry(Some("1"), Some(&retried)),
+            "a value already acted on is not acted on again, even if it failed again"
+        );
+        assert!(
+            should_retry(Some("2"), Some(&retried)),
+            "a new value retries"
+        );
+        for phase in [
+            WorkloadPhase::Pending,
+            WorkloadPhase::Running,
+            WorkloadPhase::Succeeded,
+        ] {
+            assert!(
+                !should_retry(Some("2"), Some(&status(phase, Some("1")))),
+                "only a Failed workload is retried ({phase:?})"
+            );
+        }
+    }
+
+    #[test]
+    fn the_status_writer_never_sends_last_retry() {
+        // `status.lastRetry` has a field manager of its own: the status writer's applies must
+        // not carry it, or a later apply without it would remove it (and retry again).
+        let mut previous = running_status(
+            &wl(WorkloadPhase::Failed, "InvalidInput"),
+            None,
+            None,
+            Timestamp::now(),
+        );
+        previous.last_retry = Some("1".into());
+        let next = running_status(
+            &wl(WorkloadPhase::Running, "Retried"),
+            Some(&previous),
+            None,
+            Timestamp::now(),
+        );
+        assert_eq!(next.phase, WorkloadPhase::Running);
+        assert_eq!(next.last_retry, None);
+        let json = serde_json::to_value(&next).expect("json");
+        assert!(json.get("lastRetry").is_none(), "{json}");
+        assert!(
+            next.completion_time.is_none(),
+            "running again: no completion time"
+        );
+        let mut asked = previous.clone();
+        asked.last_retry = Some("2".into());
+        let json = serde_json::to_value(&asked).expect("json");
+        assert_eq!(json["lastRetry"], "2", "the field's name on the wire");
+        assert_ne!(RETRY_FIELD_MANAGER, super::super::FIELD_MANAGER);
     }
 
     #[test]

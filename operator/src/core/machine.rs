@@ -147,8 +147,12 @@ impl ShardStatus {
 pub(super) struct ShardState {
     pub(super) range: planner::ShardRange,
     pub(super) status: ShardStatus,
-    /// The current attempt (the last one started).
+    /// The current attempt (the last one started). Attempt numbers only ever grow: parts,
+    /// claims and charges are keyed by them.
     pub(super) attempt: u32,
+    /// The attempt the shard had when its workload was retried (0 when never retried): its
+    /// attempts towards `spec.maxAttempts` count from here.
+    pub(super) base: u32,
     pub(super) records: u64,
     pub(super) sha256: String,
     /// The committed part is known to be at its final name (moved by this operator). A shard
@@ -163,10 +167,17 @@ impl ShardState {
             range,
             status: ShardStatus::Pending,
             attempt: 0,
+            base: 0,
             records: 0,
             sha256: String::new(),
             moved: false,
         }
+    }
+
+    /// Attempts used towards `spec.maxAttempts`: those since the last retry of its workload,
+    /// counting `attempt` as the current one.
+    pub(super) fn used(&self, attempt: u32) -> u32 {
+        attempt.saturating_sub(self.base)
     }
 }
 
@@ -413,6 +424,15 @@ impl Machine {
             .unwrap_or(0)
     }
 
+    /// The attempts shard `index` has used towards `spec.maxAttempts` when `attempt` is its
+    /// current one (attempts since its workload's last retry).
+    pub(super) fn attempts_used(&self, uid: &str, index: u32, attempt: u32) -> u32 {
+        self.workloads
+            .get(uid)
+            .and_then(|w| w.shards.get(index as usize))
+            .map_or(attempt, |s| s.used(attempt))
+    }
+
     /// Slots of a Mesh's schedulable agents now.
     pub(super) fn mesh_slots(&self, mesh: &str) -> u32 {
         self.agents
@@ -563,6 +583,18 @@ impl Machine {
                 model_drift: new.model_drift,
             },
         );
+    }
+
+    /// A failed workload taken up again by a retry (its shards reopened in the store): it
+    /// says so until something else does (a hold for budget, its end).
+    pub(super) fn retried(&mut self, uid: &str, message: String) {
+        if let Some(w) = self.workloads.get_mut(uid)
+            && w.phase == WorkloadPhase::Running
+            && w.reason == "Resumed"
+        {
+            w.reason = "Retried".into();
+            w.message = message;
+        }
     }
 
     /// A namespace's balance as read from the store.
@@ -1294,7 +1326,7 @@ impl Machine {
         if agent.is_some_and(|a| a != holder) || s.attempt != attempt {
             return None;
         }
-        Some(match lease::requeue(attempt, w.spec.max_attempts) {
+        Some(match lease::requeue(s.used(attempt), w.spec.max_attempts) {
             Requeue::Exhausted => RequeuePlan::Exhausted,
             Requeue::Retry { .. } if w.phase.is_terminal() => RequeuePlan::Forget,
             Requeue::Retry { .. } => RequeuePlan::Retry,
@@ -1568,7 +1600,9 @@ impl Machine {
             // A shard out of attempts is failed, never claimed again.
             let mut claimable = w.shards[from..]
                 .iter()
-                .filter(|s| s.status == ShardStatus::Pending && s.attempt < w.spec.max_attempts)
+                .filter(|s| {
+                    s.status == ShardStatus::Pending && s.used(s.attempt) < w.spec.max_attempts
+                })
                 .take(free)
                 .peekable();
             cursors.push((

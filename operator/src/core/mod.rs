@@ -52,8 +52,8 @@ use tonic::Status;
 use crate::grpc::Principal;
 use crate::store::group::GroupCommitter;
 use crate::store::{
-    ChargeOutcome, CompletionRecord, Event, EventKind, GrantKind, ShardRecord, Store, StoreError,
-    WorkloadRecord,
+    ChargeOutcome, CompletionRecord, Event, EventKind, GrantKind, ReopenOutcome, ShardRecord,
+    Store, StoreError, StoredWorkload, WorkloadRecord,
 };
 use accounting::Refusal;
 use machine::{
@@ -103,6 +103,44 @@ impl CoreError {
     /// Whether the store failed in a way that waiting can cure (it does not answer).
     pub fn is_transient(&self) -> bool {
         matches!(self, Self::Store(e) if e.is_transient())
+    }
+}
+
+/// What [`Core::retry_failed`] did. Every outcome but `Retried` is a refusal that changed
+/// nothing, for the caller to show.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RetryOutcome {
+    /// The workload was failed and runs again.
+    Retried {
+        /// Shards put back in the queue (every shard that had not succeeded).
+        requeued: u32,
+        /// Of those, the shards that had failed for good.
+        failed: u32,
+        /// Succeeded shards kept, with their parts and charges.
+        kept: u32,
+    },
+    /// The workload is not failed: `phase` is where it is (`Pending`, `Running`,
+    /// `Succeeded`).
+    NotFailed {
+        /// Its phase.
+        phase: String,
+    },
+    /// No workload with this key, here or in the store.
+    Unknown,
+    /// The store does not answer: nothing changed; ask again later.
+    StoreUnavailable {
+        /// What the store said.
+        message: String,
+    },
+}
+
+/// The name of a phase, as the store and the status write it.
+fn phase_name(phase: WorkloadPhase) -> &'static str {
+    match phase {
+        WorkloadPhase::Pending => "Pending",
+        WorkloadPhase::Running => "Running",
+        WorkloadPhase::Succeeded => "Succeeded",
+        WorkloadPhase::Failed => "Failed",
     }
 }
 
@@ -627,122 +665,216 @@ impl<S: Store> Core<S> {
         let stored = self.store.active_workloads().await?;
         let mut resumed = Vec::new();
         for sw in stored.into_iter().filter(|sw| keep(&sw.record)) {
-            let r = &sw.record;
-            let key = workload_key(&r.namespace, &r.name, &r.uid);
-            if self.read(|m| m.workloads.contains_key(&r.uid)) {
-                continue;
+            let uid = sw.record.uid.clone();
+            if self.take_up(sw).await? {
+                resumed.push(uid);
             }
-            let parsed = serde_json::from_str::<WorkloadSpec>(&r.spec_json)
-                .map_err(|e| e.to_string())
-                .and_then(|spec| {
-                    validate::validate(&spec)
-                        .map(|v| (spec, v))
-                        .map_err(|e| e.to_string())
-                });
-            let (spec, validated) = match parsed {
-                Ok(ok) => ok,
-                Err(e) => {
-                    let message = format!("the stored spec no longer validates: {e}");
-                    tracing::error!(workload = %key, %message, "workload not resumed");
-                    self.store
-                        .finish_workload(&r.uid, "Failed", &format!("InvalidSpec: {message}"))
-                        .await?;
-                    continue;
-                }
-            };
-            let mut credits: i64 = 0;
-            for c in self.store.charges(&r.uid).await? {
-                credits = credits.saturating_add(c.amount);
-            }
-            let mut shards = Vec::with_capacity(sw.shards.len());
-            let mut exhausted = None;
-            for s in &sw.shards {
-                let status = match s.state.as_str() {
-                    // Its last attempt was lost with the operator: the shard is out of them.
-                    "running" if s.attempt >= spec.max_attempts => {
-                        let message = format!(
-                            "shard {} failed after {} attempts; last error: operator restarted: attempt lost",
-                            s.index, s.attempt
-                        );
-                        self.store
-                            .fail_shard(&r.uid, s.index, s.attempt, s.agent.as_deref(), &message)
-                            .await?;
-                        exhausted = Some(("AttemptsExhausted", message));
-                        ShardStatus::Failed
-                    }
-                    "succeeded" => ShardStatus::Succeeded,
-                    // A shard fails for good only with its workload; the operator stopped
-                    // between the two writes. The workload fails now, as it would have.
-                    "failed" => {
-                        exhausted.get_or_insert_with(|| {
-                            let message = format!(
-                                "shard {} had failed for good before the operator restarted",
-                                s.index
-                            );
-                            ("ShardFailed", message)
-                        });
-                        ShardStatus::Failed
-                    }
-                    "running" => {
-                        self.store
-                            .requeue(
-                                &r.uid,
-                                s.index,
-                                s.attempt,
-                                s.agent.as_deref(),
-                                "operator restarted: attempt lost",
-                            )
-                            .await?;
-                        ShardStatus::Pending
-                    }
-                    _ => ShardStatus::Pending,
-                };
-                shards.push(ShardState {
-                    status,
-                    attempt: s.attempt,
-                    records: s.records,
-                    sha256: s.sha256.clone().unwrap_or_default(),
-                    ..ShardState::new(planner::ShardRange {
-                        index: s.index,
-                        start: s.start,
-                        end: s.end,
-                    })
-                });
-            }
-            let balance = self.balance_if_budgeted(&r.mesh, &r.namespace).await?;
-            tracing::info!(workload = %key, shards = shards.len(), "workload resumed");
-            let new = NewWorkload {
-                key,
-                uid: r.uid.clone(),
-                namespace: r.namespace.clone(),
-                name: r.name.clone(),
-                spec,
-                validated,
-                input_size: r.input_bytes,
-                input_version: r.input_version.clone(),
-                shards,
-                admitted: true,
-                credits,
-                model_drift: None,
-            };
-            self.apply(|m| {
-                if let Some(b) = balance {
-                    m.balance_read(&r.namespace, b);
-                }
-                m.insert(new, Instant::now());
-                ((), Vec::new())
-            });
-            if let Some((reason, message)) = exhausted {
-                self.fail_workload(&r.uid, reason, &message).await?;
-                continue;
-            }
-            resumed.push(r.uid.clone());
         }
         for uid in &resumed {
             self.maybe_finish(uid).await?;
         }
         self.dispatch().await?;
         Ok(resumed.len())
+    }
+
+    /// Takes up one workload the store holds as running (resumed after a restart, or reopened
+    /// by a retry): succeeded shards stay done, shards caught running go back to the queue with
+    /// their attempt counted, and a shard that failed for good fails the workload. Returns
+    /// whether it now runs here (false: it was held here already, or it failed at once).
+    async fn take_up(&self, sw: StoredWorkload) -> Result<bool, CoreError> {
+        let r = &sw.record;
+        let key = workload_key(&r.namespace, &r.name, &r.uid);
+        if self.read(|m| m.workloads.contains_key(&r.uid)) {
+            return Ok(false);
+        }
+        let parsed = serde_json::from_str::<WorkloadSpec>(&r.spec_json)
+            .map_err(|e| e.to_string())
+            .and_then(|spec| {
+                validate::validate(&spec)
+                    .map(|v| (spec, v))
+                    .map_err(|e| e.to_string())
+            });
+        let (spec, validated) = match parsed {
+            Ok(ok) => ok,
+            Err(e) => {
+                let message = format!("the stored spec no longer validates: {e}");
+                tracing::error!(workload = %key, %message, "workload not resumed");
+                self.store
+                    .finish_workload(&r.uid, "Failed", &format!("InvalidSpec: {message}"))
+                    .await?;
+                return Ok(false);
+            }
+        };
+        let mut credits: i64 = 0;
+        for c in self.store.charges(&r.uid).await? {
+            credits = credits.saturating_add(c.amount);
+        }
+        let mut shards = Vec::with_capacity(sw.shards.len());
+        let mut exhausted = None;
+        for s in &sw.shards {
+            // Attempts since the workload's last retry count towards `maxAttempts`.
+            let used = s.attempt.saturating_sub(s.attempt_base);
+            let status = match s.state.as_str() {
+                // Its last attempt was lost with the operator: the shard is out of them.
+                "running" if used >= spec.max_attempts => {
+                    let message = format!(
+                        "shard {} failed after {used} attempts; last error: operator restarted: attempt lost",
+                        s.index
+                    );
+                    self.store
+                        .fail_shard(&r.uid, s.index, s.attempt, s.agent.as_deref(), &message)
+                        .await?;
+                    exhausted = Some(("AttemptsExhausted", message));
+                    ShardStatus::Failed
+                }
+                "succeeded" => ShardStatus::Succeeded,
+                // A shard fails for good only with its workload; the operator stopped
+                // between the two writes. The workload fails now, as it would have.
+                "failed" => {
+                    exhausted.get_or_insert_with(|| {
+                        let message = format!(
+                            "shard {} had failed for good before the operator restarted",
+                            s.index
+                        );
+                        ("ShardFailed", message)
+                    });
+                    ShardStatus::Failed
+                }
+                "running" => {
+                    self.store
+                        .requeue(
+                            &r.uid,
+                            s.index,
+                            s.attempt,
+                            s.agent.as_deref(),
+                            "operator restarted: attempt lost",
+                        )
+                        .await?;
+                    ShardStatus::Pending
+                }
+                _ => ShardStatus::Pending,
+            };
+            shards.push(ShardState {
+                status,
+                attempt: s.attempt,
+                base: s.attempt_base,
+                records: s.records,
+                sha256: s.sha256.clone().unwrap_or_default(),
+                ..ShardState::new(planner::ShardRange {
+                    index: s.index,
+                    start: s.start,
+                    end: s.end,
+                })
+            });
+        }
+        let balance = self.balance_if_budgeted(&r.mesh, &r.namespace).await?;
+        tracing::info!(workload = %key, shards = shards.len(), "workload resumed");
+        let new = NewWorkload {
+            key,
+            uid: r.uid.clone(),
+            namespace: r.namespace.clone(),
+            name: r.name.clone(),
+            spec,
+            validated,
+            input_size: r.input_bytes,
+            input_version: r.input_version.clone(),
+            shards,
+            admitted: true,
+            credits,
+            model_drift: None,
+        };
+        let inserted = self.apply(|m| {
+            // Two callers taking up one workload at once (a retry and a resume): one wins.
+            if m.workloads.contains_key(&r.uid) {
+                return (false, Vec::new());
+            }
+            if let Some(b) = balance {
+                m.balance_read(&r.namespace, b);
+            }
+            m.insert(new, Instant::now());
+            (true, Vec::new())
+        });
+        if !inserted {
+            return Ok(false);
+        }
+        if let Some((reason, message)) = exhausted {
+            self.fail_workload(&r.uid, reason, &message).await?;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Retries a failed workload (`key` as [`workload_key`] builds it): the store first
+    /// ([`Store::reopen_failed`]: back to running, every shard that had not succeeded back to
+    /// the queue with a fresh `spec.maxAttempts` attempts numbered above every earlier one, a
+    /// `workload.retried` event), then the workload is taken up here as a resumed one and
+    /// dispatched. Succeeded shards keep their parts and their single charge; when the rest
+    /// succeed the workload finishes as any other (manifest, `_SUCCESS.json`). Works whether
+    /// the failed workload's summary is still held here or was released. A workload that is
+    /// not failed, an unknown one, or a store that does not answer is a refusal
+    /// ([`RetryOutcome`]) and changes nothing.
+    pub async fn retry_failed(&self, key: &str) -> Result<RetryOutcome, CoreError> {
+        let uid = machine::key_uid(key).to_string();
+        let live = self.read(|m| m.workloads.get(&uid).map(|w| (w.key == key, w.phase)));
+        match live {
+            Some((true, phase)) => {
+                // Running, held for budget, or with its failure being written: not failed yet.
+                return Ok(RetryOutcome::NotFailed {
+                    phase: phase_name(phase).into(),
+                });
+            }
+            Some((false, _)) => return Ok(RetryOutcome::Unknown),
+            None => {}
+        }
+        if !self.store_available() {
+            return Ok(RetryOutcome::StoreUnavailable {
+                message: "the store does not answer (outage)".into(),
+            });
+        }
+        let reopened = match self.store.reopen_failed(&uid).await {
+            Ok(outcome) => outcome,
+            Err(e) if e.is_transient() => {
+                self.check_store().await;
+                return Ok(RetryOutcome::StoreUnavailable {
+                    message: e.to_string(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let (workload, requeued, failed, kept) = match reopened {
+            ReopenOutcome::Unknown => return Ok(RetryOutcome::Unknown),
+            ReopenOutcome::NotFailed { phase } => {
+                // Running in the store but not here: a retry that reopened it and was cut
+                // short before taking it up (the store failed in between). Taken up now.
+                if phase == "Running" {
+                    self.resume_where(|r| r.uid == uid).await?;
+                }
+                return Ok(RetryOutcome::NotFailed { phase });
+            }
+            ReopenOutcome::Reopened {
+                workload,
+                requeued,
+                failed,
+                kept,
+            } => (workload, requeued, failed, kept),
+        };
+        let r = &workload.record;
+        let stored_key = workload_key(&r.namespace, &r.name, &r.uid);
+        tracing::info!(workload = %stored_key, requeued, failed, kept, "failed workload retried");
+        // The failed run's summary (if not released yet) gives way to the running one.
+        self.release(&stored_key);
+        if self.take_up(*workload).await? {
+            let message = crate::store::retried_message(requeued, failed, kept);
+            self.apply(|m| (m.retried(&uid, message), Vec::new()));
+            // Every shard may have succeeded already (the failure was in writing the manifest).
+            self.maybe_finish(&uid).await?;
+        }
+        self.dispatch().await?;
+        Ok(RetryOutcome::Retried {
+            requeued,
+            failed,
+            kept,
+        })
     }
 
     async fn balance_if_budgeted(
@@ -1305,11 +1437,13 @@ impl<S: Store> Core<S> {
                 Ok(())
             }
             Some(RequeuePlan::Exhausted) => {
+                // Attempts since the workload's last retry (numbers keep growing across it).
+                let used = self.read(|m| m.attempts_used(&uid, index, attempt));
                 let message =
-                    format!("shard {index} failed after {attempt} attempts; last error: {reason}");
+                    format!("shard {index} failed after {used} attempts; last error: {reason}");
                 self.fail_shard(&uid, index, attempt, agent.as_deref(), &message)
                     .await?;
-                let reason = if attempt > 1 {
+                let reason = if used > 1 {
                     "AttemptsExhausted"
                 } else {
                     fail_reason

@@ -1910,3 +1910,270 @@ mod machine {
         }
     }
 }
+
+/// A `Failed` report of `shard` from its agent.
+fn failure(shard: &pb::ShardRef, retryable: bool, message: &str) -> pb::AgentMessage {
+    pb::AgentMessage {
+        msg: Some(Up::Failed(pb::Failed {
+            shard: Some(shard.clone()),
+            kind: if retryable {
+                pb::ErrorKind::Io as i32
+            } else {
+                pb::ErrorKind::InvalidInput as i32
+            },
+            message: message.into(),
+            retryable,
+        })),
+    }
+}
+
+/// (index, attempt) of assignments, by index.
+fn by_index(mut shards: Vec<pb::ShardRef>) -> Vec<(u32, u32)> {
+    shards.sort_by_key(|s| s.index);
+    shards.iter().map(|s| (s.index, s.attempt)).collect()
+}
+
+/// What finished a workload at `out`: its manifest's parts, checked against the files.
+async fn manifest_parts(out: &std::path::Path, output: &str) -> Vec<outputs::ManifestPart> {
+    let manifest = std::fs::read_to_string(out.join(outputs::MANIFEST)).expect("manifest");
+    let manifest: serde_json::Value = serde_json::from_str(&manifest).expect("json");
+    let parts: Vec<outputs::ManifestPart> =
+        serde_json::from_value(manifest["parts"].clone()).expect("parts");
+    let problems = outputs::verify_outputs(output, &parts).await;
+    assert!(problems.is_empty(), "{problems:?}");
+    parts
+}
+
+/// A workload whose shard ran out of attempts fails; retried (its summary still held), only
+/// the shards that had not succeeded run again, at attempts above every earlier one and with
+/// a fresh `maxAttempts`; the succeeded shard keeps its part and its one charge, a late report
+/// of the attempt cut short by the failure is refused, and the workload finishes as any other.
+async fn a_retried_workload_runs_only_what_had_not_succeeded_and_finishes(backend: Backend) {
+    let f = Fixture::new(backend, 30).await;
+    let key = f.submit(3, 2).await;
+    let (a, mut rx) = f.agent("a", 3).await;
+    let mut first = assigned(&mut rx);
+    first.sort_by_key(|s| s.index);
+    assert_eq!(by_index(first.clone()), [(0, 1), (1, 1), (2, 1)]);
+    f.complete(&a, &first[0], 5).await.expect("complete");
+    let flaky = "the object store timed out";
+    f.core
+        .handle(&a, failure(&first[1], true, flaky))
+        .await
+        .expect("failed");
+    let second = assigned(&mut rx);
+    assert_eq!(by_index(second.clone()), [(1, 2)]);
+    f.core
+        .handle(&a, failure(&second[0], true, flaky))
+        .await
+        .expect("failed");
+    let s = f.core.workload(&key).await.expect("held until released");
+    assert_eq!(
+        (s.phase, s.reason.as_str()),
+        (WorkloadPhase::Failed, "AttemptsExhausted")
+    );
+    assert_eq!((s.shards_succeeded, s.shards_failed), (1, 1));
+    drain(&mut rx); // the Cancel of shard 2
+
+    // The object store is fine again: retry.
+    let outcome = f.core.retry_failed(&key).await.expect("retry");
+    assert_eq!(
+        outcome,
+        RetryOutcome::Retried {
+            requeued: 2,
+            failed: 1,
+            kept: 1
+        }
+    );
+    let again = {
+        let mut v = assigned(&mut rx);
+        v.sort_by_key(|s| s.index);
+        v
+    };
+    assert_eq!(
+        by_index(again.clone()),
+        [(1, 3), (2, 2)],
+        "only what had not succeeded runs, each above every attempt it had"
+    );
+    let s = f.core.workload(&key).await.expect("live again");
+    assert_eq!(
+        (s.phase, s.reason.as_str(), s.shards_succeeded, s.records),
+        (WorkloadPhase::Running, "Retried", 1, 5)
+    );
+    assert_eq!(
+        f.core.workloads().await.len(),
+        1,
+        "one summary, the live one"
+    );
+    assert_eq!(
+        f.core.retry_failed(&key).await.expect("again"),
+        RetryOutcome::NotFailed {
+            phase: "Running".into()
+        },
+        "a running workload is not retried"
+    );
+    // A fresh series of two attempts: attempt 3 is the first of it, so a flaky failure
+    // requeues the shard instead of failing it.
+    f.core
+        .handle(&a, failure(&again[0], true, flaky))
+        .await
+        .expect("failed");
+    let third = assigned(&mut rx);
+    assert_eq!(by_index(third.clone()), [(1, 4)]);
+    // The attempt cut short by the failure reports late: stale, never charged.
+    f.complete(&a, &first[2], 9).await.expect("refused, kept");
+    assert_eq!(
+        refusals(&mut rx),
+        [(tonic::Code::FailedPrecondition, "stale_attempt".to_string())]
+    );
+    f.complete(&a, &again[1], 7).await.expect("complete");
+    f.complete(&a, &third[0], 6).await.expect("complete");
+
+    let s = f.core.workload(&key).await.expect("summary");
+    assert_eq!((s.phase, s.records), (WorkloadPhase::Succeeded, 18));
+    let store = f.core.store();
+    let charges = store.charges("u1").await.expect("charges");
+    assert_eq!(
+        charges.iter().map(|c| c.shard).collect::<Vec<_>>(),
+        [0, 1, 2],
+        "every shard charged exactly once"
+    );
+    let report = store.verify().await.expect("verify");
+    assert!(report.ok(), "{report:?}");
+    let parts = manifest_parts(f.out.path(), &f.output()).await;
+    assert_eq!(
+        parts
+            .iter()
+            .map(|p| (p.index, p.records))
+            .collect::<Vec<_>>(),
+        [(0, 5), (1, 6), (2, 7)],
+        "the manifest lists every part, the kept one included"
+    );
+    assert!(!f.out.path().join(outputs::ATTEMPTS).exists());
+    let attempts: Vec<i64> = store
+        .events(&EventFilter {
+            workload_uid: Some("u1".into()),
+            kind: Some("shard.assigned".into()),
+            ..Default::default()
+        })
+        .await
+        .expect("events")
+        .iter()
+        .filter(|e| e.shard == Some(1))
+        .filter_map(|e| e.attempt)
+        .collect();
+    assert_eq!(attempts, [1, 2, 3, 4], "no attempt number is used twice");
+    for (kind, n) in [
+        ("workload.failed", 1),
+        ("workload.retried", 1),
+        ("workload.succeeded", 1),
+    ] {
+        assert_eq!(f.events(kind).await, n, "{kind}");
+    }
+    assert_eq!(
+        f.core.retry_failed(&key).await.expect("done"),
+        RetryOutcome::NotFailed {
+            phase: "Succeeded".into()
+        }
+    );
+}
+
+/// A shard's bad input fails its workload for good; once the cause is fixed (a healthy
+/// agent), a retry of the failed workload, released from memory after its final status, runs
+/// the failed shard again and the workload succeeds. Refusals change nothing.
+async fn a_released_failed_workload_is_retried_once_its_cause_is_fixed(backend: Backend) {
+    let f = Fixture::new(backend, 30).await;
+    let key = f.submit(2, 3).await;
+    let (broken, mut rx_a) = f.agent("broken", 2).await;
+    let got = {
+        let mut v = assigned(&mut rx_a);
+        v.sort_by_key(|s| s.index);
+        v
+    };
+    assert_eq!(by_index(got.clone()), [(0, 1), (1, 1)]);
+    assert_eq!(
+        f.core.retry_failed(&key).await.expect("running"),
+        RetryOutcome::NotFailed {
+            phase: "Running".into()
+        }
+    );
+    f.complete(&broken, &got[0], 3).await.expect("complete");
+    f.core
+        .handle(
+            &broken,
+            failure(&got[1], false, "shard 1 line 2: not valid JSON"),
+        )
+        .await
+        .expect("failed");
+    assert_eq!(f.phase().await, WorkloadPhase::Failed);
+    f.core.release(&key);
+    assert!(f.core.workload(&key).await.is_none());
+    f.core
+        .detach(&broken, "the agent was replaced")
+        .await
+        .expect("detach");
+    assert_eq!(
+        f.core
+            .retry_failed("team-a/w-u1/no-such-uid")
+            .await
+            .expect("unknown"),
+        RetryOutcome::Unknown
+    );
+    assert_eq!(
+        f.events("workload.retried").await,
+        0,
+        "refusals log nothing"
+    );
+    let store = f.core.store();
+    assert_eq!(
+        store.workload_phase("u1").await.expect("phase").as_deref(),
+        Some("Failed")
+    );
+
+    let (healthy, mut rx_b) = f.agent("healthy", 2).await;
+    assert!(
+        assigned(&mut rx_b).is_empty(),
+        "a failed workload runs nothing"
+    );
+    assert_eq!(
+        f.core.retry_failed(&key).await.expect("retry"),
+        RetryOutcome::Retried {
+            requeued: 1,
+            failed: 1,
+            kept: 1
+        }
+    );
+    let again = assigned(&mut rx_b);
+    assert_eq!(by_index(again.clone()), [(1, 2)]);
+    f.complete(&healthy, &again[0], 4).await.expect("complete");
+    let s = f.core.workload(&key).await.expect("summary");
+    assert_eq!((s.phase, s.records), (WorkloadPhase::Succeeded, 7));
+    assert_eq!(s.credits, {
+        let charges = store.charges("u1").await.expect("charges");
+        assert_eq!(
+            charges
+                .iter()
+                .map(|c| (c.shard, c.to.as_str()))
+                .collect::<Vec<_>>(),
+            [(0, "agent/broken"), (1, "agent/healthy")],
+            "the kept shard is not charged again"
+        );
+        charges.iter().map(|c| c.amount).sum::<i64>()
+    });
+    assert!(store.verify().await.expect("verify").ok());
+    assert_eq!(
+        store.workload_phase("u1").await.expect("phase").as_deref(),
+        Some("Succeeded")
+    );
+    let parts = manifest_parts(f.out.path(), &f.output()).await;
+    assert_eq!(
+        parts
+            .iter()
+            .map(|p| (p.index, p.records))
+            .collect::<Vec<_>>(),
+        [(0, 3), (1, 4)]
+    );
+}
+
+both!(a_retried_workload_runs_only_what_had_not_succeeded_and_finishes);
+both!(a_released_failed_workload_is_retried_once_its_cause_is_fixed);

@@ -826,3 +826,324 @@ async fn budget_reconciliation_counts_only_budget_grants(backend: Backend) {
 }
 
 both!(budget_reconciliation_counts_only_budget_grants);
+
+/// The shards of `uid` as the store holds them: (state, attempt, attempt base, agent).
+async fn shard_rows(store: &impl Store, uid: &str) -> Vec<(String, u32, u32, Option<String>)> {
+    let mut all = store.workloads_in_phase("Running").await.expect("running");
+    all.extend(store.workloads_in_phase("Failed").await.expect("failed"));
+    all.extend(store.workloads_in_phase("Succeeded").await.expect("done"));
+    let w = all
+        .into_iter()
+        .find(|w| w.record.uid == uid)
+        .expect("stored");
+    w.shards
+        .into_iter()
+        .map(|s| (s.state, s.attempt, s.attempt_base, s.agent))
+        .collect()
+}
+
+fn row(
+    state: &str,
+    attempt: u32,
+    base: u32,
+    agent: Option<&str>,
+) -> (String, u32, u32, Option<String>) {
+    (state.into(), attempt, base, agent.map(str::to_string))
+}
+
+/// Retrying a failed workload: back to running, every shard that had not succeeded pending
+/// again with a fresh series of attempts numbered above its earlier ones, the succeeded shard
+/// kept with its one charge, and a `workload.retried` event, in one transaction. A workload
+/// that is running, succeeded or unknown is refused and nothing changes.
+async fn a_failed_workload_is_reopened_keeping_its_succeeded_shards(backend: Backend) {
+    let store = backend.open().await;
+    workload(&store, "u", 4).await;
+    workload(&store, "other", 1).await;
+    // Shard 0 succeeded (charged); shard 1 failed for good at its second attempt; shard 2
+    // was running when the workload failed; shard 3 never ran.
+    assert!(store.assign("u", 0, 1, "a").await.expect("assign"));
+    assert_eq!(
+        store
+            .complete(&completion("u", 0, 1, "a"))
+            .await
+            .expect("complete"),
+        ChargeOutcome::Charged
+    );
+    assert!(store.assign("u", 1, 1, "a").await.expect("assign"));
+    assert!(
+        store
+            .requeue("u", 1, 1, Some("a"), "lost")
+            .await
+            .expect("requeue")
+    );
+    assert!(store.assign("u", 1, 2, "b").await.expect("assign"));
+    assert!(
+        store
+            .fail_shard("u", 1, 2, Some("b"), "bad line")
+            .await
+            .expect("fail")
+    );
+    assert!(store.assign("u", 2, 1, "a").await.expect("assign"));
+    store
+        .finish_workload("u", "Failed", "InvalidInput: bad line")
+        .await
+        .expect("finish");
+    assert!(store.assign("other", 0, 1, "a").await.expect("assign"));
+    let failed_rows = shard_rows(&store, "u").await;
+    let other_rows = shard_rows(&store, "other").await;
+    let events_before = store
+        .events(&EventFilter::default())
+        .await
+        .expect("events")
+        .len();
+
+    // Refused: a running workload, an unknown uid. Nothing changes.
+    match store.reopen_failed("other").await.expect("reopen") {
+        ReopenOutcome::NotFailed { phase } => assert_eq!(phase, "Running"),
+        other => panic!("a running workload is not reopened: {other:?}"),
+    }
+    assert!(matches!(
+        store.reopen_failed("nope").await.expect("reopen"),
+        ReopenOutcome::Unknown
+    ));
+    assert_eq!(shard_rows(&store, "other").await, other_rows);
+    assert_eq!(shard_rows(&store, "u").await, failed_rows);
+    assert_eq!(
+        store.workload_phase("u").await.expect("phase").as_deref(),
+        Some("Failed")
+    );
+    assert_eq!(
+        store
+            .events(&EventFilter::default())
+            .await
+            .expect("events")
+            .len(),
+        events_before,
+        "a refusal logs nothing"
+    );
+
+    let ReopenOutcome::Reopened {
+        workload: reopened,
+        requeued,
+        failed,
+        kept,
+    } = store.reopen_failed("u").await.expect("reopen")
+    else {
+        panic!("a failed workload is reopened");
+    };
+    assert_eq!((requeued, failed, kept), (3, 1, 1));
+    assert_eq!(reopened.record.uid, "u");
+    assert_eq!(reopened.record.input_version.as_deref(), Some("etag-1"));
+    let expected = [
+        row("succeeded", 1, 0, Some("a")),
+        row("pending", 2, 2, None),
+        row("pending", 1, 1, None),
+        row("pending", 0, 0, None),
+    ];
+    let got: Vec<_> = reopened
+        .shards
+        .iter()
+        .map(|s| (s.state.clone(), s.attempt, s.attempt_base, s.agent.clone()))
+        .collect();
+    assert_eq!(got, expected, "what the retry returns is what it stored");
+    assert_eq!(shard_rows(&store, "u").await, expected);
+    assert_eq!(
+        reopened.shards[0].output_uri.as_deref(),
+        Some("file:///out/part-00000.jsonl"),
+        "the succeeded shard keeps its part"
+    );
+    assert_eq!(
+        store.workload_phase("u").await.expect("phase").as_deref(),
+        Some("Running")
+    );
+    let active = store.active_workloads().await.expect("active");
+    assert!(active.iter().any(|w| w.record.uid == "u"), "resumable");
+    let retried = store
+        .events(&EventFilter {
+            kind: Some("workload.retried".into()),
+            ..Default::default()
+        })
+        .await
+        .expect("events");
+    assert_eq!(retried.len(), 1);
+    assert_eq!(retried[0].workload_uid.as_deref(), Some("u"));
+    assert!(
+        retried[0].message.contains("3 shards requeued")
+            && retried[0].message.contains("1 had failed")
+            && retried[0].message.contains("1 succeeded shards kept"),
+        "{}",
+        retried[0].message
+    );
+    // Once reopened it is running: a second retry is refused.
+    assert!(matches!(
+        store.reopen_failed("u").await.expect("again"),
+        ReopenOutcome::NotFailed { ref phase } if phase == "Running"
+    ));
+
+    // Attempt numbers are never reused: the old attempts can neither be claimed nor
+    // completed; the next ones can.
+    assert!(!store.assign("u", 1, 2, "c").await.expect("old attempt"));
+    assert!(!store.assign("u", 2, 1, "c").await.expect("old attempt"));
+    assert_eq!(
+        store
+            .complete(&completion("u", 2, 1, "a"))
+            .await
+            .expect("late report of the cut-short attempt"),
+        ChargeOutcome::Refused
+    );
+    assert!(store.assign("u", 1, 3, "c").await.expect("next attempt"));
+    assert!(store.assign("u", 2, 2, "c").await.expect("next attempt"));
+    assert!(store.assign("u", 3, 1, "c").await.expect("first attempt"));
+    for (shard, attempt) in [(1, 3), (2, 2), (3, 1)] {
+        assert_eq!(
+            store
+                .complete(&completion("u", shard, attempt, "c"))
+                .await
+                .expect("complete"),
+            ChargeOutcome::Charged
+        );
+    }
+    // The kept shard is not charged again, whatever is reported for it.
+    assert_eq!(
+        store
+            .complete(&completion("u", 0, 1, "a"))
+            .await
+            .expect("again"),
+        ChargeOutcome::AlreadyCharged
+    );
+    assert_eq!(
+        store
+            .complete(&completion("u", 0, 2, "c"))
+            .await
+            .expect("another attempt"),
+        ChargeOutcome::Refused
+    );
+    let charges = store.charges("u").await.expect("charges");
+    let to: Vec<(u32, &str)> = charges.iter().map(|c| (c.shard, c.to.as_str())).collect();
+    assert_eq!(
+        to,
+        [
+            (0, "agent/a"),
+            (1, "agent/c"),
+            (2, "agent/c"),
+            (3, "agent/c")
+        ],
+        "each shard charged once, to the agent whose attempt succeeded"
+    );
+    let report = store.verify().await.expect("verify");
+    assert!(report.ok(), "{report:?}");
+    store
+        .finish_workload("u", "Succeeded", "done")
+        .await
+        .expect("finish");
+    assert!(matches!(
+        store.reopen_failed("u").await.expect("succeeded"),
+        ReopenOutcome::NotFailed { ref phase } if phase == "Succeeded"
+    ));
+    assert_eq!(
+        kinds(&store, "u").await.last().map(String::as_str),
+        Some("workload.succeeded"),
+        "the refusal logged nothing"
+    );
+    assert!(store.verify().await.expect("verify").ok());
+}
+
+/// Of two retries of one failed workload at once (two operators), exactly one reopens it; a
+/// shard retried a second time starts a new series above the first retry's attempts.
+async fn concurrent_retries_reopen_once_and_attempts_keep_growing(backend: Backend) {
+    let stores = operators(backend, 2).await;
+    workload(&*stores[0], "u", 1).await;
+    assert!(stores[0].assign("u", 0, 1, "a").await.expect("assign"));
+    assert!(
+        stores[0]
+            .fail_shard("u", 0, 1, Some("a"), "boom")
+            .await
+            .expect("fail")
+    );
+    stores[0]
+        .finish_workload("u", "Failed", "InferenceFailed: boom")
+        .await
+        .expect("finish");
+    let (x, y) = tokio::join!(stores[0].reopen_failed("u"), stores[1].reopen_failed("u"));
+    let outcomes = [x.expect("x"), y.expect("y")];
+    let reopened = outcomes
+        .iter()
+        .filter(|o| matches!(o, ReopenOutcome::Reopened { .. }))
+        .count();
+    assert_eq!(reopened, 1, "{outcomes:?}");
+    assert!(
+        outcomes
+            .iter()
+            .any(|o| matches!(o, ReopenOutcome::NotFailed { phase } if phase == "Running")),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        shard_rows(&*stores[0], "u").await,
+        [row("pending", 1, 1, None)]
+    );
+    // It fails again at attempt 3 of the second series...
+    assert!(stores[1].assign("u", 0, 2, "b").await.expect("assign"));
+    assert!(
+        stores[1]
+            .requeue("u", 0, 2, Some("b"), "lost")
+            .await
+            .expect("requeue")
+    );
+    assert!(stores[1].assign("u", 0, 3, "b").await.expect("assign"));
+    assert!(
+        stores[1]
+            .fail_shard("u", 0, 3, Some("b"), "boom again")
+            .await
+            .expect("fail")
+    );
+    stores[1]
+        .finish_workload("u", "Failed", "InferenceFailed: boom again")
+        .await
+        .expect("finish");
+    // ...and a second retry starts a third series above it.
+    assert!(matches!(
+        stores[0].reopen_failed("u").await.expect("reopen"),
+        ReopenOutcome::Reopened {
+            requeued: 1,
+            failed: 1,
+            kept: 0,
+            ..
+        }
+    ));
+    assert_eq!(
+        shard_rows(&*stores[0], "u").await,
+        [row("pending", 3, 3, None)]
+    );
+    assert!(
+        !stores[0]
+            .assign("u", 0, 3, "c")
+            .await
+            .expect("used attempt")
+    );
+    assert!(
+        stores[0]
+            .assign("u", 0, 4, "c")
+            .await
+            .expect("next attempt")
+    );
+    assert_eq!(
+        stores[0]
+            .complete(&completion("u", 0, 4, "c"))
+            .await
+            .expect("complete"),
+        ChargeOutcome::Charged
+    );
+    assert_eq!(
+        kinds(&*stores[1], "u")
+            .await
+            .iter()
+            .filter(|k| *k == "workload.retried")
+            .count(),
+        2
+    );
+    let report = stores[1].verify().await.expect("verify");
+    assert!(report.ok(), "{report:?}");
+}
+
+both!(a_failed_workload_is_reopened_keeping_its_succeeded_shards);
+both!(concurrent_retries_reopen_once_and_attempts_keep_growing);

@@ -112,8 +112,12 @@ pub struct StoredShard {
     pub end: u64,
     /// `pending`, `running`, `succeeded` or `failed`.
     pub state: String,
-    /// Attempts started.
+    /// Attempts started: the number of the last one (attempt numbers only ever grow).
     pub attempt: u32,
+    /// The attempt the shard had when its workload was last retried
+    /// ([`Store::reopen_failed`]); 0 when never retried. The attempts it has used towards
+    /// `spec.maxAttempts` are `attempt - attempt_base`.
+    pub attempt_base: u32,
     /// The agent of the last attempt.
     pub agent: Option<String>,
     /// Records written (succeeded shards).
@@ -122,6 +126,39 @@ pub struct StoredShard {
     pub output_uri: Option<String>,
     /// sha256 of the part (succeeded shards).
     pub sha256: Option<String>,
+}
+
+/// What [`Store::reopen_failed`] did.
+#[derive(Clone, Debug)]
+pub enum ReopenOutcome {
+    /// The workload was `Failed` and is `Running` again: every shard that had not succeeded is
+    /// pending, with a fresh series of attempts numbered above every attempt it had.
+    Reopened {
+        /// The workload as stored after the change, with its shards (what a core resumes).
+        workload: Box<StoredWorkload>,
+        /// Shards put back in the queue (every shard not succeeded).
+        requeued: u32,
+        /// Of those, the shards that had failed for good.
+        failed: u32,
+        /// Succeeded shards, kept with their parts and charges.
+        kept: u32,
+    },
+    /// The workload is not `Failed` (`Running`, `Succeeded`): nothing changed.
+    NotFailed {
+        /// Its stored phase.
+        phase: String,
+    },
+    /// No workload with that uid is stored: nothing changed.
+    Unknown,
+}
+
+/// The message of a `workload.retried` event.
+pub(crate) fn retried_message(requeued: u32, failed: u32, kept: u32) -> String {
+    format!(
+        "retried: {requeued} shards requeued ({failed} had failed, {} had not finished), \
+         {kept} succeeded shards kept",
+        requeued - failed
+    )
 }
 
 /// A planned shard.
@@ -335,6 +372,9 @@ pub enum EventKind {
     WorkloadSucceeded,
     /// A workload failed.
     WorkloadFailed,
+    /// A failed workload was retried: its shards that had not succeeded went back to the
+    /// queue ([`Store::reopen_failed`]).
+    WorkloadRetried,
     /// A shard was assigned to an agent.
     ShardAssigned,
     /// A shard completed (first completion: charged).
@@ -363,6 +403,7 @@ impl EventKind {
             Self::ModelChanged => "workload.model_changed",
             Self::WorkloadSucceeded => "workload.succeeded",
             Self::WorkloadFailed => "workload.failed",
+            Self::WorkloadRetried => "workload.retried",
             Self::ShardAssigned => "shard.assigned",
             Self::ShardCompleted => "shard.completed",
             Self::ShardReportRefused => "shard.report_refused",
@@ -694,6 +735,19 @@ pub trait Store: Send + Sync + 'static {
         message: &str,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Retries a failed workload, in one transaction: a workload in phase `Failed` goes back
+    /// to `Running`, every shard of it that had not succeeded goes back to `pending` (no
+    /// agent) with `attempt_base` set to its attempt, and a `workload.retried` event says how
+    /// many shards were requeued. Succeeded shards, their parts and their charges are kept.
+    /// Attempt numbers are never reused: a requeued shard's next claim is its attempt + 1, and
+    /// it has `spec.maxAttempts` attempts from there. A workload in another phase, or an
+    /// unknown uid, is refused ([`ReopenOutcome::NotFailed`], [`ReopenOutcome::Unknown`]) and
+    /// nothing changes.
+    fn reopen_failed(
+        &self,
+        uid: &str,
+    ) -> impl Future<Output = Result<ReopenOutcome, StoreError>> + Send;
+
     /// Appends an event that comes with no other change (agent joined or lost).
     fn append(&self, event: &Event) -> impl Future<Output = Result<(), StoreError>> + Send;
 
@@ -910,6 +964,9 @@ impl Store for AnyStore {
         message: &str,
     ) -> Result<(), StoreError> {
         each!(self, s => s.finish_workload(uid, phase, message))
+    }
+    async fn reopen_failed(&self, uid: &str) -> Result<ReopenOutcome, StoreError> {
+        each!(self, s => s.reopen_failed(uid))
     }
     async fn append(&self, event: &Event) -> Result<(), StoreError> {
         each!(self, s => s.append(event))

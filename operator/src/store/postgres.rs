@@ -13,8 +13,9 @@ use sqlx::{Postgres, Transaction};
 
 use super::{
     BatchJudge, Charge, ChargeOutcome, Claim, CompletionRecord, Event, EventFilter, EventKind,
-    EventRow, GrantKind, RefundError, ShardRecord, StatementLine, Store, StoreError, StoredShard,
-    StoredWorkload, VerifyReport, WorkloadRecord, mesh_account, namespace_account,
+    EventRow, GrantKind, RefundError, ReopenOutcome, ShardRecord, StatementLine, Store, StoreError,
+    StoredShard, StoredWorkload, VerifyReport, WorkloadRecord, mesh_account, namespace_account,
+    retried_message,
 };
 
 /// A Postgres database.
@@ -289,6 +290,34 @@ async fn complete_set(
     Ok(outcomes)
 }
 
+/// A workload's shards, by index.
+async fn stored_shards<'e>(
+    db: impl sqlx::Executor<'e, Database = Postgres>,
+    uid: &str,
+) -> Result<Vec<StoredShard>, sqlx::Error> {
+    Ok(sqlx::query!(
+        "SELECT idx, start_byte, end_byte, state, attempt, attempt_base, agent, records, output_uri, sha256 \
+         FROM shards WHERE workload_uid = $1 ORDER BY idx",
+        uid
+    )
+    .fetch_all(db)
+    .await?
+    .into_iter()
+    .map(|s| StoredShard {
+        index: s.idx as u32,
+        start: s.start_byte as u64,
+        end: s.end_byte as u64,
+        state: s.state,
+        attempt: s.attempt as u32,
+        attempt_base: s.attempt_base as u32,
+        agent: s.agent,
+        records: s.records.unwrap_or(0) as u64,
+        output_uri: s.output_uri,
+        sha256: s.sha256,
+    })
+    .collect())
+}
+
 impl Store for PgStore {
     async fn create_workload(
         &self,
@@ -430,26 +459,7 @@ impl Store for PgStore {
         .await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
-            let shards = sqlx::query!(
-                "SELECT idx, start_byte, end_byte, state, attempt, agent, records, output_uri, sha256 \
-                 FROM shards WHERE workload_uid = $1 ORDER BY idx",
-                r.uid
-            )
-            .fetch_all(&self.pool)
-            .await?
-            .into_iter()
-            .map(|s| StoredShard {
-                index: s.idx as u32,
-                start: s.start_byte as u64,
-                end: s.end_byte as u64,
-                state: s.state,
-                attempt: s.attempt as u32,
-                agent: s.agent,
-                records: s.records.unwrap_or(0) as u64,
-                output_uri: s.output_uri,
-                sha256: s.sha256,
-            })
-            .collect();
+            let shards = stored_shards(&self.pool, &r.uid).await?;
             let record = WorkloadRecord {
                 uid: r.uid,
                 namespace: r.namespace,
@@ -572,6 +582,82 @@ impl Store for PgStore {
         insert_events(&mut tx, &[Event::new(kind, message).workload(uid)]).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn reopen_failed(&self, uid: &str) -> Result<ReopenOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // The compare-and-set on the phase locks the workload's row: of two retries at once,
+        // one reopens and the other then finds it running.
+        let reopened = sqlx::query!(
+            "UPDATE workloads SET phase = 'Running', message = NULL, finished_at = NULL \
+             WHERE uid = $1 AND phase = 'Failed'",
+            uid
+        )
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !reopened {
+            let phase = sqlx::query_scalar!("SELECT phase FROM workloads WHERE uid = $1", uid)
+                .fetch_optional(&mut *tx)
+                .await?;
+            return Ok(match phase {
+                Some(phase) => ReopenOutcome::NotFailed { phase },
+                None => ReopenOutcome::Unknown,
+            });
+        }
+        // Locked until the commit: a completion racing for one of them (an attempt committed
+        // as its workload failed) either lands first, and its shard stays succeeded, or finds
+        // the shard pending and is refused.
+        let states = sqlx::query_scalar!(
+            "SELECT state FROM shards WHERE workload_uid = $1 AND state <> 'succeeded' ORDER BY idx FOR UPDATE",
+            uid
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let requeued = states.len() as u32;
+        let failed = states.iter().filter(|s| *s == "failed").count() as u32;
+        sqlx::query!(
+            "UPDATE shards SET state = 'pending', agent = NULL, attempt_base = attempt, updated_at = now() \
+             WHERE workload_uid = $1 AND state <> 'succeeded'",
+            uid
+        )
+        .execute(&mut *tx)
+        .await?;
+        let r = sqlx::query!(
+            "SELECT uid, namespace, name, mesh, spec::text AS \"spec!\", input_bytes, input_version FROM workloads \
+             WHERE uid = $1",
+            uid
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let shards = stored_shards(&mut *tx, uid).await?;
+        let record = WorkloadRecord {
+            uid: r.uid,
+            namespace: r.namespace,
+            name: r.name,
+            mesh: r.mesh,
+            spec_json: r.spec,
+            input_bytes: r.input_bytes as u64,
+            input_version: r.input_version,
+        };
+        let kept = (shards.len() as u32).saturating_sub(requeued);
+        insert_events(
+            &mut tx,
+            &[Event::new(
+                EventKind::WorkloadRetried,
+                retried_message(requeued, failed, kept),
+            )
+            .workload(uid)],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(ReopenOutcome::Reopened {
+            workload: Box::new(StoredWorkload { record, shards }),
+            requeued,
+            failed,
+            kept,
+        })
     }
 
     async fn append(&self, event: &Event) -> Result<(), StoreError> {

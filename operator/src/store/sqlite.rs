@@ -11,8 +11,9 @@ use sqlx::{Row, Sqlite, Transaction};
 
 use super::{
     BatchJudge, Charge, ChargeOutcome, Claim, CompletionRecord, Event, EventFilter, EventKind,
-    EventRow, GrantKind, RefundError, ShardRecord, StatementLine, Store, StoreError, StoredShard,
-    StoredWorkload, VerifyReport, WorkloadRecord, mesh_account, namespace_account,
+    EventRow, GrantKind, RefundError, ReopenOutcome, ShardRecord, StatementLine, Store, StoreError,
+    StoredShard, StoredWorkload, VerifyReport, WorkloadRecord, mesh_account, namespace_account,
+    retried_message,
 };
 
 fn now() -> String {
@@ -277,6 +278,51 @@ async fn complete_set(
     Ok(outcomes)
 }
 
+/// The columns of a workload that [`workload_record`] reads.
+const WORKLOAD_COLUMNS: &str = "uid, namespace, name, mesh, spec, input_bytes, input_version";
+
+fn workload_record(r: &sqlx::sqlite::SqliteRow) -> Result<WorkloadRecord, sqlx::Error> {
+    Ok(WorkloadRecord {
+        uid: r.try_get("uid")?,
+        namespace: r.try_get("namespace")?,
+        name: r.try_get("name")?,
+        mesh: r.try_get("mesh")?,
+        spec_json: r.try_get::<String, _>("spec")?,
+        input_bytes: r.try_get::<i64, _>("input_bytes")? as u64,
+        input_version: r.try_get::<Option<String>, _>("input_version")?,
+    })
+}
+
+/// A workload's shards, by index.
+async fn stored_shards<'e>(
+    db: impl sqlx::Executor<'e, Database = Sqlite>,
+    uid: &str,
+) -> Result<Vec<StoredShard>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT idx, start_byte, end_byte, state, attempt, attempt_base, agent, records, output_uri, sha256 \
+         FROM shards WHERE workload_uid = ? ORDER BY idx",
+    )
+    .bind(uid)
+    .fetch_all(db)
+    .await?;
+    rows.iter()
+        .map(|s| {
+            Ok(StoredShard {
+                index: s.try_get::<i64, _>("idx")? as u32,
+                start: s.try_get::<i64, _>("start_byte")? as u64,
+                end: s.try_get::<i64, _>("end_byte")? as u64,
+                state: s.try_get("state")?,
+                attempt: s.try_get::<i64, _>("attempt")? as u32,
+                attempt_base: s.try_get::<i64, _>("attempt_base")? as u32,
+                agent: s.try_get("agent")?,
+                records: s.try_get::<Option<i64>, _>("records")?.unwrap_or(0) as u64,
+                output_uri: s.try_get("output_uri")?,
+                sha256: s.try_get("sha256")?,
+            })
+        })
+        .collect()
+}
+
 impl Store for SqliteStore {
     async fn create_workload(
         &self,
@@ -408,44 +454,16 @@ impl Store for SqliteStore {
     }
 
     async fn workloads_in_phase(&self, phase: &str) -> Result<Vec<StoredWorkload>, StoreError> {
-        let rows = sqlx::query("SELECT uid, namespace, name, mesh, spec, input_bytes, input_version FROM workloads WHERE phase = ? ORDER BY created_at, uid")
-            .bind(phase)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {WORKLOAD_COLUMNS} FROM workloads WHERE phase = ? ORDER BY created_at, uid"
+        ))
+        .bind(phase)
+        .fetch_all(&self.pool)
+        .await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in &rows {
-            let record = WorkloadRecord {
-                uid: r.try_get("uid")?,
-                namespace: r.try_get("namespace")?,
-                name: r.try_get("name")?,
-                mesh: r.try_get("mesh")?,
-                spec_json: r.try_get::<String, _>("spec")?,
-                input_bytes: r.try_get::<i64, _>("input_bytes")? as u64,
-                input_version: r.try_get::<Option<String>, _>("input_version")?,
-            };
-            let shard_rows = sqlx::query(
-                "SELECT idx, start_byte, end_byte, state, attempt, agent, records, output_uri, sha256 FROM shards \
-                 WHERE workload_uid = ? ORDER BY idx",
-            )
-            .bind(&record.uid)
-            .fetch_all(&self.pool)
-            .await?;
-            let shards = shard_rows
-                .iter()
-                .map(|s| {
-                    Ok(StoredShard {
-                        index: s.try_get::<i64, _>("idx")? as u32,
-                        start: s.try_get::<i64, _>("start_byte")? as u64,
-                        end: s.try_get::<i64, _>("end_byte")? as u64,
-                        state: s.try_get("state")?,
-                        attempt: s.try_get::<i64, _>("attempt")? as u32,
-                        agent: s.try_get("agent")?,
-                        records: s.try_get::<Option<i64>, _>("records")?.unwrap_or(0) as u64,
-                        output_uri: s.try_get("output_uri")?,
-                        sha256: s.try_get("sha256")?,
-                    })
-                })
-                .collect::<Result<Vec<_>, sqlx::Error>>()?;
+            let record = workload_record(r)?;
+            let shards = stored_shards(&self.pool, &record.uid).await?;
             out.push(StoredWorkload { record, shards });
         }
         Ok(out)
@@ -570,6 +588,73 @@ impl Store for SqliteStore {
         insert_event(&mut tx, &Event::new(kind, message).workload(uid)).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn reopen_failed(&self, uid: &str) -> Result<ReopenOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // The compare-and-set on the phase comes first: it takes SQLite's write lock, so what
+        // is read below cannot change before the commit.
+        let reopened = sqlx::query(
+            "UPDATE workloads SET phase = 'Running', message = NULL, finished_at = NULL \
+             WHERE uid = ? AND phase = 'Failed'",
+        )
+        .bind(uid)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !reopened {
+            let phase: Option<String> =
+                sqlx::query_scalar("SELECT phase FROM workloads WHERE uid = ?")
+                    .bind(uid)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            return Ok(match phase {
+                Some(phase) => ReopenOutcome::NotFailed { phase },
+                None => ReopenOutcome::Unknown,
+            });
+        }
+        let states: Vec<String> = sqlx::query_scalar(
+            "SELECT state FROM shards WHERE workload_uid = ? AND state <> 'succeeded'",
+        )
+        .bind(uid)
+        .fetch_all(&mut *tx)
+        .await?;
+        let requeued = states.len() as u32;
+        let failed = states.iter().filter(|s| *s == "failed").count() as u32;
+        sqlx::query(
+            "UPDATE shards SET state = 'pending', agent = NULL, attempt_base = attempt, updated_at = ? \
+             WHERE workload_uid = ? AND state <> 'succeeded'",
+        )
+        .bind(now())
+        .bind(uid)
+        .execute(&mut *tx)
+        .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {WORKLOAD_COLUMNS} FROM workloads WHERE uid = ?"
+        ))
+        .bind(uid)
+        .fetch_one(&mut *tx)
+        .await?;
+        let record = workload_record(&row)?;
+        let shards = stored_shards(&mut *tx, uid).await?;
+        let kept = (shards.len() as u32).saturating_sub(requeued);
+        insert_event(
+            &mut tx,
+            &Event::new(
+                EventKind::WorkloadRetried,
+                retried_message(requeued, failed, kept),
+            )
+            .workload(uid),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(ReopenOutcome::Reopened {
+            workload: Box::new(StoredWorkload { record, shards }),
+            requeued,
+            failed,
+            kept,
+        })
     }
 
     async fn append(&self, event: &Event) -> Result<(), StoreError> {
