@@ -51,6 +51,9 @@ command -v runuser >/dev/null || need+=(util-linux)
 # The chaos harness (scripts/chaos.sh): network namespaces, packet loss and duplication.
 command -v ip >/dev/null || need+=(iproute2)
 command -v nft >/dev/null || need+=(nftables)
+# The console's browser test: headless Chromium driven over WebDriver.
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then
   log "installing system packages: ${need[*]}"
   sudo_cmd apt-get update -qq
@@ -158,7 +161,15 @@ if [ ! -f "$M/tokenizer.json" ]; then
   cp "$t" "$M/tokenizer.json"
 fi
 
+# --- `kubectl infermesh`: kubectl runs `kubectl-infermesh` from PATH; link it to the binary that
+# `cargo build [--release]` makes (a dangling link until then) -----------------------------
+TARGET_DIR="${CARGO_TARGET_DIR:-$(cd "$(dirname "$0")/.." && pwd)/target}"
+for profile in release debug; do
+  mkdir -p "$TARGET_DIR/$profile" && ln -sfn infermesh "$TARGET_DIR/$profile/kubectl-infermesh"
+done
+
 log "ready: $HOME_DIR"
 log "  ORT library  $HOME_DIR/lib/libonnxruntime.so"
 log "  model        $M/model.onnx"
 log "  tokenizer    $M/tokenizer.json"
+log "  kubectl plugin: add $TARGET_DIR/release (or debug) to PATH for \`kubectl infermesh ...\`"

@@ -81,6 +81,7 @@ pub const MATRIX: &[&[&str]] = &[
     &["existing-tls-secret.yaml"],
     &["cpu-only-mesh.yaml"],
     &["data-claim.yaml"],
+    &["console-ingress.yaml"],
 ];
 
 /// The values files of the tests' matrix, `deploy/tests/values/`.

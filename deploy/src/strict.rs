@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PodSpec, Secret, Service, ServiceAccount};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -66,6 +66,8 @@ pub enum Typed {
     RoleBinding(Box<RoleBinding>),
     /// networking.k8s.io/v1 NetworkPolicy.
     NetworkPolicy(Box<NetworkPolicy>),
+    /// networking.k8s.io/v1 Ingress.
+    Ingress(Box<Ingress>),
     /// policy/v1 PodDisruptionBudget.
     PodDisruptionBudget(Box<PodDisruptionBudget>),
     /// infermesh.dev/v1alpha1 Mesh.
@@ -127,6 +129,7 @@ pub fn check(obj: &Object) -> anyhow::Result<Typed> {
         ("rbac.authorization.k8s.io/v1", "Role") => Typed::Role(strict(v)?),
         ("rbac.authorization.k8s.io/v1", "RoleBinding") => Typed::RoleBinding(strict(v)?),
         ("networking.k8s.io/v1", "NetworkPolicy") => Typed::NetworkPolicy(strict(v)?),
+        ("networking.k8s.io/v1", "Ingress") => Typed::Ingress(strict(v)?),
         ("policy/v1", "PodDisruptionBudget") => Typed::PodDisruptionBudget(strict(v)?),
         ("infermesh.dev/v1alpha1", "Mesh") => Typed::Mesh(strict(v)?),
         ("infermesh.dev/v1alpha1", "Workload") => Typed::Workload(strict(v)?),

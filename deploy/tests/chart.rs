@@ -704,3 +704,49 @@ fn every_object_carries_the_standard_labels() {
         }
     }
 }
+
+#[test]
+fn the_console_is_the_leaders_http_port_and_its_ingress_is_opt_in() {
+    let defaults = rendered(&[]);
+    let service = match check(
+        defaults
+            .get("Service", "infermesh-console")
+            .expect("the console Service"),
+    )
+    .expect("typed")
+    {
+        Typed::Service(s) => *s,
+        _ => unreachable!(),
+    };
+    let spec = service.spec.expect("spec");
+    let selector = spec.selector.expect("selector");
+    assert_eq!(
+        selector.get("infermesh.dev/leader").map(String::as_str),
+        Some("true"),
+        "only the leader holds the live core: {selector:?}"
+    );
+    assert_eq!(spec.ports.expect("ports")[0].port, 8080);
+    assert!(defaults.of_kind("Ingress").next().is_none());
+
+    let with = rendered(&["console-ingress.yaml"]);
+    let ingress =
+        match check(with.get("Ingress", "infermesh-console").expect("Ingress")).expect("typed") {
+            Typed::Ingress(i) => *i,
+            _ => unreachable!(),
+        };
+    let spec = ingress.spec.expect("spec");
+    assert_eq!(spec.ingress_class_name.as_deref(), Some("traefik"));
+    assert_eq!(
+        spec.tls.expect("tls")[0].secret_name.as_deref(),
+        Some("infermesh-console-tls")
+    );
+    let rule = &spec.rules.expect("rules")[0];
+    assert_eq!(rule.host.as_deref(), Some("infermesh.example.com"));
+    let backend = rule.http.as_ref().expect("http").paths[0]
+        .backend
+        .service
+        .clone()
+        .expect("service backend");
+    assert_eq!(backend.name, "infermesh-console");
+    assert_eq!(backend.port.and_then(|p| p.name).as_deref(), Some("http"));
+}

@@ -2,10 +2,12 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod console;
 pub mod controller;
 pub mod core;
 pub mod grpc;
 pub mod http;
+pub mod kube_cli;
 pub mod local;
 pub mod metrics;
 pub mod store;

@@ -1,12 +1,15 @@
 //! `infermesh`: run in a cluster (`operator`), run the mesh on one machine (`local`), print the CRDs (`crd`), read the
-//! ledger and the event log (`ledger`).
+//! ledger and the event log (`ledger`), and look at or change a cluster's Meshes, Agents and
+//! Workloads (`get`, `describe`, `logs`, `suspend`, ...; also `kubectl infermesh ...` when
+//! installed as `kubectl-infermesh`).
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use infermesh_operator::cli;
 use infermesh_operator::controller::run::OperatorArgs;
 use infermesh_operator::core::pricing::format_credits;
+use infermesh_operator::kube_cli::{self, ClusterCommand};
 use infermesh_operator::local::{self, LocalArgs};
 use infermesh_operator::store::{self, EventFilter, Store};
 use infermesh_operator::{out, outln};
@@ -40,6 +43,8 @@ enum Command {
         #[command(subcommand)]
         command: LedgerCommand,
     },
+    #[command(flatten)]
+    Cluster(ClusterCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -152,9 +157,20 @@ enum Format {
     Json,
 }
 
+/// The command line; started as `kubectl-infermesh` (a kubectl plugin) the commands are the
+/// same and the usage says `kubectl infermesh`.
+fn parse_args() -> Cli {
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if !kube_cli::invoked_as_kubectl_plugin(&argv0) {
+        return Cli::parse();
+    }
+    let matches = Cli::command().bin_name("kubectl infermesh").get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let quiet = matches!(cli.command, Command::Local(_));
+    let cli = parse_args();
+    let quiet = matches!(cli.command, Command::Local(_) | Command::Cluster(_));
     let default = if quiet { "warn" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("INFERMESH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
@@ -189,6 +205,19 @@ fn main() -> ExitCode {
         },
         Command::Local(args) => rt.block_on(local::run(args)),
         Command::Operator(args) => rt.block_on(infermesh_operator::controller::run::run(*args)),
+        Command::Cluster(command) => {
+            let result = rt.block_on(async {
+                let client = kube_cli::connect().await?;
+                kube_cli::run(client, &command, &mut kube_cli::Stdio).await
+            });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("infermesh: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Ledger {
             database_url,
             command,

@@ -142,6 +142,226 @@ fn set_unschedulable(cp: &ControlPlane, agent: &str, unschedulable: bool) {
     .unwrap_or_else(|e| panic!("unschedulable={unschedulable}: {e:#}"));
 }
 
+/// One HTTP/1.1 request to the console: (status, headers and body).
+fn http(port: u16, method: &str, path: &str, token: Option<&str>, form: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the console");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: http://127.0.0.1:{port}\r\n\
+         Accept: text/html\r\n{auth}Content-Type: application/x-www-form-urlencoded\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{form}",
+        form.len()
+    );
+    s.write_all(req.as_bytes()).expect("send");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let code = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, out)
+}
+
+/// The session's CSRF token, as a page carries it.
+fn csrf(page: &str) -> String {
+    page.split(r#"name="csrf" value=""#)
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .or_else(|| {
+            page.split("X-CSRF-Token&quot;:&quot;")
+                .nth(1)
+                .and_then(|r| r.split('&').next())
+        })
+        .unwrap_or_else(|| panic!("no CSRF token in the page:\n{page}"))
+        .to_string()
+}
+
+/// The leader's console with two people's own ServiceAccount tokens: a viewer of team-a's
+/// Workloads and an operator of them (and of the Agents). Each request is checked with a
+/// TokenReview and a SubjectAccessReview by the real API server; the actions reach the
+/// objects through the API.
+fn console_with_people_s_tokens(cluster: &Cluster, first_uid: &str) {
+    let cp = &cluster.cp;
+    let leader = cluster.leader().expect("a leader");
+    let port = cluster.http_ports[&leader];
+    apply(
+        cp,
+        &format!(
+            r#"apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: viewer, namespace: {TEAM}}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: steward, namespace: {TEAM}}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {{name: workload-viewer, namespace: {TEAM}}}
+rules: [{{apiGroups: [infermesh.dev], resources: [workloads], verbs: [get, list]}}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {{name: workload-steward, namespace: {TEAM}}}
+rules: [{{apiGroups: [infermesh.dev], resources: [workloads], verbs: [get, list, patch, delete]}}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {{name: agent-steward}}
+rules: [{{apiGroups: [infermesh.dev], resources: [agents], verbs: [list, patch]}}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: viewer, namespace: {TEAM}}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: workload-viewer}}
+subjects: [{{kind: ServiceAccount, name: viewer, namespace: {TEAM}}}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: steward, namespace: {TEAM}}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: workload-steward}}
+subjects: [{{kind: ServiceAccount, name: steward, namespace: {TEAM}}}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {{name: agent-steward}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: agent-steward}}
+subjects: [{{kind: ServiceAccount, name: steward, namespace: {TEAM}}}]
+"#
+        ),
+    );
+    let token = |sa: &str| {
+        cp.ok(&["create", "token", sa, "-n", TEAM], None)
+            .expect("TokenRequest")
+            .trim()
+            .to_string()
+    };
+    let (viewer, steward) = (token("viewer"), token("steward"));
+    let page = format!("/workloads/{TEAM}/first/{first_uid}");
+
+    // No token, and a token the API server does not know: a browser goes to the sign-in
+    // form, anything else is refused.
+    for token in [None, Some("not-a-token")] {
+        let (code, head) = http(port, "GET", &page, token, "");
+        assert_eq!(code, 303, "{head}");
+        assert!(head.contains("location: /login"), "{head}");
+        let (code, _) = http(port, "POST", &format!("{page}/cancel"), token, "csrf=x");
+        assert_eq!(code, 401);
+    }
+    // The viewer reads team-a's Workload, sees no action, and may not list the agents.
+    let (code, body) = http(port, "GET", &page, Some(&viewer), "");
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("Succeeded") && body.contains("100%"),
+        "{body}"
+    );
+    assert!(
+        !body.contains(">Cancel<") && !body.contains(">Retry"),
+        "{body}"
+    );
+    let (code, body) = http(port, "GET", "/agents", Some(&viewer), "");
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("list agents"), "{body}");
+    // ... and may not delete it: refused, nothing sent.
+    let form = format!(
+        "csrf={}",
+        csrf(&http(port, "GET", &page, Some(&viewer), "").1)
+    );
+    let (code, body) = http(
+        port,
+        "POST",
+        &format!("{page}/cancel"),
+        Some(&viewer),
+        &form,
+    );
+    assert_eq!(code, 403, "{body}");
+    assert!(json(cp, &["get", WORKLOADS, "first", "-n", TEAM]).is_ok());
+
+    // The steward drains and undrains an Agent: its spec, through the API.
+    let agent = format!("{MESH}-{}", GPU_NODES[1]);
+    let (code, agents_page) = http(port, "GET", "/agents", Some(&steward), "");
+    assert_eq!(code, 200, "{agents_page}");
+    let form = format!("csrf={}", csrf(&agents_page));
+    for (action, want) in [("drain", true), ("undrain", false)] {
+        let (code, body) = http(
+            port,
+            "POST",
+            &format!("/agents/{agent}/{action}"),
+            Some(&steward),
+            &form,
+        );
+        assert_eq!(code, 303, "{action}: {body}");
+        let a = json(cp, &["get", AGENTS, &agent]).expect("agent");
+        assert_eq!(a["spec"]["unschedulable"], want, "{action}: {a}");
+    }
+    // A forged CSRF token does nothing.
+    let (code, _) = http(
+        port,
+        "POST",
+        &format!("/agents/{agent}/drain"),
+        Some(&steward),
+        "csrf=forged",
+    );
+    assert_eq!(code, 403);
+    let a = json(cp, &["get", AGENTS, &agent]).expect("agent");
+    assert_eq!(a["spec"]["unschedulable"], false, "{a}");
+
+    // A Workload that starts suspended: the steward resumes it, and cancels it once it is
+    // done (a delete with the uid as precondition; the finalizer lets it go).
+    let held = workload(cluster.dir.path(), "held", 40, "1Ki")
+        .replace("\nspec:\n", "\nspec:\n  suspend: true\n");
+    assert!(held.contains("suspend: true"), "{held}");
+    apply(cp, &held);
+    let uid = wait_for(
+        "the held Workload admitted",
+        Duration::from_secs(30),
+        || {
+            let uid = cluster.uid("held");
+            let (code, body) = http(
+                port,
+                "GET",
+                &format!("/workloads/{TEAM}/held/{uid}"),
+                Some(&steward),
+                "",
+            );
+            (code == 200 && body.contains(">Resume<"))
+                .then_some(uid)
+                .ok_or(body)
+        },
+    );
+    let held_page = format!("/workloads/{TEAM}/held/{uid}");
+    let form = format!(
+        "csrf={}",
+        csrf(&http(port, "GET", &held_page, Some(&steward), "").1)
+    );
+    let (code, body) = http(
+        port,
+        "POST",
+        &format!("{held_page}/resume"),
+        Some(&steward),
+        &form,
+    );
+    assert_eq!(code, 303, "{body}");
+    let w = json(cp, &["get", WORKLOADS, "held", "-n", TEAM]).expect("held");
+    assert_eq!(w["spec"]["suspend"], false, "{w}");
+    wait_phase(cp, "held", "Succeeded", Duration::from_secs(120));
+    let (code, body) = http(
+        port,
+        "POST",
+        &format!("{held_page}/cancel"),
+        Some(&steward),
+        &form,
+    );
+    assert_eq!(code, 303, "{body}");
+    wait_gone(
+        cp,
+        "the cancelled Workload to go",
+        &[WORKLOADS, "held", "-n", TEAM],
+    );
+}
+
 /// Waits until `kubectl get ARGS` finds nothing (the object is gone).
 fn wait_gone(cp: &ControlPlane, what: &str, args: &[&str]) {
     let mut all = vec!["get"];
@@ -255,6 +475,8 @@ struct Cluster {
     operator_kubeconfig: PathBuf,
     /// Operator pod name -> its process's gRPC port.
     grpc_ports: BTreeMap<String, u16>,
+    /// Operator pod name -> its process's HTTP port (metrics, health, the console).
+    http_ports: BTreeMap<String, u16>,
     proxy: u16,
     ca: PathBuf,
 }
@@ -298,7 +520,10 @@ impl Cluster {
                 "INFERMESH_GRPC_ADDR",
                 format!("127.0.0.1:{}", self.grpc_ports[pod]),
             )
-            .env("INFERMESH_HTTP_ADDR", format!("127.0.0.1:{}", free_port()))
+            .env(
+                "INFERMESH_HTTP_ADDR",
+                format!("127.0.0.1:{}", self.http_ports[pod]),
+            )
             .env(
                 "INFERMESH_GRPC_ENDPOINT",
                 format!("https://{RELEASE}-grpc.{NS}.svc:7443"),
@@ -486,6 +711,7 @@ fn the_operator_runs_on_a_real_control_plane() {
         url,
         operator_kubeconfig,
         grpc_ports,
+        http_ports: pods.iter().map(|p| (p.clone(), free_port())).collect(),
         proxy,
         ca,
     };
@@ -656,6 +882,8 @@ fn the_operator_runs_on_a_real_control_plane() {
     for part in ["Conditions:", "Complete", "Shards:"] {
         assert!(described.contains(part), "kubectl describe:\n{described}");
     }
+    console_with_people_s_tokens(&cluster, &first_uid);
+
     // Status is the operator's, written by server-side apply under its field manager.
     let w = json(
         cp,

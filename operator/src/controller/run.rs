@@ -69,6 +69,9 @@ pub struct OperatorArgs {
         default_value = "infermesh-operator-leader"
     )]
     pub leader_lease: String,
+    /// Serve the web console on the HTTP port (`--console=false` turns it off).
+    #[arg(long, env = "INFERMESH_CONSOLE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub console: bool,
     /// Lease duration in seconds: a standby takes over this long after the leader stops.
     #[arg(long, env = "INFERMESH_LEADER_LEASE_SECONDS", default_value_t = 15)]
     pub leader_lease_seconds: u64,
@@ -180,8 +183,19 @@ async fn run_inner(args: OperatorArgs) -> Result<(), String> {
         ready: ready.clone(),
         store: core.store_flag(),
     };
+    // The web console shares the HTTP port; each person signs in with their own token
+    // (TokenReview) and sees and does what their RBAC allows (SubjectAccessReview).
+    let mut app = http::router(health);
+    if args.console {
+        let console = crate::console::Console::new(
+            core.clone(),
+            crate::console::auth::Authority::cluster(client.clone()),
+        );
+        console.start();
+        app = app.merge(crate::console::router(console));
+    }
     tokio::spawn(async move {
-        if let Err(e) = http::serve(listener, health).await {
+        if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "metrics server stopped");
         }
     });

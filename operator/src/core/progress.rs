@@ -127,6 +127,49 @@ pub struct AgentSummary {
     pub since_heartbeat: Duration,
 }
 
+/// Where one shard of a live workload stands, for the console's shard grid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardCell {
+    /// Index in the plan.
+    pub index: u32,
+    /// `pending`, `running`, `committing`, `elsewhere`, `succeeded` or `failed`.
+    pub state: &'static str,
+    /// The agent holding it (running or being committed).
+    pub agent: Option<String>,
+    /// Its current attempt (0 before the first).
+    pub attempt: u32,
+}
+
+impl<S: crate::store::Store> super::Core<S> {
+    /// Every shard of a live workload, in index order; `None` for a workload the core no
+    /// longer runs (finished and released, or unknown): its shards are in the event log.
+    pub fn shard_cells(&self, key: &str) -> Option<Vec<ShardCell>> {
+        use super::machine::ShardStatus;
+        self.read(|m| {
+            let w = m.live(key)?;
+            Some(
+                w.shards
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| ShardCell {
+                        index: i as u32,
+                        state: match &s.status {
+                            ShardStatus::Pending => "pending",
+                            ShardStatus::Running { .. } => "running",
+                            ShardStatus::Committing { .. } => "committing",
+                            ShardStatus::Elsewhere => "elsewhere",
+                            ShardStatus::Succeeded => "succeeded",
+                            ShardStatus::Failed => "failed",
+                        },
+                        agent: s.status.holder().map(str::to_string),
+                        attempt: s.attempt,
+                    })
+                    .collect(),
+            )
+        })
+    }
+}
+
 /// `1h02m`, `3m12s`, `45s`.
 pub fn format_duration(d: Duration) -> String {
     let s = d.as_secs();

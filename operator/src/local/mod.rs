@@ -80,6 +80,16 @@ pub struct LocalArgs {
     /// address (one in a network namespace of your own, say) is for external agents.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: std::net::SocketAddr,
+    /// Serve the web console on loopback while the run goes (its URL, with a one-time
+    /// random token, is printed at the start).
+    #[arg(long)]
+    pub ui: bool,
+    /// The console's address (loopback only).
+    #[arg(long, default_value = "127.0.0.1:0", requires = "ui")]
+    pub ui_addr: std::net::SocketAddr,
+    /// Keep serving the console after the run, until interrupted (Ctrl-C).
+    #[arg(long, requires = "ui")]
+    pub ui_keep: bool,
 }
 
 pub use infermesh_io::infermesh_home;
@@ -166,6 +176,11 @@ async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
     .await
     .map_err(|e| format!("{}: {e}", args.database_url))?;
     let core = Arc::new(Core::new(store));
+    let console_url = if args.ui {
+        Some(start_console(&core, args.ui_addr).await?)
+    } else {
+        None
+    };
     for (name, spec) in &plan.meshes {
         store::patiently(
             "storing the Meshes",
@@ -390,6 +405,12 @@ async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
             &log_dir,
         );
     }
+    if let (true, Some(url)) = (args.ui_keep, &console_url) {
+        eprintln!(
+            "infermesh local: the run is over; the console still serves at {url} (Ctrl-C to stop)"
+        );
+        let _ = tokio::signal::ctrl_c().await;
+    }
     if let Err(e) = outcome {
         if let Some(code) = e
             .strip_prefix(INTERRUPTED)
@@ -409,6 +430,39 @@ async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Starts the web console on `addr` (loopback only) with a fresh random token; prints and
+/// returns its URL.
+async fn start_console<S: Store + 'static>(
+    core: &Arc<Core<S>>,
+    addr: std::net::SocketAddr,
+) -> Result<String, String> {
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "--ui-addr {addr} is not a loopback address: the local console is for this machine only"
+        ));
+    }
+    let token = crate::console::auth::random_hex();
+    let console = crate::console::Console::new(
+        core.clone(),
+        crate::console::auth::Authority::Local {
+            token: token.clone(),
+        },
+    );
+    console.start();
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot serve the console on {addr}: {e}"))?;
+    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        if let Err(e) = crate::console::serve(listener, console).await {
+            tracing::error!(error = %e, "the console stopped");
+        }
+    });
+    let url = format!("http://{bound}/?token={token}");
+    eprintln!("infermesh local: console at {url}");
+    Ok(url)
 }
 
 /// The tokens of a credentials file written by an earlier run, by agent id; none when the
