@@ -84,15 +84,22 @@ async fn screenshot(c: &Client, dir: &Path, name: &str) {
     }
 }
 
-/// Clicks the submit button whose text is `label`.
+/// Clicks the submit button whose text is `label`. The live region is swapped in place as
+/// the run moves, so a button found just before a swap is stale: it is found again.
 async fn click(c: &Client, label: &str) {
-    let button = c
-        .find(Locator::XPath(&format!(
-            "//button[normalize-space()='{label}']"
-        )))
-        .await
-        .unwrap_or_else(|e| panic!("no {label} button: {e}"));
-    button.click().await.expect("click");
+    let xpath = format!("//button[normalize-space()='{label}']");
+    let mut last = None;
+    for _ in 0..20 {
+        match c.find(Locator::XPath(&xpath)).await {
+            Ok(button) => match button.click().await {
+                Ok(()) => return,
+                Err(e) => last = Some(e),
+            },
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("cannot click {label}: {last:?}");
 }
 
 /// Marks the page; the mark is gone if the page is ever reloaded.
@@ -292,6 +299,16 @@ async fn the_console_follows_a_run_live_and_steers_it() {
     assert!(count(&c, "#event-rows tr").await > rows_before.min(299));
     assert!(marked(&c).await, "the events page was reloaded");
 
+    // The overview while it runs: both agents busy, records flowing, credits spent.
+    c.goto(&format!("{origin}/")).await.expect("overview");
+    wait_until("the overview to show the run", Duration::from_secs(30), || async {
+        text(&c, "#agents-ready").await == "2 / 2"
+            && text(&c, "#spent-hour").await != "0.000000"
+            && text(&c, "#rps").await != "0.0"
+    })
+    .await;
+    screenshot(&c, &shots, "overview").await;
+
     // The workload page reaches 100 % and Succeeded without a reload.
     c.goto(&workload_url).await.expect("workload page");
     mark(&c).await;
@@ -313,8 +330,6 @@ async fn the_console_follows_a_run_live_and_steers_it() {
     .await;
     screenshot(&c, &shots, "workload").await;
 
-    c.goto(&format!("{origin}/")).await.expect("overview");
-    screenshot(&c, &shots, "overview").await;
     c.goto(&format!("{origin}/ledger")).await.expect("ledger");
     assert!(text(&c, "#verify").await.contains("The ledger verifies"));
     screenshot(&c, &shots, "ledger").await;

@@ -53,7 +53,7 @@ pub use infermesh_crds::workload::RETRY_ANNOTATION;
 pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
      connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 /// How long the credits spent by a namespace are reused before the ledger is read again.
-const SPENT_TTL: Duration = Duration::from_secs(30);
+const SPENT_TTL: Duration = Duration::from_secs(5);
 
 /// Credits spent by a namespace in the last hour and day, and when the ledger said so.
 type Spent = (Instant, (i64, i64));
