@@ -26,6 +26,9 @@ import tempfile
 import threading
 import time
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_scale import write_manifest  # noqa: E402  (the scale bench's sparse inputs)
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 REL = ROOT / "target" / "release"
 TICK = os.sysconf("SC_CLK_TCK")
@@ -34,30 +37,6 @@ TICK = os.sysconf("SC_CLK_TCK")
 def cpu_seconds(pid):
     fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def write_manifest(d, workloads, shards_each):
-    inp = d / "in.jsonl"
-    with open(inp, "wb") as f:
-        f.truncate(shards_each * 1024)
-    (d / "model.onnx").write_bytes(b"the swarm runs no model")
-    docs = [
-        "apiVersion: infermesh.dev/v1alpha1\nkind: Mesh\nmetadata: {name: swarm}\nspec:\n"
-        "  leaseSeconds: 60\n  heartbeatSeconds: 5\n"
-        "  pricing: {perCpuSecond: 0.05, perThousandRecords: 0.2}\n"
-    ]
-    for i in range(workloads):
-        docs.append(
-            "apiVersion: infermesh.dev/v1alpha1\nkind: Workload\n"
-            f"metadata: {{name: w{i}, namespace: team-{i % 5}}}\nspec:\n  mesh: swarm\n"
-            f"  model: {{uri: \"file://{d}/model.onnx\"}}\n"
-            "  task: {tensor: {inputs: [{name: x}]}}\n"
-            f"  input: {{uri: \"file://{inp}\"}}\n  output: {{uri: \"file://{d}/out/w{i}/\"}}\n"
-            "  shardBytes: 1Ki\n  maxAttempts: 10\n"
-        )
-    path = d / "mesh.yaml"
-    path.write_text("---\n".join(docs))
-    return path
 
 
 class Stream(threading.Thread):

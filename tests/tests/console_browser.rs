@@ -301,11 +301,15 @@ async fn the_console_follows_a_run_live_and_steers_it() {
 
     // The overview while it runs: both agents busy, records flowing, credits spent.
     c.goto(&format!("{origin}/")).await.expect("overview");
-    wait_until("the overview to show the run", Duration::from_secs(30), || async {
-        text(&c, "#agents-ready").await == "2 / 2"
-            && text(&c, "#spent-hour").await != "0.000000"
-            && text(&c, "#rps").await != "0.0"
-    })
+    wait_until(
+        "the overview to show the run",
+        Duration::from_secs(30),
+        || async {
+            text(&c, "#agents-ready").await == "2 / 2"
+                && text(&c, "#spent-hour").await != "0.000000"
+                && text(&c, "#rps").await != "0.0"
+        },
+    )
     .await;
     screenshot(&c, &shots, "overview").await;
 

@@ -570,6 +570,25 @@ pub fn summary_from_object(w: &Workload) -> WorkloadSummary {
     }
 }
 
+/// Whether a name from a URL can be a Kubernetes object's name, namespace or uid (or an
+/// agent id): 1 to 253 of `A-Z a-z 0-9 . - _`. Anything else (a `/`, `..` alone, a NUL) is
+/// refused before it reaches an access review or an API path.
+pub fn valid_name(s: &str) -> bool {
+    (1..=253).contains(&s.len())
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+}
+
+fn bad_name() -> Response {
+    problem(
+        StatusCode::BAD_REQUEST,
+        "Not a name",
+        "A namespace, name, uid or agent id in this address is not one Kubernetes allows.",
+    )
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -746,6 +765,9 @@ async fn workload<S: Store>(
     headers: HeaderMap,
     Path((ns, name, uid)): Path<(String, String, String)>,
 ) -> Response {
+    if ![&ns, &name, &uid].iter().all(|s| valid_name(s)) {
+        return bad_name();
+    }
     if let Err(r) = c
         .require(&user, Access::object("get", "workloads", Some(&ns), &name))
         .await
@@ -851,6 +873,9 @@ async fn series<S: Store>(
     axum::Extension(user): axum::Extension<User>,
     Path((ns, name, uid)): Path<(String, String, String)>,
 ) -> Response {
+    if ![&ns, &name, &uid].iter().all(|s| valid_name(s)) {
+        return bad_name();
+    }
     if let Err(r) = c
         .require(&user, Access::object("get", "workloads", Some(&ns), &name))
         .await
@@ -875,6 +900,9 @@ async fn workload_action<S: Store>(
     Path((ns, name, uid, action)): Path<(String, String, String, String)>,
     Form(form): Form<ActionForm>,
 ) -> Response {
+    if ![&ns, &name, &uid].iter().all(|s| valid_name(s)) {
+        return bad_name();
+    }
     if let Err(r) = check_csrf(&user, &headers, form.csrf.as_deref()) {
         return *r;
     }
@@ -1042,6 +1070,9 @@ async fn agent_action<S: Store>(
     Path((id, action)): Path<(String, String)>,
     Form(form): Form<ActionForm>,
 ) -> Response {
+    if !valid_name(&id) {
+        return bad_name();
+    }
     if let Err(r) = check_csrf(&user, &headers, form.csrf.as_deref()) {
         return *r;
     }

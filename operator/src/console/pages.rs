@@ -693,34 +693,32 @@ pub fn ledger(v: &LedgerView) -> Markup {
 
 /// The sign-in page of a cluster's console: a form for the person's token.
 pub fn login(error: Option<&str>) -> Markup {
-    html! {
-        (DOCTYPE)
-        html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                title { "Sign in · infermesh" }
-                link rel="stylesheet" href="/assets/console.css";
+    bare(
+        "Sign in",
+        html! {
+            h1 { "Sign in to infermesh" }
+            @if let Some(e) = error { p.bad role="alert" { (e) } }
+            p { "Paste the bearer token your kubeconfig uses (for example the output of "
+                code { "kubectl create token NAME" } "). The console checks it with the API server and shows you what " code { "kubectl" } " would." }
+            form method="post" action="/login" {
+                label for="token" { "Token" }
+                input #token type="password" name="token" autocomplete="off" required;
+                button type="submit" { "Sign in" }
             }
-            body {
-                main #main {
-                    h1 { "Sign in to infermesh" }
-                    @if let Some(e) = error { p.bad role="alert" { (e) } }
-                    p { "Paste the bearer token your kubeconfig uses (for example the output of "
-                        code { "kubectl create token NAME" } "). The console checks it with the API server and shows you what " code { "kubectl" } " would." }
-                    form method="post" action="/login" {
-                        label for="token" { "Token" }
-                        input #token type="password" name="token" autocomplete="off" required;
-                        button type="submit" { "Sign in" }
-                    }
-                }
-            }
-        }
-    }
+        },
+    )
 }
 
 /// A refusal or an error, as a page.
 pub fn problem(title: &str, detail: &str) -> Markup {
+    bare(
+        title,
+        html! { h1 { (title) } p role="alert" { (detail) } p { a href="/" { "Back to the overview" } } },
+    )
+}
+
+/// A page without the console's navigation or scripts (sign-in, refusals).
+fn bare(title: &str, main: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -730,7 +728,7 @@ pub fn problem(title: &str, detail: &str) -> Markup {
                 title { (title) " · infermesh" }
                 link rel="stylesheet" href="/assets/console.css";
             }
-            body { main #main { h1 { (title) } p role="alert" { (detail) } p { a href="/" { "Back to the overview" } } } }
+            body { main #main { (main) } }
         }
     }
 }

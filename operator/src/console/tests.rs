@@ -749,3 +749,24 @@ async fn in_a_cluster_the_stream_shows_only_events_the_person_may_read() {
     assert!(!msg.contains("agent.joined"), "{msg}");
     assert!(msg.contains("workload.admitted"), "{msg}");
 }
+
+#[tokio::test]
+async fn a_name_kubernetes_would_not_allow_is_refused_before_any_review_or_call() {
+    let m = mesh_with_work().await;
+    let (c, calls_seen) = cluster_console(&m.core);
+    let app = router(c.clone());
+    let csrf = csrf_of(&c, "alice");
+    for path in [
+        "/agents/a1%2Fstatus/drain",
+        "/agents/..%2F..%2Fnamespaces/drain",
+        "/workloads/team-a/w-u1%2Fstatus/u1/suspend",
+        "/workloads/team-a/w%00/u1/cancel",
+    ] {
+        let (status, _, body) = send(&app, post(path, "alice", &csrf)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body}");
+    }
+    let (status, _, _) = send(&app, get("/workloads/team-a/..%2Fx/u1", Some("alice"))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(calls(&calls_seen).is_empty(), "{:?}", calls(&calls_seen));
+    assert!(valid_name("test-local-0") && valid_name("3f2a-11ef") && !valid_name(".."));
+}
