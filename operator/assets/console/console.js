@@ -82,6 +82,10 @@
       addRows(e.data);
       refresh();
     });
+    source.addEventListener("tick", function () {
+      setStatus("live");
+      refresh();
+    });
     window.addEventListener("pagehide", function () { source.close(); });
   } else {
     setStatus("not live: this browser has no EventSource");

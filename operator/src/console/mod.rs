@@ -1227,7 +1227,7 @@ async fn events<S: Store>(
     if !stream.is_empty() {
         stream.push('&');
     }
-    stream.push_str(&format!("after={after}"));
+    stream.push_str(&format!("rows=1&after={after}"));
     let body = pages::events(&html, &q);
     // The table grows from the stream; it is not a refreshed region.
     if headers.contains_key("hx-request") {
@@ -1243,14 +1243,20 @@ struct StreamQuery {
     filter: EventQuery,
     #[serde(default)]
     after: Option<i64>,
+    /// `rows=1`: the rows themselves (the events page); otherwise a `tick` when rows the
+    /// page would show moved.
+    #[serde(default)]
+    rows: Option<u8>,
 }
 
 /// The most rows one message carries (a page keeps no more).
 const ROWS_PER_MESSAGE: usize = 100;
 
-/// The live event log as Server-Sent Events: `event: rows`, `id:` the last sequence number
-/// the message covers, `data:` the rows' HTML. A page that reconnects sends `Last-Event-ID`
-/// (or `?after=`) and gets what it missed from the store first.
+/// The live event log as Server-Sent Events. With `rows=1` (the events page) each message is
+/// `event: rows` with the rows' HTML; otherwise `event: tick` with no data, telling the page its
+/// rows moved so it refreshes its region. `id:` is the last sequence number the message covers.
+/// A page that reconnects sends `Last-Event-ID` (or `?after=`) and gets what it missed from the
+/// store first.
 async fn stream<S: Store>(
     State(c): State<Arc<Console<S>>>,
     axum::Extension(user): axum::Extension<User>,
@@ -1268,6 +1274,7 @@ async fn stream<S: Store>(
         console: c,
         user,
         filter: q.filter,
+        rows: q.rows == Some(1),
         rx,
         last,
         caught_up: resume.is_none(),
@@ -1308,6 +1315,8 @@ struct StreamState<S: Store> {
     console: Arc<Console<S>>,
     user: User,
     filter: EventQuery,
+    /// Send the rows (the events page), or only a tick.
+    rows: bool,
     rx: tokio::sync::broadcast::Receiver<Arc<live::Batch>>,
     /// The last sequence number this page has (sent, or skipped by its filter).
     last: i64,
@@ -1353,10 +1362,12 @@ impl<S: Store> StreamState<S> {
         {
             self.namespaces = (Some(Instant::now()), self.console.uid_namespaces().await);
         }
-        let mut html = String::new();
-        let mut sent = 0;
+        // A page other than the events page only needs to hear that its rows moved (it
+        // refreshes its region): one tiny `tick`, not the rows.
+        let wanted = if self.rows { ROWS_PER_MESSAGE } else { 1 };
+        let mut picked: Vec<&str> = Vec::new();
         for r in rows.iter().rev() {
-            if sent == ROWS_PER_MESSAGE {
+            if picked.len() == wanted {
                 break;
             }
             if self.filter.matches(&r.event)
@@ -1365,20 +1376,21 @@ impl<S: Store> StreamState<S> {
                     .may_read_event(&self.user, &r.event, &self.namespaces.1)
                     .await
             {
-                // Oldest first within the message.
-                html.insert_str(0, &r.html);
-                sent += 1;
+                picked.push(&r.html);
             }
         }
-        if sent == 0 {
+        if picked.is_empty() {
             return None;
         }
-        Some(
-            SseEvent::default()
-                .event("rows")
-                .id(self.last.to_string())
-                .data(html),
-        )
+        let event = SseEvent::default().id(self.last.to_string());
+        Some(if self.rows {
+            // Oldest first within the message.
+            picked.reverse();
+            event.event("rows").data(picked.concat())
+        } else {
+            // An event with no data is never dispatched by a browser's EventSource.
+            event.event("tick").data("1")
+        })
     }
 }
 

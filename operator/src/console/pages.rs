@@ -484,7 +484,7 @@ pub fn workload(
             h2 #h-grid { "Shards" }
             ol.grid #grid aria-label={ "Shards by state: " (grid.len()) " cells" } {
                 @for c in grid {
-                    li class={"cell s-" (c.state)} title=(c.label) aria-label=(c.label) tabindex="0" {}
+                    li class={"cell s-" (c.state)} aria-label=(c.label) tabindex="0" {}
                 }
             }
             p.legend {

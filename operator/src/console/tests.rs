@@ -350,7 +350,7 @@ async fn first_sse_message(app: &Router, req: Request<AxumBody>) -> String {
     let mut body = res.into_body().into_data_stream();
     let mut text = String::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !text.contains("\n\n") || !text.contains("event: rows") {
+    while !text.contains("\n\n") || !text.contains("event: ") {
         let data = tokio::time::timeout_at(deadline, body.next())
             .await
             .expect("an SSE message in time")
@@ -376,7 +376,7 @@ async fn the_event_stream_sends_new_rows_and_resumes_from_last_event_id() {
     assert!(all.len() >= 3, "{all:?}");
     let first = all[0].seq;
     // Resuming after the first event: the rest comes from the store, oldest first.
-    let req = Request::get("/events/stream")
+    let req = Request::get("/events/stream?rows=1")
         .header("cookie", format!("{COOKIE}={TOKEN}"))
         .header("last-event-id", first.to_string())
         .body(AxumBody::empty())
@@ -389,8 +389,19 @@ async fn the_event_stream_sends_new_rows_and_resumes_from_last_event_id() {
         msg.contains(&format!(r#"data-seq="{}""#, all[1].seq)),
         "{msg}"
     );
+    // A page that is not the events page gets a tick, not the rows.
+    let req = Request::get(format!("/events/stream?workload=u1&after={first}"))
+        .header("cookie", format!("{COOKIE}={TOKEN}"))
+        .body(AxumBody::empty())
+        .expect("req");
+    let msg = first_sse_message(&app, req).await;
+    assert!(
+        msg.contains("event: tick\n") && msg.contains("data: 1\n"),
+        "{msg}"
+    );
+    assert!(!msg.contains("<tr"), "{msg}");
     // A live page gets what the feed publishes next, filtered by its query.
-    let req = Request::get("/events/stream?kind=shard.failed")
+    let req = Request::get("/events/stream?kind=shard.failed&rows=1")
         .header("cookie", format!("{COOKIE}={TOKEN}"))
         .body(AxumBody::empty())
         .expect("req");
@@ -740,7 +751,7 @@ async fn in_a_cluster_the_stream_shows_only_events_the_person_may_read() {
         .await
         .expect("events");
     // bob: team-a's workload events yes, agent events (agent.joined) no.
-    let req = Request::get("/events/stream?after=0")
+    let req = Request::get("/events/stream?after=0&rows=1")
         .header("authorization", "Bearer bob")
         .body(AxumBody::empty())
         .expect("req");

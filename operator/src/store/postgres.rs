@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
+use sqlx::Row;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 
@@ -676,36 +677,47 @@ impl Store for PgStore {
             ),
             None => None,
         };
-        let rows = sqlx::query!(
-            "SELECT seq, to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS \"at!\", kind, \
+        // Only the filters given are in the statement, so the planner can use the log's
+        // indexes (a generic plan of `($1 IS NULL OR col = $1)` cannot).
+        let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+            "SELECT seq, to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS at, kind, \
                     workload_uid, shard_idx, attempt, agent, message \
-             FROM events \
-             WHERE ($1::text IS NULL OR workload_uid = $1) AND ($2::text IS NULL OR agent = $2) \
-               AND ($3::text IS NULL OR kind = $3) AND seq > COALESCE($4::bigint, 0) \
-               AND ($6::timestamptz IS NULL OR at >= $6) \
-             ORDER BY seq LIMIT $5",
-            f.workload_uid,
-            f.agent,
-            f.kind,
-            f.after_seq,
-            f.limit,
-            since,
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| EventRow {
-                seq: r.seq,
-                at: r.at,
-                kind: r.kind,
-                workload_uid: r.workload_uid,
-                shard: r.shard_idx.map(i64::from),
-                attempt: r.attempt.map(i64::from),
-                agent: r.agent,
-                message: r.message,
+             FROM events WHERE seq > ",
+        );
+        q.push_bind(f.after_seq.unwrap_or(0));
+        for (column, value) in [
+            ("workload_uid", &f.workload_uid),
+            ("agent", &f.agent),
+            ("kind", &f.kind),
+        ] {
+            if let Some(v) = value {
+                q.push(format_args!(" AND {column} = "))
+                    .push_bind(v.clone());
+            }
+        }
+        if let Some(since) = since {
+            q.push(" AND at >= ").push_bind(since);
+        }
+        q.push(" ORDER BY seq");
+        if let Some(limit) = f.limit {
+            q.push(" LIMIT ").push_bind(limit);
+        }
+        let rows = q.build().fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(EventRow {
+                    seq: r.try_get("seq")?,
+                    at: r.try_get("at")?,
+                    kind: r.try_get("kind")?,
+                    workload_uid: r.try_get("workload_uid")?,
+                    shard: r.try_get::<Option<i32>, _>("shard_idx")?.map(i64::from),
+                    attempt: r.try_get::<Option<i32>, _>("attempt")?.map(i64::from),
+                    agent: r.try_get("agent")?,
+                    message: r.try_get("message")?,
+                })
             })
-            .collect())
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
     }
 
     async fn balances(&self) -> Result<Vec<(String, i64)>, StoreError> {

@@ -665,20 +665,29 @@ impl Store for SqliteStore {
     }
 
     async fn events(&self, f: &EventFilter) -> Result<Vec<EventRow>, StoreError> {
-        let rows = sqlx::query(
+        // Only the filters given are in the statement: `(? IS NULL OR col = ?)` would keep
+        // SQLite from its indexes (it walked the whole log by seq for a workload's failures).
+        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
             "SELECT seq, at, kind, workload_uid, shard_idx, attempt, agent, message FROM events \
-             WHERE (?1 IS NULL OR workload_uid = ?1) AND (?2 IS NULL OR agent = ?2) \
-               AND (?3 IS NULL OR kind = ?3) AND seq > COALESCE(?4, 0) AND (?6 IS NULL OR at >= ?6) \
-             ORDER BY seq LIMIT COALESCE(?5, -1)",
-        )
-        .bind(&f.workload_uid)
-        .bind(&f.agent)
-        .bind(&f.kind)
-        .bind(f.after_seq)
-        .bind(f.limit)
-        .bind(&f.since)
-        .fetch_all(&self.pool)
-        .await?;
+             WHERE seq > ",
+        );
+        q.push_bind(f.after_seq.unwrap_or(0));
+        for (column, value) in [
+            ("workload_uid", &f.workload_uid),
+            ("agent", &f.agent),
+            ("kind", &f.kind),
+        ] {
+            if let Some(v) = value {
+                q.push(format_args!(" AND {column} = "))
+                    .push_bind(v.clone());
+            }
+        }
+        if let Some(since) = &f.since {
+            q.push(" AND at >= ").push_bind(since.clone());
+        }
+        q.push(" ORDER BY seq LIMIT ")
+            .push_bind(f.limit.unwrap_or(-1));
+        let rows = q.build().fetch_all(&self.pool).await?;
         rows.iter()
             .map(|r| {
                 Ok(EventRow {
