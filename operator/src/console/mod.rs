@@ -69,6 +69,8 @@ pub struct Console<S: Store> {
     rates: Arc<Rates>,
     /// Credits spent by a namespace in the last hour and day, and when that was read.
     spent: Mutex<HashMap<String, Spent>>,
+    /// Pages rendered in the last [`PAGE_TTL`], by person and URL.
+    pages: Mutex<HashMap<String, CachedPage>>,
 }
 
 impl<S: Store> Console<S> {
@@ -82,6 +84,7 @@ impl<S: Store> Console<S> {
             feed: Feed::new(),
             rates: Arc::new(Rates::default()),
             spent: Mutex::default(),
+            pages: Mutex::default(),
         })
     }
 
@@ -120,6 +123,7 @@ pub fn router<S: Store>(console: Arc<Console<S>>) -> Router {
         .route("/events", get(events::<S>))
         .route("/events/stream", get(stream::<S>))
         .route("/logout", post(logout))
+        .route_layer(middleware::from_fn_with_state(console.clone(), cached::<S>))
         .route_layer(middleware::from_fn_with_state(
             console.clone(),
             authenticate::<S>,
@@ -180,6 +184,59 @@ pub fn bearer(headers: &HeaderMap) -> Option<String> {
 
 fn session_cookie(token: &str) -> String {
     format!("{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/")
+}
+
+/// How long a rendered page is served again to the same person: many consoles open on one
+/// page (a wall screen, a team) cost one render a second, not one each. Any action empties it.
+pub const PAGE_TTL: Duration = Duration::from_secs(1);
+
+/// A rendered page or region: when, its head, its body.
+type CachedPage = (Instant, http::response::Parts, axum::body::Bytes);
+
+/// Serves a GET page again from the last second's render for the same person and URL (and
+/// the same kind of request: the whole page or htmx's region); a POST (an action) empties
+/// the cache, so the page it leads to shows what it did.
+async fn cached<S: Store>(State(c): State<Arc<Console<S>>>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if req.method() != axum::http::Method::GET || path == "/events/stream" {
+        if req.method() == axum::http::Method::POST {
+            lock(&c.pages).clear();
+        }
+        return next.run(req).await;
+    }
+    let user = req
+        .extensions()
+        .get::<User>()
+        .map(|u| u.name.clone())
+        .unwrap_or_default();
+    let key = format!(
+        "{user}\0{}\0{}",
+        req.uri(),
+        req.headers().contains_key("hx-request")
+    );
+    if let Some((at, parts, body)) = lock(&c.pages).get(&key)
+        && at.elapsed() < PAGE_TTL
+    {
+        return Response::from_parts(parts.clone(), axum::body::Body::from(body.clone()));
+    }
+    let res = next.run(req).await;
+    if res.status() != StatusCode::OK {
+        return res;
+    }
+    let (parts, body) = res.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, 64 << 20).await else {
+        return problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Not rendered",
+            "The page could not be rendered.",
+        );
+    };
+    let mut pages = lock(&c.pages);
+    if pages.len() >= 1_000 {
+        pages.clear();
+    }
+    pages.insert(key, (Instant::now(), parts.clone(), bytes.clone()));
+    Response::from_parts(parts, axum::body::Body::from(bytes))
 }
 
 /// A page's answer when something is refused or went wrong.
@@ -1285,20 +1342,16 @@ async fn stream<S: Store>(
             if !st.caught_up {
                 st.caught_up = true;
                 let missed = st.missed().await;
-                if let Some(msg) = st.message(missed).await {
+                if let Some(msg) = st.message(&missed).await {
                     return Some((Ok(msg), st));
                 }
                 continue;
             }
             match st.rx.recv().await {
                 Ok(batch) => {
-                    let rows: Vec<live::Row> = batch
-                        .rows
-                        .iter()
-                        .filter(|r| r.event.seq > st.last)
-                        .cloned()
-                        .collect();
-                    if let Some(msg) = st.message(rows).await {
+                    // The batch is shared by every page: borrowed, never copied per page.
+                    let from = batch.rows.partition_point(|r| r.event.seq <= st.last);
+                    if let Some(msg) = st.message(&batch.rows[from..]).await {
                         return Some((Ok(msg), st));
                     }
                 }
@@ -1351,7 +1404,7 @@ impl<S: Store> StreamState<S> {
     }
 
     /// The message for `rows` (those this page wants and may read), or none.
-    async fn message(&mut self, rows: Vec<live::Row>) -> Option<SseEvent> {
+    async fn message(&mut self, rows: &[live::Row]) -> Option<SseEvent> {
         let last = rows.last().map(|r| r.event.seq)?;
         self.last = self.last.max(last);
         if !self.console.authority.is_local()

@@ -781,3 +781,37 @@ async fn a_name_kubernetes_would_not_allow_is_refused_before_any_review_or_call(
     assert!(calls(&calls_seen).is_empty(), "{:?}", calls(&calls_seen));
     assert!(valid_name("test-local-0") && valid_name("3f2a-11ef") && !valid_name(".."));
 }
+
+#[tokio::test]
+async fn a_page_is_served_again_for_a_second_per_person_and_an_action_refreshes_it() {
+    let m = mesh_with_work().await;
+    let (c, _) = cluster_console(&m.core);
+    let app = router(c.clone());
+    let base = pages::workload_url(&m.core.workload(&m.key).await.expect("w"));
+    // alice's render (with her actions and her CSRF token) is never bob's.
+    let (_, _, alice) = send(&app, get(&base, Some("alice"))).await;
+    assert!(alice.contains(">Cancel<"));
+    let (_, _, bob) = send(&app, get(&base, Some("bob"))).await;
+    assert!(!bob.contains(">Cancel<"), "{bob}");
+    assert!(!bob.contains(&csrf_of(&c, "alice")));
+    // A change the page did not make shows within the second...
+    m.core.set_suspend(&m.key, true).await.expect("suspend");
+    let (_, _, again) = send(&app, get(&base, Some("alice"))).await;
+    assert_eq!(again, alice, "served again within {PAGE_TTL:?}");
+    tokio::time::sleep(PAGE_TTL).await;
+    let (_, _, later) = send(&app, get(&base, Some("alice"))).await;
+    assert!(later.contains(">Resume<"), "{later}");
+    // ... and one it made shows at once.
+    let local = local_console(&m.core);
+    let app = router(local.clone());
+    let (_, _, before) = send(&app, get(&base, Some(TOKEN))).await;
+    assert!(before.contains(">Resume<"));
+    let (status, _, _) = send(
+        &app,
+        post(&format!("{base}/resume"), TOKEN, &csrf_of(&local, TOKEN)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let (_, _, after) = send(&app, get(&base, Some(TOKEN))).await;
+    assert!(after.contains(">Suspend<"), "{after}");
+}
