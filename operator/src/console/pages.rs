@@ -737,3 +737,89 @@ fn bare(title: &str, main: Markup) -> Markup {
 pub fn age(d: Duration) -> String {
     format!("{} ago", format_duration(d))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell(index: u32, state: &'static str) -> ShardCell {
+        ShardCell {
+            index,
+            state,
+            agent: (state == "running").then(|| "a1".to_string()),
+            attempt: u32::from(state != "pending"),
+        }
+    }
+
+    #[test]
+    fn a_large_grid_shows_ranges_in_their_most_telling_state() {
+        let mut cells: Vec<ShardCell> = (0..4828).map(|i| cell(i, "succeeded")).collect();
+        cells[4].state = "failed";
+        cells[5].state = "running";
+        cells[3000].state = "pending";
+        let grid = grid_from_cells(&cells, &|_| None);
+        // 3 shards a cell: at most GRID_CELLS cells.
+        assert_eq!(grid.len(), 4828usize.div_ceil(3));
+        assert!(grid.len() <= GRID_CELLS);
+        assert_eq!(grid[1].state, "failed", "failed wins over running: {:?}", grid[1]);
+        assert_eq!(grid[1].label, "shards 3–5: 1 succeeded 1 running 1 failed");
+        assert_eq!(grid[1000].state, "pending");
+        assert_eq!(grid[0].state, "succeeded");
+        // A small grid is a cell a shard, with its agent, attempt and error.
+        let small = grid_from_cells(&cells[..6], &|i| {
+            (i == 4).then(|| ("10:00".to_string(), "line 3: bad".to_string()))
+        });
+        assert_eq!(small.len(), 6);
+        assert_eq!(small[4].label, "shard 4 · failed · attempt 1 · 10:00 · line 3: bad");
+        assert_eq!(small[5].label, "shard 5 · running · agent a1 · attempt 1");
+    }
+
+    fn row(seq: i64, kind: &str, shard: i64) -> EventRow {
+        EventRow {
+            seq,
+            at: format!("t{seq}"),
+            kind: kind.into(),
+            workload_uid: Some("u".into()),
+            shard: Some(shard),
+            attempt: Some(seq),
+            agent: Some("a".into()),
+            message: format!("m{seq}"),
+        }
+    }
+
+    #[test]
+    fn a_finished_workloads_grid_comes_from_each_shards_last_event() {
+        let events = vec![
+            row(1, "shard.failed", 0),
+            row(2, "shard.completed", 0),
+            row(3, "shard.failed", 1),
+            row(4, "shard.assigned", 2),
+            // Out of range (a hostile or stale row): ignored.
+            row(5, "shard.completed", 99),
+            row(6, "shard.completed", -1),
+        ];
+        let grid = grid_from_events(3, &events);
+        let states: Vec<&str> = grid.iter().map(|c| c.state).collect();
+        assert_eq!(states, ["succeeded", "failed", "pending"]);
+        assert!(grid[1].label.ends_with("t3 · m3"), "{}", grid[1].label);
+        assert_eq!(grid[0].label, "shard 0 · succeeded · agent a · attempt 2 · t2");
+    }
+
+    #[test]
+    fn event_filters_match_and_travel_as_a_query() {
+        let q = EventQuery {
+            workload: Some("u".into()),
+            agent: Some(String::new()),
+            kind: Some("shard.failed".into()),
+        };
+        assert!(q.matches(&row(1, "shard.failed", 0)));
+        assert!(!q.matches(&row(1, "shard.completed", 0)));
+        assert_eq!(q.query(), "workload=u&kind=shard.failed");
+        let odd = EventQuery {
+            agent: Some("a&b=c d".into()),
+            ..Default::default()
+        };
+        assert_eq!(odd.query(), "agent=a%26b%3Dc+d");
+        assert!(EventQuery::default().matches(&row(1, "x", 0)));
+    }
+}
