@@ -755,13 +755,17 @@ mod tests {
     fn a_large_grid_shows_ranges_in_their_most_telling_state() {
         let mut cells: Vec<ShardCell> = (0..4828).map(|i| cell(i, "succeeded")).collect();
         cells[4].state = "failed";
-        cells[5].state = "running";
+        cells[5] = cell(5, "running");
         cells[3000].state = "pending";
         let grid = grid_from_cells(&cells, &|_| None);
         // 3 shards a cell: at most GRID_CELLS cells.
         assert_eq!(grid.len(), 4828usize.div_ceil(3));
         assert!(grid.len() <= GRID_CELLS);
-        assert_eq!(grid[1].state, "failed", "failed wins over running: {:?}", grid[1]);
+        assert_eq!(
+            grid[1].state, "failed",
+            "failed wins over running: {:?}",
+            grid[1]
+        );
         assert_eq!(grid[1].label, "shards 3–5: 1 succeeded 1 running 1 failed");
         assert_eq!(grid[1000].state, "pending");
         assert_eq!(grid[0].state, "succeeded");
@@ -770,7 +774,10 @@ mod tests {
             (i == 4).then(|| ("10:00".to_string(), "line 3: bad".to_string()))
         });
         assert_eq!(small.len(), 6);
-        assert_eq!(small[4].label, "shard 4 · failed · attempt 1 · 10:00 · line 3: bad");
+        assert_eq!(
+            small[4].label,
+            "shard 4 · failed · attempt 1 · 10:00 · line 3: bad"
+        );
         assert_eq!(small[5].label, "shard 5 · running · agent a1 · attempt 1");
     }
 
@@ -802,7 +809,10 @@ mod tests {
         let states: Vec<&str> = grid.iter().map(|c| c.state).collect();
         assert_eq!(states, ["succeeded", "failed", "pending"]);
         assert!(grid[1].label.ends_with("t3 · m3"), "{}", grid[1].label);
-        assert_eq!(grid[0].label, "shard 0 · succeeded · agent a · attempt 2 · t2");
+        assert_eq!(
+            grid[0].label,
+            "shard 0 · succeeded · agent a · attempt 2 · t2"
+        );
     }
 
     #[test]
