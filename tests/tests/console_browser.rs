@@ -259,7 +259,13 @@ async fn the_console_follows_a_run_live_and_steers_it() {
     })
     .await;
     click(&c, "Suspend").await;
-    assert!(text(&c, "#phase").await.contains("Suspended"));
+    // The click returns before the form's POST and its redirect are done.
+    wait_until(
+        "the page to say Suspended",
+        Duration::from_secs(15),
+        || async { text(&c, "#phase").await.contains("Suspended") },
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let frozen = assigned(&db).await;
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -20,6 +20,7 @@ pub mod pages;
 
 use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -71,6 +72,8 @@ pub struct Console<S: Store> {
     spent: Mutex<HashMap<String, Spent>>,
     /// Pages rendered in the last [`PAGE_TTL`], by person and URL.
     pages: Mutex<HashMap<String, CachedPage>>,
+    /// Moves at every action: a page rendered in an older generation is not served again.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl<S: Store> Console<S> {
@@ -85,6 +88,7 @@ impl<S: Store> Console<S> {
             rates: Arc::new(Rates::default()),
             spent: Mutex::default(),
             pages: Mutex::default(),
+            generation: Default::default(),
         })
     }
 
@@ -190,8 +194,9 @@ fn session_cookie(token: &str) -> String {
 /// page (a wall screen, a team) cost one render a second, not one each. Any action empties it.
 pub const PAGE_TTL: Duration = Duration::from_secs(1);
 
-/// A rendered page or region: when, its head, its body.
-type CachedPage = (Instant, http::response::Parts, axum::body::Bytes);
+/// A rendered page or region: when, the action generation it was rendered in, its head, its
+/// body.
+type CachedPage = (Instant, u64, http::response::Parts, axum::body::Bytes);
 
 /// Serves a GET page again from the last second's render for the same person and URL (and
 /// the same kind of request: the whole page or htmx's region); a POST (an action) empties
@@ -200,10 +205,18 @@ async fn cached<S: Store>(State(c): State<Arc<Console<S>>>, req: Request, next: 
     let path = req.uri().path();
     if req.method() != axum::http::Method::GET || path == "/events/stream" {
         if req.method() == axum::http::Method::POST {
+            // Before and after the action: a render already under way when it started must
+            // not be stored as current.
+            c.generation.fetch_add(1, Ordering::SeqCst);
             lock(&c.pages).clear();
+            let res = next.run(req).await;
+            c.generation.fetch_add(1, Ordering::SeqCst);
+            lock(&c.pages).clear();
+            return res;
         }
         return next.run(req).await;
     }
+    let generation = c.generation.load(Ordering::SeqCst);
     let user = req
         .extensions()
         .get::<User>()
@@ -214,8 +227,9 @@ async fn cached<S: Store>(State(c): State<Arc<Console<S>>>, req: Request, next: 
         req.uri(),
         req.headers().contains_key("hx-request")
     );
-    if let Some((at, parts, body)) = lock(&c.pages).get(&key)
+    if let Some((at, rendered_in, parts, body)) = lock(&c.pages).get(&key)
         && at.elapsed() < PAGE_TTL
+        && *rendered_in == generation
     {
         return Response::from_parts(parts.clone(), axum::body::Body::from(body.clone()));
     }
@@ -235,7 +249,12 @@ async fn cached<S: Store>(State(c): State<Arc<Console<S>>>, req: Request, next: 
     if pages.len() >= 1_000 {
         pages.clear();
     }
-    pages.insert(key, (Instant::now(), parts.clone(), bytes.clone()));
+    if c.generation.load(Ordering::SeqCst) == generation {
+        pages.insert(
+            key,
+            (Instant::now(), generation, parts.clone(), bytes.clone()),
+        );
+    }
     Response::from_parts(parts, axum::body::Body::from(bytes))
 }
 
