@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use infermesh_operator::store::{self, EventFilter, Store};
+use infermesh_tests::cluster::free_port;
 use infermesh_tests::*;
 
 /// Kills the child when the test ends, passed or not.
@@ -40,13 +41,6 @@ fn which(name: &str) -> PathBuf {
         .unwrap_or_else(|| {
             panic!("{name} is not on PATH: scripts/setup.sh installs chromium and chromium-driver")
         })
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
@@ -117,8 +111,7 @@ async fn marked(c: &Client) -> bool {
         == Some(true)
 }
 
-async fn assigned(url: &str) -> usize {
-    let store = store::open(url).await.expect("store");
+async fn assigned(store: &store::AnyStore) -> usize {
     store
         .events(&EventFilter {
             kind: Some("shard.assigned".into()),
@@ -165,6 +158,7 @@ async fn the_console_follows_a_run_live_and_steers_it() {
     );
     let origin = url.split("/?token=").next().expect("origin").to_string();
 
+    let state = store::open(&db).await.expect("the run's store");
     let port = free_port();
     let driver = Command::new(&chromedriver)
         .arg(format!("--port={port}"))
@@ -250,12 +244,12 @@ async fn the_console_follows_a_run_live_and_steers_it() {
         cells,
         "nothing ran while suspended"
     );
-    assert_eq!(assigned(&db).await, 0);
+    assert_eq!(assigned(&state).await, 0);
 
     // Resume, then suspend: no new dispatch while suspended.
     click(&c, "Resume").await;
     wait_until("shards dispatched", Duration::from_secs(30), || async {
-        assigned(&db).await > 0
+        assigned(&state).await > 0
     })
     .await;
     click(&c, "Suspend").await;
@@ -267,9 +261,9 @@ async fn the_console_follows_a_run_live_and_steers_it() {
     )
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let frozen = assigned(&db).await;
+    let frozen = assigned(&state).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(assigned(&db).await, frozen, "a dispatch while suspended");
+    assert_eq!(assigned(&state).await, frozen, "a dispatch while suspended");
     assert!(
         frozen < total,
         "suspended before the end ({frozen} of {total})"
@@ -332,7 +326,10 @@ async fn the_console_follows_a_run_live_and_steers_it() {
     })
     .await;
     assert_eq!(count(&c, "#grid li").await, cells);
-    assert!(assigned(&db).await >= total, "every shard was dispatched");
+    assert!(
+        assigned(&state).await >= total,
+        "every shard was dispatched"
+    );
     // The chart drew (uPlot's canvas).
     wait_until("the throughput chart", Duration::from_secs(10), || async {
         count(&c, "#chart canvas").await > 0

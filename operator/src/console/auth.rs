@@ -18,6 +18,8 @@ use k8s_openapi::api::authorization::v1::{
 use kube::api::{Api, PostParams};
 use sha2::{Digest, Sha256};
 
+use super::lock;
+
 /// How long a TokenReview's answer is reused.
 pub const REVIEW_TTL: Duration = Duration::from_secs(30);
 /// How long a SubjectAccessReview's answer is reused (a revoked RoleBinding takes effect
@@ -225,10 +227,6 @@ impl Authority {
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 async fn token_review(

@@ -665,6 +665,8 @@ fn bad_name() -> Response {
     )
 }
 
+/// Locks a console cache; a panic elsewhere while it was held leaves it usable (a cache
+/// holds nothing that could be half-written into a wrong answer).
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -237,12 +237,7 @@ async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     // Each agent process gets its own random token, bound to its id and node: one agent's
     // credentials cannot attach as another.
-    let token = || -> String {
-        let mut rng = rand::rng();
-        (0..32)
-            .map(|_| format!("{:02x}", rng.random::<u8>()))
-            .collect()
-    };
+    let token = crate::console::auth::random_hex;
     let mut tokens = grpc::AgentTokens::new();
     let mut agent_tokens: Vec<(String, String, String)> = Vec::new();
     let mut external = Vec::new();

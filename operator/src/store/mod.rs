@@ -504,6 +504,28 @@ pub struct EventFilter {
     pub since: Option<String>,
 }
 
+impl EventFilter {
+    /// Adds ` AND column = value` for each of the workload, agent and kind filters given, and
+    /// nothing for the others: a statement that names only the filters in use lets the
+    /// database use its indexes, where `(? IS NULL OR column = ?)` does not.
+    pub(crate) fn push_equalities<'a, DB>(&self, q: &mut sqlx::QueryBuilder<'a, DB>)
+    where
+        DB: sqlx::Database,
+        String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    {
+        for (column, value) in [
+            ("workload_uid", &self.workload_uid),
+            ("agent", &self.agent),
+            ("kind", &self.kind),
+        ] {
+            if let Some(v) = value {
+                q.push(format_args!(" AND {column} = "))
+                    .push_bind(v.clone());
+            }
+        }
+    }
+}
+
 /// One charge of a shard, as the ledger holds it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Charge {

@@ -672,16 +672,7 @@ impl Store for SqliteStore {
              WHERE seq > ",
         );
         q.push_bind(f.after_seq.unwrap_or(0));
-        for (column, value) in [
-            ("workload_uid", &f.workload_uid),
-            ("agent", &f.agent),
-            ("kind", &f.kind),
-        ] {
-            if let Some(v) = value {
-                q.push(format_args!(" AND {column} = "))
-                    .push_bind(v.clone());
-            }
-        }
+        f.push_equalities(&mut q);
         if let Some(since) = &f.since {
             q.push(" AND at >= ").push_bind(since.clone());
         }
