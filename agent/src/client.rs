@@ -49,7 +49,13 @@ enum Ended {
 }
 
 /// Result of one shard, carried across reconnects.
-type Outcome = (ShardRef, Result<Completed, ShardError>);
+/// A finished shard, with the credentials its Assign carried (a part it must discard is
+/// removed with them, never with the agent's own).
+type Outcome = (
+    ShardRef,
+    Result<Completed, ShardError>,
+    Option<infermesh_io::Credentials>,
+);
 
 /// The shards running here, by workload, index and attempt, each with its cancel flag. Kept
 /// across reconnects. Keyed by attempt too, so that a new attempt of a shard assigned while
@@ -136,11 +142,11 @@ async fn wait_out(backoff: Duration, running: &mut Running, done_rx: &mut mpsc::
     loop {
         tokio::select! {
             _ = &mut sleep => return,
-            Some((shard, result)) = done_rx.recv() => {
+            Some((shard, result, credentials)) = done_rx.recv() => {
                 running.finish(&shard);
                 tracing::info!(shard = %shard.display(), "finished with no stream up: void");
                 if let Ok(done) = &result {
-                    discard_part(&done.output_uri).await;
+                    discard_part(&done.output_uri, credentials).await;
                 }
             }
         }
@@ -150,9 +156,9 @@ async fn wait_out(backoff: Duration, running: &mut Running, done_rx: &mut mpsc::
 /// Removes the part of an attempt that finished after it was cancelled; best effort (a part
 /// that cannot be removed is said so in the log, and the operator's `ledger verify --outputs`
 /// names it).
-async fn discard_part(uri: &str) {
+async fn discard_part(uri: &str, credentials: Option<infermesh_io::Credentials>) {
     let removed = async { crate::io::store::Location::parse(uri)?.delete().await };
-    match removed.await {
+    match infermesh_io::access::scoped(credentials, removed).await {
         Ok(()) => tracing::info!(part = %uri, "part of a cancelled attempt removed"),
         Err(e) => {
             tracing::warn!(part = %uri, error = %e, "part of a cancelled attempt not removed")
@@ -163,13 +169,17 @@ async fn discard_part(uri: &str) {
 /// Runs a shard's `work` on a task of its own. Its outcome always reaches `done`, a panic
 /// included (as a failure, see [`catch_panic`]), so the shard is reported and leaves
 /// [`Running`] instead of holding its place there for good.
-fn spawn_shard<W>(shard: ShardRef, work: W, done: mpsc::Sender<Outcome>)
-where
+fn spawn_shard<W>(
+    shard: ShardRef,
+    work: W,
+    credentials: Option<infermesh_io::Credentials>,
+    done: mpsc::Sender<Outcome>,
+) where
     W: Future<Output = Result<Completed, ShardError>> + Send + 'static,
 {
     tokio::spawn(async move {
         let result = catch_panic(work).await;
-        let _ = done.send((shard, result)).await;
+        let _ = done.send((shard, result, credentials)).await;
     });
 }
 
@@ -382,8 +392,9 @@ async fn attach(
                         };
                         tracing::info!(shard = %shard.display(), "assigned");
                         let runner = runner.clone();
+                        let credentials = crate::runner::credentials(&assign);
                         let work = async move { runner.run(&assign, cancel).await };
-                        spawn_shard(shard, work, done_tx.clone());
+                        spawn_shard(shard, work, credentials, done_tx.clone());
                     }
                     Some(Down::Cancel(c)) => {
                         if let Some(s) = c.shard
@@ -405,7 +416,7 @@ async fn attach(
                     Some(Down::Welcome(_)) | None => {}
                 }
             }
-            Some((shard, result)) = done_rx.recv() => {
+            Some((shard, result, credentials)) = done_rx.recv() => {
                 let cancelled = running.finish(&shard);
                 if cancelled
                     && let Ok(done) = &result
@@ -413,7 +424,7 @@ async fn attach(
                     // Written before the cancel was seen (a thawed process, a stream lost
                     // mid-put): the part can never be committed, and nobody else would
                     // remove it.
-                    discard_part(&done.output_uri).await;
+                    discard_part(&done.output_uri, credentials).await;
                 }
                 let Some(msg) = report(shard, result, cancelled) else { continue };
                 tx.send(AgentMessage { msg: Some(msg) }).await?;
@@ -457,8 +468,8 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_shard_is_reported_failed() {
         let (done_tx, mut done_rx) = mpsc::channel::<Outcome>(1);
-        spawn_shard(shard(3, 1), async { panic!("boom") }, done_tx);
-        let (got, result) = tokio::time::timeout(Duration::from_secs(10), done_rx.recv())
+        spawn_shard(shard(3, 1), async { panic!("boom") }, None, done_tx);
+        let (got, result, _) = tokio::time::timeout(Duration::from_secs(10), done_rx.recv())
             .await
             .expect("reported in time")
             .expect("the shard's outcome reached the client");

@@ -18,11 +18,16 @@ use serde_json::{Map, Value};
 use crate::inference::embedding::Embedder;
 use crate::inference::runtime::{SessionConfig, load_session};
 use crate::inference::tensor::{self, InputBinding};
-use crate::inference::{BatchControl, Origin, Parsed, ShardError, check_cancelled, parse_records};
+use crate::inference::{
+    BatchControl, Origin, Parsed, PartKind, PartOrigin, ShardError, check_cancelled, parse_records,
+};
 use crate::io::cache::{CacheError, ModelCache, sha256_hex};
+use crate::io::parts;
 use crate::io::shard::{count_newlines, records};
 use crate::io::store::{Location, ObjectError, read_aligned};
 use crate::metrics::{AgentMetrics, ShardResult};
+use infermesh_io::columnar;
+use infermesh_io::{Credentials, Grant, Use};
 
 /// Sessions kept per slot; one workload at a time is the common case, two covers a switch.
 const MODELS_PER_SLOT: usize = 2;
@@ -46,6 +51,10 @@ pub struct Runner {
     /// moved out while a shard runs).
     loaded: Mutex<Vec<Vec<String>>>,
     metrics: Arc<AgentMetrics>,
+    /// Models fetched and hashed here, by URI: the size and version (ETag) the URI had then,
+    /// and the sha256 it hashed to. Under a grant a cached model is used only when the
+    /// tenant's HEAD of its URI finds that very version.
+    verified: Mutex<HashMap<String, (u64, String, String)>>,
 }
 
 fn object_error(kind: ErrorKind, e: ObjectError) -> ShardError {
@@ -130,12 +139,12 @@ async fn locate_record(e: ShardError, input: &Location, begin: u64) -> ShardErro
 struct IdCheck {
     /// Records whose id field is absent or null.
     missing: u64,
-    /// The first of them: (line within the shard, byte offset).
-    first_missing: Option<(u64, u64)>,
+    /// The first of them: (part, line within the shard, byte offset).
+    first_missing: Option<(usize, u64, u64)>,
     /// Records whose id an earlier record of the shard had.
     duplicates: u64,
-    /// The first of them: (line within the shard, byte offset, the id as JSON).
-    first_duplicate: Option<(u64, u64, String)>,
+    /// The first of them: (part, line within the shard, byte offset, the id as JSON).
+    first_duplicate: Option<(usize, u64, u64, String)>,
 }
 
 /// Counts the records of a shard without `id_field` (or with a null one) and those repeating
@@ -148,17 +157,19 @@ fn id_check(id_field: &str, parsed: &[Parsed]) -> IdCheck {
     }
     let mut seen = HashSet::with_capacity(parsed.len());
     for rec in parsed {
-        match rec.fields.get(id_field) {
+        match rec.field(id_field) {
             None | Some(Value::Null) => {
                 check.missing += 1;
-                check.first_missing.get_or_insert((rec.line, rec.offset));
+                check
+                    .first_missing
+                    .get_or_insert((rec.part, rec.line, rec.offset));
             }
             Some(id) => {
                 let key = id.to_string();
                 if seen.contains(&key) {
                     check.duplicates += 1;
                     if check.first_duplicate.is_none() {
-                        check.first_duplicate = Some((rec.line, rec.offset, key));
+                        check.first_duplicate = Some((rec.part, rec.line, rec.offset, key));
                     }
                 } else {
                     seen.insert(key);
@@ -173,13 +184,23 @@ impl IdCheck {
     /// One message per problem found (none when there is none). Lines are the input's when
     /// `origin` knows the newlines before the shard, else the shard's, said so.
     fn messages(&self, origin: &Origin<'_>, id_field: &str) -> Vec<String> {
-        let at = |line: u64, offset: u64| match origin.lines_before {
-            Some(before) => format!("line {} (byte offset {offset})", before + line),
-            None => format!("byte offset {offset} (line {line} of the shard)"),
+        let at = |part: usize, line: u64, offset: u64| {
+            if !origin.parts.is_empty() {
+                return origin.place(part, line, offset);
+            }
+            match origin.lines_before {
+                Some(before) => format!("line {} (byte offset {offset})", before + line),
+                None => format!("byte offset {offset} (line {line} of the shard)"),
+            }
         };
         let (uri, shard) = (origin.uri, origin.shard);
+        let uri = if origin.parts.is_empty() {
+            uri
+        } else {
+            "the input"
+        };
         let mut out = Vec::new();
-        if let Some((line, offset)) = self.first_missing {
+        if let Some((part, line, offset)) = self.first_missing {
             let n = self.missing;
             out.push(format!(
                 "{uri}: {n} record{} of shard {shard} {} no `{id_field}` field (or a null one), \
@@ -188,17 +209,17 @@ impl IdCheck {
                 if n == 1 { "has" } else { "have" },
                 if n == 1 { "its" } else { "their" },
                 plural(n),
-                at(line, offset),
+                at(part, line, offset),
             ));
         }
-        if let Some((line, offset, id)) = &self.first_duplicate {
+        if let Some((part, line, offset, id)) = &self.first_duplicate {
             let n = self.duplicates;
             out.push(format!(
                 "{uri}: {n} record{} of shard {shard} repeat{} an `{id_field}` seen earlier in \
                  the shard; the first is at {}, `{id_field}` {id}",
                 plural(n),
                 if n == 1 { "s" } else { "" },
-                at(*line, *offset),
+                at(*part, *line, *offset),
             ));
         }
         out
@@ -220,6 +241,61 @@ impl IdCheck {
 
 fn plural(n: u64) -> &'static str {
     if n == 1 { "" } else { "s" }
+}
+
+/// Every location an Assign names, with what it is used for and the field it came from.
+fn locations(assign: &Assign) -> Vec<(&'static str, &str, Use)> {
+    let mut out = Vec::new();
+    if let Some(m) = &assign.model {
+        out.push(("model", m.uri.as_str(), Use::Read));
+    }
+    if let Some(task::Kind::TextEmbedding(te)) = assign.task.as_ref().and_then(|t| t.kind.as_ref())
+    {
+        out.push(("tokenizer", te.tokenizer_uri.as_str(), Use::Read));
+    }
+    if let Some(input) = &assign.input {
+        if input.parts.is_empty() {
+            out.push(("input", input.uri.as_str(), Use::Read));
+        }
+        for p in &input.parts {
+            out.push(("input", p.uri.as_str(), Use::Read));
+        }
+    }
+    out.push(("output", assign.output_uri.as_str(), Use::Write));
+    out
+}
+
+/// Refuses an Assign naming a location outside the access grant it carries (none: no
+/// restriction), so that a compromised operator path cannot make this agent read or write
+/// anything else. Also refuses dot segments and, for `file://`, symbolic links out of a
+/// prefix.
+pub fn check_access(assign: &Assign) -> Result<(), ShardError> {
+    let Some(access) = &assign.access else {
+        return Ok(());
+    };
+    let grant = Grant {
+        read: access.read.clone(),
+        write: access.write.clone(),
+    };
+    for (field, uri, what) in locations(assign) {
+        grant
+            .check(field, uri, what)
+            .map_err(|m| ShardError::permanent(ErrorKind::Forbidden, format!("refused: {m}")))?;
+    }
+    Ok(())
+}
+
+/// The credentials an Assign carries, if any.
+pub(crate) fn credentials(assign: &Assign) -> Option<Credentials> {
+    let c = assign.credentials.as_ref()?;
+    let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    Some(Credentials {
+        access_key_id: c.access_key_id.clone(),
+        secret_access_key: c.secret_access_key.clone(),
+        session_token: some(&c.session_token),
+        region: some(&c.region),
+        bearer_token: some(&c.bearer_token),
+    })
 }
 
 /// Writes the shard's output part in one put, unless the operator cancelled the shard
@@ -255,6 +331,7 @@ impl Runner {
             slot_freed: tokio::sync::Notify::new(),
             loaded: Mutex::new(vec![Vec::new(); slots.max(1)]),
             metrics,
+            verified: Mutex::default(),
         }
     }
 
@@ -299,12 +376,19 @@ impl Runner {
     }
 
     /// Runs one shard; returns its completion report or why it failed.
+    ///
+    /// An Assign that carries an access grant is refused (`Forbidden`, before anything is
+    /// read or a slot taken) when any location it names falls outside it. One that carries
+    /// credentials runs with them: every read and write of the shard uses them, and they are
+    /// dropped when it ends.
     pub async fn run(
         &self,
         assign: &Assign,
         cancel: Arc<AtomicBool>,
     ) -> Result<Completed, ShardError> {
-        self.on_slot(|slot| self.run_on(slot, assign, cancel)).await
+        check_access(assign)?;
+        let work = self.on_slot(|slot| self.run_on(slot, assign, cancel));
+        infermesh_io::access::scoped(credentials(assign), work).await
     }
 
     /// Runs `work` on a free slot and gives the slot back however the work ends: a panic in
@@ -362,34 +446,88 @@ impl Runner {
         // Cancelled while it waited for the slot.
         check_cancelled(&cancel)?;
 
-        let expected = (!model.sha256.is_empty()).then_some(model.sha256.as_str());
-        let (sha, model_path) =
-            self.cache
-                .model(&model.uri, expected)
+        // The cache is keyed by content and shared by every tenant: under a grant a cached
+        // model is used only when this tenant's HEAD of the URI it names (with its keys)
+        // finds the version that was hashed here; otherwise it is fetched and hashed again.
+        let model_error = |e: ObjectError| ShardError {
+            kind: ErrorKind::ModelLoad,
+            message: format!("model {}: {e}", model.uri),
+            retryable: e.is_transient(),
+            record: None,
+        };
+        let seen = if assign.access.is_some() {
+            let (size, version) = Location::parse(&model.uri)
+                .map_err(model_error)?
+                .facts()
                 .await
-                .map_err(|e| match e {
-                    CacheError::Fetch(e) => {
-                        let retryable = e.is_transient();
-                        ShardError {
-                            kind: ErrorKind::ModelLoad,
-                            message: format!("model {}: {e}", model.uri),
-                            retryable,
-                            record: None,
-                        }
-                    }
-                    other => ShardError::permanent(ErrorKind::ModelLoad, other.to_string()),
-                })?;
+                .map_err(model_error)?;
+            Some((size, version))
+        } else {
+            None
+        };
+        let expected = (!model.sha256.is_empty()).then(|| model.sha256.clone());
+        // Under a grant: the sha256 this URI hashed to here, if the tenant's HEAD found the
+        // same version (and it is the one pinned, if any). It stands in for an unpinned
+        // model's hash too.
+        let verified = match &seen {
+            Some((size, Some(version))) => self
+                .verified
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&model.uri)
+                .filter(|(s, v, sha)| {
+                    s == size && v == version && expected.as_ref().is_none_or(|e| e == sha)
+                })
+                .map(|(_, _, sha)| sha.clone()),
+            _ => None,
+        };
+        let by_hash = seen.is_none() || verified.is_some();
+        let pinned = verified.or(expected);
+        let (sha, model_path) = self
+            .cache
+            .model_from(&model.uri, pinned.as_deref(), by_hash)
+            .await
+            .map_err(|e| match e {
+                CacheError::Fetch(e) => model_error(e),
+                other => ShardError::permanent(ErrorKind::ModelLoad, other.to_string()),
+            })?;
+        if let Some((size, Some(version))) = seen {
+            self.verified
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(model.uri.clone(), (size, version, sha.clone()));
+        }
 
-        let input_loc = Location::parse(&input.uri).map_err(|e| object_error(ErrorKind::Io, e))?;
-        let (begin, data) = read_aligned(
-            &input_loc,
-            input.start,
-            input.end,
-            input.size,
-            Some(input.version.as_str()).filter(|v| !v.is_empty()),
-        )
-        .await
-        .map_err(input_error)?;
+        // One plain JSONL object (a byte range of it), or parts of files.
+        let (input_loc, begin, data, raw_parts, headers) = if input.parts.is_empty() {
+            let loc = Location::parse(&input.uri).map_err(|e| object_error(ErrorKind::Io, e))?;
+            let (begin, data) = read_aligned(
+                &loc,
+                input.start,
+                input.end,
+                input.size,
+                Some(input.version.as_str()).filter(|v| !v.is_empty()),
+            )
+            .await
+            .map_err(input_error)?;
+            (Some(loc), begin, data, Vec::new(), Vec::new())
+        } else {
+            let raw = parts::read(&input).await?;
+            let headers = parts::csv_headers(&input, &raw).await?;
+            (None, 0, Bytes::new(), raw, headers)
+        };
+        let part_origins: Vec<PartOrigin> = raw_parts.iter().map(|p| p.origin.clone()).collect();
+        let part_begins: Vec<(String, u64)> = raw_parts
+            .iter()
+            .filter(|p| p.origin.kind == PartKind::Text)
+            .map(|p| (p.origin.uri.clone(), p.begin))
+            .collect();
+        let output_parquet = match assign.output_format.as_str() {
+            "" | "jsonl" => false,
+            "parquet" => true,
+            other => return Err(invalid(&format!("unknown output format `{other}`"))),
+        };
+        let output_zstd = assign.output_zstd;
 
         let embedder_src = match &task.kind {
             Some(task::Kind::TextEmbedding(te)) => {
@@ -401,6 +539,15 @@ impl Runner {
                     .lock()
                     .map(|s| s.embedders.contains_key(&key))
                     .unwrap_or(false);
+                // A slot's tokenizer serves another tenant only once that tenant has shown
+                // it can read the URI (a HEAD with its keys).
+                if have && assign.access.is_some() {
+                    Location::parse(&te.tokenizer_uri)
+                        .map_err(|e| object_error(ErrorKind::TokenizerLoad, e))?
+                        .size()
+                        .await
+                        .map_err(|e| object_error(ErrorKind::TokenizerLoad, e))?;
+                }
                 let bytes = if have {
                     None
                 } else {
@@ -426,7 +573,10 @@ impl Runner {
         let id_field = task.id_field.clone();
         let shard_index = shard.index;
         let workload = shard.workload.clone();
-        let input_uri = input_loc.uri().to_string();
+        let input_uri = input_loc
+            .as_ref()
+            .map(|l| l.uri().to_string())
+            .unwrap_or_default();
         let batch = assign.batch_size.max(1) as usize;
         let metrics = self.metrics.clone();
         // The slot's state moves into the blocking thread and back, so no lock is held
@@ -446,15 +596,22 @@ impl Runner {
                     // The operator does not send the newlines before a shard (yet): known
                     // only for the shard at the start; the rest are found on failure.
                     lines_before: (begin == 0).then_some(0),
+                    parts: &part_origins,
                 };
                 // Before the model loads: a bad record fails the shard without it.
-                let parsed = parse_records(&origin, records(begin, &data))?;
+                let parsed = if raw_parts.is_empty() {
+                    parse_records(&origin, records(begin, &data))?
+                } else {
+                    parts::parse(&input, raw_parts, &headers, &origin)?
+                };
                 ensure_session(&mut state, &sha, &model_path, &model.uri, &config)?;
                 let control = BatchControl {
                     size: batch,
                     cancel: &cancel,
                     metrics: &metrics,
                 };
+                // The embedding dimension the model declares, for a Parquet part with no record.
+                let mut declared_dim = None;
                 let outputs: Vec<RecordOutput> = match &task.kind {
                     Some(task::Kind::TextEmbedding(te)) => {
                         let (key, bytes) = embedder_src.unwrap_or_default();
@@ -477,6 +634,7 @@ impl Runner {
                             (None, None) => return Err(invalid("tokenizer not fetched")),
                         };
                         let encodings = embedder.encode(&origin, &parsed)?;
+                        declared_dim = embedder.declared_dim(session_mut(&mut state, &sha));
                         let vectors =
                             embedder.embed(session_mut(&mut state, &sha), &encodings, &control)?;
                         vectors.into_iter().map(RecordOutput::Embedding).collect()
@@ -508,13 +666,23 @@ impl Runner {
                     }
                     None => return Err(invalid("task has no kind")),
                 };
-                let mut out = Vec::with_capacity(outputs.len() * 64);
-                for (rec, output) in parsed.iter().zip(&outputs) {
-                    write_line(&mut out, &id_field, rec.fields.get(&id_field), output)
-                        .map_err(|e| invalid(&e.to_string()))?;
-                }
+                let bytes = if output_parquet {
+                    let shape = columnar::PartShape { dim: declared_dim };
+                    let names = match &task.kind {
+                        Some(task::Kind::Tensor(t)) => Some(t.outputs.clone()),
+                        _ => None,
+                    };
+                    parquet_part(&id_field, &parsed, outputs, names, shape, output_zstd)?
+                } else {
+                    let mut out = Vec::with_capacity(outputs.len() * 64);
+                    for (rec, output) in parsed.iter().zip(&outputs) {
+                        write_line(&mut out, &id_field, rec.field(&id_field), output)
+                            .map_err(|e| invalid(&e.to_string()))?;
+                    }
+                    Bytes::from(out)
+                };
                 id_check(&id_field, &parsed).warn(&origin, &workload, &id_field);
-                Ok((Bytes::from(out), parsed.len() as u64))
+                Ok((bytes, parsed.len() as u64))
             })();
             (state, outcome)
         })
@@ -541,7 +709,19 @@ impl Runner {
         }
         let (bytes, records) = match outcome {
             Ok(done) => done,
-            Err(e) => return Err(locate_record(e, &input_loc, begin).await),
+            Err(e) => {
+                return Err(match (&input_loc, &e.record) {
+                    (Some(loc), _) => locate_record(e, loc, begin).await,
+                    (None, Some(at)) => {
+                        let found = part_begins.iter().find(|(uri, _)| *uri == at.uri);
+                        match (found, Location::parse(&at.uri)) {
+                            (Some(&(_, begin)), Ok(loc)) => locate_record(e, &loc, begin).await,
+                            _ => e,
+                        }
+                    }
+                    (None, None) => e,
+                });
+            }
         };
         let compute_seconds = started.elapsed().as_secs_f64();
 
@@ -557,6 +737,61 @@ impl Runner {
             device: self.device().to_string(),
             output_bytes,
         })
+    }
+}
+
+/// The part as Parquet: the ids, then the embedding or each output tensor (flattened to
+/// float32; see `infermesh_io::columnar::write_part`).
+fn parquet_part(
+    id_field: &str,
+    parsed: &[Parsed],
+    outputs: Vec<RecordOutput>,
+    tensor_outputs: Option<Vec<String>>,
+    shape: columnar::PartShape,
+    zstd: bool,
+) -> Result<Bytes, ShardError> {
+    let ids: Vec<Option<&Value>> = parsed.iter().map(|r| r.field(id_field)).collect();
+    let mut embeddings = Vec::new();
+    let mut tensors: Vec<(String, Vec<Vec<f32>>)> = Vec::new();
+    for output in outputs {
+        match output {
+            RecordOutput::Embedding(v) => embeddings.push(v),
+            RecordOutput::Fields(fields) => {
+                for (k, v) in fields {
+                    let mut flat = Vec::new();
+                    flatten_f32(&v, &mut flat);
+                    match tensors.iter_mut().find(|(name, _)| *name == k) {
+                        Some((_, rows)) => rows.push(flat),
+                        None => tensors.push((k, vec![flat])),
+                    }
+                }
+            }
+        }
+    }
+    let columns = match tensor_outputs {
+        None => columnar::PartColumns::Embeddings(embeddings),
+        Some(named) => {
+            // A part with no record still has the named outputs' columns.
+            for name in named {
+                if !tensors.iter().any(|(n, _)| *n == name) {
+                    tensors.push((name, Vec::new()));
+                }
+            }
+            columnar::PartColumns::Tensors(tensors)
+        }
+    };
+    columnar::write_part_shaped(id_field, &ids, columns, shape, zstd).map_err(|e| {
+        ShardError::permanent(ErrorKind::Io, format!("cannot write the Parquet part: {e}"))
+    })
+}
+
+/// The numbers of a (nested) JSON array, in order, as float32.
+fn flatten_f32(v: &Value, out: &mut Vec<f32>) {
+    match v {
+        Value::Array(items) => items.iter().for_each(|i| flatten_f32(i, out)),
+        Value::Number(n) => out.push(n.as_f64().unwrap_or(f64::NAN) as f32),
+        Value::Bool(b) => out.push(f32::from(u8::from(*b))),
+        _ => {}
     }
 }
 
@@ -687,10 +922,69 @@ mod tests {
                 end,
                 size,
                 version: String::new(),
+                ..Default::default()
             }),
             output_uri: format!("file://{}/out/part-00001.jsonl", dir.display()),
             batch_size: 4,
+            ..Default::default()
         }
+    }
+
+    /// Under a grant: an Assign naming anything outside it is refused before a slot is taken
+    /// or a byte read; and another tenant's model, in the cache by its sha256, is not handed
+    /// to a tenant that pins that sha256 but names a URI of its own (the model is fetched
+    /// from that URI and hashed, and the hash does not match).
+    #[tokio::test]
+    async fn a_grant_is_enforced_and_the_shared_cache_serves_no_other_tenants_model() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let d = dir.path();
+        for t in ["team-a", "team-b"] {
+            std::fs::create_dir_all(d.join(t)).expect("mkdir");
+        }
+        std::fs::write(d.join("team-a/m.onnx"), b"team-a's model").expect("model");
+        std::fs::write(d.join("team-b/m.onnx"), b"team-b's model").expect("model");
+        std::fs::write(d.join("team-b/in.jsonl"), b"{\"id\":1,\"x\":[1.0]}\n").expect("in");
+        let runner = runner(d, 1);
+        let a_model = format!("file://{}/team-a/m.onnx", d.display());
+        let (a_sha, _) = runner.cache.model(&a_model, None).await.expect("cached");
+        let input = format!("file://{}/team-b/in.jsonl", d.display());
+        let mut a = assign(d, &input, 0, 20, 20);
+        a.access = Some(infermesh_proto::Access {
+            read: vec![format!("file://{}/team-b/", d.display())],
+            write: vec![format!("file://{}/team-b/out/", d.display())],
+        });
+        a.output_uri = format!("file://{}/team-b/out/part-00001.jsonl", d.display());
+        // Outside the grant: team-a's model, or an output beside the write prefix.
+        let mut outside = a.clone();
+        outside.model = Some(Model {
+            uri: a_model.clone(),
+            sha256: String::new(),
+        });
+        let e = runner
+            .run(&outside, Arc::new(AtomicBool::new(false)))
+            .await
+            .expect_err("forbidden");
+        assert_eq!(e.kind, ErrorKind::Forbidden, "{e:?}");
+        assert!(!e.retryable && e.message.contains("model"), "{}", e.message);
+        let mut beside = a.clone();
+        beside.output_uri = format!("file://{}/team-b/part-00001.jsonl", d.display());
+        let e = runner
+            .run(&beside, Arc::new(AtomicBool::new(false)))
+            .await
+            .expect_err("forbidden");
+        assert_eq!(e.kind, ErrorKind::Forbidden, "{e:?}");
+        // Inside, but pinned to team-a's model: fetched from team-b's URI, which differs.
+        a.model = Some(Model {
+            uri: format!("file://{}/team-b/m.onnx", d.display()),
+            sha256: a_sha.clone(),
+        });
+        let e = runner
+            .run(&a, Arc::new(AtomicBool::new(false)))
+            .await
+            .expect_err("not team-a's model");
+        assert_eq!(e.kind, ErrorKind::ModelLoad, "{e:?}");
+        assert!(e.message.contains(&a_sha), "{}", e.message);
+        assert!(!d.join("team-b/out").exists(), "nothing was written");
     }
 
     /// An input truncated after planning fails its shard as invalid input that no retry
@@ -863,6 +1157,7 @@ mod tests {
             uri: remote.uri(),
             shard: 2,
             lines_before: None,
+            parts: &[],
         };
         let begin = offset as u64 - 10;
         let bad = parse_records(&origin, records(begin, b"{}\nnot json\n")).expect_err("bad");
@@ -883,6 +1178,7 @@ mod tests {
             uri: "u",
             shard: 0,
             lines_before: Some(0),
+            parts: &[],
         };
         let data = lines.iter().map(|l| format!("{l}\n")).collect::<String>();
         parse_records(&origin, records(100, data.as_bytes())).expect("records")
@@ -903,14 +1199,14 @@ mod tests {
         let check = id_check("id", &recs);
         assert_eq!(check.missing, 2, "{check:?}");
         // Line 2 of the shard, after the 10 bytes of line 1.
-        assert_eq!(check.first_missing, Some((2, 110)));
+        assert_eq!(check.first_missing, Some((0, 2, 110)));
         // `1` twice more and the object once; `"1"` is another id than `1`.
         assert_eq!(check.duplicates, 3, "{check:?}");
-        assert_eq!(check.first_duplicate, Some((4, 131, "1".to_string())));
+        assert_eq!(check.first_duplicate, Some((0, 4, 131, "1".to_string())));
         // Another id field: all of them lack it.
         let other = id_check("key", &recs);
         assert_eq!((other.missing, other.duplicates), (8, 0));
-        assert_eq!(other.first_missing, Some((1, 100)));
+        assert_eq!(other.first_missing, Some((0, 1, 100)));
         // No id field asked for: nothing to count.
         assert_eq!(id_check("", &recs), IdCheck::default());
         // Unique ids: nothing to warn about.
@@ -951,6 +1247,7 @@ mod tests {
             uri: "file:///in.jsonl",
             shard: 3,
             lines_before,
+            parts: &[],
         }
     }
 

@@ -16,9 +16,11 @@ pub use agent::{Agent, AgentPhase, AgentSpec, AgentStatus};
 pub use manifest::{Manifest, ManifestError, parse_manifests};
 pub use mesh::{
     AgentTemplate, Budget, ExecutionProvider, Mesh, MeshSpec, MeshStatus, ModelCache, Pricing,
+    TenantSpec,
 };
 pub use workload::{
-    InputFormat, InputSpec, ModelRef, OutputMode, OutputSpec, Requirements, ShardCounts, TaskSpec,
+    CredentialsRef, InputCompression, InputFormat, InputSpec, ModelRef, OutputCompression,
+    OutputFormat, OutputMode, OutputSpec, Requirements, SecretRef, ShardCounts, TaskSpec,
     TensorInput, TensorTask, TextEmbeddingTask, Workload, WorkloadPhase, WorkloadSpec,
     WorkloadStatus,
 };

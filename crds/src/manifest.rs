@@ -5,13 +5,31 @@ use serde::de::DeserializeOwned;
 
 use crate::{Mesh, Workload};
 
-/// One object read from a manifest file.
-#[derive(Clone, Debug)]
+/// One object read from a manifest file. Its `Debug` never prints a Secret's data.
+#[derive(Clone)]
 pub enum Manifest {
     /// A Mesh.
     Mesh(Box<Mesh>),
     /// A Workload.
     Workload(Box<Workload>),
+    /// A Secret (`v1`), for `spec.credentials` of the Workloads of its namespace when no
+    /// cluster holds it (`infermesh local`).
+    Secret(Box<k8s_openapi::api::core::v1::Secret>),
+}
+
+impl std::fmt::Debug for Manifest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Mesh(m) => f.debug_tuple("Mesh").field(m).finish(),
+            Self::Workload(w) => f.debug_tuple("Workload").field(w).finish(),
+            Self::Secret(s) => write!(
+                f,
+                "Secret({}/{}, <redacted>)",
+                s.metadata.namespace.as_deref().unwrap_or_default(),
+                s.metadata.name.as_deref().unwrap_or_default()
+            ),
+        }
+    }
 }
 
 /// Why a manifest could not be read.
@@ -80,18 +98,31 @@ pub fn parse_manifests(text: &str) -> Result<Vec<Manifest>, ManifestError> {
             doc,
             message: "missing `apiVersion`".into(),
         })?;
-        if api != "infermesh.dev/v1alpha1" {
-            return Err(ManifestError::Header {
-                doc,
-                message: format!("apiVersion `{api}` is not infermesh.dev/v1alpha1"),
-            });
-        }
         let name = value
             .get("metadata")
             .and_then(|m| m.get("name"))
             .and_then(|n| n.as_str())
             .unwrap_or("<unnamed>")
             .to_string();
+        if kind == "Secret" && api == "v1" {
+            // Never echo a Secret's text: the message names the field only.
+            let secret = serde_yaml::from_value(value).map_err(|_| ManifestError::Schema {
+                doc,
+                kind: kind.clone(),
+                name,
+                message: "not a valid Secret (`data` values must be base64, `stringData` \
+                          values text)"
+                    .into(),
+            })?;
+            out.push(Manifest::Secret(Box::new(secret)));
+            continue;
+        }
+        if api != "infermesh.dev/v1alpha1" {
+            return Err(ManifestError::Header {
+                doc,
+                message: format!("apiVersion `{api}` is not infermesh.dev/v1alpha1"),
+            });
+        }
         match kind.as_str() {
             "Mesh" => out.push(Manifest::Mesh(Box::new(strict(doc, &kind, &name, value)?))),
             "Workload" => out.push(Manifest::Workload(Box::new(strict(
@@ -100,7 +131,7 @@ pub fn parse_manifests(text: &str) -> Result<Vec<Manifest>, ManifestError> {
             other => {
                 return Err(ManifestError::Header {
                     doc,
-                    message: format!("kind `{other}` is not one of Mesh, Workload"),
+                    message: format!("kind `{other}` is not one of Mesh, Workload, Secret (v1)"),
                 });
             }
         }
@@ -384,5 +415,21 @@ spec:
             .expect_err("not ours")
             .to_string();
         assert!(msg.contains("kind `Job`"), "{msg}");
+    }
+
+    #[test]
+    fn a_secret_document_is_read_and_never_printed() {
+        let text = "apiVersion: v1\nkind: Secret\nmetadata: {name: s3, namespace: team-a}\n\
+                    stringData: {AWS_SECRET_ACCESS_KEY: wJalr-very-secret}\n";
+        let docs = parse_manifests(text).expect("parse");
+        let shown = format!("{docs:?}");
+        assert!(
+            shown.contains("Secret(team-a/s3") && !shown.contains("wJalr"),
+            "{shown}"
+        );
+        // A bad one is refused without echoing its text.
+        let bad = "apiVersion: v1\nkind: Secret\nmetadata: {name: s3}\ndata: {K: \"wJalr-not-base64!\"}\n";
+        let e = parse_manifests(bad).expect_err("not base64").to_string();
+        assert!(e.contains("Secret s3") && !e.contains("wJalr"), "{e}");
     }
 }

@@ -1,4 +1,5 @@
-//! `Mesh`: a pool of agents on the nodes a selector picks, with its pricing and budgets.
+//! `Mesh`: a pool of agents on the nodes a selector picks, with its pricing, budgets and
+//! fair share of slots among namespaces.
 
 use std::collections::BTreeMap;
 
@@ -53,6 +54,107 @@ pub struct MeshSpec {
     /// Credit budgets per namespace; a namespace without an entry is not limited.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub budgets: Vec<Budget>,
+    /// Fair share of this Mesh's slots among namespaces. While workloads of several
+    /// namespaces wait, each free slot goes to the namespace with the lowest share in use
+    /// (slots it holds divided by its weight), so over time each holds slots in proportion to
+    /// its weight; a namespace alone with pending work may use every slot (it borrows what
+    /// the others leave unused), and `maxSlots` caps it in any case. A namespace without an
+    /// entry has weight `defaultWeight` and no cap. Within a namespace, workloads run by
+    /// priority, raised the longer they wait (see `agingSeconds`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["namespace"]))]
+    pub queues: Vec<QueueSpec>,
+    /// Weight of a namespace with no entry in `queues`.
+    #[serde(default = "default_weight")]
+    #[schemars(extend("minimum" = 1, "maximum" = 1000))]
+    pub default_weight: u32,
+    /// Seconds a workload waits, from its admission, for each point its effective priority
+    /// gains (up to the highest priority, 1000), so that a low-priority workload is not
+    /// starved by a stream of higher-priority ones. 0 turns aging off.
+    #[serde(default = "default_aging_seconds")]
+    #[schemars(extend("minimum" = 0, "maximum" = 86400))]
+    pub aging_seconds: u32,
+    /// Which locations each namespace's workloads may use. When the list is present, a
+    /// workload may read its model, tokenizer and input only under its namespace's `read`
+    /// prefixes and write its output only under its `write` prefixes (a namespace without an
+    /// entry may use none); anything else is refused at admission with `Forbidden`, before
+    /// any object is touched, and agents refuse such an Assign too. Absent: no restriction
+    /// (a single-tenant mesh).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["namespace"]))]
+    pub tenants: Option<Vec<TenantSpec>>,
+}
+
+/// The locations one namespace's workloads may use on a Mesh.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TenantSpec {
+    /// The namespace this entry applies to.
+    #[schemars(extend("minLength" = 1, "maxLength" = 63))]
+    pub namespace: String,
+    /// URI prefixes its models, tokenizers and inputs may come from (`s3://team-a/`,
+    /// `file:///data/team-a/`). A prefix ending in `/` covers what is below it; one that does
+    /// not also covers the object of exactly that name.
+    #[serde(default)]
+    pub read: Vec<String>,
+    /// URI prefixes its outputs may be written under.
+    #[serde(default)]
+    pub write: Vec<String>,
+}
+
+/// The highest weight of a namespace on a Mesh (the CRD schema's bound too).
+pub const MAX_WEIGHT: u32 = 1000;
+
+/// A namespace's share of a Mesh's slots.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueSpec {
+    /// The namespace this entry applies to.
+    #[schemars(extend("minLength" = 1, "maxLength" = 63))]
+    pub namespace: String,
+    /// Its weight: with pending work everywhere, namespaces hold slots in proportion to their
+    /// weights.
+    #[serde(default = "default_weight")]
+    #[schemars(extend("minimum" = 1, "maximum" = 1000))]
+    pub weight: u32,
+    /// The most slots its shards may hold at once on this Mesh (running or being committed),
+    /// even when the others leave slots unused. No cap when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("minimum" = 0, "maximum" = 4294967295u32))]
+    pub max_slots: Option<u32>,
+}
+
+/// What a namespace may use of a Mesh's slots: its weight (1 to [`MAX_WEIGHT`]) and its cap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Share {
+    /// Weight, within bounds.
+    pub weight: u32,
+    /// `maxSlots`, if any.
+    pub max_slots: Option<u32>,
+}
+
+impl MeshSpec {
+    /// The share of `namespace`: its `queues` entry, else the default weight and no cap.
+    /// Weights out of bounds (possible only without an API server to check them) are brought
+    /// within them.
+    pub fn share_of(&self, namespace: &str) -> Share {
+        let (weight, max_slots) = self
+            .queues
+            .iter()
+            .find(|q| q.namespace == namespace)
+            .map_or((self.default_weight, None), |q| (q.weight, q.max_slots));
+        Share {
+            weight: weight.clamp(1, MAX_WEIGHT),
+            max_slots,
+        }
+    }
+}
+
+fn default_weight() -> u32 {
+    1
+}
+fn default_aging_seconds() -> u32 {
+    60
 }
 
 fn default_node_selector() -> BTreeMap<String, String> {
@@ -224,4 +326,45 @@ pub struct MeshStatus {
     /// Conditions (`Ready`, `DaemonSetReady`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(yaml: &str) -> MeshSpec {
+        serde_yaml::from_str(yaml).expect("mesh spec")
+    }
+
+    #[test]
+    fn queues_give_weights_and_caps_and_the_rest_get_the_default() {
+        let s =
+            spec("queues:\n- {namespace: team-a, weight: 3, maxSlots: 6}\n- {namespace: team-b}\n");
+        assert_eq!(
+            s.share_of("team-a"),
+            Share {
+                weight: 3,
+                max_slots: Some(6)
+            }
+        );
+        assert_eq!(s.share_of("team-b").weight, 1, "weight defaults to 1");
+        assert_eq!(
+            s.share_of("other"),
+            Share {
+                weight: 1,
+                max_slots: None
+            }
+        );
+        assert_eq!(s.aging_seconds, 60);
+        let s = spec(
+            "defaultWeight: 4\nqueues: [{namespace: x, weight: 0}, {namespace: y, weight: 5000}]\n",
+        );
+        assert_eq!(s.share_of("other").weight, 4);
+        // Out of the schema's bounds (no API server in local mode): brought within them.
+        assert_eq!(s.share_of("x").weight, 1);
+        assert_eq!(s.share_of("y").weight, MAX_WEIGHT);
+        let json =
+            serde_json::to_value(spec("queues: [{namespace: a, maxSlots: 2}]\n")).expect("json");
+        assert_eq!(json["queues"][0]["maxSlots"], 2, "camelCase on the wire");
+    }
 }

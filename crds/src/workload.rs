@@ -56,11 +56,12 @@ pub struct WorkloadSpec {
     #[serde(default = "default_batch_size")]
     #[schemars(extend("minimum" = 1, "maximum" = 4096))]
     pub batch_size: u32,
-    /// Higher runs first when workloads compete for slots.
-    // The API server does not check `format: int32`; the bounds keep a Workload the operator
-    // could not read out of the cluster.
+    /// 0 to 1000; higher runs first when workloads of the same namespace compete for the
+    /// namespace's share of the Mesh's slots (namespaces share slots by the Mesh's
+    /// `queues` weights, whatever the priorities). A waiting workload's effective priority
+    /// grows with the time it has waited (the Mesh's `agingSeconds`), so none is starved.
     #[serde(default)]
-    #[schemars(extend("minimum" = -2147483648i64, "maximum" = 2147483647))]
+    #[schemars(extend("minimum" = 0, "maximum" = 1000))]
     pub priority: i32,
     /// Attempts per shard before the shard, and the workload, fail.
     #[serde(default = "default_max_attempts")]
@@ -72,12 +73,71 @@ pub struct WorkloadSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("minimum" = 1, "maximum" = 604800))]
     pub shard_timeout_seconds: Option<u32>,
+    /// Seconds the workload may run, counted from when it started running (its admission,
+    /// or its last retry); the count survives an operator restart. When it passes, the
+    /// workload fails with reason `DeadlineExceeded`: running shards are cancelled on their
+    /// agents and nothing more is charged (a completion that arrives later is refused).
+    /// Unset: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("minimum" = 1, "maximum" = 4294967295u32))]
+    pub active_deadline_seconds: Option<u32>,
+    /// Base of the wait between a shard's failed attempt and its next one, in seconds: after
+    /// its n-th attempt (since the workload's last retry) fails — a retryable error from the
+    /// agent, a part that does not match its report, or the shard timeout — the shard waits
+    /// `retryBackoffSeconds × 2^(n-1)`, at most 300 s, before it can be dispatched again.
+    /// Attempts lost with their agent (lease expired, stream ended) are requeued at once: not
+    /// the shard's fault. 0: no wait.
+    #[serde(default = "default_retry_backoff_seconds")]
+    #[schemars(extend("minimum" = 0, "maximum" = 300))]
+    pub retry_backoff_seconds: u32,
+    /// Bump to retry a Failed workload: when it is above `status.observedRetryGeneration`,
+    /// the shards that had not succeeded run again (each with `maxAttempts` fresh attempts)
+    /// and only they are charged; succeeded shards keep their parts and their one charge. The
+    /// value acted on is written to `status.observedRetryGeneration`, so each bump retries
+    /// once. Like the `infermesh.dev/retry` annotation, which still works; a bump while the
+    /// workload is not Failed waits until it is.
+    #[serde(default)]
+    #[schemars(extend("minimum" = 0, "maximum" = 4294967295u32))]
+    pub retry_generation: u32,
+    /// Seconds after the workload finished (`status.completionTime`, Succeeded or Failed)
+    /// at which the operator deletes the Workload object. Its history stays in the event log
+    /// and the ledger (`infermesh ledger`, the console's history). Unset: kept until deleted
+    /// by hand. Ignored by `infermesh local`, which has no object to delete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("minimum" = 0, "maximum" = 4294967295u32))]
+    pub ttl_seconds_after_finished: Option<u32>,
     /// What an agent must offer to run this workload.
     #[serde(default)]
     pub requirements: Requirements,
     /// When true no new shards are dispatched; running ones finish.
     #[serde(default)]
     pub suspend: bool,
+    /// The object-store credentials this workload's reads and writes use, from a Secret in
+    /// the workload's own namespace. The operator reads the Secret (it needs `get` on
+    /// Secrets there: the chart's `tenants.namespaces`) and hands its values to an agent
+    /// inside the Assign of each of this workload's shards; neither writes them anywhere.
+    /// Unset: the credentials the operator and agents run with (the Mesh-wide secret, if any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<CredentialsRef>,
+}
+
+/// Where a workload's object-store credentials are.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialsRef {
+    /// A Secret in the workload's namespace. Its keys: `AWS_ACCESS_KEY_ID` and
+    /// `AWS_SECRET_ACCESS_KEY` (with `AWS_SESSION_TOKEN`, `AWS_REGION` if needed) for S3, or
+    /// `token` for an http(s) bearer token. The endpoint is the Mesh's, never the Secret's.
+    pub secret_ref: SecretRef,
+}
+
+/// A Secret named in the referring object's own namespace.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    /// The Secret's name.
+    #[schemars(extend("minLength" = 1, "maxLength" = 253))]
+    pub name: String,
 }
 
 fn default_shard_bytes() -> String {
@@ -98,6 +158,9 @@ fn default_batch_size() -> u32 {
 }
 fn default_max_attempts() -> u32 {
     3
+}
+fn default_retry_backoff_seconds() -> u32 {
+    2
 }
 
 /// Where the model is and what it must hash to.
@@ -137,7 +200,8 @@ pub struct TextEmbeddingTask {
     /// URI of `tokenizer.json`.
     #[schemars(extend("minLength" = 1))]
     pub tokenizer: String,
-    /// The record field holding the text.
+    /// The record field holding the text; a dotted path (`doc.body`) reaches into nested
+    /// objects (and Parquet struct columns) when no field has the whole name.
     #[serde(default = "default_text_field")]
     pub text_field: String,
     /// Tokens kept per text; longer texts are truncated.
@@ -192,12 +256,29 @@ pub struct TensorInput {
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct InputSpec {
-    /// `file://`, `s3://` or `http(s)://` URI of the input object.
+    /// `file://`, `s3://` or `http(s)://` URI of the input: one object
+    /// (`s3://b/docs.jsonl`), every object under a prefix (a URI ending in `/`:
+    /// `s3://b/docs/`), or the objects under a directory whose names match a glob
+    /// (`s3://b/docs/part-*.parquet`; `*` stays within a path segment, `**` crosses them).
+    /// Under a prefix or glob, names whose segments start with `_` or `.` (`_SUCCESS`,
+    /// `.crc` files) are skipped. Files are read in the order of their URIs.
     #[schemars(extend("minLength" = 1))]
     pub uri: String,
-    /// Record format.
+    /// Record format: `jsonl` (one JSON object per line, the default), `csv` (a header line
+    /// naming the columns; every value is read as text) or `parquet` (sharded by row group;
+    /// nested columns read as nested JSON).
     #[serde(default)]
     pub format: InputFormat,
+    /// Compression of `jsonl` and `csv` files: `none`, `gzip` or `zstd`. Unset: each file's
+    /// name says (`.gz`, `.zst`). A compressed file is read whole by one shard (several small
+    /// ones may share a shard); uncompressed files are cut into byte ranges. Parquet files
+    /// compress their pages themselves and take none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<InputCompression>,
+    /// `csv`: the field separator, one character (`\t` for TSV); `,` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("minLength" = 1, "maxLength" = 1))]
+    pub delimiter: Option<String>,
 }
 
 /// Input record formats.
@@ -207,6 +288,22 @@ pub enum InputFormat {
     /// One JSON object per line.
     #[default]
     Jsonl,
+    /// Comma-separated values with a header line.
+    Csv,
+    /// Apache Parquet.
+    Parquet,
+}
+
+/// Whole-file compression of text inputs.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum InputCompression {
+    /// Plain text.
+    None,
+    /// gzip (any number of members).
+    Gzip,
+    /// Zstandard (any number of frames).
+    Zstd,
 }
 
 /// Where results go.
@@ -227,6 +324,45 @@ pub struct OutputSpec {
     /// continues where it was.
     #[serde(default)]
     pub mode: OutputMode,
+    /// Part format: `jsonl` (one JSON object per line, the default) or `parquet` (a column
+    /// named by `idField` holding each record's id as text, then `embedding` as a fixed-size
+    /// list of float32, or one column per output tensor, its values flattened to float32).
+    #[serde(default)]
+    pub format: OutputFormat,
+    /// `parquet`: compress the columns with `zstd`, or `none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<OutputCompression>,
+}
+
+/// Output part formats.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    /// `part-NNNNN.jsonl`.
+    #[default]
+    Jsonl,
+    /// `part-NNNNN.parquet`.
+    Parquet,
+}
+
+impl OutputFormat {
+    /// The parts' file extension (and the protocol's name of the format).
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::Jsonl => "jsonl",
+            Self::Parquet => "parquet",
+        }
+    }
+}
+
+/// Compression of Parquet output.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputCompression {
+    /// Uncompressed pages.
+    None,
+    /// Zstandard pages.
+    Zstd,
 }
 
 /// See [`OutputSpec::mode`].
@@ -333,6 +469,10 @@ pub struct WorkloadStatus {
     /// operator, under a field manager of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_retry: Option<String>,
+    /// The `spec.retryGeneration` the operator last acted on (see there). Written by the
+    /// operator, under the same field manager as `lastRetry`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_retry_generation: Option<u32>,
     /// When the first shard was dispatched (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<String>,
@@ -342,7 +482,9 @@ pub struct WorkloadStatus {
     /// The generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Conditions (`Admitted`, `Progressing`, `Complete`, `Failed`) with specific reasons.
+    /// Conditions (`Admitted`, `Running` (False with `WaitingForSlots` and the place in the
+    /// queue while it waits for slots), `Progressing`, `Complete`, `Failed`) with specific
+    /// reasons.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }

@@ -82,6 +82,8 @@ pub const MATRIX: &[&[&str]] = &[
     &["cpu-only-mesh.yaml"],
     &["data-claim.yaml"],
     &["console-ingress.yaml"],
+    &["tenants.yaml"],
+    &["network-policy.yaml", "network-policy-object-store.yaml"],
 ];
 
 /// The values files of the tests' matrix, `deploy/tests/values/`.

@@ -19,7 +19,12 @@
 //!    only warns on a Deployment or StatefulSet and enforces on its Pods. Pods that break the
 //!    level one rule at a time (from the operator's pod) are refused with PodSecurity's
 //!    message.
-//! 5. The agent DaemonSet the operator builds for a Mesh: with `modelCache: EmptyDir` its pod
+//! 5. The chart's RBAC with two tenant namespaces, applied for real, asked of the API server's
+//!    RBAC authorizer (`kubectl auth can-i` as the operator's ServiceAccount): get on any Secret
+//!    in a tenant namespace but no list or watch; no Secret in other namespaces or cluster-wide;
+//!    in the release namespace the TLS Secret only (and create). The agents' ServiceAccount
+//!    may read no Secret.
+//! 6. The agent DaemonSet the operator builds for a Mesh: with `modelCache: EmptyDir` its pod
 //!    is admitted under "restricted"; with `HostPath` it is refused under "restricted" and
 //!    "baseline" and admitted under "privileged". Then the real DaemonSet controller, with a
 //!    kwok node, makes the EmptyDir agent's pod in the restricted namespace and is refused the
@@ -573,6 +578,29 @@ fn bad_manifests(c: &mut Checks) {
             vec!["spec.shardBytes: Invalid value: \"lots\"", "should match"],
         ),
         (
+            "Mesh: a queue of weight 0",
+            variant(&mesh, "weight: 3", "weight: 0"),
+            None,
+            vec!["spec.queues[0].weight: Invalid value: 0"],
+        ),
+        (
+            "Mesh: a namespace queued twice",
+            variant(
+                &mesh,
+                "namespace: team-b\n      weight: 1",
+                "namespace: team-a\n      weight: 1",
+            ),
+            None,
+            // Server-side apply refuses it first, as the list's map keys say.
+            vec![".spec.queues: duplicate entries for key [namespace=\"team-a\"]"],
+        ),
+        (
+            "Workload: priority below 0",
+            variant(&embed, "batchSize: 32", "batchSize: 32\n  priority: -1"),
+            None,
+            vec!["spec.priority: Invalid value: -1"],
+        ),
+        (
             "Workload: priority beyond int32",
             variant(
                 &embed,
@@ -868,7 +896,171 @@ fn pod_security(c: &mut Checks) {
     );
 }
 
-// --- 5. The agent DaemonSet -----------------------------------------------------------------
+// --- 5. Secrets: the tenants' Roles, asked of the RBAC authorizer ----------------------------
+
+/// The tenant namespaces of `deploy/tests/values/tenants.yaml`.
+const TENANTS: [&str; 2] = ["team-a", "team-b"];
+
+fn secret_access(c: &mut Checks) {
+    let r = rendered(&["tenants.yaml"]);
+    let rbac: Vec<Value> = r
+        .objects
+        .iter()
+        .filter(|o| {
+            matches!(
+                o.kind(),
+                "ClusterRole" | "ClusterRoleBinding" | "Role" | "RoleBinding"
+            )
+        })
+        .map(|o| o.value.clone())
+        .collect();
+    for ns in TENANTS {
+        // Made by the chart section already; made here too so this section stands alone.
+        let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
+        c.apply(ns, &obj.to_string(), None);
+    }
+    c.apply("the chart's RBAC with tenants.yaml", &list(rbac), None);
+    let operator = format!("system:serviceaccount:{NAMESPACE}:infermesh");
+    let agent = format!("system:serviceaccount:{NAMESPACE}:infermesh-agent-gpus");
+    let mut cases: Vec<(&str, &str, String, Option<&str>, bool)> = Vec::new();
+    for ns in TENANTS {
+        cases.extend([
+            (
+                operator.as_str(),
+                "get",
+                "secrets/s3-credentials".to_string(),
+                Some(ns),
+                true,
+            ),
+            (
+                operator.as_str(),
+                "get",
+                "secrets/any-other-name".to_string(),
+                Some(ns),
+                true,
+            ),
+            (
+                operator.as_str(),
+                "list",
+                "secrets".to_string(),
+                Some(ns),
+                false,
+            ),
+            (
+                operator.as_str(),
+                "watch",
+                "secrets".to_string(),
+                Some(ns),
+                false,
+            ),
+            (
+                operator.as_str(),
+                "create",
+                "secrets".to_string(),
+                Some(ns),
+                false,
+            ),
+            (
+                operator.as_str(),
+                "update",
+                "secrets/s3-credentials".to_string(),
+                Some(ns),
+                false,
+            ),
+            (
+                agent.as_str(),
+                "get",
+                "secrets/s3-credentials".to_string(),
+                Some(ns),
+                false,
+            ),
+        ]);
+    }
+    cases.extend([
+        // A namespace not listed.
+        (
+            operator.as_str(),
+            "get",
+            "secrets/s3-credentials".to_string(),
+            Some("team-c"),
+            false,
+        ),
+        // Cluster-wide.
+        (operator.as_str(), "get", "secrets".to_string(), None, false),
+        (
+            operator.as_str(),
+            "list",
+            "secrets".to_string(),
+            None,
+            false,
+        ),
+        // The release namespace: the TLS Secret, by name, and create; nothing else.
+        (
+            operator.as_str(),
+            "get",
+            "secrets/infermesh-tls".to_string(),
+            Some(NAMESPACE),
+            true,
+        ),
+        (
+            operator.as_str(),
+            "create",
+            "secrets".to_string(),
+            Some(NAMESPACE),
+            true,
+        ),
+        (
+            operator.as_str(),
+            "get",
+            "secrets/infermesh-database".to_string(),
+            Some(NAMESPACE),
+            false,
+        ),
+        (
+            operator.as_str(),
+            "list",
+            "secrets".to_string(),
+            Some(NAMESPACE),
+            false,
+        ),
+        (
+            agent.as_str(),
+            "get",
+            "secrets/infermesh-tls".to_string(),
+            Some(NAMESPACE),
+            false,
+        ),
+    ]);
+    for (user, verb, resource, ns, expected) in cases {
+        let mut args = vec!["auth", "can-i", verb, resource.as_str(), "--as", user];
+        match ns {
+            Some(ns) => args.extend(["-n", ns]),
+            None => args.push("--all-namespaces"),
+        }
+        let what = format!(
+            "{user} {verb} {resource} in {}",
+            ns.unwrap_or("every namespace")
+        );
+        match c.cp.run(&args, None) {
+            Ok(out) => {
+                let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                match said.as_str() {
+                    "yes" | "no" if (said == "yes") == expected => {
+                        c.count("Secret access as the RBAC authorizer decides it");
+                    }
+                    "yes" | "no" => c.fail(format!("{what}: {said}, expected the opposite")),
+                    _ => c.fail(format!(
+                        "{what}: kubectl auth can-i said {said:?}: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )),
+                }
+            }
+            Err(e) => c.fail(format!("{what}: {e:#}")),
+        }
+    }
+}
+
+// --- 6. The agent DaemonSet -----------------------------------------------------------------
 
 fn example_mesh(name: &str, cache: ModelCache) -> Mesh {
     let text = read("examples/mesh.yaml");
@@ -1056,6 +1248,7 @@ fn the_api_server_accepts_what_infermesh_ships_and_refuses_what_it_must() {
     c.timed("bad manifests", bad_manifests);
     c.timed("chart renders and their Pods", chart);
     c.timed("Pod Security cases", pod_security);
+    c.timed("Secrets: tenant Roles, real RBAC", secret_access);
     c.timed("agent DaemonSet, dry runs", agents);
     c.timed("agent DaemonSet, real controller", agents_for_real);
 
@@ -1079,6 +1272,7 @@ fn the_api_server_accepts_what_infermesh_ships_and_refuses_what_it_must() {
         ("chart renders", 10),
         ("chart pod templates admitted as Pods", 9 + 7),
         ("Pod Security: non-compliant Pods refused", 11),
+        ("Secret access as the RBAC authorizer decides it", 22),
         ("agent Pods admitted", 2),
         ("agent Pods refused", 2),
     ] {

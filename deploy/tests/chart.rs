@@ -490,6 +490,28 @@ fn the_default_mesh_follows_values_and_can_be_left_out() {
         Some("registry.example.com/infermesh/agent:0.1.0-rc.1")
     );
 
+    // No tenants unless asked for; with them, the Mesh confines each namespace and parses as
+    // the operator's own type.
+    assert!(
+        r.get("Mesh", "gpus")
+            .expect("mesh")
+            .value
+            .pointer("/spec/tenants")
+            .is_none()
+    );
+    let tenanted = rendered(&["tenants.yaml"]);
+    let mesh = tenanted.get("Mesh", "gpus").expect("default Mesh");
+    assert_eq!(
+        mesh.value.pointer("/spec/tenants"),
+        Some(&serde_json::json!([
+            {"namespace": "team-a", "read": ["s3://team-a/", "s3://shared/models/"], "write": ["s3://team-a/out/"]},
+            {"namespace": "team-b", "read": ["s3://team-b/"], "write": ["s3://team-b/out/"]}
+        ]))
+    );
+    let spec: infermesh_crds::MeshSpec =
+        serde_json::from_value(mesh.value["spec"].clone()).expect("a MeshSpec");
+    assert_eq!(spec.tenants.map(|t| t.len()), Some(2));
+
     let none = rendered(&["no-default-mesh.yaml"]);
     assert!(none.of_kind("Mesh").next().is_none());
     assert!(
@@ -659,6 +681,297 @@ fn network_policies_admit_only_agents_on_grpc_and_reach_only_api_dns_and_postgre
         }
     }
     assert!(rendered(&[]).of_kind("NetworkPolicy").next().is_none());
+}
+
+mod agent_policy {
+    //! The agents' NetworkPolicy, and the object-store rule it shares with the operator's.
+
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use infermesh_deploy::chart::Rendered;
+    use infermesh_deploy::strict::{Typed, check};
+    use infermesh_operator::controller::mesh::{AGENT_METRICS_PORT, labels};
+    use k8s_openapi::api::networking::v1::{
+        NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    };
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    use serde_json::json;
+
+    use super::common::{operator, rendered};
+
+    fn policy(r: &Rendered, name: &str) -> NetworkPolicy {
+        match check(r.get("NetworkPolicy", name).expect("policy")).expect("typed") {
+            Typed::NetworkPolicy(p) => *p,
+            _ => unreachable!(),
+        }
+    }
+
+    /// (protocol, port) of each port of a rule.
+    fn ports(p: &Option<Vec<NetworkPolicyPort>>) -> BTreeSet<(String, i32)> {
+        p.iter()
+            .flatten()
+            .map(|p| {
+                let port = match &p.port {
+                    Some(IntOrString::Int(i)) => *i,
+                    other => panic!("port {other:?}"),
+                };
+                (p.protocol.clone().unwrap_or_else(|| "TCP".into()), port)
+            })
+            .collect()
+    }
+
+    fn tcp(ports: &[i32]) -> BTreeSet<(String, i32)> {
+        ports.iter().map(|p| ("TCP".to_string(), *p)).collect()
+    }
+
+    fn peers(v: serde_json::Value) -> Vec<NetworkPolicyPeer> {
+        serde_json::from_value(v).expect("peers")
+    }
+
+    /// What the object-store values of a case render to: its peers and its ports.
+    struct ObjectStore {
+        to: Vec<NetworkPolicyPeer>,
+        ports: BTreeSet<(String, i32)>,
+    }
+
+    /// A values case, its object store, and who may reach the agents' metrics (None: anyone).
+    type Case = (
+        &'static [&'static str],
+        ObjectStore,
+        Option<Vec<NetworkPolicyPeer>>,
+    );
+
+    /// The cases with the agents' policy, and what each asks for.
+    fn cases() -> Vec<Case> {
+        vec![
+            (
+                &["network-policy.yaml"],
+                ObjectStore {
+                    to: peers(json!([{"ipBlock": {"cidr": "0.0.0.0/0"}}])),
+                    ports: tcp(&[443]),
+                },
+                None,
+            ),
+            (
+                &["external-database.yaml", "network-policy.yaml"],
+                ObjectStore {
+                    to: peers(json!([{"ipBlock": {"cidr": "0.0.0.0/0"}}])),
+                    ports: tcp(&[443]),
+                },
+                None,
+            ),
+            (
+                &["network-policy.yaml", "network-policy-object-store.yaml"],
+                ObjectStore {
+                    to: peers(json!([
+                        {"ipBlock": {"cidr": "10.20.0.0/16", "except": ["10.20.0.1/32"]}},
+                        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "minio"}},
+                         "podSelector": {"matchLabels": {"app": "minio"}}}
+                    ])),
+                    ports: tcp(&[9000]),
+                },
+                Some(peers(json!([
+                    {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+                ]))),
+            ),
+        ]
+    }
+
+    #[test]
+    fn agents_take_only_metrics_and_reach_only_the_operator_dns_and_the_object_store() {
+        for (values, store, metrics_from) in cases() {
+            let r = rendered(values);
+            let agents = policy(&r, "infermesh-agents");
+            assert_eq!(
+                agents.metadata.namespace.as_deref(),
+                Some(infermesh_deploy::NAMESPACE),
+                "{values:?}: where the operator makes the agents"
+            );
+            let spec = agents.spec.expect("spec");
+            // The agent pods, by the chart's agent selector labels, which the DaemonSet the
+            // operator builds puts on every agent pod.
+            let selector = spec
+                .pod_selector
+                .as_ref()
+                .and_then(|s| s.match_labels.clone())
+                .expect("matchLabels");
+            assert_eq!(
+                selector,
+                BTreeMap::from([(
+                    "app.kubernetes.io/name".to_string(),
+                    "infermesh-agent".to_string()
+                )]),
+                "{values:?}"
+            );
+            let pod_labels = labels("gpus");
+            for (k, v) in &selector {
+                assert_eq!(
+                    pod_labels.get(k),
+                    Some(v),
+                    "{values:?}: agent pods lack {k}"
+                );
+            }
+            assert_eq!(
+                spec.policy_types,
+                Some(vec!["Ingress".to_string(), "Egress".to_string()]),
+                "{values:?}"
+            );
+
+            // Ingress: the metrics port only, from anyone or from metricsFrom.
+            let ingress = spec.ingress.expect("ingress");
+            assert_eq!(ingress.len(), 1, "{values:?}: {ingress:?}");
+            assert_eq!(
+                ports(&ingress[0].ports),
+                tcp(&[AGENT_METRICS_PORT]),
+                "{values:?}"
+            );
+            assert_eq!(ingress[0].from, metrics_from, "{values:?}");
+
+            // Egress: each rule has peers and ports (a rule without either allows everything),
+            // and is the operator's gRPC, DNS, the object store, or agents.extraEgress.
+            let egress = spec.egress.expect("egress");
+            let operator_labels = operator(&r)
+                .spec
+                .expect("spec")
+                .selector
+                .match_labels
+                .expect("operator selector");
+            let mut seen = BTreeSet::new();
+            for rule in &egress {
+                let to = rule.to.clone().unwrap_or_default();
+                assert!(!to.is_empty(), "{values:?}: a rule to anywhere: {rule:?}");
+                assert!(
+                    !ports(&rule.ports).is_empty(),
+                    "{values:?}: a rule on every port: {rule:?}"
+                );
+                let kind = if to.len() == 1
+                    && to[0].namespace_selector.is_none()
+                    && to[0]
+                        .pod_selector
+                        .as_ref()
+                        .and_then(|s| s.match_labels.as_ref())
+                        == Some(&operator_labels)
+                {
+                    assert_eq!(ports(&rule.ports), tcp(&[7443]), "{values:?}");
+                    "operator"
+                } else if ports(&rule.ports)
+                    == BTreeSet::from([("TCP".to_string(), 53), ("UDP".to_string(), 53)])
+                {
+                    let kube_system = to[0]
+                        .namespace_selector
+                        .as_ref()
+                        .and_then(|s| s.match_labels.clone())
+                        .unwrap_or_default();
+                    assert_eq!(
+                        kube_system
+                            .get("kubernetes.io/metadata.name")
+                            .map(String::as_str),
+                        Some("kube-system"),
+                        "{values:?}"
+                    );
+                    assert!(to[0].pod_selector.is_some(), "{values:?}: DNS pods only");
+                    "dns"
+                } else if to == store.to {
+                    assert_eq!(ports(&rule.ports), store.ports, "{values:?}");
+                    "object store"
+                } else if to[0].ip_block.as_ref().map(|b| b.cidr.as_str()) == Some("10.30.0.5/32") {
+                    assert_eq!(ports(&rule.ports), tcp(&[3128]), "{values:?}");
+                    "agents.extraEgress"
+                } else {
+                    panic!("{values:?}: an agent egress rule of no known kind: {rule:?}")
+                };
+                assert!(seen.insert(kind), "{values:?}: two {kind} rules");
+            }
+            for kind in ["operator", "dns", "object store"] {
+                assert!(seen.contains(kind), "{values:?}: no {kind} rule");
+            }
+
+            // No API server: not its port behind the Service, and not the operator's API
+            // server rule (whose CIDRs and ports are networkPolicy.apiServer's).
+            let all_ports: BTreeSet<i32> = egress
+                .iter()
+                .flat_map(|e| ports(&e.ports))
+                .map(|(_, p)| p)
+                .collect();
+            assert!(!all_ports.contains(&6443), "{values:?}: {all_ports:?}");
+            let op = policy(&r, "infermesh").spec.expect("spec");
+            let api: Vec<&NetworkPolicyEgressRule> = op
+                .egress
+                .iter()
+                .flatten()
+                .filter(|e| ports(&e.ports).contains(&("TCP".to_string(), 6443)))
+                .collect();
+            assert_eq!(api.len(), 1, "{values:?}: the operator's API server rule");
+            assert!(
+                !egress.contains(api[0]),
+                "{values:?}: agents reach the API server"
+            );
+
+            // The operator reaches the same object store with the same rule.
+            let store_rules: Vec<&NetworkPolicyEgressRule> = op
+                .egress
+                .iter()
+                .flatten()
+                .filter(|e| e.to.as_ref() == Some(&store.to) && ports(&e.ports) == store.ports)
+                .collect();
+            assert_eq!(
+                store_rules.len(),
+                1,
+                "{values:?}: the operator's object-store rule"
+            );
+            assert_eq!(ports(&store_rules[0].ports), store.ports, "{values:?}");
+            // And the operator's own policy still admits the agents on 7443.
+            let grpc_from = op
+                .ingress
+                .iter()
+                .flatten()
+                .find(|i| ports(&i.ports) == tcp(&[7443]))
+                .and_then(|i| i.from.clone())
+                .expect("7443 from the agents");
+            assert_eq!(
+                grpc_from[0]
+                    .pod_selector
+                    .as_ref()
+                    .and_then(|s| s.match_labels.clone()),
+                Some(selector),
+                "{values:?}"
+            );
+        }
+        assert!(
+            rendered(&[])
+                .get("NetworkPolicy", "infermesh-agents")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn an_object_store_with_no_destination_renders_no_rule_rather_than_one_to_anywhere() {
+        let file = std::env::temp_dir().join(format!(
+            "infermesh-deploy-no-object-store-{}.yaml",
+            std::process::id()
+        ));
+        std::fs::write(
+            &file,
+            "networkPolicy:\n  enabled: true\n  objectStore:\n    cidrs: []\n    extraTo: []\n",
+        )
+        .expect("write values");
+        let r = rendered(&[file.to_str().expect("utf-8 path")]);
+        let _ = std::fs::remove_file(&file);
+        for name in ["infermesh", "infermesh-agents"] {
+            let spec = policy(&r, name).spec.expect("spec");
+            for rule in spec.egress.iter().flatten() {
+                assert!(
+                    rule.to.as_ref().is_some_and(|t| !t.is_empty()),
+                    "{name}: a rule to anywhere: {rule:?}"
+                );
+                assert!(
+                    !ports(&rule.ports).contains(&("TCP".to_string(), 443))
+                        || ports(&rule.ports).contains(&("TCP".to_string(), 6443)),
+                    "{name}: an object-store rule is left: {rule:?}"
+                );
+            }
+        }
+    }
 }
 
 #[test]

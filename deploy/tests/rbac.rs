@@ -1,16 +1,22 @@
 //! The RBAC the chart renders grants exactly the calls listed in
 //! `operator/src/controller/rbac.yaml` (kept next to the code that makes them): every verb the
-//! operator uses and nothing beyond. Agents get no RBAC at all.
+//! operator uses and nothing beyond. Secrets: no cluster-wide access; in the release namespace
+//! get on the TLS Secret only (by name) and create; in each tenant namespace
+//! (`tenants.namespaces`) get, by a Role of its own. Agents get no RBAC at all.
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-use common::{matrix, operator, rendered};
-use infermesh_deploy::rbac::{grants, operator_rbac, operator_rbac_path};
+use common::{env_value, matrix, operator, rendered};
+use infermesh_deploy::chart::Rendered;
+use infermesh_deploy::rbac::{Grant, TLS_SECRET, grants, operator_rbac, operator_rbac_path};
 use infermesh_deploy::strict::{Typed, check};
 use infermesh_deploy::{NAMESPACE, chart_dir};
-use k8s_openapi::api::rbac::v1::{ClusterRole, Role, Subject};
+use k8s_openapi::api::rbac::v1::{ClusterRole, Role, RoleBinding, Subject};
+
+/// The tenant namespaces of `tenants.yaml`.
+const TENANTS: [&str; 2] = ["team-a", "team-b"];
 
 #[test]
 fn the_charts_copy_of_the_operators_rbac_list_is_byte_identical() {
@@ -32,24 +38,49 @@ fn cluster_role(r: &infermesh_deploy::chart::Rendered) -> ClusterRole {
     }
 }
 
-fn role(r: &infermesh_deploy::chart::Rendered) -> Role {
-    let roles: Vec<_> = r.of_kind("Role").collect();
-    assert_eq!(roles.len(), 1, "one Role");
-    assert_eq!(
-        roles[0].namespace(),
-        NAMESPACE,
-        "the Role is in the release namespace"
-    );
+/// The Role in the release namespace.
+fn role(r: &Rendered) -> Role {
+    let roles: Vec<_> = r
+        .of_kind("Role")
+        .filter(|o| o.namespace() == NAMESPACE)
+        .collect();
+    assert_eq!(roles.len(), 1, "one Role in the release namespace");
     match check(roles[0]).expect("typed") {
         Typed::Role(c) => *c,
         _ => unreachable!(),
     }
 }
 
+/// The Roles and RoleBindings outside the release namespace (the tenants'), by namespace.
+fn tenant_objects(r: &Rendered) -> BTreeMap<String, (Vec<Role>, Vec<RoleBinding>)> {
+    let mut out: BTreeMap<String, (Vec<Role>, Vec<RoleBinding>)> = BTreeMap::new();
+    for o in &r.objects {
+        if o.namespace() == NAMESPACE || o.namespace().is_empty() {
+            continue;
+        }
+        match check(o).expect("typed") {
+            Typed::Role(role) => out.entry(o.namespace().into()).or_default().0.push(*role),
+            Typed::RoleBinding(b) => out.entry(o.namespace().into()).or_default().1.push(*b),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Whether a render is one with `tenants.yaml`.
+fn with_tenants(name: &str) -> bool {
+    name.split(" + ").any(|v| v == "tenants.yaml")
+}
+
 #[test]
 fn the_cluster_role_and_role_grant_exactly_the_operators_calls() {
-    let wanted = operator_rbac().unwrap_or_else(|e| panic!("{e:#}"));
+    let listed = operator_rbac().unwrap_or_else(|e| panic!("{e:#}"));
     for (name, r) in matrix() {
+        // The TLS Secret the Role names is the one the operator is told to read.
+        let tls = env_value(&operator(&r), "INFERMESH_TLS_SECRET").expect("INFERMESH_TLS_SECRET");
+        let wanted = listed
+            .resolved(&[(TLS_SECRET, &tls)])
+            .unwrap_or_else(|e| panic!("{e:#}"));
         let cluster = grants(&cluster_role(&r).rules.unwrap_or_default());
         let expected = grants(&wanted.cluster);
         assert_eq!(
@@ -68,17 +99,118 @@ fn the_cluster_role_and_role_grant_exactly_the_operators_calls() {
             namespaced.difference(&expected).collect::<Vec<_>>(),
             expected.difference(&namespaced).collect::<Vec<_>>()
         );
+        let expected = grants(&wanted.tenant);
+        for (ns, (roles, _)) in tenant_objects(&r) {
+            for role in roles {
+                let tenant = grants(&role.rules.unwrap_or_default());
+                assert_eq!(
+                    tenant,
+                    expected,
+                    "{name}: tenant Role in {ns} grants beyond the list: {:?}; lacks: {:?}",
+                    tenant.difference(&expected).collect::<Vec<_>>(),
+                    expected.difference(&tenant).collect::<Vec<_>>()
+                );
+            }
+        }
+    }
+}
+
+fn secret_grants(rules: &[k8s_openapi::api::rbac::v1::PolicyRule]) -> BTreeSet<Grant> {
+    grants(rules)
+        .into_iter()
+        .filter(|(g, res, _, _)| g.is_empty() && (res == "secrets" || res == "*"))
+        .collect()
+}
+
+fn grant(verb: &str, name: &str) -> Grant {
+    (String::new(), "secrets".into(), verb.into(), name.into())
+}
+
+#[test]
+fn secrets_are_readable_only_by_name_in_tenant_namespaces_and_the_tls_one_at_home() {
+    for (name, r) in matrix() {
+        // Cluster-wide: nothing at all on Secrets.
+        let cluster = cluster_role(&r).rules.unwrap_or_default();
+        for rule in &cluster {
+            assert!(
+                !rule
+                    .resources
+                    .iter()
+                    .flatten()
+                    .any(|res| res.contains("secret")),
+                "{name}: the ClusterRole mentions secrets: {rule:?}"
+            );
+        }
+        // The release namespace: get the TLS Secret (by its name), and create it.
+        let tls = env_value(&operator(&r), "INFERMESH_TLS_SECRET").expect("INFERMESH_TLS_SECRET");
+        assert_eq!(
+            secret_grants(&role(&r).rules.unwrap_or_default()),
+            BTreeSet::from([grant("get", &tls), grant("create", "")]),
+            "{name}: Secrets in the release namespace"
+        );
+        // Tenant namespaces: exactly those of tenants.namespaces, one Role and one RoleBinding
+        // each, get (no name: each Workload names its own) and nothing else.
+        let tenants = tenant_objects(&r);
+        let expected: BTreeSet<&str> = if with_tenants(&name) {
+            TENANTS.into()
+        } else {
+            BTreeSet::new()
+        };
+        assert_eq!(
+            tenants.keys().map(String::as_str).collect::<BTreeSet<_>>(),
+            expected,
+            "{name}: namespaces with a tenant Role"
+        );
+        for (ns, (roles, bindings)) in &tenants {
+            assert_eq!(roles.len(), 1, "{name}: Roles in {ns}");
+            assert_eq!(bindings.len(), 1, "{name}: RoleBindings in {ns}");
+            let rules = roles[0].rules.clone().unwrap_or_default();
+            assert_eq!(
+                grants(&rules),
+                BTreeSet::from([grant("get", "")]),
+                "{name}: the tenant Role in {ns}"
+            );
+            let b = &bindings[0];
+            assert_eq!(
+                (b.role_ref.kind.as_str(), Some(&b.role_ref.name)),
+                ("Role", roles[0].metadata.name.as_ref()),
+                "{name}: the RoleBinding in {ns} binds its Role"
+            );
+        }
     }
 }
 
 #[test]
+fn the_release_namespace_is_refused_as_a_tenant_and_tenant_names_are_checked() {
+    use infermesh_deploy::chart::{RenderError, render};
+    let refused = |file: &str| match render(&[file]) {
+        Err(RenderError::Rejected(m)) => m,
+        Err(RenderError::Setup(m)) => panic!("{m}"),
+        Ok(_) => panic!("{file} rendered"),
+    };
+    let m = refused("bad/tenant-release-namespace.yaml");
+    assert!(
+        m.contains("tenants.namespaces lists the release namespace infermesh"),
+        "{m}"
+    );
+    let m = refused("bad/tenant-bad-namespace.yaml");
+    assert!(m.contains("/tenants/namespaces/0"), "{m}");
+}
+
+#[test]
 fn no_rule_uses_a_wildcard() {
-    let r = rendered(&[]);
+    let r = rendered(&["tenants.yaml"]);
     let rules = cluster_role(&r)
         .rules
         .unwrap_or_default()
         .into_iter()
-        .chain(role(&r).rules.unwrap_or_default());
+        .chain(role(&r).rules.unwrap_or_default())
+        .chain(
+            tenant_objects(&r)
+                .into_values()
+                .flat_map(|(roles, _)| roles)
+                .flat_map(|role| role.rules.unwrap_or_default()),
+        );
     for rule in rules {
         let words = rule
             .api_groups
@@ -119,12 +251,19 @@ fn the_bindings_give_the_roles_to_the_operators_service_account_only() {
             assert_eq!(subjects.as_ref(), Some(&only), "{name}: {}", o.id());
             let target = if o.kind() == "ClusterRoleBinding" {
                 cluster_role(&r).metadata.name
-            } else {
+            } else if o.namespace() == NAMESPACE {
                 role(&r).metadata.name
+            } else {
+                tenant_objects(&r)[o.namespace()].0[0].metadata.name.clone()
             };
             assert_eq!(Some(role_ref.name), target, "{name}: {}", o.id());
         }
-        assert_eq!(bindings, 2, "{name}");
+        let tenants = if with_tenants(&name) {
+            TENANTS.len()
+        } else {
+            0
+        };
+        assert_eq!(bindings, 2 + tenants, "{name}");
     }
 }
 

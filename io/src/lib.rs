@@ -3,10 +3,16 @@
 //! lets the planner cut an input into byte ranges knowing only its size.
 #![forbid(unsafe_code)]
 
+pub mod access;
+pub mod columnar;
+pub mod dataset;
+pub mod decode;
 mod ops;
 pub mod shard;
 pub mod store;
 
+pub use access::{Credentials, Grant, Use};
+pub use dataset::{Compression, DataFile, Dataset, Format, Piece};
 pub use store::{Location, ObjectError, read_aligned};
 
 /// Where infermesh keeps what it downloads and makes on a machine: `$INFERMESH_HOME`, else

@@ -48,6 +48,23 @@ impl Location {
         Ok(out)
     }
 
+    /// Every object under this location taken as a directory, recursively: (path relative
+    /// to it, size, version), sorted by path.
+    pub async fn list_versions(&self) -> Result<Vec<(String, u64, Option<String>)>, ObjectError> {
+        let prefix_len = self.path.as_ref().len();
+        let mut out: Vec<(String, u64, Option<String>)> = self
+            .metas()
+            .await?
+            .into_iter()
+            .map(|m| {
+                let rel = m.location.as_ref()[prefix_len..].trim_start_matches('/');
+                (rel.to_string(), m.size, m.e_tag)
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
     /// Removes every object under this location taken as a directory; returns how many.
     pub async fn delete_all(&self) -> Result<usize, ObjectError> {
         let metas = self.metas().await?;

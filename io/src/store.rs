@@ -91,7 +91,9 @@ impl ObjectError {
                 | E::NotSupported { .. }
                 | E::NotImplemented
                 | E::UnknownConfigurationKey { .. } => false,
-                E::Generic { source, .. } => !permanent_io(source.as_ref()),
+                E::Generic { source, .. } => {
+                    !permanent_io(source.as_ref()) && !refused(source.as_ref())
+                }
                 _ => true,
             },
             _ => false,
@@ -125,6 +127,29 @@ fn plain(e: &object_store::Error) -> String {
         object_store::Error::Generic { source, .. } => source.to_string(),
         other => other.to_string(),
     }
+}
+
+/// Whether a server refused the request for who made it (a listing answered 403 or 401
+/// reaches us as a generic error, with the status only in its text).
+fn refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string();
+        if [
+            "403 Forbidden",
+            "401 Unauthorized",
+            "AccessDenied",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+        ]
+        .iter()
+        .any(|m| text.contains(m))
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// Whether an error's chain holds a local I/O error that retrying cannot cure (no
@@ -357,8 +382,14 @@ impl Location {
 /// - `http(s)://host/path`: a plain HTTP server (GET, HEAD and `Range` reads; PUT where the
 ///   server takes it, as WebDAV does); `http://` is allowed because the URI asks for it.
 /// - `file://`: the local file system.
+///
+/// Inside [`crate::Credentials::scope`], S3 and http(s) stores use the scope's credentials
+/// instead (the endpoint and region still come from the environment, the region from the
+/// credentials when they name one), and are kept in the scope, never shared outside it.
 fn store_for(scheme: ObjectStoreScheme, url: &Url) -> object_store::Result<Arc<dyn ObjectStore>> {
     let base = format!("{}://{}", url.scheme(), url.authority());
+    let scope = crate::access::current();
+    let credentials = scope.as_ref().map(|s| &s.credentials);
     let build = || -> object_store::Result<Arc<dyn ObjectStore>> {
         Ok(match scheme {
             // `s3://bucket/...`: the bucket is the host. An `https://...amazonaws.com` URL
@@ -369,23 +400,59 @@ fn store_for(scheme: ObjectStoreScheme, url: &Url) -> object_store::Result<Arc<d
                 } else {
                     url.as_str()
                 };
-                Arc::new(AmazonS3Builder::from_env().with_url(at).build()?)
+                let builder = match credentials {
+                    None => AmazonS3Builder::from_env(),
+                    Some(c) => s3_with(c),
+                };
+                Arc::new(builder.with_url(at).build()?)
             }
-            ObjectStoreScheme::Http => Arc::new(
-                HttpBuilder::new()
-                    .with_url(&base)
-                    .with_config(
-                        ClientConfigKey::AllowHttp,
-                        (url.scheme() == "http").to_string(),
-                    )
-                    .build()?,
-            ),
+            ObjectStoreScheme::Http => {
+                let mut builder = HttpBuilder::new().with_url(&base).with_config(
+                    ClientConfigKey::AllowHttp,
+                    (url.scheme() == "http").to_string(),
+                );
+                if let Some(token) = credentials.and_then(|c| c.bearer_token.as_deref()) {
+                    let mut value = http::HeaderValue::from_str(&format!("Bearer {token}"))
+                        .map_err(|_| object_store::Error::Generic {
+                            store: "HTTP",
+                            source: "the bearer token is not a valid header value".into(),
+                        })?;
+                    value.set_sensitive(true);
+                    let mut headers = http::HeaderMap::new();
+                    headers.insert(http::header::AUTHORIZATION, value);
+                    builder = builder.with_client_options(
+                        object_store::ClientOptions::new()
+                            .with_allow_http(url.scheme() == "http")
+                            .with_default_headers(headers),
+                    );
+                }
+                Arc::new(builder.build()?)
+            }
             _ => Arc::from(object_store::parse_url(url)?.0),
         })
     };
     // One store per bucket (`s3://`) or server (`http(s)://`); the rest are cheap to make.
     let shared = matches!(scheme, ObjectStoreScheme::Http)
         || (matches!(scheme, ObjectStoreScheme::AmazonS3) && url.scheme().starts_with("s3"));
+    if let Some(scope) = &scope {
+        if matches!(scheme, ObjectStoreScheme::Local) {
+            return build();
+        }
+        if let Some(store) = scope
+            .stores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&base)
+        {
+            return Ok(store.clone());
+        }
+        let store = build()?;
+        if shared {
+            let mut stores = scope.stores.lock().unwrap_or_else(|e| e.into_inner());
+            return Ok(stores.entry(base).or_insert(store).clone());
+        }
+        return Ok(store);
+    }
     if !shared {
         return build();
     }
@@ -397,6 +464,44 @@ fn store_for(scheme: ObjectStoreScheme, url: &Url) -> object_store::Result<Arc<d
     let store = build()?;
     let mut stores = stores.lock().unwrap_or_else(|e| e.into_inner());
     Ok(stores.entry(base).or_insert(store).clone())
+}
+
+/// An S3 builder configured from the environment as [`AmazonS3Builder::from_env`] would be,
+/// except for whose keys it uses: `c`'s, never the process's (nor its session token, nor a
+/// role it could assume).
+fn s3_with(c: &crate::Credentials) -> AmazonS3Builder {
+    use object_store::aws::AmazonS3ConfigKey as K;
+    let mut builder = AmazonS3Builder::new();
+    for (name, value) in std::env::vars() {
+        if !name.starts_with("AWS_") {
+            continue;
+        }
+        let Ok(key) = name.to_ascii_lowercase().parse::<K>() else {
+            continue;
+        };
+        let credential = matches!(
+            key,
+            K::AccessKeyId
+                | K::SecretAccessKey
+                | K::Token
+                | K::ContainerCredentialsRelativeUri
+                | K::ContainerCredentialsFullUri
+                | K::ContainerAuthorizationTokenFile
+        );
+        if !credential {
+            builder = builder.with_config(key, value);
+        }
+    }
+    builder = builder
+        .with_access_key_id(&c.access_key_id)
+        .with_secret_access_key(&c.secret_access_key);
+    if let Some(token) = &c.session_token {
+        builder = builder.with_token(token);
+    }
+    if let Some(region) = &c.region {
+        builder = builder.with_region(region);
+    }
+    builder
 }
 
 /// Reads the records of shard `[start, end)` of an object of `size` bytes, aligned to record
@@ -437,11 +542,14 @@ pub async fn read_aligned(
         .get_planned(start, (end + STEP).min(size), size, version)
         .await?
         .to_vec();
+    // Only bytes not yet searched are searched: a long line costs its length, not its square.
+    let mut unsearched = (end - start) as usize;
     loop {
         let have = start + buf.len() as u64;
-        if have >= size || buf[(end - start) as usize..].contains(&b'\n') {
+        if have >= size || buf[unsearched..].contains(&b'\n') {
             break;
         }
+        unsearched = buf.len();
         let more = loc
             .get_planned(have, (have + STEP).min(size), size, version)
             .await?;

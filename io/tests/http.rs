@@ -149,3 +149,56 @@ fn unknown_schemes_are_bad_uris() {
         assert!(matches!(err, ObjectError::BadUri { .. }), "{uri}: {err}");
     }
 }
+
+/// Inside a credentials scope an http(s) store sends the tenant's bearer token; outside it
+/// (and with another tenant's token) the same server refuses, and the unscoped store that was
+/// made first is not reused inside the scope, nor the scoped one after it.
+#[tokio::test]
+async fn a_bearer_token_is_sent_only_inside_its_scope() {
+    let data = Bytes::from_static(b"{\"i\":1}\n");
+    let files = Arc::new(HashMap::from([(
+        "/private/in.jsonl".to_string(),
+        data.clone(),
+    )]));
+    let app = Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap| {
+        let files = files.clone();
+        async move {
+            let authorized = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                == Some("Bearer t0k-team-a");
+            if !authorized {
+                return Response::builder()
+                    .status(StatusCode::FORBIDDEN)
+                    .body(Body::empty())
+                    .expect("403");
+            }
+            serve(&files, &method, &uri, &headers)
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let uri = format!("http://{addr}/private/in.jsonl");
+
+    let refused = Location::parse(&uri).expect("uri").get().await;
+    assert!(refused.is_err(), "no token: {refused:?}");
+    let team = |token: &str| infermesh_io::Credentials {
+        bearer_token: Some(token.into()),
+        ..Default::default()
+    };
+    let got = team("t0k-team-a")
+        .scope(async { Location::parse(&uri).expect("uri").get().await })
+        .await
+        .expect("the tenant's token reads it");
+    assert_eq!(got, data);
+    let other = team("t0k-team-b")
+        .scope(async { Location::parse(&uri).expect("uri").get().await })
+        .await;
+    assert!(other.is_err(), "another tenant's token: {other:?}");
+    // After the scope the shared store is the process's own again.
+    let after = Location::parse(&uri).expect("uri").get().await;
+    assert!(after.is_err(), "the token outlived its scope: {after:?}");
+}

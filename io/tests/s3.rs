@@ -203,4 +203,122 @@ async fn s3_round_trip() {
     assert!(listed.contains(&stray.uri().to_string()), "{listed:?}");
     assert_eq!(out.child("_attempts").delete_all().await.expect("clear"), 1);
     common::check_not_found(stray.uri()).await;
+    datasets_on_s3(&base).await;
+}
+
+/// A prefix of plain and gzip JSONL (and a marker file it skips), and a glob of Parquet
+/// files, resolved and read piece by piece over S3: every record once.
+async fn datasets_on_s3(base: &str) {
+    use infermesh_io::columnar;
+    use infermesh_io::dataset::{self, Compression, Format, Piece, Want};
+
+    let put = |uri: String, data: Vec<u8>| async move {
+        Location::parse(&uri)
+            .expect("uri")
+            .put(Bytes::from(data))
+            .await
+            .expect("put");
+    };
+    let lines = |from: usize, n: usize| -> Vec<u8> {
+        (from..from + n)
+            .flat_map(|i| format!("{{\"id\":{i}}}\n").into_bytes())
+            .collect()
+    };
+    put(format!("{base}/ds/jsonl/a.jsonl"), lines(0, 30)).await;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&lines(30, 20)).expect("gzip");
+    put(
+        format!("{base}/ds/jsonl/b.jsonl.gz"),
+        gz.finish().expect("gzip"),
+    )
+    .await;
+    put(format!("{base}/ds/jsonl/_SUCCESS"), b"{}".to_vec()).await;
+    let ds = dataset::resolve(&format!("{base}/ds/jsonl/"), &Want::default())
+        .await
+        .expect("prefix");
+    assert_eq!(ds.files.len(), 2, "{ds:?}");
+    assert_eq!(ds.files[1].compression, Compression::Gzip);
+    assert!(
+        ds.files.iter().all(|f| f.version.is_some()),
+        "S3 names versions"
+    );
+    let mut records = 0;
+    for (s, e) in ds.snap(&[17, 40, 70]) {
+        for piece in ds.pieces(s, e) {
+            let f = &ds.files[piece.file()];
+            let loc = Location::parse(&f.uri).expect("uri");
+            records += match piece {
+                Piece::Bytes { start, end, .. } => {
+                    let (_, data) =
+                        infermesh_io::read_aligned(&loc, start, end, f.size, f.version.as_deref())
+                            .await
+                            .expect("range");
+                    infermesh_io::shard::count_newlines(&data)
+                }
+                Piece::Whole { .. } => {
+                    let data = loc.get().await.expect("get");
+                    let text = infermesh_io::decode::decompress(
+                        &data,
+                        f.compression,
+                        infermesh_io::decode::MAX_EXPANDED,
+                    )
+                    .expect("gunzip");
+                    infermesh_io::shard::count_newlines(&text)
+                }
+                Piece::RowGroups { .. } => panic!("no Parquet here"),
+            };
+        }
+    }
+    assert_eq!(records, 50, "every JSONL record once");
+
+    for (i, n) in [(0usize, 7usize), (1, 11)] {
+        let ids: Vec<serde_json::Value> = (0..n)
+            .map(|k| serde_json::json!(format!("{i}-{k}")))
+            .collect();
+        let refs: Vec<Option<&serde_json::Value>> = ids.iter().map(Some).collect();
+        let vecs = vec![vec![1.0f32, 2.0]; n];
+        let data =
+            columnar::write_part("id", &refs, columnar::PartColumns::Embeddings(vecs), false)
+                .expect("parquet");
+        put(format!("{base}/ds/pq/part-{i}.parquet"), data.to_vec()).await;
+    }
+    put(format!("{base}/ds/pq/notes.txt"), b"not data".to_vec()).await;
+    let want = Want {
+        format: Format::Parquet,
+        compression: None,
+        columns: vec!["embedding".into()],
+        confine: None,
+    };
+    let ds = dataset::resolve(&format!("{base}/ds/pq/part-*.parquet"), &want)
+        .await
+        .expect("glob");
+    assert_eq!(ds.files.len(), 2);
+    assert_eq!(ds.rows(), 18);
+    let mut rows = 0;
+    for (s, e) in ds.snap(&[1]) {
+        for piece in ds.pieces(s, e) {
+            let Piece::RowGroups { file, first, end } = piece else {
+                panic!("row groups")
+            };
+            let f = &ds.files[file];
+            let loc = Location::parse(&f.uri).expect("uri");
+            rows += columnar::read_rows(&loc, f.size, first, end, &f.row_groups, &[])
+                .await
+                .expect("rows")
+                .len();
+        }
+    }
+    assert_eq!(rows, 18, "every Parquet row once");
+    let missing = Want {
+        columns: vec!["text".into()],
+        ..want.clone()
+    };
+    let err = dataset::resolve(&format!("{base}/ds/pq/part-*.parquet"), &missing)
+        .await
+        .expect_err("no text column");
+    assert!(err.to_string().contains("has no column `text`"), "{err}");
+    let none = dataset::resolve(&format!("{base}/ds/pq/nothing-*.parquet"), &want)
+        .await
+        .expect_err("no match");
+    assert!(none.is_not_found(), "{none}");
 }

@@ -18,3 +18,38 @@ impl v1::ShardRef {
         format!("{}#{}@{}", self.workload, self.index, self.attempt)
     }
 }
+
+impl std::fmt::Debug for v1::Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credentials(<redacted>)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_assign_prints_without_its_credentials() {
+        let assign = Assign {
+            credentials: Some(Credentials {
+                access_key_id: "AKIA-EXAMPLE".into(),
+                secret_access_key: "wJalr-secret".into(),
+                session_token: "tok-secret".into(),
+                region: String::new(),
+                bearer_token: "bearer-secret".into(),
+            }),
+            ..Default::default()
+        };
+        let shown = format!("{assign:?} {assign:#?}");
+        for secret in [
+            "AKIA-EXAMPLE",
+            "wJalr-secret",
+            "tok-secret",
+            "bearer-secret",
+        ] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(shown.contains("<redacted>"), "{shown}");
+    }
+}

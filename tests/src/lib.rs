@@ -9,6 +9,7 @@
 
 pub mod chaos;
 pub mod cluster;
+pub mod moto;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -171,6 +172,27 @@ pub fn local_command(manifest: &Path, agents: usize, dir: &Path) -> Command {
         .arg(dir.join("work"))
         .env("INFERMESH_AGENT_BIN", bin("infermesh-agent"));
     cmd
+}
+
+/// Starts `infermesh local` on `manifest` waiting for `agents` external agents (an
+/// `infermesh-swarm`), with a SQLite store and the agents' credentials under `dir`. Returns
+/// the process (stdout and stderr piped), the credentials file and the store URL.
+pub fn spawn_local_for_swarm(
+    manifest: &Path,
+    dir: &Path,
+    agents: usize,
+) -> (std::process::Child, PathBuf, String) {
+    let creds = dir.join("creds.json");
+    let url = format!("sqlite://{}", dir.join("store.db").display());
+    let local = local_command(manifest, 0, dir)
+        .args(["--external-agents", &agents.to_string(), "--credentials"])
+        .arg(&creds)
+        .args(["--listen", "127.0.0.1:0", "--database-url", &url])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn infermesh local");
+    (local, creds, url)
 }
 
 /// Runs `infermesh local` to the end on the store `url`.

@@ -1262,6 +1262,7 @@ fn the_cluster_quickstart_manifests_parse_and_validate() {
                     infermesh_operator::core::validate::validate(&w.spec)
                         .unwrap_or_else(|e| panic!("{e}\n{m}"));
                 }
+                infermesh_crds::Manifest::Secret(_) => panic!("no Secret expected\n{m}"),
             }
         }
     }

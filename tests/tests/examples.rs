@@ -1,6 +1,7 @@
 //! Every manifest under `examples/` parses strictly and every Workload in it validates.
 
 use infermesh_crds::{Manifest, parse_manifests};
+use infermesh_operator::core::tenancy;
 use infermesh_operator::core::validate::validate;
 use infermesh_operator::local::absolutize;
 use infermesh_tests::workspace;
@@ -30,6 +31,16 @@ fn every_example_manifest_parses_and_validates() {
     for f in &files {
         let text = std::fs::read_to_string(f).expect("read");
         let docs = parse_manifests(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        // A Mesh of the same file that names tenants confines that file's Workloads.
+        let meshes_here: Vec<(String, infermesh_crds::MeshSpec)> = docs
+            .iter()
+            .filter_map(|d| match d {
+                Manifest::Mesh(m) => {
+                    Some((m.metadata.name.clone().unwrap_or_default(), m.spec.clone()))
+                }
+                _ => None,
+            })
+            .collect();
         for d in docs {
             match d {
                 Manifest::Mesh(m) => {
@@ -56,6 +67,17 @@ fn every_example_manifest_parses_and_validates() {
                         te.tokenizer = absolutize(&te.tokenizer, base);
                     }
                     validate(&spec).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+                    let ns = w.metadata.namespace.clone().unwrap_or_default();
+                    let grant = meshes_here
+                        .iter()
+                        .find(|(name, _)| *name == spec.mesh)
+                        .and_then(|(_, m)| tenancy::grant_of(m, &ns));
+                    tenancy::check(&spec, grant.as_ref())
+                        .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+                }
+                // A tenant's credentials, for `spec.credentials` in local mode.
+                Manifest::Secret(s) => {
+                    assert!(s.metadata.name.is_some(), "{}", f.display());
                 }
             }
         }

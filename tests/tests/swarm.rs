@@ -41,17 +41,7 @@ fn twenty_swarm_agents_run_twenty_thousand_shards_exactly_once() {
     );
     let path = dir.path().join("mesh.yaml");
     std::fs::write(&path, yaml).expect("manifest");
-    let creds = dir.path().join("creds.json");
-    let url = format!("sqlite://{}", dir.path().join("store.db").display());
-
-    let local = local_command(&path, 0, dir.path())
-        .args(["--external-agents", &AGENTS.to_string(), "--credentials"])
-        .arg(&creds)
-        .args(["--listen", "127.0.0.1:0", "--database-url", &url])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn infermesh local");
+    let (local, creds, url) = spawn_local_for_swarm(&path, dir.path(), AGENTS);
     let swarm: Run = Command::new(bin("infermesh-swarm"))
         .arg("--credentials")
         .arg(&creds)

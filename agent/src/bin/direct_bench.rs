@@ -193,6 +193,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         uri: &input_uri,
         shard: 0,
         lines_before: Some(0),
+        parts: &[],
     };
     let cancel = AtomicBool::new(false);
 

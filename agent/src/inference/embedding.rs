@@ -68,7 +68,7 @@ impl Embedder {
         records
             .iter()
             .map(|rec| {
-                let text = match rec.fields.get(&self.text_field) {
+                let text = match rec.field(&self.text_field) {
                     Some(serde_json::Value::String(s)) => s.as_str(),
                     Some(other) => {
                         return Err(origin.invalid(
@@ -93,6 +93,18 @@ impl Embedder {
     }
 
     /// Embeds the encodings, `control.size` at a time, in input order.
+    /// The embedding dimension the model declares (the last dimension of its token-state
+    /// output), when it is fixed: what an output part with no record says its vectors hold.
+    pub fn declared_dim(&self, session: &Session) -> Option<usize> {
+        let outputs = session.outputs();
+        let out = match &self.output_name {
+            None => outputs.first(),
+            Some(name) => outputs.iter().find(|o| o.name() == name),
+        }?;
+        let last = *out.dtype().tensor_shape()?.last()?;
+        usize::try_from(last).ok().filter(|&d| d > 0)
+    }
+
     pub fn embed(
         &self,
         session: &mut Session,

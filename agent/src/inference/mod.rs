@@ -88,12 +88,58 @@ fn record_message(uri: &str, line: Option<u64>, offset: u64, what: &str) -> Stri
 /// One input record, parsed.
 #[derive(Clone, Debug)]
 pub struct Parsed {
-    /// 1-based line within the shard.
+    /// 1-based line within the shard (a Parquet row: its row number in the file).
     pub line: u64,
-    /// Byte offset in the input object.
+    /// Byte offset in the input object (a Parquet row: its row group).
     pub offset: u64,
     /// The JSON object.
     pub fields: Map<String, Value>,
+    /// Which of [`Origin::parts`] it came from (0 when the shard has one input object).
+    pub part: usize,
+}
+
+impl Parsed {
+    /// The value at `path`: the field of that name, else, for a dotted path (`doc.body`),
+    /// the value reached through nested objects.
+    pub fn field(&self, path: &str) -> Option<&Value> {
+        field_at(&self.fields, path)
+    }
+}
+
+/// The value at `path` in `fields`: the field named `path` itself, else the dotted path
+/// (`doc.body`) followed through nested objects.
+pub fn field_at<'a>(fields: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
+    if let Some(v) = fields.get(path) {
+        return Some(v);
+    }
+    let mut segments = path.split('.');
+    let mut at = fields.get(segments.next()?)?;
+    for seg in segments {
+        at = at.as_object()?.get(seg)?;
+    }
+    Some(at)
+}
+
+/// Where the records of one part of a shard come from, for error messages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartOrigin {
+    /// The file.
+    pub uri: String,
+    /// Newlines in the file before the part's first byte, when known (text).
+    pub lines_before: Option<u64>,
+    /// How its records are numbered.
+    pub kind: PartKind,
+}
+
+/// How a part's records are located.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PartKind {
+    /// A byte range of an uncompressed text file: lines and byte offsets of the file.
+    Text,
+    /// A whole compressed file: lines and offsets of its expanded text.
+    Expanded,
+    /// Parquet: `line` is the row's number in the file, `offset` its row group.
+    Rows,
 }
 
 /// Where a shard's records come from, for error messages.
@@ -108,25 +154,59 @@ pub struct Origin<'a> {
     /// named by its line in the input; otherwise by its byte offset, and the runner finds the
     /// line where that is cheap (see [`ShardError::at_file_line`]).
     pub lines_before: Option<u64>,
+    /// A shard of several files, CSV, Parquet or compressed input: where each part's records
+    /// come from (`uri` and `lines_before` above are then unused). Empty: one object.
+    pub parts: &'a [PartOrigin],
 }
 
 impl Origin<'_> {
     /// An `InvalidInput` error naming the record's line in the input (when known) and its
     /// byte offset.
     pub fn invalid(&self, rec: &Parsed, what: impl std::fmt::Display) -> ShardError {
-        self.invalid_at(rec.line, rec.offset, what)
+        self.invalid_in(rec.part, rec.line, rec.offset, what)
     }
 
-    fn invalid_at(&self, line: u64, offset: u64, what: impl std::fmt::Display) -> ShardError {
+    /// Where record `(line, offset)` of part `part` is, in words:
+    /// `file:///in.jsonl line 150 (byte offset 20182)`,
+    /// `s3://b/x.parquet row group 3 (row 7 of the file)`.
+    pub fn place(&self, part: usize, line: u64, offset: u64) -> String {
+        let (uri, lines_before, kind) = self.source(part);
+        match (kind, lines_before) {
+            (PartKind::Rows, _) => format!("{uri} row group {offset} (row {line} of the file)"),
+            (PartKind::Expanded, _) => {
+                format!("{uri} line {line} (byte offset {offset} of the expanded text)")
+            }
+            (PartKind::Text, Some(before)) => {
+                format!("{uri} line {} (byte offset {offset})", before + line)
+            }
+            (PartKind::Text, None) => format!("{uri} byte offset {offset}"),
+        }
+    }
+
+    fn source(&self, part: usize) -> (&str, Option<u64>, PartKind) {
+        match self.parts.get(part) {
+            Some(p) => (&p.uri, p.lines_before, p.kind),
+            None => (self.uri, self.lines_before, PartKind::Text),
+        }
+    }
+
+    /// An `InvalidInput` error for record `(line, offset)` of part `part`.
+    pub fn invalid_in(
+        &self,
+        part: usize,
+        line: u64,
+        offset: u64,
+        what: impl std::fmt::Display,
+    ) -> ShardError {
         let what = what.to_string();
-        let file_line = self.lines_before.map(|before| before + line);
+        let (uri, lines_before, kind) = self.source(part);
         let mut err = ShardError::permanent(
             ErrorKind::InvalidInput,
-            record_message(self.uri, file_line, offset, &what),
+            format!("{}: {what}", self.place(part, line, offset)),
         );
-        if file_line.is_none() {
+        if kind == PartKind::Text && lines_before.is_none() {
             err.record = Some(RecordAt {
-                uri: self.uri.to_string(),
+                uri: uri.to_string(),
                 line_in_shard: line,
                 offset,
                 what,
@@ -142,19 +222,30 @@ pub fn parse_records<'a>(
     origin: &Origin<'_>,
     records: impl Iterator<Item = Record<'a>>,
 ) -> Result<Vec<Parsed>, ShardError> {
+    parse_records_in(origin, 0, records)
+}
+
+/// [`parse_records`] for part `part` of a shard of several parts.
+pub fn parse_records_in<'a>(
+    origin: &Origin<'_>,
+    part: usize,
+    records: impl Iterator<Item = Record<'a>>,
+) -> Result<Vec<Parsed>, ShardError> {
     records
         .map(|r| match serde_json::from_slice::<Value>(r.text) {
             Ok(Value::Object(fields)) => Ok(Parsed {
                 line: r.line,
                 offset: r.offset,
                 fields,
+                part,
             }),
-            Ok(other) => Err(origin.invalid_at(
+            Ok(other) => Err(origin.invalid_in(
+                part,
                 r.line,
                 r.offset,
                 format!("expected a JSON object, found {}", json_kind(&other)),
             )),
-            Err(e) => Err(origin.invalid_at(r.line, r.offset, not_json(&e))),
+            Err(e) => Err(origin.invalid_in(part, r.line, r.offset, not_json(&e))),
         })
         .collect()
 }
@@ -236,6 +327,7 @@ mod tests {
             uri: "file:///in.jsonl",
             shard: 0,
             lines_before: Some(0),
+            parts: &[],
         };
         let err = parse_records(&origin, records(0, data)).expect_err("bad line");
         assert_eq!(err.kind, ErrorKind::InvalidInput);
@@ -257,6 +349,7 @@ mod tests {
             uri: "s3://bucket/in.jsonl",
             shard: 4,
             lines_before: None,
+            parts: &[],
         };
         let err = parse_records(&origin, records(1000, data)).expect_err("bad line");
         assert!(
@@ -290,6 +383,7 @@ mod tests {
             uri: "u",
             shard: 0,
             lines_before: Some(0),
+            parts: &[],
         };
         let parsed = parse_records(&origin, records(0, b"\xEF\xBB\xBF{\"id\":1}\n{\"id\":2}\n"))
             .expect("a BOM is skipped");
@@ -298,11 +392,66 @@ mod tests {
     }
 
     #[test]
+    fn dotted_paths_reach_into_nested_objects() {
+        let fields: Map<String, Value> =
+            serde_json::from_str(r#"{"doc":{"body":"b","meta":{"lang":"en"}},"a.b":1}"#)
+                .expect("json");
+        assert_eq!(field_at(&fields, "doc.body"), Some(&Value::from("b")));
+        assert_eq!(field_at(&fields, "doc.meta.lang"), Some(&Value::from("en")));
+        // A field whose name has the dot wins over the path.
+        assert_eq!(field_at(&fields, "a.b"), Some(&Value::from(1)));
+        assert_eq!(field_at(&fields, "doc.missing"), None);
+        assert_eq!(field_at(&fields, "doc.body.deeper"), None);
+    }
+
+    #[test]
+    fn records_of_parts_are_named_by_their_file() {
+        let parts = [
+            PartOrigin {
+                uri: "s3://b/a.parquet".into(),
+                lines_before: None,
+                kind: PartKind::Rows,
+            },
+            PartOrigin {
+                uri: "s3://b/c.jsonl.gz".into(),
+                lines_before: Some(0),
+                kind: PartKind::Expanded,
+            },
+            PartOrigin {
+                uri: "file:///d/e.csv".into(),
+                lines_before: None,
+                kind: PartKind::Text,
+            },
+        ];
+        let origin = Origin {
+            uri: "",
+            shard: 3,
+            lines_before: None,
+            parts: &parts,
+        };
+        let e = origin.invalid_in(0, 7, 2, "no `text`");
+        assert_eq!(
+            e.message,
+            "s3://b/a.parquet row group 2 (row 7 of the file): no `text`"
+        );
+        assert_eq!(e.record, None);
+        let e = origin.invalid_in(1, 3, 40, "bad");
+        assert_eq!(
+            e.message,
+            "s3://b/c.jsonl.gz line 3 (byte offset 40 of the expanded text): bad"
+        );
+        let e = origin.invalid_in(2, 2, 900, "bad");
+        assert_eq!(e.message, "file:///d/e.csv byte offset 900: bad");
+        assert_eq!(e.record.expect("to locate").uri, "file:///d/e.csv");
+    }
+
+    #[test]
     fn a_line_that_is_not_an_object_is_refused() {
         let origin = Origin {
             uri: "u",
             shard: 0,
             lines_before: Some(0),
+            parts: &[],
         };
         let err = parse_records(&origin, records(0, b"[1,2]\n")).expect_err("array");
         assert!(

@@ -138,7 +138,7 @@ pub fn run(
             let mut data = Vec::new();
             for &i in idx {
                 let rec = &records[i];
-                let v = rec.fields.get(&b.field).ok_or_else(|| {
+                let v = rec.field(&b.field).ok_or_else(|| {
                     origin.invalid(rec, format!("record has no `{}` field", b.field))
                 })?;
                 let (s, d) = flatten(v)

@@ -83,7 +83,19 @@ impl ModelCache {
         uri: &str,
         expected: Option<&str>,
     ) -> Result<(String, PathBuf), CacheError> {
-        if let Some(sha) = expected {
+        self.model_from(uri, expected, true).await
+    }
+
+    /// [`ModelCache::model`], but with `by_hash` false the model is always fetched from
+    /// `uri` and hashed, even when the cache holds the sha256 it is pinned to (a tenant must
+    /// show it can read what it names: the cache is shared by every tenant).
+    pub async fn model_from(
+        &self,
+        uri: &str,
+        expected: Option<&str>,
+        by_hash: bool,
+    ) -> Result<(String, PathBuf), CacheError> {
+        if let Some(sha) = expected.filter(|_| by_hash) {
             let path = self.dir.join(format!("{sha}.onnx"));
             if path.is_file() {
                 return Ok((sha.to_string(), path));

@@ -122,3 +122,59 @@ fsGroup: {{ .uid }}
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
+
+{{/*
+Rules of files/rbac.yaml as YAML, with each resourceNames placeholder ({tlsSecret}) replaced by
+the install's name. Takes (dict "rules" <list> "names" <dict placeholder -> name>); an unknown
+placeholder fails the render.
+*/}}
+{{- define "infermesh.resolvedRules" -}}
+{{- $names := .names -}}
+{{- $out := list -}}
+{{- range .rules -}}
+{{- $rule := deepCopy . -}}
+{{- if hasKey $rule "resourceNames" -}}
+{{- $resolved := list -}}
+{{- range $rule.resourceNames -}}
+{{- if hasPrefix "{" . -}}
+{{- if not (hasKey $names .) }}{{ fail (printf "files/rbac.yaml: no name for the placeholder %s" .) }}{{ end -}}
+{{- $resolved = append $resolved (get $names .) -}}
+{{- else -}}
+{{- $resolved = append $resolved . -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set $rule "resourceNames" $resolved -}}
+{{- end -}}
+{{- $out = append $out $rule -}}
+{{- end -}}
+{{- toYaml $out -}}
+{{- end -}}
+
+{{/*
+The egress rule to the object store (s3://, and http(s):// models and inputs), shared by the
+operator's and the agents' NetworkPolicies: networkPolicy.objectStore's CIDRs (less `except`)
+and extra peers, on its ports. Nothing when there is no peer: an egress rule without `to`
+would allow every destination.
+*/}}
+{{- define "infermesh.objectStoreEgress" -}}
+{{- $os := .Values.networkPolicy.objectStore -}}
+{{- if or $os.cidrs $os.extraTo -}}
+- to:
+    {{- range $os.cidrs }}
+    - ipBlock:
+        cidr: {{ . }}
+        {{- with $os.except }}
+        except:
+          {{- toYaml . | nindent 10 }}
+        {{- end }}
+    {{- end }}
+    {{- with $os.extraTo }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  ports:
+    {{- range $os.ports }}
+    - port: {{ int . }}
+      protocol: TCP
+    {{- end }}
+{{- end }}
+{{- end -}}

@@ -69,6 +69,8 @@ async fn run_one<S: Store>(
             spec,
             input_size: shards * 1024,
             input_version: None,
+            input_files: None,
+            credentials: None,
         })
         .await?;
     loop {
@@ -186,6 +188,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         match m {
             Manifest::Mesh(m) => mesh = Some(m.spec),
             Manifest::Workload(w) => workload = Some(w.spec),
+            Manifest::Secret(_) => {}
         }
     }
     let (Some(mesh), Some(workload)) = (mesh, workload) else {
@@ -212,6 +215,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             spec: workload,
             input_size: args.shards * 1024,
             input_version: None,
+            input_files: None,
+            credentials: None,
         })
         .await?;
     loop {

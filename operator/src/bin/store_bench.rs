@@ -69,6 +69,7 @@ async fn prepare(store: &AnyStore, n: u32) -> anyhow::Result<()> {
         spec_json: "{}".into(),
         input_bytes: u64::from(n),
         input_version: None,
+        input_files: None,
     };
     let shards: Vec<ShardRecord> = (0..n)
         .map(|i| ShardRecord {

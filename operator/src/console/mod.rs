@@ -643,6 +643,7 @@ pub fn summary_from_object(w: &Workload) -> WorkloadSummary {
         suspended: w.spec.suspend,
         output_uri: w.spec.output.uri.clone(),
         warnings: Vec::new(),
+        waiting: None,
     }
 }
 

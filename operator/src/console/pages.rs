@@ -479,6 +479,9 @@ pub fn workload(
                 p { strong { (w.reason) } @if !w.message.is_empty() { ": " (w.message) } }
             }
         }
+        @if let Some(wait) = &w.waiting {
+            p role="status" { strong { "WaitingForSlots" } ": " (wait.message) }
+        }
         @for warning in &w.warnings { p.warning role="note" { (warning) } }
         section aria-labelledby="h-grid" {
             h2 #h-grid { "Shards" }

@@ -44,6 +44,8 @@ async fn mesh_with_work() -> Mesh {
             spec: workload_spec(&format!("file://{}/", out.path().display()), 1),
             input_size: 4 * 1024,
             input_version: None,
+            input_files: None,
+            credentials: None,
         })
         .await
         .expect("submit");
@@ -635,6 +637,8 @@ async fn in_a_cluster_each_read_is_authorized_by_a_subject_access_review() {
             spec: workload_spec("file:///tmp/never/", 1),
             input_size: 1024,
             input_version: None,
+            input_files: None,
+            credentials: None,
         })
         .await
         .expect("submit");

@@ -353,6 +353,14 @@ pub enum Error {
         /// The API error.
         source: kube::Error,
     },
+    /// Deleting a finished Workload whose `spec.ttlSecondsAfterFinished` passed failed.
+    #[error("failed to delete the finished Workload {name}: {source}")]
+    DeleteFinished {
+        /// Workload name.
+        name: String,
+        /// The API error.
+        source: kube::Error,
+    },
     /// The core refused or its store failed.
     #[error("core: {0}")]
     Core(#[from] CoreError),
@@ -375,6 +383,7 @@ impl Error {
             Self::Lookup { .. } => "Lookup",
             Self::CreateAgent { .. } => "CreateAgent",
             Self::DeleteAgent { .. } => "DeleteAgent",
+            Self::DeleteFinished { .. } => "DeleteFinished",
             Self::Core(_) => "Core",
             Self::Finalizer(_) => "Finalizer",
             Self::MissingField(..) => "MissingField",

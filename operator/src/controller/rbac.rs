@@ -1,6 +1,8 @@
 //! The RBAC the operator needs, kept in `rbac.yaml` next to the code that makes the calls.
 //! The controller tests check every request they see against it ([`Rules::allows`]), and the
-//! chart's rendered Roles must grant exactly it.
+//! chart's rendered Roles must grant exactly it: `cluster` in its ClusterRole, `namespace` in
+//! the Role in the operator's namespace, `tenant` in one Role per tenant namespace the admin
+//! lists (`tenants.namespaces`).
 
 use serde::Deserialize;
 
@@ -15,11 +17,19 @@ pub struct Rule {
     pub api_groups: Vec<String>,
     /// Resources (`workloads/status` for a subresource).
     pub resources: Vec<String>,
+    /// The only objects the rule covers (empty: any). An entry in braces
+    /// ([`TLS_SECRET`]) is a name the install chooses; the chart fills it in.
+    #[serde(default)]
+    pub resource_names: Vec<String>,
     /// Verbs.
     pub verbs: Vec<String>,
 }
 
-/// Cluster-wide rules and rules in the operator's namespace.
+/// In a rule's `resourceNames`: the gRPC TLS Secret, whose name the install chooses
+/// (`tls.existingSecret`, or `<fullname>-tls`).
+pub const TLS_SECRET: &str = "{tlsSecret}";
+
+/// Cluster-wide rules, rules in the operator's namespace, and rules in tenant namespaces.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Rules {
@@ -27,6 +37,8 @@ pub struct Rules {
     pub cluster: Vec<Rule>,
     /// For the Role in the operator's namespace.
     pub namespace: Vec<Rule>,
+    /// For the Role in each tenant namespace (where Workloads name their credentials Secret).
+    pub tenant: Vec<Rule>,
 }
 
 /// What an API request asks to do.
@@ -40,6 +52,8 @@ pub struct Access {
     pub verb: String,
     /// Namespace of a namespaced request.
     pub namespace: Option<String>,
+    /// Name of the object a request names (`get`, `patch`, ... of one object).
+    pub name: Option<String>,
 }
 
 /// The RBAC access an HTTP request to the API server needs (the mapping the API server's
@@ -55,12 +69,13 @@ pub fn access(method: &str, path: &str, query: &str) -> Option<Access> {
         ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some((*ns).to_string()), rest),
         _ => (None, rest),
     };
-    let (resource, named) = match rest {
-        [resource] => ((*resource).to_string(), false),
-        [resource, _name] => ((*resource).to_string(), true),
-        [resource, _name, sub] => (format!("{resource}/{sub}"), true),
+    let (resource, name) = match rest {
+        [resource] => ((*resource).to_string(), None),
+        [resource, name] => ((*resource).to_string(), Some((*name).to_string())),
+        [resource, name, sub] => (format!("{resource}/{sub}"), Some((*name).to_string())),
         _ => return None,
     };
+    let named = name.is_some();
     let watch = query
         .split('&')
         .any(|kv| kv == "watch=true" || kv == "watch=1");
@@ -80,6 +95,7 @@ pub fn access(method: &str, path: &str, query: &str) -> Option<Access> {
         resource,
         verb: verb.into(),
         namespace,
+        name,
     })
 }
 
@@ -90,15 +106,35 @@ impl Rules {
     }
 
     /// Whether the rules allow `access` for an operator running in `own_namespace`.
+    ///
+    /// `tenant` rules hold in every namespace but the operator's own: which namespaces are
+    /// tenants is the admin's list, unknown here (a request in one the admin did not list is
+    /// refused by the API server). A rule with `resourceNames` holds only for a request that
+    /// names one of them; a name in braces (the install's choice, e.g. [`TLS_SECRET`]) stands
+    /// for any one name, so the name itself is checked by the control-plane suite against the
+    /// chart's rendered Role, not here.
     pub fn allows(&self, a: &Access, own_namespace: &str) -> bool {
         let matches = |r: &Rule| {
             r.api_groups.contains(&a.group)
                 && r.resources.contains(&a.resource)
                 && r.verbs.contains(&a.verb)
+                && (r.resource_names.is_empty()
+                    || a.name.as_ref().is_some_and(|n| {
+                        r.resource_names
+                            .iter()
+                            .any(|allowed| allowed == n || is_placeholder(allowed))
+                    }))
         };
+        let own = a.namespace.as_deref() == Some(own_namespace);
         self.cluster.iter().any(matches)
-            || (a.namespace.as_deref() == Some(own_namespace) && self.namespace.iter().any(matches))
+            || (own && self.namespace.iter().any(matches))
+            || (a.namespace.is_some() && !own && self.tenant.iter().any(matches))
     }
+}
+
+/// Whether a `resourceNames` entry is a name the install chooses (`{tlsSecret}`).
+pub fn is_placeholder(name: &str) -> bool {
+    name.starts_with('{') && name.ends_with('}')
 }
 
 #[cfg(test)]
@@ -161,5 +197,64 @@ mod tests {
             !ok("GET", "/api/v1/namespaces/im/secrets"),
             "secrets are never listed"
         );
+    }
+
+    #[test]
+    fn secrets_are_read_by_name_only_the_tls_one_at_home_and_credentials_in_tenants() {
+        let rules = Rules::committed().expect("rbac.yaml parses");
+        let ok = |m, p, q| rules.allows(&access(m, p, q).expect("access"), "im");
+        // At home: the TLS Secret, by name (the placeholder), and create.
+        assert!(ok("GET", "/api/v1/namespaces/im/secrets/im-tls", ""));
+        assert!(ok("POST", "/api/v1/namespaces/im/secrets", ""));
+        // In a tenant namespace: get by name; never list, watch, create or change.
+        assert!(ok("GET", "/api/v1/namespaces/team-a/secrets/s3-creds", ""));
+        for (m, p, q) in [
+            ("GET", "/api/v1/namespaces/team-a/secrets", ""),
+            ("GET", "/api/v1/namespaces/team-a/secrets", "watch=true"),
+            ("POST", "/api/v1/namespaces/team-a/secrets", ""),
+            ("PATCH", "/api/v1/namespaces/team-a/secrets/s3-creds", ""),
+            ("DELETE", "/api/v1/namespaces/team-a/secrets/s3-creds", ""),
+            // Cluster-wide: nothing.
+            ("GET", "/api/v1/secrets", ""),
+            ("GET", "/api/v1/secrets", "watch=true"),
+        ] {
+            assert!(!ok(m, p, q), "{m} {p}?{q} is allowed");
+        }
+        // The tenant rule does not reach the operator's own namespace.
+        let tenant_only = Rules {
+            cluster: vec![],
+            namespace: vec![],
+            tenant: rules.tenant.clone(),
+        };
+        let a = access("GET", "/api/v1/namespaces/im/secrets/db", "").expect("access");
+        assert!(!tenant_only.allows(&a, "im"));
+        // No rule but the TLS one names objects, and none grants more than get on secrets
+        // outside the operator's namespace.
+        for r in rules.cluster.iter().chain(&rules.tenant) {
+            if r.resources.iter().any(|x| x == "secrets") {
+                assert_eq!(r.verbs, ["get"], "{r:?}");
+            }
+        }
+        assert!(
+            !rules
+                .cluster
+                .iter()
+                .any(|r| r.resources.iter().any(|x| x == "secrets")),
+            "no cluster-wide Secret access"
+        );
+        let named: Vec<&Rule> = rules
+            .cluster
+            .iter()
+            .chain(&rules.namespace)
+            .chain(&rules.tenant)
+            .filter(|r| !r.resource_names.is_empty())
+            .collect();
+        assert_eq!(named.len(), 1, "{named:?}");
+        assert_eq!(named[0].resource_names, [TLS_SECRET]);
+        assert_eq!(named[0].verbs, ["get"]);
+        // A rule with names holds for no collection request.
+        let list = access("GET", "/api/v1/namespaces/im/secrets", "").expect("access");
+        assert_eq!(list.name, None);
+        assert!(!rules.allows(&list, "im"));
     }
 }

@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
-use infermesh_crds::{Agent, AgentSpec, Manifest, Mesh, Workload, WorkloadSpec, parse_manifests};
+use infermesh_crds::{
+    Agent, AgentSpec, Manifest, Mesh, Workload, WorkloadPhase, WorkloadSpec, WorkloadStatus,
+    parse_manifests,
+};
 use infermesh_proto as pb;
 use kube::Client;
 use kube::client::Body;
@@ -20,6 +23,7 @@ use tokio_stream::StreamExt;
 use super::rbac::{Rules, access};
 use super::*;
 use crate::core::{AgentHandle, Core};
+use crate::store::Store;
 use crate::store::testing::Backend;
 
 const NS: &str = "infermesh";
@@ -184,6 +188,8 @@ impl Fixture {
                 spec: w.spec.clone(),
                 input_size: 4096,
                 input_version: None,
+                input_files: None,
+                credentials: None,
             })
             .await
             .expect("submit")
@@ -447,19 +453,7 @@ async fn workload_gets_a_finalizer_is_admitted_and_gets_its_status() {
     assert_eq!(event["regarding"]["name"], "w");
     run.await.expect("join").expect("reconcile");
     // The agent got work.
-    let msg = tokio::time::timeout(Duration::from_secs(2), rx.recv())
-        .await
-        .expect("assign")
-        .expect("open");
-    assert!(
-        matches!(
-            msg,
-            Ok(pb::OperatorMessage {
-                msg: Some(Down::Assign(_))
-            })
-        ),
-        "{msg:?}"
-    );
+    expect_assign(&mut rx).await;
 }
 
 #[tokio::test]
@@ -1253,4 +1247,495 @@ async fn the_write_pacer_keeps_any_second_to_its_rate_however_many_tasks_write()
         span >= Duration::from_millis(59 * 66),
         "paced, not bursty: {span:?}"
     );
+}
+
+// ---- lifecycle: retryGeneration and ttlSecondsAfterFinished ---------------------------------
+
+/// A status in `phase` that finished `ago` before now (its `completionTime`).
+fn finished_status(phase: WorkloadPhase, ago: Duration) -> WorkloadStatus {
+    let at = k8s_openapi::jiff::Timestamp::now()
+        - k8s_openapi::jiff::SignedDuration::try_from(ago).expect("duration");
+    WorkloadStatus {
+        phase,
+        completion_time: Some(at.to_string()),
+        ..WorkloadStatus::default()
+    }
+}
+
+#[test]
+fn deletion_is_due_ttl_seconds_after_the_workload_finished() {
+    let done = finished_status(WorkloadPhase::Succeeded, Duration::ZERO);
+    let finished: k8s_openapi::jiff::Timestamp = done
+        .completion_time
+        .as_deref()
+        .expect("time")
+        .parse()
+        .expect("rfc3339");
+    let due = workload::deletion_due(Some(60), Some(&done)).expect("due");
+    assert_eq!(due.duration_since(finished).as_secs(), 60);
+    assert_eq!(
+        workload::deletion_due(Some(0), Some(&done)),
+        Some(finished),
+        "0: at once"
+    );
+    let failed = finished_status(WorkloadPhase::Failed, Duration::ZERO);
+    assert!(
+        workload::deletion_due(Some(60), Some(&failed)).is_some(),
+        "a failed workload too"
+    );
+    assert_eq!(workload::deletion_due(None, Some(&done)), None, "no TTL");
+    assert_eq!(workload::deletion_due(Some(60), None), None, "no status");
+    for phase in [WorkloadPhase::Pending, WorkloadPhase::Running] {
+        let mut running = done.clone();
+        running.phase = phase;
+        assert_eq!(
+            workload::deletion_due(Some(60), Some(&running)),
+            None,
+            "not finished: {phase:?}"
+        );
+    }
+    let mut unknown = done.clone();
+    unknown.completion_time = None;
+    assert_eq!(workload::deletion_due(Some(60), Some(&unknown)), None);
+    unknown.completion_time = Some("yesterday".into());
+    assert_eq!(workload::deletion_due(Some(60), Some(&unknown)), None);
+}
+
+#[test]
+fn a_failed_workload_is_retried_once_per_retry_generation() {
+    let status = |phase, observed: Option<u32>| WorkloadStatus {
+        phase,
+        observed_retry_generation: observed,
+        ..WorkloadStatus::default()
+    };
+    let failed = status(WorkloadPhase::Failed, None);
+    assert!(
+        !workload::should_retry_generation(0, Some(&failed)),
+        "the default asks nothing"
+    );
+    assert!(workload::should_retry_generation(1, Some(&failed)));
+    assert!(!workload::should_retry_generation(1, None), "never ran");
+    let retried = status(WorkloadPhase::Failed, Some(1));
+    assert!(
+        !workload::should_retry_generation(1, Some(&retried)),
+        "a generation acted on is not acted on again, even if it failed again"
+    );
+    assert!(workload::should_retry_generation(2, Some(&retried)));
+    assert!(
+        !workload::should_retry_generation(0, Some(&retried)),
+        "lowered: nothing"
+    );
+    for phase in [
+        WorkloadPhase::Pending,
+        WorkloadPhase::Running,
+        WorkloadPhase::Succeeded,
+    ] {
+        assert!(
+            !workload::should_retry_generation(2, Some(&status(phase, Some(1)))),
+            "only a Failed workload is retried ({phase:?})"
+        );
+    }
+}
+
+/// A Workload whose run failed (in the core and in the store), finished long enough ago.
+async fn failed_run(f: &Fixture, ttl: Option<u32>, ago: Duration) -> (Workload, String) {
+    let mut w = f.workload(f.workload_spec(""), true);
+    w.spec.ttl_seconds_after_finished = ttl;
+    let key = f.submit(&w).await;
+    assert!(
+        f.ctx
+            .core
+            .cancel(&key, "InvalidInput", "failed for the test")
+            .await
+            .expect("cancel")
+    );
+    w.status = Some(finished_status(WorkloadPhase::Failed, ago));
+    (w, key)
+}
+
+#[tokio::test]
+async fn a_finished_workload_is_deleted_once_its_ttl_has_passed_and_its_history_stays() {
+    let mut f = Fixture::new().await;
+    f.with_mesh().await;
+    let (w, key) = failed_run(&f, Some(60), Duration::from_secs(61)).await;
+    f.ctx.core.release(&key);
+    let run = f.reconcile_workload(w.clone());
+    f.verifier
+        .expect(
+            "DELETE",
+            "/apis/infermesh.dev/v1alpha1/namespaces/team-a/workloads/w",
+            200,
+            serde_json::to_value(&w).expect("json"),
+        )
+        .await;
+    let event = f.verifier.expect_event("team-a").await;
+    assert_eq!(event["reason"], "TTLExpired");
+    assert_eq!(event["type"], "Normal");
+    assert!(
+        event["note"]
+            .as_str()
+            .expect("note")
+            .contains("ttlSecondsAfterFinished"),
+        "{event}"
+    );
+    assert_eq!(
+        run.await.expect("join").expect("reconcile"),
+        Action::await_change()
+    );
+    f.verifier.expect_nothing_more().await;
+    // Only the object went: the store keeps the run and its events.
+    use crate::store::Store as _;
+    let store = f.ctx.core.store();
+    assert_eq!(
+        store
+            .workload_phase("w-uid")
+            .await
+            .expect("phase")
+            .as_deref(),
+        Some("Failed")
+    );
+    let events = store
+        .events(&crate::store::EventFilter {
+            workload_uid: Some("w-uid".into()),
+            ..Default::default()
+        })
+        .await
+        .expect("events");
+    assert!(
+        events.iter().any(|e| e.kind == "workload.failed"),
+        "{events:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_workload_is_not_deleted_before_its_ttl_nor_while_it_runs() {
+    let mut f = Fixture::new().await;
+    f.with_mesh().await;
+    // Finished 10 s ago with a TTL of 60 s: looked at again when due, nothing sent.
+    let (w, _) = failed_run(&f, Some(60), Duration::from_secs(10)).await;
+    let action = f
+        .reconcile_workload(w)
+        .await
+        .expect("join")
+        .expect("reconcile");
+    assert!(
+        (45..=52).any(|s| action == Action::requeue(Duration::from_secs(s))),
+        "requeued for when the TTL passes: {action:?}"
+    );
+    f.verifier.expect_nothing_more().await;
+
+    // A running workload with a TTL of 0 is left alone.
+    let mut running = f.workload(f.workload_spec("  ttlSecondsAfterFinished: 0\n"), true);
+    running.metadata.uid = Some("w-uid-2".into());
+    running.status = Some(WorkloadStatus {
+        phase: WorkloadPhase::Running,
+        ..WorkloadStatus::default()
+    });
+    f.ctx
+        .core
+        .submit(crate::core::Submission {
+            namespace: "team-a".into(),
+            name: "w".into(),
+            uid: "w-uid-2".into(),
+            spec: running.spec.clone(),
+            input_size: 4096,
+            input_version: None,
+            input_files: None,
+            credentials: None,
+        })
+        .await
+        .expect("submit");
+    let action = f
+        .reconcile_workload(running.clone())
+        .await
+        .expect("join")
+        .expect("reconcile");
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    // Nor one whose object says Failed while the core runs it again (a status that lags
+    // behind a retry).
+    running.status = Some(finished_status(
+        WorkloadPhase::Failed,
+        Duration::from_secs(600),
+    ));
+    f.reconcile_workload(running)
+        .await
+        .expect("join")
+        .expect("reconcile");
+    f.verifier.expect_nothing_more().await;
+}
+
+#[tokio::test]
+async fn bumping_retry_generation_retries_a_failed_workload_once() {
+    let mut f = Fixture::new().await;
+    f.with_mesh().await;
+    let (mut w, key) = failed_run(&f, None, Duration::from_secs(5)).await;
+    let (_a, mut rx) = f.agent("gpus-a", &["cpu"]).await;
+    w.spec.retry_generation = 1;
+    w.metadata.generation = Some(2);
+    if let Some(s) = w.status.as_mut() {
+        // Retried once before by the annotation: that mark must survive this write.
+        s.last_retry = Some("first".into());
+    }
+    let run = f.reconcile_workload(w.clone());
+    let patch = f
+        .verifier
+        .expect(
+            "PATCH",
+            "/apis/infermesh.dev/v1alpha1/namespaces/team-a/workloads/w/status",
+            200,
+            serde_json::to_value(&w).expect("json"),
+        )
+        .await;
+    assert!(
+        f.verifier
+            .last_query
+            .contains(&format!("fieldManager={}", workload::RETRY_FIELD_MANAGER)),
+        "{}",
+        f.verifier.last_query
+    );
+    assert_eq!(
+        patch["status"],
+        json!({"lastRetry": "first", "observedRetryGeneration": 1})
+    );
+    let event = f.verifier.expect_event("team-a").await;
+    assert_eq!(event["reason"], "Retried");
+    assert!(
+        event["note"]
+            .as_str()
+            .expect("note")
+            .starts_with("retryGeneration 1:"),
+        "{event}"
+    );
+    run.await.expect("join").expect("reconcile");
+    let s = f.ctx.core.workload(&key).await.expect("live again");
+    assert_eq!(
+        (s.phase, s.reason.as_str()),
+        (WorkloadPhase::Running, "Retried")
+    );
+    expect_assign(&mut rx).await;
+
+    // The same generation again (the object still says Failed, the mark written): nothing.
+    if let Some(s) = w.status.as_mut() {
+        s.observed_retry_generation = Some(1);
+    }
+    f.reconcile_workload(w)
+        .await
+        .expect("join")
+        .expect("reconcile");
+    f.verifier.expect_nothing_more().await;
+}
+
+/// Waits (2 s at most) for the agent's next message and checks that it is an Assign.
+async fn expect_assign(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Result<pb::OperatorMessage, tonic::Status>>,
+) {
+    let msg = tokio::time::timeout(Duration::from_secs(2), rx.recv())
+        .await
+        .expect("assign")
+        .expect("open");
+    assert!(
+        matches!(
+            msg,
+            Ok(pb::OperatorMessage {
+                msg: Some(Down::Assign(_))
+            })
+        ),
+        "{msg:?}"
+    );
+}
+
+/// Loads Mesh `gpus` with `spec.tenants` (team-a may read and write only under
+/// `<data>/team-a/`) into the core.
+async fn with_tenanted_mesh(f: &Fixture) {
+    let mut m = f.mesh(true);
+    let d = f.data.path().display();
+    m.spec.tenants = Some(vec![infermesh_crds::TenantSpec {
+        namespace: "team-a".into(),
+        read: vec![format!("file://{d}/team-a/")],
+        write: vec![format!("file://{d}/team-a/out/")],
+    }]);
+    f.ctx.core.upsert_mesh("gpus", m.spec).await.expect("mesh");
+}
+
+/// The credentials Secret of team-a, as the API server returns it.
+fn team_a_secret() -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "s3", "namespace": "team-a"},
+        "data": {
+            "AWS_ACCESS_KEY_ID": "QUtJQVRFQU1B",
+            "AWS_SECRET_ACCESS_KEY": "c0VjUmVULXRlYW0tYS12YWx1ZQ=="
+        }
+    })
+}
+
+const TEAM_A_SECRET: &str = "sEcReT-team-a-value";
+
+#[tokio::test]
+async fn a_location_outside_the_namespaces_grant_is_forbidden_before_anything_is_read() {
+    let mut f = Fixture::new().await;
+    with_tenanted_mesh(&f).await;
+    let _agent = f.agent("gpus-a", &["cpu"]).await;
+    // The fixture's model and input lie beside `team-a/`, not under it.
+    let spec = f.workload_spec("  credentials: {secretRef: {name: s3}}\n");
+    let run = f.reconcile_workload(f.workload(spec, true));
+    let status = f.expect_workload_status().await;
+    assert_eq!(status["phase"], "Failed");
+    assert_eq!(reason_of(&status, "Admitted"), "Forbidden");
+    let message = status["conditions"][0]["message"]
+        .as_str()
+        .expect("message");
+    let d = f.data.path().display();
+    assert!(
+        message.starts_with("spec.model.uri") && message.contains(&format!("file://{d}/team-a/")),
+        "the field and the prefix are named: {message}"
+    );
+    let event = f.verifier.expect_event("team-a").await;
+    assert_eq!(event["reason"], "Forbidden");
+    assert_eq!(
+        run.await.expect("join").expect("reconcile"),
+        Action::await_change()
+    );
+    // Refused before its Secret was read, and before any object was: no GET, no output.
+    f.verifier.expect_nothing_more().await;
+    assert!(!f.verifier.seen.iter().any(|(_, r)| r == "secrets"));
+    assert!(!f.data.path().join("out").exists());
+    assert!(f.ctx.core.workloads().await.is_empty());
+}
+
+#[tokio::test]
+async fn credentials_are_read_from_the_workloads_namespace_and_travel_only_in_the_assign() {
+    let mut f = Fixture::new().await;
+    f.with_mesh().await;
+    let (_a, mut rx) = f.agent("gpus-a", &["cpu"]).await;
+    let spec = f.workload_spec("  credentials: {secretRef: {name: s3}}\n");
+    let run = f.reconcile_workload(f.workload(spec, true));
+    f.verifier
+        .expect(
+            "GET",
+            "/api/v1/namespaces/team-a/secrets/s3",
+            200,
+            team_a_secret(),
+        )
+        .await;
+    let status = f.expect_workload_status().await;
+    assert_eq!(status["phase"], "Running", "{status}");
+    let event = f.verifier.expect_event("team-a").await;
+    run.await.expect("join").expect("reconcile");
+    for body in [&status, &event] {
+        assert!(!body.to_string().contains(TEAM_A_SECRET), "{body}");
+    }
+    let msg = tokio::time::timeout(Duration::from_secs(2), rx.recv())
+        .await
+        .expect("assign")
+        .expect("open")
+        .expect("ok");
+    let Some(Down::Assign(assign)) = msg.msg else {
+        panic!("expected an Assign, got {msg:?}")
+    };
+    let c = assign.credentials.as_ref().expect("credentials");
+    assert_eq!(
+        (c.access_key_id.as_str(), c.secret_access_key.as_str()),
+        ("AKIATEAMA", TEAM_A_SECRET)
+    );
+    assert!(!format!("{assign:?}").contains(TEAM_A_SECRET));
+    // Neither the metrics nor the event log hold it.
+    let metrics = f.ctx.metrics.encode();
+    assert!(!metrics.contains(TEAM_A_SECRET));
+    let events = f
+        .ctx
+        .core
+        .store()
+        .events(&crate::store::EventFilter::default())
+        .await
+        .expect("events");
+    assert!(!format!("{events:?}").contains(TEAM_A_SECRET));
+}
+
+#[tokio::test]
+async fn a_missing_or_unreadable_secret_makes_the_workload_wait_saying_why() {
+    let mut f = Fixture::new().await;
+    f.with_mesh().await;
+    let spec = f.workload_spec("  credentials: {secretRef: {name: s3}}\n");
+    for (code, reply, reason, said) in [
+        (
+            404,
+            not_found(),
+            "SecretNotFound",
+            "Secret team-a/s3 does not exist",
+        ),
+        (
+            403,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "forbidden"}),
+            "Forbidden",
+            "tenants.namespaces",
+        ),
+        (
+            200,
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3"}, "data": {"AWS_ACCESS_KEY_ID": "QUtJQVRFQU1B"}}),
+            "InvalidCredentials",
+            "without AWS_SECRET_ACCESS_KEY",
+        ),
+    ] {
+        let run = f.reconcile_workload(f.workload(spec.clone(), true));
+        f.verifier
+            .expect("GET", "/api/v1/namespaces/team-a/secrets/s3", code, reply)
+            .await;
+        let status = f.expect_workload_status().await;
+        assert_eq!(status["phase"], "Pending");
+        assert_eq!(reason_of(&status, "Admitted"), reason);
+        let message = status["conditions"][0]["message"]
+            .as_str()
+            .expect("message");
+        assert!(
+            message.starts_with("spec.credentials.secretRef") && message.contains(said),
+            "{message}"
+        );
+        f.verifier.expect_event("team-a").await;
+        assert_eq!(
+            run.await.expect("join").expect("reconcile"),
+            Action::requeue(Duration::from_secs(30))
+        );
+        assert!(f.ctx.core.workloads().await.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn a_workload_whose_output_overlaps_a_live_ones_waits_with_output_in_use() {
+    let mut f = Fixture::new().await;
+    f.with_mesh().await;
+    let _agent = f.agent("gpus-a", &["cpu"]).await;
+    let first = f.workload(f.workload_spec(""), true);
+    let key = f.submit(&first).await;
+    // Another Workload writing below the first one's output.
+    let d = f.data.path().display();
+    let mut spec = f.workload_spec("");
+    spec.output.uri = format!("file://{d}/out/more/");
+    let mut second = f.workload(spec, true);
+    second.metadata.name = Some("w2".into());
+    second.metadata.uid = Some("w2-uid".into());
+    let run = f.reconcile_workload(second);
+    let body = f
+        .verifier
+        .expect(
+            "PATCH",
+            "/apis/infermesh.dev/v1alpha1/namespaces/team-a/workloads/w2/status",
+            200,
+            f.workload_json(),
+        )
+        .await;
+    let status = &body["status"];
+    assert_eq!(status["phase"], "Pending");
+    assert_eq!(reason_of(status, "Admitted"), "OutputInUse");
+    let message = status["conditions"][0]["message"]
+        .as_str()
+        .expect("message");
+    assert!(message.contains(&key), "names the live workload: {message}");
+    let event = f.verifier.expect_event("team-a").await;
+    assert_eq!(event["reason"], "OutputInUse");
+    assert_eq!(
+        run.await.expect("join").expect("reconcile"),
+        Action::requeue(Duration::from_secs(10))
+    );
+    assert_eq!(f.ctx.core.workloads().await.len(), 1);
 }

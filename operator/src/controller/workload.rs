@@ -3,17 +3,23 @@
 //! deleting it cancels the shards still running on agents.
 //!
 //! A Failed Workload is retried when its `infermesh.dev/retry` annotation takes a value other
-//! than `status.lastRetry` ([`should_retry`]); the operator then writes that value to
-//! `status.lastRetry`, so each value retries once.
+//! than `status.lastRetry` ([`should_retry`]), or when its `spec.retryGeneration` is bumped
+//! above `status.observedRetryGeneration` ([`should_retry_generation`]); the operator then
+//! writes the value acted on to the status, so each value retries once.
 //!
-//! [`admission`], [`running_status`], [`waiting_status`] and [`should_retry`] are pure.
+//! A finished Workload with `spec.ttlSecondsAfterFinished` is deleted that many seconds after
+//! `status.completionTime` ([`deletion_due`]); the store (event log, ledger) keeps its history.
+//!
+//! [`admission`], [`running_status`], [`waiting_status`], [`should_retry`],
+//! [`should_retry_generation`] and [`deletion_due`] are pure.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use infermesh_crds::workload::RETRY_ANNOTATION;
 use infermesh_crds::{ShardCounts, Workload, WorkloadPhase, WorkloadStatus};
-use infermesh_io::{Location, ObjectError};
+use infermesh_io::{Credentials, Location, ObjectError};
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::Api;
 use kube::runtime::controller::Action;
@@ -23,10 +29,12 @@ use kube::{Resource, ResourceExt};
 
 use super::conditions::condition;
 use super::{Context, Error, Result, WORKLOAD_FINALIZER};
-use crate::core::progress::{AgentSummary, WorkloadSummary, format_duration};
+use crate::core::progress::{AgentSummary, WAITING_FOR_SLOTS, WorkloadSummary, format_duration};
 use crate::core::scheduler::{AgentView, Needs};
 use crate::core::validate::{self, Invalid};
 use crate::core::{CoreError, RetryOutcome, Submission, pricing, workload_key};
+use crate::core::{inputs, tenancy};
+use infermesh_io::access::scoped;
 
 /// The field manager of `status.lastRetry`. It is not [`super::FIELD_MANAGER`]: the status
 /// writer applies the rest of the status under that one without `lastRetry`, and server-side
@@ -166,6 +174,18 @@ pub fn running_status(
             generation,
         ),
     };
+    let mut conditions = vec![admitted_cond, complete_cond];
+    if admitted {
+        let (status, reason, message) = running_condition(summary);
+        conditions.push(condition(
+            prev_conditions,
+            "Running",
+            status,
+            reason,
+            message,
+            generation,
+        ));
+    }
     let start_time = previous.and_then(|p| p.start_time.clone()).or_else(|| {
         admitted.then(|| {
             let elapsed = SignedDuration::try_from(summary.elapsed).unwrap_or_default();
@@ -194,12 +214,53 @@ pub fn running_status(
         eta: summary.eta().map(format_duration),
         credits_spent: Some(pricing::format_credits(summary.credits)),
         attempts_retried: summary.attempts_retried,
-        // Owned by its own field manager (`write_last_retry`), never sent with the rest.
+        // Owned by their own field manager (`write_retry_marks`), never sent with the rest.
         last_retry: None,
+        observed_retry_generation: None,
         start_time,
         completion_time,
         observed_generation: generation,
-        conditions: vec![admitted_cond, complete_cond],
+        conditions,
+    }
+}
+
+/// The `Running` condition of an admitted workload: whether its shards hold slots, and when
+/// not, why (`WaitingForSlots` with its place in the Mesh's queue or its namespace's share
+/// in use, `Suspended`, `QuotaExceeded`, or how it finished).
+pub fn running_condition(summary: &WorkloadSummary) -> (bool, &str, String) {
+    match summary.phase {
+        WorkloadPhase::Succeeded => (
+            false,
+            "Succeeded",
+            format!(
+                "{} records in {} shards; output {}",
+                summary.records, summary.shards_total, summary.output_uri
+            ),
+        ),
+        WorkloadPhase::Failed | WorkloadPhase::Pending => (
+            false,
+            reason_or(&summary.reason, "Failed"),
+            summary.message.clone(),
+        ),
+        WorkloadPhase::Running if summary.suspended => (
+            false,
+            "Suspended",
+            "spec.suspend is true: no new shards are dispatched".into(),
+        ),
+        WorkloadPhase::Running if summary.reason == "QuotaExceeded" => {
+            (false, "QuotaExceeded", summary.message.clone())
+        }
+        WorkloadPhase::Running => match &summary.waiting {
+            Some(w) => (false, WAITING_FOR_SLOTS, w.message.clone()),
+            None => (
+                true,
+                "Running",
+                format!(
+                    "{} shards running, {} waiting",
+                    summary.shards_running, summary.shards_pending
+                ),
+            ),
+        },
     }
 }
 
@@ -216,6 +277,29 @@ pub fn should_retry(annotation: Option<&str>, status: Option<&WorkloadStatus>) -
     };
     status
         .is_some_and(|s| s.phase == WorkloadPhase::Failed && s.last_retry.as_deref() != Some(value))
+}
+
+/// Whether a Workload's `spec.retryGeneration` (`generation`) asks for a retry not acted on
+/// yet: it is Failed and `generation` is above `status.observedRetryGeneration` (0 when
+/// unset). Each value thus retries once; a bump while the workload is not Failed waits until
+/// it is.
+pub fn should_retry_generation(generation: u32, status: Option<&WorkloadStatus>) -> bool {
+    status.is_some_and(|s| {
+        s.phase == WorkloadPhase::Failed && generation > s.observed_retry_generation.unwrap_or(0)
+    })
+}
+
+/// When a finished Workload is due for deletion under `spec.ttlSecondsAfterFinished`
+/// (`ttl_seconds`): its `status.completionTime` plus the TTL. `None` without a TTL, when it
+/// has not finished (Pending, Running), or when its completion time is missing or unreadable.
+pub fn deletion_due(
+    ttl_seconds: Option<u32>,
+    status: Option<&WorkloadStatus>,
+) -> Option<Timestamp> {
+    let ttl = SignedDuration::from_secs(i64::from(ttl_seconds?));
+    let status = status.filter(|s| s.phase.is_terminal())?;
+    let finished: Timestamp = status.completion_time.as_deref()?.parse().ok()?;
+    finished.checked_add(ttl).ok()
 }
 
 /// Status of a workload that waits before admission (or is invalid: `failed`).
@@ -349,9 +433,9 @@ async fn wait(ctx: &Context, w: &Workload, waiting: Waiting) -> Result<Action> {
     Ok(Action::requeue(waiting.retry))
 }
 
-/// The size of the object at `uri` (the operator reads only sizes; agents read the data), or
-/// why the workload waits: `not_found` when there is no such object, `StorageError` otherwise.
-/// An object's size and version (ETag), or why the workload waits for it.
+/// The size and version (ETag) of the object at `uri` (the operator reads no data; agents
+/// do), or why the workload waits: `not_found` when there is no such object, `StorageError`
+/// otherwise.
 async fn object_facts(
     field: &str,
     uri: &str,
@@ -367,6 +451,56 @@ async fn object_facts(
         message: format!("{field}: {e}"),
         retry: Duration::from_secs(30),
     })
+}
+
+/// The credentials of `spec.credentials`, read from the Secret in the workload's namespace
+/// (`get` only), or why the workload waits: the Secret is missing (`SecretNotFound`), the
+/// operator may not read Secrets there (`Forbidden`: the namespace is not one of the chart's
+/// `tenants.namespaces`), or it lacks the keys (`InvalidCredentials`). No message holds a
+/// value of the Secret.
+async fn credentials(
+    ctx: &Context,
+    ns: &str,
+    spec: &infermesh_crds::WorkloadSpec,
+) -> std::result::Result<Option<Credentials>, Waiting> {
+    let Some(r) = &spec.credentials else {
+        return Ok(None);
+    };
+    let name = &r.secret_ref.name;
+    let waiting = |reason: &'static str, message: String| Waiting {
+        reason,
+        message: format!("spec.credentials.secretRef: {message}"),
+        retry: Duration::from_secs(30),
+    };
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let secret = match secrets.get_opt(name).await {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            return Err(waiting(
+                "SecretNotFound",
+                format!("Secret {ns}/{name} does not exist"),
+            ));
+        }
+        Err(kube::Error::Api(e)) if e.code == 403 => {
+            return Err(waiting(
+                "Forbidden",
+                format!(
+                    "the operator may not read Secrets in namespace {ns}: add it to the chart's \
+                     tenants.namespaces"
+                ),
+            ));
+        }
+        Err(e) => {
+            return Err(waiting(
+                "SecretUnavailable",
+                format!("Secret {ns}/{name} could not be read: {e}"),
+            ));
+        }
+    };
+    let data = secret.data.unwrap_or_default();
+    Credentials::from_secret(|k| data.get(k).map(|v| v.0.as_slice()))
+        .map(Some)
+        .map_err(|m| waiting("InvalidCredentials", format!("Secret {ns}/{name}: {m}")))
 }
 
 fn mesh_not_found(mesh: &str) -> Waiting {
@@ -385,13 +519,38 @@ async fn apply(w: &Workload, ctx: &Context) -> Result<Action> {
         g.insert(key.clone(), generation);
     }
     let asked = w.annotations().get(RETRY_ANNOTATION).map(String::as_str);
-    if let Some(value) = asked.filter(|_| should_retry(asked, w.status.as_ref()))
-        && let Some(later) = retry(ctx, w, &key, value).await?
-    {
+    let ask = RetryAsk {
+        annotation: asked.filter(|_| should_retry(asked, w.status.as_ref())),
+        generation: should_retry_generation(w.spec.retry_generation, w.status.as_ref())
+            .then_some(w.spec.retry_generation),
+    };
+    let retrying = ask.annotation.is_some() || ask.generation.is_some();
+    if retrying && let Some(later) = retry(ctx, w, &key, &ask).await? {
         return Ok(later);
+    }
+    // Not while a retry takes it up again, nor while the core runs it (a status that lags).
+    if !retrying
+        && let Some(due) = deletion_due(w.spec.ttl_seconds_after_finished, w.status.as_ref())
+        && ctx
+            .core
+            .workload(&key)
+            .await
+            .is_none_or(|s| s.phase.is_terminal())
+    {
+        return delete_finished(ctx, w, due).await;
     }
     if ctx.core.knows(&key).await {
         ctx.core.set_suspend(&key, w.spec.suspend).await?;
+        // Taken up after a restart or a retry, it waits for these; a rotated Secret is
+        // picked up here too.
+        if w.spec.credentials.is_some() {
+            match credentials(ctx, &ns, &w.spec).await {
+                Ok(c) => {
+                    ctx.core.set_credentials(&key, c).await?;
+                }
+                Err(waiting) => return wait(ctx, w, waiting).await,
+            }
+        }
         return Ok(Action::requeue(Duration::from_secs(300)));
     }
     // Finished before this operator started (or before a fail-over): never run it again.
@@ -409,18 +568,37 @@ async fn apply(w: &Workload, ctx: &Context) -> Result<Action> {
     if !ctx.core.has_mesh(mesh).await {
         return wait(ctx, w, mesh_not_found(mesh)).await;
     }
+    // Before any object is touched: the namespace may use these locations (the Mesh's
+    // `spec.tenants`), and reads and writes them with its own credentials.
+    let grant = ctx.core.grant(mesh, &ns).await;
+    if let Err(Invalid { reason, message }) = tenancy::check(&w.spec, grant.as_ref()) {
+        return invalid(ctx, w, reason, &message).await;
+    }
+    let credentials = match credentials(ctx, &ns, &w.spec).await {
+        Ok(c) => c,
+        Err(waiting) => return wait(ctx, w, waiting).await,
+    };
     if let Err(waiting) = admission(mesh, &validated.needs, &ctx.core.agents().await) {
         return wait(ctx, w, waiting).await;
     }
-    if let Err(waiting) = object_facts("spec.model.uri", &w.spec.model.uri, "ModelNotFound").await {
+    let model = object_facts("spec.model.uri", &w.spec.model.uri, "ModelNotFound");
+    if let Err(waiting) = scoped(credentials.clone(), model).await {
         return wait(ctx, w, waiting).await;
     }
-    // The input's version is pinned with its size: every shard reads that very object.
-    let (input_size, input_version) =
-        match object_facts("spec.input.uri", &w.spec.input.uri, "InputNotFound").await {
-            Ok(facts) => facts,
-            Err(waiting) => return wait(ctx, w, waiting).await,
-        };
+    // The input's version is pinned with its size (every shard reads that very object); a
+    // prefix, glob or columnar input is listed and its footers read, never its data.
+    let resolved = inputs::resolve(&w.spec, &validated, grant.as_ref());
+    let input = match scoped(credentials.clone(), resolved).await {
+        Ok(input) => input,
+        Err(e) => {
+            let waiting = Waiting {
+                reason: inputs::reason(&e),
+                message: format!("spec.input.uri: {e}"),
+                retry: Duration::from_secs(30),
+            };
+            return wait(ctx, w, waiting).await;
+        }
+    };
     let uid = w.uid().unwrap_or_default();
     match ctx
         .core
@@ -429,8 +607,10 @@ async fn apply(w: &Workload, ctx: &Context) -> Result<Action> {
             name: name.clone(),
             uid,
             spec: w.spec.clone(),
-            input_size,
-            input_version,
+            input_size: input.size,
+            input_version: input.version,
+            input_files: input.files,
+            credentials,
         })
         .await
     {
@@ -445,6 +625,14 @@ async fn apply(w: &Workload, ctx: &Context) -> Result<Action> {
             return invalid(ctx, w, reason, &message).await;
         }
         Err(CoreError::MeshNotFound(m)) => return wait(ctx, w, mesh_not_found(&m)).await,
+        Err(CoreError::OutputInUse(message)) => {
+            let waiting = Waiting {
+                reason: "OutputInUse",
+                message,
+                retry: Duration::from_secs(10),
+            };
+            return wait(ctx, w, waiting).await;
+        }
         Err(e) => return Err(e.into()),
     }
     if let Some(summary) = ctx.core.workload(&key).await {
@@ -478,15 +666,78 @@ async fn apply(w: &Workload, ctx: &Context) -> Result<Action> {
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
-/// Retries a Failed Workload whose `infermesh.dev/retry` annotation says `value` (see
-/// [`should_retry`]), then records `value` in `status.lastRetry` so it is acted on once. The
-/// phase goes back to Running through the status writer, as any running workload's. A
-/// refusal (not failed, unknown to the store) is recorded too, with a Warning Event, and the
-/// reconcile goes on as usual (`None`); a store that does not answer is asked again later,
-/// with nothing recorded (`Some` action).
-async fn retry(ctx: &Context, w: &Workload, key: &str, value: &str) -> Result<Option<Action>> {
+/// Deletes a finished Workload whose `spec.ttlSecondsAfterFinished` passed at `due`, with a
+/// Normal Event (`TTLExpired`) saying why; before `due`, looks again then. Only the object
+/// goes: the store keeps the run's shards, charges and events.
+async fn delete_finished(ctx: &Context, w: &Workload, due: Timestamp) -> Result<Action> {
+    let now = Timestamp::now();
+    if now < due {
+        // In whole seconds, rounded up; looked at again at least hourly (a long TTL, a clock
+        // that moved).
+        let left = due.duration_since(now).as_secs().saturating_add(1);
+        return Ok(Action::requeue(Duration::from_secs(
+            left.clamp(1, 3600).unsigned_abs(),
+        )));
+    }
     let ns = w.namespace().unwrap_or_default();
     let name = w.name_any();
+    let api = Api::<Workload>::namespaced(ctx.client.clone(), &ns);
+    ctx.write("workloads", "delete").await;
+    match api.delete(&name, &kube::api::DeleteParams::default()).await {
+        Ok(_) => {}
+        Err(e) if super::is_not_found(&e) => return Ok(Action::await_change()),
+        Err(source) => return Err(Error::DeleteFinished { name, source }),
+    }
+    let ttl = w.spec.ttl_seconds_after_finished.unwrap_or_default();
+    tracing::info!(workload = %name, namespace = %ns, ttl, "finished workload deleted (ttlSecondsAfterFinished)");
+    publish(
+        ctx,
+        w,
+        EventType::Normal,
+        "TTLExpired",
+        format!(
+            "deleted {ttl}s after it finished (spec.ttlSecondsAfterFinished); its history stays \
+             in the event log and the ledger"
+        ),
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+/// What asks for a retry of a Failed Workload: a new `infermesh.dev/retry` annotation value,
+/// a bumped `spec.retryGeneration`, or both (one retry then, both recorded).
+struct RetryAsk<'a> {
+    annotation: Option<&'a str>,
+    generation: Option<u32>,
+}
+
+impl RetryAsk<'_> {
+    fn describe(&self) -> String {
+        match (self.annotation, self.generation) {
+            (Some(v), Some(g)) => format!("retry {v} (retryGeneration {g})"),
+            (Some(v), None) => format!("retry {v}"),
+            (None, Some(g)) => format!("retryGeneration {g}"),
+            (None, None) => "retry".into(),
+        }
+    }
+}
+
+/// Retries a Failed Workload that asks for it (see [`should_retry`],
+/// [`should_retry_generation`]), then records what was acted on (`status.lastRetry`,
+/// `status.observedRetryGeneration`) so it is acted on once. The phase goes back to Running
+/// through the status writer, as any running workload's. A refusal (not failed, unknown to
+/// the store) is recorded too, with a Warning Event, and the reconcile goes on as usual
+/// (`None`); a store that does not answer is asked again later, with nothing recorded
+/// (`Some` action).
+async fn retry(
+    ctx: &Context,
+    w: &Workload,
+    key: &str,
+    ask: &RetryAsk<'_>,
+) -> Result<Option<Action>> {
+    let ns = w.namespace().unwrap_or_default();
+    let name = w.name_any();
+    let value = ask.describe();
     let outcome = ctx.core.retry_failed(key).await?;
     let event = match &outcome {
         RetryOutcome::StoreUnavailable { message } => {
@@ -501,7 +752,7 @@ async fn retry(ctx: &Context, w: &Workload, key: &str, value: &str) -> Result<Op
             EventType::Normal,
             "Retried",
             format!(
-                "retry {value}: {requeued} shards run again ({failed} had failed); \
+                "{value}: {requeued} shards run again ({failed} had failed); \
                  {kept} succeeded shards kept"
             ),
         )),
@@ -510,29 +761,51 @@ async fn retry(ctx: &Context, w: &Workload, key: &str, value: &str) -> Result<Op
         RetryOutcome::NotFailed { phase } => Some((
             EventType::Warning,
             "RetryRefused",
-            format!("retry {value}: the workload is {phase}, not Failed; nothing to retry"),
+            format!("{value}: the workload is {phase}, not Failed; nothing to retry"),
         )),
         RetryOutcome::Unknown => Some((
             EventType::Warning,
             "RetryRefused",
-            format!("retry {value}: the operator holds no run of this Workload to retry"),
+            format!("{value}: the operator holds no run of this Workload to retry"),
         )),
     };
     tracing::info!(workload = %key, retry = %value, outcome = ?outcome, "retry asked");
-    write_last_retry(ctx, &ns, &name, value).await?;
+    let previous = w.status.as_ref();
+    let last_retry = ask
+        .annotation
+        .or_else(|| previous.and_then(|s| s.last_retry.as_deref()));
+    let observed = ask
+        .generation
+        .or_else(|| previous.and_then(|s| s.observed_retry_generation));
+    write_retry_marks(ctx, &ns, &name, last_retry, observed).await?;
     if let Some((type_, reason, note)) = event {
         publish(ctx, w, type_, reason, note).await;
     }
     Ok(None)
 }
 
-/// Writes `status.lastRetry` alone, under [`RETRY_FIELD_MANAGER`] (a phase change's turn).
-async fn write_last_retry(ctx: &Context, namespace: &str, name: &str, value: &str) -> Result<()> {
+/// Writes `status.lastRetry` and `status.observedRetryGeneration` alone, under
+/// [`RETRY_FIELD_MANAGER`] (a phase change's turn). Both are sent whenever known: server-side
+/// apply would remove a field its manager stops sending.
+async fn write_retry_marks(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    last_retry: Option<&str>,
+    observed_retry_generation: Option<u32>,
+) -> Result<()> {
     let api = Api::<Workload>::namespaced(ctx.client.clone(), namespace);
+    let mut status = serde_json::Map::new();
+    if let Some(value) = last_retry {
+        status.insert("lastRetry".into(), value.into());
+    }
+    if let Some(generation) = observed_retry_generation {
+        status.insert("observedRetryGeneration".into(), generation.into());
+    }
     let body = serde_json::json!({
         "apiVersion": Workload::api_version(&()),
         "kind": Workload::kind(&()),
-        "status": { "lastRetry": value },
+        "status": status,
     });
     ctx.pacer.turn(true).await;
     ctx.metrics.write("workloads/status", "patch");
@@ -622,6 +895,7 @@ mod tests {
             suspended: false,
             output_uri: "file:///out/".into(),
             warnings: Vec::new(),
+            waiting: None,
         }
     }
 
@@ -719,6 +993,95 @@ mod tests {
         assert_eq!(ok.conditions[1].status, "True");
         assert_eq!(ok.eta, None);
         assert_eq!(ok.progress.as_deref(), Some("100%"));
+    }
+
+    #[test]
+    fn a_workload_waiting_for_slots_is_admitted_but_not_running_and_says_where_it_is() {
+        let now = Timestamp::now();
+        let mut waiting = wl(WorkloadPhase::Running, "Admitted");
+        waiting.shards_running = 0;
+        waiting.waiting = Some(crate::core::progress::SlotWait {
+            position: Some(3),
+            message: "position 3 in the queue of mesh gpus".into(),
+        });
+        let s = running_status(&waiting, None, Some(1), now);
+        let cond = |s: &WorkloadStatus, t: &str| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == t)
+                .cloned()
+                .unwrap_or_else(|| panic!("no {t} condition in {:?}", s.conditions))
+        };
+        assert_eq!(s.phase, WorkloadPhase::Running);
+        assert_eq!(cond(&s, "Admitted").status, "True");
+        let running = cond(&s, "Running");
+        assert_eq!(
+            (running.status.as_str(), running.reason.as_str()),
+            ("False", "WaitingForSlots")
+        );
+        assert_eq!(running.message, "position 3 in the queue of mesh gpus");
+
+        waiting.waiting = Some(crate::core::progress::SlotWait {
+            position: None,
+            message: "namespace ns uses 6 of its 6 slots (maxSlots on mesh gpus)".into(),
+        });
+        let capped = running_status(&waiting, Some(&s), Some(1), now);
+        assert_eq!(cond(&capped, "Running").reason, "WaitingForSlots");
+        assert!(
+            cond(&capped, "Running")
+                .message
+                .contains("uses 6 of its 6 slots (maxSlots"),
+            "{:?}",
+            capped.conditions
+        );
+
+        // Once it holds slots it runs; the transition time moves with the status.
+        let started = running_status(
+            &wl(WorkloadPhase::Running, "Admitted"),
+            Some(&capped),
+            Some(1),
+            now,
+        );
+        let running = cond(&started, "Running");
+        assert_eq!(
+            (running.status.as_str(), running.reason.as_str()),
+            ("True", "Running")
+        );
+        assert_eq!(running.message, "2 shards running, 4 waiting");
+
+        let mut suspended = wl(WorkloadPhase::Running, "Admitted");
+        suspended.suspended = true;
+        assert_eq!(
+            cond(&running_status(&suspended, None, None, now), "Running").reason,
+            "Suspended"
+        );
+        let mut quota = wl(WorkloadPhase::Running, "QuotaExceeded");
+        quota.waiting = None;
+        assert_eq!(
+            cond(&running_status(&quota, None, None, now), "Running").reason,
+            "QuotaExceeded"
+        );
+        let failed = running_status(
+            &wl(WorkloadPhase::Failed, "DeadlineExceeded"),
+            None,
+            None,
+            now,
+        );
+        let running = cond(&failed, "Running");
+        assert_eq!(
+            (running.status.as_str(), running.reason.as_str()),
+            ("False", "DeadlineExceeded")
+        );
+        let held = running_status(
+            &wl(WorkloadPhase::Pending, "QuotaExceeded"),
+            None,
+            None,
+            now,
+        );
+        assert!(
+            held.conditions.iter().all(|c| c.type_ != "Running"),
+            "not admitted: no Running condition"
+        );
     }
 
     #[test]

@@ -37,6 +37,18 @@ pub fn requeue(attempt: u32, max_attempts: u32) -> Requeue {
     }
 }
 
+/// The longest wait between a shard's failed attempt and its next one.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// How long a shard waits after its `failed`-th attempt (since its workload's last retry)
+/// failed, for a workload whose `spec.retryBackoffSeconds` is `base_seconds`:
+/// `base × 2^(failed-1)`, at most [`MAX_BACKOFF`]; zero when `base_seconds` is 0.
+pub fn backoff(base_seconds: u32, failed: u32) -> Duration {
+    let doublings = failed.saturating_sub(1).min(31);
+    let seconds = u64::from(base_seconds).saturating_mul(1u64 << doublings);
+    Duration::from_secs(seconds).min(MAX_BACKOFF)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,5 +71,16 @@ mod tests {
         assert_eq!(requeue(2, 3), Requeue::Retry { next: 3 });
         assert_eq!(requeue(3, 3), Requeue::Exhausted);
         assert_eq!(requeue(1, 1), Requeue::Exhausted);
+    }
+
+    #[test]
+    fn backoff_doubles_per_failed_attempt_up_to_five_minutes() {
+        let secs = |failed| backoff(2, failed).as_secs();
+        assert_eq!([secs(1), secs(2), secs(3), secs(4)], [2, 4, 8, 16]);
+        assert_eq!(secs(0), 2, "a first failure waits the base");
+        assert_eq!(secs(9), 300, "capped");
+        assert_eq!(backoff(2, u32::MAX), MAX_BACKOFF, "no overflow");
+        assert_eq!(backoff(300, 2), MAX_BACKOFF);
+        assert_eq!(backoff(0, 5), Duration::ZERO, "0: no wait");
     }
 }

@@ -13,9 +13,11 @@
 //! for an attempt the shard has moved past changes nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use infermesh_crds::{MeshSpec, WorkloadPhase, WorkloadSpec};
+use infermesh_io::{Dataset, Piece};
 use infermesh_proto as pb;
 use pb::operator_message::Msg as Down;
 use tonic::Status;
@@ -25,8 +27,9 @@ use super::lease::{self, Requeue};
 use super::outputs;
 use super::planner;
 use super::pricing::{self, Price, format_credits};
-use super::progress::{AgentSummary, WorkloadSummary};
-use super::scheduler::{self, AgentView, PendingShard};
+use super::progress::{AgentSummary, SlotWait, WorkloadSummary};
+use super::scheduler::{self, AgentView, Offer, Waiter};
+use super::validate::MAX_PRIORITY;
 use super::validate::Validated;
 use super::{AgentHandle, models};
 use crate::grpc::Principal;
@@ -92,6 +95,12 @@ pub struct RequeueOrder {
     pub reason: String,
     /// The workload's failure reason when this was its last attempt.
     pub fail_reason: &'static str,
+    /// The attempt itself failed (a retryable error, a part that does not match its report,
+    /// the shard timeout): the shard waits `spec.retryBackoffSeconds`, doubled per failed
+    /// attempt, before its next one ([`Machine::back_off`]). False when it was lost through
+    /// no fault of its own (its agent left, a store write failed): it is dispatched again at
+    /// once.
+    pub backoff: bool,
 }
 
 /// What a requeue of an attempt comes to, decided by [`Machine::requeue_plan`].
@@ -118,6 +127,12 @@ pub(super) enum ShardStatus {
     },
     /// Claimed by another operator (its store claim won).
     Elsewhere,
+    /// Pending (so in the store), waiting after a failed attempt until `until` before it can
+    /// be claimed again; the periodic tick makes it `Pending` when due
+    /// ([`Machine::backoffs_due`]).
+    Backoff {
+        until: Instant,
+    },
     Succeeded,
     Failed,
 }
@@ -128,7 +143,7 @@ impl ShardStatus {
             Self::Pending => Standing::Pending,
             Self::Running { agent, .. } => Standing::Running { agent },
             Self::Committing { agent } => Standing::Committing { agent },
-            Self::Elsewhere => Standing::Pending,
+            Self::Elsewhere | Self::Backoff { .. } => Standing::Pending,
             Self::Succeeded => Standing::Succeeded,
             Self::Failed => Standing::Failed,
         }
@@ -192,6 +207,8 @@ pub(super) struct WorkloadState {
     pub(super) input_size: u64,
     /// The input's version when it was sized: every read asks for it.
     pub(super) input_version: Option<String>,
+    /// The input's files when it is not one plain JSONL object: shards are ranges over them.
+    pub(super) input_files: Option<Arc<Dataset>>,
     pub(super) shards: Vec<ShardState>,
     /// No shard below this index can be claimed: a dispatch round looks from here on (it
     /// moves up as shards are claimed, and down when one goes back to the queue), so a round
@@ -214,8 +231,13 @@ pub(super) struct WorkloadState {
     pub(super) retried: u32,
     /// Submission order, for listings.
     pub(super) seq: u64,
+    /// When `spec.activeDeadlineSeconds` runs out (counted from admission, or from the start
+    /// of the run the store holds when taken up: [`Machine::start_clock`]).
+    pub(super) deadline: Option<Instant>,
     /// What the model's URI hashed to at admission when not its pinned sha256.
     pub(super) model_drift: Option<String>,
+    /// Its `spec.credentials`, once handed over (in memory only): its Assigns carry them.
+    pub(super) credentials: Option<infermesh_io::Credentials>,
 }
 
 /// A workload entering the machine (submitted, or resumed from the store).
@@ -228,14 +250,22 @@ pub(super) struct NewWorkload {
     pub(super) validated: Validated,
     pub(super) input_size: u64,
     pub(super) input_version: Option<String>,
+    pub(super) input_files: Option<Arc<Dataset>>,
     pub(super) shards: Vec<ShardState>,
     /// Already in the store (resumed).
     pub(super) admitted: bool,
     pub(super) credits: i64,
     pub(super) model_drift: Option<String>,
+    pub(super) credentials: Option<infermesh_io::Credentials>,
 }
 
 impl WorkloadState {
+    /// Its spec names credentials that have not been handed over (taken up after a restart
+    /// or a retry): it neither dispatches nor writes until they are.
+    fn lacks_credentials(&self) -> bool {
+        self.spec.credentials.is_some() && self.credentials.is_none()
+    }
+
     fn model_key(&self) -> String {
         if self.validated.model.sha256.is_empty() {
             self.validated.model.uri.clone()
@@ -280,6 +310,8 @@ pub(super) struct Accepted {
     pub(super) uid: String,
     pub(super) namespace: String,
     pub(super) output: String,
+    /// The parts' extension (`jsonl`, `parquet`).
+    pub(super) ext: &'static str,
     pub(super) index: u32,
     pub(super) attempt: u32,
     pub(super) elapsed: Duration,
@@ -306,7 +338,7 @@ impl Accepted {
             attempt: self.attempt,
             agent: agent.to_string(),
             records: c.records,
-            output_uri: outputs::part_uri(&self.output, self.index),
+            output_uri: outputs::part_uri_as(&self.output, self.index, self.ext),
             sha256: c.sha256.to_ascii_lowercase(),
             price,
             device: device.as_str().into(),
@@ -318,6 +350,8 @@ impl Accepted {
 /// What a workload's success writes: its parts (to commit), its manifest, its message.
 pub(super) struct FinishPlan {
     pub(super) output: String,
+    /// The parts' extension.
+    pub(super) ext: &'static str,
     pub(super) manifest: serde_json::Value,
     /// (shard, committed attempt) of every part.
     pub(super) parts: Vec<(u32, u32)>,
@@ -326,6 +360,64 @@ pub(super) struct FinishPlan {
 
 /// A refused report: the workload it named (when known) and why.
 pub(super) type Verdict<T> = Result<T, (Option<String>, Refusal)>;
+
+/// Waiting workloads numbered in each Mesh's queue per round; those further back are told
+/// only that more are ahead of them.
+pub(super) const QUEUE_POSITIONS: usize = 100;
+
+/// What fair share keeps between dispatch rounds.
+#[derive(Default)]
+pub(super) struct FairState {
+    /// Shards being committed (their holder reported them done; the store has not answered):
+    /// they hold their namespace's slots until it does. Pruned at each round.
+    pub(super) committing: HashSet<(String, u32)>,
+    /// Why each waiting workload (admitted, shards to run, no slot) waits, by uid, as of the
+    /// last round.
+    pub(super) waiting: HashMap<String, SlotWait>,
+}
+
+/// The namespaces' queues of one round, by Mesh and namespace.
+#[derive(Default)]
+struct Shares {
+    queues: Vec<scheduler::Queue>,
+    index: HashMap<String, HashMap<String, usize>>,
+}
+
+impl Shares {
+    /// The queue of `namespace` on `mesh` (whose spec, when known, gives its weight and cap).
+    fn queue(&mut self, spec: Option<&MeshSpec>, mesh: &str, namespace: &str) -> usize {
+        if let Some(&q) = self.index.get(mesh).and_then(|m| m.get(namespace)) {
+            return q;
+        }
+        let share = spec.map(|m| m.share_of(namespace));
+        self.queues.push(scheduler::Queue {
+            mesh: mesh.to_string(),
+            namespace: namespace.to_string(),
+            weight: share.map_or(1, |s| s.weight),
+            max_slots: share.and_then(|s| s.max_slots),
+            held: 0,
+            committing: 0,
+        });
+        let q = self.queues.len() - 1;
+        self.index
+            .entry(mesh.to_string())
+            .or_default()
+            .insert(namespace.to_string(), q);
+        q
+    }
+}
+
+/// A workload's priority raised by the time it has waited since admission: a point per
+/// `aging_seconds` (the Mesh's `agingSeconds`; 0: no aging), up to the highest priority, so a
+/// low-priority workload eventually ties with the highest and takes its turn.
+pub(super) fn effective_priority(priority: i32, waited: Duration, aging_seconds: u32) -> i64 {
+    let own = i64::from(priority);
+    if aging_seconds == 0 {
+        return own;
+    }
+    let gained = i64::try_from(waited.as_secs() / u64::from(aging_seconds)).unwrap_or(i64::MAX);
+    own.max(own.saturating_add(gained).min(i64::from(MAX_PRIORITY)))
+}
 
 /// The state machine.
 #[derive(Default)]
@@ -338,6 +430,11 @@ pub(super) struct Machine {
     pub(super) agents: BTreeMap<String, AgentState>,
     /// Balances of namespaces whose Mesh sets a budget, as last read plus what was charged.
     pub(super) balances: HashMap<String, i64>,
+    /// What fair share keeps from one round to the next.
+    pub(super) fair: FairState,
+    /// The credentials of finished workloads whose spec names some (by uid, with the key),
+    /// until their summary is released: a late report's part is removed with them.
+    pub(super) finished_credentials: HashMap<String, (String, Option<infermesh_io::Credentials>)>,
     next_session: u64,
     next_seq: u64,
 }
@@ -352,8 +449,14 @@ impl Machine {
         if let Some(w) = self.workloads.get(uid) {
             let s = w.shards.get(index as usize)?;
             let done = s.status == ShardStatus::Succeeded;
-            return (attempt < s.attempt || (done && attempt != s.attempt))
-                .then(|| outputs::attempt_uri(&w.spec.output.uri, index, attempt));
+            return (attempt < s.attempt || (done && attempt != s.attempt)).then(|| {
+                outputs::attempt_uri_as(
+                    &w.spec.output.uri,
+                    index,
+                    attempt,
+                    w.validated.output_format.extension(),
+                )
+            });
         }
         self.finished
             .iter()
@@ -456,7 +559,7 @@ impl Machine {
         let mut all: Vec<(u64, WorkloadSummary)> = self
             .workloads
             .values()
-            .map(|w| (w.seq, summarize(w)))
+            .map(|w| (w.seq, self.summary_of(w)))
             .chain(self.finished.values().cloned())
             .collect();
         all.sort_by_key(|(seq, _)| *seq);
@@ -468,7 +571,7 @@ impl Machine {
         if let Some((_, s)) = self.finished.get(key) {
             return Some(s.clone());
         }
-        self.live(key).map(summarize)
+        self.live(key).map(|w| self.summary_of(w))
     }
 
     /// Every agent's summary.
@@ -565,6 +668,7 @@ impl Machine {
                 validated: new.validated,
                 input_size: new.input_size,
                 input_version: new.input_version,
+                input_files: new.input_files,
                 shards: new.shards,
                 claimable_from: 0,
                 admitted: new.admitted,
@@ -580,9 +684,60 @@ impl Machine {
                 credits: new.credits,
                 retried: 0,
                 seq,
+                deadline: None,
                 model_drift: new.model_drift,
+                credentials: new.credentials,
             },
         );
+    }
+
+    /// Whose keys workload `uid`'s reads and writes use, live or finished: `Some(None)` the
+    /// operator's own (its spec names no credentials, or it is unknown); `None` when its spec
+    /// names credentials that are not held (its I/O must wait or be skipped, never fall back
+    /// to the operator's own keys).
+    pub(super) fn credentials_of(&self, uid: &str) -> Option<Option<infermesh_io::Credentials>> {
+        if let Some(w) = self.workloads.get(uid) {
+            return match (&w.spec.credentials, &w.credentials) {
+                (None, _) => Some(None),
+                (Some(_), Some(c)) => Some(Some(c.clone())),
+                (Some(_), None) => None,
+            };
+        }
+        match self.finished_credentials.get(uid) {
+            Some((_, Some(c))) => Some(Some(c.clone())),
+            Some((_, None)) => None,
+            None => Some(None),
+        }
+    }
+
+    /// Whether workload `uid` waits for its credentials.
+    pub(super) fn lacks_credentials(&self, uid: &str) -> bool {
+        self.workloads
+            .get(uid)
+            .is_some_and(WorkloadState::lacks_credentials)
+    }
+
+    /// Sets the credentials of the live workload `key`; returns its uid when they changed.
+    pub(super) fn set_credentials(
+        &mut self,
+        key: &str,
+        credentials: Option<infermesh_io::Credentials>,
+    ) -> Option<String> {
+        let w = self.workloads.values_mut().find(|w| w.key == key)?;
+        if w.credentials == credentials {
+            return None;
+        }
+        w.credentials = credentials;
+        Some(w.uid.clone())
+    }
+
+    /// A live workload other than `uid` whose output overlaps `output` (its key).
+    pub(super) fn output_user(&self, uid: &str, output: &str) -> Option<String> {
+        self.workloads
+            .values()
+            .filter(|w| w.uid != uid && !w.phase.is_terminal())
+            .find(|w| super::tenancy::outputs_overlap(&w.spec.output.uri, output))
+            .map(|w| w.key.clone())
     }
 
     /// A failed workload taken up again by a retry (its shards reopened in the store): it
@@ -636,6 +791,7 @@ impl Machine {
         w.reason = "Admitted".into();
         w.message = String::new();
         w.submitted = now;
+        w.deadline = deadline(&w.spec, Duration::ZERO, now);
         if let Some(b) = balance {
             self.balances.insert(namespace, b);
         }
@@ -692,6 +848,10 @@ impl Machine {
             for a in self.agents.values_mut() {
                 a.running.retain(|(u, _)| u != uid);
             }
+            if w.spec.credentials.is_some() {
+                self.finished_credentials
+                    .insert(w.uid.clone(), (w.key.clone(), w.credentials.clone()));
+            }
             self.finished.insert(w.key.clone(), (w.seq, summarize(&w)));
         }
     }
@@ -699,6 +859,7 @@ impl Machine {
     /// Forgets a finished workload's summary (its final status is written).
     pub(super) fn release(&mut self, key: &str) {
         self.finished.remove(key);
+        self.finished_credentials.retain(|_, (k, _)| k != key);
     }
 
     // ---- agents --------------------------------------------------------------------------
@@ -778,6 +939,7 @@ impl Machine {
                 agent: Some(hello.agent_id.clone()),
                 reason: "agent reconnected".into(),
                 fail_reason: "AgentLost",
+                backoff: false,
             }));
         }
         effects.push(Effect::Dispatch);
@@ -900,6 +1062,7 @@ impl Machine {
                 agent: Some(id.to_string()),
                 reason: "the agent's heartbeat no longer lists the shard".into(),
                 fail_reason: "AgentLost",
+                backoff: false,
             }));
         }
         effects.push(Effect::Dispatch);
@@ -931,6 +1094,7 @@ impl Machine {
                     agent: Some(id.to_string()),
                     reason: String::new(),
                     fail_reason: "AgentLost",
+                    backoff: false,
                 })
                 .collect(),
         )
@@ -1011,6 +1175,7 @@ impl Machine {
                     agent: Some(agent.clone()),
                     reason,
                     fail_reason: "ShardTimeout",
+                    backoff: true,
                 }));
             }
         }
@@ -1019,6 +1184,83 @@ impl Machine {
             effects.push(Effect::Dispatch);
         }
         effects
+    }
+
+    // ---- lifecycle: deadlines and backoff ----------------------------------------------
+
+    /// Starts a workload's `spec.activeDeadlineSeconds` clock at `now`, the workload having
+    /// run for `running_for` already: zero at admission, the time since the run the store
+    /// holds began when taken up after a restart or a retry.
+    pub(super) fn start_clock(&mut self, uid: &str, running_for: Duration, now: Instant) {
+        if let Some(w) = self.workloads.get_mut(uid) {
+            w.deadline = deadline(&w.spec, running_for, now);
+        }
+    }
+
+    /// Running workloads whose `spec.activeDeadlineSeconds` has passed at `now`, each with
+    /// the message of its failure (`DeadlineExceeded`), for the executor to fail. One whose
+    /// terminal write is under way is left to it.
+    pub(super) fn past_deadline(&self, now: Instant) -> Vec<(String, String)> {
+        self.workloads
+            .values()
+            .filter(|w| w.admitted && !w.finishing && !w.phase.is_terminal())
+            .filter(|w| w.deadline.is_some_and(|d| now >= d))
+            .map(|w| {
+                let limit = w.spec.active_deadline_seconds.unwrap_or_default();
+                let message = format!(
+                    "spec.activeDeadlineSeconds ({limit}s) passed with {} of {} shards done",
+                    w.succeeded,
+                    w.shards.len()
+                );
+                (w.uid.clone(), message)
+            })
+            .collect()
+    }
+
+    /// A requeue of attempt `attempt` caused by the attempt's own failure was stored: the
+    /// shard waits `spec.retryBackoffSeconds × 2^(n-1)` (at most 5 minutes; `n` its attempts
+    /// since the workload's last retry) before it can be claimed. Changes nothing unless the
+    /// shard is pending at that attempt, or when the workload asks for no wait.
+    pub(super) fn back_off(&mut self, uid: &str, index: u32, attempt: u32, now: Instant) {
+        let Some(w) = self.workloads.get_mut(uid) else {
+            return;
+        };
+        let base = w.spec.retry_backoff_seconds;
+        let Some(s) = w.shards.get_mut(index as usize) else {
+            return;
+        };
+        if base == 0 || w.phase.is_terminal() || s.attempt != attempt {
+            return;
+        }
+        if s.status != ShardStatus::Pending {
+            return;
+        }
+        let wait = lease::backoff(base, s.used(attempt));
+        let Some(until) = now.checked_add(wait) else {
+            return;
+        };
+        tracing::info!(workload = %w.key, shard = index, attempt, wait_s = wait.as_secs(), "shard backs off before its next attempt");
+        s.status = ShardStatus::Backoff { until };
+    }
+
+    /// Shards whose backoff is over at `now` become pending again (the claim cursor lowered,
+    /// as for a requeue). Returns whether any did: a dispatch round is due.
+    pub(super) fn backoffs_due(&mut self, now: Instant) -> bool {
+        let mut any = false;
+        for w in self.workloads.values_mut() {
+            let mut lowest = None;
+            for s in &mut w.shards {
+                if matches!(s.status, ShardStatus::Backoff { until } if until <= now) {
+                    s.status = ShardStatus::Pending;
+                    lowest.get_or_insert(s.range.index as usize);
+                }
+            }
+            if let Some(first) = lowest {
+                w.claimable_from = w.claimable_from.min(first);
+                any = true;
+            }
+        }
+        any
     }
 
     // ---- reports -------------------------------------------------------------------------
@@ -1066,7 +1308,12 @@ impl Machine {
         let uid = self.judge(who, shard)?;
         let w = &self.workloads[&uid];
         let s = &w.shards[shard.index as usize];
-        let expected = outputs::attempt_uri(&w.spec.output.uri, shard.index, s.attempt);
+        let expected = outputs::attempt_uri_as(
+            &w.spec.output.uri,
+            shard.index,
+            s.attempt,
+            w.validated.output_format.extension(),
+        );
         if c.output_uri != expected {
             return Err((
                 Some(uid),
@@ -1083,7 +1330,10 @@ impl Machine {
         accounting::check_completed_numbers(
             c.compute_seconds,
             c.records,
-            accounting::max_records(s.range.start, s.range.end),
+            match &w.input_files {
+                None => accounting::max_records(s.range.start, s.range.end),
+                Some(ds) => ds.max_records(s.range.start, s.range.end),
+            },
             &c.sha256,
             elapsed,
         )
@@ -1092,6 +1342,7 @@ impl Machine {
             uid: uid.clone(),
             namespace: w.namespace.clone(),
             output: w.spec.output.uri.clone(),
+            ext: w.validated.output_format.extension(),
             index: shard.index,
             attempt: s.attempt,
             elapsed,
@@ -1115,6 +1366,7 @@ impl Machine {
                 agent: who.to_string(),
             };
         }
+        self.fair.committing.insert((uid.clone(), shard.index));
         Ok(accepted)
     }
 
@@ -1274,6 +1526,7 @@ impl Machine {
                     agent: agent.map(str::to_string),
                     reason: "held in the store by no agent of this operator (a claim whose answer was lost)".into(),
                     fail_reason: "AgentLost",
+                    backoff: false,
                 })]
             }
             _ => Vec::new(),
@@ -1304,6 +1557,7 @@ impl Machine {
                         agent: s.status.holder().map(str::to_string),
                         reason: "its holder's report or departure was not recorded while the store was down".into(),
                         fail_reason: "AgentLost",
+                        backoff: false,
                     });
                 }
             }
@@ -1471,12 +1725,13 @@ impl Machine {
         }
         w.finishing = true;
         let output = w.spec.output.uri.clone();
+        let ext = w.validated.output_format.extension();
         let parts: Vec<outputs::ManifestPart> = w
             .shards
             .iter()
             .map(|s| outputs::ManifestPart {
                 index: s.range.index,
-                uri: outputs::part_uri(&output, s.range.index),
+                uri: outputs::part_uri_as(&output, s.range.index, ext),
                 records: s.records,
                 sha256: s.sha256.clone(),
             })
@@ -1502,6 +1757,7 @@ impl Machine {
         });
         Some(FinishPlan {
             output,
+            ext,
             manifest,
             // Only parts not known to be at their final name are moved (again) before the
             // manifest: one look per part at the end cost as much as the run's own moves.
@@ -1530,9 +1786,23 @@ impl Machine {
     // ---- dispatch ------------------------------------------------------------------------
 
     /// The claims of one dispatch round: pending shards of running workloads onto agents with
-    /// free slots. Changes nothing but the hold reason of workloads whose namespace is out of
-    /// credits (they dispatch nothing more; running shards finish).
-    pub(super) fn plan_round(&mut self) -> Vec<Claim> {
+    /// free slots, each namespace's share of its Mesh kept ([`scheduler::schedule`]). Changes
+    /// nothing but the hold reason of workloads whose namespace is out of credits (they
+    /// dispatch nothing more; running shards finish) and what each waiting workload says of
+    /// its wait ([`Machine::waiting_for_slots`]). `now` ages the waiting workloads' priorities.
+    pub(super) fn plan_round(&mut self, now: Instant) -> Vec<Claim> {
+        // Shards being committed hold their namespace's slots until the store answers.
+        {
+            let Self {
+                fair, workloads, ..
+            } = self;
+            fair.committing.retain(|(uid, index)| {
+                workloads
+                    .get(uid)
+                    .and_then(|w| w.shards.get(*index as usize))
+                    .is_some_and(|s| matches!(s.status, ShardStatus::Committing { .. }))
+            });
+        }
         // Only agents that can take a shard now are copied for the scheduler: at a thousand
         // agents nearly all are full in any one round. The scheduler gives nothing to the
         // others, and the order of those kept is unchanged, so its choices are the same.
@@ -1551,9 +1821,6 @@ impl Machine {
                 gpu_memory: a.gpus.iter().map(|g| g.memory_bytes).min().unwrap_or(0),
             })
             .collect();
-        if views.is_empty() {
-            return Vec::new();
-        }
         let blocked: Vec<String> = self
             .workloads
             .values()
@@ -1579,23 +1846,27 @@ impl Machine {
             .workloads
             .values()
             .filter(|w| {
-                w.phase == WorkloadPhase::Running && !w.spec.suspend && !blocked.contains(&w.uid)
+                w.phase == WorkloadPhase::Running
+                    && !w.spec.suspend
+                    && !w.lacks_credentials()
+                    && !blocked.contains(&w.uid)
             })
             .collect();
         order.sort_by_key(|w| w.seq);
         // No round places more shards than there are free slots, and the shards of one
         // workload are alike to the scheduler (mesh, model, needs, priority), so each workload
         // offers only its first `free` claimable shards: a round's cost follows the free
-        // slots, not the queue.
+        // slots, not the queue. (With no slot free, each still looks for one, to know whether
+        // it waits.)
         let free: usize = views
             .iter()
             .filter(|v| v.schedulable)
             .map(|v| v.free_slots as usize)
             .sum();
-        let mut pending = Vec::new();
+        let mut offers: Vec<Offer> = Vec::new();
         let mut cursors = Vec::with_capacity(order.len());
+        let mut shares = Shares::default();
         for (i, w) in order.iter().enumerate() {
-            let model = w.model_key();
             let from = w.claimable_from.min(w.shards.len());
             // A shard out of attempts is failed, never claimed again.
             let mut claimable = w.shards[from..]
@@ -1603,7 +1874,7 @@ impl Machine {
                 .filter(|s| {
                     s.status == ShardStatus::Pending && s.used(s.attempt) < w.spec.max_attempts
                 })
-                .take(free)
+                .take(free.max(1))
                 .peekable();
             cursors.push((
                 w.uid.clone(),
@@ -1611,17 +1882,44 @@ impl Machine {
                     .peek()
                     .map_or(w.shards.len(), |s| s.range.index as usize),
             ));
-            pending.extend(claimable.map(|s| PendingShard {
+            let shards: Vec<u32> = claimable.map(|s| s.range.index).collect();
+            if shards.is_empty() {
+                continue;
+            }
+            let mesh = self.meshes.get(&w.mesh).map(|m| &m.spec);
+            offers.push(Offer {
                 workload: i,
-                shard: s.range.index,
-                mesh: w.mesh.clone(),
-                priority: w.spec.priority,
-                model: model.clone(),
+                queue: shares.queue(mesh, &w.mesh, &w.namespace),
+                priority: effective_priority(
+                    w.spec.priority,
+                    now.saturating_duration_since(w.submitted),
+                    mesh.map_or(0, |m| m.aging_seconds),
+                ),
+                held: 0,
+                seq: w.seq,
+                shards,
+                model: w.model_key(),
                 needs: w.validated.needs.clone(),
-            }));
+            });
         }
-        let placed = scheduler::schedule(&views, &pending)
-            .into_iter()
+        // What each workload and namespace holds matters only when several compete or a cap
+        // applies; then it is counted from the agents' assignments and the commits under way
+        // (the running shards, not the queue).
+        let contended = offers.len() > 1 || shares.queues.iter().any(|q| q.max_slots.is_some());
+        let mut held = if contended {
+            self.held_by_workload()
+        } else {
+            HashMap::new()
+        };
+        if contended {
+            self.count_shares(&held, &mut shares);
+            for o in &mut offers {
+                o.held = held.get(order[o.workload].uid.as_str()).map_or(0, |h| h.0);
+            }
+        }
+        let placements = scheduler::schedule(&views, &shares.queues, &offers);
+        let claims: Vec<Claim> = placements
+            .iter()
             .map(|p| {
                 let w = order[p.workload];
                 Claim {
@@ -1632,6 +1930,35 @@ impl Machine {
                 }
             })
             .collect();
+        // Those that got nothing and hold nothing wait: why, and where.
+        let mut placed = vec![0u32; order.len()];
+        for p in &placements {
+            placed[p.workload] += 1;
+        }
+        if !contended && offers.iter().any(|o| placed[o.workload] == 0) {
+            held = self.held_by_workload();
+            self.count_shares(&held, &mut shares);
+        }
+        for o in &offers {
+            if let Some(q) = shares.queues.get_mut(o.queue) {
+                q.held = q.held.saturating_add(placed[o.workload]);
+            }
+        }
+        let waiters: Vec<(&str, Waiter)> = offers
+            .iter()
+            .filter(|o| placed[o.workload] == 0)
+            .map(|o| (order[o.workload].uid.as_str(), o))
+            .filter(|(uid, _)| held.get(uid).is_none_or(|h| h.0 + h.1 == 0))
+            .map(|(uid, o)| {
+                let waiter = Waiter {
+                    queue: o.queue,
+                    priority: o.priority,
+                    seq: o.seq,
+                };
+                (uid, waiter)
+            })
+            .collect();
+        let waiting = self.waiting_for_slots(&shares.queues, &waiters);
         // Nothing below the first claimable shard found can be claimed until one goes back
         // to the queue (which lowers the cursor).
         for (uid, first) in cursors {
@@ -1639,7 +1966,121 @@ impl Machine {
                 w.claimable_from = first;
             }
         }
-        placed
+        self.fair.waiting = waiting;
+        claims
+    }
+
+    /// Slots held now by each workload's shards: (assigned to an agent, being committed).
+    /// A shard taken back from an agent, awaiting its requeue, holds none: it runs nowhere.
+    fn held_by_workload(&self) -> HashMap<&str, (u32, u32)> {
+        let mut held: HashMap<&str, (u32, u32)> = HashMap::new();
+        for a in self.agents.values() {
+            // An agent's assignments are sorted by workload: one count per run of them.
+            let mut run: Option<(&str, u32)> = None;
+            for (uid, _) in &a.running {
+                match &mut run {
+                    Some((u, n)) if *u == uid.as_str() => *n += 1,
+                    _ => {
+                        if let Some((u, n)) = run.replace((uid.as_str(), 1)) {
+                            held.entry(u).or_default().0 += n;
+                        }
+                    }
+                }
+            }
+            if let Some((u, n)) = run {
+                held.entry(u).or_default().0 += n;
+            }
+        }
+        for (uid, _) in &self.fair.committing {
+            held.entry(uid.as_str()).or_default().1 += 1;
+        }
+        held
+    }
+
+    /// Adds what each workload holds to its namespace's queue (made for it when it offers
+    /// nothing this round: its slots still count towards the shares).
+    fn count_shares(&self, held: &HashMap<&str, (u32, u32)>, shares: &mut Shares) {
+        for q in &mut shares.queues {
+            q.held = 0;
+            q.committing = 0;
+        }
+        for (uid, (running, committing)) in held {
+            let Some(w) = self.workloads.get(*uid) else {
+                continue;
+            };
+            let mesh = self.meshes.get(&w.mesh).map(|m| &m.spec);
+            let i = shares.queue(mesh, &w.mesh, &w.namespace);
+            let q = &mut shares.queues[i];
+            q.held = q.held.saturating_add(*running);
+            q.committing = q.committing.saturating_add(*committing);
+        }
+    }
+
+    /// Why each waiting workload waits and where it is, after a round (`queues` hold what
+    /// each namespace holds with the round's placements): its namespace at its `maxSlots`, or
+    /// at its share by weight of a full Mesh, and its place in the Mesh's queue (the first
+    /// [`QUEUE_POSITIONS`] of each Mesh are numbered).
+    fn waiting_for_slots(
+        &self,
+        queues: &[scheduler::Queue],
+        waiters: &[(&str, Waiter)],
+    ) -> HashMap<String, SlotWait> {
+        if waiters.is_empty() {
+            return HashMap::new();
+        }
+        let list: Vec<Waiter> = waiters.iter().map(|(_, w)| w.clone()).collect();
+        let positions = scheduler::queue_positions(queues, &list, QUEUE_POSITIONS);
+        let mut slots: HashMap<&str, u32> = HashMap::new();
+        for a in self
+            .agents
+            .values()
+            .filter(|a| a.connected && !a.unschedulable)
+        {
+            *slots.entry(a.mesh.as_str()).or_default() += a.slots;
+        }
+        let mut weights: HashMap<&str, u64> = HashMap::new();
+        for q in queues {
+            *weights.entry(q.mesh.as_str()).or_default() += u64::from(q.weight);
+        }
+        waiters
+            .iter()
+            .zip(positions)
+            .map(|((uid, w), position)| {
+                let q = &queues[w.queue];
+                let place = match position {
+                    Some(p) => format!("position {p} in the queue of mesh {}", q.mesh),
+                    None => format!(
+                        "more than {QUEUE_POSITIONS} workloads ahead of it in the queue of mesh {}",
+                        q.mesh
+                    ),
+                };
+                let total = slots.get(q.mesh.as_str()).copied().unwrap_or(0);
+                let weight_sum = weights.get(q.mesh.as_str()).copied().unwrap_or(1).max(1);
+                let share = u64::from(total) * u64::from(q.weight) / weight_sum;
+                let message = match q.max_slots {
+                    Some(cap) if q.held.saturating_add(q.committing) >= cap => format!(
+                        "namespace {} uses {} of its {cap} slots (maxSlots on mesh {})",
+                        q.namespace,
+                        q.held.saturating_add(q.committing),
+                        q.mesh
+                    ),
+                    _ if share >= 1 && u64::from(q.held) >= share => format!(
+                        "namespace {} uses {} slots, at or over its share by weight ({share} of \
+                         the {total} of mesh {}); {place}",
+                        q.namespace, q.held, q.mesh
+                    ),
+                    _ => place,
+                };
+                (uid.to_string(), SlotWait { position, message })
+            })
+            .collect()
+    }
+
+    /// A workload's summary, with what it waits for.
+    fn summary_of(&self, w: &WorkloadState) -> WorkloadSummary {
+        let mut s = summarize(w);
+        s.waiting = self.fair.waiting.get(&w.uid).cloned();
+        s
     }
 
     /// The store's answer to a round's claims (`won[i]`: claim `i` was stored). Won claims
@@ -1681,7 +2122,12 @@ impl Machine {
                     send(
                         &mut effects,
                         &c.agent,
-                        Down::Assign(assignment(w, c.shard, c.attempt)),
+                        Down::Assign(assignment(
+                            w,
+                            c.shard,
+                            c.attempt,
+                            self.meshes.get(&w.mesh).map(|m| &m.spec),
+                        )),
                     );
                     effects.push(Effect::Count(Tally::Dispatched));
                 }
@@ -1692,11 +2138,19 @@ impl Machine {
                     agent: Some(c.agent.clone()),
                     reason: "the agent left before its assignment went out".into(),
                     fail_reason: "AgentLost",
+                    backoff: false,
                 })),
             }
         }
         effects
     }
+}
+
+/// When `spec.activeDeadlineSeconds` runs out for a workload that has run for `running_for`
+/// at `now`; `None` without a deadline.
+fn deadline(spec: &WorkloadSpec, running_for: Duration, now: Instant) -> Option<Instant> {
+    let limit = Duration::from_secs(u64::from(spec.active_deadline_seconds?));
+    now.checked_add(limit.saturating_sub(running_for))
 }
 
 fn quota_message(namespace: &str, mesh: &str, left: i64, budget: i64) -> String {
@@ -1710,10 +2164,31 @@ fn quota_message(namespace: &str, mesh: &str, left: i64, budget: i64) -> String 
 }
 
 /// The Assign of attempt `attempt` of shard `index`: the part goes to the attempt's own
-/// location.
-fn assignment(w: &WorkloadState, index: u32, attempt: u32) -> pb::Assign {
+/// location. It carries the workload's credentials, if any, and the Mesh's grant to its
+/// namespace, if the Mesh names tenants (`mesh`: the Mesh's spec now).
+fn assignment(
+    w: &WorkloadState,
+    index: u32,
+    attempt: u32,
+    mesh: Option<&infermesh_crds::MeshSpec>,
+) -> pb::Assign {
     let s = &w.shards[index as usize];
+    let access = mesh
+        .and_then(|m| super::tenancy::grant_of(m, &w.namespace))
+        .map(|g| pb::Access {
+            read: g.read,
+            write: g.write,
+        });
+    let credentials = w.credentials.as_ref().map(|c| pb::Credentials {
+        access_key_id: c.access_key_id.clone(),
+        secret_access_key: c.secret_access_key.clone(),
+        session_token: c.session_token.clone().unwrap_or_default(),
+        region: c.region.clone().unwrap_or_default(),
+        bearer_token: c.bearer_token.clone().unwrap_or_default(),
+    });
     pb::Assign {
+        credentials,
+        access,
         shard: Some(pb::ShardRef {
             workload: w.key.clone(),
             index,
@@ -1721,16 +2196,84 @@ fn assignment(w: &WorkloadState, index: u32, attempt: u32) -> pb::Assign {
         }),
         model: Some(w.validated.model.clone()),
         task: Some(w.validated.task.clone()),
-        input: Some(pb::InputRange {
-            uri: w.spec.input.uri.clone(),
-            format: "jsonl".into(),
-            start: s.range.start,
-            end: s.range.end,
-            size: w.input_size,
-            version: w.input_version.clone().unwrap_or_default(),
+        input: Some(match &w.input_files {
+            None => pb::InputRange {
+                uri: w.spec.input.uri.clone(),
+                format: "jsonl".into(),
+                start: s.range.start,
+                end: s.range.end,
+                size: w.input_size,
+                version: w.input_version.clone().unwrap_or_default(),
+                ..Default::default()
+            },
+            Some(ds) => input_parts(ds, &w.validated, s.range.start, s.range.end),
         }),
-        output_uri: outputs::attempt_uri(&w.spec.output.uri, index, attempt),
+        output_uri: outputs::attempt_uri_as(
+            &w.spec.output.uri,
+            index,
+            attempt,
+            w.validated.output_format.extension(),
+        ),
         batch_size: w.spec.batch_size,
+        output_format: w.validated.output_format.extension().into(),
+        output_zstd: w.validated.output_zstd,
+    }
+}
+
+/// The input of shard `[start, end)` of a dataset: what it reads of each file.
+fn input_parts(ds: &Dataset, v: &Validated, start: u64, end: u64) -> pb::InputRange {
+    let parts = ds
+        .pieces(start, end)
+        .into_iter()
+        .map(|p| {
+            let f = &ds.files[p.file()];
+            let mut part = pb::InputPart {
+                uri: f.uri.clone(),
+                size: f.size,
+                version: f.version.clone().unwrap_or_default(),
+                compression: f.compression.as_str().into(),
+                ..Default::default()
+            };
+            match p {
+                Piece::Bytes { start, end, .. } => (part.start, part.end) = (start, end),
+                Piece::Whole { .. } => part.end = f.size,
+                Piece::RowGroups { first, end, .. } => {
+                    (part.row_group_start, part.row_group_end) = (first, end);
+                    part.row_groups = f
+                        .row_groups
+                        .iter()
+                        .map(|g| pb::RowGroupFacts {
+                            bytes: g.bytes,
+                            rows: g.rows,
+                        })
+                        .collect();
+                }
+            }
+            part
+        })
+        .collect();
+    pb::InputRange {
+        format: ds.format.as_str().into(),
+        parts,
+        delimiter: if v.delimiter == b',' {
+            String::new()
+        } else {
+            char::from(v.delimiter).to_string()
+        },
+        columns: if ds.format == infermesh_io::Format::Parquet {
+            v.input
+                .columns
+                .iter()
+                .map(String::as_str)
+                // The id may be a dotted path too: its column is the first segment.
+                .chain(v.task.id_field.split('.').next())
+                .filter(|c| !c.is_empty())
+                .map(String::from)
+                .collect()
+        } else {
+            Vec::new()
+        },
+        ..Default::default()
     }
 }
 
@@ -1751,7 +2294,7 @@ fn summarize(w: &WorkloadState) -> WorkloadSummary {
         reason: w.reason.clone(),
         message: w.message.clone(),
         shards_total: w.shards.len() as u32,
-        shards_pending: count(|s| matches!(s, ShardStatus::Pending)),
+        shards_pending: count(|s| matches!(s, ShardStatus::Pending | ShardStatus::Backoff { .. })),
         shards_running: count(|s| {
             matches!(
                 s,
@@ -1777,8 +2320,13 @@ fn summarize(w: &WorkloadState) -> WorkloadSummary {
                 models::drift_warning(&w.validated.model.uri, &w.validated.model.sha256, actual)
             })
             .collect(),
+        // Filled in by the machine, which knows the queue (`Machine::summary_of`).
+        waiting: None,
     }
 }
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod fair_share_tests;

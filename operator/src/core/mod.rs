@@ -21,6 +21,7 @@
 //!   them ([`Core::release`]); the store keeps the history.
 
 pub mod accounting;
+pub mod inputs;
 pub mod lease;
 pub mod machine;
 pub mod models;
@@ -31,6 +32,7 @@ pub mod pricing;
 pub mod progress;
 pub mod scheduler;
 pub mod sim;
+pub mod tenancy;
 pub mod validate;
 
 use std::collections::{BTreeSet, HashMap};
@@ -89,6 +91,10 @@ pub enum CoreError {
     /// A workload with this key is already running.
     #[error("workload {0} is already submitted")]
     Duplicate(String),
+    /// Another live workload writes where this one would (an output location that is, or
+    /// lies above or below, the other's): this one waits until that one finishes.
+    #[error("OutputInUse: {0}")]
+    OutputInUse(String),
     /// The store holds this run (its uid) as finished: it is never run again.
     #[error("workload {key} already finished ({phase}); create a new Workload to run it again")]
     Finished {
@@ -104,6 +110,24 @@ impl CoreError {
     pub fn is_transient(&self) -> bool {
         matches!(self, Self::Store(e) if e.is_transient())
     }
+}
+
+/// Another live workload, as a workload of `namespace` may be told of it: by its key when it
+/// is in the same namespace, else without naming it (another tenant's names are its own).
+fn other_workload(key: &str, namespace: &str) -> String {
+    if key.split('/').next() == Some(namespace) {
+        format!("live workload {key}")
+    } else {
+        "a live workload of another namespace".into()
+    }
+}
+
+/// The error of a part that cannot be moved yet: its workload's credentials are not held.
+fn no_credentials(output: &str) -> infermesh_io::ObjectError {
+    infermesh_io::ObjectError::local(
+        output,
+        std::io::Error::other("the workload's credentials are not held yet"),
+    )
 }
 
 /// What [`Core::retry_failed`] did. Every outcome but `Retried` is a refusal that changed
@@ -159,6 +183,13 @@ pub struct Submission {
     pub input_size: u64,
     /// Version (ETag) of the input object when it was sized; every read asks for it.
     pub input_version: Option<String>,
+    /// The input's files when it is not one plain JSONL object ([`inputs::resolve`]);
+    /// `input_size` is then their virtual size.
+    pub input_files: Option<infermesh_io::Dataset>,
+    /// The object-store credentials of `spec.credentials` (read from its Secret by the
+    /// caller): the operator's own reads and writes for this workload use them, and each of
+    /// its Assigns carries them. Kept in memory only.
+    pub credentials: Option<infermesh_io::Credentials>,
 }
 
 /// A registered agent stream: which agent, and which of its connections.
@@ -241,6 +272,7 @@ fn reason_for(kind: pb::ErrorKind) -> &'static str {
         pb::ErrorKind::InvalidInput => "InvalidInput",
         pb::ErrorKind::Io => "StorageError",
         pb::ErrorKind::Inference => "InferenceFailed",
+        pb::ErrorKind::Forbidden => "Forbidden",
         pb::ErrorKind::Cancelled | pb::ErrorKind::Unspecified => "ShardFailed",
     }
 }
@@ -593,6 +625,42 @@ impl<S: Store> Core<S> {
         self.read(|m| m.summary(key))
     }
 
+    /// Runs `fut`, a read or write of workload `uid`'s locations, with its credentials;
+    /// `None` (and `fut` is not run) when its spec names credentials that are not held: the
+    /// operator never falls back to its own keys for a tenant.
+    async fn for_workload<F: Future>(&self, uid: &str, fut: F) -> Option<F::Output> {
+        let credentials = self.read(|m| m.credentials_of(uid))?;
+        Some(infermesh_io::access::scoped(credentials, fut).await)
+    }
+
+    /// Hands over (or renews) the credentials of a workload the core holds, from its
+    /// `spec.credentials` Secret: a workload taken up after a restart or a retry waits for
+    /// them before it dispatches or writes anything. Returns whether they changed (the same
+    /// ones again, as every reconcile hands over, cost no dispatch round).
+    pub async fn set_credentials(
+        &self,
+        key: &str,
+        credentials: Option<infermesh_io::Credentials>,
+    ) -> Result<bool, CoreError> {
+        let Some(uid) = self.apply(|m| (m.set_credentials(key, credentials), Vec::new())) else {
+            // Unchanged, or not a live workload here.
+            return Ok(false);
+        };
+        self.maybe_finish(&uid).await?;
+        self.dispatch().await?;
+        Ok(true)
+    }
+
+    /// What `namespace` may use on Mesh `mesh` (`None`: the Mesh is unknown or lists no
+    /// tenants, so no restriction).
+    pub async fn grant(&self, mesh: &str, namespace: &str) -> Option<infermesh_io::Grant> {
+        self.read(|m| {
+            m.meshes
+                .get(mesh)
+                .and_then(|ms| tenancy::grant_of(&ms.spec, namespace))
+        })
+    }
+
     /// Whether the core knows the Mesh.
     pub async fn has_mesh(&self, name: &str) -> bool {
         self.read(|m| m.meshes.contains_key(name))
@@ -616,6 +684,18 @@ impl<S: Store> Core<S> {
     pub async fn upsert_mesh(&self, name: &str, spec: MeshSpec) -> Result<(), CoreError> {
         let price = Price::try_from(&spec.pricing)
             .map_err(|message| validate::Invalid::new("InvalidSpec", message))?;
+        for (i, t) in spec.tenants.iter().flatten().enumerate() {
+            for (what, prefixes) in [("read", &t.read), ("write", &t.write)] {
+                for p in prefixes {
+                    infermesh_io::access::plain(p).map_err(|e| {
+                        validate::Invalid::new(
+                            "InvalidSpec",
+                            format!("spec.tenants[{i}].{what} ({}): {e}", t.namespace),
+                        )
+                    })?;
+                }
+            }
+        }
         let mut targets = Vec::with_capacity(spec.budgets.len());
         for (i, budget) in spec.budgets.iter().enumerate() {
             let field = format!("spec.budgets[{i}].credits ({})", budget.namespace);
@@ -705,6 +785,23 @@ impl<S: Store> Core<S> {
                 return Ok(false);
             }
         };
+        // The files the shards were cut from, as planned (never listed again).
+        let input_files = match r
+            .input_files
+            .as_deref()
+            .map(serde_json::from_str::<infermesh_io::Dataset>)
+        {
+            None => None,
+            Some(Ok(ds)) => Some(std::sync::Arc::new(ds)),
+            Some(Err(e)) => {
+                let message = format!("the stored input files do not parse: {e}");
+                tracing::error!(workload = %key, %message, "workload not resumed");
+                self.store
+                    .finish_workload(&r.uid, "Failed", &format!("InvalidInput: {message}"))
+                    .await?;
+                return Ok(false);
+            }
+        };
         let mut credits: i64 = 0;
         for c in self.store.charges(&r.uid).await? {
             credits = credits.saturating_add(c.amount);
@@ -768,6 +865,8 @@ impl<S: Store> Core<S> {
             });
         }
         let balance = self.balance_if_budgeted(&r.mesh, &r.namespace).await?;
+        // `spec.activeDeadlineSeconds` goes on counting from when the stored run began.
+        let running_for = self.store.running_for(&r.uid).await?.unwrap_or_default();
         tracing::info!(workload = %key, shards = shards.len(), "workload resumed");
         let new = NewWorkload {
             key,
@@ -778,10 +877,14 @@ impl<S: Store> Core<S> {
             validated,
             input_size: r.input_bytes,
             input_version: r.input_version.clone(),
+            input_files,
             shards,
             admitted: true,
             credits,
             model_drift: None,
+            // Never stored: whoever holds the Secret hands them over again
+            // (`Core::set_credentials`); until then the workload does no I/O.
+            credentials: None,
         };
         let inserted = self.apply(|m| {
             // Two callers taking up one workload at once (a retry and a resume): one wins.
@@ -791,7 +894,9 @@ impl<S: Store> Core<S> {
             if let Some(b) = balance {
                 m.balance_read(&r.namespace, b);
             }
-            m.insert(new, Instant::now());
+            let now = Instant::now();
+            m.insert(new, now);
+            m.start_clock(&r.uid, running_for, now);
             (true, Vec::new())
         });
         if !inserted {
@@ -896,15 +1001,32 @@ impl<S: Store> Core<S> {
     pub async fn submit(&self, sub: Submission) -> Result<String, CoreError> {
         let validated = validate::validate(&sub.spec)?;
         let key = workload_key(&sub.namespace, &sub.name, &sub.uid);
-        self.read(|m| {
-            if !m.meshes.contains_key(&sub.spec.mesh) {
+        let grant = self.read(|m| {
+            let Some(mesh) = m.meshes.get(&sub.spec.mesh) else {
                 return Err(CoreError::MeshNotFound(sub.spec.mesh.clone()));
-            }
+            };
             if m.workloads.contains_key(&sub.uid) || m.finished.contains_key(&key) {
                 return Err(CoreError::Duplicate(key.clone()));
             }
-            Ok(())
+            Ok(tenancy::grant_of(&mesh.spec, &sub.namespace))
         })?;
+        // Before any object is touched: the namespace may use these locations.
+        tenancy::check(&sub.spec, grant.as_ref())?;
+        if sub.spec.credentials.is_some() && sub.credentials.is_none() {
+            return Err(validate::Invalid::new(
+                "CredentialsNotFound",
+                "spec.credentials.secretRef: the Secret's credentials were not handed over",
+            )
+            .into());
+        }
+        if let Some(other) = self.read(|m| m.output_user(&sub.uid, &sub.spec.output.uri)) {
+            return Err(CoreError::OutputInUse(format!(
+                "spec.output.uri: {} overlaps the output of {}; this one starts when that one \
+                 finishes",
+                sub.spec.output.uri,
+                other_workload(&other, &sub.namespace)
+            )));
+        }
         match self.store.workload_phase(&sub.uid).await? {
             Some(phase) if phase == "Running" => {
                 self.resume().await?;
@@ -916,10 +1038,16 @@ impl<S: Store> Core<S> {
         // A new run: its output location must be writable and hold no earlier run's output
         // (unless the spec says to overwrite it). A resumed run never gets here.
         let overwrite = sub.spec.output.mode == infermesh_crds::OutputMode::Overwrite;
-        outputs::prepare(&sub.spec.output.uri, overwrite)
-            .await
-            .map_err(|(reason, message)| validate::Invalid::new(reason, message))?;
-        let drift = models::drift(&validated.model.uri, &validated.model.sha256).await;
+        let (prepared, drift) = infermesh_io::access::scoped(sub.credentials.clone(), async {
+            let prepared = outputs::prepare(&sub.spec.output.uri, overwrite).await;
+            let drift = match prepared {
+                Ok(()) => models::drift(&validated.model.uri, &validated.model.sha256).await,
+                Err(_) => None,
+            };
+            (prepared, drift)
+        })
+        .await;
+        prepared.map_err(|(reason, message)| validate::Invalid::new(reason, message))?;
         if let Some(actual) = &drift {
             let warning =
                 models::drift_warning(&validated.model.uri, &validated.model.sha256, actual);
@@ -932,12 +1060,26 @@ impl<S: Store> Core<S> {
             if m.workloads.contains_key(&sub.uid) {
                 return (Err(CoreError::Duplicate(key.clone())), Vec::new());
             }
+            // Again under the lock: two submissions racing for one output.
+            if let Some(other) = m.output_user(&sub.uid, &sub.spec.output.uri) {
+                let message = format!(
+                    "spec.output.uri: {} overlaps the output of {}",
+                    sub.spec.output.uri,
+                    other_workload(&other, &sub.namespace)
+                );
+                return (Err(CoreError::OutputInUse(message)), Vec::new());
+            }
             // Slots of the Mesh's agents now; fewer are fine (only the last round is affected).
-            let ranges = planner::plan(
-                sub.input_size,
-                validated.shard_bytes,
-                m.mesh_slots(&sub.spec.mesh),
-            );
+            let ranges = match &sub.input_files {
+                None => planner::plan(
+                    sub.input_size,
+                    validated.shard_bytes,
+                    m.mesh_slots(&sub.spec.mesh),
+                ),
+                Some(ds) => {
+                    planner::plan_dataset(ds, validated.shard_bytes, m.mesh_slots(&sub.spec.mesh))
+                }
+            };
             let new = NewWorkload {
                 key: key.clone(),
                 uid: sub.uid.clone(),
@@ -947,10 +1089,12 @@ impl<S: Store> Core<S> {
                 validated,
                 input_size: sub.input_size,
                 input_version: sub.input_version,
+                input_files: sub.input_files.map(std::sync::Arc::new),
                 shards: ranges.into_iter().map(ShardState::new).collect(),
                 admitted: false,
                 credits: 0,
                 model_drift: drift,
+                credentials: sub.credentials,
             };
             m.insert(new, Instant::now());
             (Ok(()), Vec::new())
@@ -1008,6 +1152,10 @@ impl<S: Store> Core<S> {
                 spec_json: serde_json::to_string(&w.spec).unwrap_or_default(),
                 input_bytes: w.input_size,
                 input_version: w.input_version.clone(),
+                input_files: w
+                    .input_files
+                    .as_ref()
+                    .and_then(|ds| serde_json::to_string(&**ds).ok()),
             };
             let shards: Vec<ShardRecord> = w
                 .shards
@@ -1181,7 +1329,7 @@ impl<S: Store> Core<S> {
         // The workload is named by the report's key when it is no longer live (it finished).
         let named = uid.unwrap_or_else(|| machine::key_uid(&shard.workload));
         if let Some(part) = self.read(|m| m.superseded_part(named, shard.index, shard.attempt))
-            && let Err(e) = outputs::remove(&part).await
+            && let Some(Err(e)) = self.for_workload(named, outputs::remove(&part)).await
         {
             tracing::warn!(part = %part, error = %e, "a superseded attempt's part was not removed");
         }
@@ -1223,15 +1371,19 @@ impl<S: Store> Core<S> {
             tracing::warn!(error = %e, "dispatch after a completion failed");
         }
 
-        let attempt_uri = outputs::attempt_uri(&acc.output, acc.index, acc.attempt);
+        let attempt_uri = outputs::attempt_uri_as(&acc.output, acc.index, acc.attempt, acc.ext);
         let reported = PartFacts {
             bytes: c.output_bytes,
             sha256: c.sha256.to_ascii_lowercase(),
             records: c.records,
         };
-        let problem = match self.parts.inspect(&attempt_uri).await {
-            Ok(found) => outputs::compare(&reported, &found).err(),
-            Err(e) => Some(format!("cannot read the part: {e}")),
+        let problem = match self
+            .for_workload(&acc.uid, self.parts.inspect(&attempt_uri))
+            .await
+        {
+            Some(Ok(found)) => outputs::compare(&reported, &found).err(),
+            Some(Err(e)) => Some(format!("cannot read the part: {e}")),
+            None => Some("the workload's credentials are not held".to_string()),
         };
         let record = match problem {
             None => acc.charge(&who.id, &c).map_err(|e| e.to_string()),
@@ -1256,6 +1408,7 @@ impl<S: Store> Core<S> {
                     agent: Some(who.id.clone()),
                     reason,
                     fail_reason: "OutputMismatch",
+                    backoff: true,
                 };
                 self.follow(vec![Effect::Requeue(order), Effect::Dispatch])
                     .await
@@ -1300,7 +1453,12 @@ impl<S: Store> Core<S> {
             Ok(ChargeOutcome::Charged | ChargeOutcome::AlreadyCharged) => {
                 // Charged: move the part to its final name. A failure here is redone before
                 // the manifest is written.
-                let moved = match self.parts.commit(output, index, attempt).await {
+                let ext = outputs::extension(&record.output_uri);
+                let moved = match self
+                    .for_workload(&acc_uid, self.parts.commit(output, index, attempt, ext))
+                    .await
+                    .unwrap_or_else(|| Err(no_credentials(output)))
+                {
                     Ok(()) => true,
                     Err(e) => {
                         tracing::warn!(workload = %acc_uid, shard = index, error = %e, "part not moved to its final name yet");
@@ -1335,6 +1493,7 @@ impl<S: Store> Core<S> {
                     agent: Some(who.id.clone()),
                     reason: e.to_string(),
                     fail_reason: "StorageError",
+                    backoff: false,
                 };
                 self.follow(vec![Effect::Requeue(order), Effect::Dispatch])
                     .await
@@ -1368,6 +1527,7 @@ impl<S: Store> Core<S> {
                 agent: Some(who.id.clone()),
                 reason: message,
                 fail_reason: reason_for(kind),
+                backoff: true,
             })
             .await
             .map_err(internal)?;
@@ -1416,6 +1576,7 @@ impl<S: Store> Core<S> {
             agent,
             reason,
             fail_reason,
+            backoff,
         } = order;
         if !self.store_available() {
             // Taken up by `recover` (`Machine::orphans`) once the store answers.
@@ -1429,7 +1590,14 @@ impl<S: Store> Core<S> {
                     .store
                     .requeue(&uid, index, attempt, agent.as_deref(), &reason)
                     .await?;
-                self.apply(|m| ((), m.requeued(&uid, index, attempt, held, &reason)));
+                self.apply(|m| {
+                    let effects = m.requeued(&uid, index, attempt, held, &reason);
+                    // Under the same lock: no round may claim it before it backs off.
+                    if backoff && held {
+                        m.back_off(&uid, index, attempt, Instant::now());
+                    }
+                    ((), effects)
+                });
                 Ok(())
             }
             Some(RequeuePlan::Forget) => {
@@ -1481,11 +1649,17 @@ impl<S: Store> Core<S> {
     /// manifest (`_SUCCESS.json`, committed parts only), clears what attempts left, and marks
     /// the workload Succeeded. All of it without the lock.
     async fn maybe_finish(&self, uid: &str) -> Result<(), CoreError> {
+        // Not as the operator itself: a workload waiting for its credentials finishes when
+        // they come (`Core::set_credentials`).
+        if self.read(|m| m.lacks_credentials(uid)) {
+            return Ok(());
+        }
         let Some(plan) = self.apply(|m| (m.begin_finish(uid), Vec::new())) else {
             return Ok(());
         };
         let FinishPlan {
             output,
+            ext,
             mut manifest,
             parts,
             message,
@@ -1493,26 +1667,29 @@ impl<S: Store> Core<S> {
         manifest["completedAt"] = serde_json::json!(
             chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
         );
-        let written: Result<(), String> = async {
-            for (index, attempt) in &parts {
-                self.parts
-                    .commit(&output, *index, *attempt)
+        let written: Option<Result<(), String>> = self
+            .for_workload(uid, async {
+                for (index, attempt) in &parts {
+                    self.parts
+                        .commit(&output, *index, *attempt, ext)
+                        .await
+                        .map_err(|e| format!("cannot commit part {index}: {e}"))?;
+                }
+                let body = serde_json::to_vec_pretty(&manifest).map_err(|e| e.to_string())?;
+                Location::parse(&output)
+                    .map_err(|e| e.to_string())?
+                    .child(outputs::MANIFEST)
+                    .put(body.into())
                     .await
-                    .map_err(|e| format!("cannot commit part {index}: {e}"))?;
-            }
-            let body = serde_json::to_vec_pretty(&manifest).map_err(|e| e.to_string())?;
-            Location::parse(&output)
-                .map_err(|e| e.to_string())?
-                .child(outputs::MANIFEST)
-                .put(body.into())
-                .await
-                .map_err(|e| format!("cannot write {}: {e}", outputs::MANIFEST))?;
-            outputs::clear_attempts(&output)
-                .await
-                .map_err(|e| format!("cannot clear {}: {e}", outputs::ATTEMPTS))?;
-            Ok(())
-        }
-        .await;
+                    .map_err(|e| format!("cannot write {}: {e}", outputs::MANIFEST))?;
+                outputs::clear_attempts(&output)
+                    .await
+                    .map_err(|e| format!("cannot clear {}: {e}", outputs::ATTEMPTS))?;
+                Ok(())
+            })
+            .await;
+        let written =
+            written.unwrap_or_else(|| Err("the workload's credentials are not held".into()));
         if let Err(e) = written {
             self.apply(|m| (m.abort_terminal(uid), Vec::new()));
             self.fail_workload(uid, "StorageError", &e).await?;
@@ -1561,7 +1738,7 @@ impl<S: Store> Core<S> {
         if !self.store_available() {
             return Ok(());
         }
-        let claims = self.apply(|m| (m.plan_round(), Vec::new()));
+        let claims = self.apply(|m| (m.plan_round(Instant::now()), Vec::new()));
         if claims.is_empty() {
             return Ok(());
         }
@@ -1655,10 +1832,31 @@ impl<S: Store> Core<S> {
                 _ => dispatch = true,
             }
         }
+        dispatch |= self.lifecycle(now).await?;
         if dispatch {
             self.dispatch().await?;
         }
         Ok(lost.into_iter().map(|(id, _)| id).collect())
+    }
+
+    /// The lifecycle step of the periodic tick: shards whose backoff is over at `now` go back
+    /// to pending, and workloads past their `spec.activeDeadlineSeconds` fail with
+    /// `DeadlineExceeded` (store first; their running shards are cancelled on their agents,
+    /// and a completion that comes later is refused, never charged). Returns whether a
+    /// dispatch round is due. Nothing happens while the store does not answer: the failure
+    /// is written when it does.
+    async fn lifecycle(&self, now: Instant) -> Result<bool, StoreError> {
+        let due = self.apply(|m| (m.backoffs_due(now), Vec::new()));
+        if !self.store_available() {
+            return Ok(due);
+        }
+        let late = self.read(|m| m.past_deadline(now));
+        for (uid, message) in late {
+            tracing::warn!(workload = %uid, %message, "workload past its deadline");
+            self.fail_workload(&uid, "DeadlineExceeded", &message)
+                .await?;
+        }
+        Ok(due)
     }
 
     /// Drains (or undrains) an agent: no new shards; running ones finish.
@@ -1688,5 +1886,9 @@ impl<S: Store> Core<S> {
     }
 }
 
+#[cfg(test)]
+mod dataset_tests;
+#[cfg(test)]
+mod tenancy_tests;
 #[cfg(test)]
 pub(crate) mod tests;

@@ -17,20 +17,45 @@ fn base(output: &str) -> &str {
     output.trim_end_matches('/')
 }
 
-/// The final name of shard `index`'s part.
+/// The final name of shard `index`'s JSONL part.
 pub fn part_name(index: u32) -> String {
-    format!("part-{index:05}.jsonl")
+    part_name_as(index, "jsonl")
 }
 
-/// The final URI of shard `index`'s part.
+/// The final name of shard `index`'s part with extension `ext` (`jsonl`, `parquet`).
+pub fn part_name_as(index: u32, ext: &str) -> String {
+    format!("part-{index:05}.{ext}")
+}
+
+/// The final URI of shard `index`'s JSONL part.
 pub fn part_uri(output: &str, index: u32) -> String {
-    format!("{}/{}", base(output), part_name(index))
+    part_uri_as(output, index, "jsonl")
 }
 
-/// Where attempt `attempt` of shard `index` writes its part.
+/// The final URI of shard `index`'s part with extension `ext`.
+pub fn part_uri_as(output: &str, index: u32, ext: &str) -> String {
+    format!("{}/{}", base(output), part_name_as(index, ext))
+}
+
+/// The extension of a part's URI (`parquet` for `.../part-00001.parquet`), `jsonl` when it
+/// names another.
+pub fn extension(part: &str) -> &'static str {
+    if part.ends_with(".parquet") {
+        "parquet"
+    } else {
+        "jsonl"
+    }
+}
+
+/// Where attempt `attempt` of shard `index` writes its JSONL part.
 pub fn attempt_uri(output: &str, index: u32, attempt: u32) -> String {
+    attempt_uri_as(output, index, attempt, "jsonl")
+}
+
+/// Where attempt `attempt` of shard `index` writes its part with extension `ext`.
+pub fn attempt_uri_as(output: &str, index: u32, attempt: u32, ext: &str) -> String {
     format!(
-        "{}/{ATTEMPTS}/part-{index:05}.a{attempt}.jsonl",
+        "{}/{ATTEMPTS}/part-{index:05}.a{attempt}.{ext}",
         base(output)
     )
 }
@@ -49,15 +74,33 @@ pub struct PartFacts {
 /// Reads a part and measures it (outside any lock: this is I/O).
 pub async fn inspect(uri: &str) -> Result<PartFacts, ObjectError> {
     let data = Location::parse(uri)?.get().await?;
-    Ok(facts(&data))
+    Ok(facts_for(uri, &data))
 }
 
-/// The facts of a part's bytes.
+/// The facts of the part at `uri`: a `.parquet` part must be Parquet whose footer counts its
+/// rows, and anything else is counted by lines. A part that is not what its name says counts
+/// [`u64::MAX`] records, which no report can match.
+pub fn facts_for(uri: &str, data: &[u8]) -> PartFacts {
+    let mut f = facts(data);
+    if extension(uri) == "parquet" && !infermesh_io::columnar::is_parquet(data) {
+        f.records = u64::MAX;
+    }
+    f
+}
+
+/// The facts of a part's bytes: records are newline-terminated lines, or, for a Parquet
+/// part, the rows its footer counts (a footer that does not parse, or whose count is not its
+/// row groups', counts [`u64::MAX`], which no report can match).
 pub fn facts(data: &[u8]) -> PartFacts {
+    let records = if infermesh_io::columnar::is_parquet(data) {
+        infermesh_io::columnar::parquet_rows(data.to_vec().into()).unwrap_or(u64::MAX)
+    } else {
+        data.iter().filter(|&&b| b == b'\n').count() as u64
+    };
     PartFacts {
         bytes: data.len() as u64,
         sha256: hex(&Sha256::digest(data)),
-        records: data.iter().filter(|&&b| b == b'\n').count() as u64,
+        records,
     }
 }
 
@@ -92,9 +135,9 @@ pub fn compare(reported: &PartFacts, found: &PartFacts) -> Result<(), String> {
 /// Moves attempt `attempt`'s part of shard `index` to its final name. Idempotent: when the
 /// attempt's part is gone and the final part is there (an earlier commit finished), there is
 /// nothing to do.
-pub async fn commit(output: &str, index: u32, attempt: u32) -> Result<(), ObjectError> {
-    let from = Location::parse(&attempt_uri(output, index, attempt))?;
-    let to = Location::parse(&part_uri(output, index))?;
+pub async fn commit(output: &str, index: u32, attempt: u32, ext: &str) -> Result<(), ObjectError> {
+    let from = Location::parse(&attempt_uri_as(output, index, attempt, ext))?;
+    let to = Location::parse(&part_uri_as(output, index, ext))?;
     match from.rename_to(&to).await {
         Ok(()) => Ok(()),
         Err(ObjectError::NotFound { .. }) if to.size().await.is_ok() => Ok(()),
@@ -410,16 +453,48 @@ mod tests {
         assert_eq!(compare(&f, &f), Ok(()));
     }
 
+    #[test]
+    fn a_part_that_is_not_what_its_name_says_matches_no_report() {
+        // JSONL written where a Parquet part was expected (an agent that ignored the format).
+        let lines = b"{\"a\":1}\n{\"a\":2}\n";
+        assert_eq!(
+            facts_for("file:///o/part-00001.parquet", lines).records,
+            u64::MAX
+        );
+        assert_eq!(facts_for("file:///o/part-00001.jsonl", lines).records, 2);
+        // Bytes that look like Parquet but whose footer does not parse.
+        assert_eq!(facts(b"PAR1 not a footer PAR1").records, u64::MAX);
+        let ids = [
+            serde_json::json!(1),
+            serde_json::json!(2),
+            serde_json::json!(3),
+        ];
+        let refs: Vec<Option<&serde_json::Value>> = ids.iter().map(Some).collect();
+        let part = infermesh_io::columnar::write_part(
+            "id",
+            &refs,
+            infermesh_io::columnar::PartColumns::Embeddings(vec![vec![0.5]; 3]),
+            true,
+        )
+        .expect("part");
+        assert_eq!(facts_for("file:///o/part-00001.parquet", &part).records, 3);
+    }
+
     #[tokio::test]
     async fn commit_moves_the_attempt_and_is_idempotent() {
         let dir = tempfile::tempdir().expect("tmp");
         let out = format!("file://{}/", dir.path().display());
         let a = Location::parse(&attempt_uri(&out, 2, 1)).expect("uri");
         a.put(b"x\n".to_vec().into()).await.expect("put");
-        commit(&out, 2, 1).await.expect("commit");
-        commit(&out, 2, 1).await.expect("again: nothing to do");
+        commit(&out, 2, 1, "jsonl").await.expect("commit");
+        commit(&out, 2, 1, "jsonl")
+            .await
+            .expect("again: nothing to do");
         assert!(dir.path().join("part-00002.jsonl").exists());
-        assert!(commit(&out, 3, 1).await.is_err(), "nothing to commit");
+        assert!(
+            commit(&out, 3, 1, "jsonl").await.is_err(),
+            "nothing to commit"
+        );
         let stray = Location::parse(&attempt_uri(&out, 2, 2)).expect("uri");
         stray.put(b"late\n".to_vec().into()).await.expect("put");
         assert_eq!(clear_attempts(&out).await.expect("clear"), 1);

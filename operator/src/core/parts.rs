@@ -15,6 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use infermesh_io::access::local_path;
 use infermesh_io::{Location, ObjectError};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
@@ -45,7 +46,7 @@ impl Job {
         match self {
             Job::Inspect { uri, path, reply } => {
                 let facts = std::fs::read(&path)
-                    .map(|data| outputs::facts(&data))
+                    .map(|data| outputs::facts_for(&uri, &data))
                     .map_err(|e| ObjectError::local(&uri, e));
                 let _ = reply.send(facts);
             }
@@ -70,18 +71,6 @@ fn rename(from: &Path, to: &Path) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && to.is_file() => Ok(()),
         other => other,
     }
-}
-
-/// The local path a `file://` URI (or a plain absolute path) names; `None` for any other
-/// scheme, or a URI that does not parse (the object store path reports it).
-pub fn local_path(uri: &str) -> Option<PathBuf> {
-    if uri.starts_with('/') {
-        return Some(PathBuf::from(uri));
-    }
-    if !uri.starts_with("file://") {
-        return None;
-    }
-    url::Url::parse(uri).ok()?.to_file_path().ok()
 }
 
 /// The batcher. Cheap to clone; its task ends when every handle is gone.
@@ -138,11 +127,17 @@ impl Parts {
     }
 
     /// Moves attempt `attempt`'s part of shard `index` to its final name under `output`.
-    pub async fn commit(&self, output: &str, index: u32, attempt: u32) -> Result<(), ObjectError> {
-        let from_uri = outputs::attempt_uri(output, index, attempt);
-        let to_uri = outputs::part_uri(output, index);
+    pub async fn commit(
+        &self,
+        output: &str,
+        index: u32,
+        attempt: u32,
+        ext: &str,
+    ) -> Result<(), ObjectError> {
+        let from_uri = outputs::attempt_uri_as(output, index, attempt, ext);
+        let to_uri = outputs::part_uri_as(output, index, ext);
         let (Some(from), Some(to)) = (local_path(&from_uri), local_path(&to_uri)) else {
-            return outputs::commit(output, index, attempt).await;
+            return outputs::commit(output, index, attempt, ext).await;
         };
         // The same check `Location::parse` makes (a URI it refuses is refused here too).
         Location::parse(&from_uri)?;
@@ -199,9 +194,12 @@ mod tests {
                 let found = parts.inspect(&uri).await.expect("inspect");
                 assert_eq!(found, outputs::facts(body.as_bytes()));
                 assert_eq!(found, outputs::inspect(&uri).await.expect("object store"));
-                parts.commit(&output, i, 1).await.expect("commit");
+                parts.commit(&output, i, 1, "jsonl").await.expect("commit");
                 // Moved already: not an error, and the final part is the attempt's.
-                parts.commit(&output, i, 1).await.expect("commit again");
+                parts
+                    .commit(&output, i, 1, "jsonl")
+                    .await
+                    .expect("commit again");
                 let fin = Location::parse(&outputs::part_uri(&output, i)).expect("uri");
                 assert_eq!(fin.get().await.expect("final part"), body.as_bytes());
             }));
@@ -221,7 +219,7 @@ mod tests {
             Err(ObjectError::NotFound { uri: u }) => assert_eq!(u, uri),
             other => panic!("expected NotFound, got {other:?}"),
         }
-        match parts.commit(&output, 7, 2).await {
+        match parts.commit(&output, 7, 2, "jsonl").await {
             Err(ObjectError::NotFound { .. }) => {}
             other => panic!("expected NotFound, got {other:?}"),
         }

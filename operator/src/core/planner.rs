@@ -45,6 +45,24 @@ pub fn plan(size: u64, shard_bytes: u64, slots: u32) -> Vec<ShardRange> {
         .collect()
 }
 
+/// Plans a dataset of files laid end to end ([`infermesh_io::Dataset`]): even ranges over its
+/// virtual size as [`plan`] cuts them, with every cut that falls inside a unit (a compressed
+/// file, a Parquet row group) moved to the nearer end of it, so each shard reads whole units
+/// and none is empty.
+pub fn plan_dataset(ds: &infermesh_io::Dataset, shard_bytes: u64, slots: u32) -> Vec<ShardRange> {
+    let even = plan(ds.total(), shard_bytes, slots);
+    let cuts: Vec<u64> = even.iter().map(|r| r.end).collect();
+    ds.snap(&cuts)
+        .into_iter()
+        .enumerate()
+        .map(|(i, (start, end))| ShardRange {
+            index: i as u32,
+            start,
+            end,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -51,6 +51,21 @@ pub struct WorkloadSummary {
     pub output_uri: String,
     /// What a person should know that did not stop the run (a model changed behind its pin).
     pub warnings: Vec<String>,
+    /// Admitted but holding no slot, with shards to run: why, and where it is in the queue.
+    pub waiting: Option<SlotWait>,
+}
+
+/// The reason of an admitted workload that holds no slot yet (its `Running` condition).
+pub const WAITING_FOR_SLOTS: &str = "WaitingForSlots";
+
+/// Why an admitted workload holds no slot, and where it stands in its Mesh's queue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotWait {
+    /// 1-based place among the Mesh's waiting workloads, in the order they get a first slot
+    /// (`None` when its namespace is at its `maxSlots`, or beyond the places counted).
+    pub position: Option<u32>,
+    /// For a person: the place, or the namespace's share in use.
+    pub message: String,
 }
 
 impl WorkloadSummary {
@@ -154,7 +169,7 @@ impl<S: crate::store::Store> super::Core<S> {
                     .map(|(i, s)| ShardCell {
                         index: i as u32,
                         state: match &s.status {
-                            ShardStatus::Pending => "pending",
+                            ShardStatus::Pending | ShardStatus::Backoff { .. } => "pending",
                             ShardStatus::Running { .. } => "running",
                             ShardStatus::Committing { .. } => "committing",
                             ShardStatus::Elsewhere => "elsewhere",
@@ -208,6 +223,7 @@ mod tests {
             suspended: false,
             output_uri: String::new(),
             warnings: Vec::new(),
+            waiting: None,
         }
     }
 

@@ -12,7 +12,7 @@ use super::*;
 use crate::store::testing::{Backend, both};
 use crate::store::{AnyStore, EventFilter, Store};
 
-type Rx = mpsc::UnboundedReceiver<Result<pb::OperatorMessage, Status>>;
+pub(crate) type Rx = mpsc::UnboundedReceiver<Result<pb::OperatorMessage, Status>>;
 
 struct Fixture {
     core: Core<AnyStore>,
@@ -34,7 +34,8 @@ pub(crate) fn workload(out: &str, max_attempts: u32) -> WorkloadSpec {
     let yaml = format!(
         "apiVersion: infermesh.dev/v1alpha1\nkind: Workload\nmetadata: {{name: w}}\nspec:\n  mesh: m\n  \
          model: {{uri: \"file:///m.onnx\", sha256: \"{}\"}}\n  task: {{tensor: {{inputs: [{{name: x}}]}}}}\n  \
-         input: {{uri: \"file:///in.jsonl\"}}\n  output: {{uri: \"{out}\"}}\n  shardBytes: 1Ki\n  maxAttempts: {max_attempts}\n",
+         input: {{uri: \"file:///in.jsonl\"}}\n  output: {{uri: \"{out}\"}}\n  shardBytes: 1Ki\n  maxAttempts: {max_attempts}\n  \
+         retryBackoffSeconds: 0\n",
         "a".repeat(64)
     );
     match parse_manifests(&yaml).expect("workload").pop() {
@@ -71,6 +72,8 @@ impl Fixture {
                 spec: workload(&self.output(), max_attempts),
                 input_size: shards * 1024,
                 input_version: None,
+                input_files: None,
+                credentials: None,
             })
             .await
             .expect("submit")
@@ -135,7 +138,12 @@ pub(crate) fn hello(id: &str, slots: u32) -> pb::Hello {
     }
 }
 
-async fn attach(core: &Core<AnyStore>, id: &str, slots: u32, who: &Principal) -> (AgentHandle, Rx) {
+pub(crate) async fn attach(
+    core: &Core<AnyStore>,
+    id: &str,
+    slots: u32,
+    who: &Principal,
+) -> (AgentHandle, Rx) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let handle = core
         .attach(hello(id, slots), who, tx)
@@ -581,6 +589,8 @@ async fn a_new_operator_resumes_without_rerunning_completed_shards(backend: Back
                 spec,
                 input_size: 4096,
                 input_version: None,
+                input_files: None,
+                credentials: None,
             })
             .await
             .expect("submit");
@@ -936,6 +946,8 @@ async fn a_uid_already_stored_is_never_started_over(backend: Backend) {
             spec: workload(&f.output(), 3),
             input_size: 1024,
             input_version: None,
+            input_files: None,
+            credentials: None,
         })
         .await
         .expect_err("finished");
@@ -966,6 +978,7 @@ async fn a_stored_spec_that_no_longer_validates_fails_only_its_workload(backend:
         spec_json: spec,
         input_bytes: 100,
         input_version: None,
+        input_files: None,
     };
     let good = serde_json::to_string(&workload(&format!("file://{}/", out.path().display()), 3))
         .expect("json");
@@ -1014,6 +1027,8 @@ async fn a_workload_left_with_a_failed_shard_fails_at_resume(backend: Backend) {
             spec: workload(&format!("{output}{uid}/"), 3),
             input_size: 2 * 1024,
             input_version: None,
+            input_files: None,
+            credentials: None,
         })
         .await
         .expect("submit");
@@ -1107,6 +1122,8 @@ async fn finished_workloads_leave_memory(backend: Backend) {
                 spec: workload(&format!("{}{uid}/", f.output()), 3),
                 input_size: 3 * 1024,
                 input_version: None,
+                input_files: None,
+                credentials: None,
             })
             .await
             .expect("submit");
@@ -1379,6 +1396,8 @@ async fn a_hung_shard_is_taken_back_after_its_timeout(backend: Backend) {
             spec,
             input_size: 1024,
             input_version: None,
+            input_files: None,
+            credentials: None,
         })
         .await
         .expect("submit");
@@ -1458,6 +1477,8 @@ async fn a_store_outage_pauses_dispatch_keeps_agents_and_loses_nothing() {
         spec: workload(&output, 3),
         input_size: 6 * 1024,
         input_version: None,
+        input_files: None,
+        credentials: None,
     })
     .await
     .expect("submit");
@@ -1774,7 +1795,9 @@ mod machine {
                         assert!(m.attempt <= MAX_ATTEMPTS, "attempt {} > max", m.attempt);
                         assert_eq!(m.attempt, s.attempt, "shard {} attempt", s.index);
                         let agrees = match &m.status {
-                            ShardStatus::Pending => s.state == "pending",
+                            ShardStatus::Pending | ShardStatus::Backoff { .. } => {
+                                s.state == "pending"
+                            }
                             ShardStatus::Running { agent, .. }
                             | ShardStatus::Committing { agent } => {
                                 s.state == "running" && s.agent.as_deref() == Some(agent.as_str())
@@ -1830,6 +1853,8 @@ mod machine {
                 spec,
                 input_size: SHARDS * 1024,
                 input_version: None,
+                input_files: None,
+                credentials: None,
             })
             .await
             .expect("submit");
@@ -1974,6 +1999,13 @@ async fn a_retried_workload_runs_only_what_had_not_succeeded_and_finishes(backen
     );
     assert_eq!((s.shards_succeeded, s.shards_failed), (1, 1));
     drain(&mut rx); // the Cancel of shard 2
+    let payer = crate::store::namespace_account("team-a");
+    let charged_before = f.core.store().charges("u1").await.expect("charges");
+    assert_eq!(
+        charged_before.iter().map(|c| c.shard).collect::<Vec<_>>(),
+        [0]
+    );
+    let balance_before = f.core.store().balance(&payer).await.expect("balance");
 
     // The object store is fine again: retry.
     let outcome = f.core.retry_failed(&key).await.expect("retry");
@@ -2038,6 +2070,15 @@ async fn a_retried_workload_runs_only_what_had_not_succeeded_and_finishes(backen
         [0, 1, 2],
         "every shard charged exactly once"
     );
+    // The ledger shows charges for the retry's new successes only: the kept shard's charge
+    // is the one it had, and the namespace paid exactly the new ones.
+    let new: Vec<_> = charges
+        .iter()
+        .filter(|c| !charged_before.contains(c))
+        .collect();
+    assert_eq!(new.iter().map(|c| c.shard).collect::<Vec<_>>(), [1, 2]);
+    let paid = balance_before - store.balance(&payer).await.expect("balance");
+    assert_eq!(paid, new.iter().map(|c| c.amount).sum::<i64>());
     let report = store.verify().await.expect("verify");
     assert!(report.ok(), "{report:?}");
     let parts = manifest_parts(f.out.path(), &f.output()).await;
@@ -2177,3 +2218,209 @@ async fn a_released_failed_workload_is_retried_once_its_cause_is_fixed(backend: 
 
 both!(a_retried_workload_runs_only_what_had_not_succeeded_and_finishes);
 both!(a_released_failed_workload_is_retried_once_its_cause_is_fixed);
+
+/// Submits `spec` as workload `u1` (`shards` shards of 1 KiB) to `core`.
+async fn submit_spec(core: &Core<AnyStore>, spec: WorkloadSpec, shards: u64) -> String {
+    core.submit(Submission {
+        namespace: "team-a".into(),
+        name: "w".into(),
+        uid: "u1".into(),
+        spec,
+        input_size: shards * 1024,
+        input_version: None,
+        input_files: None,
+        credentials: None,
+    })
+    .await
+    .expect("submit")
+}
+
+/// A workload past its `spec.activeDeadlineSeconds` fails with `DeadlineExceeded` at the
+/// next tick: its running shard is cancelled on its agent, the failure is in the event log,
+/// and the completion that arrives after it is refused and never charged.
+async fn a_workload_past_its_deadline_fails_and_is_charged_nothing_more(backend: Backend) {
+    let f = Fixture::new(backend, 300).await;
+    let mut spec = workload(&f.output(), 3);
+    spec.active_deadline_seconds = Some(60);
+    let key = submit_spec(&f.core, spec, 3).await;
+    let (a, mut rx) = f.agent("a", 2).await;
+    let mut first = assigned(&mut rx);
+    first.sort_by_key(|s| s.index);
+    assert_eq!(by_index(first.clone()), [(0, 1), (1, 1)]);
+    f.complete(&a, &first[0], 4).await.expect("complete");
+    let second = assigned(&mut rx);
+    assert_eq!(by_index(second.clone()), [(2, 1)]);
+    f.core
+        .reap(Instant::now() + Duration::from_secs(50))
+        .await
+        .expect("reap");
+    assert_eq!(
+        f.phase().await,
+        WorkloadPhase::Running,
+        "within the deadline"
+    );
+
+    f.core
+        .reap(Instant::now() + Duration::from_secs(61))
+        .await
+        .expect("reap");
+    let s = f.core.workload(&key).await.expect("summary");
+    assert_eq!(
+        (s.phase, s.reason.as_str(), s.shards_running),
+        (WorkloadPhase::Failed, "DeadlineExceeded", 0)
+    );
+    assert!(s.message.contains("activeDeadlineSeconds"), "{}", s.message);
+    assert_eq!(f.events("workload.failed").await, 1);
+    let cancelled: Vec<u32> = drain(&mut rx)
+        .into_iter()
+        .filter_map(|m| match m {
+            Ok(pb::OperatorMessage {
+                msg: Some(Down::Cancel(c)),
+            }) => c.shard.map(|s| s.index),
+            _ => None,
+        })
+        .collect();
+    let mut cancelled = cancelled;
+    cancelled.sort_unstable();
+    assert_eq!(cancelled, [1, 2], "both running shards were cancelled");
+
+    // The agent finishes shard 1 anyway and reports it: refused, nothing charged.
+    f.complete(&a, &first[1], 4).await.expect("refused, kept");
+    assert_eq!(
+        refusals(&mut rx),
+        [(tonic::Code::AlreadyExists, "duplicate".to_string())]
+    );
+    let store = f.core.store();
+    let charges = store.charges("u1").await.expect("charges");
+    assert_eq!(
+        charges.iter().map(|c| c.shard).collect::<Vec<_>>(),
+        [0],
+        "only the shard done before the deadline is charged"
+    );
+    assert!(store.verify().await.expect("verify").ok());
+    assert_eq!(
+        store.workload_phase("u1").await.expect("phase").as_deref(),
+        Some("Failed")
+    );
+}
+
+/// An operator that takes a workload up (a restart, a take-over) goes on counting its
+/// deadline from when the stored run began, not from its own start.
+async fn the_deadline_survives_an_operator_restart(backend: Backend) {
+    let url = backend.fresh_url().await;
+    let out = tempfile::tempdir().expect("tmp");
+    let mut spec = workload(&format!("file://{}/", out.path().display()), 3);
+    spec.active_deadline_seconds = Some(100);
+    {
+        let first = Core::new(crate::store::open(&url).await.expect("open"));
+        first.upsert_mesh("m", mesh(300)).await.expect("mesh");
+        submit_spec(&first, spec, 2).await;
+        // The operator goes away; the workload was admitted 95 s before the next one starts.
+        let backdate = match first.store() {
+            AnyStore::Sqlite(s) => sqlx::query(
+                "UPDATE workloads SET created_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-95 seconds')",
+            )
+            .execute(s.pool())
+            .await
+            .map(|_| ()),
+            AnyStore::Postgres(s) => {
+                sqlx::query("UPDATE workloads SET created_at = now() - interval '95 seconds'")
+                    .execute(s.pool())
+                    .await
+                    .map(|_| ())
+            }
+        };
+        backdate.expect("backdate");
+    }
+    let second = Core::new(crate::store::open(&url).await.expect("reopen"));
+    second.upsert_mesh("m", mesh(300)).await.expect("mesh");
+    assert_eq!(second.resume().await.expect("resume"), 1);
+    second
+        .reap(Instant::now() + Duration::from_secs(2))
+        .await
+        .expect("reap");
+    assert_eq!(second.workloads().await[0].phase, WorkloadPhase::Running);
+    second
+        .reap(Instant::now() + Duration::from_secs(6))
+        .await
+        .expect("reap");
+    let s = &second.workloads().await[0];
+    assert_eq!(
+        (s.phase, s.reason.as_str()),
+        (WorkloadPhase::Failed, "DeadlineExceeded"),
+        "100 s from the stored admission, not from the restart"
+    );
+}
+
+/// A shard whose attempt failed waits before its next one: `spec.retryBackoffSeconds`,
+/// doubled per failed attempt, counting as pending meanwhile. An attempt lost with its agent
+/// is not the shard's fault: it runs again at once.
+async fn a_failed_attempt_backs_off_before_its_next_and_a_lost_one_does_not(backend: Backend) {
+    let f = Fixture::new(backend, 300).await;
+    let mut spec = workload(&f.output(), 5);
+    spec.retry_backoff_seconds = 10;
+    let key = submit_spec(&f.core, spec, 1).await;
+    let (a, mut rx) = f.agent("a", 1).await;
+    let first = assigned(&mut rx).pop().expect("attempt 1");
+    f.core
+        .handle(&a, failure(&first, true, "flaky"))
+        .await
+        .expect("failed");
+    assert!(
+        assigned(&mut rx).is_empty(),
+        "no attempt before the backoff"
+    );
+    let s = f.core.workload(&key).await.expect("summary");
+    assert_eq!(
+        (s.phase, s.shards_pending, s.shards_running),
+        (WorkloadPhase::Running, 1, 0),
+        "a backing-off shard counts as pending"
+    );
+    f.core
+        .reap(Instant::now() + Duration::from_secs(8))
+        .await
+        .expect("reap");
+    assert!(assigned(&mut rx).is_empty(), "10 s after the first failure");
+    f.core
+        .reap(Instant::now() + Duration::from_secs(11))
+        .await
+        .expect("reap");
+    let second = assigned(&mut rx).pop().expect("attempt 2");
+    assert_eq!(second.attempt, 2);
+
+    // The second failure waits twice as long.
+    f.core
+        .handle(&a, failure(&second, true, "flaky"))
+        .await
+        .expect("failed");
+    f.core
+        .reap(Instant::now() + Duration::from_secs(15))
+        .await
+        .expect("reap");
+    assert!(
+        assigned(&mut rx).is_empty(),
+        "20 s after the second failure"
+    );
+    f.core
+        .reap(Instant::now() + Duration::from_secs(21))
+        .await
+        .expect("reap");
+    let third = assigned(&mut rx).pop().expect("attempt 3");
+    assert_eq!(third.attempt, 3);
+
+    // Its agent goes away: the shard goes to the other agent at once, no backoff.
+    let (b, mut rx_b) = f.agent("b", 1).await;
+    f.core.detach(&a, "stream ended").await.expect("detach");
+    let fourth = assigned(&mut rx_b).pop().expect("attempt 4, at once");
+    assert_eq!(fourth.attempt, 4);
+    f.complete(&b, &fourth, 3).await.expect("complete");
+    assert_eq!(f.phase().await, WorkloadPhase::Succeeded);
+    assert_eq!(
+        f.core.store().charges("u1").await.expect("charges").len(),
+        1
+    );
+}
+
+both!(a_workload_past_its_deadline_fails_and_is_charged_nothing_more);
+both!(the_deadline_survives_an_operator_restart);
+both!(a_failed_attempt_backs_off_before_its_next_and_a_lost_one_does_not);

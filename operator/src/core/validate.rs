@@ -3,7 +3,9 @@
 
 use infermesh_crds::WorkloadSpec;
 use infermesh_crds::quantity::parse_bytes;
+use infermesh_crds::workload::{InputCompression, InputFormat, OutputCompression, OutputFormat};
 use infermesh_io::Location;
+use infermesh_io::dataset::{Compression, Format, Want};
 use infermesh_proto as pb;
 
 use super::scheduler::Needs;
@@ -20,6 +22,9 @@ pub struct Invalid {
 
 /// The most tokens `maxLength` may ask for (the CRD schema's bound too).
 pub const MAX_LENGTH: u32 = 8192;
+
+/// The highest `spec.priority` (the CRD schema's bound too); the lowest is 0.
+pub const MAX_PRIORITY: i32 = 1000;
 
 impl Invalid {
     /// An invalid spec with `reason`.
@@ -49,6 +54,14 @@ pub struct Validated {
     pub task: pb::Task,
     /// What an agent must offer.
     pub needs: Needs,
+    /// What the input must be (format, compression, columns the task reads).
+    pub input: Want,
+    /// The CSV field separator.
+    pub delimiter: u8,
+    /// The parts' format.
+    pub output_format: OutputFormat,
+    /// Parquet parts: zstd-compressed columns.
+    pub output_zstd: bool,
 }
 
 /// URI schemes the data plane reads and writes (through `object_store`).
@@ -57,6 +70,8 @@ pub const SCHEMES: [&str; 4] = ["file", "s3", "http", "https"];
 /// Checks that `uri` is a URI of a supported scheme. Only the syntax: whether the object
 /// exists is for admission (local mode) or the agent to find out.
 fn check_uri(field: &str, uri: &str) -> Result<(), Invalid> {
+    // No `..`: a location is what it says, never a way out of a prefix.
+    infermesh_io::access::plain(uri).map_err(|e| invalid(format!("{field}: {e}")))?;
     if uri.starts_with('/') {
         return Location::parse(uri)
             .map(|_| ())
@@ -79,6 +94,13 @@ pub fn validate(spec: &WorkloadSpec) -> Result<Validated, Invalid> {
     }
     if spec.max_attempts == 0 {
         return Err(invalid("spec.maxAttempts must be at least 1"));
+    }
+    if !(0..=MAX_PRIORITY).contains(&spec.priority) {
+        return Err(invalid(format!(
+            "spec.priority {} is out of range: it must be from 0 to {MAX_PRIORITY} (higher runs \
+             first within its namespace's share)",
+            spec.priority
+        )));
     }
     check_uri("spec.model.uri", &spec.model.uri)?;
     check_uri("spec.input.uri", &spec.input.uri)?;
@@ -148,7 +170,22 @@ pub fn validate(spec: &WorkloadSpec) -> Result<Validated, Invalid> {
         }
         None => 0,
     };
+    let (input, delimiter) = input_want(spec)?;
+    let output_zstd = match (spec.output.format, spec.output.compression) {
+        (_, None | Some(OutputCompression::None)) => false,
+        (OutputFormat::Parquet, Some(OutputCompression::Zstd)) => true,
+        (OutputFormat::Jsonl, Some(OutputCompression::Zstd)) => {
+            return Err(invalid(
+                "spec.output.compression applies to `parquet` parts; JSONL parts are written \
+                 uncompressed",
+            ));
+        }
+    };
     Ok(Validated {
+        input,
+        delimiter,
+        output_format: spec.output.format,
+        output_zstd,
         shard_bytes,
         model: pb::Model {
             uri: spec.model.uri.clone(),
@@ -169,6 +206,71 @@ pub fn validate(spec: &WorkloadSpec) -> Result<Validated, Invalid> {
     })
 }
 
+/// The first segment of a dotted field path (`doc.body` -> `doc`): the column that holds it.
+fn root(path: &str) -> String {
+    path.split('.').next().unwrap_or(path).to_string()
+}
+
+/// What the input must be: its format and compression, and the top-level columns the task
+/// reads (checked in Parquet footers at admission); the CSV delimiter.
+fn input_want(spec: &WorkloadSpec) -> Result<(Want, u8), Invalid> {
+    let format = match spec.input.format {
+        InputFormat::Jsonl => Format::Jsonl,
+        InputFormat::Csv => Format::Csv,
+        InputFormat::Parquet => Format::Parquet,
+    };
+    let compression = spec.input.compression.map(|c| match c {
+        InputCompression::None => Compression::None,
+        InputCompression::Gzip => Compression::Gzip,
+        InputCompression::Zstd => Compression::Zstd,
+    });
+    if format == Format::Parquet && compression.is_some_and(|c| c != Compression::None) {
+        return Err(invalid(
+            "spec.input.compression: Parquet files compress their own pages; leave it unset",
+        ));
+    }
+    let delimiter = match spec.input.delimiter.as_deref() {
+        None => b',',
+        Some(d) if d.len() == 1 && d.is_ascii() && d != "\"" && d != "\n" && d != "\r" => {
+            d.as_bytes()[0]
+        }
+        Some(d) => {
+            return Err(invalid(format!(
+                "spec.input.delimiter `{}` must be one ASCII character other than a quote or \
+                 a line break",
+                d.escape_default()
+            )));
+        }
+    };
+    if spec.input.delimiter.is_some() && format != Format::Csv {
+        return Err(invalid("spec.input.delimiter applies to `csv` input only"));
+    }
+    let mut columns = Vec::new();
+    if let Some(te) = &spec.task.text_embedding {
+        columns.push(root(&te.text_field));
+    }
+    if let Some(t) = &spec.task.tensor {
+        if format == Format::Csv {
+            return Err(invalid(
+                "spec.input.format: a tensor task reads numeric arrays, which CSV cells (text) \
+                 cannot hold; use JSONL or Parquet input",
+            ));
+        }
+        for i in &t.inputs {
+            columns.push(root(i.field.as_deref().unwrap_or(&i.name)));
+        }
+    }
+    Ok((
+        Want {
+            format,
+            compression,
+            columns,
+            confine: None,
+        },
+        delimiter,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +284,55 @@ mod tests {
         match parse_manifests(&yaml).expect("parses").pop() {
             Some(Manifest::Workload(w)) => w.spec,
             other => panic!("not a workload: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn input_and_output_formats_are_checked() {
+        let te = "  task: {textEmbedding: {tokenizer: \"file:///t.json\", textField: doc.body}}\n";
+        let with = |input: &str, output: &str| {
+            let yaml = format!(
+                "apiVersion: infermesh.dev/v1alpha1\nkind: Workload\nmetadata: {{name: w}}\nspec:\n  mesh: m\n  \
+                 model: {{uri: \"file:///m.onnx\"}}\n  input: {{uri: \"file:///in/\", {input}}}\n  output: {{uri: \"file:///out\", {output}}}\n{te}"
+            );
+            match parse_manifests(&yaml).expect("parses").pop() {
+                Some(Manifest::Workload(w)) => validate(&w.spec),
+                other => panic!("not a workload: {other:?}"),
+            }
+        };
+        let v = with("format: parquet", "format: parquet, compression: zstd").expect("valid");
+        assert_eq!(v.input.format, Format::Parquet);
+        assert_eq!(v.input.columns, ["doc"]);
+        assert!(v.output_zstd);
+        let v = with("format: csv, delimiter: \"\\t\"", "format: jsonl").expect("tsv");
+        assert_eq!(v.delimiter, b'\t');
+        assert_eq!(v.input.compression, None);
+        let v = with("compression: gzip", "format: jsonl").expect("gzip");
+        assert_eq!(v.input.compression, Some(Compression::Gzip));
+        for (input, output, says) in [
+            (
+                "format: parquet, compression: gzip",
+                "format: jsonl",
+                "spec.input.compression",
+            ),
+            (
+                "format: jsonl, delimiter: \";\"",
+                "format: jsonl",
+                "spec.input.delimiter",
+            ),
+            (
+                "format: csv, delimiter: \"\\\"\"",
+                "format: jsonl",
+                "spec.input.delimiter",
+            ),
+            (
+                "format: jsonl",
+                "format: jsonl, compression: zstd",
+                "spec.output.compression",
+            ),
+        ] {
+            let err = with(input, output).expect_err(input);
+            assert!(err.message.starts_with(says), "{input} / {output}: {err}");
         }
     }
 
@@ -245,6 +396,25 @@ mod tests {
         assert!(err.message.starts_with("spec.input.uri"), "{err}");
         s.input.uri = "s3://bucket/in.jsonl".into();
         assert!(validate(&s).is_ok());
+    }
+
+    #[test]
+    fn priority_out_of_range_is_refused_with_its_bounds() {
+        let tensor = "  task: {tensor: {inputs: [{name: x}]}}\n";
+        for ok in [0, 500, MAX_PRIORITY] {
+            assert!(validate(&spec(&format!("{tensor}  priority: {ok}\n"))).is_ok());
+        }
+        for bad in [-1, MAX_PRIORITY + 1, i32::MIN] {
+            let err =
+                validate(&spec(&format!("{tensor}  priority: {bad}\n"))).expect_err("out of range");
+            assert_eq!(err.reason, "InvalidSpec");
+            assert!(
+                err.message
+                    .contains(&format!("spec.priority {bad} is out of range"))
+                    && err.message.contains("from 0 to 1000"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -111,6 +111,8 @@ impl Harness {
                 spec: w.spec,
                 input_size: shards * 1024,
                 input_version: None,
+                input_files: None,
+                credentials: None,
             })
             .await
             .expect("submit");

@@ -731,6 +731,35 @@ pub fn describe_workload(
             ("Suspend", spec.suspend.to_string()),
         ],
     );
+    // The lifecycle fields (docs/architecture.md, "Lifecycle"), aligned among themselves.
+    let seconds = |s: Option<u32>| s.map_or_else(|| NONE.to_string(), |s| format!("{s}s"));
+    let acted_on = w
+        .status
+        .as_ref()
+        .and_then(|s| s.observed_retry_generation)
+        .map_or_else(|| NONE.to_string(), |g| g.to_string());
+    fields(
+        &mut out,
+        "  ",
+        &[
+            ("Active deadline", seconds(spec.active_deadline_seconds)),
+            (
+                "Retry backoff",
+                format!(
+                    "{}s, doubled per failed attempt",
+                    spec.retry_backoff_seconds
+                ),
+            ),
+            (
+                "Retry generation",
+                format!("{} (acted on: {acted_on})", spec.retry_generation),
+            ),
+            (
+                "TTL after finished",
+                seconds(spec.ttl_seconds_after_finished),
+            ),
+        ],
+    );
     if let Some(at) = w.annotations().get(RETRY_ANNOTATION) {
         fields(&mut out, "", &[("Retry requested", at.clone())]);
     }

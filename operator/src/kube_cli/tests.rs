@@ -633,6 +633,34 @@ async fn describe_of_a_failing_workload_shows_the_failing_input_line() {
 }
 
 #[test]
+fn describe_shows_the_lifecycle_fields() {
+    let mut w = failing_workload();
+    w.spec.active_deadline_seconds = Some(3600);
+    w.spec.retry_generation = 2;
+    w.spec.ttl_seconds_after_finished = Some(600);
+    if let Some(s) = w.status.as_mut() {
+        s.observed_retry_generation = Some(1);
+    }
+    let out = render::describe_workload(&w, &Ok(Vec::new()), now());
+    for want in [
+        "Active deadline:     3600s",
+        "Retry backoff:       2s, doubled per failed attempt",
+        "Retry generation:    2 (acted on: 1)",
+        "TTL after finished:  600s",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in\n{out}");
+    }
+    let plain = render::describe_workload(&failing_workload(), &Ok(Vec::new()), now());
+    for want in [
+        "Active deadline:     <none>",
+        "Retry generation:    0 (acted on: <none>)",
+        "TTL after finished:  <none>",
+    ] {
+        assert!(plain.contains(want), "missing {want:?} in\n{plain}");
+    }
+}
+
+#[test]
 fn describe_continues_multi_line_messages_under_their_column() {
     let mut w = failing_workload();
     let conditions = &mut w.status.as_mut().expect("status").conditions;

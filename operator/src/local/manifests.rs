@@ -9,6 +9,7 @@ use infermesh_crds::{Manifest, MeshSpec, WorkloadSpec, parse_manifests};
 use infermesh_io::{Location, ObjectError};
 
 use crate::core::validate::validate;
+use crate::core::{inputs, tenancy};
 
 /// A workload read from the file, ready to submit.
 #[derive(Clone, Debug)]
@@ -23,6 +24,10 @@ pub struct LocalWorkload {
     pub input_size: u64,
     /// Input version (ETag) at that size: every shard reads that very object.
     pub input_version: Option<String>,
+    /// The input's files when it is not one plain JSONL object.
+    pub input_files: Option<infermesh_io::Dataset>,
+    /// `spec.credentials`, from a Secret of the same file and namespace.
+    pub credentials: Option<infermesh_io::Credentials>,
 }
 
 /// What a manifest file asks for.
@@ -70,6 +75,23 @@ async fn must_exist(what: &str, reason: &str, uri: &str) -> Result<(u64, Option<
     })
 }
 
+/// The credentials of a Secret document: its `data` (base64), with `stringData` over it as
+/// the API server would merge them.
+fn secret_credentials(
+    secret: &k8s_openapi::api::core::v1::Secret,
+) -> Result<infermesh_io::Credentials, String> {
+    let mut data: BTreeMap<String, Vec<u8>> = secret
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.0.clone()))
+        .collect();
+    for (k, v) in secret.string_data.iter().flatten() {
+        data.insert(k.clone(), v.clone().into_bytes());
+    }
+    infermesh_io::Credentials::from_secret(|k| data.get(k).map(Vec::as_slice))
+}
+
 /// Reads, checks and resolves the manifest file.
 pub async fn load_plan(file: &Path, default_namespace: &str) -> Result<LocalPlan, String> {
     let text = std::fs::read_to_string(file)
@@ -85,11 +107,25 @@ pub async fn load_plan(file: &Path, default_namespace: &str) -> Result<LocalPlan
     // namespace/name is an identity: a second document with the same one is refused, naming
     // both (documents are counted from 1, in file order).
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    // Secrets by `namespace/name`.
+    let mut secrets: BTreeMap<String, k8s_openapi::api::core::v1::Secret> = BTreeMap::new();
     for (i, doc) in docs.into_iter().enumerate() {
         let (kind, id) = match &doc {
             Manifest::Mesh(m) => (
                 "Mesh",
                 m.metadata.name.clone().unwrap_or_else(|| "default".into()),
+            ),
+            Manifest::Secret(secret) => (
+                "Secret",
+                format!(
+                    "{}/{}",
+                    secret
+                        .metadata
+                        .namespace
+                        .clone()
+                        .unwrap_or_else(|| default_namespace.to_string()),
+                    secret.metadata.name.clone().unwrap_or_default()
+                ),
             ),
             Manifest::Workload(w) => (
                 "Workload",
@@ -116,6 +152,9 @@ pub async fn load_plan(file: &Path, default_namespace: &str) -> Result<LocalPlan
                 plan.meshes.insert(name, m.spec.clone());
             }
             Manifest::Workload(w) => workloads.push(*w),
+            Manifest::Secret(secret) => {
+                secrets.insert(id, *secret);
+            }
         }
     }
     if workloads.is_empty() {
@@ -136,7 +175,6 @@ pub async fn load_plan(file: &Path, default_namespace: &str) -> Result<LocalPlan
         if let Some(te) = &mut spec.task.text_embedding {
             te.tokenizer = absolutize(&te.tokenizer, &base);
         }
-        validate(&spec).map_err(|e| format!("{who}: {e}"))?;
         if !plan.meshes.contains_key(&spec.mesh) {
             return Err(format!(
                 "{who}: MeshNotFound: mesh `{}` is not defined in {}",
@@ -144,23 +182,54 @@ pub async fn load_plan(file: &Path, default_namespace: &str) -> Result<LocalPlan
                 file.display()
             ));
         }
-        let (input_size, input_version) = must_exist("input", "InputNotFound", &spec.input.uri)
-            .await
-            .map_err(|e| format!("{who}: {e}"))?;
-        must_exist("model", "ModelNotFound", &spec.model.uri)
-            .await
-            .map_err(|e| format!("{who}: {e}"))?;
-        if let Some(te) = &spec.task.text_embedding {
-            must_exist("tokenizer", "TokenizerNotFound", &te.tokenizer)
+        let validated = validate(&spec).map_err(|e| format!("{who}: {e}"))?;
+        // Before any object is touched: the Mesh's `spec.tenants` allow these locations.
+        let grant = plan
+            .meshes
+            .get(&spec.mesh)
+            .and_then(|m| tenancy::grant_of(m, &namespace));
+        tenancy::check(&spec, grant.as_ref()).map_err(|e| format!("{who}: {e}"))?;
+        let credentials = match &spec.credentials {
+            None => None,
+            Some(r) => {
+                let id = format!("{namespace}/{}", r.secret_ref.name);
+                let secret = secrets.get(&id).ok_or_else(|| {
+                    format!(
+                        "{who}: SecretNotFound: spec.credentials.secretRef: Secret {id} is not \
+                         in {} (a `v1` Secret document in the workload's namespace)",
+                        file.display()
+                    )
+                })?;
+                Some(secret_credentials(secret).map_err(|e| {
+                    format!(
+                        "{who}: InvalidCredentials: spec.credentials.secretRef: Secret {id}: {e}"
+                    )
+                })?)
+            }
+        };
+        let checks = async {
+            let input = inputs::resolve(&spec, &validated, grant.as_ref())
+                .await
+                .map_err(|e| format!("{who}: {}: input: {e}", inputs::reason(&e)))?;
+            must_exist("model", "ModelNotFound", &spec.model.uri)
                 .await
                 .map_err(|e| format!("{who}: {e}"))?;
-        }
+            if let Some(te) = &spec.task.text_embedding {
+                must_exist("tokenizer", "TokenizerNotFound", &te.tokenizer)
+                    .await
+                    .map_err(|e| format!("{who}: {e}"))?;
+            }
+            Ok::<_, String>(input)
+        };
+        let input = infermesh_io::access::scoped(credentials.clone(), checks).await?;
         plan.workloads.push(LocalWorkload {
             namespace,
             name,
             spec,
-            input_size,
-            input_version,
+            input_size: input.size,
+            input_version: input.version,
+            input_files: input.files,
+            credentials,
         });
     }
     Ok(plan)

@@ -223,11 +223,11 @@ async fn run_inner(args: &LocalArgs) -> Result<ExitCode, String> {
     if !args.resume {
         for w in &plan.workloads {
             let overwrite = w.spec.output.mode == infermesh_crds::OutputMode::Overwrite;
-            crate::core::outputs::prepare(&w.spec.output.uri, overwrite)
-                .await
-                .map_err(|(reason, message)| {
-                    format!("Workload {}/{}: {reason}: {message}", w.namespace, w.name)
-                })?;
+            let prepare = crate::core::outputs::prepare(&w.spec.output.uri, overwrite);
+            let prepared = infermesh_io::access::scoped(w.credentials.clone(), prepare).await;
+            prepared.map_err(|(reason, message)| {
+                format!("Workload {}/{}: {reason}: {message}", w.namespace, w.name)
+            })?;
         }
     }
 
@@ -597,44 +597,35 @@ async fn drive<S: Store>(
         });
     }
     let resumed = core.workloads().await;
+    // Workloads whose output another live one writes to (`OutputInUse`): submitted again
+    // each tick until that one has finished.
+    let mut waiting: Vec<&manifests::LocalWorkload> = Vec::new();
+    // A workload's progress bar, over `bytes` input bytes.
+    let bar_for = |w: &manifests::LocalWorkload, bytes: u64| {
+        let bar = bars.add(ProgressBar::new(bytes.max(1)));
+        bar.set_style(style.clone());
+        bar.set_prefix(format!("{}/{}", w.namespace, w.name));
+        bar
+    };
     for w in &plan.workloads {
         // A resumed run of the same workload stands in for a new one.
         if let Some(r) = resumed
             .iter()
             .find(|r| r.namespace == w.namespace && r.name == w.name)
         {
-            let bar = bars.add(ProgressBar::new(r.input_bytes.max(1)));
-            bar.set_style(style.clone());
-            bar.set_prefix(format!("{}/{}", w.namespace, w.name));
-            tracked.push((r.key.clone(), bar));
+            // Its credentials were never stored: handed over again.
+            if w.credentials.is_some() {
+                core.set_credentials(&r.key, w.credentials.clone())
+                    .await
+                    .map_err(|e| format!("Workload {}/{}: {e}", w.namespace, w.name))?;
+            }
+            tracked.push((r.key.clone(), bar_for(w, r.input_bytes)));
             continue;
         }
-        let uid = format!("{:08x}", rand::rng().random::<u32>());
-        let key = core
-            .submit(Submission {
-                namespace: w.namespace.clone(),
-                name: w.name.clone(),
-                uid,
-                spec: w.spec.clone(),
-                input_size: w.input_size,
-                input_version: w.input_version.clone(),
-            })
-            .await
-            .map_err(|e| format!("Workload {}/{}: {e}", w.namespace, w.name))?;
-        if let Some(s) = core.workload(&key).await {
-            for warning in &s.warnings {
-                bars.suspend(|| {
-                    eprintln!(
-                        "infermesh local: warning: {}/{}: {warning}",
-                        w.namespace, w.name
-                    )
-                });
-            }
+        match submit_local(core, w, &bars).await? {
+            Some(key) => tracked.push((key, bar_for(w, w.input_size))),
+            None => waiting.push(w),
         }
-        let bar = bars.add(ProgressBar::new(w.input_size.max(1)));
-        bar.set_style(style.clone());
-        bar.set_prefix(format!("{}/{}", w.namespace, w.name));
-        tracked.push((key, bar));
     }
 
     let deadline = args
@@ -684,6 +675,16 @@ async fn drive<S: Store>(
                 tracing::warn!(error = %e, "admitting held workloads waits for the store");
             }
         }
+        if !waiting.is_empty() {
+            let mut still = Vec::new();
+            for w in waiting.drain(..) {
+                match submit_local(core, w, &bars).await? {
+                    Some(key) => tracked.push((key, bar_for(w, w.input_size))),
+                    None => still.push(w),
+                }
+            }
+            waiting = still;
+        }
         let summaries = core.workloads().await;
         for (key, bar) in &tracked {
             if let Some(s) = summaries.iter().find(|s| &s.key == key) {
@@ -701,7 +702,7 @@ async fn drive<S: Store>(
                 }
             }
         }
-        if summaries.iter().all(|s| s.phase.is_terminal()) {
+        if waiting.is_empty() && summaries.iter().all(|s| s.phase.is_terminal()) {
             return Ok(());
         }
         for a in agents.iter_mut() {
@@ -739,6 +740,56 @@ async fn drive<S: Store>(
             return Err(format!("timed out after {}s", args.timeout.unwrap_or(0)));
         }
     }
+}
+
+/// Submits one of the manifest's workloads: its key, or `None` when it waits because
+/// another live workload writes where it would (`OutputInUse`, said once, on stderr).
+async fn submit_local<S: Store>(
+    core: &Core<S>,
+    w: &manifests::LocalWorkload,
+    bars: &MultiProgress,
+) -> Result<Option<String>, String> {
+    let uid = format!("{:08x}", rand::rng().random::<u32>());
+    let submitted = core
+        .submit(Submission {
+            namespace: w.namespace.clone(),
+            name: w.name.clone(),
+            uid,
+            spec: w.spec.clone(),
+            input_size: w.input_size,
+            input_version: w.input_version.clone(),
+            input_files: w.input_files.clone(),
+            credentials: w.credentials.clone(),
+        })
+        .await;
+    let key = match submitted {
+        Ok(key) => key,
+        Err(CoreError::OutputInUse(message)) => {
+            static SAID: std::sync::Mutex<std::collections::BTreeSet<String>> =
+                std::sync::Mutex::new(std::collections::BTreeSet::new());
+            let who = format!("{}/{}", w.namespace, w.name);
+            if SAID
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(who.clone())
+            {
+                bars.suspend(|| eprintln!("infermesh local: {who} waits: OutputInUse: {message}"));
+            }
+            return Ok(None);
+        }
+        Err(e) => return Err(format!("Workload {}/{}: {e}", w.namespace, w.name)),
+    };
+    if let Some(s) = core.workload(&key).await {
+        for warning in &s.warnings {
+            bars.suspend(|| {
+                eprintln!(
+                    "infermesh local: warning: {}/{}: {warning}",
+                    w.namespace, w.name
+                )
+            });
+        }
+    }
+    Ok(Some(key))
 }
 
 /// Whether a stored workload is one of the manifest's: same namespace, name and output.

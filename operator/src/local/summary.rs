@@ -124,6 +124,9 @@ pub fn status_line(w: &WorkloadSummary) -> String {
     if !w.message.is_empty() {
         line.push_str(&format!(": {}", w.message));
     }
+    if let Some(wait) = &w.waiting {
+        line.push_str(&format!("; waiting for slots: {}", wait.message));
+    }
     line.push_str(&format!(
         "; {}/{} shards done, {} records",
         w.shards_succeeded, w.shards_total, w.records

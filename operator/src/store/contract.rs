@@ -2,6 +2,7 @@
 //! database under it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::testing::{Backend, both};
 use super::*;
@@ -15,6 +16,7 @@ async fn workload(store: &impl Store, uid: &str, shards: u32) {
         spec_json: "{}".into(),
         input_bytes: u64::from(shards) * 100,
         input_version: Some("etag-1".into()),
+        input_files: Some(r#"{"format":"csv","files":[]}"#.into()),
     };
     let s: Vec<ShardRecord> = (0..shards)
         .map(|i| ShardRecord {
@@ -934,6 +936,11 @@ async fn a_failed_workload_is_reopened_keeping_its_succeeded_shards(backend: Bac
     assert_eq!((requeued, failed, kept), (3, 1, 1));
     assert_eq!(reopened.record.uid, "u");
     assert_eq!(reopened.record.input_version.as_deref(), Some("etag-1"));
+    assert_eq!(
+        reopened.record.input_files.as_deref(),
+        Some(r#"{"format":"csv","files":[]}"#),
+        "a dataset's files come back as planned"
+    );
     let expected = [
         row("succeeded", 1, 0, Some("a")),
         row("pending", 2, 2, None),
@@ -1147,3 +1154,62 @@ async fn concurrent_retries_reopen_once_and_attempts_keep_growing(backend: Backe
 
 both!(a_failed_workload_is_reopened_keeping_its_succeeded_shards);
 both!(concurrent_retries_reopen_once_and_attempts_keep_growing);
+
+/// `spec.activeDeadlineSeconds` counts what [`Store::running_for`] says: the time since the
+/// workload's admission, read back by any operator (a restart, a take-over), and since its last
+/// retry once retried. A workload that failed (its deadline passed) takes no completion: the
+/// holder's attempt is refused and nothing is charged, even when the report was accepted before
+/// the failure was written.
+async fn a_workload_runs_from_its_admission_or_last_retry_and_takes_no_completion_once_failed(
+    backend: Backend,
+) {
+    let store = backend.open().await;
+    workload(&store, "u", 2).await;
+    let fresh = store.running_for("u").await.expect("read").expect("stored");
+    assert!(fresh < Duration::from_secs(60), "{fresh:?}");
+    assert_eq!(store.running_for("nope").await.expect("read"), None);
+    // Admitted 1000 s ago, as an operator that restarts finds it.
+    let backdate = match backend {
+        Backend::Sqlite => {
+            "UPDATE workloads SET created_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1000 seconds') WHERE uid = 'u'"
+        }
+        Backend::Postgres => {
+            "UPDATE workloads SET created_at = now() - interval '1000 seconds' WHERE uid = 'u'"
+        }
+    };
+    raw(&store, backdate).await.expect("backdate");
+    let old = store.running_for("u").await.expect("read").expect("stored");
+    assert!(
+        (Duration::from_secs(990)..Duration::from_secs(1100)).contains(&old),
+        "{old:?}"
+    );
+
+    assert!(store.assign("u", 0, 1, "a").await.expect("assign"));
+    store
+        .finish_workload("u", "Failed", "DeadlineExceeded: 1s passed")
+        .await
+        .expect("finish");
+    assert_eq!(
+        store
+            .complete(&completion("u", 0, 1, "a"))
+            .await
+            .expect("complete"),
+        ChargeOutcome::Refused,
+        "the holder's completion of a failed workload is refused"
+    );
+    assert!(store.charges("u").await.expect("charges").is_empty());
+    let report = store.verify().await.expect("verify");
+    assert!(report.ok(), "{report:?}");
+
+    assert!(matches!(
+        store.reopen_failed("u").await.expect("reopen"),
+        ReopenOutcome::Reopened { .. }
+    ));
+    let retried = store.running_for("u").await.expect("read").expect("stored");
+    assert!(
+        retried < Duration::from_secs(60),
+        "a retry starts the count again: {retried:?}"
+    );
+}
+
+both!(a_workload_runs_from_its_admission_or_last_retry_and_takes_no_completion_once_failed);

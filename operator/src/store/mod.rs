@@ -90,6 +90,9 @@ pub struct WorkloadRecord {
     /// The input object's version (ETag) when it was planned; `None` when the store named
     /// none (reads then check the size only).
     pub input_version: Option<String>,
+    /// The input's files as JSON (an `infermesh_io::Dataset`) when it is not one plain JSONL
+    /// object; `None` otherwise.
+    pub input_files: Option<String>,
 }
 
 /// A workload as the store holds it, for resuming.
@@ -770,6 +773,15 @@ pub trait Store: Send + Sync + 'static {
         uid: &str,
     ) -> impl Future<Output = Result<ReopenOutcome, StoreError>> + Send;
 
+    /// How long the stored run of workload `uid` has been running, by the store's clock:
+    /// since its admission, or since its last retry ([`Store::reopen_failed`]). What
+    /// `spec.activeDeadlineSeconds` counts, so that it survives a restart or a take-over.
+    /// `None` for an unknown uid.
+    fn running_for(
+        &self,
+        uid: &str,
+    ) -> impl Future<Output = Result<Option<std::time::Duration>, StoreError>> + Send;
+
     /// Appends an event that comes with no other change (agent joined or lost).
     fn append(&self, event: &Event) -> impl Future<Output = Result<(), StoreError>> + Send;
 
@@ -989,6 +1001,9 @@ impl Store for AnyStore {
     }
     async fn reopen_failed(&self, uid: &str) -> Result<ReopenOutcome, StoreError> {
         each!(self, s => s.reopen_failed(uid))
+    }
+    async fn running_for(&self, uid: &str) -> Result<Option<std::time::Duration>, StoreError> {
+        each!(self, s => s.running_for(uid))
     }
     async fn append(&self, event: &Event) -> Result<(), StoreError> {
         each!(self, s => s.append(event))

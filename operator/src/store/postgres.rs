@@ -218,6 +218,7 @@ async fn complete_set(
               AS c(uid, idx, attempt, agent, records, uri, sha) \
          WHERE s.workload_uid = c.uid AND s.idx = c.idx \
            AND s.state = 'running' AND s.agent = c.agent AND s.attempt = c.attempt \
+           AND EXISTS (SELECT 1 FROM workloads w WHERE w.uid = c.uid AND w.phase = 'Running') \
          RETURNING s.workload_uid, s.idx",
         &uids,
         &idxs,
@@ -329,8 +330,8 @@ impl Store for PgStore {
         let spec: serde_json::Value =
             serde_json::from_str(&w.spec_json).unwrap_or(serde_json::Value::Null);
         sqlx::query!(
-            "INSERT INTO workloads (uid, namespace, name, mesh, spec, input_bytes, shards, phase, input_version) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'Running', $8)",
+            "INSERT INTO workloads (uid, namespace, name, mesh, spec, input_bytes, shards, phase, input_version, input_files) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'Running', $8, $9)",
             w.uid,
             w.namespace,
             w.name,
@@ -339,6 +340,7 @@ impl Store for PgStore {
             w.input_bytes as i64,
             shards.len() as i32,
             w.input_version,
+            w.input_files,
         )
         .execute(&mut *tx)
         .await?;
@@ -452,7 +454,7 @@ impl Store for PgStore {
 
     async fn workloads_in_phase(&self, phase: &str) -> Result<Vec<StoredWorkload>, StoreError> {
         let rows = sqlx::query!(
-            "SELECT uid, namespace, name, mesh, spec::text AS \"spec!\", input_bytes, input_version FROM workloads \
+            "SELECT uid, namespace, name, mesh, spec::text AS \"spec!\", input_bytes, input_version, input_files FROM workloads \
              WHERE phase = $1 ORDER BY created_at, uid",
             phase
         )
@@ -469,6 +471,7 @@ impl Store for PgStore {
                 spec_json: r.spec,
                 input_bytes: r.input_bytes as u64,
                 input_version: r.input_version,
+                input_files: r.input_files,
             };
             out.push(StoredWorkload { record, shards });
         }
@@ -590,7 +593,7 @@ impl Store for PgStore {
         // The compare-and-set on the phase locks the workload's row: of two retries at once,
         // one reopens and the other then finds it running.
         let reopened = sqlx::query!(
-            "UPDATE workloads SET phase = 'Running', message = NULL, finished_at = NULL \
+            "UPDATE workloads SET phase = 'Running', message = NULL, finished_at = NULL, started_at = now() \
              WHERE uid = $1 AND phase = 'Failed'",
             uid
         )
@@ -626,7 +629,7 @@ impl Store for PgStore {
         .execute(&mut *tx)
         .await?;
         let r = sqlx::query!(
-            "SELECT uid, namespace, name, mesh, spec::text AS \"spec!\", input_bytes, input_version FROM workloads \
+            "SELECT uid, namespace, name, mesh, spec::text AS \"spec!\", input_bytes, input_version, input_files FROM workloads \
              WHERE uid = $1",
             uid
         )
@@ -641,6 +644,7 @@ impl Store for PgStore {
             spec_json: r.spec,
             input_bytes: r.input_bytes as u64,
             input_version: r.input_version,
+            input_files: r.input_files,
         };
         let kept = (shards.len() as u32).saturating_sub(requeued);
         insert_events(
@@ -659,6 +663,17 @@ impl Store for PgStore {
             failed,
             kept,
         })
+    }
+
+    async fn running_for(&self, uid: &str) -> Result<Option<std::time::Duration>, StoreError> {
+        let seconds = sqlx::query_scalar!(
+            "SELECT EXTRACT(EPOCH FROM now() - COALESCE(started_at, created_at))::float8 AS \"s!\" \
+             FROM workloads WHERE uid = $1",
+            uid
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(seconds.map(|s| std::time::Duration::try_from_secs_f64(s.max(0.0)).unwrap_or_default()))
     }
 
     async fn append(&self, event: &Event) -> Result<(), StoreError> {

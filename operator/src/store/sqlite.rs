@@ -191,6 +191,7 @@ async fn complete_set(
                     sha256 = c.sha, error = NULL, updated_at = ? \
              FROM c WHERE shards.workload_uid = c.uid AND shards.idx = c.idx \
                AND shards.state = 'running' AND shards.agent = c.agent AND shards.attempt = c.attempt \
+               AND EXISTS (SELECT 1 FROM workloads w WHERE w.uid = c.uid AND w.phase = 'Running') \
              RETURNING shards.workload_uid, shards.idx",
             placeholders(chunk.len(), 7)
         );
@@ -279,7 +280,8 @@ async fn complete_set(
 }
 
 /// The columns of a workload that [`workload_record`] reads.
-const WORKLOAD_COLUMNS: &str = "uid, namespace, name, mesh, spec, input_bytes, input_version";
+const WORKLOAD_COLUMNS: &str =
+    "uid, namespace, name, mesh, spec, input_bytes, input_version, input_files";
 
 fn workload_record(r: &sqlx::sqlite::SqliteRow) -> Result<WorkloadRecord, sqlx::Error> {
     Ok(WorkloadRecord {
@@ -290,6 +292,7 @@ fn workload_record(r: &sqlx::sqlite::SqliteRow) -> Result<WorkloadRecord, sqlx::
         spec_json: r.try_get::<String, _>("spec")?,
         input_bytes: r.try_get::<i64, _>("input_bytes")? as u64,
         input_version: r.try_get::<Option<String>, _>("input_version")?,
+        input_files: r.try_get::<Option<String>, _>("input_files")?,
     })
 }
 
@@ -332,8 +335,8 @@ impl Store for SqliteStore {
         let mut tx = self.pool.begin().await?;
         let at = now();
         sqlx::query(
-            "INSERT INTO workloads (uid, namespace, name, mesh, spec, input_bytes, shards, phase, created_at, input_version) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, 'Running', ?, ?)",
+            "INSERT INTO workloads (uid, namespace, name, mesh, spec, input_bytes, shards, phase, created_at, input_version, input_files) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, 'Running', ?, ?, ?)",
         )
         .bind(&w.uid)
         .bind(&w.namespace)
@@ -344,6 +347,7 @@ impl Store for SqliteStore {
         .bind(shards.len() as i64)
         .bind(&at)
         .bind(&w.input_version)
+        .bind(&w.input_files)
         .execute(&mut *tx)
         .await?;
         for s in shards {
@@ -595,9 +599,10 @@ impl Store for SqliteStore {
         // The compare-and-set on the phase comes first: it takes SQLite's write lock, so what
         // is read below cannot change before the commit.
         let reopened = sqlx::query(
-            "UPDATE workloads SET phase = 'Running', message = NULL, finished_at = NULL \
+            "UPDATE workloads SET phase = 'Running', message = NULL, finished_at = NULL, started_at = ? \
              WHERE uid = ? AND phase = 'Failed'",
         )
+        .bind(now())
         .bind(uid)
         .execute(&mut *tx)
         .await?
@@ -655,6 +660,17 @@ impl Store for SqliteStore {
             failed,
             kept,
         })
+    }
+
+    async fn running_for(&self, uid: &str) -> Result<Option<std::time::Duration>, StoreError> {
+        let seconds: Option<f64> = sqlx::query_scalar(
+            "SELECT (julianday('now') - julianday(COALESCE(started_at, created_at))) * 86400.0 \
+             FROM workloads WHERE uid = ?",
+        )
+        .bind(uid)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(seconds.map(|s| std::time::Duration::try_from_secs_f64(s.max(0.0)).unwrap_or_default()))
     }
 
     async fn append(&self, event: &Event) -> Result<(), StoreError> {

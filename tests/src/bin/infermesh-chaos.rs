@@ -117,6 +117,54 @@ fn helper(h: &Helper) -> ExitCode {
     }
 }
 
+/// The last lines of each operator and agent log of a failed run's folder (escape codes
+/// removed), on stderr.
+fn print_log_tails(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut logs: Vec<_> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    logs.sort();
+    for log in logs {
+        let Ok(text) = std::fs::read_to_string(&log) else {
+            continue;
+        };
+        let keep = if log.to_string_lossy().contains("operator") {
+            60
+        } else {
+            12
+        };
+        let lines: Vec<&str> = text.lines().collect();
+        eprintln!("       --- {} (last {keep} lines)", log.display());
+        for line in &lines[lines.len().saturating_sub(keep)..] {
+            let plain = strip_ansi(line);
+            eprintln!("       | {}", plain.chars().take(400).collect::<String>());
+        }
+    }
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ ... final byte in @..~
+            for d in chars.by_ref() {
+                if ('@'..='~').contains(&d) && d != '[' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn replay(r: &RunReport, explicit: bool) -> String {
     if r.seed >= 10_000 {
         "scripts/chaos.sh --regressions --seeds 0".to_string()
@@ -264,6 +312,8 @@ fn main() -> ExitCode {
                 replay(&r, args.scenario.is_some()),
                 r.dir
             );
+            // CI keeps only what is printed: the logs' last lines say where the run stood.
+            print_log_tails(std::path::Path::new(&r.dir));
         }
         if let Some(path) = &args.report {
             use std::io::Write;

@@ -173,7 +173,7 @@ struct World {
     moved: BTreeSet<u32>,
 }
 
-fn new_workload(
+pub(super) fn new_workload(
     spec: WorkloadSpec,
     validated: Validated,
     shards: Vec<ShardState>,
@@ -188,10 +188,12 @@ fn new_workload(
         validated,
         input_size: u64::from(SHARDS) * 100,
         input_version: None,
+        input_files: None,
         shards,
         admitted,
         credits: 0,
         model_drift: None,
+        credentials: None,
     }
 }
 
@@ -275,7 +277,7 @@ impl World {
     }
 
     fn dispatch(&mut self) {
-        let claims = self.m.plan_round();
+        let claims = self.m.plan_round(self.now);
         if claims.is_empty() {
             return;
         }
@@ -388,6 +390,7 @@ impl World {
                 agent: Some(who.id.clone()),
                 reason: reason.into(),
                 fail_reason: fail,
+                backoff: false,
             })
         };
         if !part_ok {
@@ -532,6 +535,7 @@ impl World {
                                 agent: Some(h.id.clone()),
                                 reason: "boom".into(),
                                 fail_reason: "InferenceFailed",
+                                backoff: false,
                             }),
                             Effect::Dispatch,
                         ]),
@@ -693,7 +697,9 @@ impl World {
                     // report loses, or at its next start; until then it may still believe
                     // in an older attempt of its own.
                     let stale = match &s.status {
-                        ShardStatus::Pending | ShardStatus::Elsewhere => true,
+                        ShardStatus::Pending
+                        | ShardStatus::Elsewhere
+                        | ShardStatus::Backoff { .. } => true,
                         ShardStatus::Running { .. } | ShardStatus::Committing { .. } => {
                             s.attempt < r.attempt
                         }
@@ -708,7 +714,7 @@ impl World {
                 }
                 assert_eq!(s.attempt, r.attempt, "shard {i} attempt");
                 let agrees = match &s.status {
-                    ShardStatus::Pending => r.state == "pending",
+                    ShardStatus::Pending | ShardStatus::Backoff { .. } => r.state == "pending",
                     ShardStatus::Running { agent, .. } | ShardStatus::Committing { agent } => {
                         r.state == "running" && r.agent.as_deref() == Some(agent.as_str())
                     }
@@ -833,7 +839,7 @@ fn messages_are_effects_in_order() {
         matches!(&effects[0], Effect::Send { agent, msg } if agent == "a0" && matches!(**msg, Down::Welcome(_)))
     );
     assert!(matches!(effects.last(), Some(Effect::Dispatch)));
-    let claims = w.m.plan_round();
+    let claims = w.m.plan_round(w.now);
     assert_eq!(claims.len(), 2, "two slots, two claims");
     assert!(claims.iter().all(|c| c.attempt == 1 && c.agent == "a0"));
     // The store lets the first claim through and gives the second to another operator.
@@ -906,7 +912,7 @@ fn a_requeued_shard_below_the_round_cursor_is_claimed_again() {
     let claimed = |w: &mut World, agent: &str| -> Vec<u32> {
         w.m.attach(&hello(agent, 2), &Principal::user("t"), w.now)
             .expect("attach");
-        let claims = w.m.plan_round();
+        let claims = w.m.plan_round(w.now);
         let won = vec![true; claims.len()];
         w.m.claims_stored(&claims, &won, w.now);
         let mut shards: Vec<u32> = claims.iter().map(|c| c.shard).collect();
