@@ -569,13 +569,13 @@ mod tests {
     }
 
     /// Credentials from a Secret holding `data`.
-    fn from(data: &[(&str, &[u8])]) -> Result<Credentials, String> {
+    fn secret_of(data: &[(&str, &[u8])]) -> Result<Credentials, String> {
         Credentials::from_secret(|k| data.iter().find(|(key, _)| *key == k).map(|(_, v)| *v))
     }
 
     #[test]
     fn credentials_come_from_a_secret_and_never_print() {
-        let c = from(&[
+        let c = secret_of(&[
             ("AWS_ACCESS_KEY_ID", b"AKIA-TEAM-A"),
             ("AWS_SECRET_ACCESS_KEY", b"s3cr3t-value\n"),
             ("AWS_DEFAULT_REGION", b"eu-west-1"),
@@ -589,18 +589,18 @@ mod tests {
             !shown.contains("s3cr3t") && !shown.contains("AKIA"),
             "{shown}"
         );
-        let e = from(&[("AWS_ACCESS_KEY_ID", b"AKIA")]).expect_err("half");
+        let e = secret_of(&[("AWS_ACCESS_KEY_ID", b"AKIA")]).expect_err("half");
         assert!(e.contains("without AWS_SECRET_ACCESS_KEY"), "{e}");
-        let e = from(&[
+        let e = secret_of(&[
             ("AWS_ACCESS_KEY_ID", b"AKIA"),
             ("AWS_SECRET_ACCESS_KEY", b"s"),
             ("AWS_REGION", b"x@10.0.0.5:8443/#"),
         ])
         .expect_err("a host");
         assert!(e.contains("AWS_REGION"), "{e}");
-        let e = from(&[]).expect_err("empty");
+        let e = secret_of(&[]).expect_err("empty");
         assert!(e.contains("neither"), "{e}");
-        let e = from(&[("token", &[0xff, 0xfe])]).expect_err("binary");
+        let e = secret_of(&[("token", &[0xff, 0xfe])]).expect_err("binary");
         assert!(e.contains("token") && !e.contains('\u{fffd}'), "{e}");
     }
 }

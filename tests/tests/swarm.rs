@@ -163,7 +163,8 @@ fn external_agents_alone_need_no_agent_binary() {
     let path = dir.path().join("mesh.yaml");
     std::fs::write(&path, yaml).expect("manifest");
     let creds = dir.path().join("creds.json");
-    let mut local = Command::new(lone.join("infermesh"))
+    let mut command = Command::new(lone.join("infermesh"));
+    command
         .arg("local")
         .arg("-f")
         .arg(&path)
@@ -179,9 +180,21 @@ fn external_agents_alone_need_no_agent_binary() {
         .env("PATH", "/usr/bin:/bin")
         .env_remove("INFERMESH_AGENT_BIN")
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn infermesh local");
+        .stderr(Stdio::piped());
+    // The copy was written by this process, and a fork by the other test of this binary (in
+    // another thread) inherits its write descriptor until that child execs: while it is held,
+    // exec of the copy fails with ETXTBSY. That passes within moments; any other error fails.
+    let mut tries = 0;
+    let mut local = loop {
+        match command.spawn() {
+            Ok(child) => break child,
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => panic!("spawn infermesh local: {e}"),
+        }
+    };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while !creds.exists() {
         if let Ok(Some(status)) = local.try_wait() {

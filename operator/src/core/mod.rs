@@ -67,7 +67,7 @@ use pricing::Price;
 use progress::{AgentSummary, WorkloadSummary};
 
 /// How long a ping of the store may take before the store counts as unavailable.
-const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+pub const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Messages to one agent's stream.
 pub type AgentSender = mpsc::UnboundedSender<Result<pb::OperatorMessage, Status>>;

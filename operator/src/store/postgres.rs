@@ -25,6 +25,11 @@ pub struct PgStore {
     pool: PgPool,
 }
 
+/// How long a write waits for a pooled connection before it fails. A server that is down is
+/// noticed within this (connection refused is retried until then); the core then pings the
+/// store ([`crate::core::PING_TIMEOUT`]) and pauses dispatch until it answers again.
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl PgStore {
     /// Connects to `url` (`postgres://…`), runs the migrations and makes the event log's
     /// partitions for this month and the next two.
@@ -35,9 +40,7 @@ impl PgStore {
         let server = format!("{}:{}", options.get_host(), options.get_port());
         let pool = PgPoolOptions::new()
             .max_connections(16)
-            // A server that is down is noticed within this (connection refused is retried
-            // until then): the core then pauses dispatch until it answers again.
-            .acquire_timeout(Duration::from_secs(10))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options);
         let pool = tokio::time::timeout(Duration::from_secs(10), pool)
             .await
