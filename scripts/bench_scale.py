@@ -230,6 +230,22 @@ def plots(results, ray, docs):
     return made
 
 
+def mean_seconds(compute):
+    """The mean compute time of a swarm `--compute` value (`zero`, `5ms`, `exp:2s`, ...)."""
+    def seconds(text):
+        m = re.fullmatch(r"([0-9.]+)(ms|s)", text.strip())
+        if not m:
+            raise SystemExit(f"cannot read the compute time {compute!r}")
+        return float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
+
+    if compute in ("zero", "0"):
+        return 0.0
+    if compute.startswith("uniform:"):
+        lo, hi = compute.split(":", 1)[1].split("..")
+        return (seconds(lo) + seconds(hi)) / 2
+    return seconds(compute.split(":", 1)[-1])
+
+
 def section(results, ray, pngs, commit):
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
                 if l.startswith("model name")), "?")
@@ -260,6 +276,24 @@ def section(results, ray, pngs, commit):
             f"{o['cpu_ms_per_1000_shards']:.0f} | {r['latency']['p50_ms']:.2f} | "
             f"{r['latency']['p99_ms']:.2f} | {o['peak_rss_mb']:.0f} |")
     lines.append("")
+    costed = [r for r in disp if r.get("machine")]
+    if costed:
+        lines += ["Where the machine's CPU went in the same runs (from `/proc`, from the first "
+                  "Assign to the end): the operator, the swarm, and the whole machine (the "
+                  "operator, the swarm, the database and the rest together). The rate the "
+                  "machine can reach at that cost is its cores' time divided by the whole "
+                  "machine's CPU per shard:", "",
+                  "| store | agents | shards/s | cores busy | operator CPU ms / 1,000 | swarm CPU ms / 1,000 | machine CPU ms / 1,000 | ceiling at that cost (shards/s) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in costed:
+            m = r["machine"]
+            mc = m["machine_cpu_ms_per_1000_shards"]
+            ceiling = m["cores"] * 1e6 / mc if mc > 0 else float("nan")
+            lines.append(
+                f"| {r['store']} | {r['agents']} | {r['shards_per_second']:.0f} | "
+                f"{m['busy']:.0%} | {r['operator']['cpu_ms_per_1000_shards']:.0f} | "
+                f"{m['swarm_cpu_ms_per_1000_shards']:.0f} | {mc:.0f} | {ceiling:,.0f} |")
+        lines.append("")
     if ray:
         lines.append(f"Ray {ray['ray']} on the same machine in the same run: `ray.get` of "
                      f"{ray['tasks']:,} no-op remote tasks after a warm-up: "
@@ -271,12 +305,19 @@ def section(results, ray, pngs, commit):
         lines += ["With zero compute every slot is always waiting on the operator, so the "
                   "latency of a saturated run is the queue's (Little's law: slots / rate). "
                   "Below saturation — 1,000 agents whose shards take a random time (`"
-                  f"{paced[0]['compute']}`, exponential) — it is the dispatch path's own:", "",
-                  "| store | agents | compute | shards/s | latency p50 (ms) | p99 (ms) | max (ms) | operator CPU ms / 1,000 shards |",
-                  "|---|---:|---|---:|---:|---:|---:|---:|"]
+                  f"{paced[0]['compute']}`, exponential), so that the 4,000 slots ask for a "
+                  "fraction of what the operator can take (the load: the offered rate over the "
+                  "saturated rate of the same store at 1,000 agents above) — it is the "
+                  "dispatch path's own:", "",
+                  "| store | agents | compute | offered shards/s | load | latency p50 (ms) | p99 (ms) | max (ms) | operator CPU ms / 1,000 shards |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
         for r in paced:
+            offered = r["agents"] * 4 / max(mean_seconds(r["compute"]), 1e-9)
+            sat = next((x for x in disp if x["store"] == r["store"] and x["agents"] == r["agents"]),
+                       None)
+            load = f"{offered / sat['shards_per_second']:.0%}" if sat else "?"
             lines.append(f"| {r['store']} | {r['agents']} | `{r['compute']}` | "
-                         f"{r['shards_per_second']:.0f} | {r['latency']['p50_ms']:.2f} | "
+                         f"{offered:.0f} | {load} | {r['latency']['p50_ms']:.2f} | "
                          f"{r['latency']['p99_ms']:.2f} | {r['latency']['max_ms']:.2f} | "
                          f"{r['operator']['cpu_ms_per_1000_shards']:.0f} |")
         lines.append("")
@@ -369,8 +410,10 @@ def main():
     ap.add_argument("--agents", default="10,100,1000")
     ap.add_argument("--stores", default="sqlite,postgres")
     ap.add_argument("--shards", type=int, default=20000, help="shards per dispatch run")
-    ap.add_argument("--paced", default="exp:2s",
-                    help="compute time of the 1,000-agent runs below saturation (empty: none)")
+    ap.add_argument("--paced", default="exp:10s",
+                    help="compute time of the 1,000-agent runs below saturation (empty: none); "
+                         "4,000 slots at a 10 s mean offer 400 shards/s, a fifth of what the "
+                         "operator takes at 1,000 agents")
     ap.add_argument("--queued", default="1000,100000,1000000",
                     help="queued-shard counts for the memory runs (empty: none)")
     ap.add_argument("--soak", type=int, default=10000,

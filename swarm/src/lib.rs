@@ -239,6 +239,22 @@ pub struct Operator {
     pub max_sampled_rss_mb: f64,
 }
 
+/// Where the machine's CPU went during the run (from the first Assign to the end), when the
+/// operator's pid was given: with the operator, the swarm and the database sharing the
+/// machine, the sum is what bounds the rate.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Machine {
+    /// Cores.
+    pub cores: usize,
+    /// The swarm's own CPU milliseconds per 1,000 completed shards.
+    pub swarm_cpu_ms_per_1000_shards: f64,
+    /// The whole machine's busy CPU milliseconds per 1,000 completed shards (operator, swarm,
+    /// database and anything else running).
+    pub machine_cpu_ms_per_1000_shards: f64,
+    /// The share of all cores that was busy.
+    pub busy: f64,
+}
+
 /// What a swarm measured.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Report {
@@ -270,6 +286,8 @@ pub struct Report {
     pub latency: Latency,
     /// The operator, when its pid was given.
     pub operator: Option<Operator>,
+    /// The swarm and the whole machine over the same window, when the operator's pid was given.
+    pub machine: Option<Machine>,
     /// Why the swarm ended: `drained` (the operator drained every agent), `idle` or `deadline`.
     pub ended: String,
 }
@@ -385,15 +403,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     };
     let operator = cfg.operator_pid.map(|pid| {
         let from = Duration::from_nanos(first);
-        let cpu_at = |t: Duration| {
-            samples
-                .iter()
-                .find(|s| s.at >= t)
-                .or(samples.last())
-                .map_or(0.0, |s| s.cpu_seconds)
-        };
-        let cpu_end = samples.last().map_or(0.0, |s| s.cpu_seconds);
-        let cpu = (cpu_end - cpu_at(from)).max(0.0);
+        let cpu = spent(&samples, from, |s| s.cpu_seconds);
         Operator {
             cpu_seconds: cpu,
             cpu_ms_per_1000_shards: if completed > 0 {
@@ -405,6 +415,29 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
                 .or_else(|| samples.iter().map(|s| s.rss_mb).reduce(f64::max))
                 .unwrap_or(0.0),
             max_sampled_rss_mb: samples.iter().map(|s| s.rss_mb).fold(0.0, f64::max),
+        }
+    });
+    let machine = cfg.operator_pid.map(|_| {
+        let from = Duration::from_nanos(first);
+        let per_1000 = |seconds: f64| {
+            if completed > 0 {
+                seconds * 1e6 / completed as f64
+            } else {
+                0.0
+            }
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let busy = spent(&samples, from, |s| s.machine_busy_seconds);
+        let window = spent(&samples, from, |s| s.at.as_secs_f64());
+        Machine {
+            cores,
+            swarm_cpu_ms_per_1000_shards: per_1000(spent(&samples, from, |s| s.own_cpu_seconds)),
+            machine_cpu_ms_per_1000_shards: per_1000(busy),
+            busy: if window > 0.0 {
+                (busy / (window * cores as f64)).min(1.0)
+            } else {
+                0.0
+            },
         }
     });
     Ok(Report {
@@ -426,8 +459,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         },
         latency: Latency::of(latencies),
         operator,
+        machine,
         ended: ended.to_string(),
     })
+}
+
+/// What a counter of the samples grew by from the first sample at or after `from` to the last.
+fn spent(samples: &[Sample], from: Duration, of: impl Fn(&Sample) -> f64) -> f64 {
+    let begin = samples
+        .iter()
+        .find(|s| s.at >= from)
+        .or(samples.last())
+        .map_or(0.0, &of);
+    let end = samples.last().map_or(0.0, &of);
+    (end - begin).max(0.0)
 }
 
 /// One simulated agent: attaches, works, attaches again after a dropped or broken stream, until
@@ -685,9 +730,16 @@ async fn work(a: pb::Assign, compute: Duration, fate: Fate, echo: bool) -> Done 
         b"{}\n".to_vec()
     };
     let (bytes, records, sha256) = part_facts(&body);
-    let put = match infermesh_io::Location::parse(&a.output_uri) {
-        Ok(part) => part.put(body.into()).await.map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
+    let put = match infermesh_io::access::local_path(&a.output_uri) {
+        // A local part is written in place, on this task's thread: a no-op shard's part is a
+        // few bytes, and a hop to the blocking pool per shard (as the object store's put
+        // makes) costs this load generator more than the write, on the machine it shares with
+        // the operator it measures.
+        Some(path) => write_local(&path, &body).map_err(|e| e.to_string()),
+        None => match infermesh_io::Location::parse(&a.output_uri) {
+            Ok(part) => part.put(body.into()).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        },
     };
     if let Err(e) = put {
         return failed(format!("infermesh-swarm: writing the part: {e}"));
@@ -706,6 +758,19 @@ async fn work(a: pb::Assign, compute: Duration, fate: Fate, echo: bool) -> Done 
         }),
         key,
     )
+}
+
+/// Writes a local part, making its folder when it is not there yet.
+fn write_local(path: &Path, body: &[u8]) -> std::io::Result<()> {
+    match std::fs::write(path, body) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(path, body)
+        }
+        other => other,
+    }
 }
 
 /// The records of the shard's input range, each on a line of its own.
@@ -728,6 +793,10 @@ struct Sample {
     at: Duration,
     cpu_seconds: f64,
     rss_mb: f64,
+    /// The swarm's own CPU seconds.
+    own_cpu_seconds: f64,
+    /// CPU seconds the whole machine has been busy, all cores together (`/proc/stat`).
+    machine_busy_seconds: f64,
 }
 
 /// A field of `/proc/PID/status` in kB, as MB.
@@ -753,6 +822,21 @@ fn proc_cpu(pid: u32, ticks: f64) -> Option<f64> {
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
     Some((utime + stime) / ticks)
+}
+
+/// Seconds the machine's cores have been busy, all together, from the first line of
+/// `/proc/stat` (user, nice, system, irq, softirq and steal; idle and iowait are not busy).
+fn machine_busy(ticks: f64) -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is counted in user).
+    let busy = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum::<f64>();
+    Some(busy / ticks)
 }
 
 /// Clock ticks per second (`getconf CLK_TCK`; 100 where it cannot be asked).
@@ -781,12 +865,17 @@ async fn sample(
     });
     let mut out = Vec::new();
     let mut every = tokio::time::interval(cfg.sample_every);
-    while let (Some(cpu), Some(rss)) = (proc_cpu(pid, ticks), proc_status(pid, "VmRSS:")) {
-        let s = Sample {
+    // None once the operator is gone.
+    let take = || {
+        Some(Sample {
             at: start.elapsed(),
-            cpu_seconds: cpu,
-            rss_mb: rss,
-        };
+            cpu_seconds: proc_cpu(pid, ticks)?,
+            rss_mb: proc_status(pid, "VmRSS:")?,
+            own_cpu_seconds: proc_cpu(std::process::id(), ticks).unwrap_or(0.0),
+            machine_busy_seconds: machine_busy(ticks).unwrap_or(0.0),
+        })
+    };
+    while let Some(s) = take() {
         if let Some(f) = log.as_mut() {
             use std::io::Write;
             let _ = writeln!(
@@ -801,9 +890,7 @@ async fn sample(
         tokio::select! {
             _ = every.tick() => {}
             _ = stop.changed() => {
-                if let (Some(cpu), Some(rss)) = (proc_cpu(pid, ticks), proc_status(pid, "VmRSS:")) {
-                    out.push(Sample { at: start.elapsed(), cpu_seconds: cpu, rss_mb: rss });
-                }
+                out.extend(take());
                 break;
             }
         }

@@ -88,6 +88,18 @@ fn twenty_swarm_agents_run_twenty_thousand_shards_exactly_once() {
         report["operator"]["peak_rss_mb"].as_f64() > Some(1.0),
         "{report}"
     );
+    // The swarm's own CPU and the whole machine's, which holds the operator's and the swarm's.
+    let machine = &report["machine"];
+    let swarm_cpu = machine["swarm_cpu_ms_per_1000_shards"].as_f64().unwrap_or(0.0);
+    let machine_cpu = machine["machine_cpu_ms_per_1000_shards"].as_f64().unwrap_or(0.0);
+    let operator_cpu = report["operator"]["cpu_ms_per_1000_shards"]
+        .as_f64()
+        .unwrap_or(0.0);
+    assert!(swarm_cpu > 0.0, "{report}");
+    // (Both are counted in clock ticks, sampled at slightly different moments: a tenth of slack.)
+    assert!(machine_cpu >= 0.9 * swarm_cpu.max(operator_cpu), "{report}");
+    let busy = machine["busy"].as_f64().unwrap_or(-1.0);
+    assert!(busy > 0.0 && busy <= 1.0, "{report}");
 
     // Every record exactly once, as the input had it.
     let lines = read_parts(&out);
