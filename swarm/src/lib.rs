@@ -835,7 +835,10 @@ fn machine_busy(ticks: f64) -> Option<f64> {
         .map(|x| x.parse().unwrap_or(0.0))
         .collect();
     // user nice system idle iowait irq softirq steal (guest time is counted in user).
-    let busy = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum::<f64>();
+    let busy = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&i| f.get(i))
+        .sum::<f64>();
     Some(busy / ticks)
 }
 

@@ -90,8 +90,12 @@ fn twenty_swarm_agents_run_twenty_thousand_shards_exactly_once() {
     );
     // The swarm's own CPU and the whole machine's, which holds the operator's and the swarm's.
     let machine = &report["machine"];
-    let swarm_cpu = machine["swarm_cpu_ms_per_1000_shards"].as_f64().unwrap_or(0.0);
-    let machine_cpu = machine["machine_cpu_ms_per_1000_shards"].as_f64().unwrap_or(0.0);
+    let swarm_cpu = machine["swarm_cpu_ms_per_1000_shards"]
+        .as_f64()
+        .unwrap_or(0.0);
+    let machine_cpu = machine["machine_cpu_ms_per_1000_shards"]
+        .as_f64()
+        .unwrap_or(0.0);
     let operator_cpu = report["operator"]["cpu_ms_per_1000_shards"]
         .as_f64()
         .unwrap_or(0.0);
