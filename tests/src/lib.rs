@@ -195,6 +195,24 @@ pub fn spawn_local_for_swarm(
     (local, creds, url)
 }
 
+/// Runs `infermesh-swarm` with `args` against an operator from [`spawn_local_for_swarm`] (its
+/// pid given, for the operator's CPU and memory), then waits for the operator. Both must exit
+/// 0; returns the swarm's run and the operator's.
+pub fn run_swarm_against(local: std::process::Child, creds: &Path, args: &[&str]) -> (Run, Run) {
+    let swarm: Run = std::process::Command::new(bin("infermesh-swarm"))
+        .arg("--credentials")
+        .arg(creds)
+        .args(args)
+        .args(["--operator-pid", &local.id().to_string()])
+        .output()
+        .expect("run infermesh-swarm")
+        .into();
+    let local: Run = local.wait_with_output().expect("wait").into();
+    assert_eq!(local.code, Some(0), "{}", local.text());
+    assert_eq!(swarm.code, Some(0), "{}", swarm.text());
+    (swarm, local)
+}
+
 /// Runs `infermesh local` to the end on the store `url`.
 pub fn run_local_on(manifest: &Path, agents: usize, dir: &Path, url: &str) -> Run {
     local_command(manifest, agents, dir)

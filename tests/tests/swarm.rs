@@ -42,10 +42,10 @@ fn twenty_swarm_agents_run_twenty_thousand_shards_exactly_once() {
     let path = dir.path().join("mesh.yaml");
     std::fs::write(&path, yaml).expect("manifest");
     let (local, creds, url) = spawn_local_for_swarm(&path, dir.path(), AGENTS);
-    let swarm: Run = Command::new(bin("infermesh-swarm"))
-        .arg("--credentials")
-        .arg(&creds)
-        .args([
+    let (swarm, _) = run_swarm_against(
+        local,
+        &creds,
+        &[
             "--echo",
             "--fail-rate",
             "0.005",
@@ -55,15 +55,8 @@ fn twenty_swarm_agents_run_twenty_thousand_shards_exactly_once() {
             "7",
             "--deadline",
             "280s",
-            "--operator-pid",
-            &local.id().to_string(),
-        ])
-        .output()
-        .expect("run infermesh-swarm")
-        .into();
-    let local: Run = local.wait_with_output().expect("wait").into();
-    assert_eq!(local.code, Some(0), "{}", local.text());
-    assert_eq!(swarm.code, Some(0), "{}", swarm.text());
+        ],
+    );
 
     let report: serde_json::Value =
         serde_json::from_str(swarm.stdout.trim()).expect("the swarm's report is JSON");

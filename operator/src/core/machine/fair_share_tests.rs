@@ -110,15 +110,7 @@ impl Sim {
         let mut spec = workload(OUT, 3);
         spec.priority = j.priority;
         let validated = validate::validate(&spec).expect("valid");
-        let shards = (0..j.shards)
-            .map(|i| {
-                ShardState::new(planner::ShardRange {
-                    index: i,
-                    start: u64::from(i) * 100,
-                    end: u64::from(i + 1) * 100,
-                })
-            })
-            .collect();
+        let shards = super::tests::shard_states(j.shards);
         // The property test's workload, renamed: its fields follow the machine's.
         let mut new = super::tests::new_workload(spec, validated, shards, false);
         new.key = format!("{}/{}/{}", j.namespace, j.uid, j.uid);

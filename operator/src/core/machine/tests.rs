@@ -173,6 +173,19 @@ struct World {
     moved: BTreeSet<u32>,
 }
 
+/// `n` pending shards of 100 bytes each, end to end.
+pub(super) fn shard_states(n: u32) -> Vec<ShardState> {
+    (0..n)
+        .map(|i| {
+            ShardState::new(planner::ShardRange {
+                index: i,
+                start: u64::from(i) * 100,
+                end: u64::from(i + 1) * 100,
+            })
+        })
+        .collect()
+}
+
 pub(super) fn new_workload(
     spec: WorkloadSpec,
     validated: Validated,
@@ -225,15 +238,7 @@ impl World {
         let mut spec = workload(OUT, MAX_ATTEMPTS);
         spec.shard_timeout_seconds = Some(TIMEOUT);
         let validated = validate::validate(&spec).expect("valid");
-        let shards: Vec<ShardState> = (0..SHARDS)
-            .map(|i| {
-                ShardState::new(planner::ShardRange {
-                    index: i,
-                    start: u64::from(i) * 100,
-                    end: u64::from(i + 1) * 100,
-                })
-            })
-            .collect();
+        let shards = shard_states(SHARDS);
         w.store.rows = vec![
             Row {
                 state: "pending",
