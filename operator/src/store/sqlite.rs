@@ -2,12 +2,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{ConnectOptions, Row, Sqlite, Transaction};
 
 use super::{
     BatchJudge, Charge, ChargeOutcome, Claim, CompletionRecord, Event, EventFilter, EventKind,
@@ -20,10 +21,65 @@ fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
+/// How often the checkpointer copies the write-ahead log's new pages into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+/// The log's length (pages) at which the writer checkpoints itself, on its own thread and
+/// inside a commit. The checkpointer has copied nearly all of it by then, so the writer copies
+/// only the last moments' pages and starts the log over from its beginning (a checkpoint on
+/// another connection cannot restart the log while the writer keeps appending). Also the
+/// bound on the log should the checkpointer fall behind: 4,096 pages are 16 MiB.
+const WRITER_CHECKPOINT_PAGES: u32 = 4096;
+
 /// A SQLite database file (WAL mode).
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// The checkpointer of a database file (none in memory); it stops with the last clone.
+    _checkpointer: Option<Arc<Checkpointer>>,
+}
+
+/// Copies the write-ahead log into the database file from a connection of its own, so the
+/// one writer connection does not: at SQLite's default (a checkpoint by the committing
+/// writer every 1,000 pages) a commit now and then also wrote and synced megabytes of pages
+/// while every store call waited behind it. A passive checkpoint takes no lock the writer
+/// needs and skips frames a reader still uses; failures are logged and tried again.
+#[derive(Debug)]
+struct Checkpointer(tokio::task::JoinHandle<()>);
+
+impl Checkpointer {
+    async fn start(options: SqliteConnectOptions) -> Result<Self, StoreError> {
+        let mut conn = options.connect().await?;
+        Ok(Self(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut failing = false;
+            loop {
+                tick.tick().await;
+                match sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                    .execute(&mut conn)
+                    .await
+                {
+                    Ok(_) if failing => {
+                        failing = false;
+                        tracing::info!("SQLite checkpoints go through again");
+                    }
+                    Ok(_) => {}
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!(error = %e, "SQLite checkpoint failed; the writer checkpoints meanwhile");
+                    }
+                    Err(_) => {}
+                }
+            }
+        })))
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl SqliteStore {
@@ -35,7 +91,8 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
+            .busy_timeout(Duration::from_secs(10))
+            .pragma("wal_autocheckpoint", WRITER_CHECKPOINT_PAGES.to_string());
         // Two processes opening one new file at once (`infermesh local` and `infermesh ledger`)
         // can race in the migrations: SQLite answers "locked" at once rather than waiting, or
         // the loser finds the tables the winner just made. Once the winner is done the
@@ -58,12 +115,27 @@ impl SqliteStore {
 
     async fn connect(options: SqliteConnectOptions) -> Result<Self, StoreError> {
         // One connection: SQLite has one writer anyway, and it keeps `:memory:` one database.
+        // An embedded connection cannot be lost on the way: no ping before each use (it was a
+        // round trip to the connection's thread in front of every transaction).
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
-            .connect_with(options)
+            .test_before_acquire(false)
+            .connect_with(options.clone())
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        Ok(Self { pool })
+        // A database in memory has no write-ahead log (its journal mode stays "memory").
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&pool)
+            .await?;
+        let checkpointer = if mode.eq_ignore_ascii_case("wal") {
+            Some(Arc::new(Checkpointer::start(options).await?))
+        } else {
+            None
+        };
+        Ok(Self {
+            pool,
+            _checkpointer: checkpointer,
+        })
     }
 
     /// The pool, for tests that need to reach behind the store's back.
@@ -960,5 +1032,57 @@ mod tests {
         for o in opens {
             o.await.expect("task").expect("every open succeeds");
         }
+    }
+
+    /// The log reaches the database file from the checkpointer's connection, long before the
+    /// writer's own checkpoint (at [`WRITER_CHECKPOINT_PAGES`]) would copy it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_checkpointer_copies_the_log_into_the_file_without_the_writer() {
+        let url = crate::store::testing::Backend::Sqlite.fresh_url().await;
+        let path = std::path::PathBuf::from(url.trim_start_matches("sqlite://"));
+        let store = SqliteStore::open(&url).await.expect("open");
+        assert!(
+            store._checkpointer.is_some(),
+            "a database file has a checkpointer"
+        );
+        let before = std::fs::metadata(&path).expect("database file").len();
+        // About 2 MB of events in 100 commits: some 700 pages written to the log, far below
+        // the writer's threshold.
+        let message = "x".repeat(20_000);
+        for i in 0..100 {
+            store
+                .append(&Event::new(EventKind::AgentLeft, format!("{i} {message}")).agent("a"))
+                .await
+                .expect("append");
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let grown = loop {
+            let now = std::fs::metadata(&path).expect("database file").len();
+            if now >= before + 1_500_000 || std::time::Instant::now() > deadline {
+                break now;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(
+            grown >= before + 1_500_000,
+            "the database file holds the events' pages: {before} -> {grown} bytes"
+        );
+        let wal = std::fs::metadata(path.with_extension("db-wal"))
+            .expect("the log")
+            .len();
+        assert!(
+            wal < 4 * u64::from(WRITER_CHECKPOINT_PAGES) * 4096,
+            "the log stays bounded: {wal} bytes"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_database_in_memory_has_no_checkpointer() {
+        let store = SqliteStore::open("sqlite::memory:").await.expect("open");
+        assert!(store._checkpointer.is_none());
+        store
+            .append(&Event::new(EventKind::AgentLeft, "gone").agent("a"))
+            .await
+            .expect("a write still goes through");
     }
 }
