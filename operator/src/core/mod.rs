@@ -1732,21 +1732,22 @@ impl<S: Store> Core<S> {
         }
     }
 
-    /// One dispatch round (the round lock held): the machine plans the claims, the store
-    /// takes them in one statement, the machine applies what the store accepted (store first).
+    /// One dispatch round (the round lock held): the machine plans the claims (when the store
+    /// is ready to take them: [`Store::assign_planned`]), the store takes them in one
+    /// statement, the machine applies what the store accepted (store first).
     async fn dispatch_once(&self) -> Result<(), StoreError> {
         if !self.store_available() {
-            return Ok(());
-        }
-        let claims = self.apply(|m| (m.plan_round(Instant::now()), Vec::new()));
-        if claims.is_empty() {
             return Ok(());
         }
         let owe = |e: StoreError| {
             self.sweep_owed.store(true, Ordering::Relaxed);
             e
         };
-        let won = self.store.assign_batch(&claims).await.map_err(owe)?;
+        let plan = || self.apply(|m| (m.plan_round(Instant::now()), Vec::new()));
+        let (claims, won) = self.store.assign_planned(plan).await.map_err(owe)?;
+        if claims.is_empty() {
+            return Ok(());
+        }
         if won.iter().any(|w| !w) {
             // The store holds a claimed shard otherwise than memory believed: the sweep reads
             // it back (`Machine::stored_elsewhere`).

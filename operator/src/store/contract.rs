@@ -486,6 +486,44 @@ async fn refunds_reverse_a_charge_once_and_statements_list_entries(backend: Back
 
 both!(refunds_reverse_a_charge_once_and_statements_list_entries);
 
+async fn a_planned_round_claims_what_its_plan_asks_once(backend: Backend) {
+    let store = backend.open().await;
+    workload(&store, "u", 3).await;
+    let claim = |shard: u32| Claim {
+        uid: "u".into(),
+        shard,
+        attempt: 1,
+        agent: "a".into(),
+    };
+    let (claims, won) = store
+        .assign_planned(|| vec![claim(0), claim(2)])
+        .await
+        .expect("round");
+    assert_eq!(claims, [claim(0), claim(2)], "the plan's claims, in order");
+    assert_eq!(won, [true, true]);
+    let (claims, won) = store
+        .assign_planned(|| vec![claim(2), claim(1)])
+        .await
+        .expect("second round");
+    assert_eq!(claims.len(), 2);
+    assert_eq!(won, [false, true], "shard 2 is taken already");
+    let (claims, won) = store.assign_planned(Vec::new).await.expect("empty round");
+    assert!(
+        claims.is_empty() && won.is_empty(),
+        "nothing planned, nothing claimed"
+    );
+    let active = store.active_workloads().await.expect("active");
+    let running: Vec<u32> = active[0]
+        .shards
+        .iter()
+        .filter(|s| s.state == "running")
+        .map(|s| s.index)
+        .collect();
+    assert_eq!(running, [0, 1, 2]);
+}
+
+both!(a_planned_round_claims_what_its_plan_asks_once);
+
 async fn a_batch_charges_each_shard_at_most_once_and_only_its_holder(backend: Backend) {
     let store = backend.open().await;
     workload(&store, "u", 4).await;

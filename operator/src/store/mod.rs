@@ -657,6 +657,27 @@ pub trait Store: Send + Sync + 'static {
         claims: &[Claim],
     ) -> impl Future<Output = Result<Vec<bool>, StoreError>> + Send;
 
+    /// A dispatch round's claims, planned by `plan` as late as the store allows, then claimed
+    /// as [`Store::assign_batch`] does. A store with one connection takes the connection first
+    /// and plans then, so the round holds every slot freed while the connection was busy;
+    /// others plan at once. Returns the claims and, per claim in order, whether it won.
+    fn assign_planned<F>(
+        &self,
+        plan: F,
+    ) -> impl Future<Output = Result<(Vec<Claim>, Vec<bool>), StoreError>> + Send
+    where
+        F: FnOnce() -> Vec<Claim> + Send,
+    {
+        async move {
+            let claims = plan();
+            if claims.is_empty() {
+                return Ok((claims, Vec::new()));
+            }
+            let won = self.assign_batch(&claims).await?;
+            Ok((claims, won))
+        }
+    }
+
     /// Claims one shard (see [`Store::assign_batch`]).
     fn assign(
         &self,
@@ -952,6 +973,12 @@ impl Store for AnyStore {
     }
     async fn assign_batch(&self, claims: &[Claim]) -> Result<Vec<bool>, StoreError> {
         each!(self, s => s.assign_batch(claims))
+    }
+    async fn assign_planned<F>(&self, plan: F) -> Result<(Vec<Claim>, Vec<bool>), StoreError>
+    where
+        F: FnOnce() -> Vec<Claim> + Send,
+    {
+        each!(self, s => s.assign_planned(plan))
     }
     async fn workload_phase(&self, uid: &str) -> Result<Option<String>, StoreError> {
         each!(self, s => s.workload_phase(uid))

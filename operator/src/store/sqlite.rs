@@ -8,7 +8,7 @@ use std::time::Duration;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{ConnectOptions, Row, Sqlite, Transaction};
+use sqlx::{ConnectOptions, Connection, Row, Sqlite, Transaction};
 
 use super::{
     BatchJudge, Charge, ChargeOutcome, Claim, CompletionRecord, Event, EventFilter, EventKind,
@@ -243,6 +243,59 @@ fn bind_attempt<'q>(q: Query<'q>, c: &'q CompletionRecord) -> Query<'q> {
         .bind(&c.agent)
 }
 
+/// Claims pending shards inside a transaction of its own on `conn` ([`Store::assign_batch`]).
+async fn claim_on(
+    conn: &mut sqlx::SqliteConnection,
+    claims: &[Claim],
+) -> Result<Vec<bool>, StoreError> {
+    let mut tx = conn.begin().await?;
+    let mut won_set: HashSet<(String, u32)> = HashSet::new();
+    // One statement per 500 claims (SQLite binds at most 32,766 parameters); a dispatch
+    // round is bounded by the free slots, so this is one statement in practice.
+    for chunk in claims.chunks(ROWS_PER_STATEMENT) {
+        let values = vec!["(?, ?, ?, ?)"; chunk.len()].join(", ");
+        let sql = format!(
+            "WITH c(uid, idx, attempt, agent) AS (VALUES {values}) \
+             UPDATE shards SET state = 'running', attempt = c.attempt, agent = c.agent, updated_at = ? \
+             FROM c WHERE shards.workload_uid = c.uid AND shards.idx = c.idx \
+               AND shards.state = 'pending' AND shards.attempt = c.attempt - 1 \
+             RETURNING shards.workload_uid, shards.idx"
+        );
+        let mut q = sqlx::query(&sql);
+        for c in chunk {
+            q = q
+                .bind(&c.uid)
+                .bind(i64::from(c.shard))
+                .bind(i64::from(c.attempt))
+                .bind(&c.agent);
+        }
+        for row in q.bind(now()).fetch_all(&mut *tx).await? {
+            won_set.insert((row.try_get(0)?, row.try_get::<i64, _>(1)? as u32));
+        }
+    }
+    let won: Vec<bool> = claims
+        .iter()
+        .map(|c| won_set.contains(&(c.uid.clone(), c.shard)))
+        .collect();
+    let events: Vec<Event> = claims
+        .iter()
+        .zip(&won)
+        .filter(|(_, w)| **w)
+        .map(|(c, _)| {
+            Event::new(
+                EventKind::ShardAssigned,
+                format!("attempt {} on {}", c.attempt, c.agent),
+            )
+            .workload(&c.uid)
+            .shard(c.shard, c.attempt)
+            .agent(&c.agent)
+        })
+        .collect();
+    insert_events(&mut tx, &events).await?;
+    tx.commit().await?;
+    Ok(won)
+}
+
 /// Records a batch of completions inside `tx`, a few statements for the whole batch (as
 /// on Postgres). Within the batch the first completion of a shard is its candidate; later
 /// ones are refused whatever the database says. Each candidate is a compare-and-set on the
@@ -453,52 +506,24 @@ impl Store for SqliteStore {
     }
 
     async fn assign_batch(&self, claims: &[Claim]) -> Result<Vec<bool>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let mut won_set: HashSet<(String, u32)> = HashSet::new();
-        // One statement per 500 claims (SQLite binds at most 32,766 parameters); a dispatch
-        // round is bounded by the free slots, so this is one statement in practice.
-        for chunk in claims.chunks(ROWS_PER_STATEMENT) {
-            let values = vec!["(?, ?, ?, ?)"; chunk.len()].join(", ");
-            let sql = format!(
-                "WITH c(uid, idx, attempt, agent) AS (VALUES {values}) \
-                 UPDATE shards SET state = 'running', attempt = c.attempt, agent = c.agent, updated_at = ? \
-                 FROM c WHERE shards.workload_uid = c.uid AND shards.idx = c.idx \
-                   AND shards.state = 'pending' AND shards.attempt = c.attempt - 1 \
-                 RETURNING shards.workload_uid, shards.idx"
-            );
-            let mut q = sqlx::query(&sql);
-            for c in chunk {
-                q = q
-                    .bind(&c.uid)
-                    .bind(i64::from(c.shard))
-                    .bind(i64::from(c.attempt))
-                    .bind(&c.agent);
-            }
-            for row in q.bind(now()).fetch_all(&mut *tx).await? {
-                won_set.insert((row.try_get(0)?, row.try_get::<i64, _>(1)? as u32));
-            }
+        let mut conn = self.pool.acquire().await?;
+        claim_on(&mut conn, claims).await
+    }
+
+    async fn assign_planned<F>(&self, plan: F) -> Result<(Vec<Claim>, Vec<bool>), StoreError>
+    where
+        F: FnOnce() -> Vec<Claim> + Send,
+    {
+        // The one connection first, the plan then: while a round waited for the connection
+        // (busy with a batch of completions) the slots those completions freed went unseen
+        // until the round after, so each slot waited about two rounds instead of one.
+        let mut conn = self.pool.acquire().await?;
+        let claims = plan();
+        if claims.is_empty() {
+            return Ok((claims, Vec::new()));
         }
-        let won: Vec<bool> = claims
-            .iter()
-            .map(|c| won_set.contains(&(c.uid.clone(), c.shard)))
-            .collect();
-        let events: Vec<Event> = claims
-            .iter()
-            .zip(&won)
-            .filter(|(_, w)| **w)
-            .map(|(c, _)| {
-                Event::new(
-                    EventKind::ShardAssigned,
-                    format!("attempt {} on {}", c.attempt, c.agent),
-                )
-                .workload(&c.uid)
-                .shard(c.shard, c.attempt)
-                .agent(&c.agent)
-            })
-            .collect();
-        insert_events(&mut tx, &events).await?;
-        tx.commit().await?;
-        Ok(won)
+        let won = claim_on(&mut conn, &claims).await?;
+        Ok((claims, won))
     }
 
     async fn ensure_account(&self, name: &str) -> Result<(), StoreError> {
@@ -1074,6 +1099,37 @@ mod tests {
             wal < 4 * u64::from(WRITER_CHECKPOINT_PAGES) * 4096,
             "the log stays bounded: {wal} bytes"
         );
+    }
+
+    /// A round plans only once the one connection is its own: the slots freed by the
+    /// completions committed meanwhile are in its plan.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_round_plans_once_the_connection_is_free() {
+        let store = SqliteStore::open("sqlite::memory:").await.expect("open");
+        let busy = store.pool.acquire().await.expect("the connection");
+        let planned = Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
+        let round = tokio::spawn({
+            let (store, planned) = (store.clone(), planned.clone());
+            async move {
+                store
+                    .assign_planned(move || {
+                        *planned.lock().expect("lock") = Some(std::time::Instant::now());
+                        Vec::new()
+                    })
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            planned.lock().expect("lock").is_none(),
+            "no plan while another holds the connection"
+        );
+        let released = std::time::Instant::now();
+        drop(busy);
+        let (claims, won) = round.await.expect("task").expect("round");
+        assert!(claims.is_empty() && won.is_empty());
+        let at = planned.lock().expect("lock").expect("planned once free");
+        assert!(at >= released, "planned after the connection came back");
     }
 
     #[tokio::test]
