@@ -416,7 +416,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--agents", default="10,100,1000")
     ap.add_argument("--stores", default="sqlite,postgres")
-    ap.add_argument("--shards", type=int, default=20000, help="shards per dispatch run")
+    ap.add_argument("--shards", type=int, default=60000,
+                    help="shards per dispatch run (at least 50 per agent); a run of a few seconds "
+                         "at the full rate, so start and tail weigh little")
     ap.add_argument("--rounds", type=int, default=3,
                     help="runs of each dispatch set-up; the median run is reported")
     ap.add_argument("--paced", default="exp:10s",
