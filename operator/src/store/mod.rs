@@ -362,6 +362,33 @@ pub struct Claim {
     pub agent: String,
 }
 
+/// A round's outcome from the claims the store accepted (`accepted`: uid and index): per
+/// claim in order whether it won, and the `shard.assigned` events of those that did.
+pub(crate) fn claims_won(
+    claims: &[Claim],
+    accepted: &std::collections::HashSet<(String, u32)>,
+) -> (Vec<bool>, Vec<Event>) {
+    let won: Vec<bool> = claims
+        .iter()
+        .map(|c| accepted.contains(&(c.uid.clone(), c.shard)))
+        .collect();
+    let events = claims
+        .iter()
+        .zip(&won)
+        .filter(|(_, w)| **w)
+        .map(|(c, _)| {
+            Event::new(
+                EventKind::ShardAssigned,
+                format!("attempt {} on {}", c.attempt, c.agent),
+            )
+            .workload(&c.uid)
+            .shard(c.shard, c.attempt)
+            .agent(&c.agent)
+        })
+        .collect();
+    (won, events)
+}
+
 /// Kinds of events; one per state change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {

@@ -403,24 +403,7 @@ impl Store for PgStore {
         .into_iter()
         .map(|r| (r.workload_uid, r.idx as u32))
         .collect();
-        let won: Vec<bool> = claims
-            .iter()
-            .map(|c| won.contains(&(c.uid.clone(), c.shard)))
-            .collect();
-        let events: Vec<Event> = claims
-            .iter()
-            .zip(&won)
-            .filter(|(_, w)| **w)
-            .map(|(c, _)| {
-                Event::new(
-                    EventKind::ShardAssigned,
-                    format!("attempt {} on {}", c.attempt, c.agent),
-                )
-                .workload(&c.uid)
-                .shard(c.shard, c.attempt)
-                .agent(&c.agent)
-            })
-            .collect();
+        let (won, events) = super::claims_won(claims, &won);
         if !events.is_empty() {
             insert_events(&mut tx, &events).await?;
         }

@@ -273,24 +273,7 @@ async fn claim_on(
             won_set.insert((row.try_get(0)?, row.try_get::<i64, _>(1)? as u32));
         }
     }
-    let won: Vec<bool> = claims
-        .iter()
-        .map(|c| won_set.contains(&(c.uid.clone(), c.shard)))
-        .collect();
-    let events: Vec<Event> = claims
-        .iter()
-        .zip(&won)
-        .filter(|(_, w)| **w)
-        .map(|(c, _)| {
-            Event::new(
-                EventKind::ShardAssigned,
-                format!("attempt {} on {}", c.attempt, c.agent),
-            )
-            .workload(&c.uid)
-            .shard(c.shard, c.attempt)
-            .agent(&c.agent)
-        })
-        .collect();
+    let (won, events) = super::claims_won(claims, &won_set);
     insert_events(&mut tx, &events).await?;
     tx.commit().await?;
     Ok(won)
