@@ -425,6 +425,8 @@ def main():
                     help="compute time of the 1,000-agent runs below saturation (empty: none); "
                          "4,000 slots at a 10 s mean offer 400 shards/s, a small share of what "
                          "the operator takes at 1,000 agents")
+    ap.add_argument("--paced-shards", type=int, default=20000,
+                    help="shards of each below-saturation run (at 400 shards/s offered, 50 s)")
     ap.add_argument("--queued", default="1000,100000,1000000",
                     help="queued-shard counts for the memory runs (empty: none)")
     ap.add_argument("--soak", type=int, default=10000,
@@ -488,8 +490,9 @@ def main():
                     # the dispatch path's own, not the queue's.
                     n += 1
                     url_for = store_url(store, pg, n)
-                    log(f"paced: {store}, 1000 agents, compute {a.paced}, {a.shards} shards")
-                    r = run(url_for, 1000, a.shards, f"paced {store} 1000", compute=a.paced)
+                    log(f"paced: {store}, 1000 agents, compute {a.paced}, {a.paced_shards} shards")
+                    r = run(url_for, 1000, a.paced_shards, f"paced {store} 1000",
+                            compute=a.paced)
                     r["store"], r["compute"] = store, a.paced
                     keep(r)
             for q in [int(x) for x in a.queued.split(",") if x]:
