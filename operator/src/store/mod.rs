@@ -362,15 +362,22 @@ pub struct Claim {
     pub agent: String,
 }
 
-/// A round's outcome from the claims the store accepted (`accepted`: uid and index): per
-/// claim in order whether it won, and the `shard.assigned` events of those that did.
+/// A round's outcome from the claims the store accepted (`accepted`: the rows its claim
+/// statement returned, uid and index): per claim in order whether it won, and the
+/// `shard.assigned` events of those that did. Looked up by uid, then index, so no claim's uid
+/// is copied to ask.
 pub(crate) fn claims_won(
     claims: &[Claim],
-    accepted: &std::collections::HashSet<(String, u32)>,
+    accepted: impl IntoIterator<Item = (String, u32)>,
 ) -> (Vec<bool>, Vec<Event>) {
+    let mut by_uid: std::collections::HashMap<String, std::collections::HashSet<u32>> =
+        std::collections::HashMap::new();
+    for (uid, shard) in accepted {
+        by_uid.entry(uid).or_default().insert(shard);
+    }
     let won: Vec<bool> = claims
         .iter()
-        .map(|c| accepted.contains(&(c.uid.clone(), c.shard)))
+        .map(|c| by_uid.get(&c.uid).is_some_and(|s| s.contains(&c.shard)))
         .collect();
     let events = claims
         .iter()

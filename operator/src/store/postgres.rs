@@ -388,7 +388,7 @@ impl Store for PgStore {
         let agents: Vec<String> = claims.iter().map(|c| c.agent.clone()).collect();
         let mut tx = self.pool.begin().await?;
         // The whole round in one statement: each claim is a compare-and-set on state and attempt.
-        let won: HashSet<(String, u32)> = sqlx::query!(
+        let accepted: Vec<(String, u32)> = sqlx::query!(
             "UPDATE shards s SET state = 'running', attempt = c.attempt, agent = c.agent, updated_at = now() \
              FROM UNNEST($1::text[], $2::int[], $3::int[], $4::text[]) AS c(uid, idx, attempt, agent) \
              WHERE s.workload_uid = c.uid AND s.idx = c.idx AND s.state = 'pending' AND s.attempt = c.attempt - 1 \
@@ -403,7 +403,7 @@ impl Store for PgStore {
         .into_iter()
         .map(|r| (r.workload_uid, r.idx as u32))
         .collect();
-        let (won, events) = super::claims_won(claims, &won);
+        let (won, events) = super::claims_won(claims, accepted);
         if !events.is_empty() {
             insert_events(&mut tx, &events).await?;
         }
