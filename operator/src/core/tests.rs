@@ -2320,7 +2320,7 @@ async fn the_deadline_survives_an_operator_restart(backend: Backend) {
             AnyStore::Sqlite(s) => sqlx::query(
                 "UPDATE workloads SET created_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-95 seconds')",
             )
-            .execute(s.pool())
+            .execute(&mut *s.conn().await)
             .await
             .map(|_| ()),
             AnyStore::Postgres(s) => {

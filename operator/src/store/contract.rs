@@ -44,7 +44,10 @@ async fn operators(backend: Backend, n: usize) -> Vec<Arc<AnyStore>> {
 /// Runs SQL on either backend behind the store's back.
 async fn raw(store: &AnyStore, sql: &str) -> Result<(), sqlx::Error> {
     match store {
-        AnyStore::Sqlite(s) => sqlx::query(sql).execute(s.pool()).await.map(|_| ()),
+        AnyStore::Sqlite(s) => sqlx::query(sql)
+            .execute(&mut *s.conn().await)
+            .await
+            .map(|_| ()),
         AnyStore::Postgres(s) => sqlx::query(sql).execute(s.pool()).await.map(|_| ()),
     }
 }

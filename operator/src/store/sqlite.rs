@@ -1,13 +1,11 @@
 //! The SQLite backend: the embedded default of `infermesh local`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{ConnectOptions, Connection, Row, Sqlite, Transaction};
 
 use super::{
@@ -31,12 +29,54 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 /// bound on the log should the checkpointer fall behind: 4,096 pages are 16 MiB.
 const WRITER_CHECKPOINT_PAGES: u32 = 4096;
 
+/// The rows the connection's thread may send ahead of the task reading them. A dispatch
+/// round's or a group commit's statement returns a row per shard (hundreds): at sqlx's
+/// default of 50 the thread stopped every 50 rows until the task, scheduled on a busy
+/// machine, had read them, and the connection sat idle meanwhile (5,000 context switches
+/// a second at 100 agents).
+const ROW_BUFFER: usize = 2 * super::group::MAX_BATCH;
+
 /// A SQLite database file (WAL mode).
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
-    pool: SqlitePool,
+    /// The one connection every store call takes in turn. Held directly rather than through
+    /// a pool of one: sqlx's pool pings a connection on each release, from a task it spawns,
+    /// which put a round trip to the connection's thread and a task hand-off between any two
+    /// transactions, and the dispatch rounds and group commits take turns on it hundreds of
+    /// times a second.
+    conn: Arc<tokio::sync::Mutex<Held>>,
     /// The checkpointer of a database file (none in memory); it stops with the last clone.
     _checkpointer: Option<Arc<Checkpointer>>,
+}
+
+/// The store's connection, and whether a transaction that [`Script`]s began on it is still
+/// open: its holder was dropped (cancelled) between two of the transaction's round trips.
+/// Such a transaction is rolled back by the next holder before anything else
+/// ([`SqliteStore::held`]), as sqlx does for a dropped `Transaction` of its own.
+#[derive(Debug)]
+struct Held {
+    conn: SqliteConnection,
+    open: bool,
+}
+
+impl Held {
+    /// Ends the transaction of `result`: on success its last script committed it; on failure
+    /// it is rolled back (a statement failed before, or the commit itself did).
+    async fn settle<T>(&mut self, result: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
+        if result.is_err() {
+            self.roll_back().await;
+        }
+        self.open = false;
+        result
+    }
+
+    async fn roll_back(&mut self) {
+        // "No transaction is active" is the one expected failure: the statement that began it
+        // failed, or never ran.
+        if let Err(e) = sqlx::query("ROLLBACK").execute(&mut self.conn).await {
+            tracing::debug!(error = %e, "SQLite rollback");
+        }
+    }
 }
 
 /// Copies the write-ahead log into the database file from a connection of its own, so the
@@ -92,7 +132,8 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10))
-            .pragma("wal_autocheckpoint", WRITER_CHECKPOINT_PAGES.to_string());
+            .pragma("wal_autocheckpoint", WRITER_CHECKPOINT_PAGES.to_string())
+            .row_buffer_size(ROW_BUFFER);
         // Two processes opening one new file at once (`infermesh local` and `infermesh ledger`)
         // can race in the migrations: SQLite answers "locked" at once rather than waiting, or
         // the loser finds the tables the winner just made. Once the winner is done the
@@ -115,17 +156,13 @@ impl SqliteStore {
 
     async fn connect(options: SqliteConnectOptions) -> Result<Self, StoreError> {
         // One connection: SQLite has one writer anyway, and it keeps `:memory:` one database.
-        // An embedded connection cannot be lost on the way: no ping before each use (it was a
-        // round trip to the connection's thread in front of every transaction).
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .test_before_acquire(false)
-            .connect_with(options.clone())
+        let mut conn = options.connect().await?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run_direct(&mut conn)
             .await?;
-        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
         // A database in memory has no write-ahead log (its journal mode stays "memory").
         let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
-            .fetch_one(&pool)
+            .fetch_one(&mut conn)
             .await?;
         let checkpointer = if mode.eq_ignore_ascii_case("wal") {
             Some(Arc::new(Checkpointer::start(options).await?))
@@ -133,14 +170,26 @@ impl SqliteStore {
             None
         };
         Ok(Self {
-            pool,
+            conn: Arc::new(tokio::sync::Mutex::new(Held { conn, open: false })),
             _checkpointer: checkpointer,
         })
     }
 
-    /// The pool, for tests that need to reach behind the store's back.
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
+    /// The connection, for store calls and for tests that reach behind the store's back;
+    /// every other caller waits while it is held.
+    pub async fn conn(&self) -> tokio::sync::MappedMutexGuard<'_, SqliteConnection> {
+        tokio::sync::MutexGuard::map(self.held().await, |h| &mut h.conn)
+    }
+
+    /// The connection, a transaction left open by a cancelled holder rolled back first.
+    async fn held(&self) -> tokio::sync::MutexGuard<'_, Held> {
+        let mut held = self.conn.lock().await;
+        if held.open {
+            tracing::warn!("a store call was cancelled inside its transaction; rolling it back");
+            held.roll_back().await;
+            held.open = false;
+        }
+        held
     }
 }
 
@@ -155,32 +204,113 @@ fn placeholders(rows: usize, width: usize) -> String {
     vec![row.as_str(); rows].join(", ")
 }
 
+/// Statements sent to the connection's thread as one command, their `?` parameters bound in
+/// order across them (sqlx runs them one after another and stops at the first that fails).
+/// Each command is a round trip between the async task and the connection's thread, and on
+/// a busy machine each round trip waited about a millisecond for the thread to be scheduled:
+/// the hot transactions send what does not depend on an earlier answer together.
+struct Script<'q> {
+    sql: String,
+    args: sqlx::sqlite::SqliteArguments<'q>,
+    failed: Option<sqlx::error::BoxDynError>,
+}
+
+impl<'q> Script<'q> {
+    fn new(sql: &str) -> Self {
+        Self {
+            sql: sql.to_owned(),
+            args: Default::default(),
+            failed: None,
+        }
+    }
+
+    /// Appends a statement (its `;` included).
+    fn push(&mut self, sql: &str) -> &mut Self {
+        self.sql.push_str(sql);
+        self
+    }
+
+    fn bind<T>(&mut self, value: T) -> &mut Self
+    where
+        T: 'q + sqlx::Encode<'q, Sqlite> + sqlx::Type<Sqlite>,
+    {
+        use sqlx::Arguments;
+        if let Err(e) = self.args.add(value) {
+            self.failed.get_or_insert(e);
+        }
+        self
+    }
+
+    /// Runs the statements, and returns the rows any of them returned.
+    async fn run(
+        self,
+        conn: &mut SqliteConnection,
+    ) -> Result<Vec<sqlx::sqlite::SqliteRow>, sqlx::Error> {
+        if let Some(e) = self.failed {
+            return Err(sqlx::Error::Encode(e));
+        }
+        if self.sql.is_empty() {
+            return Ok(Vec::new());
+        }
+        sqlx::query_with(&self.sql, self.args).fetch_all(conn).await
+    }
+
+    /// Appends the inserts of events in order, one statement per [`ROWS_PER_STATEMENT`].
+    fn events(&mut self, es: &'q [Event], at: &'q str) -> &mut Self {
+        for chunk in es.chunks(ROWS_PER_STATEMENT) {
+            self.push(&format!(
+                "INSERT INTO events (at, kind, workload_uid, shard_idx, attempt, agent, message) VALUES {};",
+                placeholders(chunk.len(), 7)
+            ));
+            for e in chunk {
+                self.bind(at)
+                    .bind(e.kind.as_str())
+                    .bind(&e.workload_uid)
+                    .bind(e.shard.map(i64::from))
+                    .bind(e.attempt.map(i64::from))
+                    .bind(&e.agent)
+                    .bind(&e.message);
+            }
+        }
+        self
+    }
+
+    /// Appends the moves of accounts' balances by `net`, one statement per
+    /// [`ROWS_PER_STATEMENT`] accounts.
+    fn balances(&mut self, net: &[(&'q str, i64)]) -> &mut Self {
+        for chunk in net.chunks(ROWS_PER_STATEMENT) {
+            self.push(&format!(
+                "INSERT INTO accounts (name, balance) VALUES {} \
+                 ON CONFLICT (name) DO UPDATE SET balance = accounts.balance + excluded.balance;",
+                placeholders(chunk.len(), 2)
+            ));
+            for (account, amount) in chunk {
+                self.bind(*account).bind(*amount);
+            }
+        }
+        self
+    }
+}
+
+/// Each account's net amount in `entries` (`(account, amount)`), by account.
+fn net_amounts<'a>(entries: impl IntoIterator<Item = (&'a str, i64)>) -> Vec<(&'a str, i64)> {
+    let mut net: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
+    for (account, amount) in entries {
+        *net.entry(account).or_default() += amount;
+    }
+    net.into_iter().collect()
+}
+
 async fn insert_event(tx: &mut Transaction<'_, Sqlite>, e: &Event) -> Result<(), sqlx::Error> {
     insert_events(tx, std::slice::from_ref(e)).await
 }
 
-/// Appends events in order, one statement per [`ROWS_PER_STATEMENT`].
+/// Appends events in order.
 async fn insert_events(tx: &mut Transaction<'_, Sqlite>, es: &[Event]) -> Result<(), sqlx::Error> {
     let at = now();
-    for chunk in es.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "INSERT INTO events (at, kind, workload_uid, shard_idx, attempt, agent, message) VALUES {}",
-            placeholders(chunk.len(), 7)
-        );
-        let mut q = sqlx::query(&sql);
-        for e in chunk {
-            q = q
-                .bind(&at)
-                .bind(e.kind.as_str())
-                .bind(&e.workload_uid)
-                .bind(e.shard.map(i64::from))
-                .bind(e.attempt.map(i64::from))
-                .bind(&e.agent)
-                .bind(&e.message);
-        }
-        q.execute(&mut **tx).await?;
-    }
-    Ok(())
+    let mut script = Script::new("");
+    script.events(es, &at);
+    script.run(&mut **tx).await.map(|_| ())
 }
 
 /// Writes a transaction's entries and moves the accounts' balances with them.
@@ -202,117 +332,127 @@ async fn post_all(
     tx: &mut Transaction<'_, Sqlite>,
     entries: &[(i64, &str, i64)],
 ) -> Result<(), sqlx::Error> {
+    let mut script = Script::new("");
     for chunk in entries.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "INSERT INTO ledger_entries (tx_id, account, amount) VALUES {}",
+        script.push(&format!(
+            "INSERT INTO ledger_entries (tx_id, account, amount) VALUES {};",
             placeholders(chunk.len(), 3)
-        );
-        let mut q = sqlx::query(&sql);
+        ));
         for (tx_id, account, amount) in chunk {
-            q = q.bind(tx_id).bind(*account).bind(amount);
+            script.bind(*tx_id).bind(*account).bind(*amount);
         }
-        q.execute(&mut **tx).await?;
     }
-    let mut net: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
-    for (_, account, amount) in entries {
-        *net.entry(account).or_default() += amount;
-    }
-    let net: Vec<(&str, i64)> = net.into_iter().collect();
-    for chunk in net.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "INSERT INTO accounts (name, balance) VALUES {} \
-             ON CONFLICT (name) DO UPDATE SET balance = accounts.balance + excluded.balance",
-            placeholders(chunk.len(), 2)
-        );
-        let mut q = sqlx::query(&sql);
-        for (account, amount) in chunk {
-            q = q.bind(*account).bind(amount);
-        }
-        q.execute(&mut **tx).await?;
-    }
-    Ok(())
+    let net = net_amounts(
+        entries
+            .iter()
+            .map(|(_, account, amount)| (*account, *amount)),
+    );
+    script.balances(&net);
+    script.run(&mut **tx).await.map(|_| ())
 }
 
-type Query<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
-
 /// Binds the attempt a completion names: (workload uid, index, attempt, agent).
-fn bind_attempt<'q>(q: Query<'q>, c: &'q CompletionRecord) -> Query<'q> {
+fn bind_attempt<'s, 'q>(q: &'s mut Script<'q>, c: &'q CompletionRecord) -> &'s mut Script<'q> {
     q.bind(&c.workload_uid)
         .bind(i64::from(c.shard))
         .bind(i64::from(c.attempt))
         .bind(&c.agent)
 }
 
-/// Claims pending shards inside a transaction of its own on `conn` ([`Store::assign_batch`]).
-async fn claim_on(
-    conn: &mut sqlx::SqliteConnection,
+/// Claims pending shards inside a transaction of its own ([`Store::assign_batch`]), in two
+/// round trips: `BEGIN` with the compare-and-set of every claim, then the claims' events
+/// with `COMMIT` (the events name only the claims the store accepted).
+async fn claim_on(held: &mut Held, claims: &[Claim]) -> Result<Vec<bool>, StoreError> {
+    held.open = true;
+    let result = claim_turns(&mut held.conn, claims).await;
+    Ok(held.settle(result).await?)
+}
+
+async fn claim_turns(
+    conn: &mut SqliteConnection,
     claims: &[Claim],
-) -> Result<Vec<bool>, StoreError> {
-    let mut tx = conn.begin().await?;
-    let mut accepted: Vec<(String, u32)> = Vec::with_capacity(claims.len());
+) -> Result<Vec<bool>, sqlx::Error> {
+    let at = now();
+    let mut first = Script::new("BEGIN;");
     // One statement per 500 claims (SQLite binds at most 32,766 parameters); a dispatch
     // round is bounded by the free slots, so this is one statement in practice.
     for chunk in claims.chunks(ROWS_PER_STATEMENT) {
-        let values = vec!["(?, ?, ?, ?)"; chunk.len()].join(", ");
-        let sql = format!(
-            "WITH c(uid, idx, attempt, agent) AS (VALUES {values}) \
+        first.push(&format!(
+            "WITH c(uid, idx, attempt, agent) AS (VALUES {}) \
              UPDATE shards SET state = 'running', attempt = c.attempt, agent = c.agent, updated_at = ? \
              FROM c WHERE shards.workload_uid = c.uid AND shards.idx = c.idx \
                AND shards.state = 'pending' AND shards.attempt = c.attempt - 1 \
-             RETURNING shards.workload_uid, shards.idx"
-        );
-        let mut q = sqlx::query(&sql);
+             RETURNING shards.workload_uid, shards.idx;",
+            placeholders(chunk.len(), 4)
+        ));
         for c in chunk {
-            q = q
+            first
                 .bind(&c.uid)
                 .bind(i64::from(c.shard))
                 .bind(i64::from(c.attempt))
                 .bind(&c.agent);
         }
-        for row in q.bind(now()).fetch_all(&mut *tx).await? {
-            accepted.push((row.try_get(0)?, row.try_get::<i64, _>(1)? as u32));
-        }
+        first.bind(at.as_str());
     }
+    let accepted = first
+        .run(conn)
+        .await?
+        .iter()
+        .map(|row| Ok((row.try_get(0)?, row.try_get::<i64, _>(1)? as u32)))
+        .collect::<Result<Vec<(String, u32)>, sqlx::Error>>()?;
     let (won, events) = super::claims_won(claims, accepted);
-    insert_events(&mut tx, &events).await?;
-    tx.commit().await?;
+    let mut last = Script::new("");
+    last.events(&events, &at).push("COMMIT;");
+    last.run(conn).await?;
     Ok(won)
 }
 
-/// Records a batch of completions inside `tx`, a few statements for the whole batch (as
-/// on Postgres). Within the batch the first completion of a shard is its candidate; later
-/// ones are refused whatever the database says. Each candidate is a compare-and-set on the
-/// shard's state, holder and attempt; the unique charge key refuses a second charge of a
-/// shard whatever the state column says.
-async fn complete_set(
-    tx: &mut Transaction<'_, Sqlite>,
+/// Records a batch of completions inside a transaction of its own, in two round trips (a
+/// third when something was refused): `BEGIN` with the compare-and-set of every candidate,
+/// then the charges, their entries, the balances, the events and `COMMIT`. Within the batch
+/// the first completion of a shard is its candidate; later ones are refused whatever the
+/// database says. Each candidate is a compare-and-set on the shard's state, holder and
+/// attempt; the unique charge key refuses a second charge of a shard whatever the state
+/// column says.
+async fn complete_on(
+    held: &mut Held,
+    cs: &[CompletionRecord],
+) -> Result<Vec<ChargeOutcome>, sqlx::Error> {
+    held.open = true;
+    let result = complete_turns(&mut held.conn, cs).await;
+    held.settle(result).await
+}
+
+async fn complete_turns(
+    conn: &mut SqliteConnection,
     cs: &[CompletionRecord],
 ) -> Result<Vec<ChargeOutcome>, sqlx::Error> {
     let judge = BatchJudge::new(cs);
     let candidates = judge.candidates();
     let at = now();
-    let mut charged: HashSet<(String, u32)> = HashSet::new();
+    let mut first = Script::new("BEGIN;");
     for chunk in candidates.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
+        first.push(&format!(
             "WITH c(uid, idx, attempt, agent, records, uri, sha) AS (VALUES {}) \
              UPDATE shards SET state = 'succeeded', records = c.records, output_uri = c.uri, \
                     sha256 = c.sha, error = NULL, updated_at = ? \
              FROM c WHERE shards.workload_uid = c.uid AND shards.idx = c.idx \
                AND shards.state = 'running' AND shards.agent = c.agent AND shards.attempt = c.attempt \
                AND EXISTS (SELECT 1 FROM workloads w WHERE w.uid = c.uid AND w.phase = 'Running') \
-             RETURNING shards.workload_uid, shards.idx",
+             RETURNING shards.workload_uid, shards.idx;",
             placeholders(chunk.len(), 7)
-        );
-        let mut q = sqlx::query(&sql);
+        ));
         for c in chunk {
-            q = bind_attempt(q, c)
+            bind_attempt(&mut first, c)
                 .bind(c.records as i64)
                 .bind(&c.output_uri)
                 .bind(&c.sha256);
         }
-        for row in q.bind(&at).fetch_all(&mut **tx).await? {
-            charged.insert((row.try_get(0)?, row.try_get::<i64, _>(1)? as u32));
-        }
+        first.bind(at.as_str());
+    }
+    let mut charged: HashSet<(String, u32)> = HashSet::new();
+    for row in first.run(conn).await? {
+        charged.insert((row.try_get(0)?, row.try_get::<i64, _>(1)? as u32));
     }
     // A candidate the compare-and-set refused may be this very completion, committed by an
     // earlier transaction whose answer was lost: then the shard is done by that attempt on
@@ -323,67 +463,74 @@ async fn complete_set(
             .iter()
             .filter(|c| !charged.contains(&(c.workload_uid.clone(), c.shard)))
             .collect();
+        let mut ask = Script::new("");
         for chunk in refused.chunks(ROWS_PER_STATEMENT) {
-            let sql = format!(
+            ask.push(&format!(
                 "WITH c(uid, idx, attempt, agent) AS (VALUES {}) \
                  SELECT s.workload_uid, s.idx FROM shards s JOIN c \
                    ON s.workload_uid = c.uid AND s.idx = c.idx \
-                 WHERE s.state = 'succeeded' AND s.agent = c.agent AND s.attempt = c.attempt",
+                 WHERE s.state = 'succeeded' AND s.agent = c.agent AND s.attempt = c.attempt;",
                 placeholders(chunk.len(), 4)
-            );
-            let mut q = sqlx::query(&sql);
+            ));
             for c in chunk {
-                q = bind_attempt(q, c);
+                bind_attempt(&mut ask, c);
             }
-            for row in q.fetch_all(&mut **tx).await? {
-                recorded.insert((row.try_get(0)?, row.try_get::<i64, _>(1)? as u32));
-            }
+        }
+        for row in ask.run(conn).await? {
+            recorded.insert((row.try_get(0)?, row.try_get::<i64, _>(1)? as u32));
         }
     }
     let outcomes = judge.outcomes(&charged, &recorded);
     let (charges, events) = judge.charges_and_events(&outcomes);
     let keys: Vec<String> = charges.iter().map(|c| c.charge_key()).collect();
-    let mut id_of: HashMap<String, i64> = HashMap::new();
-    for (chunk, chunk_keys) in charges
-        .chunks(ROWS_PER_STATEMENT)
-        .zip(keys.chunks(ROWS_PER_STATEMENT))
-    {
-        let sql = format!(
+    let memos: Vec<String> = charges.iter().map(|c| c.memo()).collect();
+    let entries: Vec<[(String, i64); 2]> = charges.iter().map(|c| c.entries()).collect();
+    let mut last = Script::new("");
+    for (chunk, (chunk_keys, chunk_memos)) in charges.chunks(ROWS_PER_STATEMENT).zip(
+        keys.chunks(ROWS_PER_STATEMENT)
+            .zip(memos.chunks(ROWS_PER_STATEMENT)),
+    ) {
+        last.push(&format!(
             "INSERT INTO ledger_transactions (kind, charge_key, workload_uid, shard_idx, memo, created_at) \
-             VALUES {} RETURNING id, charge_key",
+             VALUES {};",
             placeholders(chunk.len(), 6)
-        );
-        let mut q = sqlx::query(&sql);
-        for (c, key) in chunk.iter().zip(chunk_keys) {
-            q = q
-                .bind("charge")
-                .bind(key)
+        ));
+        for ((c, key), memo) in chunk.iter().zip(chunk_keys).zip(chunk_memos) {
+            last.bind("charge")
+                .bind(key.as_str())
                 .bind(&c.workload_uid)
                 .bind(i64::from(c.shard))
-                .bind(c.memo())
-                .bind(&at);
-        }
-        for row in q.fetch_all(&mut **tx).await? {
-            id_of.insert(row.try_get(1)?, row.try_get(0)?);
+                .bind(memo.as_str())
+                .bind(at.as_str());
         }
     }
-    let entries: Vec<(i64, String, i64)> = charges
+    // Each charge's entries name their transaction by its unique charge key (just inserted),
+    // so they go in the same round trip as the charges instead of waiting for their ids; `n`
+    // keeps them in the order they are listed.
+    let rows: Vec<(&str, &str, i64)> = keys
         .iter()
-        .zip(&keys)
-        .map(|(c, key)| {
-            let id = id_of.get(key).copied().ok_or(sqlx::Error::RowNotFound)?;
-            Ok(c.entries().map(|(account, amount)| (id, account, amount)))
+        .zip(&entries)
+        .flat_map(|(key, pair)| {
+            pair.iter()
+                .map(move |(account, amount)| (key.as_str(), account.as_str(), *amount))
         })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?
-        .into_iter()
-        .flatten()
         .collect();
-    let entries: Vec<(i64, &str, i64)> = entries
-        .iter()
-        .map(|(id, account, amount)| (*id, account.as_str(), *amount))
-        .collect();
-    post_all(tx, &entries).await?;
-    insert_events(tx, &events).await?;
+    for (i, chunk) in rows.chunks(ROWS_PER_STATEMENT).enumerate() {
+        last.push(&format!(
+            "WITH c(n, charge_key, account, amount) AS (VALUES {}) \
+             INSERT INTO ledger_entries (tx_id, account, amount) \
+             SELECT t.id, c.account, c.amount FROM c \
+             JOIN ledger_transactions t ON t.charge_key = c.charge_key ORDER BY c.n;",
+            placeholders(chunk.len(), 4)
+        ));
+        for (j, (key, account, amount)) in chunk.iter().enumerate() {
+            let n = (i * ROWS_PER_STATEMENT + j) as i64;
+            last.bind(n).bind(*key).bind(*account).bind(*amount);
+        }
+    }
+    let net = net_amounts(rows.iter().map(|(_, account, amount)| (*account, *amount)));
+    last.balances(&net).events(&events, &at).push("COMMIT;");
+    last.run(conn).await?;
     Ok(outcomes)
 }
 
@@ -440,7 +587,8 @@ impl Store for SqliteStore {
         w: &WorkloadRecord,
         shards: &[ShardRecord],
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.conn().await;
+        let mut tx = conn.begin().await?;
         let at = now();
         sqlx::query(
             "INSERT INTO workloads (uid, namespace, name, mesh, spec, input_bytes, shards, phase, created_at, input_version, input_files) \
@@ -489,8 +637,8 @@ impl Store for SqliteStore {
     }
 
     async fn assign_batch(&self, claims: &[Claim]) -> Result<Vec<bool>, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        claim_on(&mut conn, claims).await
+        let mut held = self.held().await;
+        claim_on(&mut held, claims).await
     }
 
     async fn assign_planned<F>(&self, plan: F) -> Result<(Vec<Claim>, Vec<bool>), StoreError>
@@ -500,12 +648,12 @@ impl Store for SqliteStore {
         // The one connection first, the plan then: while a round waited for the connection
         // (busy with a batch of completions) the slots those completions freed went unseen
         // until the round after, so each slot waited about two rounds instead of one.
-        let mut conn = self.pool.acquire().await?;
+        let mut held = self.held().await;
         let claims = plan();
         if claims.is_empty() {
             return Ok((claims, Vec::new()));
         }
-        let won = claim_on(&mut conn, &claims).await?;
+        let won = claim_on(&mut held, &claims).await?;
         Ok((claims, won))
     }
 
@@ -514,7 +662,7 @@ impl Store for SqliteStore {
             "INSERT INTO accounts (name, balance) VALUES (?, 0) ON CONFLICT (name) DO NOTHING",
         )
         .bind(name)
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await)
         .await?;
         Ok(())
     }
@@ -524,7 +672,7 @@ impl Store for SqliteStore {
             "SELECT mesh FROM workloads UNION SELECT substr(name, 6) FROM accounts \
              WHERE name LIKE 'mesh/%' ORDER BY 1",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await)
         .await?)
     }
 
@@ -532,22 +680,23 @@ impl Store for SqliteStore {
         Ok(
             sqlx::query_scalar("SELECT phase FROM workloads WHERE uid = ?")
                 .bind(uid)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *self.conn().await)
                 .await?,
         )
     }
 
     async fn workloads_in_phase(&self, phase: &str) -> Result<Vec<StoredWorkload>, StoreError> {
+        let mut conn = self.conn().await;
         let rows = sqlx::query(&format!(
             "SELECT {WORKLOAD_COLUMNS} FROM workloads WHERE phase = ? ORDER BY created_at, uid"
         ))
         .bind(phase)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *conn)
         .await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in &rows {
             let record = workload_record(r)?;
-            let shards = stored_shards(&self.pool, &record.uid).await?;
+            let shards = stored_shards(&mut *conn, &record.uid).await?;
             out.push(StoredWorkload { record, shards });
         }
         Ok(out)
@@ -557,24 +706,15 @@ impl Store for SqliteStore {
         &self,
         cs: &[CompletionRecord],
     ) -> Result<Vec<ChargeOutcome>, StoreError> {
-        let once = |cs: &[CompletionRecord]| {
-            let cs = cs.to_vec();
-            let pool = self.pool.clone();
-            async move {
-                let mut tx = pool.begin().await?;
-                let outcomes = complete_set(&mut tx, &cs).await?;
-                tx.commit().await?;
-                Ok::<_, sqlx::Error>(outcomes)
-            }
-        };
-        match once(cs).await {
+        let mut held = self.held().await;
+        match complete_on(&mut held, cs).await {
             Ok(outcomes) => Ok(outcomes),
             // The unique charge key refused a charge the state column let through (a ledger
             // changed behind our back): record the batch one by one, so only that charge fails.
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() && cs.len() > 1 => {
                 let mut outcomes = Vec::with_capacity(cs.len());
                 for c in cs {
-                    outcomes.push(once(std::slice::from_ref(c)).await?[0]);
+                    outcomes.push(complete_on(&mut held, std::slice::from_ref(c)).await?[0]);
                 }
                 Ok(outcomes)
             }
@@ -590,7 +730,8 @@ impl Store for SqliteStore {
         agent: Option<&str>,
         reason: &str,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.conn().await;
+        let mut tx = conn.begin().await?;
         let held = sqlx::query(
             "UPDATE shards SET state = 'pending', agent = NULL, error = ?, updated_at = ? \
              WHERE workload_uid = ? AND idx = ? AND state = 'running' AND attempt = ?",
@@ -624,7 +765,8 @@ impl Store for SqliteStore {
         agent: Option<&str>,
         message: &str,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.conn().await;
+        let mut tx = conn.begin().await?;
         let held = sqlx::query(
             "UPDATE shards SET state = 'failed', error = ?, updated_at = ? \
              WHERE workload_uid = ? AND idx = ? AND state <> 'succeeded' AND attempt = ?",
@@ -656,7 +798,8 @@ impl Store for SqliteStore {
         phase: &str,
         message: &str,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.conn().await;
+        let mut tx = conn.begin().await?;
         sqlx::query("UPDATE workloads SET phase = ?, message = ?, finished_at = ? WHERE uid = ?")
             .bind(phase)
             .bind(message)
@@ -675,7 +818,8 @@ impl Store for SqliteStore {
     }
 
     async fn reopen_failed(&self, uid: &str) -> Result<ReopenOutcome, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.conn().await;
+        let mut tx = conn.begin().await?;
         // The compare-and-set on the phase comes first: it takes SQLite's write lock, so what
         // is read below cannot change before the commit.
         let reopened = sqlx::query(
@@ -748,13 +892,14 @@ impl Store for SqliteStore {
              FROM workloads WHERE uid = ?",
         )
         .bind(uid)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await)
         .await?;
         Ok(seconds.map(|s| std::time::Duration::try_from_secs_f64(s.max(0.0)).unwrap_or_default()))
     }
 
     async fn append(&self, event: &Event) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.conn().await;
+        let mut tx = conn.begin().await?;
         insert_event(&mut tx, event).await?;
         tx.commit().await?;
         Ok(())
@@ -774,7 +919,7 @@ impl Store for SqliteStore {
         }
         q.push(" ORDER BY seq LIMIT ")
             .push_bind(f.limit.unwrap_or(-1));
-        let rows = q.build().fetch_all(&self.pool).await?;
+        let rows = q.build().fetch_all(&mut *self.conn().await).await?;
         rows.iter()
             .map(|r| {
                 Ok(EventRow {
@@ -794,7 +939,7 @@ impl Store for SqliteStore {
 
     async fn balances(&self) -> Result<Vec<(String, i64)>, StoreError> {
         let rows = sqlx::query("SELECT account, SUM(amount) AS balance FROM ledger_entries GROUP BY account ORDER BY account")
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.conn().await)
             .await?;
         rows.iter()
             .map(|r| Ok((r.try_get("account")?, r.try_get("balance")?)))
@@ -813,7 +958,7 @@ impl Store for SqliteStore {
              GROUP BY t.id ORDER BY t.shard_idx",
         )
         .bind(uid)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await)
         .await?;
         rows.iter()
             .map(|r| {
@@ -832,11 +977,11 @@ impl Store for SqliteStore {
     }
 
     async fn verify(&self) -> Result<VerifyReport, StoreError> {
-        let pool = &self.pool;
+        let mut conn = self.conn().await;
         let counts = sqlx::query(
             "SELECT (SELECT COUNT(*) FROM ledger_transactions) AS t, (SELECT COUNT(*) FROM accounts) AS a",
         )
-        .fetch_one(pool)
+        .fetch_one(&mut *conn)
         .await?;
         let mut report = VerifyReport {
             transactions: counts.try_get("t")?,
@@ -845,7 +990,7 @@ impl Store for SqliteStore {
         };
         let unbalanced = "SELECT t.id FROM ledger_transactions t LEFT JOIN ledger_entries e ON e.tx_id = t.id \
              GROUP BY t.id HAVING COALESCE(SUM(e.amount), 0) <> 0 OR COUNT(e.id) = 0 ORDER BY t.id";
-        for r in sqlx::query(unbalanced).fetch_all(pool).await? {
+        for r in sqlx::query(unbalanced).fetch_all(&mut *conn).await? {
             report.unbalanced_transactions.push(r.try_get(0)?);
         }
         let mismatched = "WITH sums AS (SELECT account, SUM(amount) AS total FROM ledger_entries GROUP BY account) \
@@ -853,7 +998,7 @@ impl Store for SqliteStore {
              WHERE a.balance <> COALESCE(s.total, 0) \
              UNION ALL SELECT s.account, 0, s.total FROM sums s \
              WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.name = s.account) ORDER BY 1";
-        for r in sqlx::query(mismatched).fetch_all(pool).await? {
+        for r in sqlx::query(mismatched).fetch_all(&mut *conn).await? {
             report
                 .account_mismatches
                 .push((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?));
@@ -861,7 +1006,7 @@ impl Store for SqliteStore {
         let not_once = "SELECT s.workload_uid, s.idx, COUNT(t.id) FROM shards s \
              LEFT JOIN ledger_transactions t ON t.kind = 'charge' AND t.workload_uid = s.workload_uid AND t.shard_idx = s.idx \
              WHERE s.state = 'succeeded' GROUP BY s.workload_uid, s.idx HAVING COUNT(t.id) <> 1 ORDER BY 1, 2";
-        for r in sqlx::query(not_once).fetch_all(pool).await? {
+        for r in sqlx::query(not_once).fetch_all(&mut *conn).await? {
             report
                 .shards_not_charged_once
                 .push((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?));
@@ -869,7 +1014,7 @@ impl Store for SqliteStore {
         let orphans = "SELECT t.id FROM ledger_transactions t \
              LEFT JOIN shards s ON s.workload_uid = t.workload_uid AND s.idx = t.shard_idx \
              WHERE t.kind = 'charge' AND (s.state IS NULL OR s.state <> 'succeeded') ORDER BY t.id";
-        for r in sqlx::query(orphans).fetch_all(pool).await? {
+        for r in sqlx::query(orphans).fetch_all(&mut *conn).await? {
             report.charges_without_success.push(r.try_get(0)?);
         }
         Ok(report)
@@ -883,7 +1028,8 @@ impl Store for SqliteStore {
         amount: i64,
         memo: &str,
     ) -> Result<i64, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.conn().await;
+        let mut tx = conn.begin().await?;
         let tx_id: i64 = sqlx::query(
             "INSERT INTO ledger_transactions (kind, memo, created_at) VALUES (?, ?, ?) RETURNING id",
         )
@@ -914,14 +1060,15 @@ impl Store for SqliteStore {
         )
         .bind(namespace_account(namespace))
         .bind(mesh_account(mesh))
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *self.conn().await)
         .await?
         .try_get(0)?;
         Ok(total.unwrap_or(0))
     }
 
     async fn refund(&self, charge: i64, memo: &str) -> Result<i64, RefundError> {
-        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let mut conn = self.conn().await;
+        let mut tx = conn.begin().await.map_err(StoreError::from)?;
         let row = sqlx::query(
             "SELECT kind, workload_uid, shard_idx FROM ledger_transactions WHERE id = ?",
         )
@@ -975,14 +1122,16 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sqlx::query("SELECT 1")
+            .execute(&mut *self.conn().await)
+            .await?;
         Ok(())
     }
 
     async fn balance(&self, account: &str) -> Result<i64, StoreError> {
         let b: Option<i64> = sqlx::query("SELECT balance FROM accounts WHERE name = ?")
             .bind(account)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *self.conn().await)
             .await?
             .map(|r| r.try_get(0))
             .transpose()?;
@@ -1003,7 +1152,7 @@ impl Store for SqliteStore {
         .bind(account)
         .bind(from)
         .bind(to)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await)
         .await?;
         rows.iter()
             .map(|r| {
@@ -1093,12 +1242,48 @@ mod tests {
         );
     }
 
+    /// A store call dropped (cancelled) between two round trips of its transaction leaves the
+    /// transaction open on the connection: the next caller rolls it back before its own work,
+    /// so nothing of the dropped call is committed and the next call's work is.
+    #[tokio::test]
+    async fn a_transaction_left_open_by_a_cancelled_call_is_rolled_back() {
+        let store = SqliteStore::open("sqlite::memory:").await.expect("open");
+        {
+            let mut held = store.held().await;
+            held.open = true;
+            Script::new("BEGIN; INSERT INTO accounts (name, balance) VALUES ('ghost', 5);")
+                .run(&mut held.conn)
+                .await
+                .expect("the first round trip");
+            // Dropped here, before the round trip that would commit.
+        }
+        store
+            .ensure_account("namespace/real")
+            .await
+            .expect("the next call goes through");
+        let names: Vec<String> = sqlx::query_scalar("SELECT name FROM accounts ORDER BY name")
+            .fetch_all(&mut *store.conn().await)
+            .await
+            .expect("accounts");
+        assert_eq!(
+            names,
+            ["namespace/real"],
+            "the dropped call's insert is gone"
+        );
+        let open: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM accounts")
+            .fetch_one(&mut *store.conn().await)
+            .await
+            .expect("count");
+        assert_eq!(open, 1);
+        assert!(!store.held().await.open);
+    }
+
     /// A round plans only once the one connection is its own: the slots freed by the
     /// completions committed meanwhile are in its plan.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_round_plans_once_the_connection_is_free() {
         let store = SqliteStore::open("sqlite::memory:").await.expect("open");
-        let busy = store.pool.acquire().await.expect("the connection");
+        let busy = store.conn().await;
         let planned = Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
         let round = tokio::spawn({
             let (store, planned) = (store.clone(), planned.clone());
