@@ -197,14 +197,17 @@ def plots(results, ray, docs):
             continue
         xs = [r["agents"] for r in rs]
         axes[0].plot(xs, [r["shards_per_second"] for r in rs], mark, label=store)
-        axes[1].plot(xs, [r["operator"]["cpu_ms_per_1000_shards"] for r in rs], mark, label=store)
+        axes[1].plot(xs, [steady_cpu(r) for r in rs], mark, label=store)
+        axes[1].plot(xs, [r["operator"]["cpu_ms_per_1000_shards"] for r in rs], mark, alpha=0.35,
+                     ls=":", label=f"{store}, whole run")
         axes[2].plot(xs, [r["latency"]["p99_ms"] for r in rs], mark, label=store)
     if ray:
         axes[0].axhline(ray["per_s"], color="grey", ls="--", label="Ray no-op tasks")
         axes[0].axhline(5 * ray["per_s"], color="grey", ls=":", label="5x Ray")
     axes[0].axhline(10000, color="green", ls=":", label="target (SQLite)")
     axes[2].axhline(50, color="green", ls=":", label="target p99")
-    titles = ("no-op shards/s", "operator CPU ms per 1,000 shards", "p99 assignment latency (ms)")
+    titles = ("no-op shards/s", "operator CPU ms per 1,000 shards\n(solid: while the whole mesh worked)",
+              "p99 assignment latency (ms)")
     for ax, t in zip(axes, titles):
         ax.set_xscale("log")
         ax.set_xlabel("agents (4 slots each)")
@@ -272,15 +275,23 @@ def section(results, ray, pngs, commit):
         "- Shards of 1 KiB; 4 slots per agent; Postgres is a private server on a Unix "
         "socket with `synchronous_commit=on`.",
         "",
-        "| store | agents | shards | shards/s (median run) | every round (shards/s) | operator CPU ms / 1,000 shards | latency p50 (ms) | p99 (ms) | operator peak RSS (MB) |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
+        "- Operator CPU is given twice: over the whole run (from the first Assign until the "
+        "swarm ends: the agents' attaching and leaving included), and while the whole mesh "
+        "worked (from the first sample at which every agent had attached and shards were "
+        "completing to the first that counted the last completion, sampled every 200 ms). "
+        "Attaching and leaving cost per agent, not per shard: the second is the cost of a "
+        "shard.",
+        "",
+        "| store | agents | shards | shards/s (median run) | every round (shards/s) | operator CPU ms / 1,000 shards, whole run | while the whole mesh worked | latency p50 (ms) | p99 (ms) | operator peak RSS (MB) |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in disp:
         o = r["operator"]
         every = ", ".join(f"{x:,.0f}" for x in r.get("rounds", [r["shards_per_second"]]))
         lines.append(
             f"| {r['store']} | {r['agents']} | {r['completed']} | {r['shards_per_second']:,.0f} | "
-            f"{every} | {o['cpu_ms_per_1000_shards']:.0f} | {r['latency']['p50_ms']:.2f} | "
+            f"{every} | {o['cpu_ms_per_1000_shards']:.0f} | {steady_cpu(r):.0f} | "
+            f"{r['latency']['p50_ms']:.2f} | "
             f"{r['latency']['p99_ms']:.2f} | {o['peak_rss_mb']:.0f} |")
     lines.append("")
     costed = [r for r in disp if r.get("machine")]
@@ -374,9 +385,13 @@ def section(results, ray, pngs, commit):
     for store in ("sqlite", "postgres"):
         a, b = get(store, 10), get(store, 1000)
         if a and b:
-            x = b["operator"]["cpu_ms_per_1000_shards"] / max(a["operator"]["cpu_ms_per_1000_shards"], 1e-9)
-            t.append(f"- CPU per shard at 1,000 agents <= 1.5x that at 10 ({store}): {x:.2f}x — "
-                     f"{'met' if x <= 1.5 else 'not met'}")
+            x = steady_cpu(b) / max(steady_cpu(a), 1e-9)
+            whole = (b["operator"]["cpu_ms_per_1000_shards"]
+                     / max(a["operator"]["cpu_ms_per_1000_shards"], 1e-9))
+            t.append(f"- CPU per shard at 1,000 agents <= 1.5x that at 10 ({store}): {x:.2f}x "
+                     f"while the whole mesh worked — {'met' if x <= 1.5 else 'not met'} (over "
+                     f"the whole run, attaching and leaving of every agent included: "
+                     f"{whole:.2f}x)")
             t.append(f"- p99 assignment latency <= 50 ms at 1,000 agents ({store}), saturated: "
                      f"{b['latency']['p99_ms']:.1f} ms — "
                      f"{'met' if b['latency']['p99_ms'] <= 50 else 'not met'}")
@@ -402,6 +417,13 @@ def section(results, ray, pngs, commit):
         lines.append("")
     lines.append("<!-- bench:scale:end -->")
     return "\n".join(lines) + "\n"
+
+
+def steady_cpu(r):
+    """Operator CPU ms per 1,000 shards while the whole mesh worked (the whole run's where the
+    swarm found no such window)."""
+    o = r["operator"]
+    return o.get("steady_cpu_ms_per_1000_shards") or o["cpu_ms_per_1000_shards"]
 
 
 def store_url(store, pg, n):

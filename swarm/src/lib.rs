@@ -233,6 +233,16 @@ pub struct Operator {
     pub cpu_seconds: f64,
     /// CPU milliseconds per 1,000 completed shards.
     pub cpu_ms_per_1000_shards: f64,
+    /// CPU milliseconds per 1,000 shards completed while the whole mesh worked: from the first
+    /// sample at which every agent had attached and shards were completing, to the first at
+    /// which the last completion was counted. Attaching and leaving cost per agent, not per
+    /// shard, and the whole-run figure above counts them over however many shards the run
+    /// had; this one leaves them out (0 when no two samples fell in that window).
+    pub steady_cpu_ms_per_1000_shards: f64,
+    /// Seconds of that window, and the shards completed in it.
+    pub steady_seconds: f64,
+    /// Shards completed in that window.
+    pub steady_shards: u64,
     /// Its peak resident memory (VmHWM), MB.
     pub peak_rss_mb: f64,
     /// The largest resident memory sampled during the run, MB.
@@ -352,7 +362,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let sampler = cfg.operator_pid.map(|pid| {
         let (cfg, stop) = (cfg.clone(), stop_rx.clone());
-        tokio::spawn(sample(pid, start, cfg, stop))
+        tokio::spawn(sample(pid, start, cfg, shared.clone(), stop))
     });
     let mut agents = tokio::task::JoinSet::new();
     for (i, cred) in cfg.agents.iter().enumerate() {
@@ -404,6 +414,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     let operator = cfg.operator_pid.map(|pid| {
         let from = Duration::from_nanos(first);
         let cpu = spent(&samples, from, |s| s.cpu_seconds);
+        let (steady_cpu, steady_seconds, steady_shards) =
+            steady(&samples, cfg.agents.len(), completed).unwrap_or_default();
         Operator {
             cpu_seconds: cpu,
             cpu_ms_per_1000_shards: if completed > 0 {
@@ -411,6 +423,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
             } else {
                 0.0
             },
+            steady_cpu_ms_per_1000_shards: if steady_shards > 0 {
+                steady_cpu * 1e6 / steady_shards as f64
+            } else {
+                0.0
+            },
+            steady_seconds,
+            steady_shards,
             peak_rss_mb: proc_status(pid, "VmHWM:")
                 .or_else(|| samples.iter().map(|s| s.rss_mb).reduce(f64::max))
                 .unwrap_or(0.0),
@@ -461,6 +480,25 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         operator,
         machine,
         ended: ended.to_string(),
+    })
+}
+
+/// The operator's CPU seconds, the seconds and the shards completed from the first sample at
+/// which all `agents` had attached and shards were completing to the first that counted all
+/// `completed` shards; none when that window does not hold two samples.
+fn steady(samples: &[Sample], agents: usize, completed: u64) -> Option<(f64, f64, u64)> {
+    let begin = samples
+        .iter()
+        .position(|s| s.attached >= agents && s.completed > 0)?;
+    let end = samples.iter().position(|s| s.completed >= completed)?;
+    let (b, e) = (samples[begin], samples.get(end).filter(|_| end > begin)?);
+    let shards = e.completed - b.completed;
+    (shards > 0).then(|| {
+        (
+            (e.cpu_seconds - b.cpu_seconds).max(0.0),
+            (e.at - b.at).as_secs_f64(),
+            shards,
+        )
     })
 }
 
@@ -797,6 +835,9 @@ struct Sample {
     own_cpu_seconds: f64,
     /// CPU seconds the whole machine has been busy, all cores together (`/proc/stat`).
     machine_busy_seconds: f64,
+    /// Shards completed and agents attached so far.
+    completed: u64,
+    attached: usize,
 }
 
 /// A field of `/proc/PID/status` in kB, as MB.
@@ -856,6 +897,7 @@ async fn sample(
     pid: u32,
     start: Instant,
     cfg: Arc<Config>,
+    shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) -> Vec<Sample> {
     let ticks = clock_ticks();
@@ -876,6 +918,8 @@ async fn sample(
             rss_mb: proc_status(pid, "VmRSS:")?,
             own_cpu_seconds: proc_cpu(std::process::id(), ticks).unwrap_or(0.0),
             machine_busy_seconds: machine_busy(ticks).unwrap_or(0.0),
+            completed: shared.completed.load(Ordering::SeqCst),
+            attached: shared.attached.load(Ordering::SeqCst),
         })
     };
     while let Some(s) = take() {
@@ -904,6 +948,36 @@ async fn sample(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The steady window starts once every agent has attached and shards complete, and ends at
+    /// the first sample that counted the last completion: the attach before it and the
+    /// shutdown after it are left out.
+    #[test]
+    fn the_steady_window_leaves_out_attaching_and_leaving() {
+        let at = |ms: u64, cpu: f64, completed: u64, attached: usize| Sample {
+            at: Duration::from_millis(ms),
+            cpu_seconds: cpu,
+            completed,
+            attached,
+            ..Sample::default()
+        };
+        let samples = [
+            at(0, 0.0, 0, 0),
+            at(200, 0.5, 10, 2),  // attaching: 2 of 3
+            at(400, 0.7, 100, 3), // the whole mesh, working
+            at(600, 0.9, 300, 3),
+            at(800, 1.1, 500, 3),  // the last completion counted
+            at(1000, 2.0, 500, 0), // leaving
+        ];
+        let (cpu, seconds, shards) = steady(&samples, 3, 500).expect("a window");
+        assert!((cpu - 0.4).abs() < 1e-9, "{cpu}");
+        assert!((seconds - 0.4).abs() < 1e-9, "{seconds}");
+        assert_eq!(shards, 400);
+        // No sample after the mesh was whole, or none before the end: no window.
+        assert_eq!(steady(&samples[..2], 3, 500), None);
+        assert_eq!(steady(&samples, 4, 500), None);
+        assert_eq!(steady(&[at(0, 0.0, 0, 3), at(200, 1.0, 0, 3)], 3, 0), None);
+    }
 
     #[test]
     fn compute_times_parse_and_draw() {

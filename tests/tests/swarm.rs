@@ -93,6 +93,15 @@ fn twenty_swarm_agents_run_twenty_thousand_shards_exactly_once() {
         .as_f64()
         .unwrap_or(0.0);
     assert!(swarm_cpu > 0.0, "{report}");
+    // The window in which the whole mesh worked: some of the run's shards, in some of its time.
+    let steady_shards = report["operator"]["steady_shards"].as_u64().unwrap_or(0);
+    assert!(steady_shards > 0 && steady_shards <= completed, "{report}");
+    assert!(
+        report["operator"]["steady_seconds"].as_f64() > Some(0.0)
+            && report["operator"]["steady_seconds"].as_f64()
+                <= report["seconds"].as_f64().map(|s| s + 1.0),
+        "{report}"
+    );
     // (Both are counted in clock ticks, sampled at slightly different moments: a tenth of slack.)
     assert!(machine_cpu >= 0.9 * swarm_cpu.max(operator_cpu), "{report}");
     let busy = machine["busy"].as_f64().unwrap_or(-1.0);
