@@ -133,6 +133,10 @@ impl SqliteStore {
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10))
             .pragma("wal_autocheckpoint", WRITER_CHECKPOINT_PAGES.to_string())
+            // A statement's own journal (to undo it alone) goes to a temporary file once it
+            // passes 64 KiB, which a dispatch round's or a group commit's multi-row statement
+            // does: in memory it cost no write calls (4 to 7 % more shards/s at 100 agents).
+            .pragma("temp_store", "memory")
             .row_buffer_size(ROW_BUFFER);
         // Two processes opening one new file at once (`infermesh local` and `infermesh ledger`)
         // can race in the migrations: SQLite answers "locked" at once rather than waiting, or
