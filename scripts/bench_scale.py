@@ -191,16 +191,16 @@ def plots(results, ray, docs):
     made = []
     disp = [r for r in results if r["label"].startswith("dispatch")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for store, mark in (("sqlite", "o-"), ("postgres", "s-")):
+    for store, mark, color in (("sqlite", "o-", "C0"), ("postgres", "s-", "C1")):
         rs = sorted((r for r in disp if r["store"] == store), key=lambda r: r["agents"])
         if not rs:
             continue
         xs = [r["agents"] for r in rs]
-        axes[0].plot(xs, [r["shards_per_second"] for r in rs], mark, label=store)
-        axes[1].plot(xs, [steady_cpu(r) for r in rs], mark, label=store)
-        axes[1].plot(xs, [r["operator"]["cpu_ms_per_1000_shards"] for r in rs], mark, alpha=0.35,
-                     ls=":", label=f"{store}, whole run")
-        axes[2].plot(xs, [r["latency"]["p99_ms"] for r in rs], mark, label=store)
+        axes[0].plot(xs, [r["shards_per_second"] for r in rs], mark, color=color, label=store)
+        axes[1].plot(xs, [steady_cpu(r) for r in rs], mark, color=color, label=store)
+        axes[1].plot(xs, [r["operator"]["cpu_ms_per_1000_shards"] for r in rs], mark[0] + ":",
+                     color=color, alpha=0.35, label=f"{store}, whole run")
+        axes[2].plot(xs, [r["latency"]["p99_ms"] for r in rs], mark, color=color, label=store)
     if ray:
         axes[0].axhline(ray["per_s"], color="grey", ls="--", label="Ray no-op tasks")
         axes[0].axhline(5 * ray["per_s"], color="grey", ls=":", label="5x Ray")

@@ -314,7 +314,7 @@ async fn insert_events(tx: &mut Transaction<'_, Sqlite>, es: &[Event]) -> Result
     let at = now();
     let mut script = Script::new("");
     script.events(es, &at);
-    script.run(&mut **tx).await.map(|_| ())
+    script.run(tx).await.map(|_| ())
 }
 
 /// Writes a transaction's entries and moves the accounts' balances with them.
@@ -352,7 +352,7 @@ async fn post_all(
             .map(|(_, account, amount)| (*account, *amount)),
     );
     script.balances(&net);
-    script.run(&mut **tx).await.map(|_| ())
+    script.run(tx).await.map(|_| ())
 }
 
 /// Binds the attempt a completion names: (workload uid, index, attempt, agent).
