@@ -239,7 +239,7 @@ pub struct Operator {
     /// shard, and the whole-run figure above counts them over however many shards the run
     /// had; this one leaves them out (0 when no two samples fell in that window).
     pub steady_cpu_ms_per_1000_shards: f64,
-    /// Seconds of that window, and the shards completed in it.
+    /// Seconds of that window.
     pub steady_seconds: f64,
     /// Shards completed in that window.
     pub steady_shards: u64,

@@ -210,8 +210,35 @@ pub(crate) struct BatchJudge<'a> {
     first: std::collections::HashMap<(&'a str, u32), usize>,
 }
 
-/// A shard, as the batch statements return it: (workload uid, index).
-pub(crate) type ShardKey = (String, u32);
+/// Shards as a batch statement returns them, (workload uid, index), kept by uid then index:
+/// a batch has a few workloads and hundreds of shards, and a shard is looked up by
+/// `(&str, index)` without copying its uid.
+#[derive(Debug, Default)]
+pub(crate) struct ShardSet(std::collections::HashMap<String, std::collections::HashSet<u32>>);
+
+impl ShardSet {
+    pub(crate) fn insert(&mut self, uid: String, shard: u32) {
+        self.0.entry(uid).or_default().insert(shard);
+    }
+
+    pub(crate) fn contains(&self, uid: &str, shard: u32) -> bool {
+        self.0.get(uid).is_some_and(|s| s.contains(&shard))
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.values().map(|s| s.len()).sum()
+    }
+}
+
+impl FromIterator<(String, u32)> for ShardSet {
+    fn from_iter<I: IntoIterator<Item = (String, u32)>>(shards: I) -> Self {
+        let mut set = Self::default();
+        for (uid, shard) in shards {
+            set.insert(uid, shard);
+        }
+        set
+    }
+}
 
 impl<'a> BatchJudge<'a> {
     pub(crate) fn new(cs: &'a [CompletionRecord]) -> Self {
@@ -239,21 +266,17 @@ impl<'a> BatchJudge<'a> {
     /// Each completion's outcome: `charged` holds the shards whose compare-and-set took,
     /// `recorded` those already done by that very attempt on that agent (an earlier commit
     /// whose answer was lost).
-    pub(crate) fn outcomes(
-        &self,
-        charged: &std::collections::HashSet<ShardKey>,
-        recorded: &std::collections::HashSet<ShardKey>,
-    ) -> Vec<ChargeOutcome> {
+    pub(crate) fn outcomes(&self, charged: &ShardSet, recorded: &ShardSet) -> Vec<ChargeOutcome> {
         self.cs
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                let key = (c.workload_uid.clone(), c.shard);
+                let (uid, shard) = (c.workload_uid.as_str(), c.shard);
                 if !self.is_first(i, c) {
                     ChargeOutcome::Refused
-                } else if charged.contains(&key) {
+                } else if charged.contains(uid, shard) {
                     ChargeOutcome::Charged
-                } else if recorded.contains(&key) {
+                } else if recorded.contains(uid, shard) {
                     ChargeOutcome::AlreadyCharged
                 } else {
                     ChargeOutcome::Refused
@@ -362,22 +385,13 @@ pub struct Claim {
     pub agent: String,
 }
 
-/// A round's outcome from the claims the store accepted (`accepted`: the rows its claim
-/// statement returned, uid and index): per claim in order whether it won, and the
-/// `shard.assigned` events of those that did. Looked up by uid, then index, so no claim's uid
-/// is copied to ask.
-pub(crate) fn claims_won(
-    claims: &[Claim],
-    accepted: impl IntoIterator<Item = (String, u32)>,
-) -> (Vec<bool>, Vec<Event>) {
-    let mut by_uid: std::collections::HashMap<String, std::collections::HashSet<u32>> =
-        std::collections::HashMap::new();
-    for (uid, shard) in accepted {
-        by_uid.entry(uid).or_default().insert(shard);
-    }
+/// A round's outcome from the claims the store accepted (the rows its claim statement
+/// returned): per claim in order whether it won, and the `shard.assigned` events of those
+/// that did.
+pub(crate) fn claims_won(claims: &[Claim], accepted: &ShardSet) -> (Vec<bool>, Vec<Event>) {
     let won: Vec<bool> = claims
         .iter()
-        .map(|c| by_uid.get(&c.uid).is_some_and(|s| s.contains(&c.shard)))
+        .map(|c| accepted.contains(&c.uid, c.shard))
         .collect();
     let events = claims
         .iter()

@@ -5,7 +5,7 @@
 //! `.cargo/config.toml`; `scripts/sqlx-prepare.sh` regenerates it after a query changes). The
 //! only queries built at run time are the partition DDL, whose table names are data.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use sqlx::Row;
@@ -14,9 +14,9 @@ use sqlx::{Postgres, Transaction};
 
 use super::{
     BatchJudge, Charge, ChargeOutcome, Claim, CompletionRecord, Event, EventFilter, EventKind,
-    EventRow, GrantKind, RefundError, ReopenOutcome, ShardRecord, StatementLine, Store, StoreError,
-    StoredShard, StoredWorkload, VerifyReport, WorkloadRecord, mesh_account, namespace_account,
-    retried_message,
+    EventRow, GrantKind, RefundError, ReopenOutcome, ShardRecord, ShardSet, StatementLine, Store,
+    StoreError, StoredShard, StoredWorkload, VerifyReport, WorkloadRecord, mesh_account,
+    namespace_account, retried_message,
 };
 
 /// A Postgres database.
@@ -233,14 +233,14 @@ async fn complete_set(
     )
     .fetch_all(&mut *tx)
     .await?;
-    let charged: HashSet<(String, u32)> = updated
+    let charged: ShardSet = updated
         .into_iter()
         .map(|r| (r.workload_uid, r.idx as u32))
         .collect();
     // A candidate the compare-and-set refused may be this very completion, committed by an
     // earlier transaction whose answer was lost: then the shard is done by that attempt on
     // that agent. Only asked when something was refused (rare).
-    let mut recorded: HashSet<(String, u32)> = HashSet::new();
+    let mut recorded = ShardSet::default();
     if charged.len() < candidates.len() {
         let rows = sqlx::query!(
             "SELECT s.workload_uid, s.idx FROM shards s \
@@ -257,7 +257,7 @@ async fn complete_set(
         recorded = rows
             .into_iter()
             .map(|r| (r.workload_uid, r.idx as u32))
-            .filter(|k| !charged.contains(k))
+            .filter(|(uid, shard)| !charged.contains(uid, *shard))
             .collect();
     }
     let outcomes = judge.outcomes(&charged, &recorded);
@@ -388,7 +388,7 @@ impl Store for PgStore {
         let agents: Vec<String> = claims.iter().map(|c| c.agent.clone()).collect();
         let mut tx = self.pool.begin().await?;
         // The whole round in one statement: each claim is a compare-and-set on state and attempt.
-        let accepted: Vec<(String, u32)> = sqlx::query!(
+        let accepted: ShardSet = sqlx::query!(
             "UPDATE shards s SET state = 'running', attempt = c.attempt, agent = c.agent, updated_at = now() \
              FROM UNNEST($1::text[], $2::int[], $3::int[], $4::text[]) AS c(uid, idx, attempt, agent) \
              WHERE s.workload_uid = c.uid AND s.idx = c.idx AND s.state = 'pending' AND s.attempt = c.attempt - 1 \
@@ -403,7 +403,7 @@ impl Store for PgStore {
         .into_iter()
         .map(|r| (r.workload_uid, r.idx as u32))
         .collect();
-        let (won, events) = super::claims_won(claims, accepted);
+        let (won, events) = super::claims_won(claims, &accepted);
         if !events.is_empty() {
             insert_events(&mut tx, &events).await?;
         }

@@ -1,6 +1,5 @@
 //! The SQLite backend: the embedded default of `infermesh local`.
 
-use std::collections::HashSet;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,9 +9,9 @@ use sqlx::{ConnectOptions, Connection, Row, Sqlite, Transaction};
 
 use super::{
     BatchJudge, Charge, ChargeOutcome, Claim, CompletionRecord, Event, EventFilter, EventKind,
-    EventRow, GrantKind, RefundError, ReopenOutcome, ShardRecord, StatementLine, Store, StoreError,
-    StoredShard, StoredWorkload, VerifyReport, WorkloadRecord, mesh_account, namespace_account,
-    retried_message,
+    EventRow, GrantKind, RefundError, ReopenOutcome, ShardRecord, ShardSet, StatementLine, Store,
+    StoreError, StoredShard, StoredWorkload, VerifyReport, WorkloadRecord, mesh_account,
+    namespace_account, retried_message,
 };
 
 fn now() -> String {
@@ -60,6 +59,13 @@ struct Held {
 }
 
 impl Held {
+    /// The connection, for a transaction that [`Script`]s begin and end: marked open until
+    /// [`Held::settle`] ends it, so that a holder dropped in between leaves a mark.
+    fn begin(&mut self) -> &mut SqliteConnection {
+        self.open = true;
+        &mut self.conn
+    }
+
     /// Ends the transaction of `result`: on success its last script committed it; on failure
     /// it is rolled back (a statement failed before, or the commit itself did).
     async fn settle<T>(&mut self, result: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
@@ -253,9 +259,6 @@ impl<'q> Script<'q> {
         if let Some(e) = self.failed {
             return Err(sqlx::Error::Encode(e));
         }
-        if self.sql.is_empty() {
-            return Ok(Vec::new());
-        }
         sqlx::query_with(&self.sql, self.args).fetch_all(conn).await
     }
 
@@ -306,14 +309,9 @@ fn net_amounts<'a>(entries: impl IntoIterator<Item = (&'a str, i64)>) -> Vec<(&'
 }
 
 async fn insert_event(tx: &mut Transaction<'_, Sqlite>, e: &Event) -> Result<(), sqlx::Error> {
-    insert_events(tx, std::slice::from_ref(e)).await
-}
-
-/// Appends events in order.
-async fn insert_events(tx: &mut Transaction<'_, Sqlite>, es: &[Event]) -> Result<(), sqlx::Error> {
     let at = now();
     let mut script = Script::new("");
-    script.events(es, &at);
+    script.events(std::slice::from_ref(e), &at);
     script.run(tx).await.map(|_| ())
 }
 
@@ -363,12 +361,18 @@ fn bind_attempt<'s, 'q>(q: &'s mut Script<'q>, c: &'q CompletionRecord) -> &'s m
         .bind(&c.agent)
 }
 
+/// The shards of rows `(workload uid, index)` that a claim or a completion statement returned.
+fn shards_of(rows: Vec<sqlx::sqlite::SqliteRow>) -> Result<ShardSet, sqlx::Error> {
+    rows.iter()
+        .map(|row| Ok((row.try_get(0)?, row.try_get::<i64, _>(1)? as u32)))
+        .collect()
+}
+
 /// Claims pending shards inside a transaction of its own ([`Store::assign_batch`]), in two
 /// round trips: `BEGIN` with the compare-and-set of every claim, then the claims' events
 /// with `COMMIT` (the events name only the claims the store accepted).
 async fn claim_on(held: &mut Held, claims: &[Claim]) -> Result<Vec<bool>, StoreError> {
-    held.open = true;
-    let result = claim_turns(&mut held.conn, claims).await;
+    let result = claim_turns(held.begin(), claims).await;
     Ok(held.settle(result).await?)
 }
 
@@ -398,13 +402,8 @@ async fn claim_turns(
         }
         first.bind(at.as_str());
     }
-    let accepted = first
-        .run(conn)
-        .await?
-        .iter()
-        .map(|row| Ok((row.try_get(0)?, row.try_get::<i64, _>(1)? as u32)))
-        .collect::<Result<Vec<(String, u32)>, sqlx::Error>>()?;
-    let (won, events) = super::claims_won(claims, accepted);
+    let accepted = shards_of(first.run(conn).await?)?;
+    let (won, events) = super::claims_won(claims, &accepted);
     let mut last = Script::new("");
     last.events(&events, &at).push("COMMIT;");
     last.run(conn).await?;
@@ -422,8 +421,7 @@ async fn complete_on(
     held: &mut Held,
     cs: &[CompletionRecord],
 ) -> Result<Vec<ChargeOutcome>, sqlx::Error> {
-    held.open = true;
-    let result = complete_turns(&mut held.conn, cs).await;
+    let result = complete_turns(held.begin(), cs).await;
     held.settle(result).await
 }
 
@@ -454,18 +452,15 @@ async fn complete_turns(
         }
         first.bind(at.as_str());
     }
-    let mut charged: HashSet<(String, u32)> = HashSet::new();
-    for row in first.run(conn).await? {
-        charged.insert((row.try_get(0)?, row.try_get::<i64, _>(1)? as u32));
-    }
+    let charged = shards_of(first.run(conn).await?)?;
     // A candidate the compare-and-set refused may be this very completion, committed by an
     // earlier transaction whose answer was lost: then the shard is done by that attempt on
     // that agent. Only asked when something was refused (rare).
-    let mut recorded: HashSet<(String, u32)> = HashSet::new();
+    let mut recorded = ShardSet::default();
     if charged.len() < candidates.len() {
         let refused: Vec<&&CompletionRecord> = candidates
             .iter()
-            .filter(|c| !charged.contains(&(c.workload_uid.clone(), c.shard)))
+            .filter(|c| !charged.contains(&c.workload_uid, c.shard))
             .collect();
         let mut ask = Script::new("");
         for chunk in refused.chunks(ROWS_PER_STATEMENT) {
@@ -480,31 +475,28 @@ async fn complete_turns(
                 bind_attempt(&mut ask, c);
             }
         }
-        for row in ask.run(conn).await? {
-            recorded.insert((row.try_get(0)?, row.try_get::<i64, _>(1)? as u32));
-        }
+        recorded = shards_of(ask.run(conn).await?)?;
     }
     let outcomes = judge.outcomes(&charged, &recorded);
     let (charges, events) = judge.charges_and_events(&outcomes);
     let keys: Vec<String> = charges.iter().map(|c| c.charge_key()).collect();
-    let memos: Vec<String> = charges.iter().map(|c| c.memo()).collect();
     let entries: Vec<[(String, i64); 2]> = charges.iter().map(|c| c.entries()).collect();
     let mut last = Script::new("");
-    for (chunk, (chunk_keys, chunk_memos)) in charges.chunks(ROWS_PER_STATEMENT).zip(
-        keys.chunks(ROWS_PER_STATEMENT)
-            .zip(memos.chunks(ROWS_PER_STATEMENT)),
-    ) {
+    for (chunk, chunk_keys) in charges
+        .chunks(ROWS_PER_STATEMENT)
+        .zip(keys.chunks(ROWS_PER_STATEMENT))
+    {
         last.push(&format!(
             "INSERT INTO ledger_transactions (kind, charge_key, workload_uid, shard_idx, memo, created_at) \
              VALUES {};",
             placeholders(chunk.len(), 6)
         ));
-        for ((c, key), memo) in chunk.iter().zip(chunk_keys).zip(chunk_memos) {
+        for (c, key) in chunk.iter().zip(chunk_keys) {
             last.bind("charge")
                 .bind(key.as_str())
                 .bind(&c.workload_uid)
                 .bind(i64::from(c.shard))
-                .bind(memo.as_str())
+                .bind(c.memo())
                 .bind(at.as_str());
         }
     }
@@ -1274,11 +1266,6 @@ mod tests {
             ["namespace/real"],
             "the dropped call's insert is gone"
         );
-        let open: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM accounts")
-            .fetch_one(&mut *store.conn().await)
-            .await
-            .expect("count");
-        assert_eq!(open, 1);
         assert!(!store.held().await.open);
     }
 
