@@ -160,7 +160,7 @@ fn wait_for_file(dir: &Path, name: &str, deadline: Instant) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rogue_agent_is_refused_and_the_honest_run_is_exact() {
     let dir = tempfile::tempdir().expect("tmp");
-    let n = 1200;
+    let n = 4800;
     let (path, _input, out) = tensor_job(dir.path(), n, "  shardBytes: 2Ki\n  maxAttempts: 3\n");
     // A budget of 100 credits, short leases (the rogue sits on the one shard it is given),
     // and a second Mesh with a workload of its own.
@@ -214,6 +214,21 @@ async fn a_rogue_agent_is_refused_and_the_honest_run_is_exact() {
         mine["token"].as_str().expect("token").to_string(),
     );
 
+    // The rogue attaches first, while the honest agents start: they finish the job's shards in
+    // well under a second, and a rogue that came after would find none left to be given.
+    let (tx, inbound) = attach(&operator, &token, hello(&id, &node, "test"))
+        .await
+        .expect("the rogue's own credentials attach");
+    let mut rogue = Rogue { tx, inbound };
+    let given = loop {
+        match rogue.next().await.expect("stream") {
+            Some(Down::Assign(a)) => break a,
+            Some(_) => continue,
+            None => panic!("stream ended before an assignment"),
+        }
+    };
+    let shard = given.shard.clone().expect("shard");
+
     // Credentials name one agent: claiming a live agent's id, or another node, is refused,
     // and a made-up token is not accepted at all.
     let err = attach(&operator, &token, hello("test-local-0", "local-0", "test"))
@@ -228,19 +243,6 @@ async fn a_rogue_agent_is_refused_and_the_honest_run_is_exact() {
         .await
         .expect_err("no such token");
     assert_eq!(err.code(), Code::Unauthenticated, "{err}");
-
-    let (tx, inbound) = attach(&operator, &token, hello(&id, &node, "test"))
-        .await
-        .expect("the rogue's own credentials attach");
-    let mut rogue = Rogue { tx, inbound };
-    let given = loop {
-        match rogue.next().await.expect("stream") {
-            Some(Down::Assign(a)) => break a,
-            Some(_) => continue,
-            None => panic!("stream ended before an assignment"),
-        }
-    };
-    let shard = given.shard.clone().expect("shard");
     let attempt_uri = given.output_uri.clone();
     assert!(
         attempt_uri.contains("/_attempts/"),
