@@ -6,6 +6,7 @@
 #
 #   scripts/chaos.sh --seed 17                 replay one seed (its scenario follows from it)
 #   scripts/chaos.sh --seed 3 --scenario pg-kill
+#   scripts/chaos.sh --seed 10000              replay a kept regression (seeds 10,000 and up)
 #   scripts/chaos.sh --seeds 200 --doc docs/reliability.md --report /tmp/chaos.jsonl
 #   scripts/chaos.sh --ci                      the short fixed set CI plays
 #

@@ -218,6 +218,9 @@ pub(super) struct WorkloadState {
     pub(super) admitted: bool,
     /// A terminal write (manifest or failure) is under way.
     pub(super) finishing: bool,
+    /// A failure (reason, message) decided but not yet written: its store write failed, and
+    /// the sweep writes it again ([`Machine::failures_owed`]).
+    pub(super) failure_owed: Option<(String, String)>,
     pub(super) phase: WorkloadPhase,
     pub(super) reason: String,
     pub(super) message: String,
@@ -673,6 +676,7 @@ impl Machine {
                 claimable_from: 0,
                 admitted: new.admitted,
                 finishing: false,
+                failure_owed: None,
                 phase,
                 reason: reason.into(),
                 message: String::new(),
@@ -1612,6 +1616,31 @@ impl Machine {
         vec![Effect::Count(Tally::Requeued)]
     }
 
+    /// The store refused to requeue an attempt that memory still holds as running: the store
+    /// holds the shard otherwise. Either an earlier requeue of this very attempt committed and
+    /// its answer was lost (the database went down as it answered), so the store has it
+    /// pending while memory still gives it to its departed holder, or another operator took
+    /// it. Memory follows the store at the next sweep ([`Machine::stored_elsewhere`]); without
+    /// this the shard stayed with nobody, every later requeue was refused the same way, and
+    /// the workload never ended. Returns whether the shard was marked.
+    pub(super) fn requeue_refused(&mut self, uid: &str, index: u32, attempt: u32) -> bool {
+        let Some(w) = self.workloads.get_mut(uid) else {
+            return false;
+        };
+        let Some(s) = w.shards.get_mut(index as usize) else {
+            return false;
+        };
+        if w.phase.is_terminal()
+            || s.attempt != attempt
+            || !matches!(s.status, ShardStatus::Running { .. })
+        {
+            return false;
+        }
+        tracing::warn!(workload = %w.key, shard = index, attempt, "the store refused to requeue a shard memory holds as running: reading it back");
+        s.status = ShardStatus::Elsewhere;
+        true
+    }
+
     /// A shard of a finished workload put back to pending in memory (nothing runs it again).
     pub(super) fn forget_attempt(&mut self, uid: &str, index: u32) {
         if let Some(w) = self.workloads.get_mut(uid)
@@ -1661,6 +1690,28 @@ impl Machine {
         if let Some(w) = self.workloads.get_mut(uid) {
             w.finishing = false;
         }
+    }
+
+    /// A workload's failure could not be written: it is owed, and the sweep writes it again.
+    pub(super) fn defer_failure(&mut self, uid: &str, reason: &str, message: &str) {
+        if let Some(w) = self.workloads.get_mut(uid) {
+            w.finishing = false;
+            if !w.phase.is_terminal() {
+                w.failure_owed = Some((reason.to_string(), message.to_string()));
+            }
+        }
+    }
+
+    /// Live workloads whose failure is owed: (uid, reason, message).
+    pub(super) fn failures_owed(&self) -> Vec<(String, String, String)> {
+        self.workloads
+            .values()
+            .filter(|w| !w.phase.is_terminal())
+            .filter_map(|w| {
+                let (reason, message) = w.failure_owed.clone()?;
+                Some((w.uid.clone(), reason, message))
+            })
+            .collect()
     }
 
     /// The store recorded a workload's failure: its running shards are cancelled on their

@@ -384,8 +384,9 @@ impl<S: Store> Core<S> {
     /// pool that waited out the first restart — and then nothing else would ever retry it:
     /// the held completion would stay held, the lost agent's shard stay with nobody, the
     /// failed round never run, and the workload never end. Held completions are committed,
-    /// stranded shards requeued, and a round dispatched. Shards are scanned only after a
-    /// round or a requeue failed; otherwise the sweep costs two flag reads.
+    /// stranded shards requeued, shards whose claim or requeue the store refused read back,
+    /// finishes and failures whose write failed written again, and a round dispatched. Shards are scanned only
+    /// after a round, a requeue or a finish failed; otherwise the sweep costs two flag reads.
     pub async fn sweep(&self) {
         let parked = std::mem::take(&mut *self.parked.lock().unwrap_or_else(|e| e.into_inner()));
         let owed = self.sweep_owed.swap(false, Ordering::Relaxed);
@@ -415,8 +416,13 @@ impl<S: Store> Core<S> {
         }
         if owed {
             self.reconcile_elsewhere().await;
+            for (uid, reason, message) in self.read(Machine::failures_owed) {
+                if let Err(e) = self.fail_workload(&uid, &reason, &message).await {
+                    tracing::warn!(error = %e, "cannot record the workload's failure yet");
+                }
+            }
         }
-        if committed {
+        if committed || owed {
             let live: Vec<String> = self.read(|m| m.workloads.keys().cloned().collect());
             for uid in live {
                 if let Err(e) = self.maybe_finish(&uid).await {
@@ -1466,7 +1472,11 @@ impl<S: Store> Core<S> {
                     }
                 };
                 self.apply(|m| ((), m.committed(&record, moved)));
-                self.maybe_finish(&acc_uid).await.map_err(internal)?;
+                // The agent's report is recorded whatever comes of the finish: a finish that
+                // failed is the sweep's to try again, not a reason to end its stream.
+                if let Err(e) = self.maybe_finish(&acc_uid).await {
+                    tracing::warn!(workload = %acc_uid, error = %e, "the workload's finish waits for the store");
+                }
                 Ok(())
             }
             Ok(ChargeOutcome::Refused) => {
@@ -1590,6 +1600,11 @@ impl<S: Store> Core<S> {
                     .store
                     .requeue(&uid, index, attempt, agent.as_deref(), &reason)
                     .await?;
+                if !held && self.apply(|m| (m.requeue_refused(&uid, index, attempt), Vec::new())) {
+                    // The sweep reads the shard back from the store.
+                    self.sweep_owed.store(true, Ordering::Relaxed);
+                    return Ok(());
+                }
                 self.apply(|m| {
                     let effects = m.requeued(&uid, index, attempt, held, &reason);
                     // Under the same lock: no round may claim it before it backs off.
@@ -1638,7 +1653,10 @@ impl<S: Store> Core<S> {
                 .finish_workload(uid, "Failed", &format!("{reason}: {message}"))
                 .await
         {
-            self.apply(|m| (m.abort_terminal(uid), Vec::new()));
+            // Decided, not written: the sweep writes it again. Nothing else would: the shard
+            // that failed is failed in the store already, and no later report comes.
+            self.apply(|m| (m.defer_failure(uid, reason, message), Vec::new()));
+            self.sweep_owed.store(true, Ordering::Relaxed);
             return Err(e);
         }
         self.apply(|m| ((), m.workload_failed(uid, reason, message, Instant::now())));
@@ -1649,6 +1667,15 @@ impl<S: Store> Core<S> {
     /// manifest (`_SUCCESS.json`, committed parts only), clears what attempts left, and marks
     /// the workload Succeeded. All of it without the lock.
     async fn maybe_finish(&self, uid: &str) -> Result<(), CoreError> {
+        // A finish that failed (its store write met a restarting database) is the sweep's
+        // to try again: the last completion has come, and nothing else would ever finish the
+        // workload.
+        self.maybe_finish_once(uid).await.inspect_err(|_| {
+            self.sweep_owed.store(true, Ordering::Relaxed);
+        })
+    }
+
+    async fn maybe_finish_once(&self, uid: &str) -> Result<(), CoreError> {
         // Not as the operator itself: a workload waiting for its credentials finishes when
         // they come (`Core::set_credentials`).
         if self.read(|m| m.lacks_credentials(uid)) {

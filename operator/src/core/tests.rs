@@ -1221,6 +1221,177 @@ async fn a_requeue_lost_to_a_failed_write_is_swept_up(backend: Backend) {
     assert_eq!(f.events("shard.requeued").await, 1);
 }
 
+/// An agent is lost and the requeue of its shard commits in the store, but its answer is
+/// lost (the database restarted as it answered), so memory still gives the shard to the
+/// departed agent. The sweep requeues it again; the store refuses (it holds the shard
+/// pending, not running there), and memory reads the shard back from the store instead of
+/// keeping it with nobody: it is dispatched again and the workload ends. Before, every
+/// later requeue was refused the same way and the workload never ended (the chaos
+/// harness, seed 10,000, in CI: no terminal phase in 150 s).
+async fn a_requeue_whose_answer_was_lost_is_read_back(backend: Backend) {
+    let f = Fixture::new(backend, 30).await;
+    f.submit(1, 3).await;
+    let (_a, mut rx_a) = f.agent("a", 1).await;
+    let first = assigned(&mut rx_a).pop().expect("shard");
+    let orders = f
+        .core
+        .apply(|m| (m.agent_lost("a", None, Instant::now()), Vec::new()))
+        .expect("a was attached");
+    assert_eq!(orders.len(), 1);
+    // The requeue commits; the core never hears of it, and a sweep is owed.
+    assert!(
+        f.core
+            .store()
+            .requeue("u1", first.index, first.attempt, Some("a"), "lease expired")
+            .await
+            .expect("requeue"),
+        "the store held the attempt"
+    );
+    f.core
+        .sweep_owed
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let (b, mut rx_b) = f.agent("b", 1).await;
+    assert!(
+        assigned(&mut rx_b).is_empty(),
+        "nothing to give: memory still holds the shard on a"
+    );
+    f.core.sweep().await;
+    let next = assigned(&mut rx_b)
+        .pop()
+        .expect("read back as pending and dispatched again");
+    assert_eq!((next.index, next.attempt), (first.index, 2));
+    assert_eq!(
+        f.events("shard.requeued").await,
+        1,
+        "requeued once: the refused second requeue logs nothing"
+    );
+    f.complete(&b, &next, 3).await.expect("complete");
+    assert_eq!(f.phase().await, WorkloadPhase::Succeeded);
+    let charges = f.core.store().charges("u1").await.expect("charges");
+    assert_eq!(charges.len(), 1, "charged once");
+}
+
+/// Runs one statement on the core's store, written for each database.
+async fn exec_sql(core: &Core<AnyStore>, sqlite: &str, postgres: &str) {
+    let done = match core.store() {
+        AnyStore::Sqlite(s) => sqlx::raw_sql(sqlite)
+            .execute(&mut *s.conn().await)
+            .await
+            .map(|_| ()),
+        AnyStore::Postgres(s) => sqlx::raw_sql(postgres).execute(s.pool()).await.map(|_| ()),
+    };
+    done.expect("statement");
+}
+
+/// The last shard is committed, but the store write that marks the workload Succeeded fails
+/// (the database restarting as it came). The agent's report is taken (its stream stays up),
+/// and the sweep finishes the workload once the store takes writes again. Before, nothing
+/// tried the finish again: every shard had succeeded and the workload stayed Running for
+/// good.
+async fn a_finish_that_failed_is_tried_again_by_the_sweep(backend: Backend) {
+    let f = Fixture::new(backend, 30).await;
+    f.submit(1, 3).await;
+    let (a, mut rx_a) = f.agent("a", 1).await;
+    let shard = assigned(&mut rx_a).pop().expect("shard");
+    exec_sql(
+        &f.core,
+        "CREATE TRIGGER refuse_finish BEFORE UPDATE ON workloads WHEN NEW.phase = 'Succeeded' \
+         BEGIN SELECT RAISE(ABORT, 'the database is restarting'); END",
+        "CREATE FUNCTION refuse_finish() RETURNS trigger AS $$ BEGIN \
+         RAISE EXCEPTION 'the database is restarting'; END $$ LANGUAGE plpgsql; \
+         CREATE TRIGGER refuse_finish BEFORE UPDATE ON workloads FOR EACH ROW \
+         WHEN (NEW.phase = 'Succeeded') EXECUTE FUNCTION refuse_finish()",
+    )
+    .await;
+    f.complete(&a, &shard, 3)
+        .await
+        .expect("the report is taken: the finish is not the agent's to answer for");
+    assert!(refusals(&mut rx_a).is_empty(), "nothing refused");
+    assert_eq!(
+        f.core.store().charges("u1").await.expect("charges").len(),
+        1
+    );
+    assert_eq!(f.phase().await, WorkloadPhase::Running, "the finish failed");
+    f.core.sweep().await;
+    assert_eq!(
+        f.phase().await,
+        WorkloadPhase::Running,
+        "still refused: tried again, and owed again"
+    );
+    exec_sql(
+        &f.core,
+        "DROP TRIGGER refuse_finish",
+        "DROP TRIGGER refuse_finish ON workloads",
+    )
+    .await;
+    f.core.sweep().await;
+    assert_eq!(f.phase().await, WorkloadPhase::Succeeded);
+    assert_eq!(f.events("workload.succeeded").await, 1);
+    assert_eq!(
+        f.core.store().charges("u1").await.expect("charges").len(),
+        1,
+        "charged once"
+    );
+}
+
+/// A shard fails for good, but the store write that marks its workload Failed fails (the
+/// database restarting as it came). The failure is owed, and the sweep writes it once the
+/// store takes writes again. Before, nothing wrote it again: the shard was failed in the
+/// store, no later report came, and the workload stayed Running for good.
+async fn a_failure_that_could_not_be_written_is_written_by_the_sweep(backend: Backend) {
+    let f = Fixture::new(backend, 30).await;
+    f.submit(2, 1).await;
+    let (a, mut rx_a) = f.agent("a", 2).await;
+    let shards = assigned(&mut rx_a);
+    assert_eq!(shards.len(), 2);
+    exec_sql(
+        &f.core,
+        "CREATE TRIGGER refuse_failure BEFORE UPDATE ON workloads WHEN NEW.phase = 'Failed' \
+         BEGIN SELECT RAISE(ABORT, 'the database is restarting'); END",
+        "CREATE FUNCTION refuse_failure() RETURNS trigger AS $$ BEGIN \
+         RAISE EXCEPTION 'the database is restarting'; END $$ LANGUAGE plpgsql; \
+         CREATE TRIGGER refuse_failure BEFORE UPDATE ON workloads FOR EACH ROW \
+         WHEN (NEW.phase = 'Failed') EXECUTE FUNCTION refuse_failure()",
+    )
+    .await;
+    let _ = f
+        .core
+        .handle(&a, failure(&shards[0], false, "line 3: not valid JSON"))
+        .await;
+    assert_eq!(
+        f.phase().await,
+        WorkloadPhase::Running,
+        "the failure's write failed"
+    );
+    f.core.sweep().await;
+    assert_eq!(
+        f.phase().await,
+        WorkloadPhase::Running,
+        "still refused: tried again, and owed again"
+    );
+    exec_sql(
+        &f.core,
+        "DROP TRIGGER refuse_failure",
+        "DROP TRIGGER refuse_failure ON workloads",
+    )
+    .await;
+    f.core.sweep().await;
+    let s = &f.core.workloads().await[0];
+    assert_eq!(s.phase, WorkloadPhase::Failed);
+    assert_eq!(s.reason, "InvalidInput");
+    assert!(s.message.contains("line 3"), "{}", s.message);
+    assert_eq!(f.events("workload.failed").await, 1);
+    assert_eq!(
+        f.core
+            .store()
+            .workload_phase("u1")
+            .await
+            .expect("phase")
+            .as_deref(),
+        Some("Failed")
+    );
+}
+
 /// A completion's commit went through but its answer was lost (the database went down right
 /// after it), so the operator writes it again: the store says it is already this attempt's,
 /// and the shard counts as committed, charged once. Before, the second write was refused as
@@ -1454,6 +1625,9 @@ both!(heartbeats_reconcile_what_the_agent_runs);
 both!(a_workload_left_with_a_failed_shard_fails_at_resume);
 both!(finished_workloads_leave_memory);
 both!(a_requeue_lost_to_a_failed_write_is_swept_up);
+both!(a_requeue_whose_answer_was_lost_is_read_back);
+both!(a_finish_that_failed_is_tried_again_by_the_sweep);
+both!(a_failure_that_could_not_be_written_is_written_by_the_sweep);
 both!(a_commit_whose_answer_was_lost_is_not_taken_for_a_lost_shard);
 both!(deleting_a_mesh_fails_its_workloads);
 both!(a_late_report_of_an_expired_attempt_is_never_committed);

@@ -19,7 +19,7 @@ struct Args {
     /// First seed of --seeds.
     #[arg(long, default_value_t = 0)]
     from: u64,
-    /// Play this one seed.
+    /// Play this one seed (10,000 and up: the kept regression of that seed, as it was played).
     #[arg(long, conflicts_with = "ci")]
     seed: Option<u64>,
     /// The fixed short set CI plays: one seed of every scenario, and mixes.
@@ -167,7 +167,7 @@ fn strip_ansi(line: &str) -> String {
 
 fn replay(r: &RunReport, explicit: bool) -> String {
     if r.seed >= 10_000 {
-        "scripts/chaos.sh --regressions --seeds 0".to_string()
+        format!("scripts/chaos.sh --seed {}", r.seed)
     } else if explicit {
         format!(
             "scripts/chaos.sh --seed {} --scenario {}",
@@ -216,6 +216,17 @@ fn main() -> ExitCode {
         schedules.extend(chaos::regressions());
     }
     for s in &seeds {
+        // A kept regression is replayed by its own seed (10,000 and up), as it was played.
+        if *s >= 10_000 {
+            match chaos::regressions().into_iter().find(|r| r.seed == *s) {
+                Some(r) => schedules.push(r),
+                None => {
+                    eprintln!("infermesh-chaos: no kept regression has seed {s}");
+                    return ExitCode::from(2);
+                }
+            }
+            continue;
+        }
         match chaos::schedule(*s, args.scenario.as_deref(), namespaces) {
             Ok(s) => schedules.push(s),
             Err(e) => {

@@ -126,6 +126,49 @@ fn since(later: SystemTime, earlier: SystemTime) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The shards a stalled run left unfinished, by their last event in the log (up to eight),
+/// so that a run that failed in CI says where it stopped without its folder.
+fn unfinished(events: &[Event]) -> String {
+    let start = events.first().and_then(at);
+    let mut last: std::collections::BTreeMap<i64, &Event> = std::collections::BTreeMap::new();
+    for e in events {
+        if let Some(s) = e.shard
+            && e.kind.starts_with("shard.")
+        {
+            last.insert(s, e);
+        }
+    }
+    let open: Vec<String> = last
+        .iter()
+        .filter(|(_, e)| e.kind != "shard.completed")
+        .map(|(s, e)| {
+            let when = match (at(e), start) {
+                (Some(t), Some(s)) => format!(" at +{:.1}s", since(t, s)),
+                _ => String::new(),
+            };
+            format!(
+                "shard {s}: {}{when} ({}{})",
+                e.kind,
+                e.agent.as_deref().unwrap_or("no agent"),
+                if e.message.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {}", e.message)
+                }
+            )
+        })
+        .collect();
+    if open.is_empty() {
+        return format!("every one of the {} logged shards completed", last.len());
+    }
+    let shown = open.iter().take(8).cloned().collect::<Vec<_>>().join(", ");
+    format!(
+        "{} of {} logged shards unfinished: {shown}",
+        open.len(),
+        last.len()
+    )
+}
+
 /// Checks every invariant of a finished run.
 pub fn check(f: &Facts<'_>, timeline: &Timeline) -> Verdict {
     let mut v = Vec::new();
@@ -156,8 +199,9 @@ pub fn check(f: &Facts<'_>, timeline: &Timeline) -> Verdict {
     let outcome = match (end, f.timed_out) {
         (_, true) | (None, _) => {
             v.push(format!(
-                "no terminal phase within the bound (operator exit {:?})",
-                f.exit
+                "no terminal phase within the bound (operator exit {:?}); {}",
+                f.exit,
+                unfinished(&events)
             ));
             "no terminal phase".to_string()
         }
@@ -432,5 +476,35 @@ mod tests {
         assert!((secs - 1_796_214_605.25).abs() < 1e-6, "{secs}");
         assert_eq!(at(&e("2026-12-02 12:30:05.25+00:00")), Some(t));
         assert!(at(&e("yesterday")).is_none());
+    }
+
+    #[test]
+    fn a_stalled_run_names_the_shards_it_left_unfinished() {
+        let e = |secs: u32, kind: &str, shard: i64, agent: &str| Event {
+            seq: 1,
+            at: format!("2026-12-02T12:30:{secs:02}Z"),
+            kind: kind.into(),
+            workload_uid: Some("u".into()),
+            shard: Some(shard),
+            agent: Some(agent.into()),
+            message: String::new(),
+        };
+        let mut events = vec![
+            e(0, "shard.assigned", 0, "a"),
+            e(0, "shard.assigned", 1, "b"),
+            e(1, "shard.completed", 0, "a"),
+            e(2, "agent.lost", 1, "b"),
+            e(3, "shard.requeued", 1, "b"),
+        ];
+        assert_eq!(
+            unfinished(&events),
+            "1 of 2 logged shards unfinished: shard 1: shard.requeued at +3.0s (b)"
+        );
+        events.push(e(4, "shard.assigned", 1, "a"));
+        events.push(e(5, "shard.completed", 1, "a"));
+        assert_eq!(
+            unfinished(&events),
+            "every one of the 2 logged shards completed"
+        );
     }
 }

@@ -429,7 +429,9 @@ impl<'a> Run<'a> {
             .arg(BOUND.as_secs().to_string())
             .arg("--work-dir")
             .arg(self.dir.join("work"))
-            .env("INFERMESH_LOG", "info")
+            // sqlx's pool logs every failed ping while Postgres is down: not what a failing
+            // run's log tail is read for.
+            .env("INFERMESH_LOG", "info,sqlx=error")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -498,7 +500,9 @@ impl<'a> Run<'a> {
             .arg("--model-cache")
             .arg(self.dir.join(format!("cache-{i}")))
             .env("INFERMESH_TOKEN", token)
-            .env("INFERMESH_LOG", "info")
+            // sqlx's pool logs every failed ping while Postgres is down: not what a failing
+            // run's log tail is read for.
+            .env("INFERMESH_LOG", "info,sqlx=error")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
