@@ -1178,37 +1178,49 @@ async fn deleting_a_mesh_fails_its_workloads(backend: Backend) {
     assert!(kinds.contains(&true), "its agents are told to drain");
 }
 
-/// An agent is lost but the requeue of its shard never reaches the store (the write timed
-/// out while the next ping got through, so no outage was declared): the shard is left with
-/// nobody. The sweep the lease reaper runs every second requeues it and dispatches it, and
-/// the workload ends; before the sweep it would have waited forever. Found by the chaos
-/// harness (seed 27: Postgres killed twice in a row).
-async fn a_requeue_lost_to_a_failed_write_is_swept_up(backend: Backend) {
+/// One shard running on agent "a", which is then lost with its requeue order dropped, as a
+/// failed store write drops it (which also marks a sweep owed): the fixture and the shard.
+async fn lost_with_its_requeue_dropped(backend: Backend) -> (Fixture, pb::ShardRef) {
     let f = Fixture::new(backend, 30).await;
     f.submit(1, 3).await;
     let (_a, mut rx_a) = f.agent("a", 1).await;
     let first = assigned(&mut rx_a).pop().expect("shard");
-    // The agent goes; its requeue order is dropped, as a failed store write drops it (which
-    // also marks a sweep owed).
     let orders = f
         .core
         .apply(|m| (m.agent_lost("a", None, Instant::now()), Vec::new()))
         .expect("a was attached");
     assert_eq!(orders.len(), 1);
-    f.core.sweep().await;
-    assert_eq!(
-        f.events("shard.requeued").await,
-        0,
-        "nothing failed that the core knows of: the sweep does not scan"
-    );
+    (f, first)
+}
+
+/// A sweep owed (as a failed write marks it), and agent "b" attached with a free slot that
+/// nothing is given: memory still holds the lost shard on "a".
+async fn owed_with_a_free_agent(f: &Fixture) -> (AgentHandle, Rx) {
     f.core
         .sweep_owed
         .store(true, std::sync::atomic::Ordering::Relaxed);
     let (b, mut rx_b) = f.agent("b", 1).await;
     assert!(
         assigned(&mut rx_b).is_empty(),
-        "nothing to give: the shard is stranded"
+        "nothing to give: memory still holds the shard on a"
     );
+    (b, rx_b)
+}
+
+/// An agent is lost but the requeue of its shard never reaches the store (the write timed
+/// out while the next ping got through, so no outage was declared): the shard is left with
+/// nobody. The sweep the lease reaper runs every second requeues it and dispatches it, and
+/// the workload ends; before the sweep it would have waited forever. Found by the chaos
+/// harness (seed 27: Postgres killed twice in a row).
+async fn a_requeue_lost_to_a_failed_write_is_swept_up(backend: Backend) {
+    let (f, first) = lost_with_its_requeue_dropped(backend).await;
+    f.core.sweep().await;
+    assert_eq!(
+        f.events("shard.requeued").await,
+        0,
+        "nothing failed that the core knows of: the sweep does not scan"
+    );
+    let (b, mut rx_b) = owed_with_a_free_agent(&f).await;
     assert_eq!(f.events("shard.requeued").await, 0);
     f.core.sweep().await;
     assert_eq!(f.events("shard.requeued").await, 1, "the sweep requeued it");
@@ -1226,18 +1238,10 @@ async fn a_requeue_lost_to_a_failed_write_is_swept_up(backend: Backend) {
 /// departed agent. The sweep requeues it again; the store refuses (it holds the shard
 /// pending, not running there), and memory reads the shard back from the store instead of
 /// keeping it with nobody: it is dispatched again and the workload ends. Before, every
-/// later requeue was refused the same way and the workload never ended (the chaos
-/// harness, seed 10,000, in CI: no terminal phase in 150 s).
+/// later requeue was refused the same way and the workload never ended (found reading the
+/// code after the chaos harness's regression 10,000 stalled in CI).
 async fn a_requeue_whose_answer_was_lost_is_read_back(backend: Backend) {
-    let f = Fixture::new(backend, 30).await;
-    f.submit(1, 3).await;
-    let (_a, mut rx_a) = f.agent("a", 1).await;
-    let first = assigned(&mut rx_a).pop().expect("shard");
-    let orders = f
-        .core
-        .apply(|m| (m.agent_lost("a", None, Instant::now()), Vec::new()))
-        .expect("a was attached");
-    assert_eq!(orders.len(), 1);
+    let (f, first) = lost_with_its_requeue_dropped(backend).await;
     // The requeue commits; the core never hears of it, and a sweep is owed.
     assert!(
         f.core
@@ -1247,14 +1251,7 @@ async fn a_requeue_whose_answer_was_lost_is_read_back(backend: Backend) {
             .expect("requeue"),
         "the store held the attempt"
     );
-    f.core
-        .sweep_owed
-        .store(true, std::sync::atomic::Ordering::Relaxed);
-    let (b, mut rx_b) = f.agent("b", 1).await;
-    assert!(
-        assigned(&mut rx_b).is_empty(),
-        "nothing to give: memory still holds the shard on a"
-    );
+    let (b, mut rx_b) = owed_with_a_free_agent(&f).await;
     f.core.sweep().await;
     let next = assigned(&mut rx_b)
         .pop()
@@ -1283,6 +1280,32 @@ async fn exec_sql(core: &Core<AnyStore>, sqlite: &str, postgres: &str) {
     done.expect("statement");
 }
 
+/// Makes the store refuse to write `phase` into a workload (`on`), or take it again, with a
+/// trigger: a terminal write that fails as one meeting a restarting database would.
+async fn refuse_phase(core: &Core<AnyStore>, phase: &str, on: bool) {
+    let name = format!("refuse_{}", phase.to_lowercase());
+    let (sqlite, postgres) = if on {
+        (
+            format!(
+                "CREATE TRIGGER {name} BEFORE UPDATE ON workloads WHEN NEW.phase = '{phase}' \
+                 BEGIN SELECT RAISE(ABORT, 'the database is restarting'); END"
+            ),
+            format!(
+                "CREATE FUNCTION {name}() RETURNS trigger AS $$ BEGIN \
+                 RAISE EXCEPTION 'the database is restarting'; END $$ LANGUAGE plpgsql; \
+                 CREATE TRIGGER {name} BEFORE UPDATE ON workloads FOR EACH ROW \
+                 WHEN (NEW.phase = '{phase}') EXECUTE FUNCTION {name}()"
+            ),
+        )
+    } else {
+        (
+            format!("DROP TRIGGER {name}"),
+            format!("DROP TRIGGER {name} ON workloads"),
+        )
+    };
+    exec_sql(core, &sqlite, &postgres).await;
+}
+
 /// The last shard is committed, but the store write that marks the workload Succeeded fails
 /// (the database restarting as it came). The agent's report is taken (its stream stays up),
 /// and the sweep finishes the workload once the store takes writes again. Before, nothing
@@ -1293,16 +1316,7 @@ async fn a_finish_that_failed_is_tried_again_by_the_sweep(backend: Backend) {
     f.submit(1, 3).await;
     let (a, mut rx_a) = f.agent("a", 1).await;
     let shard = assigned(&mut rx_a).pop().expect("shard");
-    exec_sql(
-        &f.core,
-        "CREATE TRIGGER refuse_finish BEFORE UPDATE ON workloads WHEN NEW.phase = 'Succeeded' \
-         BEGIN SELECT RAISE(ABORT, 'the database is restarting'); END",
-        "CREATE FUNCTION refuse_finish() RETURNS trigger AS $$ BEGIN \
-         RAISE EXCEPTION 'the database is restarting'; END $$ LANGUAGE plpgsql; \
-         CREATE TRIGGER refuse_finish BEFORE UPDATE ON workloads FOR EACH ROW \
-         WHEN (NEW.phase = 'Succeeded') EXECUTE FUNCTION refuse_finish()",
-    )
-    .await;
+    refuse_phase(&f.core, "Succeeded", true).await;
     f.complete(&a, &shard, 3)
         .await
         .expect("the report is taken: the finish is not the agent's to answer for");
@@ -1318,12 +1332,7 @@ async fn a_finish_that_failed_is_tried_again_by_the_sweep(backend: Backend) {
         WorkloadPhase::Running,
         "still refused: tried again, and owed again"
     );
-    exec_sql(
-        &f.core,
-        "DROP TRIGGER refuse_finish",
-        "DROP TRIGGER refuse_finish ON workloads",
-    )
-    .await;
+    refuse_phase(&f.core, "Succeeded", false).await;
     f.core.sweep().await;
     assert_eq!(f.phase().await, WorkloadPhase::Succeeded);
     assert_eq!(f.events("workload.succeeded").await, 1);
@@ -1344,16 +1353,7 @@ async fn a_failure_that_could_not_be_written_is_written_by_the_sweep(backend: Ba
     let (a, mut rx_a) = f.agent("a", 2).await;
     let shards = assigned(&mut rx_a);
     assert_eq!(shards.len(), 2);
-    exec_sql(
-        &f.core,
-        "CREATE TRIGGER refuse_failure BEFORE UPDATE ON workloads WHEN NEW.phase = 'Failed' \
-         BEGIN SELECT RAISE(ABORT, 'the database is restarting'); END",
-        "CREATE FUNCTION refuse_failure() RETURNS trigger AS $$ BEGIN \
-         RAISE EXCEPTION 'the database is restarting'; END $$ LANGUAGE plpgsql; \
-         CREATE TRIGGER refuse_failure BEFORE UPDATE ON workloads FOR EACH ROW \
-         WHEN (NEW.phase = 'Failed') EXECUTE FUNCTION refuse_failure()",
-    )
-    .await;
+    refuse_phase(&f.core, "Failed", true).await;
     let _ = f
         .core
         .handle(&a, failure(&shards[0], false, "line 3: not valid JSON"))
@@ -1369,12 +1369,7 @@ async fn a_failure_that_could_not_be_written_is_written_by_the_sweep(backend: Ba
         WorkloadPhase::Running,
         "still refused: tried again, and owed again"
     );
-    exec_sql(
-        &f.core,
-        "DROP TRIGGER refuse_failure",
-        "DROP TRIGGER refuse_failure ON workloads",
-    )
-    .await;
+    refuse_phase(&f.core, "Failed", false).await;
     f.core.sweep().await;
     let s = &f.core.workloads().await[0];
     assert_eq!(s.phase, WorkloadPhase::Failed);
