@@ -1529,7 +1529,7 @@ impl<S: Store> Core<S> {
         let kind = pb::ErrorKind::try_from(f.kind).unwrap_or(pb::ErrorKind::Unspecified);
         let message = f.message;
         tracing::warn!(workload = %shard.workload, shard = shard.index, attempt = shard.attempt, agent = %who.id, error = %message, retryable = f.retryable, "shard failed");
-        if f.retryable {
+        let written = if f.retryable {
             self.requeue_or_fail(RequeueOrder {
                 uid,
                 index: shard.index,
@@ -1540,16 +1540,30 @@ impl<S: Store> Core<S> {
                 backoff: true,
             })
             .await
-            .map_err(internal)?;
         } else {
-            self.fail_shard(&uid, shard.index, shard.attempt, Some(&who.id), &message)
+            match self
+                .fail_shard(&uid, shard.index, shard.attempt, Some(&who.id), &message)
                 .await
-                .map_err(internal)?;
-            self.fail_workload(&uid, reason_for(kind), &message)
-                .await
-                .map_err(internal)?;
+            {
+                Ok(()) => self.fail_workload(&uid, reason_for(kind), &message).await,
+                Err(e) => Err(e),
+            }
+        };
+        // The report is taken whatever its writes came to. The shard is no longer this
+        // agent's, so a write that failed is the sweep's: it requeues the shard (which runs
+        // again, and fails again if it must) or writes the failure it owes. Ending the stream
+        // would only cost the agent its other shards.
+        if let Err(e) = written {
+            self.sweep_owed.store(true, Ordering::Relaxed);
+            if e.is_transient() {
+                self.check_store().await;
+            }
+            tracing::warn!(workload = %shard.workload, shard = shard.index, error = %e, "the failure's store writes wait for the sweep");
         }
-        self.dispatch().await.map_err(internal)
+        if let Err(e) = self.dispatch().await {
+            tracing::warn!(error = %e, "dispatch after a failure failed");
+        }
+        Ok(())
     }
 
     /// Marks a shard failed for good (store first).

@@ -1280,30 +1280,35 @@ async fn exec_sql(core: &Core<AnyStore>, sqlite: &str, postgres: &str) {
     done.expect("statement");
 }
 
-/// Makes the store refuse to write `phase` into a workload (`on`), or take it again, with a
-/// trigger: a terminal write that fails as one meeting a restarting database would.
-async fn refuse_phase(core: &Core<AnyStore>, phase: &str, on: bool) {
-    let name = format!("refuse_{}", phase.to_lowercase());
+/// Makes the store refuse to write `value` into `table.column` (`on`), or take it again,
+/// with a trigger: a write that fails as one meeting a restarting database would.
+async fn refuse_update(core: &Core<AnyStore>, table: &str, column: &str, value: &str, on: bool) {
+    let name = format!("refuse_{table}_{}", value.to_lowercase());
     let (sqlite, postgres) = if on {
         (
             format!(
-                "CREATE TRIGGER {name} BEFORE UPDATE ON workloads WHEN NEW.phase = '{phase}' \
+                "CREATE TRIGGER {name} BEFORE UPDATE ON {table} WHEN NEW.{column} = '{value}' \
                  BEGIN SELECT RAISE(ABORT, 'the database is restarting'); END"
             ),
             format!(
                 "CREATE FUNCTION {name}() RETURNS trigger AS $$ BEGIN \
                  RAISE EXCEPTION 'the database is restarting'; END $$ LANGUAGE plpgsql; \
-                 CREATE TRIGGER {name} BEFORE UPDATE ON workloads FOR EACH ROW \
-                 WHEN (NEW.phase = '{phase}') EXECUTE FUNCTION {name}()"
+                 CREATE TRIGGER {name} BEFORE UPDATE ON {table} FOR EACH ROW \
+                 WHEN (NEW.{column} = '{value}') EXECUTE FUNCTION {name}()"
             ),
         )
     } else {
         (
             format!("DROP TRIGGER {name}"),
-            format!("DROP TRIGGER {name} ON workloads"),
+            format!("DROP TRIGGER {name} ON {table}"),
         )
     };
     exec_sql(core, &sqlite, &postgres).await;
+}
+
+/// [`refuse_update`] of a workload's phase.
+async fn refuse_phase(core: &Core<AnyStore>, phase: &str, on: bool) {
+    refuse_update(core, "workloads", "phase", phase, on).await;
 }
 
 /// The last shard is committed, but the store write that marks the workload Succeeded fails
@@ -1385,6 +1390,43 @@ async fn a_failure_that_could_not_be_written_is_written_by_the_sweep(backend: Ba
             .as_deref(),
         Some("Failed")
     );
+}
+
+/// A shard fails for good, but the store refuses to record the shard's failure (the database
+/// restarting as the report came). The report is taken and the agent's stream stays up; the
+/// shard, no longer the agent's, is the sweep's: it is requeued, runs again, and its second
+/// failure fails the workload. Before, the report was answered with an internal error that
+/// ended the stream, and the shard (already off the agent's list, so not requeued with the
+/// agent's others) stayed with nobody.
+async fn a_failure_report_whose_write_failed_is_taken_and_swept_up(backend: Backend) {
+    let f = Fixture::new(backend, 30).await;
+    f.submit(1, 3).await;
+    let (a, mut rx_a) = f.agent("a", 1).await;
+    let shard = assigned(&mut rx_a).pop().expect("shard");
+    refuse_update(&f.core, "shards", "state", "failed", true).await;
+    f.core
+        .handle(&a, failure(&shard, false, "line 3: not valid JSON"))
+        .await
+        .expect("the report is taken: its write failing is not the agent's to answer for");
+    assert_eq!(f.phase().await, WorkloadPhase::Running);
+    refuse_update(&f.core, "shards", "state", "failed", false).await;
+    f.core.sweep().await;
+    let again = assigned(&mut rx_a).pop().expect("requeued and run again");
+    assert_eq!(
+        (again.index, again.attempt),
+        (shard.index, shard.attempt + 1)
+    );
+    f.core
+        .handle(&a, failure(&again, false, "line 3: not valid JSON"))
+        .await
+        .expect("handled");
+    let s = &f.core.workloads().await[0];
+    assert_eq!(
+        (s.phase, s.reason.as_str()),
+        (WorkloadPhase::Failed, "InvalidInput")
+    );
+    assert_eq!(f.events("shard.failed").await, 1);
+    assert_eq!(f.events("workload.failed").await, 1);
 }
 
 /// A completion's commit went through but its answer was lost (the database went down right
@@ -1623,6 +1665,7 @@ both!(a_requeue_lost_to_a_failed_write_is_swept_up);
 both!(a_requeue_whose_answer_was_lost_is_read_back);
 both!(a_finish_that_failed_is_tried_again_by_the_sweep);
 both!(a_failure_that_could_not_be_written_is_written_by_the_sweep);
+both!(a_failure_report_whose_write_failed_is_taken_and_swept_up);
 both!(a_commit_whose_answer_was_lost_is_not_taken_for_a_lost_shard);
 both!(deleting_a_mesh_fails_its_workloads);
 both!(a_late_report_of_an_expired_attempt_is_never_committed);
