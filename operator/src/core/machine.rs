@@ -1694,11 +1694,11 @@ impl Machine {
 
     /// A workload's failure could not be written: it is owed, and the sweep writes it again.
     pub(super) fn defer_failure(&mut self, uid: &str, reason: &str, message: &str) {
-        if let Some(w) = self.workloads.get_mut(uid) {
-            w.finishing = false;
-            if !w.phase.is_terminal() {
-                w.failure_owed = Some((reason.to_string(), message.to_string()));
-            }
+        self.abort_terminal(uid);
+        if let Some(w) = self.workloads.get_mut(uid)
+            && !w.phase.is_terminal()
+        {
+            w.failure_owed = Some((reason.to_string(), message.to_string()));
         }
     }
 
@@ -1771,7 +1771,13 @@ impl Machine {
     /// `completedAt`).
     pub(super) fn begin_finish(&mut self, uid: &str) -> Option<FinishPlan> {
         let w = self.workloads.get_mut(uid)?;
-        if !w.admitted || w.finishing || w.phase.is_terminal() || w.succeeded < w.shards.len() {
+        // A workload whose failure is owed fails (a deadline passed as its last shards came).
+        if !w.admitted
+            || w.finishing
+            || w.failure_owed.is_some()
+            || w.phase.is_terminal()
+            || w.succeeded < w.shards.len()
+        {
             return None;
         }
         w.finishing = true;

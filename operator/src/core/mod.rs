@@ -378,6 +378,12 @@ impl<S: Store> Core<S> {
         true
     }
 
+    /// Marks a sweep owed: a store write failed (or was refused) and left something that only
+    /// the next [`Core::sweep`] takes up.
+    fn owe_sweep(&self) {
+        self.sweep_owed.store(true, Ordering::Relaxed);
+    }
+
     /// Once a second while the store is up (the lease reaper calls it): finishes what a store
     /// write that failed without the store being declared down left undone. A write can time
     /// out while the ping after it gets through — the database restarted twice in a row, a
@@ -385,8 +391,9 @@ impl<S: Store> Core<S> {
     /// the held completion would stay held, the lost agent's shard stay with nobody, the
     /// failed round never run, and the workload never end. Held completions are committed,
     /// stranded shards requeued, shards whose claim or requeue the store refused read back,
-    /// finishes and failures whose write failed written again, and a round dispatched. Shards are scanned only
-    /// after a round, a requeue or a finish failed; otherwise the sweep costs two flag reads.
+    /// finishes and failures whose write failed written again, and a round dispatched.
+    /// Shards are scanned only when a sweep is owed ([`Core::owe_sweep`]); otherwise the
+    /// sweep costs two flag reads.
     pub async fn sweep(&self) {
         let parked = std::mem::take(&mut *self.parked.lock().unwrap_or_else(|e| e.into_inner()));
         let owed = self.sweep_owed.swap(false, Ordering::Relaxed);
@@ -448,7 +455,7 @@ impl<S: Store> Core<S> {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the refused claims back yet");
-                self.sweep_owed.store(true, Ordering::Relaxed);
+                self.owe_sweep();
                 return;
             }
         };
@@ -482,7 +489,7 @@ impl<S: Store> Core<S> {
                 && let Err(e) = self.requeue_or_fail(order).await
             {
                 tracing::warn!(error = %e, "cannot requeue a refused claim yet");
-                self.sweep_owed.store(true, Ordering::Relaxed);
+                self.owe_sweep();
             }
         }
     }
@@ -1541,20 +1548,22 @@ impl<S: Store> Core<S> {
             })
             .await
         } else {
-            match self
-                .fail_shard(&uid, shard.index, shard.attempt, Some(&who.id), &message)
-                .await
-            {
-                Ok(()) => self.fail_workload(&uid, reason_for(kind), &message).await,
-                Err(e) => Err(e),
-            }
+            self.fail_for_good(
+                &uid,
+                shard.index,
+                shard.attempt,
+                Some(&who.id),
+                reason_for(kind),
+                &message,
+            )
+            .await
         };
         // The report is taken whatever its writes came to. The shard is no longer this
         // agent's, so a write that failed is the sweep's: it requeues the shard (which runs
         // again, and fails again if it must) or writes the failure it owes. Ending the stream
         // would only cost the agent its other shards.
         if let Err(e) = written {
-            self.sweep_owed.store(true, Ordering::Relaxed);
+            self.owe_sweep();
             if e.is_transient() {
                 self.check_store().await;
             }
@@ -1566,13 +1575,15 @@ impl<S: Store> Core<S> {
         Ok(())
     }
 
-    /// Marks a shard failed for good (store first).
-    async fn fail_shard(
+    /// A shard failed for good (a non-retryable error, or out of attempts): the shard, then
+    /// its workload, each store first.
+    async fn fail_for_good(
         &self,
         uid: &str,
         index: u32,
         attempt: u32,
         agent: Option<&str>,
+        reason: &str,
         message: &str,
     ) -> Result<(), StoreError> {
         let held = self
@@ -1580,7 +1591,7 @@ impl<S: Store> Core<S> {
             .fail_shard(uid, index, attempt, agent, message)
             .await?;
         self.apply(|m| ((), m.shard_failed(uid, index, attempt, held)));
-        Ok(())
+        self.fail_workload(uid, reason, message).await
     }
 
     /// Puts an attempt back in the queue, or fails the shard (and its workload) when it is out
@@ -1588,7 +1599,7 @@ impl<S: Store> Core<S> {
     async fn requeue_or_fail(&self, order: RequeueOrder) -> Result<(), StoreError> {
         // A requeue that failed leaves its shard with nobody: the sweep takes it up.
         self.requeue_or_fail_once(order).await.inspect_err(|_| {
-            self.sweep_owed.store(true, Ordering::Relaxed);
+            self.owe_sweep();
         })
     }
 
@@ -1616,7 +1627,7 @@ impl<S: Store> Core<S> {
                     .await?;
                 if !held && self.apply(|m| (m.requeue_refused(&uid, index, attempt), Vec::new())) {
                     // The sweep reads the shard back from the store.
-                    self.sweep_owed.store(true, Ordering::Relaxed);
+                    self.owe_sweep();
                     return Ok(());
                 }
                 self.apply(|m| {
@@ -1638,14 +1649,13 @@ impl<S: Store> Core<S> {
                 let used = self.read(|m| m.attempts_used(&uid, index, attempt));
                 let message =
                     format!("shard {index} failed after {used} attempts; last error: {reason}");
-                self.fail_shard(&uid, index, attempt, agent.as_deref(), &message)
-                    .await?;
                 let reason = if used > 1 {
                     "AttemptsExhausted"
                 } else {
                     fail_reason
                 };
-                self.fail_workload(&uid, reason, &message).await
+                self.fail_for_good(&uid, index, attempt, agent.as_deref(), reason, &message)
+                    .await
             }
         }
     }
@@ -1670,7 +1680,7 @@ impl<S: Store> Core<S> {
             // Decided, not written: the sweep writes it again. Nothing else would: the shard
             // that failed is failed in the store already, and no later report comes.
             self.apply(|m| (m.defer_failure(uid, reason, message), Vec::new()));
-            self.sweep_owed.store(true, Ordering::Relaxed);
+            self.owe_sweep();
             return Err(e);
         }
         self.apply(|m| ((), m.workload_failed(uid, reason, message, Instant::now())));
@@ -1685,7 +1695,7 @@ impl<S: Store> Core<S> {
         // to try again: the last completion has come, and nothing else would ever finish the
         // workload.
         self.maybe_finish_once(uid).await.inspect_err(|_| {
-            self.sweep_owed.store(true, Ordering::Relaxed);
+            self.owe_sweep();
         })
     }
 
@@ -1781,7 +1791,7 @@ impl<S: Store> Core<S> {
             return Ok(());
         }
         let owe = |e: StoreError| {
-            self.sweep_owed.store(true, Ordering::Relaxed);
+            self.owe_sweep();
             e
         };
         let plan = || self.apply(|m| (m.plan_round(Instant::now()), Vec::new()));
@@ -1792,7 +1802,7 @@ impl<S: Store> Core<S> {
         if won.iter().any(|w| !w) {
             // The store holds a claimed shard otherwise than memory believed: the sweep reads
             // it back (`Machine::stored_elsewhere`).
-            self.sweep_owed.store(true, Ordering::Relaxed);
+            self.owe_sweep();
         }
         let (_, later) = self.step(|m| ((), m.claims_stored(&claims, &won, Instant::now())));
         // Orphans (holders that left meanwhile) are requeued; no nested round.

@@ -1268,18 +1268,6 @@ async fn a_requeue_whose_answer_was_lost_is_read_back(backend: Backend) {
     assert_eq!(charges.len(), 1, "charged once");
 }
 
-/// Runs one statement on the core's store, written for each database.
-async fn exec_sql(core: &Core<AnyStore>, sqlite: &str, postgres: &str) {
-    let done = match core.store() {
-        AnyStore::Sqlite(s) => sqlx::raw_sql(sqlite)
-            .execute(&mut *s.conn().await)
-            .await
-            .map(|_| ()),
-        AnyStore::Postgres(s) => sqlx::raw_sql(postgres).execute(s.pool()).await.map(|_| ()),
-    };
-    done.expect("statement");
-}
-
 /// Makes the store refuse to write `value` into `table.column` (`on`), or take it again,
 /// with a trigger: a write that fails as one meeting a restarting database would.
 async fn refuse_update(core: &Core<AnyStore>, table: &str, column: &str, value: &str, on: bool) {
@@ -1303,12 +1291,25 @@ async fn refuse_update(core: &Core<AnyStore>, table: &str, column: &str, value: 
             format!("DROP TRIGGER {name} ON {table}"),
         )
     };
-    exec_sql(core, &sqlite, &postgres).await;
+    crate::store::testing::raw_sql(core.store(), &sqlite, &postgres)
+        .await
+        .expect("trigger");
 }
 
 /// [`refuse_update`] of a workload's phase.
 async fn refuse_phase(core: &Core<AnyStore>, phase: &str, on: bool) {
     refuse_update(core, "workloads", "phase", phase, on).await;
+}
+
+/// A sweep while the store still refuses the terminal write: it tries the write again, which
+/// fails again, so the workload stays Running and the sweep is owed once more.
+async fn sweep_while_refused(f: &Fixture) {
+    f.core.sweep().await;
+    assert_eq!(f.phase().await, WorkloadPhase::Running);
+    assert!(
+        f.core.sweep_owed.load(std::sync::atomic::Ordering::Relaxed),
+        "tried again, refused again, owed again"
+    );
 }
 
 /// The last shard is committed, but the store write that marks the workload Succeeded fails
@@ -1331,12 +1332,7 @@ async fn a_finish_that_failed_is_tried_again_by_the_sweep(backend: Backend) {
         1
     );
     assert_eq!(f.phase().await, WorkloadPhase::Running, "the finish failed");
-    f.core.sweep().await;
-    assert_eq!(
-        f.phase().await,
-        WorkloadPhase::Running,
-        "still refused: tried again, and owed again"
-    );
+    sweep_while_refused(&f).await;
     refuse_phase(&f.core, "Succeeded", false).await;
     f.core.sweep().await;
     assert_eq!(f.phase().await, WorkloadPhase::Succeeded);
@@ -1359,21 +1355,16 @@ async fn a_failure_that_could_not_be_written_is_written_by_the_sweep(backend: Ba
     let shards = assigned(&mut rx_a);
     assert_eq!(shards.len(), 2);
     refuse_phase(&f.core, "Failed", true).await;
-    let _ = f
-        .core
+    f.core
         .handle(&a, failure(&shards[0], false, "line 3: not valid JSON"))
-        .await;
+        .await
+        .expect("the report is taken: the workload's failure is the sweep's to write");
     assert_eq!(
         f.phase().await,
         WorkloadPhase::Running,
         "the failure's write failed"
     );
-    f.core.sweep().await;
-    assert_eq!(
-        f.phase().await,
-        WorkloadPhase::Running,
-        "still refused: tried again, and owed again"
-    );
+    sweep_while_refused(&f).await;
     refuse_phase(&f.core, "Failed", false).await;
     f.core.sweep().await;
     let s = &f.core.workloads().await[0];
@@ -1390,6 +1381,39 @@ async fn a_failure_that_could_not_be_written_is_written_by_the_sweep(backend: Ba
             .as_deref(),
         Some("Failed")
     );
+}
+
+/// A workload passes its deadline, and the write of its failure fails; its last shard then
+/// comes in and is charged (the store still has the workload running). The failure decided
+/// first is what the workload ends with, once it can be written: the finish does not
+/// overtake it with a Succeeded.
+async fn an_owed_failure_is_not_overtaken_by_a_finish(backend: Backend) {
+    let f = Fixture::new(backend, 30).await;
+    let mut spec = workload(&f.output(), 3);
+    spec.active_deadline_seconds = Some(10);
+    submit_spec(&f.core, spec, 1).await;
+    let (a, mut rx_a) = f.agent("a", 1).await;
+    let shard = assigned(&mut rx_a).pop().expect("shard");
+    refuse_phase(&f.core, "Failed", true).await;
+    f.core
+        .reap(Instant::now() + Duration::from_secs(11))
+        .await
+        .expect_err("the deadline's failure cannot be written");
+    f.complete(&a, &shard, 3).await.expect("complete");
+    assert_eq!(
+        f.core.store().charges("u1").await.expect("charges").len(),
+        1
+    );
+    assert_eq!(f.phase().await, WorkloadPhase::Running, "not finished");
+    refuse_phase(&f.core, "Failed", false).await;
+    f.core.sweep().await;
+    let s = &f.core.workloads().await[0];
+    assert_eq!(
+        (s.phase, s.reason.as_str()),
+        (WorkloadPhase::Failed, "DeadlineExceeded")
+    );
+    assert_eq!(f.events("workload.succeeded").await, 0);
+    assert_eq!(f.events("workload.failed").await, 1);
 }
 
 /// A shard fails for good, but the store refuses to record the shard's failure (the database
@@ -1666,6 +1690,7 @@ both!(a_requeue_whose_answer_was_lost_is_read_back);
 both!(a_finish_that_failed_is_tried_again_by_the_sweep);
 both!(a_failure_that_could_not_be_written_is_written_by_the_sweep);
 both!(a_failure_report_whose_write_failed_is_taken_and_swept_up);
+both!(an_owed_failure_is_not_overtaken_by_a_finish);
 both!(a_commit_whose_answer_was_lost_is_not_taken_for_a_lost_shard);
 both!(deleting_a_mesh_fails_its_workloads);
 both!(a_late_report_of_an_expired_attempt_is_never_committed);
@@ -2528,21 +2553,13 @@ async fn the_deadline_survives_an_operator_restart(backend: Backend) {
         first.upsert_mesh("m", mesh(300)).await.expect("mesh");
         submit_spec(&first, spec, 2).await;
         // The operator goes away; the workload was admitted 95 s before the next one starts.
-        let backdate = match first.store() {
-            AnyStore::Sqlite(s) => sqlx::query(
-                "UPDATE workloads SET created_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-95 seconds')",
-            )
-            .execute(&mut *s.conn().await)
-            .await
-            .map(|_| ()),
-            AnyStore::Postgres(s) => {
-                sqlx::query("UPDATE workloads SET created_at = now() - interval '95 seconds'")
-                    .execute(s.pool())
-                    .await
-                    .map(|_| ())
-            }
-        };
-        backdate.expect("backdate");
+        crate::store::testing::raw_sql(
+            first.store(),
+            "UPDATE workloads SET created_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-95 seconds')",
+            "UPDATE workloads SET created_at = now() - interval '95 seconds'",
+        )
+        .await
+        .expect("backdate");
     }
     let second = Core::new(crate::store::open(&url).await.expect("reopen"));
     second.upsert_mesh("m", mesh(300)).await.expect("mesh");

@@ -41,15 +41,9 @@ async fn operators(backend: Backend, n: usize) -> Vec<Arc<AnyStore>> {
     stores
 }
 
-/// Runs SQL on either backend behind the store's back.
+/// Runs the same SQL on either backend behind the store's back.
 async fn raw(store: &AnyStore, sql: &str) -> Result<(), sqlx::Error> {
-    match store {
-        AnyStore::Sqlite(s) => sqlx::query(sql)
-            .execute(&mut *s.conn().await)
-            .await
-            .map(|_| ()),
-        AnyStore::Postgres(s) => sqlx::query(sql).execute(s.pool()).await.map(|_| ()),
-    }
+    super::testing::raw_sql(store, sql, sql).await
 }
 
 fn completion(uid: &str, shard: u32, attempt: u32, agent: &str) -> CompletionRecord {
@@ -1210,15 +1204,13 @@ async fn a_workload_runs_from_its_admission_or_last_retry_and_takes_no_completio
     assert!(fresh < Duration::from_secs(60), "{fresh:?}");
     assert_eq!(store.running_for("nope").await.expect("read"), None);
     // Admitted 1000 s ago, as an operator that restarts finds it.
-    let backdate = match backend {
-        Backend::Sqlite => {
-            "UPDATE workloads SET created_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1000 seconds') WHERE uid = 'u'"
-        }
-        Backend::Postgres => {
-            "UPDATE workloads SET created_at = now() - interval '1000 seconds' WHERE uid = 'u'"
-        }
-    };
-    raw(&store, backdate).await.expect("backdate");
+    super::testing::raw_sql(
+        &store,
+        "UPDATE workloads SET created_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1000 seconds') WHERE uid = 'u'",
+        "UPDATE workloads SET created_at = now() - interval '1000 seconds' WHERE uid = 'u'",
+    )
+    .await
+    .expect("backdate");
     let old = store.running_for("u").await.expect("read").expect("stored");
     assert!(
         (Duration::from_secs(990)..Duration::from_secs(1100)).contains(&old),

@@ -316,6 +316,23 @@ impl Backend {
     }
 }
 
+/// Runs SQL behind a store's back, written for each database: `sqlite` on SQLite, `postgres`
+/// on Postgres (several statements allowed). For tests that rig, backdate or corrupt what the
+/// store holds.
+pub async fn raw_sql(
+    store: &super::AnyStore,
+    sqlite: &str,
+    postgres: &str,
+) -> Result<(), sqlx::Error> {
+    match store {
+        super::AnyStore::Sqlite(s) => sqlx::raw_sql(sqlite)
+            .execute(&mut *s.conn().await)
+            .await
+            .map(|_| ()),
+        super::AnyStore::Postgres(s) => sqlx::raw_sql(postgres).execute(s.pool()).await.map(|_| ()),
+    }
+}
+
 /// Runs the async test function `$name(backend: Backend)` once per backend, as
 /// `$name::sqlite` and `$name::postgres`.
 #[macro_export]

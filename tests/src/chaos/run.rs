@@ -500,9 +500,7 @@ impl<'a> Run<'a> {
             .arg("--model-cache")
             .arg(self.dir.join(format!("cache-{i}")))
             .env("INFERMESH_TOKEN", token)
-            // sqlx's pool logs every failed ping while Postgres is down: not what a failing
-            // run's log tail is read for.
-            .env("INFERMESH_LOG", "info,sqlx=error")
+            .env("INFERMESH_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
