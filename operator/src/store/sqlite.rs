@@ -1220,9 +1220,21 @@ mod tests {
         let before = size(&path);
         write(0).await;
         let first_log = size(&wal_path);
+        // Until the checkpointer has copied the whole log: the file holds the events' pages
+        // and has stopped growing for half a second (five of its ticks). A file still growing
+        // is a checkpoint under way, and the log starts over only once all of it is copied.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while size(&path) < before + 1_500_000 && std::time::Instant::now() < deadline {
+        let (mut last, mut still_since) = (size(&path), std::time::Instant::now());
+        while std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = size(&path);
+            if now != last {
+                (last, still_since) = (now, std::time::Instant::now());
+            } else if now >= before + 1_500_000
+                && still_since.elapsed() >= Duration::from_millis(500)
+            {
+                break;
+            }
         }
         let grown = size(&path);
         assert!(
